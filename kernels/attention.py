@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache, for any mix of prefill chunks and decode tokens in one batch.
+
+Layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]. Token t of the
+step writes its K/V at flat slot `slot_mapping[t]` (block * block_size + offset). Sequence b owns
+queries `query_start_loc[b]:query_start_loc[b+1]`, which are its last positions out of
+`seq_lens[b]`; its keys are read through `block_tables[b]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: list[list[int]],
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its cached keys; q [T, Hq, D] -> [T, Hq, D]."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    num_kv_heads = k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    for b, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[b], query_start_loc[b + 1]
+        q_len = end - start
+        blocks = torch.tensor(block_tables[b][: -(-seq_len // block_size)], dtype=torch.long)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [H, L, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
+        qb = q[start:end].transpose(0, 1).float()  # [H, q_len, D]
+        scores = torch.matmul(qb, k.transpose(1, 2)) * scale  # [H, q_len, L]
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        masked = k_pos > q_pos
+        if sliding_window is not None:
+            masked |= k_pos <= q_pos - sliding_window
+        scores.masked_fill_(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: list[list[int]],
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)

@@ -1,0 +1,25 @@
+"""sloth-serve: an OpenAI-compatible inference server for Unsloth fine-tuned models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams"]
+
+if TYPE_CHECKING:
+    from server.engine.sampling_params import SamplingParams
+    from server.llm import LLM
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `import server.engine.scheduler` (tested without torch) stays light.
+    if name == "LLM":
+        from server.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from server.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

@@ -1,0 +1,52 @@
+"""Every setting of sloth-serve in one frozen dataclass, built from CLI flags (server/cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.loader import DEMO_MODEL
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # Model
+    model: str = str(DEMO_MODEL)
+    served_model_name: str | None = None  # name clients use in `model`; default: the folder's name
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    seed: int = 0
+    # Engine
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb (CPU) or free GPU memory
+    kv_cache_memory_gb: float = 1.0  # CPU only
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    # LoRA
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: tuple[str, ...] = ()
+    max_queued_requests: int = 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"--block-size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be at least 1; got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("--max-loras and --max-lora-rank must be at least 1")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16; got {self.dtype}")

@@ -1,0 +1,166 @@
+"""The engine loop in its own thread, so the asyncio event loop never waits on the model.
+
+Callers on the event loop `add_request` (getting an asyncio.Queue of RequestOutput) and `abort`;
+commands cross to the engine thread through a thread-safe queue, outputs come back with one
+`call_soon_threadsafe` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.llm_engine import LLMEngine, RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import FinishReason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.dead_reason: str | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and self.dead_reason is None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._run, name="sloth-engine", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        if self.thread is not None:
+            self.commands.put(None)
+            self.thread.join(timeout=10)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
+    ) -> asyncio.Queue[RequestOutput]:
+        """Call on the event loop. The queue receives the request's outputs; the last has finished=True."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if request_id in self.streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.streams[request_id] = stream
+        self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Call on the event loop; safe for finished or unknown ids."""
+        if request_id in self.streams:
+            self.commands.put(_Abort(request_id))
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs; if the consumer stops early (disconnect), abort it."""
+        stream = self.add_request(request_id, prompt_token_ids, params, adapter_id)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished_requests
+            if not self._apply_commands(block):
+                return
+            if not engine.has_unfinished_requests:
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # the model failed: fail its requests, never hang clients
+                logger.error("engine step failed:\n%s", traceback.format_exc())
+                self.dead_reason = f"engine step failed: {type(exc).__name__}"
+                self._deliver(engine.fail_all(self.dead_reason))
+                self._drain_after_death()
+                return
+            self._deliver(outputs)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; wait for one when idle. False means shut down."""
+        engine = self.engine
+        try:
+            cmd = self.commands.get(block=block)
+        except queue.Empty:
+            return True
+        rejected: list[RequestOutput] = []
+        while True:
+            if cmd is None:
+                return False
+            if isinstance(cmd, _Add):
+                try:
+                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id)
+                except ValueError as exc:
+                    out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=str(exc))
+                    rejected.append(out)
+            elif not engine.abort(cmd.request_id):
+                # Finished already, or never reached the engine: end its stream anyway.
+                rejected.append(RequestOutput(cmd.request_id, [], True, FinishReason.ABORT))
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+        self._deliver(rejected)
+        return True
+
+    def _drain_after_death(self) -> None:
+        """After a fatal error, fail whatever else arrives until shutdown."""
+        while True:
+            cmd = self.commands.get()
+            if cmd is None:
+                return
+            if isinstance(cmd, _Add):
+                out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=self.dead_reason)
+                self._deliver([out])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put_nowait(out)
+            if out.finished:
+                del self.streams[out.request_id]

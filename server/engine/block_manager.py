@@ -1,0 +1,138 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, a free queue, reference counts and prefix caching.
+
+Blocks hold no data here, only ids into the model runner's cache tensors. A full block whose KV has
+been computed is registered under a hash of (previous block's hash, adapter, its token ids), so a
+later request with the same prefix and adapter shares it instead of recomputing. A freed block keeps
+its hash and stays reusable until the free queue hands it out again (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from server.engine.sequence import Sequence
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)  # kept to rule out hash collisions
+
+
+def block_hash(parent: int | None, adapter_id: int, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, adapter_id, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks}x{block_size}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order: the first is handed out next. Unhashed blocks go to the front
+        # so that cached prefixes survive as long as possible.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.num_prefix_hits = 0  # of those, tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_blocks(self, seq: Sequence) -> list[int]:
+        """Blocks already holding this sequence's leading full blocks. The last token is never
+        served from cache: it must run through the model to give logits."""
+        if not self.enable_prefix_caching:
+            return []
+        found: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(parent, seq.adapter_id, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            found.append(block_id)
+            parent = h
+        self.num_prefix_queries += seq.num_tokens
+        self.num_prefix_hits += len(found) * bs
+        return found
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Make the block table cover `num_new_tokens` more tokens (after any cached prefix).
+        Returns False, changing nothing, when there are not enough free blocks."""
+        cached_blocks = cached_blocks or []
+        num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
+        num_needed = self.num_blocks_for(num_computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
+        num_cached_free = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        if num_needed > self.num_free_blocks - num_cached_free:
+            return False
+        for block_id in cached_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            assert block.hash is not None
+            seq.block_hashes.append(block.hash)
+        if cached_blocks:
+            seq.num_computed_tokens = num_computed
+            seq.num_cached_tokens = num_computed
+        for _ in range(max(num_needed, 0)):
+            seq.block_table.append(self._pop_free_block())
+        return True
+
+    def _pop_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+            block.token_ids = ()
+        block.ref_count = 1
+        return block_id
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Hash the sequence's blocks that became full and computed, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            parent = seq.block_hashes[i - 1] if i else None
+            h = block_hash(parent, seq.adapter_id, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if h not in self.cached and block.hash is None:
+                self.cached[h] = block.block_id
+                block.hash = h
+                block.token_ids = tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks nobody uses become free (hashed ones stay cached).
+        The tail is freed first so that it is evicted before the shared head of the prefix."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                if block.hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []

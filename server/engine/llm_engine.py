@@ -1,0 +1,168 @@
+"""The engine: add requests, abort them, and step. Each step is schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from server.config import Config
+from server.engine.block_manager import BlockManager
+from server.engine.lora_manager import LoRAManager
+from server.engine.model_runner import ModelRunner
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import FinishReason, Sequence, TokenLogprob
+from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
+from server.loader.peft import LoRAWeights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request: its new tokens (at most one a step) and, when it
+    ended, why. Timestamps are time.monotonic() values."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, seq: Sequence, new_token_ids: list[int], new_logprobs: list[TokenLogprob]) -> RequestOutput:
+        return cls(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_token_id=seq.stop_token_id,
+            new_logprobs=new_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+        )
+
+
+class LLMEngine:
+    def __init__(self, config: Config, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.loaded = loaded or load_checkpoint(config.model, self.dtype, self.device)
+        model = self.loaded.model
+        self.eos_token_ids = self.loaded.eos_token_ids
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        num_blocks = self._num_kv_blocks(model)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            max_loras=config.max_loras,
+        )
+        self.scheduler = Scheduler(sched_cfg, self.block_manager)
+        self.lora_manager = LoRAManager(model.lora_layers(), config.max_loras, config.max_lora_rank)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager)
+        self.seqs: dict[str, Sequence] = {}
+        self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                    self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _num_kv_blocks(self, model: torch.nn.Module) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, self.dtype)  # type: ignore[arg-type]
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - cfg.gpu_memory_utilization) * total
+        else:
+            budget = cfg.kv_cache_memory_gb * 2**30
+        return max(int(budget // per_block), 1)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work or bool(self.pending)
+
+    def add_lora(self, adapter_id: int, weights: LoRAWeights) -> None:
+        if adapter_id < 1:
+            raise ValueError("adapter ids start at 1 (0 is the base model)")
+        self.lora_manager.add(adapter_id, weights)
+
+    def remove_lora(self, adapter_id: int) -> None:
+        self.lora_manager.remove(adapter_id)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
+    ) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if adapter_id and adapter_id not in self.lora_manager.adapters:
+            raise ValueError(f"adapter id {adapter_id} is not loaded")
+        vocab = self.loaded.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, self.eos_token_ids)
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self._release(seq)
+        self.pending.append(RequestOutput.of(seq, [], []))
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.request_id, None)
+        self.runner.sampler.release(seq.request_id)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self.pending = self.pending, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            outputs.extend(self._drain_finished_waiting())
+            return outputs
+        sampled, logprobs = self.runner.run(batch)
+        for seq in self.scheduler.postprocess(batch, sampled, logprobs):
+            new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
+            outputs.append(RequestOutput.of(seq, [seq.token_ids[-1]], new_lp))
+            if seq.is_finished:
+                self._release(seq)
+        outputs.extend(self._drain_finished_waiting())
+        return outputs
+
+    def _drain_finished_waiting(self) -> list[RequestOutput]:
+        """Sequences the scheduler ended without running them (too large for the whole cache)."""
+        done = [s for s in self.seqs.values() if s.is_finished]
+        for seq in done:
+            self._release(seq)
+        return [RequestOutput.of(seq, [], []) for seq in done]
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (the engine cannot go on); returns their outputs."""
+        outputs = []
+        for seq in self.scheduler.finish_all(FinishReason.ERROR):
+            self._release(seq)
+            out = RequestOutput.of(seq, [], [])
+            out.error = message
+            outputs.append(out)
+        return outputs

@@ -1,0 +1,75 @@
+"""Hot-swappable LoRA adapters: host copies of every registered adapter, and a fixed number of
+device slots (written between steps) that the adapters of the current batch occupy, least recently
+used evicted first."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from server.loader.peft import LoRAWeights
+from server.models.layers import LoRALinear
+
+
+class LoRAManager:
+    def __init__(self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int) -> None:
+        self.layers = layers
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        for layer in layers.values():
+            layer.create_lora_slots(max_loras, max_rank)
+        self.adapters: dict[int, LoRAWeights] = {}
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU order
+
+    def add(self, adapter_id: int, weights: LoRAWeights) -> None:
+        for (module, index), (a, b) in weights.tensors.items():
+            layer = self.layers.get(module)
+            if layer is None:
+                raise ValueError(f"adapter {weights.name!r} targets {module}, which the model lacks")
+            if index >= len(layer.out_slices):
+                raise ValueError(f"adapter {weights.name!r}: bad projection index for {module}")
+            want = (layer.out_slices[index], layer.in_features)
+            if (b.shape[0], a.shape[1]) != want:
+                raise ValueError(
+                    f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
+                    f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
+                )
+        self.remove(adapter_id)
+        self.adapters[adapter_id] = weights
+
+    def remove(self, adapter_id: int) -> None:
+        self.adapters.pop(adapter_id, None)
+        self.slot_of.pop(adapter_id, None)
+
+    def assign_slots(self, adapter_ids: set[int]) -> dict[int, int]:
+        """Make every adapter of the batch resident; returns adapter id -> slot."""
+        wanted = adapter_ids - {0}
+        if len(wanted) > self.max_loras:
+            raise ValueError(f"{len(wanted)} adapters in one step but --max-loras is {self.max_loras}")
+        for adapter_id in wanted:
+            if adapter_id in self.slot_of:
+                self.slot_of.move_to_end(adapter_id)
+                continue
+            used = set(self.slot_of.values())
+            free = [s for s in range(self.max_loras) if s not in used]
+            if free:
+                slot = free[0]
+            else:
+                victim = next(a for a in self.slot_of if a not in wanted)
+                slot = self.slot_of.pop(victim)
+            self._write_slot(slot, self.adapters[adapter_id])
+            self.slot_of[adapter_id] = slot
+        return {a: self.slot_of[a] for a in wanted}
+
+    @torch.no_grad()
+    def _write_slot(self, slot: int, weights: LoRAWeights) -> None:
+        for layer in self.layers.values():
+            for a, b in zip(layer.lora_a, layer.lora_b, strict=True):
+                a[slot].zero_()
+                b[slot].zero_()
+        for (module, index), (a, b) in weights.tensors.items():
+            layer = self.layers[module]
+            r = a.shape[0]
+            layer.lora_a[index][slot, :r].copy_(a)
+            layer.lora_b[index][slot, :, :r].copy_(b)

@@ -1,0 +1,118 @@
+"""Runs one scheduled step on the model: flattens the batch into token ids, positions, KV slots and
+block tables, runs one forward pass over the mixed prefill + decode tokens, samples, and copies the
+new tokens to the host once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.lora_manager import LoRAManager
+from server.engine.sampler import Sampler, gather_logprobs
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import TokenLogprob
+from server.models.layers import StepMetadata
+from server.models.llama import LlamaForCausalLM
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: StepMetadata
+    sample_rows: list[int]  # batch index of each sequence that samples this step
+    sample_token_index: torch.Tensor  # its last token's row in the flat batch
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        lora_manager: LoRAManager | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        cfg = model.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.lora_manager = lora_manager
+        self.sampler = Sampler(device)
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        cfg = model.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        sample_rows: list[int] = []
+        sample_index: list[int] = []
+        adapter_per_token: list[int] = []
+        bs = self.block_size
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + n)
+            adapter_per_token.extend([seq.adapter_id] * n)
+            if batch.samples(i):
+                sample_rows.append(i)
+                sample_index.append(query_start_loc[-1] - 1)
+        lora_slots = None
+        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
+        if adapters:
+            assert self.lora_manager is not None, "a request asked for an adapter but LoRA is not enabled"
+            slot_of = self.lora_manager.assign_slots(adapters)
+            lora_slots = torch.tensor([slot_of.get(a, -1) for a in adapter_per_token], device=self.device)
+        to = {"device": self.device, "dtype": torch.long}
+        meta = StepMetadata(
+            slot_mapping=torch.tensor(slots, **to),
+            block_tables=[seq.block_table for seq in batch.seqs],
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc,
+            lora_slots=lora_slots,
+        )
+        return StepInputs(
+            torch.tensor(input_ids, **to), torch.tensor(positions, **to), meta, sample_rows,
+            torch.tensor(sample_index, **to),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
+        """Returns, per scheduled sequence, its new token (None for a prompt chunk that does not
+        reach the end) and its logprobs when asked."""
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        if not inputs.sample_rows:
+            return sampled, None
+        seqs = [batch.seqs[i] for i in inputs.sample_rows]
+        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        tokens, raw_logprobs = self.sampler(logits, seqs)
+        logprobs: list[TokenLogprob | None] | None = None
+        if raw_logprobs is not None:
+            per_sample = gather_logprobs(raw_logprobs, tokens, seqs)
+            logprobs = [None] * len(batch.seqs)
+            for row, lp in zip(inputs.sample_rows, per_sample, strict=True):
+                logprobs[row] = lp
+        for row, token in zip(inputs.sample_rows, tokens.tolist(), strict=True):
+            sampled[row] = token
+        return sampled, logprobs

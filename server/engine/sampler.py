@@ -1,0 +1,118 @@
+"""Turns the logits of the sequences that reached their last token into next tokens.
+
+Order (as in vLLM): logit bias and min_tokens masking, penalties, then greedy argmax or temperature,
+top-k / top-p / min-p and a draw. The draw uses the exponential trick (argmax of p / q with
+q ~ Exp(1)) so that no host sync is needed; a seeded request draws q from its own generator, so its
+output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.sequence import Sequence, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, V] float32 -> (tokens [B], raw log-probs [B, V] or None when nobody asked)."""
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._process(logits, seqs)
+        # Decisions are taken from the host-side parameters, never from device values (no sync).
+        is_greedy = [s.params.is_greedy for s in seqs]
+        tokens = logits.argmax(dim=-1)
+        if not all(is_greedy):
+            greedy = torch.tensor(is_greedy, device=self.device)
+            tokens = torch.where(greedy, tokens, self._draw(logits, seqs))
+        return tokens, raw_logprobs
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        needs = [bool(s.params.logit_bias) or s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs]
+        if not any(needs):
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        for i, seq in enumerate(seqs):
+            if not needs[i]:
+                continue
+            p = seq.params
+            row = logits[i]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()), device=self.device)
+                row[ids] += torch.tensor(list(p.logit_bias.values()), device=self.device)
+            if seq.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
+                if banned:
+                    row[torch.tensor(sorted(banned), device=self.device)] = float("-inf")
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(seq.token_ids)), device=self.device)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
+                out = torch.tensor(seq.output_token_ids, device=self.device)
+                counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=self.device)
+        logits = logits / temps.unsqueeze(1)
+        vocab = logits.shape[-1]
+        k_list = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
+        p_list = [s.params.top_p for s in seqs]
+        min_p_list = [s.params.min_p for s in seqs]
+        if any(k < vocab for k in k_list) or any(p < 1 for p in p_list):
+            top_k = torch.tensor(k_list, device=self.device)
+            top_p = torch.tensor(p_list, device=self.device)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=self.device).unsqueeze(0)
+            drop = ranks >= top_k.unsqueeze(1)
+            probs_sorted = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+            drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= top_p.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        if any(m > 0 for m in min_p_list):
+            min_p = torch.tensor(min_p_list, device=self.device)
+            floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        q = torch.empty_like(probs).exponential_()
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None and not seq.params.is_greedy:
+                gen = self.generators.get(seq.request_id)
+                if gen is None:
+                    gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                    self.generators[seq.request_id] = gen
+                q[i].exponential_(generator=gen)
+        return (probs / q).argmax(dim=-1)
+
+
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+) -> list[TokenLogprob | None]:
+    """Log-probabilities of the chosen tokens and of each request's top-k, in one host copy."""
+    k = max(s.params.logprobs or 0 for s in seqs)
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
+    chosen_l, top_vals_l, top_ids_l, tokens_l = (
+        chosen.tolist(), top_vals.tolist(), top_ids.tolist(), tokens.tolist()
+    )
+    result: list[TokenLogprob | None] = []
+    for i, seq in enumerate(seqs):
+        n = seq.params.logprobs
+        if n is None:
+            result.append(None)
+            continue
+        top = list(zip(top_ids_l[i][:n], top_vals_l[i][:n], strict=True))
+        result.append(TokenLogprob(tokens_l[i], chosen_l[i], top))
+    return result

@@ -1,0 +1,209 @@
+"""Continuous batching: every step picks running and waiting sequences under a token budget.
+
+There is no prefill or decode phase (as in vLLM v1): each scheduled sequence gets a number of new
+tokens to compute, one for a decoding sequence, up to the remaining budget for a prompt (so long
+prompts are prefilled in chunks across steps). When KV blocks run out the newest running sequence
+is preempted, its blocks freed, and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    max_loras: int = 4  # distinct adapters in one step
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError(f"invalid scheduler limits: {self}")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """What one step computes: `seqs[i]` runs `num_new_tokens[i]` tokens from its num_computed_tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches its last token this step, so its logits give a new token."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Reject at admission what could never run, with a message the caller can act on."""
+        limit = self.config.max_model_len
+        if seq.num_tokens >= limit:
+            raise ValueError(f"prompt has {seq.num_tokens} tokens but max_model_len is {limit}")
+        needed = self.block_manager.num_blocks_for(seq.num_tokens + 1)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, FinishReason.ABORT)
+                    return seq
+        return None
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        adapters: set[int] = set()
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, num_new):
+                victim = self.running.pop()  # the newest running sequence gives way
+                self._preempt(victim, batch)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                adapters.add(seq.adapter_id)
+                budget -= num_new
+                i += 1
+                continue
+            break  # `seq` itself was preempted: nothing after it is running any more
+        if not preempted:
+            self._admit_waiting(batch, budget, adapters)
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.adapter_id and seq.adapter_id not in adapters and self._num_lora(adapters) >= self.config.max_loras:
+                break
+            cached = bm.find_cached_blocks(seq) if not seq.block_table else []
+            num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
+            if not bm.allocate_slots(seq, num_new, cached):
+                if not self.running and not batch.seqs:
+                    # Alone and still too big for the whole cache: it can never run.
+                    self.waiting.popleft()
+                    self._finish(seq, FinishReason.LENGTH)
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            adapters.add(seq.adapter_id)
+            budget -= num_new
+
+    @staticmethod
+    def _num_lora(adapters: set[int]) -> int:
+        return len(adapters - {0})
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.num_preempted += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        sampled: list[int | None],
+        logprobs: list[TokenLogprob | None] | None = None,
+    ) -> list[Sequence]:
+        """Advance every scheduled sequence; append sampled tokens; finish those that stop.
+        Returns the sequences that got a new token (finished ones included)."""
+        updated: list[Sequence] = []
+        now = time.monotonic()
+        for i, seq in enumerate(batch.seqs):
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            self.block_manager.register_computed_blocks(seq)
+            token = sampled[i]
+            if token is None or seq.is_finished:
+                continue
+            seq.append_token(token)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])  # type: ignore[arg-type]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            updated.append(seq)
+        return updated
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in seq.eos_token_ids:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                seq.stop_token_id = token
+                return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish_all(self, reason: FinishReason) -> list[Sequence]:
+        """End every sequence (engine failure or shutdown); returns them."""
+        seqs = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        for seq in seqs:
+            self._finish(seq, reason)
+        return seqs
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)

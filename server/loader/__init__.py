@@ -1,0 +1,10 @@
+"""Model and adapter loading, and the embedded demo model shipped inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_MODEL = DEMO_DIR / "base"
+DEMO_ADAPTER = DEMO_DIR / "adapter-upper"
+DEMO_MERGED = DEMO_DIR / "merged-upper"

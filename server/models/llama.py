@@ -1,0 +1,141 @@
+"""Our forward pass for the Llama family (llama, mistral, qwen2, qwen3) over a flat batch of tokens
+from many sequences, reading and writing the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.attention import paged_attention, write_kv
+from kernels.norm import add_rms_norm, rms_norm
+from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from server.models.config import ModelConfig
+from server.models.layers import LoRALinear, StepMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = LoRALinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias)
+        self.o_proj = LoRALinear(q_size, [cfg.hidden_size])
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.eps = cfg.rms_norm_eps
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        meta: StepMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x, meta)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm.weight, self.eps)
+            k = rms_norm(k, self.k_norm.weight, self.eps)
+        q, k = apply_rope(q, k, positions, *rope)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            self.scale, self.sliding_window,
+        )
+        return self.o_proj(o.flatten(1), meta)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = LoRALinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = LoRALinear(cfg.intermediate_size, [cfg.hidden_size])
+
+    def forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, meta).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up, meta)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: StepMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = add_rms_norm(h, residual, self.input_layernorm.weight, self.eps)
+        h = self.self_attn(positions, h, meta, kv_cache, rope)
+        h, residual = add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
+        return self.mlp(h, meta), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head.weight.requires_grad_(False)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_cos_sin(inv_freq, cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def lora_layers(self) -> dict[str, LoRALinear]:
+        """LoRA-capable projections by the module names PEFT adapters use for them."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        rope = (self.rope_cos, self.rope_sin)
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            h, residual = layer(positions, h, residual, meta, kv, rope)
+        h, _ = add_rms_norm(h, residual, self.model.norm.weight, self.config.rms_norm_eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()
