@@ -8,7 +8,23 @@ queries `query_start_loc[b]:query_start_loc[b+1]`, which are its last positions 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(slots=True)
+class AttnMetadata:
+    """Where each sequence's queries and keys are, on the device and (for the reference) the host."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot each token writes
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [B + 1] int32: offsets of each sequence's tokens in the step
+    seq_lens_host: list[int]
+    query_start_loc_host: list[int]
+    max_query_len: int
+    max_seq_len: int
 
 
 def write_kv_ref(
@@ -23,9 +39,7 @@ def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: list[list[int]],
-    seq_lens: list[int],
-    query_start_loc: list[int],
+    meta: AttnMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
@@ -34,10 +48,11 @@ def paged_attention_ref(
     block_size = k_cache.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
-    for b, seq_len in enumerate(seq_lens):
+    query_start_loc = meta.query_start_loc_host
+    for b, seq_len in enumerate(meta.seq_lens_host):
         start, end = query_start_loc[b], query_start_loc[b + 1]
         q_len = end - start
-        blocks = torch.tensor(block_tables[b][: -(-seq_len // block_size)], dtype=torch.long)
+        blocks = meta.block_tables[b, : -(-seq_len // block_size)].long()
         k = k_cache[blocks].flatten(0, 1)[:seq_len]
         v = v_cache[blocks].flatten(0, 1)[:seq_len]
         k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [H, L, D]
@@ -65,10 +80,8 @@ def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: list[list[int]],
-    seq_lens: list[int],
-    query_start_loc: list[int],
+    meta: AttnMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -10,10 +10,16 @@ import torch
 
 
 def add_lora_ref(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    active_slots: list[int] | None = None,
 ) -> torch.Tensor:
-    """y += (x @ a[slot].T) @ b[slot].T for each token with a slot; returns y (modified in place)."""
-    for slot in torch.unique(slots).tolist():
+    """y += (x @ a[slot].T) @ b[slot].T for each token with a slot; returns y (modified in place).
+    `active_slots` (the distinct slots, known on the host) saves a device sync."""
+    for slot in active_slots if active_slots is not None else torch.unique(slots).tolist():
         if slot < 0:
             continue
         rows = (slots == slot).nonzero(as_tuple=True)[0]
@@ -22,5 +28,12 @@ def add_lora_ref(
     return y
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return add_lora_ref(y, x, a, b, slots)
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    active_slots: list[int] | None = None,
+) -> torch.Tensor:
+    return add_lora_ref(y, x, a, b, slots, active_slots)

@@ -25,7 +25,7 @@ class AdapterRegistry:
         self._ids = itertools.count(1)
 
     def register(self, name: str, path: str | Path) -> Adapter:
-        if not name or "/" in name and Path(name).is_absolute():
+        if not name or ("/" in name and Path(name).is_absolute()):
             raise ValueError(f"invalid adapter name {name!r}")
         if name in self.by_name:
             raise ValueError(f"an adapter named {name!r} is already loaded")

@@ -48,19 +48,18 @@ class LLM:
         self,
         prompts: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
-        adapter: str | None | list[str | None] = None,
+        adapter: str | list[str | None] | None = None,
     ) -> list[GenerationOutput]:
         """Run every prompt to completion in one continuous batch; outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        n = len(prompts)
+        batch: list = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        n = len(batch)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapter_list = adapter if isinstance(adapter, list) else [adapter] * n
         results: dict[str, GenerationOutput] = {}
         order: list[str] = []
-        for prompt, p, name in zip(prompts, params_list, adapter_list, strict=True):
+        for prompt, p, name in zip(batch, params_list, adapter_list, strict=True):
             request_id = f"offline-{next(self._ids)}"
-            token_ids = self.encode(prompt)  # type: ignore[arg-type]
+            token_ids = self.encode(prompt)
             self.engine.add_request(request_id, token_ids, p, self.adapter_id(name))
             results[request_id] = GenerationOutput(token_ids)
             order.append(request_id)
@@ -75,7 +74,7 @@ class LLM:
                     res.finish_reason = out.finish_reason
                     res.num_cached_tokens = out.num_cached_tokens
         for res in results.values():
-            res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+            res.text = str(self.tokenizer.decode(res.token_ids, skip_special_tokens=True))
         return [results[r] for r in order]
 
     def adapter_id(self, name: str | None) -> int:

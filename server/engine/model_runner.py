@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.attention import AttnMetadata
 from server.engine.lora_manager import LoRAManager
 from server.engine.sampler import Sampler, gather_logprobs
 from server.engine.scheduler import ScheduledBatch
@@ -76,24 +77,39 @@ class ModelRunner:
             if batch.samples(i):
                 sample_rows.append(i)
                 sample_index.append(query_start_loc[-1] - 1)
-        lora_slots = None
+        meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         if adapters:
             assert self.lora_manager is not None, "a request asked for an adapter but LoRA is not enabled"
             slot_of = self.lora_manager.assign_slots(adapters)
-            lora_slots = torch.tensor([slot_of.get(a, -1) for a in adapter_per_token], device=self.device)
-        to = {"device": self.device, "dtype": torch.long}
-        meta = StepMetadata(
-            slot_mapping=torch.tensor(slots, **to),
-            block_tables=[seq.block_table for seq in batch.seqs],
-            seq_lens=seq_lens,
-            query_start_loc=query_start_loc,
-            lora_slots=lora_slots,
-        )
+            meta.lora_slots = self._tensor([slot_of.get(a, -1) for a in adapter_per_token], torch.int32)
+            meta.active_lora_slots = sorted(slot_of.values())
         return StepInputs(
-            torch.tensor(input_ids, **to), torch.tensor(positions, **to), meta, sample_rows,
-            torch.tensor(sample_index, **to),
+            self._tensor(input_ids), self._tensor(positions), meta, sample_rows, self._tensor(sample_index)
         )
+
+    def _attn_metadata(
+        self, batch: ScheduledBatch, slots: list[int], seq_lens: list[int], query_start_loc: list[int]
+    ) -> AttnMetadata:
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        return AttnMetadata(
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            query_start_loc=self._tensor(query_start_loc, torch.int32),
+            seq_lens_host=seq_lens,
+            query_start_loc_host=query_start_loc,
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        # Built on the host and copied without blocking, so the CPU can go on preparing the step.
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None] | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from server.engine.sampling_params import SamplingParams
 
@@ -15,7 +15,7 @@ class SequenceStatus(Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # EOS or a stop token id
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"  # client went away or asked to stop

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.attention import AttnMetadata
 from kernels.lora import add_lora
 
 
@@ -15,11 +16,9 @@ from kernels.lora import add_lora
 class StepMetadata:
     """Everything a forward pass needs besides token ids and positions (nano-vllm's "context")."""
 
-    slot_mapping: torch.Tensor  # [T] flat KV slot each token writes
-    block_tables: list[list[int]]  # per sequence
-    seq_lens: list[int]  # per sequence: tokens in the cache after this step
-    query_start_loc: list[int]  # [B + 1] offsets of each sequence's tokens in the step
-    lora_slots: torch.Tensor | None = None  # [T] adapter slot per token, -1 for none
+    attn: AttnMetadata
+    lora_slots: torch.Tensor | None = None  # [T] int32 adapter slot per token, -1 for none
+    active_lora_slots: list[int] | None = None  # the distinct slots used this step (host)
 
 
 class LoRALinear(nn.Module):
@@ -45,6 +44,6 @@ class LoRALinear(nn.Module):
         if self.lora_a and meta is not None and meta.lora_slots is not None:
             offset = 0
             for a, b, n in zip(self.lora_a, self.lora_b, self.out_slices, strict=True):
-                add_lora(y[:, offset : offset + n], x, a, b, meta.lora_slots)
+                add_lora(y[:, offset : offset + n], x, a, b, meta.lora_slots, meta.active_lora_slots)
                 offset += n
         return y

@@ -54,11 +54,8 @@ class Attention(nn.Module):
             k = rms_norm(k, self.k_norm.weight, self.eps)
         q, k = apply_rope(q, k, positions, *rope)
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            self.scale, self.sliding_window,
-        )
+        write_kv(k, v, k_cache, v_cache, meta.attn.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta.attn, self.scale, self.sliding_window)
         return self.o_proj(o.flatten(1), meta)
 
 

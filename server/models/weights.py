@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from kernels.rope import rope_cos_sin, rope_inv_freq
-
 from server.models.config import ModelConfig
+from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
 
 # HF projection name -> (our fused module, slice index)
@@ -64,6 +64,7 @@ def load_weights(model: LlamaForCausalLM, named: Iterator[tuple[str, torch.Tenso
             target = param.data
         else:
             module = model.get_submodule(name.rsplit(".", 1)[0])
+            assert isinstance(module, LoRALinear)
             sizes = module.out_slices
             start = sum(sizes[:index])
             target = param.data[start : start + sizes[index]]
@@ -79,7 +80,7 @@ def load_weights(model: LlamaForCausalLM, named: Iterator[tuple[str, torch.Tenso
 
 def _slices(model: LlamaForCausalLM, name: str) -> list[int | None]:
     module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    if name.endswith(".weight") and any(f in name for f in ("qkv_proj", "gate_up_proj")):
+    if isinstance(module, LoRALinear) and name.endswith(".weight") and len(module.out_slices) > 1:
         return list(range(len(module.out_slices)))
     if name.endswith(".bias") and "qkv_proj" in name:
         return [0, 1, 2]

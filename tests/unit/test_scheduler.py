@@ -93,7 +93,7 @@ def test_shared_prefix_blocks_are_reused_and_freed_by_reference_count() -> None:
     run_step(sched)
     b = create_seq(13, max_tokens=3)  # same tokens
     sched.add(b)
-    scheduled, counts = run_step(sched)
+    _, counts = run_step(sched)
     assert counts == [1, 1]  # b computes only its last token: 12 came from the cache
     assert b.num_cached_tokens == 12
     assert b.block_table[:3] == a.block_table[:3]

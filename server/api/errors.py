@@ -1,0 +1,105 @@
+"""OpenAI-style error bodies `{"error": {message, type, param, code}}` for every failure the API
+returns, including FastAPI's own validation errors (400, not 422) and unknown routes (404)."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error a client can act on; handlers turn it into an OpenAI error response."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type or default_type(status_code)
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def default_type(status_code: int) -> str:
+    if status_code == 401:
+        return "authentication_error"
+    if status_code == 404:
+        return "not_found_error"
+    if status_code >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    body = error_body(err.message, err.type, err.param, err.code)
+    return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+
+def invalid_param(param: str, message: str) -> APIError:
+    return APIError(message, 400, param=param)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as `message, param`: `param` is the dotted field path."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
+    if first.get("type") == "missing":
+        return f"'{param}' is a required field", param
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return error_response(APIError(message, 400, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail) or HTTPStatus(exc.status_code).phrase
+        return error_response(APIError(message, exc.status_code, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+        message = f"internal server error: {type(exc).__name__}"
+        return error_response(APIError(message, 500))
