@@ -16,6 +16,10 @@ class Config:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0
+    # unsloth: FastLanguageModel.from_pretrained(load_in_4bit=True) + for_inference, weights adopted
+    # in 4-bit; safetensors: the checkpoint's own 16-bit weights read directly (no quantization)
+    load_format: str = "unsloth"
+    merge_lora: str | None = None  # adapter folder merged into the base at load (16-bit result)
     # Engine
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -48,5 +52,7 @@ class Config:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
+        if self.load_format not in ("unsloth", "safetensors"):
+            raise ValueError(f"--load-format must be unsloth or safetensors; got {self.load_format}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16; got {self.dtype}")

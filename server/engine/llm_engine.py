@@ -63,7 +63,10 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        self.loaded = loaded or load_checkpoint(config.model, self.dtype, self.device)
+        self.loaded = loaded or load_checkpoint(
+            config.model, self.dtype, self.device, config.load_format, config.max_model_len or 2048,
+            config.merge_lora, config.max_lora_rank,
+        )
         model = self.loaded.model
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
@@ -77,7 +80,9 @@ class LLMEngine:
             max_loras=config.max_loras,
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
-        self.lora_manager = LoRAManager(model.lora_layers(), config.max_loras, config.max_lora_rank)
+        self.lora_manager = LoRAManager(
+            model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device
+        )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step

@@ -13,12 +13,15 @@ from server.models.layers import LoRALinear
 
 
 class LoRAManager:
-    def __init__(self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int) -> None:
+    def __init__(
+        self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.layers = layers
         self.max_loras = max_loras
         self.max_rank = max_rank
-        for layer in layers.values():
-            layer.create_lora_slots(max_loras, max_rank)
+        self.dtype = dtype
+        self.device = device
+        self.has_slots = False  # device slots are made with the first adapter: no cost without LoRA
         self.adapters: dict[int, LoRAWeights] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU order
 
@@ -35,6 +38,10 @@ class LoRAManager:
                     f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
                     f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
                 )
+        if not self.has_slots:
+            for layer in self.layers.values():
+                layer.create_lora_slots(self.max_loras, self.max_rank, self.dtype, self.device)
+            self.has_slots = True
         self.remove(adapter_id)
         self.adapters[adapter_id] = weights
 

@@ -1,37 +1,61 @@
-"""Load a model folder into our own model: weights, stop tokens and the tokenizer's location."""
+"""Load a model folder into our own model: weights (through Unsloth, or the 16-bit safetensors
+directly), stop tokens, and an adapter to serve or merge."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from server.loader.peft import load_lora
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import load_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class LoadedModel:
     model: LlamaForCausalLM
-    folder: Path
+    folder: Path  # the base model's folder (tokenizer, config)
     eos_token_ids: frozenset[int]
+    adapter_folder: Path | None = None  # set when --model named an adapter folder
 
 
 def read_eos_token_ids(folder: Path) -> frozenset[int]:
     """EOS ids from generation_config.json (what `generate` stops on), else config.json."""
-    ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if not path.is_file():
             continue
         value = json.loads(path.read_text()).get("eos_token_id")
-        if value is None:
-            continue
-        ids.update(value if isinstance(value, list) else [value])
-        break
-    return frozenset(int(i) for i in ids)
+        if value is not None:
+            return frozenset(int(i) for i in (value if isinstance(value, list) else [value]))
+    return frozenset()
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def resolve_adapter_base(adapter: Path) -> Path:
+    """The local folder of the base model an adapter names (relative to the adapter folder, or to
+    the working directory). Never the network: a hub id that is not on disk is an error."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter}/adapter_config.json does not name its base model; "
+                         f"pass --model <base folder> --lora NAME={adapter}")
+    for candidate in (Path(base).expanduser(), adapter / base):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"adapter {adapter} was trained on {base!r}, which is not a local folder (sloth-serve never "
+        f"downloads). Put the base model on disk and pass --model <that folder> --lora NAME={adapter}"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,9 +70,56 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_checkpoint(folder: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_checkpoint(
+    folder: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "safetensors",
+    max_seq_length: int = 2048,
+    merge_lora: str | None = None,
+    max_lora_rank: int = 64,
+) -> LoadedModel:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
-    model = load_model(folder, dtype, device)
-    return LoadedModel(model, folder, read_eos_token_ids(folder))
+    adapter_folder = None
+    if is_adapter_folder(folder):
+        adapter_folder, folder = folder, resolve_adapter_base(folder)
+        logger.info("%s is a LoRA adapter; its base is %s", adapter_folder, folder)
+    elif not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds neither config.json (a model) nor adapter_config.json (an adapter)")
+    if load_format == "unsloth":
+        from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
+
+        model = load_and_adopt(folder, max_seq_length, dtype, device)
+    else:
+        model = load_model(folder, dtype, device)
+    if merge_lora:
+        merge_adapter(model, Path(merge_lora), max_lora_rank, dtype)
+    return LoadedModel(model, folder, read_eos_token_ids(folder), adapter_folder)
+
+
+@torch.no_grad()
+def merge_adapter(model: LlamaForCausalLM, adapter: Path, max_rank: int, dtype: torch.dtype) -> None:
+    """W += scale * B @ A in 16-bit for every projection the adapter targets. A 4-bit layer becomes
+    dense (its NF4 bytes are dequantized first), which costs memory: logged."""
+    weights = load_lora(adapter.name, adapter, max_rank)
+    layers = model.lora_layers()
+    added = 0
+    by_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for (module, index), (a, b) in weights.tensors.items():
+        if module not in layers:
+            raise ValueError(f"adapter {adapter} targets {module}, which the model lacks")
+        by_module.setdefault(module, []).append((index, a, b))
+    for module, parts in by_module.items():
+        layer = layers[module]
+        was_quantized = layer.is_quantized
+        dense = layer.dequantized_weight().float()
+        for index, a, b in parts:
+            start = sum(layer.out_slices[:index])
+            dense[start : start + layer.out_slices[index]] += b.to(dense.device) @ a.to(dense.device)
+        layer.set_dense(dense.to(dtype))
+        if was_quantized:
+            added += dense.numel() * dense.new_empty((), dtype=dtype).element_size()
+    logger.warning("merged adapter %s into the base; layers made dense cost %.1f MiB more than 4-bit "
+                   "(re-quantizing would change outputs, so they stay 16-bit)", adapter, added / 2**20)

@@ -4,12 +4,16 @@ per-step metadata that attention and LoRA read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kernels.attention import AttnMetadata
 from kernels.lora import add_lora
+
+if TYPE_CHECKING:
+    from kernels.nf4 import NF4Weight
 
 
 @dataclass(slots=True)
@@ -23,24 +27,68 @@ class StepMetadata:
 
 class LoRALinear(nn.Module):
     """y = x W^T (+ bias), then each output slice adds the LoRA of the slot its token selects.
-    Fused projections (q|k|v, gate|up) have one slice per original projection."""
+    Fused projections (q|k|v, gate|up) have one slice per original projection.
+
+    The base weight is either dense (`weight`) or, for a 4-bit checkpoint, one NF4 weight per slice
+    (`quant`), kept in bitsandbytes' packed layout and multiplied without a dense copy."""
 
     def __init__(self, in_features: int, out_slices: list[int], bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_slices = out_slices
-        self.weight = nn.Parameter(torch.empty(sum(out_slices), in_features), requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(
+            torch.empty(sum(out_slices), in_features), requires_grad=False
+        )
         self.bias = nn.Parameter(torch.zeros(sum(out_slices)), requires_grad=False) if bias else None
+        self.quant: list[NF4Weight | None] | None = None
         self.lora_a: list[torch.Tensor] = []  # per slice [num_slots, rank, in_features]
         self.lora_b: list[torch.Tensor] = []  # per slice [num_slots, out_slice, rank], scale folded in
 
-    def create_lora_slots(self, num_slots: int, rank: int) -> None:
-        w = self.weight
-        self.lora_a = [w.new_zeros(num_slots, rank, self.in_features) for _ in self.out_slices]
-        self.lora_b = [w.new_zeros(num_slots, n, rank) for n in self.out_slices]
+    def set_quantized(self, index: int, w: NF4Weight) -> None:
+        """Adopt an NF4 weight for slice `index`; once every slice has one, the dense weight goes."""
+        want = (self.out_slices[index], self.in_features)
+        if tuple(w.shape) != want:
+            raise ValueError(f"4-bit weight of shape {tuple(w.shape)} does not fit slice {index} of shape {want}")
+        if self.quant is None:
+            self.quant = [None] * len(self.out_slices)
+        self.quant[index] = w
+        if all(q is not None for q in self.quant):
+            self.weight = None
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight is None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight.data
+        from kernels.nf4 import dequantize_nf4
+
+        assert self.quant is not None
+        return torch.cat([dequantize_nf4(q) for q in self.quant if q is not None], dim=0)
+
+    def set_dense(self, weight: torch.Tensor) -> None:
+        """Replace the base weight by a dense one (used when merging an adapter at load)."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.quant = None
+
+    def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_a = [torch.zeros(num_slots, rank, self.in_features, dtype=dtype, device=device)
+                       for _ in self.out_slices]
+        self.lora_b = [torch.zeros(num_slots, n, rank, dtype=dtype, device=device) for n in self.out_slices]
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        from kernels.nf4 import nf4_linear
+
+        assert self.quant is not None
+        parts = [nf4_linear(x, q) for q in self.quant if q is not None]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         if self.lora_a and meta is not None and meta.lora_slots is not None:
             offset = 0
             for a, b, n in zip(self.lora_a, self.lora_b, self.out_slices, strict=True):

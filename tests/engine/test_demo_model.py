@@ -57,7 +57,7 @@ def staggered(engine: LLMEngine, prompts: list[list[int]], adapter_id: int = 0) 
 
 def small_engine(model: str) -> LLMEngine:
     # A small token budget makes the longer prompts prefill in chunks beside decoding requests.
-    return LLMEngine(Config(model=model, num_kv_blocks=128, max_num_batched_tokens=16, max_num_seqs=8))
+    return LLMEngine(Config(model=model, load_format="safetensors", num_kv_blocks=128, max_num_batched_tokens=16, max_num_seqs=8))
 
 
 def test_greedy_equals_transformers_for_staggered_requests(prompts: list[list[int]]) -> None:
@@ -83,7 +83,7 @@ def test_merged_checkpoint_greedy_equals_transformers(prompts: list[list[int]]) 
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(lora={"upper": str(DEMO_ADAPTER)}, num_kv_blocks=512)
+    return LLM(lora={"upper": str(DEMO_ADAPTER)}, load_format="safetensors", num_kv_blocks=512)
 
 
 def test_adapter_effect_shows_only_on_requests_that_ask_for_it(llm: LLM, prompts: list[list[int]]) -> None:
@@ -127,7 +127,7 @@ def test_prefix_cache_serves_a_repeated_prompt(llm: LLM, prompts: list[list[int]
 
 
 def test_hot_swapped_adapter_gives_the_merged_checkpoints_tokens(llm: LLM, prompts: list[list[int]]) -> None:
-    merged = LLM(DEMO_MERGED, num_kv_blocks=256)
+    merged = LLM(DEMO_MERGED, load_format="safetensors", num_kv_blocks=256)
     chats = prompts[:3]
     assert [o.token_ids for o in llm.generate(chats, GREEDY, adapter="upper")] == [
         o.token_ids for o in merged.generate(chats, GREEDY)

@@ -45,7 +45,7 @@ def make_model(tmp: Path, family: str) -> tuple[Path, torch.nn.Module]:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_matches_transformers(tmp_path: Path, family: str) -> None:
     folder, hf = make_model(tmp_path, family)
-    engine = LLMEngine(Config(model=str(folder), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24))
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8, max_num_batched_tokens=24))
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 384, (n,), generator=gen).tolist() for n in (3, 19, 45, 8)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

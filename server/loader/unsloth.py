@@ -1,0 +1,68 @@
+"""Load a model folder through Unsloth (`FastLanguageModel.from_pretrained(load_in_4bit=True)`, then
+`for_inference`), and adopt its weights into our own model: 4-bit layers keep bitsandbytes' packed
+NF4 bytes and quantization state, 16-bit tensors are taken as they are. The Hugging Face module is
+released afterwards, so no dequantized copy of a 4-bit weight stays in memory."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from kernels.nf4 import NF4Weight
+
+from server.models.config import ModelConfig
+from server.models.llama import LlamaForCausalLM
+from server.models.weights import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_with_unsloth(folder: Path, max_seq_length: int) -> torch.nn.Module:
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from unsloth import FastLanguageModel  # imported late: it patches transformers on import
+
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
+        local_files_only=True,
+    )
+    FastLanguageModel.for_inference(model)
+    return model
+
+
+def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | NF4Weight]]:
+    """Every weight of the HF model by its checkpoint name; bitsandbytes 4-bit linears as NF4Weight."""
+    for name, module in hf_model.named_modules():
+        weight = getattr(module, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:
+            yield f"{name}.weight", NF4Weight.from_bnb(weight.data, quant_state)  # type: ignore[union-attr]
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                yield f"{name}.bias", bias.data
+            continue
+        if name and any(True for _ in module.children()):
+            continue  # parameters of containers are yielded by their leaves
+        for pname, param in module.named_parameters(recurse=False):
+            if quant_state is None:
+                yield (f"{name}.{pname}" if name else pname), param.data
+
+
+def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    start = time.perf_counter()
+    hf_model = load_hf_with_unsloth(folder, max_seq_length)
+    cfg = ModelConfig.from_folder(folder)
+    model = build_model(cfg, hf_weights(hf_model), dtype, device)
+    del hf_model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    num_4bit = sum(1 for m in model.modules() if getattr(m, "is_quantized", False))
+    logger.info("loaded %s through Unsloth in %.1fs: %d linear layers kept in 4-bit", folder,
+                time.perf_counter() - start, num_4bit)
+    return model
