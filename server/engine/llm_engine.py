@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -12,7 +13,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.lora_manager import LoRAManager
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights
@@ -38,6 +39,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     error: str | None = None
+    adapter_id: int = 0
 
     @classmethod
     def of(cls, seq: Sequence, new_token_ids: list[int], new_logprobs: list[TokenLogprob]) -> RequestOutput:
@@ -54,7 +56,17 @@ class RequestOutput:
             arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
+            adapter_id=seq.adapter_id,
         )
+
+
+class StepObserver(Protocol):
+    """Receives each step's figures (the Prometheus metrics implement it; the engine knows no more)."""
+
+    def on_step(
+        self, scheduler: Scheduler, batch: ScheduledBatch | None, outputs: list[RequestOutput],
+        forward_seconds: float | None,
+    ) -> None: ...
 
 
 class LLMEngine:
@@ -86,6 +98,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager)
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
+        self.observer: StepObserver | None = None
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -141,11 +154,17 @@ class LLMEngine:
         self.runner.sampler.release(seq.request_id)
 
     def step(self) -> list[RequestOutput]:
+        outputs, batch = self._step()
+        if self.observer is not None:
+            self.observer.on_step(self.scheduler, batch, outputs, self.runner.last_forward_seconds)
+        return outputs
+
+    def _step(self) -> tuple[list[RequestOutput], ScheduledBatch | None]:
         outputs, self.pending = self.pending, []
         batch = self.scheduler.schedule()
         if batch.is_empty:
             outputs.extend(self._drain_finished_waiting())
-            return outputs
+            return outputs, None
         sampled, logprobs = self.runner.run(batch)
         for seq in self.scheduler.postprocess(batch, sampled, logprobs):
             new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
@@ -153,7 +172,7 @@ class LLMEngine:
             if seq.is_finished:
                 self._release(seq)
         outputs.extend(self._drain_finished_waiting())
-        return outputs
+        return outputs, batch
 
     def _drain_finished_waiting(self) -> list[RequestOutput]:
         """Sequences the scheduler ended without running them (too large for the whole cache)."""

@@ -4,6 +4,7 @@ new tokens to the host once."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,18 @@ class ModelRunner:
         ]
         self.lora_manager = lora_manager
         self.sampler = Sampler(device)
+        self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._cpu_forward_seconds: float | None = None
+
+    @property
+    def last_forward_seconds(self) -> float | None:
+        """Device time of the latest forward pass. On CUDA it is read from events of a step whose
+        results were already copied to the host, so reading it never waits on the GPU."""
+        if self._timing is None:
+            return self._cpu_forward_seconds
+        start, end = self._timing
+        self._timing = None
+        return start.elapsed_time(end) / 1000 if end.query() else None
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -111,12 +124,25 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+            self._cpu_forward_seconds = time.perf_counter() - start
+            return hidden
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        events[1].record()
+        self._timing = events
+        return hidden
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         """Returns, per scheduled sequence, its new token (None for a prompt chunk that does not
         reach the end) and its logprobs when asked."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        hidden = self._forward(inputs)
         sampled: list[int | None] = [None] * len(batch.seqs)
         if not inputs.sample_rows:
             return sampled, None
