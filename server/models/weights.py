@@ -77,7 +77,7 @@ def load_weights(
         if not isinstance(value, torch.Tensor):  # an NF4Weight: adopted in 4-bit
             if not isinstance(module, LoRALinear) or pname != "weight":
                 raise ValueError(f"{hf_name} is 4-bit but only linear projections can be")
-            module.set_quantized(index or 0, value)
+            module.set_quantized(index or 0, value if value.device == device else value.to(device))
         else:
             _load_dense(module, pname, index, value, dtype, device, hf_name)
         loaded.add((name, index))
