@@ -151,7 +151,7 @@ def test_adapter_errors_say_what_is_wrong(tmp_path: Path, llm: LLM) -> None:
         load_lora("x", broken_adapter(tmp_path / "a", use_dora=True), 64)
     with pytest.raises(ValueError, match="PEFT type IA3"):
         load_lora("x", broken_adapter(tmp_path / "b", peft_type="IA3"), 64)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json is missing"):
         load_lora("x", tmp_path, 64)
     rs = load_lora("x", broken_adapter(tmp_path / "c", use_rslora=True), 64)
     plain = load_lora("x", DEMO_ADAPTER, 64)
