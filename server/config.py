@@ -28,6 +28,8 @@ class Config:
     kv_cache_memory_gb: float = 1.0  # CPU only
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode steps
+    cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs
     max_loras: int = 4

@@ -10,6 +10,7 @@ import torch
 
 from server.config import Config
 from server.engine.block_manager import BlockManager
+from server.engine.cuda_graphs import default_buckets
 from server.engine.lora_manager import LoRAManager
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling_params import SamplingParams
@@ -95,10 +96,17 @@ class LLMEngine:
         self.lora_manager = LoRAManager(
             model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager)
+        buckets = None
+        if not config.enforce_eager:
+            buckets = list(config.cuda_graph_sizes) or default_buckets(config.max_num_seqs)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
+            self.max_model_len, buckets,
+        )
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
         self.observer: StepObserver | None = None
+        self.runner.capture_graphs()
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -121,7 +129,10 @@ class LLMEngine:
     def add_lora(self, adapter_id: int, weights: LoRAWeights) -> None:
         if adapter_id < 1:
             raise ValueError("adapter ids start at 1 (0 is the base model)")
+        had_slots = self.lora_manager.has_slots
         self.lora_manager.add(adapter_id, weights)
+        if not had_slots:
+            self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
 
     def remove_lora(self, adapter_id: int) -> None:
         self.lora_manager.remove(adapter_id)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import AttnMetadata
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.lora_manager import LoRAManager
 from server.engine.sampler import Sampler, gather_logprobs
 from server.engine.scheduler import ScheduledBatch
@@ -36,12 +37,17 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         lora_manager: LoRAManager | None = None,
+        max_model_len: int = 2048,
+        cuda_graph_buckets: list[int] | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block more than the block manager hands out: the scratch block that padded rows of a
+        # CUDA-graph batch write into.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
@@ -50,6 +56,20 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph_buckets and device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                self._forward_logits, cuda_graph_buckets, -(-max_model_len // block_size),
+                self.scratch_block, block_size, device,
+            )
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
+
+    def capture_graphs(self) -> None:
+        if self.graphs is not None:
+            with torch.inference_mode():
+                self.graphs.capture_all(with_lora=self.lora_manager is not None and self.lora_manager.has_slots)
 
     @property
     def last_forward_seconds(self) -> float | None:
@@ -115,6 +135,7 @@ class ModelRunner:
             query_start_loc_host=query_start_loc,
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
+            num_decodes=next((i for i, n in enumerate(batch.num_new_tokens) if n != 1), len(batch.seqs)),
         )
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -123,6 +144,35 @@ class ModelRunner:
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
+
+    def _replay_decode(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Logits from a CUDA graph when every sequence computes exactly one token, else None."""
+        graphs = self.graphs
+        if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
+            return None
+        bs = self.block_size
+        positions = [seq.num_computed_tokens for seq in batch.seqs]
+        lora_slots = None
+        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
+        if adapters:
+            assert self.lora_manager is not None
+            slot_of = self.lora_manager.assign_slots(adapters)
+            lora_slots = [slot_of.get(seq.adapter_id, -1) for seq in batch.seqs]
+        elif self.lora_manager is not None and self.lora_manager.has_slots:
+            lora_slots = [-1] * len(batch.seqs)  # reuse the LoRA graphs: no recapture per mix
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+        logits = graphs.run(
+            input_ids=[seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
+            positions=positions,
+            slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)],
+            block_tables=[seq.block_table for seq in batch.seqs],
+            seq_lens=[p + 1 for p in positions],
+            lora_slots=lora_slots,
+        )
+        events[1].record()
+        self._timing = events
+        return logits
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -141,20 +191,29 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         """Returns, per scheduled sequence, its new token (None for a prompt chunk that does not
         reach the end) and its logprobs when asked."""
-        inputs = self.prepare(batch)
-        hidden = self._forward(inputs)
         sampled: list[int | None] = [None] * len(batch.seqs)
-        if not inputs.sample_rows:
+        logits = self._replay_decode(batch)
+        if logits is not None:
+            rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+            if len(rows) < len(batch.seqs):
+                logits = logits[rows]
+        else:
+            inputs = self.prepare(batch)
+            hidden = self._forward(inputs)
+            rows = inputs.sample_rows
+            if not rows:
+                return sampled, None
+            logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        if not rows:
             return sampled, None
-        seqs = [batch.seqs[i] for i in inputs.sample_rows]
-        logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+        seqs = [batch.seqs[i] for i in rows]
         tokens, raw_logprobs = self.sampler(logits, seqs)
         logprobs: list[TokenLogprob | None] | None = None
         if raw_logprobs is not None:
             per_sample = gather_logprobs(raw_logprobs, tokens, seqs)
             logprobs = [None] * len(batch.seqs)
-            for row, lp in zip(inputs.sample_rows, per_sample, strict=True):
+            for row, lp in zip(rows, per_sample, strict=True):
                 logprobs[row] = lp
-        for row, token in zip(inputs.sample_rows, tokens.tolist(), strict=True):
+        for row, token in zip(rows, tokens.tolist(), strict=True):
             sampled[row] = token
         return sampled, logprobs

@@ -116,6 +116,14 @@ class Scheduler:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        return self._decodes_first(batch)
+
+    @staticmethod
+    def _decodes_first(batch: ScheduledBatch) -> ScheduledBatch:
+        """Put single-token sequences first: attention runs them through its decode kernel."""
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        batch.seqs = [batch.seqs[i] for i in order]
+        batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
         return batch
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:

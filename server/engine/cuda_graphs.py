@@ -1,0 +1,144 @@
+"""Decode steps replayed from CUDA graphs, one captured per batch-size bucket.
+
+A decode step (one new token per sequence) has the same shapes every time for a given batch size,
+so its whole forward pass and the logits are captured once and replayed: the kernel launches cost
+nothing on the CPU. Inputs live in static buffers sized for the largest bucket; a smaller batch is
+padded to its bucket with rows that write their KV into a scratch block nobody reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels.attention import AttnMetadata
+from server.models.layers import StepMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def default_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, *range(16, max_num_seqs + 1, 16)]
+    return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor, torch.Tensor, StepMetadata], torch.Tensor],
+        buckets: list[int],
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.forward = forward  # (input_ids, positions, meta) -> logits
+        self.buckets = sorted(buckets)
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.device = device
+        n = self.buckets[-1]
+        i32, i64 = torch.int32, torch.long
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.slot_mapping = torch.zeros(n, dtype=i64, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
+        self.lora_slots = torch.full((n,), -1, dtype=i32, device=device)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: Any = None  # the memory pool the graphs share
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, batch: int) -> int | None:
+        i = bisect.bisect_left(self.buckets, batch)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def _meta(self, n: int, with_lora: bool) -> StepMetadata:
+        attn = AttnMetadata(
+            slot_mapping=self.slot_mapping[:n],
+            block_tables=self.block_tables[:n],
+            seq_lens=self.seq_lens[:n],
+            query_start_loc=self.query_start_loc[: n + 1],
+            seq_lens_host=[1] * n,
+            query_start_loc_host=list(range(n + 1)),
+            max_query_len=1,
+            max_seq_len=self.block_tables.shape[1] * self.block_size,
+            num_decodes=n,
+        )
+        return StepMetadata(attn, self.lora_slots[:n] if with_lora else None, None)
+
+    def capture_all(self, with_lora: bool) -> None:
+        start = time.perf_counter()
+        for n in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+            self._capture(n, with_lora)
+        logger.info("captured %d decode CUDA graphs (batch %s, LoRA %s) in %.1fs", len(self.buckets),
+                    self.buckets, with_lora, time.perf_counter() - start)
+
+    def _capture(self, n: int, with_lora: bool) -> None:
+        self.slot_mapping[:n] = self.scratch_block * self.block_size
+        self.block_tables[:n] = self.scratch_block
+        meta = self._meta(n, with_lora)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self.forward(self.input_ids[:n], self.positions[:n], meta)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.forward(self.input_ids[:n], self.positions[:n], meta)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(n, with_lora)] = (graph, logits)
+
+    def invalidate(self) -> None:
+        self.graphs.clear()
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        block_tables: list[list[int]],
+        seq_lens: list[int],
+        lora_slots: list[int] | None,
+    ) -> torch.Tensor | None:
+        """Replay the bucket's graph for this decode batch; returns logits [batch, vocab], or None
+        when the batch is larger than every bucket."""
+        b = len(input_ids)
+        n = self.bucket_for(b)
+        if n is None:
+            return None
+        with_lora = lora_slots is not None
+        if (n, with_lora) not in self.graphs:
+            self._capture(n, with_lora)
+        pad = n - b
+        scratch = self.scratch_block
+        width = self.block_tables.shape[1]
+        host = torch.empty(5 * n + n * width, dtype=torch.long, pin_memory=True)
+        host[:n] = torch.tensor(input_ids + [0] * pad)
+        host[n : 2 * n] = torch.tensor(positions + [0] * pad)
+        host[2 * n : 3 * n] = torch.tensor(slots + [scratch * self.block_size] * pad)
+        host[3 * n : 4 * n] = torch.tensor(seq_lens + [1] * pad)
+        host[4 * n : 5 * n] = torch.tensor((lora_slots or []) + [-1] * (n - len(lora_slots or [])))
+        rows = [t + [scratch] * (width - len(t)) for t in block_tables] + [[scratch] * width] * pad
+        host[5 * n :] = torch.tensor(rows).view(-1)
+        dev = host.to(self.device, non_blocking=True)
+        self.input_ids[:n].copy_(dev[:n])
+        self.positions[:n].copy_(dev[n : 2 * n])
+        self.slot_mapping[:n].copy_(dev[2 * n : 3 * n])
+        self.seq_lens[:n].copy_(dev[3 * n : 4 * n])
+        self.lora_slots[:n].copy_(dev[4 * n : 5 * n])
+        self.block_tables[:n].copy_(dev[5 * n :].view(n, width))
+        graph, logits = self.graphs[(n, with_lora)]
+        graph.replay()
+        return logits[:b]
