@@ -1,0 +1,107 @@
+"""Offline throughput of the engine alone (no HTTP): B requests of a fixed prompt length decoding a
+fixed number of tokens (EOS ignored), optionally spread over LoRA adapters.
+
+    python bench/engine.py --model DIR --batch-sizes 1,8,64 --input-len 64 --output-len 128 \\
+        [--lora ADAPTER_DIR ...] --out results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.loader.peft import load_lora
+
+
+def run_batch(engine: LLMEngine, batch: int, input_len: int, output_len: int, num_adapters: int,
+              rng: random.Random, tag: str) -> dict[str, float]:
+    vocab = engine.loaded.model.config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(batch):
+        prompt = [rng.randrange(100, vocab) for _ in range(input_len)]
+        adapter = (i % num_adapters) + 1 if num_adapters else 0
+        engine.add_request(f"{tag}-{i}", prompt, params, adapter)
+    first_token_at: float | None = None
+    steps = 0
+    while engine.has_unfinished_requests:
+        outs = engine.step()
+        steps += 1
+        if first_token_at is None and sum(1 for o in outs if o.new_token_ids) == batch:
+            first_token_at = time.perf_counter()  # every request has its first token: decode from here
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    decode_s = end - (first_token_at or start)
+    return {
+        "batch": batch,
+        "adapters": num_adapters,
+        "total_s": end - start,
+        "steps": steps,
+        "output_tok_s": batch * output_len / (end - start),
+        "decode_tok_s": batch * (output_len - 1) / decode_s if decode_s > 0 else float("nan"),
+        "ms_per_decode_step": 1000 * decode_s / max(output_len - 1, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--load-format", default="unsloth", choices=["unsloth", "safetensors"])
+    ap.add_argument("--batch-sizes", default="1,8,64")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--lora", nargs="*", default=[], help="adapter folders; requests go round-robin over them")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    t0 = time.perf_counter()
+    engine = LLMEngine(Config(
+        model=args.model, load_format=args.load_format, max_model_len=args.max_model_len,
+        max_num_seqs=max(sizes), max_num_batched_tokens=max(2048, args.input_len * max(sizes)),
+        enforce_eager=args.enforce_eager, max_loras=max(len(args.lora), 1), max_lora_rank=64,
+    ))
+    for i, folder in enumerate(args.lora, start=1):
+        engine.add_lora(i, load_lora(f"lora{i}", folder, 64))
+    load_s = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else 0.0
+    rng = random.Random(0)
+    rows = []
+    run_batch(engine, 2, args.input_len, 8, 0, rng, "warmup")
+    for adapters in ([0, len(args.lora)] if args.lora else [0]):
+        for b in sizes:
+            best = max((run_batch(engine, b, args.input_len, args.output_len, adapters, rng, f"b{b}a{adapters}r{r}")
+                        for r in range(args.repeats)), key=lambda r: r["output_tok_s"])
+            rows.append(best)
+            print(json.dumps(best), flush=True)
+    lines = [
+        f"engine: {args.model} ({args.load_format}), load + graph capture {load_s:.1f}s, peak GPU memory {mem:.1f} GiB",
+        f"prompt {args.input_len} tokens, {args.output_len} new tokens, greedy, EOS ignored, best of {args.repeats}",
+        "",
+        "| batch | adapters | output tok/s | decode tok/s | ms / decode step | total s |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['batch']} | {r['adapters']} | {r['output_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+          f"{r['ms_per_decode_step']:.2f} | {r['total_s']:.2f} |" for r in rows],
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
