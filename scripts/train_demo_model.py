@@ -123,7 +123,9 @@ MODEL_CONFIG = dict(
     attention_bias=False,
     mlp_bias=False,
     bos_token_id=None,
-    eos_token_id=0,
+    # EOS is <|im_end|> (2) and padding <|endoftext|> (0), distinct as Unsloth requires of a pad
+    # token on CUDA (as in Qwen's tokenizers); generation_config stops on both.
+    eos_token_id=2,
     pad_token_id=0,
 )
 
@@ -287,7 +289,7 @@ def write_tokenizer_files(tok, folder: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "bos_token": None,
-        "eos_token": ENDOFTEXT,
+        "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
         "unk_token": None,
         "extra_special_tokens": [IM_START, IM_END],
@@ -302,7 +304,7 @@ def write_tokenizer_files(tok, folder: Path) -> None:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {
-        "eos_token": ENDOFTEXT,
+        "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
         "additional_special_tokens": [IM_START, IM_END],
     }
