@@ -3,7 +3,8 @@
 Layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]. Token t of the
 step writes its K/V at flat slot `slot_mapping[t]` (block * block_size + offset). Sequence b owns
 queries `query_start_loc[b]:query_start_loc[b+1]`, which are its last positions out of
-`seq_lens[b]`; its keys are read through `block_tables[b]`.
+`seq_lens[b]`; its keys are read through `block_tables[b]`. A negative slot writes nothing.
+Dispatch: Triton (`triton_attention`) on CUDA tensors, the PyTorch references elsewhere.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ class AttnMetadata:
     query_start_loc_host: list[int]
     max_query_len: int
     max_seq_len: int
+    # Sequences at the front of the batch that have exactly one query token (decodes). With
+    # 0 < num_decodes < batch, CUDA runs them through the decode kernel and the rest through the
+    # prefill kernel; 0 (unknown) sends a mixed batch through the prefill kernel alone.
+    num_decodes: int = 0
 
 
 def write_kv_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     num_blocks, block_size = k_cache.shape[:2]
+    if (slot_mapping < 0).any():
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
 
@@ -59,8 +67,8 @@ def paged_attention_ref(
         v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
         qb = q[start:end].transpose(0, 1).float()  # [H, q_len, D]
         scores = torch.matmul(qb, k.transpose(1, 2)) * scale  # [H, q_len, L]
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         masked = k_pos > q_pos
         if sliding_window is not None:
             masked |= k_pos <= q_pos - sliding_window
@@ -73,6 +81,11 @@ def paged_attention_ref(
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    if k.is_cuda:
+        from kernels.triton_attention import write_kv_triton
+
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        return
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -84,4 +97,13 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]. On CUDA no host sync: the kernels read the device tensors and
+    use only meta's host ints (max_query_len) and tensor shapes for their grids."""
+    if q.is_cuda:
+        from kernels.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            meta.max_query_len, scale, sliding_window, meta.num_decodes,
+        )
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in a transformer block."""
+"""RMSNorm, optionally fused with the residual add that precedes it in a transformer block.
+Dispatch: Triton (`triton_norm`) on CUDA tensors, the PyTorch reference elsewhere."""
 
 from __future__ import annotations
 
@@ -25,8 +26,18 @@ def add_rms_norm_ref(
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns new tensors (normed, x + residual); x and residual are left as they were."""
+    if x.is_cuda:
+        from kernels.triton_norm import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalises over the last dim; x may be a strided [T, H, D] view (per-head q/k norm)."""
+    if x.is_cuda:
+        from kernels.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (neox/Llama layout: rotate the two halves), with llama3 scaling."""
+"""Rotary position embeddings (neox/Llama layout: rotate the two halves), with llama3 scaling.
+Dispatch: Triton (`triton_rope`, in place) on CUDA tensors, the PyTorch reference elsewhere."""
 
 from __future__ import annotations
 
@@ -61,4 +62,9 @@ def apply_rope_ref(
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k). On CUDA q and k are rotated in place: use the returned tensors."""
+    if q.is_cuda:
+        from kernels.triton_rope import apply_rope_triton
+
+        return apply_rope_triton(q, k, positions, cos, sin)
     return apply_rope_ref(q, k, positions, cos, sin)

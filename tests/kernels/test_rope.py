@@ -1,0 +1,81 @@
+"""Triton RoPE (neox halves, in place on strided q/k views) equals the PyTorch reference, rounding
+included: under TRITON_INTERPRET=1 on the CPU (in a subprocess, see test_attention.py's harness) and
+on a GPU at Llama-3-8B shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
+
+from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
+
+BOUND = 5e-4  # the same products and sums rounded in the same dtype: a few one-ulp flips at most
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str = "cpu"):
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    return qkv, q, k
+
+
+def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str, scaled: bool = False) -> Callable:
+    def run() -> tuple[float, float]:
+        from kernels.triton_rope import apply_rope_triton
+
+        dt = DTYPES[dtype]
+        cos, sin = rope_cos_sin(rope_inv_freq(head_dim, 500000.0, LLAMA3 if scaled else None), 300)
+        qkv, q, k = qkv_views(tokens, heads, kv_heads, head_dim, dt)
+        positions = torch.randint(0, 300, (tokens,), dtype=torch.int64)
+        ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin)
+        v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+        out_q, out_k = apply_rope_triton(q, k, positions, cos, sin)
+        assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
+        assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before), "wrote outside q and k"
+        return max(rel_err(out_q, ref_q), rel_err(out_k, ref_k)), BOUND
+
+    return run
+
+
+CASES: dict[str, Callable] = {
+    "gqa4_d64_fp32": rope_case(7, 8, 2, 64, "fp32"),
+    "gqa1_d24_bf16": rope_case(5, 3, 3, 24, "bf16"),
+    "gqa2_d80_fp16_llama3": rope_case(9, 4, 2, 80, "fp16", scaled=True),
+    "gqa3_d128_bf16_llama3": rope_case(3, 6, 2, 128, "bf16", scaled=True),
+    "one_token_d96_fp32": rope_case(1, 5, 1, 96, "fp32"),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, object]:
+    return run_interpreted(__file__)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_rope_matches_reference_in_interpreter(interpreted: dict[str, object], name: str) -> None:
+    check_interpreted(interpreted, name)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_rope_gpu_llama3_shapes(tokens: int) -> None:
+    torch.manual_seed(tokens)
+    cos, sin = (t.cuda() for t in rope_cos_sin(rope_inv_freq(128, 500000.0, LLAMA3), 8192))
+    _, q, k = qkv_views(tokens, 32, 8, 128, torch.bfloat16, device="cuda")
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin)
+    out_q, out_k = apply_rope(q, k, positions, cos, sin)
+    assert rel_err(out_q, ref_q) < BOUND and rel_err(out_k, ref_k) < BOUND
+
+
+if __name__ == "__main__":
+    interpreter_main(CASES)
