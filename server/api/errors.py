@@ -4,6 +4,7 @@ returns, including FastAPI's own validation errors (400, not 422) and unknown ro
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -26,7 +27,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -62,14 +63,30 @@ def invalid_param(param: str, message: str) -> APIError:
     return APIError(message, 400, param=param)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str | None:
+    """pydantic's error location as a field path: ("body", "messages", 0, "content", "str") ->
+    "messages[0].content" (union branch names like "str" or "list[int]" dropped)."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int) and parts:
+            parts[-1] += f"[{p}]"
+        elif p == "body" or (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)):
+            continue
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or None
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as `message, param`: `param` is the dotted field path."""
+    """The first pydantic error as `message, param`: `param` is the field path."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = format_loc(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None

@@ -1,0 +1,7 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app over the async engine (`create_app`)."""
+
+from __future__ import annotations
+
+from server.api.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,37 @@
+"""The FastAPI app: `create_app(config)` wires routes, errors and auth; its lifespan starts loading
+the model in the background and shuts the engine down at exit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.api import health, serving_chat, serving_completions, serving_models, serving_tokenize
+from server.api.auth import APIKeyMiddleware
+from server.api.errors import install_error_handlers
+from server.api.state import ServerState
+from server.config import Config
+
+
+def create_app(config: Config) -> FastAPI:
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()  # returns at once: /health says 503 until the model is ready
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(title="sloth-serve", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    for module in (health, serving_models, serving_chat, serving_completions, serving_tokenize):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, keys=config.api_key)
+    return app

@@ -1,0 +1,92 @@
+"""Engine TokenLogprobs in OpenAI's two formats: chat (`content[] {token, logprob, bytes,
+top_logprobs}`) and legacy completions (`tokens, token_logprobs, top_logprobs, text_offset`)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+from server.api.responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.engine.sequence import TokenLogprob
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted (as used by byte-level BPE)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class TokenTexts:
+    """Cached text and raw bytes of single tokens. A token's text alone may be U+FFFD (part of a
+    character); its bytes are exact."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self._text.get(token_id)
+        if text is None:
+            text = self._text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def bytes(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = self._raw_bytes(token_id)
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> list[int]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if self.byte_level:
+                table = _byte_decoder()
+                if all(c in table for c in piece):
+                    return [table[c] for c in piece]
+            m = _BYTE_TOKEN.fullmatch(piece)
+            if m:
+                return [int(m.group(1), 16)]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def chat_logprobs(texts: TokenTexts, items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=texts.text(lp.token_id),
+                logprob=lp.logprob,
+                bytes=texts.bytes(lp.token_id),
+                top_logprobs=[
+                    TopLogprob(token=texts.text(t), logprob=v, bytes=texts.bytes(t)) for t, v in lp.top
+                ],
+            )
+            for lp in items
+        ]
+    )
+
+
+def completion_logprobs(texts: TokenTexts, items: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    """`text_offset` is where the first token's text starts in the choice's whole text."""
+    out = CompletionLogprobs()
+    for lp in items:
+        token = texts.text(lp.token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({texts.text(t): v for t, v in lp.top})
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+    return out

@@ -1,0 +1,145 @@
+"""`POST /v1/completions`: text or token-id prompts (one or many) -> engine, streamed or whole."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request, Response
+
+from server.api.admission import Ticket
+from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from server.api.generation import ChoiceRequest, collect_choices, stream_choices
+from server.api.logprobs import completion_logprobs
+from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
+from server.api.protocol import CompletionRequest
+from server.api.responses import CompletionChoice, CompletionResponse, Usage, json_response, now
+from server.api.sampling import choice_requests
+from server.api.serving_models import resolve_adapter
+from server.api.sse import DONE, error_event, sse_response
+from server.api.state import Runtime, StateDep
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, state: StateDep
+) -> Response:
+    runtime = state.ready()
+    body.check()
+    adapter_id = resolve_adapter(runtime, body.model, state.config.model)
+    ticket = state.admission.admit()
+    try:
+        prompts, prompt_texts = await _encode_prompts(runtime, body)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size)
+    except BaseException:
+        ticket.release()
+        raise
+    # What each choice's text starts with: its prompt when echoing.
+    echoes = [prompt_texts[r.index // body.n] if body.echo else "" for r in reqs]
+    num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    model = body.model or runtime.base_model_id
+    if body.stream:
+        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, ticket)
+        return sse_response(events, ticket)
+    try:
+        work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model)
+        return json_response(await cancel_on_disconnect(request, work))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        ticket.release()
+
+
+async def _encode_prompts(runtime: Runtime, body: CompletionRequest) -> tuple[list[tuple[list[int], int]], list[str]]:
+    """(token ids, max_tokens) per prompt, and each prompt's text (for echo)."""
+    prompts: list[tuple[list[int], int]] = []
+    texts: list[str] = []
+    all_prompts = body.prompts()
+    for i, prompt in enumerate(all_prompts):
+        param = "prompt" if len(all_prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            token_ids = await encode_text(runtime.tokenizer, prompt)
+            texts.append(prompt)
+        else:
+            token_ids = list(prompt)
+            texts.append(runtime.tokenizer.decode(token_ids) if body.echo else "")
+        check_token_ids(token_ids, runtime.vocab_size, param)
+        max_tokens = resolve_max_tokens(len(token_ids), body.max_tokens, runtime.max_model_len, "prompt")
+        runtime.check_fits_cache(len(token_ids), param)
+        prompts.append((token_ids, max_tokens))
+    return prompts, texts
+
+
+async def _completion_response(
+    runtime: Runtime,
+    body: CompletionRequest,
+    reqs: list[ChoiceRequest],
+    echoes: list[str],
+    num_prompt_tokens: int,
+    response_id: str,
+    model: str,
+) -> CompletionResponse:
+    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs)
+    choices = []
+    for i, r in enumerate(results):
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(runtime.token_texts, r.logprobs, len(echoes[i]))
+        choices.append(CompletionChoice(index=i, text=echoes[i] + r.text, logprobs=logprobs, finish_reason=r.finish_reason))
+    usage = Usage.of(num_prompt_tokens, sum(r.num_tokens for r in results))
+    return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
+
+
+async def _completion_events(
+    runtime: Runtime,
+    body: CompletionRequest,
+    reqs: list[ChoiceRequest],
+    echoes: list[str],
+    num_prompt_tokens: int,
+    response_id: str,
+    model: str,
+    ticket: Ticket,
+) -> AsyncGenerator[str, None]:
+    created = now()
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return CompletionResponse(
+            id=response_id, created=created, model=model, choices=choices, usage=usage
+        ).model_dump_json()
+
+    offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
+    num_output_tokens = 0
+    try:
+        if body.echo:
+            for r in reqs:
+                yield chunk([CompletionChoice(index=r.index, text=echoes[r.index])])
+        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs)) as deltas:
+            async for d in deltas:
+                num_output_tokens += len(d.token_ids)
+                if d.error is not None:
+                    yield error_event(f"generation failed: {d.error}")
+                    yield DONE
+                    return
+                if not (d.text or d.logprobs or d.is_last):
+                    continue
+                logprobs = None
+                if d.logprobs:
+                    logprobs = completion_logprobs(runtime.token_texts, d.logprobs, offsets[d.index])
+                    offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
+                yield chunk([choice])
+        if body.include_usage:
+            yield chunk([], Usage.of(num_prompt_tokens, num_output_tokens))
+        yield DONE
+    except Exception as exc:
+        logger.exception("completion stream %s failed", response_id)
+        yield error_event(f"internal server error: {type(exc).__name__}")
+        yield DONE
+    finally:
+        ticket.release()

@@ -1,0 +1,37 @@
+"""`POST /tokenize` (a prompt, or messages through the chat template) and `POST /detokenize`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from server.api.errors import invalid_param
+from server.api.prompts import check_token_ids, encode_chat, encode_text
+from server.api.protocol import DetokenizeRequest, TokenizeRequest
+from server.api.serving_models import resolve_adapter
+from server.api.state import StateDep
+
+router = APIRouter()
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
+    runtime = state.ready()
+    resolve_adapter(runtime, body.model, state.config.model)  # 404 for an unknown model
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid_param("prompt", "give exactly one of 'prompt' or 'messages'")
+    if body.messages is not None:
+        tokens = await encode_chat(runtime.tokenizer, body.conversation(), body.add_generation_prompt)
+    else:
+        tokens = await encode_text(runtime.tokenizer, body.prompt or "", body.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: StateDep) -> dict[str, Any]:
+    runtime = state.ready()
+    resolve_adapter(runtime, body.model, state.config.model)
+    if body.tokens:
+        check_token_ids(body.tokens, runtime.vocab_size, "tokens")
+    return {"prompt": runtime.tokenizer.decode(body.tokens)}

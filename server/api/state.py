@@ -1,0 +1,181 @@
+"""The server's runtime: loads the model in a background thread (so /health can answer 503 while
+it loads), then holds the engine, tokenizer and adapters for the request handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from server.adapters import AdapterRegistry
+from server.api.admission import Admission
+from server.api.errors import APIError
+from server.api.logprobs import TokenTexts
+from server.config import Config
+from server.engine.async_engine import AsyncEngine
+from server.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a request needs once the model is loaded."""
+
+    engine: LLMEngine
+    async_engine: AsyncEngine
+    tokenizer: Any
+    adapters: AdapterRegistry
+    token_texts: TokenTexts
+    base_model_id: str
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.loaded.model.config.vocab_size)
+
+    def check_fits_cache(self, num_prompt_tokens: int, param: str) -> None:
+        """400 for a prompt the whole KV cache could not hold (the engine would fail it)."""
+        blocks = self.engine.block_manager
+        capacity = blocks.num_blocks * blocks.block_size
+        if num_prompt_tokens + 1 > capacity:
+            raise APIError(
+                f"the prompt has {num_prompt_tokens} tokens but the KV cache holds only {capacity} "
+                "(--num-kv-blocks x --block-size); shorten the prompt or give the server a larger cache",
+                400,
+                param=param,
+            )
+
+
+def base_model_id(config: Config) -> str:
+    return config.served_model_name or Path(config.model).name
+
+
+def tokenizer_folder(engine: LLMEngine) -> Path:
+    """The adapter's own tokenizer when --model named an adapter folder that has one (training may
+    have set its chat template), else the base model's."""
+    adapter = engine.loaded.adapter_folder
+    if adapter is not None and (adapter / "tokenizer_config.json").is_file():
+        return adapter
+    return engine.loaded.folder
+
+
+class ServerState:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.base_model_id = base_model_id(config)
+        self.admission = Admission(config.max_queued_requests)
+        self.runtime: Runtime | None = None
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def status(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        if self.runtime is None:
+            return "loading"
+        if self.runtime.async_engine.dead_reason is not None:
+            return "dead"
+        return "ok"
+
+    def start_loading(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._load, name="sloth-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            engine = LLMEngine(self.config)
+            # Imported late: Unsloth (imported by the loader) wants to be imported before transformers.
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(engine)))
+            adapters = AdapterRegistry(engine)
+            for name, path in self.config.lora_modules:
+                if name == self.base_model_id:
+                    raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
+                adapters.register(name, path)
+        except Exception as exc:
+            logger.error("loading %s failed:\n%s", self.config.model, traceback.format_exc())
+            self._call_on_loop(self._fail, f"{type(exc).__name__}: {exc}")
+            return
+        self._call_on_loop(self._ready, engine, tokenizer, adapters)
+
+    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the server stopped while the model was loading
+            logger.info("server stopped before the model finished loading")
+
+    def _ready(self, engine: LLMEngine, tokenizer: Any, adapters: AdapterRegistry) -> None:
+        if self._closed:
+            return
+        async_engine = AsyncEngine(engine)
+        async_engine.start()  # needs the running loop: that is why this runs on it
+        names = [self.base_model_id, *(a.name for a in adapters)]
+        self.runtime = Runtime(engine, async_engine, tokenizer, adapters, TokenTexts(tokenizer), self.base_model_id)
+        logger.info("ready to serve: %s", ", ".join(names))
+
+    def _fail(self, message: str) -> None:
+        self.load_error = message
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.async_engine.shutdown)
+
+    def ready(self) -> Runtime:
+        """The runtime, or a 503 the client can retry."""
+        runtime = self.runtime
+        if runtime is None:
+            if self.load_error is not None:
+                raise APIError(f"the model failed to load: {self.load_error}", 503)
+            raise APIError("the model is still loading; retry shortly", 503, headers={"Retry-After": "5"})
+        if runtime.async_engine.dead_reason is not None:
+            raise APIError(f"the engine has stopped: {runtime.async_engine.dead_reason}", 503)
+        return runtime
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "model": self.base_model_id}
+        if self.load_error is not None:
+            body["reason"] = self.load_error
+        runtime = self.runtime
+        if runtime is not None:
+            # Plain int reads of engine-thread state: racy by a step at most, fine for monitoring.
+            scheduler = runtime.engine.scheduler
+            blocks = runtime.engine.block_manager
+            body.update(
+                kv_cache_usage=blocks.usage,
+                num_free_blocks=blocks.num_free_blocks,
+                num_blocks=blocks.num_blocks,
+                num_running=len(scheduler.running),
+                num_waiting=len(scheduler.waiting),
+                num_requests_in_flight=self.admission.num_in_flight,
+            )
+            if runtime.async_engine.dead_reason is not None:
+                body["reason"] = runtime.async_engine.dead_reason
+        return body
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
