@@ -52,6 +52,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.lora_slots = torch.full((n,), -1, dtype=i32, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # One pinned staging buffer for every replay's inputs (pinned allocation per step is slow),
+        # written through a numpy view, then copied to the device in one transfer.
+        self.width = max_blocks_per_seq
+        self.host = torch.zeros(n * (5 + max_blocks_per_seq), dtype=i64, pin_memory=True)
+        self.host_np = self.host.numpy()
         self.pool: Any = None  # the memory pool the graphs share
 
     @property
@@ -121,18 +126,26 @@ class DecodeGraphs:
         with_lora = lora_slots is not None
         if (n, with_lora) not in self.graphs:
             self._capture(n, with_lora)
-        pad = n - b
         scratch = self.scratch_block
-        width = self.block_tables.shape[1]
-        host = torch.empty(5 * n + n * width, dtype=torch.long, pin_memory=True)
-        host[:n] = torch.tensor(input_ids + [0] * pad)
-        host[n : 2 * n] = torch.tensor(positions + [0] * pad)
-        host[2 * n : 3 * n] = torch.tensor(slots + [scratch * self.block_size] * pad)
-        host[3 * n : 4 * n] = torch.tensor(seq_lens + [1] * pad)
-        host[4 * n : 5 * n] = torch.tensor((lora_slots or []) + [-1] * (n - len(lora_slots or [])))
-        rows = [t + [scratch] * (width - len(t)) for t in block_tables] + [[scratch] * width] * pad
-        host[5 * n :] = torch.tensor(rows).view(-1)
-        dev = host.to(self.device, non_blocking=True)
+        width = self.width
+        h = self.host_np
+        h[:n] = 0
+        h[:b] = input_ids
+        h[n : 2 * n] = 0
+        h[n : n + b] = positions
+        h[2 * n : 3 * n] = scratch * self.block_size
+        h[2 * n : 2 * n + b] = slots
+        h[3 * n : 4 * n] = 1
+        h[3 * n : 3 * n + b] = seq_lens
+        h[4 * n : 5 * n] = -1
+        if lora_slots is not None:
+            h[4 * n : 4 * n + b] = lora_slots
+        tables = h[5 * n : 5 * n + n * width].reshape(n, width)
+        tables[:] = scratch
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        # The previous replay's copy out of the buffer finished: its logits were read on the host.
+        dev = self.host[: 5 * n + n * width].to(self.device, non_blocking=True)
         self.input_ids[:n].copy_(dev[:n])
         self.positions[:n].copy_(dev[n : 2 * n])
         self.slot_mapping[:n].copy_(dev[2 * n : 3 * n])
