@@ -1,47 +1,131 @@
-"""Names of LoRA adapters as clients use them (`model: NAME`), mapped to engine adapter ids."""
+"""Names of LoRA adapters as clients use them (`model: NAME`), mapped to engine adapter ids.
+
+Adapters come from `--lora NAME=PATH` (pinned: never evicted), from `POST /v1/load_lora_adapter`,
+or from a `--lora-dir`: every adapter folder under it is servable by its folder name, loaded on its
+first request, reloaded when its files change on disk, and evicted least recently used beyond
+`--max-cpu-loras`. Names are confined to their directory: no separators, no `..`, no symlinks out.
+"""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.llm_engine import LLMEngine
-from server.loader.peft import load_lora
+from server.loader.peft import LoRAWeights, load_lora
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Adapter:
     name: str
     path: str
     adapter_id: int
     rank: int
+    pinned: bool = False  # from --lora: never evicted
+    signature: tuple[float, ...] = ()  # mtimes of its files when loaded (to notice a new checkpoint)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def file_signature(folder: Path) -> tuple[float, ...]:
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    return tuple((folder / n).stat().st_mtime if (folder / n).exists() else 0.0 for n in names)
+
+
+def confined_adapter_dir(root: Path, name: str) -> Path | None:
+    """root/name if `name` is a plain folder name whose real path stays inside root and holds an
+    adapter; None otherwise (the caller answers 404). Nothing outside root is read."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        return None
+    real_root = root.resolve()
+    candidate = (root / name).resolve()
+    if not candidate.is_relative_to(real_root) or candidate == real_root:
+        return None
+    return candidate if (candidate / "adapter_config.json").is_file() else None
 
 
 class AdapterRegistry:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, lora_dirs: tuple[str, ...] = (), max_cpu_loras: int = 0) -> None:
         self.engine = engine
+        self.lora_dirs = tuple(Path(d) for d in lora_dirs)
+        self.max_cpu_loras = max_cpu_loras  # 0: no limit
         self.by_name: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
 
-    def register(self, name: str, path: str | Path) -> Adapter:
-        if not name or ("/" in name and Path(name).is_absolute()):
-            raise ValueError(f"invalid adapter name {name!r}")
+    # Two halves, so a server can read files off the event loop and touch the engine on its thread.
+    def prepare(self, name: str, path: str | Path, pinned: bool = False) -> tuple[Adapter, LoRAWeights]:
+        """Read and check the adapter's files (host only; no engine state touched)."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
+        folder = Path(path)
+        weights = load_lora(name, folder, self.engine.config.max_lora_rank)
+        adapter = Adapter(name, str(path), next(self._ids), weights.rank, pinned, file_signature(folder))
+        return adapter, weights
+
+    def commit(self, adapter: Adapter, weights: LoRAWeights) -> Adapter | None:
+        """Make the adapter servable (engine thread). Returns the adapter it replaced, whose engine
+        weights stay until its running requests finish."""
+        self.engine.add_lora(adapter.adapter_id, weights)
+        old = self.by_name.get(adapter.name)
+        self.by_name[adapter.name] = adapter
+        if old is not None:
+            self.engine.remove_lora(old.adapter_id)
+        return old
+
+    def register(self, name: str, path: str | Path, pinned: bool = True) -> Adapter:
         if name in self.by_name:
             raise ValueError(f"an adapter named {name!r} is already loaded")
-        weights = load_lora(name, path, self.engine.config.max_lora_rank)
-        adapter = Adapter(name, str(path), next(self._ids), weights.rank)
-        self.engine.add_lora(adapter.adapter_id, weights)
-        self.by_name[name] = adapter
+        adapter, weights = self.prepare(name, path, pinned)
+        self.commit(adapter, weights)
         return adapter
 
     def unregister(self, name: str) -> Adapter:
+        """Forget the name now; the engine drops the weights once no request uses them."""
         adapter = self.by_name.pop(name)
         self.engine.remove_lora(adapter.adapter_id)
         return adapter
 
     def get(self, name: str) -> Adapter | None:
-        return self.by_name.get(name)
+        adapter = self.by_name.get(name)
+        if adapter is not None:
+            adapter.last_used = time.monotonic()
+        return adapter
+
+    def find_in_dirs(self, name: str) -> Path | None:
+        for root in self.lora_dirs:
+            folder = confined_adapter_dir(root, name)
+            if folder is not None:
+                return folder
+        return None
+
+    def is_stale(self, adapter: Adapter) -> bool:
+        """A --lora-dir adapter whose files changed since it was loaded (a trainer wrote a new one)."""
+        folder = Path(adapter.path)
+        if adapter.pinned or not any(folder.parent.resolve() == r.resolve() for r in self.lora_dirs):
+            return False
+        try:
+            return file_signature(folder) != adapter.signature
+        except OSError:
+            return False
+
+    def allowed_path(self, path: str) -> Path:
+        """A runtime-loaded adapter must live inside a --lora-dir."""
+        real = Path(path).resolve()
+        for root in self.lora_dirs:
+            if real.is_relative_to(root.resolve()) and real != root.resolve():
+                return real
+        raise PermissionError(
+            f"adapter path {path!r} is outside the allowed directories; start the server with "
+            "--lora-dir <directory holding it>"
+        )
+
+    def evictable(self) -> list[Adapter]:
+        """Unpinned adapters beyond --max-cpu-loras, least recently used first."""
+        if not self.max_cpu_loras:
+            return []
+        unpinned = sorted((a for a in self.by_name.values() if not a.pinned), key=lambda a: a.last_used)
+        return unpinned[: max(len(unpinned) - self.max_cpu_loras, 0)]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self.by_name.values()))

@@ -4,7 +4,6 @@ embedded demo model."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from server import __version__
 from server.config import Config
 from server.loader import DEMO_MODEL
+from server.logs import configure_logging
 
 
 def parse_lora(value: str) -> tuple[str, str]:
@@ -45,9 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="CPU only")
     e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    e.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
+    e.add_argument("--cuda-graph-sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
+                   help="decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="NAME=PATH",
                     help="serve a PEFT LoRA adapter as model NAME (repeatable)")
+    lo.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                    help="serve every adapter folder in DIR by its folder name, loaded on first use (repeatable)")
+    lo.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras,
+                    help="adapters from --lora-dir kept loaded; the least recently used go beyond")
+    lo.add_argument("--allow-runtime-lora", action="store_true",
+                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths under --lora-dir)")
     lo.add_argument("--max-loras", type=int, default=d.max_loras)
     lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     h = p.add_argument_group("HTTP server")
@@ -58,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests in flight before new ones get 503 + Retry-After")
     h.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    h.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
+    h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="on SIGTERM, seconds to let in-flight requests finish before exiting")
     return p
 
 
@@ -83,6 +95,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes,
+        lora_dirs=tuple(args.lora_dir),
+        max_cpu_loras=args.max_cpu_loras,
+        allow_runtime_lora=args.allow_runtime_lora,
         lora_modules=tuple(args.lora),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
@@ -91,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         api_key=tuple(api_keys),
         max_queued_requests=args.max_queued_requests,
         log_level=args.log_level,
+        log_format=args.log_format,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -101,17 +120,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
 
     import uvicorn  # late: `--help` stays fast
 
     from server.api import create_app
 
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
-    )
     state = app.state.server
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT first drain: new requests get 503 and /health turns 503 while in-flight
+        requests finish (up to --shutdown-timeout); then uvicorn shuts down. A second signal exits now."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if state.draining or state.runtime is None:
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            else:
+                state.begin_drain(config.shutdown_timeout)
+
+        async def on_tick(self, counter: int) -> bool:
+            if state.drained:
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    server = DrainingServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                       timeout_graceful_shutdown=5, log_config=None)
+    )
     state.on_fatal = lambda: setattr(server, "should_exit", True)  # a failed load stops the server
     server.run()
     return 1 if state.load_error is not None else 0

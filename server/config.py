@@ -32,6 +32,9 @@ class Config:
     cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs
+    lora_dirs: tuple[str, ...] = ()  # every adapter folder inside is servable by its folder name
+    max_cpu_loras: int = 16  # adapters loaded from --lora-dir kept in host memory (LRU beyond)
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     max_loras: int = 4
     max_lora_rank: int = 64
     # HTTP server
@@ -40,6 +43,8 @@ class Config:
     api_key: tuple[str, ...] = ()
     max_queued_requests: int = 1024
     log_level: str = "info"
+    log_format: str = "text"  # text or json (one JSON object a line)
+    shutdown_timeout: float = 30.0  # seconds a SIGTERM waits for in-flight requests to finish
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -54,6 +59,12 @@ class Config:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"--log-format must be text or json; got {self.log_format}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0; got {self.shutdown_timeout}")
+        if self.max_cpu_loras < 1:
+            raise ValueError(f"--max-cpu-loras must be at least 1; got {self.max_cpu_loras}")
         if self.load_format not in ("unsloth", "safetensors"):
             raise ValueError(f"--load-format must be unsloth or safetensors; got {self.load_format}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.engine.llm_engine import RequestOutput
 from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.logs import log_finished_request
 
 # vLLM's buckets, with finer ones below 10 ms for inter-token latency (a GPU step takes a few ms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -132,6 +133,12 @@ class EngineMetrics:
         self.req_prompt.labels(model).observe(out.num_prompt_tokens)
         self.req_generation.labels(model).observe(out.num_output_tokens)
         self.e2e.labels(model).observe(now - out.arrival_time)
+        ttft = None if out.first_token_time is None else out.first_token_time - out.arrival_time
+        log_finished_request({
+            "request_id": out.request_id, "model": model, "prompt_tokens": out.num_prompt_tokens,
+            "output_tokens": out.num_output_tokens, "cached_tokens": out.num_cached_tokens,
+            "ttft_s": ttft, "e2e_s": now - out.arrival_time, "finish_reason": reason,
+        })
         if out.first_scheduled_time is not None:
             self.queue.labels(model).observe(out.first_scheduled_time - out.arrival_time)
             if out.first_token_time is not None:

@@ -9,7 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import health, serving_chat, serving_completions, serving_models, serving_tokenize
+from server.api import (
+    health,
+    metrics_route,
+    serving_adapters,
+    serving_chat,
+    serving_completions,
+    serving_models,
+    serving_tokenize,
+)
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import install_error_handlers
 from server.api.state import ServerState
@@ -29,8 +37,10 @@ def create_app(config: Config) -> FastAPI:
 
     app = FastAPI(title="sloth-serve", version=__version__, lifespan=lifespan)
     app.state.server = state
-    for module in (health, serving_models, serving_chat, serving_completions, serving_tokenize):
+    for module in (health, metrics_route, serving_models, serving_chat, serving_completions, serving_tokenize):
         app.include_router(module.router)
+    if config.allow_runtime_lora:
+        app.include_router(serving_adapters.router)
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=config.api_key)

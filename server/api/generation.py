@@ -87,7 +87,7 @@ async def run_choice(engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest) ->
                 return  # on a stop string, `finally` aborts the engine request
     finally:
         if not engine_done:
-            engine.abort(req.request_id)
+            engine.abort(req.request_id, FinishReason.STOP if stops.matched is not None else FinishReason.ABORT)
 
 
 async def stream_choices(

@@ -26,7 +26,7 @@ from server.api.responses import (
     now,
 )
 from server.api.sampling import choice_requests
-from server.api.serving_models import resolve_adapter
+from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 
@@ -40,7 +40,7 @@ async def create_chat_completion(
 ) -> Response:
     runtime = state.ready()
     body.check()
-    adapter_id = resolve_adapter(runtime, body.model, state.config.model)
+    adapter_id = await resolve_adapter(state, runtime, body.model)
     ticket = state.admission.admit()
     try:
         prompt_ids = await encode_chat(runtime.tokenizer, body.conversation())

@@ -17,7 +17,7 @@ from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
 from server.api.responses import CompletionChoice, CompletionResponse, Usage, json_response, now
 from server.api.sampling import choice_requests
-from server.api.serving_models import resolve_adapter
+from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 
@@ -31,7 +31,7 @@ async def create_completion(
 ) -> Response:
     runtime = state.ready()
     body.check()
-    adapter_id = resolve_adapter(runtime, body.model, state.config.model)
+    adapter_id = await resolve_adapter(state, runtime, body.model)
     ticket = state.admission.admit()
     try:
         prompts, prompt_texts = await _encode_prompts(runtime, body)

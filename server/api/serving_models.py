@@ -6,25 +6,9 @@ from fastapi import APIRouter
 
 from server.api.errors import APIError
 from server.api.responses import ModelCard, ModelList
-from server.api.state import Runtime, StateDep
+from server.api.state import StateDep
 
 router = APIRouter()
-
-
-def resolve_adapter(runtime: Runtime, model: str | None, config_model: str) -> int:
-    """Engine adapter id for `model`: 0 for the base model (also when `model` is omitted)."""
-    if model is None or model in (runtime.base_model_id, config_model):
-        return 0
-    adapter = runtime.adapters.get(model)
-    if adapter is None:
-        names = [runtime.base_model_id, *(a.name for a in runtime.adapters)]
-        raise APIError(
-            f"The model `{model}` does not exist. Available models: {', '.join(names)}",
-            404,
-            param="model",
-            code="model_not_found",
-        )
-    return adapter.adapter_id
 
 
 @router.get("/v1/models")

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from server.api.errors import invalid_param
 from server.api.prompts import check_token_ids, encode_chat, encode_text
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
-from server.api.serving_models import resolve_adapter
+from server.api.serving_adapters import resolve_adapter
 from server.api.state import StateDep
 
 router = APIRouter()
@@ -18,7 +18,7 @@ router = APIRouter()
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
-    resolve_adapter(runtime, body.model, state.config.model)  # 404 for an unknown model
+    await resolve_adapter(state, runtime, body.model)  # 404 for an unknown model
     if (body.prompt is None) == (body.messages is None):
         raise invalid_param("prompt", "give exactly one of 'prompt' or 'messages'")
     if body.messages is not None:
@@ -31,7 +31,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
-    resolve_adapter(runtime, body.model, state.config.model)
+    await resolve_adapter(state, runtime, body.model)
     if body.tokens:
         check_token_ids(body.tokens, runtime.vocab_size, "tokens")
     return {"prompt": runtime.tokenizer.decode(body.tokens)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry
 
 from server.adapters import AdapterRegistry
 from server.api.admission import Admission
@@ -21,6 +23,7 @@ from server.api.logprobs import TokenTexts
 from server.config import Config
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
+from server.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +83,37 @@ class ServerState:
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.draining = False  # SIGTERM received: finish what runs, admit nothing new
+        self.drain_deadline = 0.0
+        self.adapter_locks: dict[str, asyncio.Lock] = {}
+        self.registry = CollectorRegistry()  # per app, so several servers can live in one process
+        self.metrics = EngineMetrics(self.registry, self._model_name_of)
+
+    def _model_name_of(self, adapter_id: int) -> str:
+        """The `model` a client names for this engine adapter id (the metrics' model_name label)."""
+        runtime = self.runtime
+        if adapter_id and runtime is not None:
+            for adapter in runtime.adapters:
+                if adapter.adapter_id == adapter_id:
+                    return adapter.name
+        return self.base_model_id if not adapter_id else f"adapter-{adapter_id}"
+
+    def begin_drain(self, timeout: float) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + timeout
+            logger.info("draining: %d requests in flight, up to %.0fs", self.admission.num_in_flight, timeout)
+
+    @property
+    def drained(self) -> bool:
+        return self.draining and (self.admission.num_in_flight == 0 or time.monotonic() >= self.drain_deadline)
 
     @property
     def status(self) -> str:
         if self.load_error is not None:
             return "failed"
+        if self.draining:
+            return "draining"
         if self.runtime is None:
             return "loading"
         if self.runtime.async_engine.dead_reason is not None:
@@ -98,11 +127,12 @@ class ServerState:
     def _load(self) -> None:
         try:
             engine = LLMEngine(self.config)
+            engine.observer = self.metrics
             # Imported late: Unsloth (imported by the loader) wants to be imported before transformers.
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(engine)))
-            adapters = AdapterRegistry(engine)
+            adapters = AdapterRegistry(engine, self.config.lora_dirs, self.config.max_cpu_loras)
             for name, path in self.config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
@@ -142,6 +172,9 @@ class ServerState:
 
     def ready(self) -> Runtime:
         """The runtime, or a 503 the client can retry."""
+        if self.draining:
+            raise APIError("the server is shutting down; retry on another replica", 503,
+                           headers={"Retry-After": "1"})
         runtime = self.runtime
         if runtime is None:
             if self.load_error is not None:

@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from server.engine.llm_engine import LLMEngine, RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -33,6 +34,15 @@ class _Add:
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
+    reason: FinishReason = FinishReason.ABORT
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Run `fn(engine)` on the engine thread between steps; its result resolves `future`."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any]
 
 
 class EngineDeadError(RuntimeError):
@@ -42,7 +52,7 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self.commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -75,10 +85,20 @@ class AsyncEngine:
         self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id))
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Call on the event loop; safe for finished or unknown ids."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Call on the event loop; safe for finished or unknown ids. `reason` is what the client
+        saw (STOP when the API matched a stop string), so the metrics count it right."""
         if request_id in self.streams:
-            self.commands.put(_Abort(request_id))
+            self.commands.put(_Abort(request_id, reason))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between two steps (engine state is that thread's
+        alone: adapters are added and removed this way)."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.commands.put(_Call(fn, future))
+        return await future
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
@@ -132,15 +152,25 @@ class AsyncEngine:
                 except ValueError as exc:
                     out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=str(exc))
                     rejected.append(out)
-            elif not engine.abort(cmd.request_id):
+            elif isinstance(cmd, _Call):
+                self._run_call(cmd)
+            elif not engine.abort(cmd.request_id, cmd.reason):
                 # Finished already, or never reached the engine: end its stream anyway.
-                rejected.append(RequestOutput(cmd.request_id, [], True, FinishReason.ABORT))
+                rejected.append(RequestOutput(cmd.request_id, [], True, cmd.reason))
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 break
         self._deliver(rejected)
         return True
+
+    def _run_call(self, cmd: _Call) -> None:
+        try:
+            result, error = cmd.fn(self.engine), None
+        except Exception as exc:
+            result, error = None, exc
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(_resolve, cmd.future, result, error)
 
     def _drain_after_death(self) -> None:
         """After a fatal error, fail whatever else arrives until shutdown."""
@@ -151,6 +181,8 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=self.dead_reason)
                 self._deliver([out])
+            elif isinstance(cmd, _Call) and self.loop is not None:
+                self.loop.call_soon_threadsafe(_resolve, cmd.future, None, EngineDeadError(self.dead_reason or ""))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if outputs and self.loop is not None:
@@ -164,3 +196,12 @@ class AsyncEngine:
             stream.put_nowait(out)
             if out.finished:
                 del self.streams[out.request_id]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -106,6 +106,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
         self.observer: StepObserver | None = None
+        self.adapters_to_remove: set[int] = set()
         self.runner.capture_graphs()
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
@@ -135,7 +136,17 @@ class LLMEngine:
             self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
 
     def remove_lora(self, adapter_id: int) -> None:
-        self.lora_manager.remove(adapter_id)
+        """Unload an adapter once no request uses it: running requests finish on its weights."""
+        self.adapters_to_remove.add(adapter_id)
+        self._remove_unused_adapters()
+
+    def _remove_unused_adapters(self) -> None:
+        if not self.adapters_to_remove:
+            return
+        in_use = {seq.adapter_id for seq in self.seqs.values()}
+        for adapter_id in self.adapters_to_remove - in_use:
+            self.lora_manager.remove(adapter_id)
+            self.adapters_to_remove.discard(adapter_id)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
@@ -152,8 +163,8 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
 
-    def abort(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        seq = self.scheduler.abort(request_id, reason)
         if seq is None:
             return False
         self._release(seq)
@@ -183,6 +194,7 @@ class LLMEngine:
             if seq.is_finished:
                 self._release(seq)
         outputs.extend(self._drain_finished_waiting())
+        self._remove_unused_adapters()
         return outputs, batch
 
     def _drain_finished_waiting(self) -> list[RequestOutput]:

@@ -78,12 +78,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Sequence | None:
+        """End a request early. `reason` is what its client saw (STOP for a stop string)."""
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self._finish(seq, FinishReason.ABORT)
+                    self._finish(seq, reason)
                     return seq
         return None
 
