@@ -1,12 +1,17 @@
 """Multi-LoRA for a batch whose tokens use different adapters (gather by per-token slot, like BGMV).
 
 `a` [num_slots, rank, in_features] and `b` [num_slots, out_features, rank] hold one adapter per
-slot (scale already folded into b); `slots` [T] gives each token's slot, -1 for none.
+slot (scale already folded into b); `slots` [T] (int32) gives each token's slot, -1 for none.
+`y` may be a column slice of a wider output (a fused projection's slice): only its strides count.
+On CUDA `add_lora` runs the Triton shrink/expand kernels of `kernels.triton_lora` (ranks up to 64);
+elsewhere, or for larger ranks, the reference.
 """
 
 from __future__ import annotations
 
 import torch
+
+MAX_TRITON_RANK = 64
 
 
 def add_lora_ref(
@@ -36,4 +41,12 @@ def add_lora(
     slots: torch.Tensor,
     active_slots: list[int] | None = None,
 ) -> torch.Tensor:
+    """y += LoRA(x) per token's slot, in place; returns y. The Triton path needs no `active_slots`
+    (programs of unused slots return at once) and never synchronizes with the host."""
+    if y.is_cuda and a.shape[1] <= MAX_TRITON_RANK and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from kernels.triton_lora import add_lora_triton
+
+        if active_slots is not None and all(s < 0 for s in active_slots):
+            return y
+        return add_lora_triton(y, x, a, b, slots if slots.dtype == torch.int32 else slots.int())
     return add_lora_ref(y, x, a, b, slots, active_slots)

@@ -1,0 +1,226 @@
+"""NF4 (bitsandbytes 4-bit) weights kept in bitsandbytes' own packed layout, their plain-PyTorch
+reference (quantize, dequantize, linear), and `nf4_linear`, which runs the fused Triton kernels of
+`kernels.triton_nf4` on CUDA and the reference elsewhere. bitsandbytes itself is never imported here
+except inside `from_bnb` / `to_bnb`, so the module works without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# bitsandbytes' NF4 code book (`get_4bit_type("nf4")`), float32, index = 4-bit value.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NF4Weight:
+    """A [out, in] weight in bitsandbytes' Linear4bit layout, unchanged: element i of the flattened
+    weight is nibble i of `data` (high nibble first), scaled by absmax[i // blocksize]. With nested
+    statistics ("compress_statistics") absmax is itself 8-bit: absmax[j] = state2_code[absmax[j]] *
+    state2_absmax[j // state2_blocksize] + offset."""
+
+    data: torch.Tensor  # uint8 [ceil(out * in / 2)]: two 4-bit code indices per byte, high nibble first
+    absmax: torch.Tensor  # [ceil(out * in / blocksize)]: uint8 when nested, float32 otherwise
+    code: torch.Tensor  # float32 [16]: the NF4 code book
+    shape: tuple[int, int]  # (out_features, in_features)
+    dtype: torch.dtype  # the compute dtype the weight was quantized from
+    blocksize: int = 64
+    state2_absmax: torch.Tensor | None = None  # float32 [ceil(len(absmax) / state2_blocksize)]
+    state2_code: torch.Tensor | None = None  # float32 [256]: bitsandbytes' dynamic 8-bit map
+    offset: torch.Tensor | None = None  # float32 scalar: mean absmax, added back after dequantizing
+    state2_blocksize: int = 256
+
+    def __post_init__(self) -> None:
+        out_features, in_features = self.shape
+        numel = out_features * in_features
+        if self.data.dtype != torch.uint8 or self.data.numel() != (numel + 1) // 2:
+            raise ValueError(f"NF4 data must be {(numel + 1) // 2} uint8 bytes for shape {self.shape}, "
+                             f"got {self.data.numel()} of {self.data.dtype}")
+        if self.absmax.numel() != -(-numel // self.blocksize):
+            raise ValueError(f"absmax has {self.absmax.numel()} entries; shape {self.shape} with blocksize "
+                             f"{self.blocksize} needs {-(-numel // self.blocksize)}")
+        if self.nested and (self.state2_code is None or self.offset is None):
+            raise ValueError("nested NF4 statistics need state2_absmax, state2_code and offset together")
+        if not self.nested and self.absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32 without nested statistics, got {self.absmax.dtype}")
+
+    @property
+    def nested(self) -> bool:
+        return self.state2_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads: the packed codes plus the (possibly 8-bit) block statistics."""
+        extra = 0 if self.state2_absmax is None else self.state2_absmax.numel() * 4
+        return self.data.numel() + self.absmax.numel() * self.absmax.element_size() + extra
+
+    @classmethod
+    def from_bnb(cls, weight_data: torch.Tensor, quant_state: Any) -> NF4Weight:
+        """Adopt a bitsandbytes `Params4bit` (its `.data` and `.quant_state`) without copying."""
+        if getattr(quant_state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type {quant_state.quant_type!r}")
+        shape = tuple(int(s) for s in quant_state.shape)
+        if len(shape) != 2:
+            raise ValueError(f"expected a 2-D weight, got quant_state.shape {shape}")
+        state2 = quant_state.state2 if getattr(quant_state, "nested", False) else None
+        device = weight_data.device
+        return cls(
+            data=weight_data.reshape(-1).view(torch.uint8),
+            absmax=quant_state.absmax.reshape(-1),
+            code=quant_state.code.to(device=device, dtype=torch.float32),
+            shape=(shape[0], shape[1]),
+            dtype=quant_state.dtype,
+            blocksize=int(quant_state.blocksize),
+            state2_absmax=None if state2 is None else state2.absmax.reshape(-1).float(),
+            state2_code=None if state2 is None else state2.code.to(device=device, dtype=torch.float32),
+            offset=None if state2 is None else quant_state.offset.to(device=device, dtype=torch.float32),
+            state2_blocksize=256 if state2 is None else int(state2.blocksize),
+        )
+
+    def to_bnb(self) -> tuple[torch.Tensor, Any]:
+        """(packed data [n, 1], bitsandbytes QuantState): what `bnb.matmul_4bit` takes."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.nested:
+            state2 = QuantState(absmax=self.state2_absmax, code=self.state2_code,
+                                blocksize=self.state2_blocksize, dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code,
+                           blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                           offset=self.offset, state2=state2)
+        return self.data.view(-1, 1), state
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, data=self.data.to(device), absmax=self.absmax.to(device), code=self.code.to(device),
+                       state2_absmax=move(self.state2_absmax), state2_code=move(self.state2_code),
+                       offset=move(self.offset))
+
+
+def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * scales[i // blocksize] in float32, the last block possibly short."""
+    n = values.numel()
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
+    out[:full] = (values[:full].view(-1, blocksize) * scales[: full // blocksize, None]).reshape(-1)
+    if full < n:
+        out[full:] = values[full:] * scales[-1]
+    return out
+
+
+def dequantize_absmax_ref(w: NF4Weight) -> torch.Tensor:
+    """float32 per-block scales, as bitsandbytes' `dequantize_blockwise(absmax, state2) + offset`."""
+    if not w.nested:
+        return w.absmax.float()
+    assert w.state2_code is not None and w.state2_absmax is not None and w.offset is not None
+    absmax = _blockwise(w.state2_code[w.absmax.long()], w.state2_absmax, w.state2_blocksize)
+    return absmax + w.offset
+
+
+def dequantize_nf4_ref(w: NF4Weight) -> torch.Tensor:
+    """The [out, in] weight in w.dtype, bit-exact with bitsandbytes.functional.dequantize_4bit."""
+    numel = w.shape[0] * w.shape[1]
+    idx = torch.stack(((w.data >> 4), (w.data & 0xF)), dim=1).reshape(-1)[:numel]
+    values = _blockwise(w.code[idx.long()], dequantize_absmax_ref(w), w.blocksize)
+    return values.to(w.dtype).view(w.shape)
+
+
+def _quantize_blockwise_8bit(a: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU `quantize_blockwise` (0.50): a * (1 / absmax) is binned into 65536 steps over
+    [-1, 1], and each step maps to the first code whose midpoint with the next is not below it."""
+    n = a.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=a.device)
+    padded[:n] = a
+    absmax = padded.view(blocks, blocksize).abs().amax(dim=1)
+    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)  # an all-zero block stores code 0
+    normed = (padded.view(blocks, blocksize) * inv[:, None]).reshape(-1)[:n].clamp(-1.0, 1.0)
+    step = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)  # separate roundings, as the C code
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=a.device)) / 65535.0
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    lut = torch.searchsorted(midpoints, grid, side="left")
+    q = torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, lut[step])
+    return q.to(torch.uint8), absmax
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' `create_dynamic_map()` (signed, 7 exponent bits): the nested absmax code."""
+    data: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist() + ((-(10 ** (-6 + i))) * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64, compress_statistics: bool = True) -> NF4Weight:
+    """Quantize a [out, in] weight to NF4 with the same bytes as bitsandbytes' `quantize_4bit` on CPU."""
+    if w.dim() != 2 or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"expected a 2-D float16/bfloat16/float32 weight, got {w.dtype} of shape {tuple(w.shape)}")
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=w.device)
+    padded[:n] = flat
+    absmax = padded.view(blocks, blocksize).abs().amax(dim=1)
+    scaled = torch.clamp(padded.view(blocks, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    scaled = scaled.reshape(-1)[: n + n % 2]  # an odd count is padded with one 0 nibble, as bnb does
+    if n % 2:
+        scaled[n] = 0.0
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    data = (q[::2] << 4) | q[1::2]
+    if not compress_statistics:
+        return NF4Weight(data=data, absmax=absmax, code=code, shape=(w.shape[0], w.shape[1]), dtype=w.dtype,
+                         blocksize=blocksize)
+    offset = absmax.mean()
+    dynamic = _dynamic_map().to(w.device)
+    qabsmax, absmax2 = _quantize_blockwise_8bit(absmax - offset, dynamic, 256)
+    return NF4Weight(data=data, absmax=qabsmax, code=code, shape=(w.shape[0], w.shape[1]), dtype=w.dtype,
+                     blocksize=blocksize, state2_absmax=absmax2, state2_code=dynamic, offset=offset)
+
+
+def nf4_linear_ref(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) with W dequantized first, as bitsandbytes' `matmul_4bit` does off the GEMV path."""
+    return F.linear(x, dequantize_nf4_ref(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
+    """The dense weight (for merging adapters at load); the reference runs on any device."""
+    return dequantize_nf4_ref(w)
+
+
+def nf4_linear(
+    x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x[..., in] @ W.T (+ bias) -> [..., out] in x.dtype. On CUDA the Triton kernels dequantize in
+    registers (never writing a dense weight); elsewhere the reference runs. `out`, if given, is a 2-D
+    [tokens, out_features] view (a column slice of a wider tensor is fine) that receives the result."""
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weight is {w.shape}")
+    if x.is_cuda:
+        from kernels.triton_nf4 import nf4_matmul, supports
+
+        if supports(x, w):
+            y2 = nf4_matmul(x.reshape(-1, w.shape[1]), w, bias, out)
+            return y2 if out is not None else y2.view(*x.shape[:-1], w.shape[0])
+    y = nf4_linear_ref(x, w, bias)
+    if out is None:
+        return y
+    out.copy_(y.reshape(-1, w.shape[0]))
+    return out

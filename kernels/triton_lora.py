@@ -1,0 +1,121 @@
+"""Multi-LoRA in Triton for a batch whose tokens pick different adapters (per-token slot, -1 = none).
+
+Two launches, no host sync, no memset. Shrink: program (slot, k-split, token tile) multiplies the
+tile's tokens that use `slot` by a[slot] over its slice of K and writes fp32 partials
+[split, token, rank]; expand: program (slot, column tile, token tile) sums those partials, rounds
+them to the adapter dtype (as the reference does) and adds partial @ b[slot].T into y for the same
+tokens. Each adapter is read once per launch whatever the number of its tokens, and programs whose
+slot no token of their tile uses return at once, so the grid can span every slot."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["T"])
+def _shrink_kernel(
+    x_ptr, a_ptr, slots_ptr, part_ptr,
+    T, K, R, stride_xt, stride_as, stride_ar, stride_pk, stride_pt,
+    K_PER_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    split = tl.program_id(1)
+    rt = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mine = tl.load(slots_ptr + rt, mask=rt < T, other=-1) == slot
+    if tl.max(mine.to(tl.int32), axis=0) == 0:
+        return
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        k = split * K_PER_SPLIT + k0 + rk
+        k_ok = (k0 + rk < K_PER_SPLIT) & (k < K)
+        xs = tl.load(x_ptr + rt[:, None] * stride_xt + k[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + slot * stride_as + rr[:, None] * stride_ar + k[None, :],
+                    mask=(rr < R)[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(xs.to(dtype), tl.trans(a), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xs.to(dtype), tl.trans(a), acc)
+    ptrs = part_ptr + split * stride_pk + rt[:, None] * stride_pt + rr[None, :]
+    tl.store(ptrs, acc, mask=mine[:, None] & (rr < R)[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _expand_kernel(
+    part_ptr, b_ptr, slots_ptr, y_ptr,
+    T, N, R, stride_pk, stride_pt, stride_bs, stride_bn, stride_yt, stride_yn,
+    SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mine = tl.load(slots_ptr + rt, mask=rt < T, other=-1) == slot
+    if tl.max(mine.to(tl.int32), axis=0) == 0:
+        return
+    rr = tl.arange(0, BLOCK_R)
+    dtype = b_ptr.dtype.element_ty
+    p_mask = mine[:, None] & (rr < R)[None, :]
+    shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for s in range(SPLIT):
+        shrunk += tl.load(part_ptr + s * stride_pk + rt[:, None] * stride_pt + rr[None, :], mask=p_mask, other=0.0)
+    b = tl.load(b_ptr + slot * stride_bs + rn[:, None] * stride_bn + rr[None, :],
+                mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
+    if IEEE:
+        delta = tl.dot(shrunk.to(dtype), tl.trans(b), input_precision="ieee")
+    else:
+        delta = tl.dot(shrunk.to(dtype), tl.trans(b))
+    y_ptrs = y_ptr + rt[:, None] * stride_yt + rn[None, :] * stride_yn
+    y_mask = mine[:, None] & (rn < N)[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    # The reference rounds the delta to y's dtype before adding; so does this.
+    tl.store(y_ptrs, (y.to(tl.float32) + delta.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty),
+             mask=y_mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def add_lora_triton(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+    block_k: int = 128, block_n: int = 128, split: int = 0,
+) -> torch.Tensor:
+    """y[t] += (x[t] @ a[slots[t]].T) @ b[slots[t]].T in place (y may be a strided column slice)."""
+    num_slots, rank, k = a.shape
+    t, n = y.shape
+    if t == 0 or rank == 0:
+        return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if a.stride(-1) != 1 or b.stride(-1) != 1:
+        a, b = a.contiguous(), b.contiguous()
+    block_t = min(64, max(16, triton.next_power_of_2(t)))
+    block_r = max(16, triton.next_power_of_2(rank))
+    tiles_t = triton.cdiv(t, block_t)
+    if not split:  # enough programs to stream every adapter's A from many SMs at once
+        split = max(1, min(triton.cdiv(k, block_k), (2 * _num_sms(x.device)) // (num_slots * tiles_t)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty((split, t, rank), dtype=torch.float32, device=x.device)
+    ieee = a.dtype == torch.float32
+    _shrink_kernel[(num_slots, split, tiles_t)](
+        x, a, slots, part, t, k, rank, x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
+        K_PER_SPLIT=k_per_split, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, num_warps=4,
+    )
+    _expand_kernel[(num_slots, triton.cdiv(n, block_n), tiles_t)](
+        part, b, slots, y, t, n, rank, part.stride(0), part.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), y.stride(1), SPLIT=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee,
+        num_warps=4,
+    )
+    return y

@@ -1,0 +1,373 @@
+"""Fused NF4 matrix products in Triton: the packed weight is decoded in registers, never written out.
+
+Three kernels, all reading bitsandbytes' layout as is (int32 words of 8 nibbles, 8-bit absmax with
+nested statistics). `_gemv_kernel` (decode, up to 64 rows) computes out^T = W x^T so that the weight
+rows fill the matrix unit's M side and the few tokens its N side; `_gemv_fma_kernel` (one to four
+rows) multiplies on the CUDA cores in fp32, with no shared memory or barrier in its loop. Both
+split K over many programs so the whole GPU streams the weight; the last program of each column
+tile to finish adds the fp32 partials (one launch, no memset). `_gemm_kernel` (prefill) tiles M x N.
+Decoding (kernels.triton_nf4_decode): a 16-entry table lookup done with `prmt` byte permutes in
+registers, the code then scaled by its block's absmax in 16 bits (`USE_PRMT`, CUDA only), or a table
+gather scaled in fp32, which gives exactly bitsandbytes' dequantized values (interpreter, fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.nf4 import NF4_CODE, NF4Weight
+from kernels.triton_nf4_config import (
+    FMA_MAX_ROWS,
+    GEMV_MAX_ROWS,
+    TUNED,
+    GemmConfig,
+    GemvConfig,
+    bucket,
+    gemm_config_for,
+    gemv_config_for,
+)
+from kernels.triton_nf4_decode import (
+    decode_gather,
+    decode_gather_3d,
+    decode_prmt_fp32,
+    decode_prmt_scaled,
+    prmt_tables,
+)
+
+__all__ = ["FMA_MAX_ROWS", "GEMV_MAX_ROWS", "TUNED", "GemmConfig", "GemvConfig", "bucket", "gemm_config_for",
+           "gemv_config_for", "nf4_matmul", "supports"]
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask,
+                  NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, MASKED: tl.constexpr):
+    """fp32 absmax of the given blocks (0 where masked); nested: code2[q] * absmax2 + offset."""
+    if NESTED:
+        if MASKED:
+            q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+            s2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
+            s = tl.where(mask, tl.load(code2_ptr + q) * s2 + tl.load(offset_ptr), 0.0)
+        else:
+            q = tl.load(absmax_ptr + blocks).to(tl.int32)
+            s = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2) + tl.load(offset_ptr)
+    elif MASKED:
+        s = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    else:
+        s = tl.load(absmax_ptr + blocks)
+    return s
+
+
+@triton.jit
+def _weight_tile(w_ptr, rn, first_block, mask, s, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                 K: tl.constexpr, KB: tl.constexpr, BLOCKSIZE: tl.constexpr, USE_PRMT: tl.constexpr,
+                 DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Dequantized rows rn of W over absmax blocks first_block .. + KB, [BLOCK_N, KB * BLOCKSIZE] in
+    DTYPE; s [BLOCK_N, KB] are those blocks' fp32 scales; mask [BLOCK_N, KB] (if MASKED) the blocks
+    that exist (their words load as 0 and their scale is 0 otherwise)."""
+    BLOCK_N: tl.constexpr = s.shape[0]
+    WPB: tl.constexpr = BLOCKSIZE // 8  # int32 words per absmax block
+    ptrs = w_ptr + rn[:, None].to(tl.int64) * (K // 8) + first_block * WPB + tl.arange(0, KB * WPB)[None, :]
+    if MASKED:
+        word_mask = tl.reshape(tl.broadcast_to(mask[:, :, None], (BLOCK_N, KB, WPB)), (BLOCK_N, KB * WPB))
+        words = tl.load(ptrs, mask=word_mask, other=0)
+    else:
+        words = tl.load(ptrs)
+    if USE_PRMT:
+        # The block's scale as a pair of 16-bit floats, one per word; decode multiplies in 16 bits.
+        s16 = s.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        s2 = tl.reshape(tl.broadcast_to((s16 | (s16 << 16))[:, :, None], (BLOCK_N, KB, WPB)), (BLOCK_N, KB * WPB))
+        w = decode_prmt_scaled(words, s2, t0, t1, t2, t3, t4, t5, t6, t7, DTYPE)
+    else:
+        # code (fp32) * absmax (fp32), rounded once: the very values bitsandbytes dequantizes to.
+        codes = tl.reshape(decode_gather(words, code_ptr), (BLOCK_N, KB, BLOCKSIZE))
+        w = tl.reshape(codes * s[:, :, None], (BLOCK_N, KB * BLOCKSIZE)).to(DTYPE)
+    return w
+
+
+@triton.jit(do_not_specialize=["M"])  # one compilation serves every row count of a BLOCK_M
+def _gemv_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, stride_xm, stride_om, stride_on,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    K: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, KB: tl.constexpr, USE_PRMT: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    num_blocks: tl.constexpr = K // BLOCKSIZE
+    # No masks along K when the splits tile it exactly, none along N when BLOCK_N divides it.
+    EVEN_K: tl.constexpr = (BLOCKS_PER_SPLIT % KB == 0) and (num_blocks == BLOCKS_PER_SPLIT * SPLIT_K)
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    kb = tl.arange(0, KB)
+    kk = tl.arange(0, KB * BLOCKSIZE)
+    n_mask = rn < N
+    m_mask = rm < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Loop bounds are compile-time (K is): one compilation per weight shape, and the interpreter
+    # (numpy >= 2.4) cannot take a 1-element array as a range bound.
+    for step in range(0, BLOCKS_PER_SPLIT, KB):
+        first = pid_k * BLOCKS_PER_SPLIT + step
+        left = tl.minimum(BLOCKS_PER_SPLIT - step, num_blocks - first)  # blocks of this step in range
+        mask = n_mask[:, None] & (kb < left)[None, :]
+        s = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rn[:, None] * num_blocks + first + kb[None, :],
+                          mask, NESTED, BLOCKSIZE2, MASKED)
+        w = _weight_tile(w_ptr, rn, first, mask, s, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                         K, KB, BLOCKSIZE, USE_PRMT, DTYPE, MASKED)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + first * BLOCKSIZE + kk[None, :]
+        if EVEN_K:
+            xs = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            xs = tl.load(x_ptrs, mask=m_mask[:, None] & (kk < left * BLOCKSIZE)[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(xs.to(DTYPE)), acc)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None] * stride_on
+    if SPLIT_K == 1:
+        _store_out(acc, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
+    else:
+        # Partials go to [SPLIT_K, N, M] fp32; the last program of this column tile to arrive (the
+        # counter's acq_rel atomic orders the others' stores before it) sums them and resets the counter.
+        part_ptrs = part_ptr + rn[:, None] * M + rm[None, :]
+        tl.store(part_ptrs + pid_k * N * M, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptrs + s * N * M, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+            _store_out(total, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, stride_xm, stride_om, stride_on,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    K: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, KB: tl.constexpr, USE_PRMT: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """The CUDA-core GEMV for 1..BLOCK_M (<= 4) rows: no shared memory, no barrier in the loop.
+    Codes are decoded to fp32, multiplied by x in fp32, summed per absmax block, then scaled."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_blocks: tl.constexpr = K // BLOCKSIZE
+    EVEN_K: tl.constexpr = (BLOCKS_PER_SPLIT % KB == 0) and (num_blocks == BLOCKS_PER_SPLIT * SPLIT_K)
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    WPB: tl.constexpr = BLOCKSIZE // 8
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    kb = tl.arange(0, KB)
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # [BLOCK_N, KB, WPB] words: the last axis is one absmax block, so its sum stays within a thread
+    # or two (no shared memory), and the block's scale applies to that sum.
+    w_ptrs = (w_ptr + rn[:, None, None].to(tl.int64) * (K // 8) + kb[None, :, None] * WPB
+              + tl.arange(0, WPB)[None, None, :])
+    x_off = kb[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    for step in range(0, BLOCKS_PER_SPLIT, KB):
+        first = pid_k * BLOCKS_PER_SPLIT + step
+        left = tl.minimum(BLOCKS_PER_SPLIT - step, num_blocks - first)
+        mask = n_mask[:, None] & (kb < left)[None, :]
+        s = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rn[:, None] * num_blocks + first + kb[None, :],
+                          mask, NESTED, BLOCKSIZE2, MASKED)
+        if MASKED:
+            words = tl.load(w_ptrs + first * WPB, mask=mask[:, :, None], other=0)
+        else:
+            words = tl.load(w_ptrs + first * WPB)
+        if USE_PRMT:
+            codes = decode_prmt_fp32(words, t0, t1, t2, t3, t4, t5, t6, t7)
+        else:
+            codes = decode_gather_3d(words, code_ptr)
+        for m in tl.static_range(BLOCK_M):
+            x_ok = (kb < left)[:, None] & (m < M)
+            xm = tl.load(x_ptr + m * stride_xm + first * BLOCKSIZE + x_off, mask=x_ok, other=0.0).to(tl.float32)
+            part = tl.sum(codes * xm[None, :, :], axis=2)  # [BLOCK_N, KB] block sums
+            acc += tl.where(rm == m, tl.sum(part * s, axis=1)[:, None], 0.0)
+    m_mask = rm < M
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None] * stride_on
+    if SPLIT_K == 1:
+        _store_out(acc, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
+    else:
+        part_ptrs = part_ptr + rn[:, None] * M + rm[None, :]
+        tl.store(part_ptrs + pid_k * N * M, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptrs + s * N * M, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+            _store_out(total, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
+
+
+@triton.jit
+def _store_out(acc, ptrs, mask, bias_ptr, rn, n_mask, HAS_BIAS: tl.constexpr, N_AXIS: tl.constexpr):
+    """acc (fp32) + bias[rn] along axis N_AXIS, stored in the output's dtype."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if N_AXIS == 0:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, bias_ptr, out_ptr,
+    M, N, stride_xm, stride_om, stride_on,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    K: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_PRMT: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)  # programs of a group share weight tiles in L2
+    first_m = group * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_m
+    pid_n = (pid % (GROUP_M * grid_n)) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    num_blocks: tl.constexpr = K // BLOCKSIZE
+    EVEN_K: tl.constexpr = num_blocks % KB == 0
+    MASKED: tl.constexpr = not (EVEN_K and EVEN_N)
+    kb = tl.arange(0, KB)
+    kk = tl.arange(0, KB * BLOCKSIZE)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for first in range(0, num_blocks, KB):
+        left = num_blocks - first
+        mask = n_mask[:, None] & (kb < left)[None, :]
+        s = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rn[:, None] * num_blocks + first + kb[None, :],
+                          mask, NESTED, BLOCKSIZE2, MASKED)
+        w = _weight_tile(w_ptr, rn, first, mask, s, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                         K, KB, BLOCKSIZE, USE_PRMT, x_ptr.dtype.element_ty, MASKED)
+        if EVEN_K:
+            xs = tl.load(x_rows + first * BLOCKSIZE, mask=m_mask[:, None], other=0.0)
+        else:
+            xs = tl.load(x_rows + first * BLOCKSIZE, mask=m_mask[:, None] & (kk < left * BLOCKSIZE)[None, :], other=0.0)
+        acc = tl.dot(xs, tl.trans(w), acc)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    _store_out(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], bias_ptr, rn, n_mask, HAS_BIAS, 1)
+
+
+def supports(x: torch.Tensor, w: NF4Weight) -> bool:
+    """Shapes the kernels take: whole absmax blocks per row, a power-of-two blocksize of 32..256."""
+    bs = w.blocksize
+    return (x.dtype in _TL_DTYPES and w.shape[1] % bs == 0 and bs in (32, 64, 128, 256)
+            and w.state2_blocksize in (64, 128, 256, 512, 1024) and x.device == w.device)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter on CPU: any small count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device).to(dtype)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device arrival counters, zero between launches (the last program resets its own). One
+    stream at a time: two split-K products running concurrently would share them."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        locks = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
+
+
+def _split_k(cfg: GemvConfig, tiles_n: int, num_blocks: int, device: torch.device) -> int:
+    """How many programs share each column tile's K. When KB divides the blocks, a divisor of the
+    steps (so no K masks) giving about `waves` programs per SM; otherwise an even share."""
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, num_blocks))
+    target = cfg.waves * _num_sms(device)
+    if num_blocks % cfg.kb:
+        return max(1, min(num_blocks, round(target / tiles_n)))
+    steps = num_blocks // cfg.kb
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return min(divisors, key=lambda d: abs(math.log(tiles_n * d / target)))
+
+
+def _weight_args(w: NF4Weight) -> list[torch.Tensor]:
+    """Packed words and block statistics; without nested statistics the unused slots get absmax."""
+    if w.nested:
+        assert w.state2_absmax is not None and w.state2_code is not None and w.offset is not None
+        return [w.data.view(torch.int32), w.absmax, w.state2_absmax, w.state2_code, w.offset]
+    return [w.data.view(torch.int32), w.absmax, w.absmax, w.absmax, w.absmax]
+
+
+def nf4_matmul(
+    x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    gemv: GemvConfig | None = None, gemm: GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) -> [M, N] in x.dtype, written into `out` (any strides) if given."""
+    m, k = x.shape
+    n = w.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    use_gemv = m <= GEMV_MAX_ROWS
+    cfg_v = gemv or gemv_config_for(m, n, k)
+    cfg_m = gemm or gemm_config_for(m, n, k)
+    # fp32 activations take the gather path (the prmt tables hold 16-bit codes).
+    use_prmt = (cfg_v.use_prmt if use_gemv else cfg_m.use_prmt) and x.dtype != torch.float32
+    use_fma = use_gemv and cfg_v.cuda_cores and m <= FMA_MAX_ROWS
+    # The CUDA-core kernel decodes to fp32 through bf16-rounded codes, whatever x's dtype.
+    tables = prmt_tables(torch.bfloat16 if use_fma else x.dtype) if use_prmt else (0,) * 8
+    code = _code_table(x.device, torch.float32)
+    bias_arg = bias if bias is not None else out
+    args = [*_weight_args(w), code, bias_arg, out]
+    meta = dict(NESTED=w.nested, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.state2_blocksize,
+                USE_PRMT=use_prmt)
+    num_blocks = k // w.blocksize
+    if use_gemv:
+        block_m = triton.next_power_of_2(m) if use_fma else max(16, triton.next_power_of_2(m))
+        tiles_n = triton.cdiv(n, cfg_v.block_n)
+        split = _split_k(cfg_v, tiles_n, num_blocks, x.device)
+        per_split = triton.cdiv(num_blocks, split)
+        split = triton.cdiv(num_blocks, per_split)  # no empty splits
+        part = torch.empty((split, n, m), dtype=torch.float32, device=x.device) if split > 1 else out
+        locks = _locks(x.device, tiles_n) if split > 1 else out
+        kernel = _gemv_fma_kernel if use_fma else _gemv_kernel
+        kernel[(tiles_n, split)](
+            x, *args, part, locks, m, n, x.stride(0), out.stride(0), out.stride(1), *tables,
+            K=k, BLOCKS_PER_SPLIT=per_split, SPLIT_K=split, BLOCK_N=cfg_v.block_n, BLOCK_M=block_m, KB=cfg_v.kb,
+            EVEN_N=n % cfg_v.block_n == 0, num_warps=cfg_v.num_warps, num_stages=cfg_v.num_stages, **meta,
+        )
+        return out
+    grid = (triton.cdiv(m, cfg_m.block_m) * triton.cdiv(n, cfg_m.block_n),)
+    _gemm_kernel[grid](
+        x, *args, m, n, x.stride(0), out.stride(0), out.stride(1), *tables, K=k,
+        BLOCK_M=cfg_m.block_m, BLOCK_N=cfg_m.block_n, KB=cfg_m.kb, GROUP_M=cfg_m.group_m,
+        EVEN_N=n % cfg_m.block_n == 0, num_warps=cfg_m.num_warps, num_stages=cfg_m.num_stages, **meta,
+    )
+    return out
