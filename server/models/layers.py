@@ -83,8 +83,15 @@ class LoRALinear(nn.Module):
         from kernels.nf4 import nf4_linear
 
         assert self.quant is not None
-        parts = [nf4_linear(x, q) for q in self.quant if q is not None]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if len(self.quant) == 1 and self.quant[0] is not None:
+            y = nf4_linear(x, self.quant[0])
+        else:  # each slice's kernel writes its columns of one output: no concatenation copy
+            y = x.new_empty(x.shape[0], sum(self.out_slices))
+            offset = 0
+            for q, n in zip(self.quant, self.out_slices, strict=True):
+                assert q is not None
+                nf4_linear(x, q, out=y[:, offset : offset + n])
+                offset += n
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:
