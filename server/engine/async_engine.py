@@ -127,7 +127,13 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as exc:  # the model failed: fail its requests, never hang clients
+            except Exception as exc:
+                if is_out_of_memory(exc):  # this step's requests fail; the engine goes on
+                    logger.error("out of device memory in a step; failing its requests: %s", exc)
+                    self._deliver(engine.fail_running(f"out of device memory: {exc}"[:500]))
+                    release_cached_memory()
+                    continue
+                # Anything else: the model cannot be trusted to go on. Fail every request, never hang.
                 logger.error("engine step failed:\n%s", traceback.format_exc())
                 self.dead_reason = f"engine step failed: {type(exc).__name__}"
                 self._deliver(engine.fail_all(self.dead_reason))
@@ -205,3 +211,16 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -204,6 +204,16 @@ class LLMEngine:
             self._release(seq)
         return [RequestOutput.of(seq, [], []) for seq in done]
 
+    def fail_running(self, message: str) -> list[RequestOutput]:
+        """End the running requests with an error (their step failed); waiting ones stay queued."""
+        outputs = []
+        for seq in self.scheduler.finish_running(FinishReason.ERROR):
+            self._release(seq)
+            out = RequestOutput.of(seq, [], [])
+            out.error = message
+            outputs.append(out)
+        return outputs
+
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (the engine cannot go on); returns their outputs."""
         outputs = []

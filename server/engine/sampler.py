@@ -1,15 +1,23 @@
 """Turns the logits of the sequences that reached their last token into next tokens.
 
-Order (as in vLLM): logit bias and min_tokens masking, penalties, then greedy argmax or temperature,
-top-k / top-p / min-p and a draw. The draw uses the exponential trick (argmax of p / q with
-q ~ Exp(1)) so that no host sync is needed; a seeded request draws q from its own generator, so its
-output does not depend on what else is in the batch.
+Order (as in vLLM): logit bias and min_tokens masking, penalties, the grammar mask of constrained
+requests, then greedy argmax or temperature, top-k / top-p / min-p and a draw. The draw uses the
+exponential trick (argmax of p / q with q ~ Exp(1)) so that no host sync is needed; a seeded request
+draws q from its own generator, so its output does not depend on what else is in the batch.
+
+Grammar masks are computed on the host from tokens the host already has (the previous step's), so on
+a GPU they overlap the forward pass that was just queued; rows of free requests allow every token and
+their logits are left bit for bit as they were.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
+from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
 from server.engine.sequence import Sequence, TokenLogprob
 
 
@@ -17,23 +25,42 @@ class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
+        self.grammar: GrammarCompiler | None = None  # set once the tokenizer is known
+        self.matchers = GrammarMatchers()
+
+    def set_tokenizer(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+        """Give the grammar compiler the vocabulary (the model's vocab_size: the mask's width)."""
+        self.grammar = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.matchers.release(request_id)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits [B, V] float32 -> (tokens [B], raw log-probs [B, V] or None when nobody asked)."""
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        allowed = self._allowed(seqs, logits.shape[-1])
         logits = self._process(logits, seqs)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         # Decisions are taken from the host-side parameters, never from device values (no sync).
         is_greedy = [s.params.is_greedy for s in seqs]
         tokens = logits.argmax(dim=-1)
         if not all(is_greedy):
             greedy = torch.tensor(is_greedy, device=self.device)
-            tokens = torch.where(greedy, tokens, self._draw(logits, seqs))
+            tokens = torch.where(greedy, tokens, self._draw(logits, seqs, allowed))
         return tokens, raw_logprobs
+
+    def _allowed(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor | None:
+        """bool [B, V]: the tokens each sequence's grammar allows next; None when none is constrained."""
+        bitmask = self.matchers.fill(seqs, self.grammar, vocab_size)
+        if bitmask is None:
+            return None
+        if self.device.type == "cuda":
+            bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
+        return allowed_tokens(bitmask, vocab_size)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         needs = [bool(s.params.logit_bias) or s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs]
@@ -63,7 +90,7 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=self.device)
         logits = logits / temps.unsqueeze(1)
         vocab = logits.shape[-1]
@@ -94,7 +121,11 @@ class Sampler:
                     gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
                     self.generators[seq.request_id] = gen
                 q[i].exponential_(generator=gen)
-        return (probs / q).argmax(dim=-1)
+        scores = probs / q
+        if allowed is not None:
+            # A masked token has p = 0, but 0 / q is NaN where q drew exactly 0, and argmax takes NaN.
+            scores = scores.masked_fill(~allowed, -1.0)
+        return scores.argmax(dim=-1)
 
 
 def gather_logprobs(

@@ -4,6 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """What the output must be: a JSON document valid against `json_schema` (JSON text).
+    `compiled` is the grammar when it was compiled off the engine thread (the API does that, see
+    GrammarCompiler); without it the sampler compiles it at the request's first token."""
+
+    json_schema: str
+    compiled: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.json_schema.strip():
+            raise ValueError("a structured output spec needs a JSON schema")
+
+    @classmethod
+    def json_object(cls) -> StructuredSpec:
+        """OpenAI's JSON mode: any JSON object."""
+        return cls('{"type": "object"}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +44,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus k top tokens
+    structured: StructuredSpec | None = None  # constrain the output to a grammar (JSON schema)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -46,6 +67,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.structured is not None and (self.ignore_eos or self.min_tokens):
+            # The grammar decides where the output ends: EOS is allowed exactly when it is complete.
+            raise ValueError("ignore_eos and min_tokens cannot be combined with structured output "
+                             "(response_format or a required or named tool_choice)")
 
     @property
     def is_greedy(self) -> bool:

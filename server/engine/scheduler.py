@@ -203,6 +203,13 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def finish_running(self, reason: FinishReason) -> list[Sequence]:
+        seqs = list(self.running)
+        self.running.clear()
+        for seq in seqs:
+            self._finish(seq, reason)
+        return seqs
+
     def finish_all(self, reason: FinishReason) -> list[Sequence]:
         """End every sequence (engine failure or shutdown); returns them."""
         seqs = [*self.running, *self.waiting]

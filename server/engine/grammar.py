@@ -1,0 +1,169 @@
+"""Grammar-constrained decoding: a structured-output spec compiled against the tokenizer's vocabulary,
+one grammar matcher per request, and each step's allowed-token bitmask for the batch.
+
+The library is llguidance, chosen over xgrammar by measurement (bench/structured.py; numbers in
+bench/results/structured.md). On the demo model's 4096-token vocabulary on a 2-core CPU xgrammar 0.2.9
+computes a mask 3-4x faster, but its masks are not exact: it let raw control characters and byte
+sequences that are not UTF-8 into length-limited JSON strings (the output does not parse, or breaks
+maxLength) and it silently ignores keywords it cannot enforce (uniqueItems, contains, if/then,
+dependentRequired; oneOf becomes anyOf), so outputs failed their schema. llguidance was exact on every
+case and names the keywords it cannot enforce, which the API returns as a 400.
+
+Ownership: the compiler is shared (the API compiles off the engine thread, the cache is locked); a
+matcher is created, advanced and dropped by the engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+if TYPE_CHECKING:
+    from server.engine.sampling_params import StructuredSpec
+    from server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+# No free whitespace: a weak model at temperature 1 could emit whitespace forever; with fixed
+# separators (those of json.dumps) it has nothing to wander in between values.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """The spec cannot be compiled; the message says why (llguidance's own words)."""
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bitmask [B, ceil(V / 32)] int32 (bit j of word w: token 32 w + j may come next) -> bool [B, V]."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+class GrammarCompiler:
+    """The tokenizer's vocabulary as llguidance sees it, and a cache of compiled grammars. A compiled
+    grammar is a matcher that never advances: requests start from a copy of it (microseconds), and the
+    copies share its lexer, which the first mask of the compiled template already built."""
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int], cache_size: int = 256
+    ) -> None:
+        eos = sorted(eos_token_ids) or None  # None: the tokenizer's own EOS
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredSpec) -> llguidance.LLMatcher:
+        """The compiled grammar of `spec`; GrammarError names what is wrong with it."""
+        with self._lock:
+            template = self._cache.get(spec.json_schema)
+            if template is not None:
+                self._cache.move_to_end(spec.json_schema)
+                return template
+        template = self._build(spec.json_schema)  # outside the lock: compiling can take milliseconds
+        with self._lock:
+            self._cache[spec.json_schema] = template
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return template
+
+    def _build(self, schema: str) -> llguidance.LLMatcher:
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except ValueError as exc:
+            raise GrammarError(str(exc)) from None
+        template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise GrammarError(template.get_error())
+        # Builds the lexer states of the first position now, off the engine thread.
+        template.compute_bitmask()
+        return template
+
+
+@dataclass(slots=True)
+class _Match:
+    matcher: llguidance.LLMatcher
+    num_accepted: int = 0  # output tokens the matcher has consumed
+    failed: bool = False
+
+
+class GrammarMatchers:
+    """The grammar state of every constrained request, keyed by request id. Each step it first feeds
+    each matcher the tokens its sequence gained since the last step (a preempted sequence keeps its
+    tokens, so nothing is fed twice), then fills the batch's mask rows in one parallel call."""
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        self.executor = llguidance.LLExecutor(num_threads)
+        self.matches: dict[str, _Match] = {}
+
+    def __len__(self) -> int:
+        return len(self.matches)
+
+    def release(self, request_id: str) -> None:
+        self.matches.pop(request_id, None)
+
+    def fill(self, seqs: list[Sequence], compiler: GrammarCompiler | None, vocab_size: int) -> torch.Tensor | None:
+        """The batch's bitmask [B, ceil(V / 32)] on the host (rows of free sequences allow every
+        token), or None when no sequence in the batch is constrained."""
+        rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
+        if not rows:
+            return None
+        bitmask = torch.full((len(seqs), bitmask_width(vocab_size)), -1, dtype=torch.int32)
+        pairs: list[tuple[llguidance.LLMatcher, int]] = []
+        for i in rows:
+            match = self._advance(seqs[i], compiler)
+            if match.failed:
+                bitmask[i] = _only(seqs[i].eos_token_ids | set(seqs[i].params.stop_token_ids), bitmask.shape[1])
+            else:
+                pairs.append((match.matcher, i))
+        if pairs:
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+        return bitmask
+
+    def _advance(self, seq: Sequence, compiler: GrammarCompiler | None) -> _Match:
+        match = self.matches.get(seq.request_id)
+        if match is None:
+            match = _Match(self._new_matcher(seq, compiler))
+            self.matches[seq.request_id] = match
+        new = seq.token_ids[seq.num_prompt_tokens + match.num_accepted :]
+        if new and not match.failed:
+            match.num_accepted += len(new)
+            if not match.matcher.consume_tokens(new):
+                # Cannot happen while masks are exact; end the request rather than the engine.
+                logger.error("request %s: the grammar rejected token(s) %s: %s; ending it",
+                             seq.request_id, new, match.matcher.get_error())
+                match.failed = True
+        return match
+
+    @staticmethod
+    def _new_matcher(seq: Sequence, compiler: GrammarCompiler | None) -> llguidance.LLMatcher:
+        spec = seq.params.structured
+        assert spec is not None
+        template = spec.compiled
+        if template is None:
+            if compiler is None:
+                raise RuntimeError("a request asks for structured output but the sampler has no tokenizer; "
+                                   "call Sampler.set_tokenizer(tokenizer, vocab_size, eos_token_ids) at startup")
+            template = compiler.compile(spec)
+        return template.deep_copy()
+
+
+def _only(token_ids: Iterable[int], width: int) -> torch.Tensor:
+    row = torch.zeros(width * 32, dtype=torch.bool)
+    row[sorted(token_ids)] = True
+    weights = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int64)
+    return (row.view(width, 32).long() * weights).sum(-1).to(torch.int32)
