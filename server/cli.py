@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight before new ones get 503 + Retry-After")
     h.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     h.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
+    h.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
+    h.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests (CORS) from ORIGIN (repeatable; * for any)")
     h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="on SIGTERM, seconds to let in-flight requests finish before exiting")
     return p
@@ -109,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_queued_requests=args.max_queued_requests,
         log_level=args.log_level,
         log_format=args.log_format,
+        max_request_bytes=args.max_request_bytes,
+        allowed_origins=tuple(args.allowed_origins),
         shutdown_timeout=args.shutdown_timeout,
     )
 

@@ -42,6 +42,8 @@ class Config:
     port: int = 8000
     api_key: tuple[str, ...] = ()
     max_queued_requests: int = 1024
+    max_request_bytes: int = 16 * 2**20  # larger bodies get 413
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     log_level: str = "info"
     log_format: str = "text"  # text or json (one JSON object a line)
     shutdown_timeout: float = 30.0  # seconds a SIGTERM waits for in-flight requests to finish

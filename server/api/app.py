@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.api import (
@@ -20,6 +21,7 @@ from server.api import (
 )
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import install_error_handlers
+from server.api.limits import BodySizeLimitMiddleware
 from server.api.state import ServerState
 from server.config import Config
 
@@ -42,6 +44,12 @@ def create_app(config: Config) -> FastAPI:
     if config.allow_runtime_lora:
         app.include_router(serving_adapters.router)
     install_error_handlers(app)
+    # Starlette runs the last added middleware first: CORS answers preflights before auth, and the
+    # size limit sits innermost, so it sees only authenticated requests.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=config.api_key)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     return app

@@ -23,4 +23,5 @@ def sse_response(events: AsyncIterator[str], ticket: Ticket) -> EventSourceRespo
     """Stream `events` (each one JSON string, or DONE). The ticket is released when the stream
     ends, however it ends: the generator's own `finally` normally does it, and the background
     task covers a response that never started its generator."""
-    return EventSourceResponse(events, sep="\n", background=BackgroundTask(ticket.release))
+    # ping: a comment line every 15 s keeps idle streams alive through proxies and load balancers.
+    return EventSourceResponse(events, sep="\n", ping=15, background=BackgroundTask(ticket.release))
