@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from kernels.nf4 import NF4Weight
 
+from kernels.nf4 import NF4Weight
 from server.models.config import ModelConfig
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import build_model
