@@ -4,7 +4,8 @@ fields are ignored, as OpenAI does."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -58,26 +59,78 @@ class SamplingFields(BaseModel):
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
 
 
+# OpenAI's rule for function and response-format names.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made (conversation history)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # accepted; calls forced by tool_choice always follow the schema
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # accepted; the output always follows the schema
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 # OpenAI fields whose effect this server cannot honour. Each maps to the values that mean
 # "the feature is off" and are therefore accepted.
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (),
-    "functions": ([],),
+    "functions": ([],),  # the legacy form of `tools`
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
@@ -91,7 +144,7 @@ COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
 }
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -99,13 +152,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # Declared only so that check() can name them; see CHAT_UNSUPPORTED.
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -129,9 +182,34 @@ class ChatCompletionRequest(SamplingFields):
         reject_unsupported(self, CHAT_UNSUPPORTED)
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
+        self._check_tools()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise invalid_param("response_format.json_schema",
+                                "response_format of type 'json_schema' needs a 'json_schema' object (name, schema)")
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template wants them: role and plain-text content."""
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise invalid_param("tools", f"two tools are named {dup!r}; function names must be unique")
+        for i, tool in enumerate(self.tools or ()):
+            params = tool.function.parameters
+            if params is not None and params.get("type", "object") != "object":
+                raise invalid_param(f"tools[{i}].function.parameters",
+                                    "a function's parameters must be a JSON schema of type 'object'")
+        choice = self.tool_choice
+        if choice is None or choice == "none":
+            return
+        if not names:
+            raise invalid_param("tool_choice", "tool_choice is only allowed when tools are specified")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise invalid_param("tool_choice", f"tool_choice names function {choice.function.name!r}, "
+                                f"which is not in tools ({', '.join(names)})")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as the chat template wants them: role, plain-text content and, for tool use,
+        the assistant's calls (arguments as objects) and the tool results' call ids."""
         return [message_for_template(i, m) for i, m in enumerate(self.messages)]
 
 
@@ -187,7 +265,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return [message_for_template(i, m) for i, m in enumerate(self.messages or [])]
 
 
@@ -206,20 +284,38 @@ def reject_unsupported(req: BaseModel, table: dict[str, tuple[Any, ...]]) -> Non
         raise APIError(f"'{name}' is not supported by this server; remove it from the request", 400, param=name)
 
 
-def message_for_template(i: int, m: ChatMessage) -> dict[str, str]:
+def message_for_template(i: int, m: ChatMessage) -> dict[str, Any]:
     if m.role not in CHAT_ROLES:
         raise invalid_param(
             f"messages[{i}].role", f"role {m.role!r} is not supported; use one of {', '.join(CHAT_ROLES)}"
         )
-    for field in ("tool_calls", "tool_call_id", "function_call"):
-        if getattr(m, field) is not None:
-            raise invalid_param(f"messages[{i}].{field}", f"'{field}' in messages is not supported (no tool use)")
+    if m.function_call is not None:
+        raise invalid_param(f"messages[{i}].function_call", "'function_call' (legacy) is not supported; use tool_calls")
+    if m.tool_calls and m.role != "assistant":
+        raise invalid_param(f"messages[{i}].tool_calls", "only assistant messages can have tool_calls")
+    if m.role == "tool" and m.tool_call_id is None:
+        raise invalid_param(f"messages[{i}].tool_call_id", "a tool message needs the tool_call_id it answers")
     # OpenAI's "developer" role is the system role of newer models; templates know "system".
     role = "system" if m.role == "developer" else m.role
-    out = {"role": role, "content": message_text(i, m.content)}
+    out: dict[str, Any] = {"role": role, "content": message_text(i, m.content)}
     if m.name is not None:
         out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            for c in m.tool_calls
+        ]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
     return out
+
+
+def _arguments(text: str) -> Any:
+    """Arguments as an object where they parse: chat templates render them with `tojson`."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def message_text(i: int, content: str | list[dict[str, Any]] | None) -> str:

@@ -4,7 +4,7 @@ logprobs in both the chat and the legacy completions format, and the model list.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Response
 from pydantic import BaseModel, Field
@@ -60,9 +60,22 @@ class CompletionLogprobs(BaseModel):
 # --- chat ----------------------------------------------------------------------------------------
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = ""
+    content: str | None = ""  # None when the message is tool calls only
+    # Left out of the body when there are none.
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -84,7 +97,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant"} first, then {"content": ...}; {} at the end
+    # {"role": "assistant"} first, then {"content": ...} or {"tool_calls": [...]}; {} at the end
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -1,11 +1,25 @@
-"""Request fields to the engine's SamplingParams; its validation errors become 400s."""
+"""Request fields to the engine's SamplingParams; its validation errors become 400s. Structured
+output (response_format, forced tool calls) becomes a StructuredSpec compiled here, off the event
+loop and off the engine thread, so that an invalid schema is a 400 that names the problem."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
 from server.api.errors import APIError, invalid_param
 from server.api.generation import ChoiceRequest
-from server.api.protocol import SamplingFields
-from server.engine.sampling_params import SamplingParams
+from server.api.protocol import ResponseFormat, SamplingFields
+from server.engine.grammar import GrammarCompiler, GrammarError
+from server.engine.sampling_params import SamplingParams, StructuredSpec
+
+if TYPE_CHECKING:
+    from server.api.state import Runtime
+
+# Keywords whose values are data, not subschemas: close_objects() leaves them alone.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})
 
 
 def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
@@ -26,7 +40,8 @@ def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int
 
 
 def build_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int, choice: int = 0
+    req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int, choice: int = 0,
+    structured: StructuredSpec | None = None,
 ) -> SamplingParams:
     """SamplingParams for choice number `choice` of the request: seeds differ per choice so that
     n > 1 with a seed gives n different (but reproducible) samples."""
@@ -49,6 +64,7 @@ def build_params(
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            structured=structured,
         )
     except ValueError as exc:
         raise APIError(str(exc), 400) from exc
@@ -61,6 +77,7 @@ def choice_requests(
     logprobs: int | None,
     adapter_id: int,
     vocab_size: int,
+    structured: StructuredSpec | None = None,
 ) -> list[ChoiceRequest]:
     """One engine request per (prompt, choice): `prompts` holds (token ids, max_tokens) pairs, and
     choice j of prompt p gets index p * n + j and engine id `{response_id}-{index}`."""
@@ -68,7 +85,7 @@ def choice_requests(
     for p, (token_ids, max_tokens) in enumerate(prompts):
         for j in range(req.n):
             index = p * req.n + j
-            params = build_params(req, max_tokens, logprobs, vocab_size, choice=j)
+            params = build_params(req, max_tokens, logprobs, vocab_size, choice=j, structured=structured)
             out.append(
                 ChoiceRequest(
                     index=index,
@@ -81,3 +98,50 @@ def choice_requests(
                 )
             )
     return out
+
+
+def response_format_spec(fmt: ResponseFormat | None) -> StructuredSpec | None:
+    """`json_object`: any JSON object; `json_schema`: a document valid against the schema (without a
+    schema, any JSON object); `text` or none: no constraint."""
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    if fmt.type == "json_object" or schema is None:
+        return StructuredSpec.json_object()
+    return StructuredSpec(json.dumps(close_objects(schema)))
+
+
+def close_objects(schema: Any) -> Any:
+    """The schema where every object that lists its properties takes no others unless it says so
+    (additionalProperties / patternProperties), as in OpenAI's strict mode. Outputs stay valid
+    against the original schema; a weak model just has no room to invent keys forever."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else close_objects(v) for k, v in schema.items()}
+    opened = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(schema.get("properties"), dict) and not any(k in schema for k in opened):
+        out["additionalProperties"] = False
+    return out
+
+
+async def grammar_compiler(runtime: Runtime) -> GrammarCompiler:
+    """The engine sampler's compiler; made here on first use when startup did not make it."""
+    sampler = runtime.engine.runner.sampler
+    if sampler.grammar is None:
+        await asyncio.to_thread(
+            sampler.set_tokenizer, runtime.tokenizer, runtime.vocab_size, runtime.engine.eos_token_ids
+        )
+    assert sampler.grammar is not None
+    return sampler.grammar
+
+
+async def compile_spec(runtime: Runtime, spec: StructuredSpec, param: str) -> StructuredSpec:
+    """`spec` with its grammar compiled (in a worker thread); a 400 naming `param` if it cannot be."""
+    compiler = await grammar_compiler(runtime)
+    try:
+        compiled = await asyncio.to_thread(compiler.compile, spec)
+    except GrammarError as exc:
+        raise invalid_param(param, f"{param} cannot be used for constrained decoding: {exc}") from None
+    return replace(spec, compiled=compiled)

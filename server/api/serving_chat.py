@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
@@ -13,7 +14,7 @@ from server.api.admission import Ticket
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.api.generation import ChoiceRequest, collect_choices, stream_choices
 from server.api.logprobs import chat_logprobs
-from server.api.prompts import encode_chat, resolve_max_tokens
+from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
     ChatChoice,
@@ -21,14 +22,18 @@ from server.api.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
+    ResponseToolCall,
     Usage,
     json_response,
     now,
 )
-from server.api.sampling import choice_requests
+from server.api.sampling import choice_requests, compile_spec, response_format_spec
 from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
+from server.api.tool_calls import ToolCallReader, merge_deltas
+from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
+from server.engine.sampling_params import StructuredSpec
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -43,21 +48,24 @@ async def create_chat_completion(
     adapter_id = await resolve_adapter(state, runtime, body.model)
     ticket = state.admission.admit()
     try:
-        prompt_ids = await encode_chat(runtime.tokenizer, body.conversation())
+        plan = plan_tools(body)
+        prompt_ids = await encode_tool_chat(runtime.tokenizer, body.conversation(), plan)
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
+        structured = await _structured_spec(runtime, body, plan)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
-            body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size
+            body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
+            structured,
         )
     except BaseException:
         ticket.release()
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        return sse_response(_chat_events(runtime, body, reqs, response_id, model, ticket), ticket)
+        return sse_response(_chat_events(runtime, body, plan, reqs, response_id, model, ticket), ticket)
     try:
-        response = await cancel_on_disconnect(request, _chat_response(runtime, body, reqs, response_id, model))
+        response = await cancel_on_disconnect(request, _chat_response(runtime, body, plan, reqs, response_id, model))
         return json_response(response)
     except ClientDisconnected:
         return Response(status_code=499)
@@ -65,19 +73,46 @@ async def create_chat_completion(
         ticket.release()
 
 
+async def _structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
+    """The grammar of the output, compiled: a forced tool call's, else the response format's. Every
+    tool's parameters are compiled too (cached), so that a bad one is a 400 whatever tool_choice."""
+    for i, tool in enumerate(body.tools or ()):
+        if tool.function.parameters is not None:
+            one = ToolPlan([tool.model_dump(exclude_none=True)], "named", tool.function.name)
+            spec = call_spec(one)
+            assert spec is not None
+            await compile_spec(runtime, spec, f"tools[{i}].function.parameters")
+    spec = call_spec(plan) if plan is not None else None
+    if spec is not None:
+        return await compile_spec(runtime, spec, "tools")
+    spec = response_format_spec(body.response_format)
+    return None if spec is None else await compile_spec(runtime, spec, "response_format.json_schema.schema")
+
+
+def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> tuple[ChatResponseMessage, str | None]:
+    """The assistant message of a whole choice, read by the same reader as a stream."""
+    if plan is None:
+        return ChatResponseMessage(content=text), finish_reason
+    reader = ToolCallReader(plan)
+    first, last = reader.feed(text), reader.finish(finish_reason)
+    calls = merge_deltas(first.tool_calls + last.tool_calls)
+    content = first.content + last.content
+    if not calls:
+        return ChatResponseMessage(content=content), last.finish_reason
+    tool_calls = [ResponseToolCall.model_validate(c) for c in calls]
+    return ChatResponseMessage(content=content or None, tool_calls=tool_calls), last.finish_reason
+
+
 async def _chat_response(
-    runtime: Runtime, body: ChatCompletionRequest, reqs: list[ChoiceRequest], response_id: str, model: str
+    runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None, reqs: list[ChoiceRequest],
+    response_id: str, model: str,
 ) -> ChatCompletionResponse:
     results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=ChatResponseMessage(content=r.text),
-            logprobs=chat_logprobs(runtime.token_texts, r.logprobs) if body.logprobs else None,
-            finish_reason=r.finish_reason,
-        )
-        for i, r in enumerate(results)
-    ]
+    choices = []
+    for i, r in enumerate(results):
+        message, finish_reason = _message(r.text, r.finish_reason, plan)
+        logprobs = chat_logprobs(runtime.token_texts, r.logprobs) if body.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason))
     usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results))
     return ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
@@ -85,6 +120,7 @@ async def _chat_response(
 async def _chat_events(
     runtime: Runtime,
     body: ChatCompletionRequest,
+    plan: ToolPlan | None,
     reqs: list[ChoiceRequest],
     response_id: str,
     model: str,
@@ -98,6 +134,7 @@ async def _chat_events(
         ).model_dump_json()
 
     num_output_tokens = 0
+    readers = {r.index: ToolCallReader(plan) for r in reqs} if plan is not None else {}
     try:
         for r in reqs:
             yield chunk([ChatChunkChoice(index=r.index, delta={"role": "assistant", "content": ""})])
@@ -108,13 +145,14 @@ async def _chat_events(
                     yield error_event(f"generation failed: {d.error}")
                     yield DONE
                     return
-                if not (d.text or d.logprobs or d.is_last):
-                    continue  # held back (a partial character or stop string): nothing to send yet
+                delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
+                if not (delta or d.logprobs or d.is_last):
+                    continue  # held back (a partial character, stop string or call): nothing to send yet
                 choice = ChatChunkChoice(
                     index=d.index,
-                    delta={"content": d.text} if d.text else {},
+                    delta=delta,
                     logprobs=chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None,
-                    finish_reason=d.finish_reason,
+                    finish_reason=finish_reason,
                 )
                 yield chunk([choice])
         if body.include_usage:
@@ -126,3 +164,21 @@ async def _chat_events(
         yield DONE
     finally:
         ticket.release()
+
+
+def _delta(reader: ToolCallReader | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """A streamed chunk's delta: content, tool calls, or both; with the reader's finish reason last."""
+    if reader is None:
+        return ({"content": text} if text else {}), finish_reason
+    reading = reader.feed(text)
+    if finish_reason is not None:
+        last = reader.finish(finish_reason)
+        reading.content += last.content
+        reading.tool_calls += last.tool_calls
+        finish_reason = last.finish_reason
+    delta: dict[str, Any] = {}
+    if reading.content:
+        delta["content"] = reading.content
+    if reading.tool_calls:
+        delta["tool_calls"] = reading.tool_calls
+    return delta, finish_reason

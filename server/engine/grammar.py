@@ -2,12 +2,13 @@
 one grammar matcher per request, and each step's allowed-token bitmask for the batch.
 
 The library is llguidance, chosen over xgrammar by measurement (bench/structured.py; numbers in
-bench/results/structured.md). On the demo model's 4096-token vocabulary on a 2-core CPU xgrammar 0.2.9
-computes a mask 3-4x faster, but its masks are not exact: it let raw control characters and byte
-sequences that are not UTF-8 into length-limited JSON strings (the output does not parse, or breaks
-maxLength) and it silently ignores keywords it cannot enforce (uniqueItems, contains, if/then,
-dependentRequired; oneOf becomes anyOf), so outputs failed their schema. llguidance was exact on every
-case and names the keywords it cannot enforce, which the API returns as a 400.
+bench/results/structured.md, 2-core CPU, vocabularies of 4096 and 32000 tokens). xgrammar fills a
+mask 5-10x faster (1.5-15 us a row against 15-115 us), but its masks are not exact: it let raw control
+characters and non-UTF-8 bytes into `maxLength` strings and refused valid escapes there, and it
+silently ignores keywords it cannot enforce (uniqueItems, contains, if/then, dependentRequired; oneOf
+becomes anyOf), so outputs failed their schema. llguidance was exact on every case and names the
+keywords it cannot enforce, which the API returns as a 400. Its host cost overlaps the GPU's forward
+pass (the mask is computed while the step's kernels run) and its executor fills rows in parallel.
 
 Ownership: the compiler is shared (the API compiles off the engine thread, the cache is locked); a
 matcher is created, advanced and dropped by the engine thread only.
@@ -28,6 +29,8 @@ import llguidance.torch
 import torch
 
 if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
     from server.engine.sampling_params import StructuredSpec
     from server.engine.sequence import Sequence
 
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 # No free whitespace: a weak model at temperature 1 could emit whitespace forever; with fixed
 # separators (those of json.dumps) it has nothing to wander in between values.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+}
 
 
 class GrammarError(ValueError):
@@ -96,7 +101,7 @@ class GrammarCompiler:
 
 @dataclass(slots=True)
 class _Match:
-    matcher: llguidance.LLMatcher
+    matcher: llguidance.LLMatcher | None  # None: no grammar could be made (failed)
     num_accepted: int = 0  # output tokens the matcher has consumed
     failed: bool = False
 
@@ -123,43 +128,52 @@ class GrammarMatchers:
         if not rows:
             return None
         bitmask = torch.full((len(seqs), bitmask_width(vocab_size)), -1, dtype=torch.int32)
-        pairs: list[tuple[llguidance.LLMatcher, int]] = []
-        for i in rows:
-            match = self._advance(seqs[i], compiler)
-            if match.failed:
-                bitmask[i] = _only(seqs[i].eos_token_ids | set(seqs[i].params.stop_token_ids), bitmask.shape[1])
-            else:
-                pairs.append((match.matcher, i))
-        if pairs:
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+        pairs = [(self._advance(seqs[i], compiler), i) for i in rows]
+        live = [(match.matcher, i) for match, i in pairs if match.matcher is not None and not match.failed]
+        if live:
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, live, bitmask)
+        for match, i in pairs:
+            if match.matcher is not None and not match.failed and match.matcher.is_error():  # e.g. a parser limit
+                self._fail(seqs[i], match, "the grammar matcher failed")
+            if match.failed:  # end the request: its stop tokens only
+                seq = seqs[i]
+                bitmask[i] = _only(seq.eos_token_ids | set(seq.params.stop_token_ids), bitmask.shape[1])
         return bitmask
 
     def _advance(self, seq: Sequence, compiler: GrammarCompiler | None) -> _Match:
         match = self.matches.get(seq.request_id)
         if match is None:
-            match = _Match(self._new_matcher(seq, compiler))
-            self.matches[seq.request_id] = match
+            match = self.matches[seq.request_id] = self._new_match(seq, compiler)
         new = seq.token_ids[seq.num_prompt_tokens + match.num_accepted :]
-        if new and not match.failed:
+        if new and match.matcher is not None and not match.failed:
             match.num_accepted += len(new)
-            if not match.matcher.consume_tokens(new):
-                # Cannot happen while masks are exact; end the request rather than the engine.
-                logger.error("request %s: the grammar rejected token(s) %s: %s; ending it",
-                             seq.request_id, new, match.matcher.get_error())
-                match.failed = True
+            if not match.matcher.consume_tokens(new):  # cannot happen while masks are exact
+                self._fail(seq, match, f"the grammar rejected token(s) {new}")
         return match
 
     @staticmethod
-    def _new_matcher(seq: Sequence, compiler: GrammarCompiler | None) -> llguidance.LLMatcher:
+    def _fail(seq: Sequence, match: _Match, what: str) -> None:
+        """End the request rather than the engine; its output will not follow its grammar."""
+        detail = match.matcher.get_error() if match.matcher is not None else ""
+        logger.error("request %s: %s %s; ending it", seq.request_id, what, detail)
+        match.failed = True
+
+    def _new_match(self, seq: Sequence, compiler: GrammarCompiler | None) -> _Match:
+        """A copy of the compiled grammar; compiled here if the caller did not (the API always does,
+        off this thread). A spec that cannot be compiled fails its request only."""
         spec = seq.params.structured
         assert spec is not None
         template = spec.compiled
-        if template is None:
-            if compiler is None:
-                raise RuntimeError("a request asks for structured output but the sampler has no tokenizer; "
-                                   "call Sampler.set_tokenizer(tokenizer, vocab_size, eos_token_ids) at startup")
-            template = compiler.compile(spec)
-        return template.deep_copy()
+        try:
+            if template is None:
+                if compiler is None:
+                    raise GrammarError("the sampler has no tokenizer: call Sampler.set_tokenizer() at startup")
+                template = compiler.compile(spec)
+        except GrammarError as exc:
+            match = _Match(None)
+            self._fail(seq, match, f"structured output is impossible: {exc}")
+            return match
+        return _Match(template.deep_copy())
 
 
 def _only(token_ids: Iterable[int], width: int) -> torch.Tensor:

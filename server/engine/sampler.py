@@ -27,6 +27,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self.grammar: GrammarCompiler | None = None  # set once the tokenizer is known
         self.matchers = GrammarMatchers()
+        self._staging: torch.Tensor | None = None  # pinned host rows the bitmask is copied from
 
     def set_tokenizer(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
         """Give the grammar compiler the vocabulary (the model's vocab_size: the mask's width)."""
@@ -59,8 +60,18 @@ class Sampler:
         if bitmask is None:
             return None
         if self.device.type == "cuda":
-            bitmask = bitmask.pin_memory().to(self.device, non_blocking=True)
+            bitmask = self._to_device(bitmask)
         return allowed_tokens(bitmask, vocab_size)
+
+    def _to_device(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """Copy through one pinned buffer (pinning per step costs more than the mask). Reusing it is
+        safe: the previous step's copy finished before that step's tokens reached the host."""
+        rows, width = bitmask.shape
+        if self._staging is None or self._staging.shape[0] < rows or self._staging.shape[1] != width:
+            self._staging = torch.empty((max(rows, 64), width), dtype=bitmask.dtype).pin_memory()
+        staged = self._staging[:rows]
+        staged.copy_(bitmask)
+        return staged.to(self.device, non_blocking=True)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         needs = [bool(s.params.logit_bias) or s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs]
