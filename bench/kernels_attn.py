@@ -4,7 +4,7 @@ contiguous K/V, torch eager RMSNorm and RoPE. Writes a markdown table to --out (
 
     PYTHONPATH=. python bench/kernels_attn.py --out bench/results/kernels-attn.md
 
-Timing (see /work/.library/device/METHOD.md): each op is captured many times in one CUDA graph, over
+Timing (see the device tool's METHOD.md): each op is captured many times in one CUDA graph, over
 input sets rotated so that their bytes exceed the 60 MB L2 several times; the median of 10 replays
 over calls per replay is the time of one call. 'eager' is the same loop launched from Python.
 """

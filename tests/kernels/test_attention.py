@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from kernels.attention import AttnMetadata, paged_attention, paged_attention_ref, write_kv, write_kv_ref  # noqa: E402
 
-# ‖out − ref‖ / ‖ref‖ bounds (/work/.library/device/METHOD.md): fp32 through IEEE dots; half types
+# ‖out − ref‖ / ‖ref‖ bounds (the device tool's METHOD.md): fp32 through IEEE dots; half types
 # round P (and the output) to 8 or 11 mantissa bits.
 BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -31,7 +31,7 @@ from kernels.nf4 import (  # noqa: E402
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ‖out − ref‖ / ‖ref‖ against float64 on the exact (fp32) NF4 weight (/work/.library/device/METHOD.md):
+# ‖out − ref‖ / ‖ref‖ against float64 on the exact (fp32) NF4 weight (the device tool's METHOD.md):
 # bf16/fp16 round the weight and the output; fp32 on a GPU goes through tf32 dots.
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 GPU_BOUND = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 3e-3}
