@@ -48,6 +48,7 @@ adapter and for the merged folder alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -258,6 +259,8 @@ def train(args, FastLanguageModel, base: Path) -> dict:
     t0 = time.time()
     result = trainer.train()
     train_seconds = time.time() - t0
+    with contextlib.suppress(OSError):
+        (args.out / "trainer").rmdir()  # save_strategy="no": the Trainer's output_dir stays empty
     losses = loss_logger.losses
     if losses:
         log(f"trained in {train_seconds:.1f}s: loss {losses[0][1]:.4f} (step {losses[0][0]}) -> "
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     base = (args.base or default_base()).resolve()
     if device == "cpu":
         # The demo model's matrices are 256 wide: a second thread buys little, and on shared cores
-        # OpenMP's spin-waiting made 2-thread training steps 7-20x slower than 1 thread (measured here).
+        # OpenMP's spin-waiting made 2-thread training steps 6-20x slower than 1 thread (measured here).
         threads = args.threads or (1 if base == default_base().resolve() else torch.get_num_threads())
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the --serve subprocess

@@ -61,7 +61,7 @@ def user_turn(conv: list[dict[str, str]]) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def one_cpu_thread():  # type: ignore[no-untyped-def]
     """One torch thread for this module (the script picks it too for the demo model on CPU): with the
-    CPU cores shared, OpenMP's spin-waiting made 2-thread training steps 7-20x slower (measured)."""
+    CPU cores shared, OpenMP's spin-waiting made 2-thread training steps 6-20x slower (measured)."""
     threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     yield
