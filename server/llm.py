@@ -34,6 +34,9 @@ class LLM:
             config = replace(config, lora_modules=tuple(lora.items()))
         self.engine = LLMEngine(config)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine.loaded.folder))
+        self.engine.runner.sampler.set_tokenizer(
+            self.tokenizer, self.engine.loaded.model.config.vocab_size, self.engine.eos_token_ids
+        )
         self.adapters = AdapterRegistry(self.engine)
         for name, path in config.lora_modules:
             self.adapters.register(name, path)

@@ -132,6 +132,8 @@ class ServerState:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(engine)))
+            # The grammar compiler needs the vocabulary: give it now, not on the first constrained request.
+            engine.runner.sampler.set_tokenizer(tokenizer, engine.loaded.model.config.vocab_size, engine.eos_token_ids)
             adapters = AdapterRegistry(engine, self.config.lora_dirs, self.config.max_cpu_loras)
             for name, path in self.config.lora_modules:
                 if name == self.base_model_id:
