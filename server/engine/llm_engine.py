@@ -198,8 +198,9 @@ class LLMEngine:
         return outputs, batch
 
     def _drain_finished_waiting(self) -> list[RequestOutput]:
-        """Sequences the scheduler ended without running them (too large for the whole cache)."""
-        done = [s for s in self.seqs.values() if s.is_finished]
+        """Sequences the scheduler ended without running them (too large for the whole cache); the
+        scheduler lists them, so no step scans every request."""
+        done, self.scheduler.finished_unscheduled = self.scheduler.finished_unscheduled, []
         for seq in done:
             self._release(seq)
         return [RequestOutput.of(seq, [], []) for seq in done]

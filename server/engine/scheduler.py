@@ -57,6 +57,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.finished_unscheduled: list[Sequence] = []  # ended by schedule() itself; the engine reports them
 
     @property
     def has_work(self) -> bool:
@@ -140,6 +141,7 @@ class Scheduler:
                     # Alone and still too big for the whole cache: it can never run.
                     self.waiting.popleft()
                     self._finish(seq, FinishReason.LENGTH)
+                    self.finished_unscheduled.append(seq)
                     continue
                 break
             self.waiting.popleft()

@@ -154,3 +154,16 @@ def test_prompt_larger_than_whole_cache_is_rejected() -> None:
     sched = create_scheduler(num_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="KV blocks"):
         sched.add(create_seq(9))
+
+
+def test_sequence_outgrowing_the_whole_cache_ends_and_is_listed_for_the_engine() -> None:
+    sched = create_scheduler(num_blocks=3, block_size=4, prefix_caching=False, max_model_len=256)
+    seq = create_seq(10, max_tokens=100)
+    sched.add(seq)
+    for _ in range(10):
+        run_step(sched)
+        if seq.is_finished:
+            break
+    assert seq.finish_reason is FinishReason.LENGTH
+    assert sched.finished_unscheduled == [seq]
+    assert sched.block_manager.num_free_blocks == 3
