@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from kernels.nf4 import quantize_nf4_ref
 from server.config import Config
 from server.engine.llm_engine import LLMEngine

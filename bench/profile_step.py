@@ -7,10 +7,13 @@ the engine step's host-side parts (schedule, prepare + replay launch, sampling +
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.engine import random_nf4_model
 from server.config import Config
 from server.engine.llm_engine import LLMEngine

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (repeatable; default: $SLOTH_API_KEY)")
     h.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests in flight before new ones get 503 + Retry-After")
+    h.add_argument("--max-queued-tokens", type=int, default=0, metavar="N",
+                   help="prompt tokens of the requests in flight before new ones get 503 + Retry-After "
+                        "(each prompt counted once per choice; a request over N alone gets 400; 0: unlimited)")
+    h.add_argument("--request-timeout", type=float, default=0, metavar="SECONDS",
+                   help="stop a generation request this long after its arrival, queue time included: 408, "
+                        "or an error event in a stream; a request's `timeout` field may shorten it (0: none)")
     h.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     h.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
     h.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
@@ -79,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be at least 1; got {args.max_queued_requests}")
+    if args.max_queued_tokens < 0:
+        raise ValueError(f"--max-queued-tokens must be >= 0 (0: unlimited); got {args.max_queued_tokens}")
+    if args.request_timeout < 0:
+        raise ValueError(f"--request-timeout must be >= 0 (0: none); got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
     api_keys = args.api_key or [k for k in os.environ.get("SLOTH_API_KEY", "").split(",") if k]
@@ -110,6 +120,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         port=args.port,
         api_key=tuple(api_keys),
         max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens or None,
+        request_timeout=args.request_timeout or None,
         log_level=args.log_level,
         log_format=args.log_format,
         max_request_bytes=args.max_request_bytes,

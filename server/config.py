@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from server.loader import DEMO_MODEL
@@ -42,6 +43,12 @@ class Config:
     port: int = 8000
     api_key: tuple[str, ...] = ()
     max_queued_requests: int = 1024
+    # Prompt tokens (each prompt once per choice) of admitted generation requests before new ones
+    # get 503 + Retry-After; None: unlimited. A request over the whole budget alone is a 400.
+    max_queued_tokens: int | None = None
+    # Seconds from arrival to the end of generation, queue time included; a request's `timeout` may
+    # shorten it. Past it the engine request is aborted: 408, or an SSE error event. None: no limit.
+    request_timeout: float | None = None
     max_request_bytes: int = 16 * 2**20  # larger bodies get 413
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     log_level: str = "info"
@@ -63,6 +70,10 @@ class Config:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json; got {self.log_format}")
+        if self.max_queued_tokens is not None and self.max_queued_tokens < 1:
+            raise ValueError(f"--max-queued-tokens must be at least 1 (or 0: unlimited); got {self.max_queued_tokens}")
+        if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
+            raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); got {self.request_timeout}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0; got {self.shutdown_timeout}")
         if self.max_cpu_loras < 1:

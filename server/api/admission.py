@@ -1,40 +1,82 @@
-"""Load shedding: at most `max_queued_requests` generation requests in flight; the next gets a 503
-with Retry-After instead of an unbounded wait."""
+"""Load shedding: at most `max_queued_requests` generation requests in flight and, with
+`--max-queued-tokens`, at most that many prompt tokens among them; the next gets a 503 with
+Retry-After instead of an unbounded wait.
+
+Prompt tokens only are counted (not max_tokens): they are what an admitted request costs for sure
+(prefill compute and KV blocks), known before it runs. A prompt is counted once per choice, as
+each choice is its own engine request. A request that needs more than the whole budget could never
+be admitted: that is a 400, not a 503 to retry.
+"""
 
 from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge
 
 from server.api.errors import APIError
 
 RETRY_AFTER_S = 1
 
 
+def overloaded(message: str) -> APIError:
+    return APIError(message, 503, code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class Ticket:
     """One admitted request; `release` is idempotent so every exit path may call it."""
 
-    __slots__ = ("_admission", "_released")
+    __slots__ = ("_admission", "_released", "num_tokens")
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._released = False
+        self.num_tokens = 0  # prompt tokens this request holds of the budget
+
+    def reserve_tokens(self, num_tokens: int, param: str) -> None:
+        """Count `num_tokens` prompt tokens against --max-queued-tokens: a 400 naming `param` when
+        they alone exceed it, a 503 + Retry-After when the requests in flight leave too little room.
+        The ticket still holds its request slot either way: the caller releases it."""
+        admission = self._admission
+        limit = admission.max_tokens
+        if limit is not None:
+            if num_tokens > limit:
+                raise APIError(
+                    f"this request needs {num_tokens} prompt tokens (each prompt counted once per choice) "
+                    f"but the server admits at most {limit} in flight (--max-queued-tokens); "
+                    "shorten the prompt or ask for fewer choices",
+                    400,
+                    param=param,
+                    code="too_many_queued_tokens",
+                )
+            if admission.num_tokens_in_flight + num_tokens > limit:
+                raise overloaded(
+                    f"the server has {admission.num_tokens_in_flight} prompt tokens in flight; this request's "
+                    f"{num_tokens} would exceed its limit of {limit} (--max-queued-tokens); retry shortly"
+                )
+        self.num_tokens += num_tokens
+        admission.num_tokens_in_flight += num_tokens
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._admission.num_in_flight -= 1
+            self._admission.num_tokens_in_flight -= self.num_tokens
 
 
 class Admission:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_tokens: int | None = None) -> None:
         self.limit = limit
+        self.max_tokens = max_tokens or None  # None: prompt tokens are counted, not limited
         self.num_in_flight = 0
+        self.num_tokens_in_flight = 0
 
     def admit(self) -> Ticket:
         if self.num_in_flight >= self.limit:
-            raise APIError(
-                f"the server is at its limit of {self.limit} requests in flight; retry shortly",
-                503,
-                code="overloaded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise overloaded(f"the server is at its limit of {self.limit} requests in flight; retry shortly")
         self.num_in_flight += 1
         return Ticket(self)
+
+    def export(self, registry: CollectorRegistry) -> None:
+        """The in-flight prompt tokens as a gauge."""
+        gauge = Gauge("sloth:num_prompt_tokens_in_flight",
+                      "Prompt tokens of admitted generation requests (--max-queued-tokens).", registry=registry)
+        gauge.set_function(lambda: self.num_tokens_in_flight)

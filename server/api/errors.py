@@ -3,6 +3,7 @@ returns, including FastAPI's own validation errors (400, not 422) and unknown ro
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -43,6 +44,8 @@ def default_type(status_code: int) -> str:
         return "authentication_error"
     if status_code == 404:
         return "not_found_error"
+    if status_code == 408:
+        return "timeout_error"
     if status_code >= 500:
         return "server_error"
     return "invalid_request_error"
@@ -52,6 +55,11 @@ def error_body(
     message: str, type: str, param: str | None = None, code: str | int | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_json(err: APIError) -> str:
+    """The error's body as JSON text: an SSE error event's data once a stream's 200 is sent."""
+    return json.dumps(error_body(err.message, err.type, err.param, err.code))
 
 
 def error_response(err: APIError) -> JSONResponse:

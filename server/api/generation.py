@@ -1,8 +1,8 @@
 """From engine outputs to client-ready text: one engine request per choice, detokenized
 incrementally, cut at stop strings, and the choices of one API request merged into one stream.
 
-Closing a stream (client gone, stop string hit) aborts its engine requests, which frees their KV
-blocks at the engine's next step.
+Closing a stream (client gone, stop string hit, deadline passed) aborts its engine requests, which
+frees their KV blocks at the engine's next step.
 """
 
 from __future__ import annotations
@@ -51,23 +51,73 @@ class ChoiceDelta:
         return self.finish_reason is not None or self.error is not None
 
 
-async def _next_outputs(stream: asyncio.Queue[RequestOutput]) -> list[RequestOutput]:
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must be done, on the event loop's clock, and the timeout that set it."""
+
+    at: float
+    seconds: float
+
+    @classmethod
+    def of(cls, arrival: float, timeout: float | None, server_timeout: float | None) -> Deadline | None:
+        """From the request's arrival: the shorter of its `timeout` and --request-timeout (a client
+        may shorten the server's limit, not extend it); None when neither is set."""
+        limits = [t for t in (timeout, server_timeout) if t]
+        if not limits:
+            return None
+        seconds = min(limits)
+        return cls(arrival + seconds, seconds)
+
+    @property
+    def expired(self) -> bool:
+        return asyncio.get_running_loop().time() >= self.at
+
+
+class DeadlineExceeded(APIError):
+    """Generation ran past the request's deadline: a 408 for a whole response (the SDK is told not
+    to retry: the same request would time out again), an SSE error event for a stream."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        super().__init__(
+            f"the request did not finish within its deadline of {deadline.seconds:g} s "
+            "(`timeout` / --request-timeout, from its arrival); generation was stopped",
+            408,
+            code="request_timeout",
+            headers={"x-should-retry": "false"},
+        )
+
+
+async def _next_outputs(stream: asyncio.Queue[RequestOutput], deadline: Deadline | None) -> list[RequestOutput]:
     """Wait for one output, then take whatever else is queued: a slow consumer gets one delta for
-    several engine steps instead of falling further behind."""
-    outputs = [await stream.get()]
+    several engine steps instead of falling further behind. DeadlineExceeded once it has passed."""
+    if deadline is None:
+        first = await stream.get()
+    else:
+        if deadline.expired:  # checked first: a full queue would never let the timeout fire
+            raise DeadlineExceeded(deadline)
+        try:
+            async with asyncio.timeout_at(deadline.at):
+                first = await stream.get()
+        except TimeoutError:
+            raise DeadlineExceeded(deadline) from None
+    outputs = [first]
     while not stream.empty() and not outputs[-1].finished:
         outputs.append(stream.get_nowait())
     return outputs
 
 
-async def run_choice(engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest) -> AsyncGenerator[ChoiceDelta, None]:
+async def run_choice(
+    engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest, deadline: Deadline | None = None
+) -> AsyncGenerator[ChoiceDelta, None]:
+    if deadline is not None and deadline.expired:  # spent before generation began: never start it
+        raise DeadlineExceeded(deadline)
     detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens)
     stops = StopStringMatcher(list(req.stop))
     stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id)
     engine_done = False
     try:
         while not engine_done:
-            outputs = await _next_outputs(stream)
+            outputs = await _next_outputs(stream, deadline)
             last = outputs[-1]
             engine_done = last.finished
             token_ids = [t for out in outputs for t in out.new_token_ids]
@@ -86,16 +136,17 @@ async def run_choice(engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest) ->
             if delta.is_last:
                 return  # on a stop string, `finally` aborts the engine request
     finally:
-        if not engine_done:
+        if not engine_done:  # stop string, client gone or deadline passed: the same abort
             engine.abort(req.request_id, FinishReason.STOP if stops.matched is not None else FinishReason.ABORT)
 
 
 async def stream_choices(
-    engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest]
+    engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
 ) -> AsyncGenerator[ChoiceDelta, None]:
-    """Deltas of all choices as they come; each choice ends with one delta where `is_last`."""
+    """Deltas of all choices as they come; each choice ends with one delta where `is_last`. Past
+    the deadline, DeadlineExceeded is raised and every choice's engine request is aborted."""
     if len(requests) == 1:
-        async with aclosing(run_choice(engine, tokenizer, requests[0])) as deltas:
+        async with aclosing(run_choice(engine, tokenizer, requests[0], deadline)) as deltas:
             async for delta in deltas:
                 yield delta
         return
@@ -103,7 +154,7 @@ async def stream_choices(
 
     async def pump(req: ChoiceRequest) -> None:
         try:
-            async with aclosing(run_choice(engine, tokenizer, req)) as deltas:
+            async with aclosing(run_choice(engine, tokenizer, req, deadline)) as deltas:
                 async for delta in deltas:
                     merged.put_nowait(delta)
         except Exception as exc:
@@ -138,10 +189,13 @@ class ChoiceResult:
     finish_reason: str | None = None
 
 
-async def collect_choices(engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest]) -> list[ChoiceResult]:
-    """Run every choice to the end; an engine error becomes a 500 with the engine's message."""
+async def collect_choices(
+    engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
+) -> list[ChoiceResult]:
+    """Run every choice to the end; an engine error becomes a 500 with the engine's message, a
+    passed deadline a 408 (DeadlineExceeded): no partial result."""
     results = [ChoiceResult() for _ in requests]
-    async with aclosing(stream_choices(engine, tokenizer, requests)) as deltas:
+    async with aclosing(stream_choices(engine, tokenizer, requests, deadline)) as deltas:
         async for delta in deltas:
             if delta.error is not None:
                 raise APIError(f"generation failed: {delta.error}", 500)

@@ -11,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.api.errors import APIError, invalid_param
 
+# Caps on stop conditions: each stop string is searched for in the text of every delta, and the
+# longest decides how much text is held back. OpenAI allows 4 stop strings; vLLM has no cap.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -41,6 +47,9 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     skip_special_tokens: bool = True
+    # Seconds from arrival (queue time included) before generation is stopped: 408, or an error
+    # event in a stream. An extra field (vLLM-style `extra_body`); --request-timeout caps it.
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -53,8 +62,19 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def check_common(self) -> None:
-        if any(s == "" for s in self.stop_strings):
+        stops = self.stop_strings
+        if any(s == "" for s in stops):
             raise invalid_param("stop", "stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise invalid_param("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed; got {len(stops)}")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_STRING_CHARS:
+            raise invalid_param("stop", f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters; "
+                                f"stop[{stops.index(longest)}] has {len(longest)}")
+        num_stop_ids = len(self.stop_token_ids or ())
+        if num_stop_ids > MAX_STOP_TOKEN_IDS:
+            raise invalid_param("stop_token_ids",
+                                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed; got {num_stop_ids}")
         if self.stream_options is not None and not self.stream:
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
 

@@ -129,18 +129,19 @@ def close_objects(schema: Any) -> Any:
 async def grammar_compiler(runtime: Runtime) -> GrammarCompiler:
     """The engine sampler's compiler; made here on first use when startup did not make it."""
     sampler = runtime.engine.runner.sampler
-    if sampler.grammar is None:
+    if sampler.grammar is None and sampler.grammar_error is None:
         await asyncio.to_thread(
             sampler.set_tokenizer, runtime.tokenizer, runtime.vocab_size, runtime.engine.eos_token_ids
         )
-    assert sampler.grammar is not None
+    if sampler.grammar is None:
+        raise GrammarError(sampler.grammar_error or "no grammar compiler")
     return sampler.grammar
 
 
 async def compile_spec(runtime: Runtime, spec: StructuredSpec, param: str) -> StructuredSpec:
     """`spec` with its grammar compiled (in a worker thread); a 400 naming `param` if it cannot be."""
-    compiler = await grammar_compiler(runtime)
     try:
+        compiler = await grammar_compiler(runtime)
         compiled = await asyncio.to_thread(compiler.compile, spec)
     except GrammarError as exc:
         raise invalid_param(param, f"{param} cannot be used for constrained decoding: {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -12,7 +13,8 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.admission import Ticket
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.generation import ChoiceRequest, collect_choices, stream_choices
+from server.api.errors import APIError, error_json
+from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import chat_logprobs
 from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
@@ -43,6 +45,7 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: StateDep
 ) -> Response:
+    deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
     runtime = state.ready()
     body.check()
     adapter_id = await resolve_adapter(state, runtime, body.model)
@@ -52,6 +55,7 @@ async def create_chat_completion(
         prompt_ids = await encode_tool_chat(runtime.tokenizer, body.conversation(), plan)
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
+        ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
         structured = await _structured_spec(runtime, body, plan)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
@@ -63,9 +67,10 @@ async def create_chat_completion(
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        return sse_response(_chat_events(runtime, body, plan, reqs, response_id, model, ticket), ticket)
+        return sse_response(_chat_events(runtime, body, plan, reqs, response_id, model, ticket, deadline), ticket)
     try:
-        response = await cancel_on_disconnect(request, _chat_response(runtime, body, plan, reqs, response_id, model))
+        work = _chat_response(runtime, body, plan, reqs, response_id, model, deadline)
+        response = await cancel_on_disconnect(request, work)
         return json_response(response)
     except ClientDisconnected:
         return Response(status_code=499)
@@ -105,9 +110,9 @@ def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> tup
 
 async def _chat_response(
     runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None, reqs: list[ChoiceRequest],
-    response_id: str, model: str,
+    response_id: str, model: str, deadline: Deadline | None,
 ) -> ChatCompletionResponse:
-    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs)
+    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
         message, finish_reason = _message(r.text, r.finish_reason, plan)
@@ -125,6 +130,7 @@ async def _chat_events(
     response_id: str,
     model: str,
     ticket: Ticket,
+    deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
     created = now()
 
@@ -138,7 +144,7 @@ async def _chat_events(
     try:
         for r in reqs:
             yield chunk([ChatChunkChoice(index=r.index, delta={"role": "assistant", "content": ""})])
-        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs)) as deltas:
+        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
             async for d in deltas:
                 num_output_tokens += len(d.token_ids)
                 if d.error is not None:
@@ -157,6 +163,9 @@ async def _chat_events(
                 yield chunk([choice])
         if body.include_usage:
             yield chunk([], Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
+        yield DONE
+    except APIError as exc:  # after the 200 was sent (deadline passed): the error as an event
+        yield error_json(exc)
         yield DONE
     except Exception as exc:
         logger.exception("chat stream %s failed", response_id)

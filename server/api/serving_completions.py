@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -11,7 +12,8 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.admission import Ticket
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.generation import ChoiceRequest, collect_choices, stream_choices
+from server.api.errors import APIError, error_json
+from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
@@ -29,12 +31,14 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, state: StateDep
 ) -> Response:
+    deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
     runtime = state.ready()
     body.check()
     adapter_id = await resolve_adapter(state, runtime, body.model)
     ticket = state.admission.admit()
     try:
         prompts, prompt_texts = await _encode_prompts(runtime, body)
+        ticket.reserve_tokens(sum(len(ids) for ids, _ in prompts) * body.n, "prompt")
         response_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size)
     except BaseException:
@@ -45,10 +49,11 @@ async def create_completion(
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, ticket)
+        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, ticket,
+                                    deadline)
         return sse_response(events, ticket)
     try:
-        work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model)
+        work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
         return json_response(await cancel_on_disconnect(request, work))
     except ClientDisconnected:
         return Response(status_code=499)
@@ -84,8 +89,9 @@ async def _completion_response(
     num_prompt_tokens: int,
     response_id: str,
     model: str,
+    deadline: Deadline | None,
 ) -> CompletionResponse:
-    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs)
+    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
         logprobs = None
@@ -105,6 +111,7 @@ async def _completion_events(
     response_id: str,
     model: str,
     ticket: Ticket,
+    deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
     created = now()
 
@@ -119,7 +126,7 @@ async def _completion_events(
         if body.echo:
             for r in reqs:
                 yield chunk([CompletionChoice(index=r.index, text=echoes[r.index])])
-        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs)) as deltas:
+        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
             async for d in deltas:
                 num_output_tokens += len(d.token_ids)
                 if d.error is not None:
@@ -136,6 +143,9 @@ async def _completion_events(
                 yield chunk([choice])
         if body.include_usage:
             yield chunk([], Usage.of(num_prompt_tokens, num_output_tokens))
+        yield DONE
+    except APIError as exc:  # after the 200 was sent (deadline passed): the error as an event
+        yield error_json(exc)
         yield DONE
     except Exception as exc:
         logger.exception("completion stream %s failed", response_id)

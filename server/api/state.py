@@ -77,7 +77,7 @@ class ServerState:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.base_model_id = base_model_id(config)
-        self.admission = Admission(config.max_queued_requests)
+        self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
@@ -88,6 +88,7 @@ class ServerState:
         self.adapter_locks: dict[str, asyncio.Lock] = {}
         self.registry = CollectorRegistry()  # per app, so several servers can live in one process
         self.metrics = EngineMetrics(self.registry, self._model_name_of)
+        self.admission.export(self.registry)
 
     def _model_name_of(self, adapter_id: int) -> str:
         """The `model` a client names for this engine adapter id (the metrics' model_name label)."""

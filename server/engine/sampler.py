@@ -12,6 +12,7 @@ their logits are left bit for bit as they were.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,18 +21,26 @@ import torch
 from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
 from server.engine.sequence import Sequence, TokenLogprob
 
+logger = logging.getLogger(__name__)
+
 
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
         self.grammar: GrammarCompiler | None = None  # set once the tokenizer is known
+        self.grammar_error: str | None = None  # why the tokenizer has no grammar compiler
         self.matchers = GrammarMatchers()
         self._staging: torch.Tensor | None = None  # pinned host rows the bitmask is copied from
 
     def set_tokenizer(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
-        """Give the grammar compiler the vocabulary (the model's vocab_size: the mask's width)."""
-        self.grammar = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+        """Give the grammar compiler the vocabulary (the model's vocab_size: the mask's width). A
+        tokenizer the grammar engine cannot read leaves structured outputs off, not the server down."""
+        try:
+            self.grammar = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+        except Exception as exc:  # llguidance raises ValueError / RuntimeError on tokenizers it cannot map
+            self.grammar_error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
+            logger.warning("structured outputs disabled: %s", self.grammar_error)
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)

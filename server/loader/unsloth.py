@@ -56,6 +56,8 @@ def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | 
 def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     start = time.perf_counter()
     hf_model = load_hf_with_unsloth(folder, max_seq_length)
+    loaded = time.perf_counter()
+    hf_bytes = _gpu_bytes(device)
     cfg = ModelConfig.from_folder(folder)
     model = build_model(cfg, hf_weights(hf_model), dtype, device)
     del hf_model
@@ -63,6 +65,16 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     if device.type == "cuda":
         torch.cuda.empty_cache()
     num_4bit = sum(1 for m in model.modules() if getattr(m, "is_quantized", False))
-    logger.info("loaded %s through Unsloth in %.1fs: %d linear layers kept in 4-bit", folder,
-                time.perf_counter() - start, num_4bit)
+    logger.info("loaded %s through Unsloth in %.1fs (adoption %.1fs): %d linear layers kept in 4-bit", folder,
+                time.perf_counter() - start, time.perf_counter() - loaded, num_4bit)
+    if device.type == "cuda":
+        # Adoption shares the NF4 bytes with the Unsloth model, so the allocation after releasing it
+        # should be no larger than before: a dense copy of a 4-bit weight would show here.
+        logger.info("GPU memory allocated: %.2f GiB after the Unsloth load, %.2f GiB after adoption "
+                    "(peak %.2f GiB)", hf_bytes / 2**30, _gpu_bytes(device) / 2**30,
+                    torch.cuda.max_memory_allocated(device) / 2**30)
     return model
+
+
+def _gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
