@@ -6,6 +6,8 @@ rows fill the matrix unit's M side and the few tokens its N side; `_gemv_fma_ker
 rows) multiplies on the CUDA cores in fp32, with no shared memory or barrier in its loop. Both
 split K over many programs so the whole GPU streams the weight; the last program of each column
 tile to finish adds the fp32 partials (one launch, no memset). `_gemm_kernel` (prefill) tiles M x N.
+From DEQUANT_MIN_ROWS rows on, `_dequant_kernel` decodes the weight into a reused 16-bit scratch
+matrix and cuBLAS multiplies: for long prompts its tensor-core rate beats the fused tile's.
 Decoding (kernels.triton_nf4_decode): a 16-entry table lookup done with `prmt` byte permutes in
 registers, the code then scaled by its block's absmax in 16 bits (`USE_PRMT`, CUDA only), or a table
 gather scaled in fp32, which gives exactly bitsandbytes' dequantized values (interpreter, fp32).
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from kernels.nf4 import NF4_CODE, NF4Weight
 from kernels.triton_nf4_config import (
+    DEQUANT_MIN_ROWS,
     FMA_MAX_ROWS,
     GEMV_MAX_ROWS,
     TUNED,
@@ -39,8 +42,8 @@ from kernels.triton_nf4_decode import (
     prmt_tables,
 )
 
-__all__ = ["FMA_MAX_ROWS", "GEMV_MAX_ROWS", "TUNED", "GemmConfig", "GemvConfig", "bucket", "gemm_config_for",
-           "gemv_config_for", "nf4_matmul", "supports"]
+__all__ = ["DEQUANT_MIN_ROWS", "FMA_MAX_ROWS", "GEMV_MAX_ROWS", "TUNED", "GemmConfig", "GemvConfig", "bucket", "gemm_config_for",
+           "gemv_config_for", "nf4_dequantize", "nf4_matmul", "supports"]
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -269,6 +272,28 @@ def _gemm_kernel(
     _store_out(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], bias_ptr, rn, n_mask, HAS_BIAS, 1)
 
 
+@triton.jit
+def _dequant_kernel(
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, N,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    K: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    BLOCK_N: tl.constexpr, KB: tl.constexpr, USE_PRMT: tl.constexpr,
+):
+    """out [N, K] (row-major, out's dtype) = the decoded weight, one [BLOCK_N, KB blocks] tile a program."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(1) * KB
+    num_blocks: tl.constexpr = K // BLOCKSIZE
+    kb = tl.arange(0, KB)
+    n_mask = rn < N
+    mask = n_mask[:, None] & (first + kb < num_blocks)[None, :]
+    s = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rn[:, None] * num_blocks + first + kb[None, :],
+                      mask, NESTED, BLOCKSIZE2, True)
+    w = _weight_tile(w_ptr, rn, first, mask, s, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                     K, KB, BLOCKSIZE, USE_PRMT, out_ptr.dtype.element_ty, True)
+    kk = first * BLOCKSIZE + tl.arange(0, KB * BLOCKSIZE)
+    tl.store(out_ptr + rn[:, None].to(tl.int64) * K + kk[None, :], w, mask=n_mask[:, None] & (kk < K)[None, :])
+
+
 def supports(x: torch.Tensor, w: NF4Weight) -> bool:
     """Shapes the kernels take: whole absmax blocks per row, a power-of-two blocksize of 32..256."""
     bs = w.blocksize
@@ -322,9 +347,40 @@ def _weight_args(w: NF4Weight) -> list[torch.Tensor]:
     return [w.data.view(torch.int32), w.absmax, w.absmax, w.absmax, w.absmax]
 
 
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """One decoded-weight buffer per device and dtype, grown to the largest weight seen. Kernels on
+    one stream run in order, so every layer can reuse it."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop((device, dtype), None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[(device, dtype)] = buf
+    return buf[:numel]
+
+
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None, use_prmt: bool = True,
+                   block_n: int = 32, kb: int = 4) -> torch.Tensor:
+    """The decoded weight [N, K] in `dtype` (written into `out`, row-major, when given)."""
+    n, k = w.shape
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=w.device)
+    use_prmt = use_prmt and dtype != torch.float32
+    tables = prmt_tables(dtype) if use_prmt else (0,) * 8
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // w.blocksize, kb))
+    _dequant_kernel[grid](
+        *_weight_args(w), _code_table(w.device, torch.float32), out, n, *tables, K=k, NESTED=w.nested,
+        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.state2_blocksize, BLOCK_N=block_n, KB=kb, USE_PRMT=use_prmt,
+        num_warps=4,
+    )
+    return out
+
+
 def nf4_matmul(
     x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    gemv: GemvConfig | None = None, gemm: GemmConfig | None = None,
+    gemv: GemvConfig | None = None, gemm: GemmConfig | None = None, dequant_min_rows: int = DEQUANT_MIN_ROWS,
 ) -> torch.Tensor:
     """x [M, K] @ W.T (+ bias) -> [M, N] in x.dtype, written into `out` (any strides) if given."""
     m, k = x.shape
@@ -334,6 +390,14 @@ def nf4_matmul(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
+        return out
+    if m >= dequant_min_rows:
+        cfg = gemm or gemm_config_for(m, n, k)
+        w16 = nf4_dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k), cfg.use_prmt)
+        if bias is None:
+            torch.mm(x, w16.t(), out=out)
+        else:
+            torch.addmm(bias, x, w16.t(), out=out)
         return out
     use_gemv = m <= GEMV_MAX_ROWS
     cfg_v = gemv or gemv_config_for(m, n, k)

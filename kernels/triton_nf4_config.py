@@ -31,6 +31,10 @@ class GemmConfig:
 
 GEMV_MAX_ROWS = 64
 FMA_MAX_ROWS = 4
+# From this many rows on (long prefill chunks) the weight is decoded to a 16-bit scratch matrix and
+# multiplied by cuBLAS: at 512 rows the fused GEMM took 1.3-2.4x the time of dequantize + cuBLAS on
+# the H200 (bench/results/kernels-nf4.md); at 64 rows the fused kernels are faster.
+DEQUANT_MIN_ROWS = 256
 
 
 def bucket(m: int) -> int:

@@ -166,6 +166,10 @@ INTERPRETER_CASES = {
     "gemm_m67_bf16_nested": (67, 45, 192, "bf16", True, "gemm", dict(block_m=32, block_n=16, kb=2, group_m=2)),
     "gemm_m70_fp16_even": (70, 64, 256, "fp16", False, "gemm", dict(block_m=32, block_n=32, kb=2, group_m=2)),
     "gemm_m65_fp32": (65, 21, 128, "fp32", True, "gemm", dict(block_m=16, block_n=16, kb=1, group_m=3)),
+    # long prompts: decode into the scratch matrix, then torch's matmul (forced at few rows here)
+    "dequant_m9_bf16_nested": (9, 45, 192, "bf16", True, "dequant", dict(block_n=16, kb=2)),
+    "dequant_m6_fp16_plain_ragged_k": (6, 33, 320, "fp16", False, "dequant", dict(block_n=32, kb=4)),
+    "dequant_m5_fp32": (5, 21, 128, "fp32", True, "dequant", dict(block_n=16, kb=1)),
 }
 
 
@@ -179,6 +183,13 @@ def _interpreted_case(m: int, n: int, k: int, dtype_name: str, nested: bool, ker
     wide = torch.full((m, n + 7), float("nan"), dtype=dtype)  # out is a column slice: strides count
     if kernel == "gemv":
         triton_nf4.nf4_matmul(x, w, bias, out=wide[:, 3 : 3 + n], gemv=triton_nf4.GemvConfig(**cfg, use_prmt=False))
+    elif kernel == "dequant":
+        # The decoded matrix itself is bitsandbytes' (the gather path rounds code * absmax once).
+        decoded = triton_nf4.nf4_dequantize(w, dtype, use_prmt=False, **cfg)
+        if not torch.equal(bits(decoded), bits(dequantize_nf4_ref(w).to(dtype))):
+            return [float("inf"), 0.0, 1.0]
+        triton_nf4.nf4_matmul(x, w, bias, out=wide[:, 3 : 3 + n], gemm=triton_nf4.GemmConfig(use_prmt=False),
+                              dequant_min_rows=1)
     else:
         saved, triton_nf4.GEMV_MAX_ROWS = triton_nf4.GEMV_MAX_ROWS, 0
         try:
@@ -254,8 +265,25 @@ def test_triton_matches_reference_on_gpu(nk: tuple[int, int], m: int, dtype: tor
     bias = torch.randn(n, device="cuda", dtype=dtype)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     gemv = replace(triton_nf4.gemv_config_for(m, n, k), use_prmt=prmt, cuda_cores=cuda_cores)
-    triton_nf4.nf4_matmul(x, w, bias, out=out, gemv=gemv, gemm=replace(triton_nf4.gemm_config_for(m, n, k), use_prmt=prmt))
+    gemm = replace(triton_nf4.gemm_config_for(m, n, k), use_prmt=prmt)
+    triton_nf4.nf4_matmul(x, w, bias, out=out, gemv=gemv, gemm=gemm, dequant_min_rows=10**9)  # fused kernels
     assert rel_err(out, exact_linear(x, w, bias)) <= GPU_BOUND[dtype]
+    if m >= 64:  # the same product through the decoded scratch matrix and cuBLAS
+        out.fill_(float("nan"))
+        triton_nf4.nf4_matmul(x, w, bias, out=out, gemm=gemm, dequant_min_rows=1)
+        assert rel_err(out, exact_linear(x, w, bias)) <= GPU_BOUND[dtype]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dequantize_kernel_is_bitsandbytes_on_gpu(dtype: torch.dtype) -> None:
+    from kernels import triton_nf4
+
+    w = _gpu_weight(14336, 4096, dtype)
+    exact = dequantize_nf4_ref(w).to(dtype)
+    assert torch.equal(bits(triton_nf4.nf4_dequantize(w, dtype, use_prmt=False)), bits(exact))
+    assert rel_err(triton_nf4.nf4_dequantize(w, dtype, use_prmt=True), exact) <= GPU_BOUND[dtype]
 
 
 @pytest.mark.gpu
