@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_record.sh compare   # random 8B NF4 model, engine alone, HTTP serving, /metrics scrape
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
-#   bash bench/gpu_record.sh checks    # GPU kernel tests, fine-tune example on CUDA, batch-64 step profile
+#   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -51,16 +51,19 @@ peers)
     ;;
 checks)
     elapsed "gpu tests"
-    timeout 200 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 180 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
+    elapsed "eager profile"
+    timeout 150 python bench/profile_eager.py --random-shape llama3-8b --prompt-lens 1,64,512 > "$RES/profile-eager.txt" 2>&1
+    save
     elapsed "fine-tune example"
-    timeout 180 python examples/finetune_and_serve.py --device cuda --out /tmp/ft > "$RES/finetune.log" 2>&1
+    timeout 150 python examples/finetune_and_serve.py --device cuda --out /tmp/ft > "$RES/finetune.log" 2>&1
     echo "rc $?" >> "$RES/finetune.log"
     cp /tmp/ft/summary.json "$RES/finetune-summary.json" 2>/dev/null
     save
-    elapsed "profile"
-    timeout 120 python bench/profile_step.py --random-shape llama3-8b --batch 64 > "$RES/profile-64.txt" 2>&1
+    elapsed "nf4 kernels"
+    timeout 100 python bench/kernels_nf4.py --precompile 14 --out "$RES/kernels-nf4.md" --json "$RES/kernels-nf4.json" > "$RES/kernels-nf4.log" 2>&1
     ;;
 esac
 elapsed "done"

@@ -6,6 +6,7 @@ traffic). Both return the 8 values of each int32 word in k order: byte b of a wo
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -70,6 +71,7 @@ NF4_PRMT_FP32_ASM = tl.constexpr(_asm(False, fp32_out=True))
 NF4_PRMT_SCALED_F16 = NF4_PRMT_SCALED_ASM["f16"]
 
 
+@functools.cache
 def prmt_tables(dtype: torch.dtype) -> tuple[int, ...]:
     """The 8 int32 words (low bytes of entries 0-15, then high bytes) that NF4_PRMT_ASM reads."""
     bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).tolist()

@@ -1,0 +1,62 @@
+"""Where an eager (not graph-captured) step's host time goes: prefill steps of a given prompt length
+on a random-weight model, timed, then one of them under cProfile (top functions by own time).
+
+    python bench/profile_eager.py --random-shape llama3-8b --prompt-lens 1,64,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench.engine import random_nf4_model
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+
+
+def prefill_step(engine: LLMEngine, n: int, rng: random.Random, tag: str) -> float:
+    """Wall time of the engine step that prefills one fresh n-token prompt (no prefix-cache hit)."""
+    engine.add_request(tag, [rng.randrange(100, 120000) for _ in range(n)], SamplingParams(max_tokens=1, temperature=0))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests:
+        engine.step()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--random-shape", default="llama3-8b")
+    ap.add_argument("--prompt-lens", default="1,64,512")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    loaded = random_nf4_model(args.random_shape, torch.device("cuda"))
+    engine = LLMEngine(Config(model="", device="cuda", max_model_len=4096, max_num_seqs=64), loaded)
+    rng = random.Random(0)
+    for n in [int(x) for x in args.prompt_lens.split(",")]:
+        for i in range(2):
+            prefill_step(engine, n, rng, f"warm-{n}-{i}")
+        times = sorted(prefill_step(engine, n, rng, f"t-{n}-{i}") for i in range(args.repeats))
+        print(f"prefill {n} tokens: median {times[len(times) // 2]:.2f} ms (min {times[0]:.2f})", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        prefill_step(engine, n, rng, f"p-{n}")
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
+        print(s.getvalue()[-6000:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
