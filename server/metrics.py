@@ -134,10 +134,11 @@ class EngineMetrics:
         self.req_generation.labels(model).observe(out.num_output_tokens)
         self.e2e.labels(model).observe(now - out.arrival_time)
         ttft = None if out.first_token_time is None else out.first_token_time - out.arrival_time
+        queued = None if out.first_scheduled_time is None else out.first_scheduled_time - out.arrival_time
         log_finished_request({
             "request_id": out.request_id, "model": model, "prompt_tokens": out.num_prompt_tokens,
             "output_tokens": out.num_output_tokens, "cached_tokens": out.num_cached_tokens,
-            "ttft_s": ttft, "e2e_s": now - out.arrival_time, "finish_reason": reason,
+            "queue_s": queued, "ttft_s": ttft, "e2e_s": now - out.arrival_time, "finish_reason": reason,
         })
         if out.first_scheduled_time is not None:
             self.queue.labels(model).observe(out.first_scheduled_time - out.arrival_time)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,11 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
 
 logger = logging.getLogger(__name__)
+
+# The engine thread and the event loop share the GIL, which CPython hands over only once a switch
+# interval (5 ms by default) has passed. An engine thread back from a GPU wait could sit that long
+# while the event loop streams tokens, with the GPU idle; a shorter interval bounds that wait.
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.thread = threading.Thread(target=self._run, name="sloth-engine", daemon=True)
         self.thread.start()
 

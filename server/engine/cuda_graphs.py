@@ -116,9 +116,10 @@ class DecodeGraphs:
         block_tables: list[list[int]],
         seq_lens: list[int],
         lora_slots: list[int] | None,
+        start_event: torch.cuda.Event | None = None,
     ) -> torch.Tensor | None:
         """Replay the bucket's graph for this decode batch; returns logits [batch, vocab], or None
-        when the batch is larger than every bucket."""
+        when the batch is larger than every bucket. `start_event` is recorded just before the replay."""
         b = len(input_ids)
         n = self.bucket_for(b)
         if n is None:
@@ -153,5 +154,7 @@ class DecodeGraphs:
         self.lora_slots[:n].copy_(dev[4 * n : 5 * n])
         self.block_tables[:n].copy_(dev[5 * n :].view(n, width))
         graph, logits = self.graphs[(n, with_lora)]
+        if start_event is not None:
+            start_event.record()  # device time from here: the replay, not the host's preparation
         graph.replay()
         return logits[:b]

@@ -56,6 +56,10 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
+        # Sampled tokens come back through a pinned buffer and an event: waiting on the event lets
+        # go of the GIL, so the API thread streams the previous step's tokens while the GPU works.
+        self._host_tokens: torch.Tensor | None = None
+        self._tokens_ready: torch.cuda.Event | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_buckets and device.type == "cuda":
             self.graphs = DecodeGraphs(
@@ -158,10 +162,9 @@ class ModelRunner:
             assert self.lora_manager is not None
             slot_of = self.lora_manager.assign_slots(adapters)
             lora_slots = [slot_of.get(seq.adapter_id, -1) for seq in batch.seqs]
-        elif self.lora_manager is not None and self.lora_manager.has_slots:
-            lora_slots = [-1] * len(batch.seqs)  # reuse the LoRA graphs: no recapture per mix
+        # A batch without adapters replays the base graphs (captured first, kept beside the LoRA
+        # ones): no shrink / expand launches for slots nobody uses.
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        events[0].record()
         logits = graphs.run(
             input_ids=[seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
             positions=positions,
@@ -169,6 +172,7 @@ class ModelRunner:
             block_tables=[seq.block_table for seq in batch.seqs],
             seq_lens=[p + 1 for p in positions],
             lora_slots=lora_slots,
+            start_event=events[0],
         )
         events[1].record()
         self._timing = events
@@ -214,6 +218,20 @@ class ModelRunner:
             logprobs = [None] * len(batch.seqs)
             for row, lp in zip(rows, per_sample, strict=True):
                 logprobs[row] = lp
-        for row, token in zip(rows, tokens.tolist(), strict=True):
+        for row, token in zip(rows, self._to_host(tokens), strict=True):
             sampled[row] = token
         return sampled, logprobs
+
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        if tokens.device.type != "cuda":
+            return tokens.tolist()
+        n = tokens.numel()
+        if self._host_tokens is None or self._host_tokens.numel() < n:
+            self._host_tokens = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True)
+            self._tokens_ready = torch.cuda.Event()
+        assert self._tokens_ready is not None
+        host = self._host_tokens[:n]
+        host.copy_(tokens, non_blocking=True)
+        self._tokens_ready.record()
+        self._tokens_ready.synchronize()  # releases the GIL while it waits
+        return host.tolist()
