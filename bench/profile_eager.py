@@ -2,6 +2,7 @@
 on a random-weight model, timed, then one of them under cProfile (top functions by own time).
 
     python bench/profile_eager.py --random-shape llama3-8b --prompt-lens 1,64,512
+    python bench/profile_eager.py --model DIR      # a folder loaded the server's way (through Unsloth)
 """
 
 from __future__ import annotations
@@ -38,17 +39,21 @@ def prefill_step(engine: LLMEngine, n: int, rng: random.Random, tag: str) -> flo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--random-shape", default="llama3-8b")
+    ap.add_argument("--model", default=None, help="load this folder through Unsloth instead")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--prompt-lens", default="1,64,512")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    loaded = random_nf4_model(args.random_shape, torch.device("cuda"))
-    engine = LLMEngine(Config(model="", device="cuda", max_model_len=4096, max_num_seqs=64), loaded)
+    loaded = None if args.model else random_nf4_model(args.random_shape, torch.device("cuda"))
+    engine = LLMEngine(Config(model=args.model or "", device="cuda", max_model_len=4096, max_num_seqs=64), loaded)
     rng = random.Random(0)
     for n in [int(x) for x in args.prompt_lens.split(",")]:
         for i in range(2):
             prefill_step(engine, n, rng, f"warm-{n}-{i}")
         times = sorted(prefill_step(engine, n, rng, f"t-{n}-{i}") for i in range(args.repeats))
         print(f"prefill {n} tokens: median {times[len(times) // 2]:.2f} ms (min {times[0]:.2f})", flush=True)
+        if not args.profile:
+            continue
         prof = cProfile.Profile()
         prof.enable()
         prefill_step(engine, n, rng, f"p-{n}")

@@ -224,3 +224,21 @@ def nf4_linear(
         return y
     out.copy_(y.reshape(-1, w.shape[0]))
     return out
+
+
+def nf4_linear_stacked(x: torch.Tensor, ws: list[NF4Weight]) -> torch.Tensor:
+    """x [T, in] @ [W0; W1; ...].T -> [T, sum out]: the projections that share an input (q|k|v,
+    gate|up), each quantized on its own, as one output."""
+    if any(w.shape[1] != x.shape[-1] for w in ws):
+        raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weights are {[tuple(w.shape) for w in ws]}")
+    if x.is_cuda:
+        from kernels.triton_nf4 import nf4_matmul_stacked, supports
+
+        if all(supports(x, w) for w in ws):
+            return nf4_matmul_stacked(x.reshape(-1, x.shape[-1]), ws)
+    y = x.new_empty(x.reshape(-1, x.shape[-1]).shape[0], sum(w.shape[0] for w in ws))
+    offset = 0
+    for w in ws:
+        nf4_linear(x, w, out=y[:, offset : offset + w.shape[0]])
+        offset += w.shape[0]
+    return y

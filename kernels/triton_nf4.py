@@ -43,7 +43,7 @@ from kernels.triton_nf4_decode import (
 )
 
 __all__ = ["DEQUANT_MIN_ROWS", "FMA_MAX_ROWS", "GEMV_MAX_ROWS", "TUNED", "GemmConfig", "GemvConfig", "bucket", "gemm_config_for",
-           "gemv_config_for", "nf4_dequantize", "nf4_matmul", "supports"]
+           "gemv_config_for", "nf4_dequantize", "nf4_matmul", "nf4_matmul_stacked", "supports"]
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -434,4 +434,28 @@ def nf4_matmul(
         BLOCK_M=cfg_m.block_m, BLOCK_N=cfg_m.block_n, KB=cfg_m.kb, GROUP_M=cfg_m.group_m,
         EVEN_N=n % cfg_m.block_n == 0, num_warps=cfg_m.num_warps, num_stages=cfg_m.num_stages, **meta,
     )
+    return out
+
+
+def nf4_matmul_stacked(x: torch.Tensor, ws: list[NF4Weight], out: torch.Tensor | None = None,
+                       dequant_min_rows: int = DEQUANT_MIN_ROWS, use_prmt: bool = True) -> torch.Tensor:
+    """x [M, K] @ [W0; W1; ...].T -> [M, sum N] for weights sharing K (q|k|v, gate|up). From
+    DEQUANT_MIN_ROWS rows on, the slices are decoded into one scratch matrix and multiplied once
+    (one cuBLAS call, no per-slice output copies); below, each slice's kernel writes its columns."""
+    m, k = x.shape
+    total = sum(w.shape[0] for w in ws)
+    if out is None:
+        out = torch.empty((m, total), dtype=x.dtype, device=x.device)
+    if m >= dequant_min_rows:
+        w16 = _scratch(x.device, x.dtype, total * k).view(total, k)
+        offset = 0
+        for w in ws:
+            prmt = use_prmt and gemm_config_for(m, w.shape[0], k).use_prmt
+            nf4_dequantize(w, x.dtype, w16[offset : offset + w.shape[0]], prmt)
+            offset += w.shape[0]
+        return torch.mm(x if x.stride(1) == 1 else x.contiguous(), w16.t(), out=out)
+    offset = 0
+    for w in ws:
+        nf4_matmul(x, w, out=out[:, offset : offset + w.shape[0]], dequant_min_rows=dequant_min_rows)
+        offset += w.shape[0]
     return out

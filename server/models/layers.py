@@ -80,18 +80,12 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return nn.functional.linear(x, self.weight, self.bias)
-        from kernels.nf4 import nf4_linear
+        from kernels.nf4 import nf4_linear, nf4_linear_stacked
 
         assert self.quant is not None
-        if len(self.quant) == 1 and self.quant[0] is not None:
-            y = nf4_linear(x, self.quant[0])
-        else:  # each slice's kernel writes its columns of one output: no concatenation copy
-            y = x.new_empty(x.shape[0], sum(self.out_slices))
-            offset = 0
-            for q, n in zip(self.quant, self.out_slices, strict=True):
-                assert q is not None
-                nf4_linear(x, q, out=y[:, offset : offset + n])
-                offset += n
+        quant = [q for q in self.quant if q is not None]
+        # Several slices: one output, no concatenation copy (and one matmul for long prompts).
+        y = nf4_linear(x, quant[0]) if len(quant) == 1 else nf4_linear_stacked(x, quant)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:

@@ -170,6 +170,8 @@ INTERPRETER_CASES = {
     "dequant_m9_bf16_nested": (9, 45, 192, "bf16", True, "dequant", dict(block_n=16, kb=2)),
     "dequant_m6_fp16_plain_ragged_k": (6, 33, 320, "fp16", False, "dequant", dict(block_n=32, kb=4)),
     "dequant_m5_fp32": (5, 21, 128, "fp32", True, "dequant", dict(block_n=16, kb=1)),
+    # q|k|v-like slices of one output: decoded into one scratch matrix, one matmul
+    "stacked_m7_bf16_nested": (7, 40, 192, "bf16", True, "stacked", {}),
 }
 
 
@@ -183,6 +185,12 @@ def _interpreted_case(m: int, n: int, k: int, dtype_name: str, nested: bool, ker
     wide = torch.full((m, n + 7), float("nan"), dtype=dtype)  # out is a column slice: strides count
     if kernel == "gemv":
         triton_nf4.nf4_matmul(x, w, bias, out=wide[:, 3 : 3 + n], gemv=triton_nf4.GemvConfig(**cfg, use_prmt=False))
+    elif kernel == "stacked":
+        w2 = quantize_nf4_ref(torch.randn(n // 2 + 3, k, dtype=dtype) * 0.05, compress_statistics=nested)
+        bias = None
+        got = triton_nf4.nf4_matmul_stacked(x, [w, w2], dequant_min_rows=1, use_prmt=False)
+        want = torch.cat([exact_linear(x, w, None), exact_linear(x, w2, None)], dim=1)
+        return [rel_err(got, want), BOUND[dtype], 1.0]
     elif kernel == "dequant":
         # The decoded matrix itself is bitsandbytes' (the gather path rounds code * absmax once).
         decoded = triton_nf4.nf4_dequantize(w, dtype, use_prmt=False, **cfg)
@@ -318,6 +326,20 @@ def test_dequantize_matches_bitsandbytes_cuda() -> None:
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
     assert rel_err(nf4_linear(x, NF4Weight.from_bnb(data, state)), x.double() @ ours.double().T) <= 1e-2
 
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [16, 512])
+def test_stacked_slices_match_reference_on_gpu(m: int) -> None:
+    """q|k|v at Llama-3-8B shape: per-slice kernels below DEQUANT_MIN_ROWS, one scratch + matmul above."""
+    from kernels import triton_nf4
+
+    torch.manual_seed(m)
+    ws = [_gpu_weight(4096, 4096, torch.bfloat16), _gpu_weight(1024, 4096, torch.bfloat16),
+          _gpu_weight(1024, 4096, torch.bfloat16)]
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    want = torch.cat([exact_linear(x, w, None) for w in ws], dim=1)
+    assert rel_err(triton_nf4.nf4_matmul_stacked(x, ws), want) <= GPU_BOUND[torch.bfloat16]
 
 if __name__ == "__main__":
     _interpreter_main()
