@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_record.sh compare   # random 8B NF4 model, engine alone, HTTP serving, /metrics scrape
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
+#   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses)
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
@@ -48,6 +49,28 @@ peers)
     elapsed "structured"
     timeout 150 python bench/structured.py --parts check,libraries,engine --batch-sizes 1,64 --device cuda \
         --out "$RES/structured-h200.md" > "$RES/structured.log" 2>&1
+    ;;
+all)  # every figure of the comparison from one call: model, engine, HTTP, peers, report
+    timeout 60 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider -k "stacked or dequantize or greedy" \
+        > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    ensure_model
+    save
+    elapsed "engine"
+    timeout 150 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages engine > "$RES/engine.log" 2>&1
+    save
+    elapsed "serve"
+    timeout 170 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages serve > "$RES/serve.log" 2>&1
+    save
+    elapsed "peers"
+    timeout 240 python bench/peers.py --model "$WORK/model-bnb-4bit" --adapter "$WORK/model-loras/lora-0" \
+        --peers unsloth-graphs,hf-bnb,unsloth,unsloth-graphs-lora --batch-sizes 1,8,64 --time-budget-s 230 \
+        --max-run-s 100 --out "$RES/cmp/peers.md" > "$RES/peers.log" 2>&1
+    python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages report > "$RES/report.log" 2>&1
+    save
+    elapsed "eager profile (Unsloth-loaded model)"
+    timeout $(( 575 - ($(date +%s) - t0) )) python bench/profile_eager.py --model "$WORK/model-bnb-4bit" --prompt-lens 64,512 \
+        --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     ;;
 checks)
     elapsed "gpu tests"
