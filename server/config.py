@@ -30,6 +30,7 @@ class Config:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode steps
+    warmup: bool = True  # CUDA only: compile the prefill kernels at startup (LLMEngine.warmup)
     cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs

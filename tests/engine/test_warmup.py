@@ -1,0 +1,41 @@
+"""The startup warmup runs prompts of every shape class through the real engine and leaves nothing
+behind: no request, no used or cached KV block, no prefix-cache statistics."""
+
+from __future__ import annotations
+
+from server.config import Config
+from server.engine.llm_engine import WARMUP_PROMPT_LENS, LLMEngine, RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.loader import DEMO_MODEL
+
+
+def test_warmup_leaves_the_engine_as_it_found_it() -> None:
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+                              num_kv_blocks=256))
+    bm = engine.block_manager
+    finished: list[RequestOutput] = []
+    prompt_steps: list[int] = []
+
+    class Recorder:
+        def on_step(self, scheduler, batch, outputs, forward_seconds) -> None:  # type: ignore[no-untyped-def]
+            finished.extend(o for o in outputs if o.finished)
+            if batch is not None and batch.num_tokens > len(batch.seqs):
+                prompt_steps.append(batch.num_tokens)
+
+    engine.observer = Recorder()
+    seconds = engine.warmup()
+    engine.observer = None
+    assert seconds > 0
+    # Each length alone, then all together in one mixed step; every request generated its 2 tokens.
+    assert len(finished) == 2 * len(WARMUP_PROMPT_LENS)
+    assert all(o.num_output_tokens == 2 for o in finished)
+    assert sorted(prompt_steps[: len(WARMUP_PROMPT_LENS)]) == sorted(WARMUP_PROMPT_LENS)
+    assert prompt_steps[-1] == sum(WARMUP_PROMPT_LENS)
+    assert not engine.has_unfinished_requests and not engine.seqs
+    assert bm.num_free_blocks == bm.num_blocks and not bm.cached
+    assert bm.num_prefix_queries == 0 and bm.enable_prefix_caching
+    out = engine.add_request("after", list(range(3, 40)), SamplingParams(max_tokens=3, temperature=0.0))
+    assert out is None
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert bm.num_prefix_queries == 37
