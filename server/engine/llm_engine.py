@@ -129,10 +129,12 @@ class LLMEngine:
         rng = random.Random(0)
         vocab = self.loaded.model.config.vocab_size
         lens = [n for n in WARMUP_PROMPT_LENS if n + 2 <= min(self.max_model_len, self.config.max_num_batched_tokens)]
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        # Together: sampled with every cut-off, which compiles (and checks) the sampling kernel too.
+        sampled = SamplingParams(max_tokens=2, temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, ignore_eos=True)
         caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
         try:
-            for group in [[n] for n in lens] + [lens]:
+            for group, params in [([n], greedy) for n in lens] + [(lens, sampled)]:
                 for i, n in enumerate(group):
                     self.add_request(f"warmup-{len(group)}-{i}", [rng.randrange(vocab) for _ in range(n)], params)
                 while self.has_unfinished_requests:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kernels.sampling import sample
 from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
 from server.engine.sequence import Sequence, TokenLogprob
 
@@ -60,7 +61,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(is_greedy):
             greedy = torch.tensor(is_greedy, device=self.device)
-            tokens = torch.where(greedy, tokens, self._draw(logits, seqs, allowed))
+            tokens = torch.where(greedy, tokens, self._draw(logits, seqs))
         return tokens, raw_logprobs
 
     def _allowed(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor | None:
@@ -110,42 +111,25 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=self.device)
-        logits = logits / temps.unsqueeze(1)
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p and the exponential race (kernels.sampling: Triton on
+        CUDA, the reference elsewhere). The noise is drawn here, from each seeded request's own
+        generator, so a seed gives the same tokens with either implementation."""
         vocab = logits.shape[-1]
-        k_list = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
-        p_list = [s.params.top_p for s in seqs]
-        min_p_list = [s.params.min_p for s in seqs]
-        if any(k < vocab for k in k_list) or any(p < 1 for p in p_list):
-            top_k = torch.tensor(k_list, device=self.device)
-            top_p = torch.tensor(p_list, device=self.device)
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=self.device).unsqueeze(0)
-            drop = ranks >= top_k.unsqueeze(1)
-            probs_sorted = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-            # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-            drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= top_p.unsqueeze(1)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        if any(m > 0 for m in min_p_list):
-            min_p = torch.tensor(min_p_list, device=self.device)
-            floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
-        q = torch.empty_like(probs).exponential_()
+        dev = self.device
+        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
+        top_k = torch.tensor([min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs], device=dev)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        q = torch.empty_like(logits, dtype=torch.float32).exponential_()
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.is_greedy:
                 gen = self.generators.get(seq.request_id)
                 if gen is None:
-                    gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                    gen = torch.Generator(device=dev).manual_seed(seq.params.seed)
                     self.generators[seq.request_id] = gen
                 q[i].exponential_(generator=gen)
-        scores = probs / q
-        if allowed is not None:
-            # A masked token has p = 0, but 0 / q is NaN where q drew exactly 0, and argmax takes NaN.
-            scores = scores.masked_fill(~allowed, -1.0)
-        return scores.argmax(dim=-1)
+        return sample(logits.float(), temperature, top_k, top_p, min_p, q)
 
 
 def gather_logprobs(

@@ -1,0 +1,53 @@
+"""Sampling a token per row from logits: temperature, top-k, top-p, min-p, then the exponential race
+(argmax of p / q with q ~ Exp(1), which draws from p). The noise q is an input, so that seeded
+requests draw the same tokens whichever implementation runs.
+
+Dispatch: Triton (`triton_sampling`, no sort: thresholds found by bisection over the row) on CUDA
+once `triton_sampling.verified` has checked it against this reference on the device; the PyTorch
+reference elsewhere. Penalties, logit bias and grammar masks are applied to the logits before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_ref(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, q: torch.Tensor,
+) -> torch.Tensor:
+    """logits [B, V] fp32, per-row temperature (> 0), top_k (V: off), top_p (1: off), min_p (0: off),
+    q [B, V] Exp(1) noise -> token ids [B]. A token whose logit is -inf is never drawn."""
+    logits = logits / temperature.unsqueeze(1)
+    vocab = logits.shape[-1]
+    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        drop = ranks >= top_k.unsqueeze(1)
+        probs_sorted = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if bool((min_p > 0).any()):
+        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    # p = 0 (masked) must never win, even where q drew exactly 0 (0 / 0 is NaN, and argmax takes NaN).
+    scores = (probs / q).masked_fill(probs <= 0, -1.0)
+    return scores.argmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, q: torch.Tensor,
+) -> torch.Tensor:
+    if logits.is_cuda:
+        from kernels import triton_sampling
+
+        if triton_sampling.verified(logits.device):
+            try:
+                return triton_sampling.sample_triton(logits, temperature, top_k, top_p, min_p, q)
+            except Exception as exc:  # e.g. a compilation for a new size class: never fail the step
+                triton_sampling.disable(logits.device, exc)
+    return sample_ref(logits, temperature, top_k, top_p, min_p, q)

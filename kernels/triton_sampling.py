@@ -1,0 +1,172 @@
+"""Token sampling in Triton, one program per row, no sort.
+
+The reference (kernels.sampling.sample_ref) sorts each row for top-k and top-p. Here both cut-offs
+are found by bisection over the row, on the order-preserving integer image of the fp32 values, so
+32 rounds pin the exact boundary value: top-k keeps the values >= the k-th largest; top-p keeps a
+value when the probability mass strictly above it is < top_p (the top token always stays), over
+the top-k survivors renormalised; min-p keeps exp(x - max) >= min_p. Then argmax of exp(x - max) / q
+over the kept tokens (q ~ Exp(1) given by the caller) draws from the renormalised distribution.
+Passes over a row: 2, plus 32 each for an active top-k or top-p; a row of 128K fp32 logits is 512 KB,
+so the extra passes read L2, not HBM. Ties at a cut-off keep every tied token (the sort keeps the
+first ones in its order).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sampling import sample_ref
+
+BLOCK = 1024
+
+
+@triton.jit
+def _key(x):
+    """fp32 -> int32 whose signed order is the float order (-inf smallest, +inf largest)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, q_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr,
+    V, stride_l, stride_q, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    lp = logits_ptr + row.to(tl.int64) * stride_l
+    qp = q_ptr + row.to(tl.int64) * stride_q
+    temp = tl.load(temp_ptr + row)
+    k = tl.load(top_k_ptr + row)
+    p = tl.load(top_p_ptr + row)
+    min_p = tl.load(min_p_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+
+    mx = tl.full((), neg_inf, tl.float32)
+    for start in range(0, V, BLOCK):
+        x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
+        mx = tl.maximum(mx, tl.max(x, 0))
+
+    # top-k: the largest threshold t with count(key >= t) >= k; lo holds, hi fails.
+    lo_k = tl.full((), -2147483648, tl.int64)
+    if k < V:
+        hi = tl.full((), 2147483647, tl.int64) + 1
+        for _ in range(32):
+            mid = lo_k + (hi - lo_k) // 2
+            count = tl.zeros((), tl.int64)
+            for start in range(0, V, BLOCK):
+                x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
+                keep = (_key(x).to(tl.int64) >= mid) & (start + offs < V)
+                count += tl.sum(keep.to(tl.int64), 0)
+            ok = count >= k
+            lo_k = tl.where(ok, mid, lo_k)
+            hi = tl.where(ok, hi, mid)
+    thr = lo_k
+
+    # top-p over the top-k survivors: the smallest t with mass(key > t) < p * total; keep key >= t.
+    if p < 1.0:
+        total = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
+            e = tl.where(_key(x).to(tl.int64) >= lo_k, tl.exp(x - mx), 0.0)
+            total += tl.sum(e, 0)
+        lo = lo_k - 1
+        hi_p = tl.full((), 2147483647, tl.int64) + 1
+        for _ in range(32):
+            mid = lo + (hi_p - lo) // 2
+            mass = tl.zeros((), tl.float32)
+            for start in range(0, V, BLOCK):
+                x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
+                key = _key(x).to(tl.int64)
+                e = tl.where((key >= lo_k) & (key > mid), tl.exp(x - mx), 0.0)
+                mass += tl.sum(e, 0)
+            below = mass < p * total
+            hi_p = tl.where(below, mid, hi_p)
+            lo = tl.where(below, lo, mid)
+        thr = tl.maximum(thr, hi_p)
+
+    # min-p: p / p_max = exp(x - mx) >= min_p; then the exponential race over what is kept.
+    best = tl.full((), -2.0, tl.float32)
+    best_idx = tl.zeros((), tl.int32)
+    for start in range(0, V, BLOCK):
+        idx = start + offs
+        valid = idx < V
+        x = tl.load(lp + idx, mask=valid, other=neg_inf) / temp
+        e = tl.exp(x - mx)
+        keep = valid & (_key(x).to(tl.int64) >= thr) & (e > 0) & (e >= min_p)
+        qv = tl.load(qp + idx, mask=valid, other=1.0)
+        score = tl.where(keep, e / qv, -1.0)
+        block_best = tl.max(score, 0)
+        block_idx = tl.argmax(score, 0)
+        better = block_best > best
+        best_idx = tl.where(better, start + block_idx, best_idx)
+        best = tl.where(better, block_best, best)
+    tl.store(out_ptr + row, best_idx.to(tl.int64))
+
+
+def sample_triton(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, q: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as kernels.sampling.sample_ref: logits [B, V] fp32 -> token ids [B] (int64)."""
+    rows, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    _sample_kernel[(rows,)](
+        logits, q, temperature.float().contiguous(), top_k.to(torch.int32).contiguous(),
+        top_p.float().contiguous(), min_p.float().contiguous(), out,
+        vocab, logits.stride(0), q.stride(0), BLOCK=BLOCK, num_warps=8,
+    )
+    return out
+
+
+_VERIFIED: dict[torch.device, bool] = {}
+log = logging.getLogger(__name__)
+
+
+def verified(device: torch.device) -> bool:
+    """Whether the kernel agrees with the reference on this device, checked once on random rows with
+    every cut-off active, at a vocabulary of each size class Triton compiles apart (multiple of 16 or
+    not): the dispatch uses the reference when it does not, or when the kernel cannot run here."""
+    ok = _VERIFIED.get(device)
+    if ok is None:
+        ok = _VERIFIED[device] = _check(device)
+    return ok
+
+
+def disable(device: torch.device, exc: BaseException) -> None:
+    """The kernel failed while serving: use the reference from now on."""
+    log.warning("Triton sampler failed on %s (%s): sampling with the PyTorch reference from now on", device, exc)
+    _VERIFIED[device] = False
+
+
+def _check(device: torch.device) -> bool:
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        ok = True
+        for vocab in (5000, 5008):
+            rows = 16
+            logits = torch.randn(rows, vocab, device=device, generator=gen) * 3
+            logits[1, 100:] = float("-inf")
+            q = torch.empty(rows, vocab, device=device).exponential_(generator=gen)
+            temperature = torch.linspace(0.3, 1.5, rows, device=device)
+            top_k = torch.tensor([vocab, 1, 5, 50, vocab, vocab, 40, vocab] * 2, device=device)
+            top_p = torch.tensor([1.0, 1.0, 1.0, 0.9, 0.5, 0.95, 0.8, 1.0] * 2, device=device)
+            min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.05, 0.2] * 2, device=device)
+            got = sample_triton(logits, temperature, top_k, top_p, min_p, q)
+            ok = ok and bool(torch.equal(got, sample_ref(logits, temperature, top_k, top_p, min_p, q)))
+    except Exception as exc:  # a kernel that cannot compile or run here: the reference serves
+        log.warning("Triton sampler unavailable on %s (%s): sampling with the PyTorch reference", device, exc)
+        return False
+    if not ok:
+        log.warning("Triton sampler disagrees with the reference on %s: sampling with the PyTorch reference", device)
+    return ok
