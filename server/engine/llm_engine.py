@@ -116,7 +116,11 @@ class LLMEngine:
         self.adapters_to_remove: set[int] = set()
         self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
-            logger.info("warmup: prefill kernels compiled in %.1fs", self.warmup())
+            try:
+                logger.info("warmup: prefill and sampling kernels compiled in %.1fs", self.warmup())
+            except Exception as exc:  # the same path every request takes: better to stop here, saying so
+                raise RuntimeError(f"engine warmup failed ({type(exc).__name__}: {exc}); requests would fail the "
+                                   "same way (--no-warmup skips the warmup)") from exc
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
