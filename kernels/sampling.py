@@ -14,13 +14,19 @@ import torch
 
 def sample_ref(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    min_p: torch.Tensor, q: torch.Tensor,
+    min_p: torch.Tensor, q: torch.Tensor, cut: bool | None = None, floor: bool | None = None,
 ) -> torch.Tensor:
     """logits [B, V] fp32, per-row temperature (> 0), top_k (V: off), top_p (1: off), min_p (0: off),
-    q [B, V] Exp(1) noise -> token ids [B]. A token whose logit is -inf is never drawn."""
+    q [B, V] Exp(1) noise -> token ids [B]. A token whose logit is -inf is never drawn. `cut` (some
+    row has top-k or top-p) and `floor` (some row has min-p) may be given from host-side values, so
+    that deciding costs no device sync; they are read from the tensors otherwise."""
     logits = logits / temperature.unsqueeze(1)
     vocab = logits.shape[-1]
-    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+    if cut is None:
+        cut = bool((top_k < vocab).any()) or bool((top_p < 1).any())
+    if floor is None:
+        floor = bool((min_p > 0).any())
+    if cut:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
@@ -30,9 +36,9 @@ def sample_ref(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    if bool((min_p > 0).any()):
-        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
+    if floor:
+        least = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < least, 0.0)
     # p = 0 (masked) must never win, even where q drew exactly 0 (0 / 0 is NaN, and argmax takes NaN).
     scores = (probs / q).masked_fill(probs <= 0, -1.0)
     return scores.argmax(dim=-1)
@@ -40,7 +46,7 @@ def sample_ref(
 
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    min_p: torch.Tensor, q: torch.Tensor,
+    min_p: torch.Tensor, q: torch.Tensor, cut: bool | None = None, floor: bool | None = None,
 ) -> torch.Tensor:
     if logits.is_cuda:
         from kernels import triton_sampling
@@ -50,4 +56,4 @@ def sample(
                 return triton_sampling.sample_triton(logits, temperature, top_k, top_p, min_p, q)
             except Exception as exc:  # e.g. a compilation for a new size class: never fail the step
                 triton_sampling.disable(logits.device, exc)
-    return sample_ref(logits, temperature, top_k, top_p, min_p, q)
+    return sample_ref(logits, temperature, top_k, top_p, min_p, q, cut, floor)

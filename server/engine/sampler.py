@@ -117,10 +117,13 @@ class Sampler:
         generator, so a seed gives the same tokens with either implementation."""
         vocab = logits.shape[-1]
         dev = self.device
+        k_list = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
+        p_list = [s.params.top_p for s in seqs]
+        min_p_list = [s.params.min_p for s in seqs]
         temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
-        top_k = torch.tensor([min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs], device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        top_k = torch.tensor(k_list, device=dev)
+        top_p = torch.tensor(p_list, device=dev)
+        min_p = torch.tensor(min_p_list, device=dev)
         q = torch.empty_like(logits, dtype=torch.float32).exponential_()
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.is_greedy:
@@ -129,7 +132,8 @@ class Sampler:
                     gen = torch.Generator(device=dev).manual_seed(seq.params.seed)
                     self.generators[seq.request_id] = gen
                 q[i].exponential_(generator=gen)
-        return sample(logits.float(), temperature, top_k, top_p, min_p, q)
+        cut = any(k < vocab for k in k_list) or any(p < 1 for p in p_list)
+        return sample(logits.float(), temperature, top_k, top_p, min_p, q, cut, any(m > 0 for m in min_p_list))
 
 
 def gather_logprobs(
