@@ -3,8 +3,8 @@
 requests draw the same tokens whichever implementation runs.
 
 Dispatch: Triton (`triton_sampling`, no sort: thresholds found by bisection over the row) on CUDA
-once `triton_sampling.verified` has checked it against this reference on the device; the PyTorch
-reference elsewhere. Penalties, logit bias and grammar masks are applied to the logits before.
+when asked for (`use_triton`, the server's `--sampler triton`) and once `triton_sampling.verified`
+has checked it against this reference on the device; the PyTorch reference otherwise. Penalties, logit bias and grammar masks are applied to the logits before.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def sample_ref(
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, q: torch.Tensor, cut: bool | None = None, floor: bool | None = None,
+    use_triton: bool = False,
 ) -> torch.Tensor:
-    if logits.is_cuda:
+    if use_triton and logits.is_cuda:
         from kernels import triton_sampling
 
         if triton_sampling.verified(logits.device):

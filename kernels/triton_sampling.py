@@ -6,9 +6,11 @@ are found by bisection over the row, on the order-preserving integer image of th
 value when the probability mass strictly above it is < top_p (the top token always stays), over
 the top-k survivors renormalised; min-p keeps exp(x - max) >= min_p. Then argmax of exp(x - max) / q
 over the kept tokens (q ~ Exp(1) given by the caller) draws from the renormalised distribution.
-Passes over a row: 2, plus 32 each for an active top-k or top-p; a row of 128K fp32 logits is 512 KB,
-so the extra passes read L2, not HBM. Ties at a cut-off keep every tied token (the sort keeps the
-first ones in its order).
+Passes over a row: 2, plus 32 each for an active top-k or top-p (each pass accumulates per lane and
+reduces once); a row of 128K fp32 logits is 512 KB, so the extra passes read L2, not HBM, but one
+program walks its row alone: its speed against the sort is not measured yet, so the server uses it
+only when asked (`--sampler triton`). Ties at a cut-off keep every tied token (the sort keeps the
+first ones in its order), and its fp32 exp is not torch's: near ties can go the other way.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def _sample_kernel(
     offs = tl.arange(0, BLOCK)
     neg_inf = float("-inf")
 
-    mx = tl.full((), neg_inf, tl.float32)
+    mx_acc = tl.full((BLOCK,), neg_inf, tl.float32)
     for start in range(0, V, BLOCK):
         x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
-        mx = tl.maximum(mx, tl.max(x, 0))
+        mx_acc = tl.maximum(mx_acc, x)
+    mx = tl.max(mx_acc, 0)
 
     # top-k: the largest threshold t with count(key >= t) >= k; lo holds, hi fails.
     lo_k = tl.full((), -2147483648, tl.int64)
@@ -57,34 +60,33 @@ def _sample_kernel(
         hi = tl.full((), 2147483647, tl.int64) + 1
         for _ in range(32):
             mid = lo_k + (hi - lo_k) // 2
-            count = tl.zeros((), tl.int64)
+            count_acc = tl.zeros((BLOCK,), tl.int32)
             for start in range(0, V, BLOCK):
                 x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
                 keep = (_key(x).to(tl.int64) >= mid) & (start + offs < V)
-                count += tl.sum(keep.to(tl.int64), 0)
-            ok = count >= k
+                count_acc += keep.to(tl.int32)
+            ok = tl.sum(count_acc, 0) >= k
             lo_k = tl.where(ok, mid, lo_k)
             hi = tl.where(ok, hi, mid)
     thr = lo_k
 
     # top-p over the top-k survivors: the smallest t with mass(key > t) < p * total; keep key >= t.
     if p < 1.0:
-        total = tl.zeros((), tl.float32)
+        total_acc = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, V, BLOCK):
             x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
-            e = tl.where(_key(x).to(tl.int64) >= lo_k, tl.exp(x - mx), 0.0)
-            total += tl.sum(e, 0)
+            total_acc += tl.where(_key(x).to(tl.int64) >= lo_k, tl.exp(x - mx), 0.0)
+        total = tl.sum(total_acc, 0)
         lo = lo_k - 1
         hi_p = tl.full((), 2147483647, tl.int64) + 1
         for _ in range(32):
             mid = lo + (hi_p - lo) // 2
-            mass = tl.zeros((), tl.float32)
+            mass_acc = tl.zeros((BLOCK,), tl.float32)
             for start in range(0, V, BLOCK):
                 x = tl.load(lp + start + offs, mask=start + offs < V, other=neg_inf) / temp
                 key = _key(x).to(tl.int64)
-                e = tl.where((key >= lo_k) & (key > mid), tl.exp(x - mx), 0.0)
-                mass += tl.sum(e, 0)
-            below = mass < p * total
+                mass_acc += tl.where((key >= lo_k) & (key > mid), tl.exp(x - mx), 0.0)
+            below = tl.sum(mass_acc, 0) < p * total
             hi_p = tl.where(below, mid, hi_p)
             lo = tl.where(below, lo, mid)
         thr = tl.maximum(thr, hi_p)

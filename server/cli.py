@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
+    e.add_argument("--sampler", choices=["torch", "triton"], default="torch",
+                   help="CUDA: sampling by PyTorch ops (default) or by the Triton kernel (no sort; checked against "
+                        "torch at startup, not yet measured faster)")
     e.add_argument("--no-warmup", action="store_true",
                    help="CUDA: skip compiling the prefill kernels at startup (first requests then compile them)")
     e.add_argument("--cuda-graph-sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         warmup=not args.no_warmup,
+        sampler=args.sampler,
         cuda_graph_sizes=args.cuda_graph_sizes,
         lora_dirs=tuple(args.lora_dir),
         max_cpu_loras=args.max_cpu_loras,

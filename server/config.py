@@ -31,6 +31,7 @@ class Config:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode steps
     warmup: bool = True  # CUDA only: compile the prefill kernels at startup (LLMEngine.warmup)
+    sampler: str = "torch"  # "triton": kernels.triton_sampling on CUDA (not yet measured against torch)
     cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs
@@ -57,6 +58,8 @@ class Config:
     shutdown_timeout: float = 30.0  # seconds a SIGTERM waits for in-flight requests to finish
 
     def __post_init__(self) -> None:
+        if self.sampler not in ("torch", "triton"):
+            raise ValueError(f"--sampler must be torch or triton; got {self.sampler!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"--block-size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -110,6 +110,7 @@ class LLMEngine:
             model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
             self.max_model_len, buckets,
         )
+        self.runner.sampler.use_triton = config.sampler == "triton"
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
         self.observer: StepObserver | None = None
@@ -132,9 +133,11 @@ class LLMEngine:
         start = time.perf_counter()
         rng = random.Random(0)
         vocab = self.loaded.model.config.vocab_size
-        lens = [n for n in WARMUP_PROMPT_LENS if n + 2 <= min(self.max_model_len, self.config.max_num_batched_tokens)]
+        bm = self.block_manager
+        lens = [n for n in WARMUP_PROMPT_LENS if n + 2 <= min(self.max_model_len, self.config.max_num_batched_tokens)
+                and bm.num_blocks_for(n + 2) <= bm.num_blocks]
         greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        # Together: sampled with every cut-off, which compiles (and checks) the sampling kernel too.
+        # Together: sampled with every cut-off (with --sampler triton, this compiles and checks its kernel).
         sampled = SamplingParams(max_tokens=2, temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, ignore_eos=True)
         caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
         try:

@@ -31,6 +31,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self.grammar: GrammarCompiler | None = None  # set once the tokenizer is known
         self.grammar_error: str | None = None  # why the tokenizer has no grammar compiler
+        self.use_triton = False  # --sampler triton: kernels.triton_sampling on CUDA
         self.matchers = GrammarMatchers()
         self._staging: torch.Tensor | None = None  # pinned host rows the bitmask is copied from
 
@@ -112,8 +113,8 @@ class Sampler:
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p and the exponential race (kernels.sampling: Triton on
-        CUDA, the reference elsewhere). The noise is drawn here, from each seeded request's own
+        """Temperature, top-k, top-p, min-p and the exponential race (kernels.sampling: the PyTorch
+        reference, or the Triton kernel on CUDA with --sampler triton). The noise is drawn here, from each seeded request's own
         generator, so a seed gives the same tokens with either implementation."""
         vocab = logits.shape[-1]
         dev = self.device
@@ -133,7 +134,8 @@ class Sampler:
                     self.generators[seq.request_id] = gen
                 q[i].exponential_(generator=gen)
         cut = any(k < vocab for k in k_list) or any(p < 1 for p in p_list)
-        return sample(logits.float(), temperature, top_k, top_p, min_p, q, cut, any(m > 0 for m in min_p_list))
+        return sample(logits.float(), temperature, top_k, top_p, min_p, q, cut, any(m > 0 for m in min_p_list),
+                      self.use_triton)
 
 
 def gather_logprobs(

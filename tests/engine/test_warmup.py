@@ -39,3 +39,13 @@ def test_warmup_leaves_the_engine_as_it_found_it() -> None:
     while engine.has_unfinished_requests:
         engine.step()
     assert bm.num_prefix_queries == 37
+
+
+def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
+    """A small KV cache (low --gpu-memory-utilization, big model): the warmup runs what fits instead
+    of refusing to start."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+                              num_kv_blocks=20))
+    engine.warmup()
+    assert not engine.has_unfinished_requests
+    assert engine.block_manager.num_free_blocks == 20
