@@ -246,18 +246,15 @@ class LLMEngine:
 
     def fail_running(self, message: str) -> list[RequestOutput]:
         """End the running requests with an error (their step failed); waiting ones stay queued."""
-        outputs = []
-        for seq in self.scheduler.finish_running(FinishReason.ERROR):
-            self._release(seq)
-            out = RequestOutput.of(seq, [], [])
-            out.error = message
-            outputs.append(out)
-        return outputs
+        return self._fail(self.scheduler.finish_running(FinishReason.ERROR), message)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (the engine cannot go on); returns their outputs."""
+        return self._fail(self.scheduler.finish_all(FinishReason.ERROR), message)
+
+    def _fail(self, seqs: list[Sequence], message: str) -> list[RequestOutput]:
         outputs = []
-        for seq in self.scheduler.finish_all(FinishReason.ERROR):
+        for seq in seqs:
             self._release(seq)
             out = RequestOutput.of(seq, [], [])
             out.error = message
