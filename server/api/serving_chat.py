@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -12,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.api.admission import Ticket
-from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from server.api.endpoint import admit_generation, whole_response
 from server.api.errors import APIError, error_json
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import chat_logprobs
@@ -26,11 +25,9 @@ from server.api.responses import (
     ChatResponseMessage,
     ResponseToolCall,
     Usage,
-    json_response,
     now,
 )
 from server.api.sampling import choice_requests, compile_spec, response_format_spec
-from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tool_calls import ToolCallReader, merge_deltas
@@ -45,11 +42,7 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: StateDep
 ) -> Response:
-    deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
-    runtime = state.ready()
-    body.check()
-    adapter_id = await resolve_adapter(state, runtime, body.model)
-    ticket = state.admission.admit()
+    deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
     try:
         plan = plan_tools(body)
         prompt_ids = await encode_tool_chat(runtime.tokenizer, body.conversation(), plan)
@@ -68,14 +61,7 @@ async def create_chat_completion(
     model = body.model or runtime.base_model_id
     if body.stream:
         return sse_response(_chat_events(runtime, body, plan, reqs, response_id, model, ticket, deadline), ticket)
-    try:
-        work = _chat_response(runtime, body, plan, reqs, response_id, model, deadline)
-        response = await cancel_on_disconnect(request, work)
-        return json_response(response)
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        ticket.release()
+    return await whole_response(request, _chat_response(runtime, body, plan, reqs, response_id, model, deadline), ticket)
 
 
 async def _structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:

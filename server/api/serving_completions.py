@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator
@@ -11,15 +10,14 @@ from contextlib import aclosing
 from fastapi import APIRouter, Request, Response
 
 from server.api.admission import Ticket
-from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from server.api.endpoint import admit_generation, whole_response
 from server.api.errors import APIError, error_json
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
-from server.api.responses import CompletionChoice, CompletionResponse, Usage, json_response, now
+from server.api.responses import CompletionChoice, CompletionResponse, Usage, now
 from server.api.sampling import choice_requests
-from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 
@@ -31,11 +29,7 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, state: StateDep
 ) -> Response:
-    deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
-    runtime = state.ready()
-    body.check()
-    adapter_id = await resolve_adapter(state, runtime, body.model)
-    ticket = state.admission.admit()
+    deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
     try:
         prompts, prompt_texts = await _encode_prompts(runtime, body)
         ticket.reserve_tokens(sum(len(ids) for ids, _ in prompts) * body.n, "prompt")
@@ -52,13 +46,8 @@ async def create_completion(
         events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, ticket,
                                     deadline)
         return sse_response(events, ticket)
-    try:
-        work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
-        return json_response(await cancel_on_disconnect(request, work))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        ticket.release()
+    work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
+    return await whole_response(request, work, ticket)
 
 
 async def _encode_prompts(runtime: Runtime, body: CompletionRequest) -> tuple[list[tuple[list[int], int]], list[str]]:
