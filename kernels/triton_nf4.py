@@ -378,6 +378,24 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = 
     return out
 
 
+def _decoded_product(x: torch.Tensor, ws: list[NF4Weight], use_prmt: list[bool], out: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ [W0; W1; ...].T (+ bias) into `out`: the weights decoded one under the other into the
+    scratch matrix, then one cuBLAS product (long prompts)."""
+    k = x.shape[1]
+    total = sum(w.shape[0] for w in ws)
+    w16 = _scratch(x.device, x.dtype, total * k).view(total, k)
+    offset = 0
+    for w, prmt in zip(ws, use_prmt, strict=True):
+        nf4_dequantize(w, x.dtype, w16[offset : offset + w.shape[0]], prmt)
+        offset += w.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is None:
+        return torch.mm(x, w16.t(), out=out)
+    return torch.addmm(bias, x, w16.t(), out=out)
+
+
 def nf4_matmul(
     x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
     gemv: GemvConfig | None = None, gemm: GemmConfig | None = None, dequant_min_rows: int = DEQUANT_MIN_ROWS,
@@ -392,13 +410,7 @@ def nf4_matmul(
     if m == 0:
         return out
     if m >= dequant_min_rows:
-        cfg = gemm or gemm_config_for(m, n, k)
-        w16 = nf4_dequantize(w, x.dtype, _scratch(x.device, x.dtype, n * k).view(n, k), cfg.use_prmt)
-        if bias is None:
-            torch.mm(x, w16.t(), out=out)
-        else:
-            torch.addmm(bias, x, w16.t(), out=out)
-        return out
+        return _decoded_product(x, [w], [(gemm or gemm_config_for(m, n, k)).use_prmt], out, bias)
     use_gemv = m <= GEMV_MAX_ROWS
     cfg_v = gemv or gemv_config_for(m, n, k)
     cfg_m = gemm or gemm_config_for(m, n, k)
@@ -447,13 +459,8 @@ def nf4_matmul_stacked(x: torch.Tensor, ws: list[NF4Weight], out: torch.Tensor |
     if out is None:
         out = torch.empty((m, total), dtype=x.dtype, device=x.device)
     if m >= dequant_min_rows:
-        w16 = _scratch(x.device, x.dtype, total * k).view(total, k)
-        offset = 0
-        for w in ws:
-            prmt = use_prmt and gemm_config_for(m, w.shape[0], k).use_prmt
-            nf4_dequantize(w, x.dtype, w16[offset : offset + w.shape[0]], prmt)
-            offset += w.shape[0]
-        return torch.mm(x if x.stride(1) == 1 else x.contiguous(), w16.t(), out=out)
+        prmt = [use_prmt and gemm_config_for(m, w.shape[0], k).use_prmt for w in ws]
+        return _decoded_product(x, ws, prmt, out)
     offset = 0
     for w in ws:
         nf4_matmul(x, w, out=out[:, offset : offset + w.shape[0]], dequant_min_rows=dequant_min_rows)
