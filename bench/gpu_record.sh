@@ -21,30 +21,38 @@ t0=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 save() { tar czf "$OUT/$phase.tgz" -C "$RES" .; }  # after every stage: a cut run keeps what ran
 
+compare_stage() {  # compare_stage STAGE SECONDS: one stage of bench/compare.py, logged to STAGE.log
+    timeout "$2" python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages "$1" > "$RES/$1.log" 2>&1
+}
+
+peers_then_report() {  # peers_then_report SECONDS MAX_RUN_S: every peer at 1/8/64, then compare.md
+    timeout "$1" python bench/peers.py --model "$WORK/model-bnb-4bit" --adapter "$WORK/model-loras/lora-0" \
+        --peers unsloth-graphs,hf-bnb,unsloth,unsloth-graphs-lora --batch-sizes 1,8,64 --time-budget-s $(( $1 - 10 )) \
+        --max-run-s "$2" --out "$RES/cmp/peers.md" > "$RES/peers.log" 2>&1
+    compare_stage report 60
+}
+
 ensure_model() {
     [ -f "$WORK/model-bnb-4bit/config.json" ] && [ -d "$WORK/model-loras/lora-7" ] && return
     elapsed "building the random 8B model"
-    timeout 300 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages model > "$RES/model.log" 2>&1
+    compare_stage model 300
 }
 
 case $phase in
 compare)
     ensure_model
     elapsed "engine"
-    timeout 200 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages engine > "$RES/engine.log" 2>&1
+    compare_stage engine 200
     save
     elapsed "serve"
-    timeout 240 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages serve > "$RES/serve.log" 2>&1
+    compare_stage serve 240
     mkdir -p "$WORK/keep" && cp "$RES"/cmp/*.json "$RES/cmp/metrics.txt" "$WORK/keep/" 2>/dev/null
     ;;
 peers)
     ensure_model
     mkdir -p "$RES/cmp" && cp "$WORK"/keep/* "$RES/cmp/" 2>/dev/null
     elapsed "peers"
-    timeout 330 python bench/peers.py --model "$WORK/model-bnb-4bit" --adapter "$WORK/model-loras/lora-0" \
-        --peers unsloth-graphs,hf-bnb,unsloth,unsloth-graphs-lora --batch-sizes 1,8,64 --time-budget-s 320 \
-        --max-run-s 120 --out "$RES/cmp/peers.md" > "$RES/peers.log" 2>&1
-    python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages report > "$RES/report.log" 2>&1
+    peers_then_report 330 120
     save
     elapsed "structured"
     timeout 150 python bench/structured.py --parts check,libraries,engine --batch-sizes 1,64 --device cuda \
@@ -57,16 +65,13 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
     ensure_model
     save
     elapsed "engine"
-    timeout 150 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages engine > "$RES/engine.log" 2>&1
+    compare_stage engine 150
     save
     elapsed "serve"
-    timeout 170 python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages serve > "$RES/serve.log" 2>&1
+    compare_stage serve 170
     save
     elapsed "peers"
-    timeout 240 python bench/peers.py --model "$WORK/model-bnb-4bit" --adapter "$WORK/model-loras/lora-0" \
-        --peers unsloth-graphs,hf-bnb,unsloth,unsloth-graphs-lora --batch-sizes 1,8,64 --time-budget-s 230 \
-        --max-run-s 100 --out "$RES/cmp/peers.md" > "$RES/peers.log" 2>&1
-    python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages report > "$RES/report.log" 2>&1
+    peers_then_report 240 100
     save
     elapsed "eager profile (Unsloth-loaded model)"
     timeout $(( 575 - ($(date +%s) - t0) )) python bench/profile_eager.py --model "$WORK/model-bnb-4bit" --prompt-lens 64,512 \
