@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
 from kernels.lora import add_lora, add_lora_ref  # noqa: E402
 
@@ -111,11 +112,7 @@ def _interpreter_main() -> None:
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, object]:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(INTERPRETER_CASES))

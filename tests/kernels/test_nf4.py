@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import traceback
 from dataclasses import replace
@@ -20,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
 from kernels.nf4 import (  # noqa: E402
     NF4_CODE,
@@ -226,11 +227,7 @@ def _interpreter_main() -> None:
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, object]:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(INTERPRETER_CASES))
