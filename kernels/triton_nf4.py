@@ -133,23 +133,8 @@ def _gemv_kernel(
         else:
             xs = tl.load(x_ptrs, mask=m_mask[:, None] & (kk < left * BLOCKSIZE)[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(xs.to(DTYPE)), acc)
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None] * stride_on
-    if SPLIT_K == 1:
-        _store_out(acc, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
-    else:
-        # Partials go to [SPLIT_K, N, M] fp32; the last program of this column tile to arrive (the
-        # counter's acq_rel atomic orders the others' stores before it) sums them and resets the counter.
-        part_ptrs = part_ptr + rn[:, None] * M + rm[None, :]
-        tl.store(part_ptrs + pid_k * N * M, acc, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptrs + s * N * M, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(lock_ptr + pid_n, 0)
-            _store_out(total, out_ptrs, out_mask, bias_ptr, rn, n_mask, HAS_BIAS, 0)
+    _store_gemv_out(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, rn, rm, n_mask, m_mask, pid_n, pid_k, M, N,
+                    stride_om, stride_on, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -199,6 +184,16 @@ def _gemv_fma_kernel(
             part = tl.sum(codes * xm[None, :, :], axis=2)  # [BLOCK_N, KB] block sums
             acc += tl.where(rm == m, tl.sum(part * s, axis=1)[:, None], 0.0)
     m_mask = rm < M
+    _store_gemv_out(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, rn, rm, n_mask, m_mask, pid_n, pid_k, M, N,
+                    stride_om, stride_on, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _store_gemv_out(acc, out_ptr, part_ptr, lock_ptr, bias_ptr, rn, rm, n_mask, m_mask, pid_n, pid_k, M, N,
+                    stride_om, stride_on, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The end of both GEMV kernels: acc [BLOCK_N, BLOCK_M] is out^T's tile. With K split,
+    partials go to [SPLIT_K, N, M] fp32; the last program of this column tile to arrive (the
+    counter's acq_rel atomic orders the others' stores before it) sums them and resets the counter."""
     out_mask = n_mask[:, None] & m_mask[None, :]
     out_ptrs = out_ptr + rm[None, :] * stride_om + rn[:, None] * stride_on
     if SPLIT_K == 1:
@@ -209,7 +204,7 @@ def _gemv_fma_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)
         if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            total = tl.zeros(acc.shape, dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(part_ptrs + s * N * M, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + pid_n, 0)
