@@ -1,11 +1,13 @@
 """What both generation endpoints (chat and text completions) do around their own work: the start
-of a request (deadline from its arrival, a loaded model, valid fields, its adapter, admission) and
-a whole, non-streamed response that stops when the client goes away."""
+of a request (deadline from its arrival, a loaded model, valid fields, its adapter, admission), a
+whole, non-streamed response that stops when the client goes away, and the ending of a stream."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import logging
+from collections.abc import AsyncGenerator, Coroutine
+from contextlib import aclosing
 from typing import Any, NamedTuple
 
 from fastapi import Request, Response
@@ -13,11 +15,15 @@ from pydantic import BaseModel
 
 from server.api.admission import Ticket
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from server.api.errors import APIError, error_json
 from server.api.generation import Deadline
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import json_response
 from server.api.serving_adapters import resolve_adapter
+from server.api.sse import DONE, error_event
 from server.api.state import Runtime, ServerState
+
+logger = logging.getLogger(__name__)
 
 
 class Admitted(NamedTuple):
@@ -41,5 +47,23 @@ async def whole_response(request: Request, work: Coroutine[Any, Any, BaseModel],
         return json_response(await cancel_on_disconnect(request, work))
     except ClientDisconnected:
         return Response(status_code=499)
+    finally:
+        ticket.release()
+
+
+async def guarded_events(events: AsyncGenerator[str, None], ticket: Ticket, name: str) -> AsyncGenerator[str, None]:
+    """A stream's events; an error raised after the 200 was sent (a passed deadline: its own body;
+    anything else: an internal error) becomes an error event, then DONE. Releases the ticket."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except APIError as exc:
+        yield error_json(exc)
+        yield DONE
+    except Exception as exc:
+        logger.exception("%s failed", name)
+        yield error_event(f"internal server error: {type(exc).__name__}")
+        yield DONE
     finally:
         ticket.release()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -10,9 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.admission import Ticket
-from server.api.endpoint import admit_generation, whole_response
-from server.api.errors import APIError, error_json
+from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import chat_logprobs
 from server.api.prompts import resolve_max_tokens
@@ -34,7 +31,6 @@ from server.api.tool_calls import ToolCallReader, merge_deltas
 from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
 from server.engine.sampling_params import StructuredSpec
 
-logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -60,7 +56,8 @@ async def create_chat_completion(
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        return sse_response(_chat_events(runtime, body, plan, reqs, response_id, model, ticket, deadline), ticket)
+        events = _chat_events(runtime, body, plan, reqs, response_id, model, deadline)
+        return sse_response(guarded_events(events, ticket, f"chat stream {response_id}"), ticket)
     return await whole_response(request, _chat_response(runtime, body, plan, reqs, response_id, model, deadline), ticket)
 
 
@@ -115,7 +112,6 @@ async def _chat_events(
     reqs: list[ChoiceRequest],
     response_id: str,
     model: str,
-    ticket: Ticket,
     deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
     created = now()
@@ -127,38 +123,28 @@ async def _chat_events(
 
     num_output_tokens = 0
     readers = {r.index: ToolCallReader(plan) for r in reqs} if plan is not None else {}
-    try:
-        for r in reqs:
-            yield chunk([ChatChunkChoice(index=r.index, delta={"role": "assistant", "content": ""})])
-        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
-            async for d in deltas:
-                num_output_tokens += len(d.token_ids)
-                if d.error is not None:
-                    yield error_event(f"generation failed: {d.error}")
-                    yield DONE
-                    return
-                delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
-                if not (delta or d.logprobs or d.is_last):
-                    continue  # held back (a partial character, stop string or call): nothing to send yet
-                choice = ChatChunkChoice(
-                    index=d.index,
-                    delta=delta,
-                    logprobs=chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None,
-                    finish_reason=finish_reason,
-                )
-                yield chunk([choice])
-        if body.include_usage:
-            yield chunk([], Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
-        yield DONE
-    except APIError as exc:  # after the 200 was sent (deadline passed): the error as an event
-        yield error_json(exc)
-        yield DONE
-    except Exception as exc:
-        logger.exception("chat stream %s failed", response_id)
-        yield error_event(f"internal server error: {type(exc).__name__}")
-        yield DONE
-    finally:
-        ticket.release()
+    for r in reqs:
+        yield chunk([ChatChunkChoice(index=r.index, delta={"role": "assistant", "content": ""})])
+    async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
+        async for d in deltas:
+            num_output_tokens += len(d.token_ids)
+            if d.error is not None:
+                yield error_event(f"generation failed: {d.error}")
+                yield DONE
+                return
+            delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
+            if not (delta or d.logprobs or d.is_last):
+                continue  # held back (a partial character, stop string or call): nothing to send yet
+            choice = ChatChunkChoice(
+                index=d.index,
+                delta=delta,
+                logprobs=chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None,
+                finish_reason=finish_reason,
+            )
+            yield chunk([choice])
+    if body.include_usage:
+        yield chunk([], Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
+    yield DONE
 
 
 def _delta(reader: ToolCallReader | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.admission import Ticket
-from server.api.endpoint import admit_generation, whole_response
-from server.api.errors import APIError, error_json
+from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
@@ -21,7 +18,6 @@ from server.api.sampling import choice_requests
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 
-logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -43,9 +39,8 @@ async def create_completion(
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, ticket,
-                                    deadline)
-        return sse_response(events, ticket)
+        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
+        return sse_response(guarded_events(events, ticket, f"completion stream {response_id}"), ticket)
     work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
     return await whole_response(request, work, ticket)
 
@@ -99,7 +94,6 @@ async def _completion_events(
     num_prompt_tokens: int,
     response_id: str,
     model: str,
-    ticket: Ticket,
     deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
     created = now()
@@ -111,34 +105,24 @@ async def _completion_events(
 
     offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
     num_output_tokens = 0
-    try:
-        if body.echo:
-            for r in reqs:
-                yield chunk([CompletionChoice(index=r.index, text=echoes[r.index])])
-        async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
-            async for d in deltas:
-                num_output_tokens += len(d.token_ids)
-                if d.error is not None:
-                    yield error_event(f"generation failed: {d.error}")
-                    yield DONE
-                    return
-                if not (d.text or d.logprobs or d.is_last):
-                    continue
-                logprobs = None
-                if d.logprobs:
-                    logprobs = completion_logprobs(runtime.token_texts, d.logprobs, offsets[d.index])
-                    offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-                choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
-                yield chunk([choice])
-        if body.include_usage:
-            yield chunk([], Usage.of(num_prompt_tokens, num_output_tokens))
-        yield DONE
-    except APIError as exc:  # after the 200 was sent (deadline passed): the error as an event
-        yield error_json(exc)
-        yield DONE
-    except Exception as exc:
-        logger.exception("completion stream %s failed", response_id)
-        yield error_event(f"internal server error: {type(exc).__name__}")
-        yield DONE
-    finally:
-        ticket.release()
+    if body.echo:
+        for r in reqs:
+            yield chunk([CompletionChoice(index=r.index, text=echoes[r.index])])
+    async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
+        async for d in deltas:
+            num_output_tokens += len(d.token_ids)
+            if d.error is not None:
+                yield error_event(f"generation failed: {d.error}")
+                yield DONE
+                return
+            if not (d.text or d.logprobs or d.is_last):
+                continue
+            logprobs = None
+            if d.logprobs:
+                logprobs = completion_logprobs(runtime.token_texts, d.logprobs, offsets[d.index])
+                offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
+            yield chunk([choice])
+    if body.include_usage:
+        yield chunk([], Usage.of(num_prompt_tokens, num_output_tokens))
+    yield DONE
