@@ -20,7 +20,7 @@ from server.api.generation import Deadline
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import json_response
 from server.api.serving_adapters import resolve_adapter
-from server.api.sse import DONE, error_event
+from server.api.sse import DONE, data_event, error_event
 from server.api.state import Runtime, ServerState
 
 logger = logging.getLogger(__name__)
@@ -51,19 +51,20 @@ async def whole_response(request: Request, work: Coroutine[Any, Any, BaseModel],
         ticket.release()
 
 
-async def guarded_events(events: AsyncGenerator[str, None], ticket: Ticket, name: str) -> AsyncGenerator[str, None]:
-    """A stream's events; an error raised after the 200 was sent (a passed deadline: its own body;
-    anything else: an internal error) becomes an error event, then DONE. Releases the ticket."""
+async def guarded_events(events: AsyncGenerator[str, None], ticket: Ticket, name: str) -> AsyncGenerator[bytes, None]:
+    """A stream's events framed for the wire; an error raised after the 200 was sent (a passed
+    deadline: its own body; anything else: an internal error) becomes an error event, then DONE.
+    Releases the ticket."""
     try:
         async with aclosing(events):
             async for event in events:
-                yield event
+                yield data_event(event)
     except APIError as exc:
-        yield error_json(exc)
-        yield DONE
+        yield data_event(error_json(exc))
+        yield data_event(DONE)
     except Exception as exc:
         logger.exception("%s failed", name)
-        yield error_event(f"internal server error: {type(exc).__name__}")
-        yield DONE
+        yield data_event(error_event(f"internal server error: {type(exc).__name__}"))
+        yield data_event(DONE)
     finally:
         ticket.release()

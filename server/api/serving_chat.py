@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.chunks import ChatChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import chat_logprobs
@@ -16,8 +17,6 @@ from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
     ResponseToolCall,
@@ -114,17 +113,12 @@ async def _chat_events(
     model: str,
     deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
-    created = now()
-
-    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return ChatCompletionChunk(
-            id=response_id, created=created, model=model, choices=choices, usage=usage
-        ).model_dump_json()
+    chunks = ChatChunks(response_id, now(), model)
 
     num_output_tokens = 0
     readers = {r.index: ToolCallReader(plan) for r in reqs} if plan is not None else {}
     for r in reqs:
-        yield chunk([ChatChunkChoice(index=r.index, delta={"role": "assistant", "content": ""})])
+        yield chunks.choice(r.index, {"role": "assistant", "content": ""})
     async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
         async for d in deltas:
             num_output_tokens += len(d.token_ids)
@@ -135,15 +129,10 @@ async def _chat_events(
             delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
             if not (delta or d.logprobs or d.is_last):
                 continue  # held back (a partial character, stop string or call): nothing to send yet
-            choice = ChatChunkChoice(
-                index=d.index,
-                delta=delta,
-                logprobs=chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None,
-                finish_reason=finish_reason,
-            )
-            yield chunk([choice])
+            logprobs = chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None
+            yield chunks.choice(d.index, delta, finish_reason, logprobs)
     if body.include_usage:
-        yield chunk([], Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
+        yield chunks.usage(Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
     yield DONE
 
 

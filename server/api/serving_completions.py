@@ -8,6 +8,7 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.chunks import CompletionChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs
@@ -52,13 +53,12 @@ async def _encode_prompts(runtime: Runtime, body: CompletionRequest) -> tuple[li
     all_prompts = body.prompts()
     for i, prompt in enumerate(all_prompts):
         param = "prompt" if len(all_prompts) == 1 else f"prompt[{i}]"
+        token_ids = await encode_text(runtime.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        check_token_ids(token_ids, runtime.vocab_size, param)  # before echo decodes them
         if isinstance(prompt, str):
-            token_ids = await encode_text(runtime.tokenizer, prompt)
             texts.append(prompt)
         else:
-            token_ids = list(prompt)
             texts.append(runtime.tokenizer.decode(token_ids) if body.echo else "")
-        check_token_ids(token_ids, runtime.vocab_size, param)
         max_tokens = resolve_max_tokens(len(token_ids), body.max_tokens, runtime.max_model_len, "prompt")
         runtime.check_fits_cache(len(token_ids), param)
         prompts.append((token_ids, max_tokens))
@@ -96,18 +96,13 @@ async def _completion_events(
     model: str,
     deadline: Deadline | None,
 ) -> AsyncGenerator[str, None]:
-    created = now()
-
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return CompletionResponse(
-            id=response_id, created=created, model=model, choices=choices, usage=usage
-        ).model_dump_json()
+    chunks = CompletionChunks(response_id, now(), model)
 
     offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
     num_output_tokens = 0
     if body.echo:
         for r in reqs:
-            yield chunk([CompletionChoice(index=r.index, text=echoes[r.index])])
+            yield chunks.choice(CompletionChoice(index=r.index, text=echoes[r.index]))
     async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
         async for d in deltas:
             num_output_tokens += len(d.token_ids)
@@ -122,7 +117,7 @@ async def _completion_events(
                 logprobs = completion_logprobs(runtime.token_texts, d.logprobs, offsets[d.index])
                 offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
-            yield chunk([choice])
+            yield chunks.choice(choice)
     if body.include_usage:
-        yield chunk([], Usage.of(num_prompt_tokens, num_output_tokens))
+        yield chunks.usage(Usage.of(num_prompt_tokens, num_output_tokens))
     yield DONE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sys
 import threading
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 # interval (5 ms by default) has passed. An engine thread back from a GPU wait could sit that long
 # while the event loop streams tokens, with the GPU idle; a shorter interval bounds that wait.
 SWITCH_INTERVAL_S = 0.0005
+# Hand a step's outputs over once the next step is queued on the GPU (see _run). The environment
+# variable exists for A/B measurements (bench/gpu_record.sh): 0 hands them over as each step ends.
+DELIVER_AT_NEXT_LAUNCH = os.environ.get("SLOTH_DELIVER_AT_NEXT_LAUNCH", "1") != "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class AsyncEngine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.dead_reason: str | None = None
+        self._held: list[RequestOutput] = []  # engine thread: the last step's outputs, not yet handed over
 
     @property
     def is_running(self) -> bool:
@@ -129,13 +134,20 @@ class AsyncEngine:
         engine = self.engine
         while True:
             block = not engine.has_unfinished_requests
+            if block:
+                self._release_held()  # no step will launch soon: hand the last outputs over now
             if not self._apply_commands(block):
+                self._release_held()
                 return
             if not engine.has_unfinished_requests:
                 continue
             try:
-                outputs = engine.step()
+                # A step's outputs are handed to the event loop once the *next* step is queued on
+                # the GPU: the API thread then streams them while the GPU works, instead of taking
+                # the GIL in the window between two steps where the GPU waits for this thread.
+                outputs = engine.step(on_launched=self._release_held)
             except Exception as exc:
+                self._release_held()
                 if is_out_of_memory(exc):  # this step's requests fail; the engine goes on
                     logger.error("out of device memory in a step; failing its requests: %s", exc)
                     self._deliver(engine.fail_running(f"out of device memory: {exc}"[:500]))
@@ -147,7 +159,13 @@ class AsyncEngine:
                 self._deliver(engine.fail_all(self.dead_reason))
                 self._drain_after_death()
                 return
-            self._deliver(outputs)
+            self._held = outputs
+            if not DELIVER_AT_NEXT_LAUNCH:
+                self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        self._deliver(held)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts; wait for one when idle. False means shut down."""
@@ -158,6 +176,8 @@ class AsyncEngine:
             return True
         rejected: list[RequestOutput] = []
         while True:
+            if not isinstance(cmd, _Add):
+                self._release_held()  # an abort or call must see the outputs before it delivered
             if cmd is None:
                 return False
             if isinstance(cmd, _Add):

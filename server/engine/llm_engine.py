@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -214,19 +215,23 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         self.runner.sampler.release(seq.request_id)
 
-    def step(self) -> list[RequestOutput]:
-        outputs, batch = self._step()
+    def step(self, on_launched: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One engine step. `on_launched` runs exactly once: when the step's GPU work is queued
+        (before the wait for its tokens), or at once for a step with nothing to run."""
+        outputs, batch = self._step(on_launched)
         if self.observer is not None:
             self.observer.on_step(self.scheduler, batch, outputs, self.runner.last_forward_seconds)
         return outputs
 
-    def _step(self) -> tuple[list[RequestOutput], ScheduledBatch | None]:
+    def _step(self, on_launched: Callable[[], None] | None) -> tuple[list[RequestOutput], ScheduledBatch | None]:
         outputs, self.pending = self.pending, []
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            if on_launched is not None:
+                on_launched()
             outputs.extend(self._drain_finished_waiting())
             return outputs, None
-        sampled, logprobs = self.runner.run(batch)
+        sampled, logprobs = self.runner.run(batch, on_launched)
         for seq in self.scheduler.postprocess(batch, sampled, logprobs):
             new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
             outputs.append(RequestOutput.of(seq, [seq.token_ids[-1]], new_lp))

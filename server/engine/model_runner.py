@@ -5,6 +5,7 @@ new tokens to the host once."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class ModelRunner:
         # Sampled tokens come back through a pinned buffer and an event: waiting on the event lets
         # go of the GIL, so the API thread streams the previous step's tokens while the GPU works.
         self._host_tokens: torch.Tensor | None = None
+        self._launched_called = False  # whether run() has called its on_launched yet
         self._tokens_ready: torch.cuda.Event | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_buckets and device.type == "cuda":
@@ -192,9 +194,26 @@ class ModelRunner:
         return hidden
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
+    def run(
+        self, batch: ScheduledBatch, on_launched: Callable[[], None] | None = None
+    ) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         """Returns, per scheduled sequence, its new token (None for a prompt chunk that does not
-        reach the end) and its logprobs when asked."""
+        reach the end) and its logprobs when asked. `on_launched` runs once the step's GPU work is
+        queued and before waiting for it: host work placed there overlaps the GPU."""
+        self._launched_called = False
+        try:
+            return self._run(batch, on_launched)
+        finally:
+            self._notify(on_launched)  # a step that failed or sampled nothing still runs it, once
+
+    def _notify(self, on_launched: Callable[[], None] | None) -> None:
+        if on_launched is not None and not self._launched_called:
+            self._launched_called = True
+            on_launched()
+
+    def _run(
+        self, batch: ScheduledBatch, on_launched: Callable[[], None] | None
+    ) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
         sampled: list[int | None] = [None] * len(batch.seqs)
         logits = self._replay_decode(batch)
         if logits is not None:
@@ -202,6 +221,9 @@ class ModelRunner:
             if len(rows) < len(batch.seqs):
                 logits = logits[rows]
         else:
+            # An eager step spends a while launching kernels: whatever waits for "launched" should
+            # not wait that long (a graph replay is queued at once, so there it runs below).
+            self._notify(on_launched)
             inputs = self.prepare(batch)
             hidden = self._forward(inputs)
             rows = inputs.sample_rows
@@ -218,6 +240,7 @@ class ModelRunner:
             logprobs = [None] * len(batch.seqs)
             for row, lp in zip(rows, per_sample, strict=True):
                 logprobs[row] = lp
+        self._notify(on_launched)
         for row, token in zip(rows, self._to_host(tokens), strict=True):
             sampled[row] = token
         return sampled, logprobs

@@ -157,3 +157,12 @@ def test_full_queue_is_503_with_retry_after_then_recovers(restricted_server: Liv
     while (r := httpx.post(url, json=CHAT, headers=headers)).status_code == 503 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert r.status_code == 200, r.text
+
+
+def test_echo_of_out_of_range_token_ids_is_a_400(client: OpenAI) -> None:
+    """Found by the fuzzer: echo decoded the prompt's ids before they were range-checked (500)."""
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=BASE_MODEL, prompt=[[5, -3], [10**30]], echo=True, max_tokens=2,
+                                      stream=stream)
+        assert err.value.status_code == 400 and "token ids" in str(err.value)

@@ -59,11 +59,11 @@ def test_out_of_memory_fails_that_steps_requests_and_the_engine_goes_on(engine: 
     real_run = engine.runner.run
     calls = {"n": 0}
 
-    def flaky(batch):  # type: ignore[no-untyped-def]
+    def flaky(batch, on_launched=None):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(batch)
+        return real_run(batch, on_launched)
 
     engine.runner.run = flaky  # type: ignore[method-assign]
 
@@ -83,7 +83,7 @@ def test_out_of_memory_fails_that_steps_requests_and_the_engine_goes_on(engine: 
 
 
 def test_other_failures_end_every_stream_and_mark_the_engine_dead(engine: LLMEngine) -> None:
-    def broken(batch):  # type: ignore[no-untyped-def]
+    def broken(batch, on_launched=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("illegal memory access")
 
     engine.runner.run = broken  # type: ignore[method-assign]
@@ -99,3 +99,55 @@ def test_other_failures_end_every_stream_and_mark_the_engine_dead(engine: LLMEng
             ae.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_steps_outputs_are_handed_over_when_the_next_step_is_launched(engine: LLMEngine) -> None:
+    """The launch hook runs once per step (prefill, decode, empty, failed); the async engine hands
+    step N's outputs to the event loop in step N+1's hook, and the last ones when it goes idle."""
+    hooks: list[int] = []
+
+    def hook() -> None:
+        hooks.append(len(engine.scheduler.running))
+
+    engine.add_request("a", [1, 2, 3], PARAMS)
+    for _ in range(3):
+        before = len(hooks)
+        engine.step(on_launched=hook)
+        assert len(hooks) == before + 1
+    engine.abort("a")
+    engine.step(on_launched=hook)  # nothing to run: the hook still runs once
+    assert len(hooks) == 4
+
+    real_run = engine.runner.run
+    delivered_at_launch: list[int] = []
+    outputs_seen: list[int] = []
+
+    def watched(batch, on_launched=None):  # type: ignore[no-untyped-def]
+        def launched() -> None:
+            delivered_at_launch.append(len(outputs_seen))
+            if on_launched is not None:
+                on_launched()
+
+        return real_run(batch, launched)
+
+    engine.runner.run = watched  # type: ignore[method-assign]
+
+    async def main() -> None:
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            stream = ae.add_request("b", [4, 5, 6], PARAMS)
+            while True:
+                out = await stream.get()
+                outputs_seen.append(len(out.new_token_ids))
+                if out.finished:
+                    break
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+    assert sum(outputs_seen) == 8  # every token arrived, the last output too (handed over when idle)
+    # Each step's hook fires before the previous step's output reached the stream: 8 steps, and at
+    # the launch of step k the stream has seen at most the outputs of steps before k - 1.
+    assert len(delivered_at_launch) == 8
+    assert all(seen <= max(k - 1, 0) for k, seen in enumerate(delivered_at_launch))
