@@ -5,7 +5,7 @@
 #   bash bench/gpu_record.sh compare   # random 8B NF4 model, engine alone, HTTP serving, /metrics scrape
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses)
-#   bash bench/gpu_record.sh ab        # deferred output hand-over on / off through HTTP (c1, c64)
+#   bash bench/gpu_record.sh ab        # deferred output hand-over on / off through HTTP (c1, c8, c64)
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
@@ -78,7 +78,7 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
     timeout $(( 575 - ($(date +%s) - t0) )) python bench/profile_eager.py --model "$WORK/model-bnb-4bit" --prompt-lens 64,512 \
         --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     ;;
-ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same model, c1 and c64
+ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same model, c64, c8, c1
     ensure_model
     for v in 1 0; do
         elapsed "server with SLOTH_DELIVER_AT_NEXT_LAUNCH=$v"
@@ -86,9 +86,9 @@ ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same
             --max-num-seqs 64 --max-model-len 1024 > "$RES/server-ab$v.log" 2>&1 &
         pid=$!
         python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8124/health', 150)"
-        for c in 64 1; do
+        for c in 64 8 1; do
             timeout 90 python bench/serve.py --base-url http://127.0.0.1:8124/v1 --disable-tqdm --vocab-size 128000 \
-                --input-len 64 --output-len 128 --max-concurrency $c --num-prompts $(( c > 4 ? 2 * c : 8 )) \
+                --input-len 64 --output-len 128 --max-concurrency $c --num-prompts $(( c > 4 ? 4 * c : 8 )) \
                 --json-out "$RES/ab$v-c$c.json" --label "ab$v-c$c" > "$RES/ab$v-c$c.txt" 2>&1
         done
         kill $pid; wait $pid 2> /dev/null

@@ -147,6 +147,17 @@ class LLMEngine:
                     self.add_request(f"warmup-{len(group)}-{i}", [rng.randrange(vocab) for _ in range(n)], params)
                 while self.has_unfinished_requests:
                     self.step()
+            # Prompts arriving while others decode: under load nearly every prefill shares its step
+            # with decodes, and those steps take other kernel variants (seen on the H200: a 1.8 s
+            # first-token time for the first request that arrived during decoding).
+            decoding = SamplingParams(max_tokens=len(lens) + 2, temperature=0.0, ignore_eos=True)
+            self.add_request("warmup-decoding", [rng.randrange(vocab) for _ in range(3)], decoding)
+            self.step()
+            for i, n in enumerate(lens):
+                self.add_request(f"warmup-mixed-{i}", [rng.randrange(vocab) for _ in range(n)], greedy)
+                self.step()
+            while self.has_unfinished_requests:
+                self.step()
         finally:
             self.block_manager.enable_prefix_caching = caching
         return time.perf_counter() - start

@@ -15,22 +15,28 @@ def test_warmup_leaves_the_engine_as_it_found_it() -> None:
     bm = engine.block_manager
     finished: list[RequestOutput] = []
     prompt_steps: list[int] = []
+    mixed_steps: list[list[int]] = []  # steps with decodes and a prompt: the new tokens per sequence
 
     class Recorder:
         def on_step(self, scheduler, batch, outputs, forward_seconds) -> None:  # type: ignore[no-untyped-def]
             finished.extend(o for o in outputs if o.finished)
             if batch is not None and batch.num_tokens > len(batch.seqs):
                 prompt_steps.append(batch.num_tokens)
+                if 1 in batch.num_new_tokens:
+                    mixed_steps.append(list(batch.num_new_tokens))
 
     engine.observer = Recorder()
     seconds = engine.warmup()
     engine.observer = None
     assert seconds > 0
-    # Each length alone, then all together in one mixed step; every request generated its 2 tokens.
-    assert len(finished) == 2 * len(WARMUP_PROMPT_LENS)
-    assert all(o.num_output_tokens == 2 for o in finished)
-    assert sorted(prompt_steps[: len(WARMUP_PROMPT_LENS)]) == sorted(WARMUP_PROMPT_LENS)
-    assert prompt_steps[-1] == sum(WARMUP_PROMPT_LENS)
+    # Each length alone, then all together in one step, then each arriving while another decodes;
+    # every request generated its tokens.
+    n = len(WARMUP_PROMPT_LENS)
+    assert len(finished) == 3 * n + 1
+    assert sorted(o.num_output_tokens for o in finished) == [2] * (3 * n) + [n + 2]
+    assert sorted(prompt_steps[:n]) == sorted(WARMUP_PROMPT_LENS)
+    assert prompt_steps[n] == sum(WARMUP_PROMPT_LENS)
+    assert [max(m) for m in mixed_steps] == list(WARMUP_PROMPT_LENS)
     assert not engine.has_unfinished_requests and not engine.seqs
     assert bm.num_free_blocks == bm.num_blocks and not bm.cached
     assert bm.num_prefix_queries == 0 and bm.enable_prefix_caching
