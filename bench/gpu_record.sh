@@ -94,7 +94,7 @@ ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same
         kill $pid; wait $pid 2> /dev/null
         save
     done
-    grep -H -E "Output token|Median TPOT|Median TTFT" "$RES"/ab*.txt
+    grep -H -E "Output token|Median TPOT|Median TTFT|P99 TTFT" "$RES"/ab*.txt
     ;;
 checks)
     elapsed "gpu tests"
