@@ -100,7 +100,7 @@ def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:
         runtime = srv.app.state.server.runtime
         async_engine = runtime.async_engine
 
-        def broken_step() -> list:
+        def broken_step(on_launched=None) -> list:  # type: ignore[no-untyped-def]
             deadline = time.monotonic() + 10  # fail once both requests are in: each sees the death
             while len(async_engine.streams) < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -33,6 +33,28 @@ def test_detokenizer_never_emits_broken_characters(tokenizer, text: str, chunk: 
     assert "".join(pieces) == text
 
 
+def test_fast_path_decodes_like_the_tokenizer(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The detokenizer calls the Rust tokenizer directly (backend_decoder); the text must be what
+    tokenizer.decode gives, with and without special tokens; a slow-path tokenizer gets None."""
+    import random
+
+    from server.api.detokenizer import backend_decoder
+
+    backend = backend_decoder(tokenizer)
+    assert backend is not None
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 12))]
+        for skip in (True, False):
+            assert backend.decode(ids, skip_special_tokens=skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+    class Cleaning:  # clean_up_tokenization_spaces changes the text: the fast path must not apply
+        _tokenizer = backend
+        clean_up_tokenization_spaces = True
+
+    assert backend_decoder(Cleaning()) is None and backend_decoder(object()) is None
+
+
 def test_multi_token_character_is_held_back_until_complete(tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer.encode("😀", add_special_tokens=False)
     assert len(ids) > 1  # the premise: one character, several tokens

@@ -31,12 +31,14 @@ def test_warmup_leaves_the_engine_as_it_found_it() -> None:
     assert seconds > 0
     # Each length alone, then all together in one step, then each arriving while another decodes;
     # every request generated its tokens.
+    # Then a burst of 64-token prompts filling one step's token budget (2048: 32 prompts).
     n = len(WARMUP_PROMPT_LENS)
-    assert len(finished) == 3 * n + 1
-    assert sorted(o.num_output_tokens for o in finished) == [2] * (3 * n) + [n + 2]
+    assert len(finished) == 3 * n + 1 + 32
+    assert sorted(o.num_output_tokens for o in finished) == [2] * (3 * n + 32) + [n + 2]
     assert sorted(prompt_steps[:n]) == sorted(WARMUP_PROMPT_LENS)
     assert prompt_steps[n] == sum(WARMUP_PROMPT_LENS)
     assert [max(m) for m in mixed_steps] == list(WARMUP_PROMPT_LENS)
+    assert prompt_steps[-1] == 2048
     assert not engine.has_unfinished_requests and not engine.seqs
     assert bm.num_free_blocks == bm.num_blocks and not bm.cached
     assert bm.num_prefix_queries == 0 and bm.enable_prefix_caching
