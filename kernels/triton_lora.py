@@ -52,20 +52,25 @@ def _expand_kernel(
     part_ptr, b_ptr, slots_ptr, y_ptr,
     T, N, R, stride_pk, stride_pt, stride_bs, stride_bn, stride_yt, stride_yn,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
 ):
     slot = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
     rt = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     mine = tl.load(slots_ptr + rt, mask=rt < T, other=-1) == slot
     if tl.max(mine.to(tl.int32), axis=0) == 0:
         return
+    # Fused projections: columns [0, END0) are slice 0, [END0, END1) slice 1, the rest slice 2; a
+    # slice's rank-R partials sit at columns slice * R of the shrink's output (tiles never straddle).
+    r_off = ((n0 >= END0).to(tl.int32) + (n0 >= END1).to(tl.int32)) * R
     rr = tl.arange(0, BLOCK_R)
     dtype = b_ptr.dtype.element_ty
     p_mask = mine[:, None] & (rr < R)[None, :]
     shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for s in range(SPLIT):
-        shrunk += tl.load(part_ptr + s * stride_pk + rt[:, None] * stride_pt + rr[None, :], mask=p_mask, other=0.0)
+        shrunk += tl.load(part_ptr + s * stride_pk + rt[:, None] * stride_pt + r_off + rr[None, :], mask=p_mask,
+                          other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + rn[:, None] * stride_bn + rr[None, :],
                 mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
     if IEEE:
@@ -87,35 +92,65 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Stacked slices (one shrink over every slice's A, one expand over the whole fused output) while the
+# shrink's accumulator stays this narrow; wider (rank 64 on q|k|v) goes slice by slice.
+MAX_STACKED_RANK = 128
+NO_END = 1 << 30
+
+
+def stackable(slices: list[int], rank: int) -> bool:
+    """Whether a fused projection's slices can take one shrink and one expand: at most 3 slices,
+    ranks stacked up to MAX_STACKED_RANK, and column tiles of >= 16 that never straddle two slices."""
+    return 1 <= len(slices) <= 3 and len(slices) * rank <= MAX_STACKED_RANK and _slice_block_n(slices, 128) >= 16
+
+
+def _slice_block_n(slices: list[int], block_n: int) -> int:
+    """The largest power of two <= block_n dividing every slice width but the last (the last one's
+    tail is masked), so that no column tile straddles two slices."""
+    while block_n > 1 and any(w % block_n for w in slices[:-1]):
+        block_n //= 2
+    return block_n
+
+
 def add_lora_triton(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-    block_k: int = 128, block_n: int = 128, split: int = 0,
+    block_k: int = 128, block_n: int = 128, split: int = 0, slices: list[int] | None = None,
 ) -> torch.Tensor:
-    """y[t] += (x[t] @ a[slots[t]].T) @ b[slots[t]].T in place (y may be a strided column slice)."""
-    num_slots, rank, k = a.shape
+    """y[t] += (x[t] @ a[slots[t]].T) @ b[slots[t]].T in place (y may be a strided column slice).
+
+    With `slices` (a fused projection's output widths, summing to y's width), `a` holds each slice's
+    A stacked along the rank ([num_slots, len(slices) * rank, K]) and `b` each slice's B stacked along
+    the output ([num_slots, N, rank]): slice i's columns get (x @ A_i.T) @ B_i.T, in two launches."""
+    num_slots, rank_total, k = a.shape
     t, n = y.shape
+    slices = slices or [n]
+    rank = rank_total // len(slices)
     if t == 0 or rank == 0:
         return y
+    if sum(slices) != n or rank * len(slices) != rank_total or b.shape[2] != rank or len(slices) > 3:
+        raise ValueError(f"slices {slices} do not fit y {tuple(y.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if a.stride(-1) != 1 or b.stride(-1) != 1:
         a, b = a.contiguous(), b.contiguous()
+    block_n = _slice_block_n(slices, block_n)
+    ends = [sum(slices[: i + 1]) for i in range(len(slices) - 1)] + [NO_END, NO_END]
     block_t = min(64, max(16, triton.next_power_of_2(t)))
-    block_r = max(16, triton.next_power_of_2(rank))
     tiles_t = triton.cdiv(t, block_t)
     if not split:  # enough programs to stream every adapter's A from many SMs at once
         split = max(1, min(triton.cdiv(k, block_k), (2 * _num_sms(x.device)) // (num_slots * tiles_t)))
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
-    part = torch.empty((split, t, rank), dtype=torch.float32, device=x.device)
+    part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device)
     ieee = a.dtype == torch.float32
     _shrink_kernel[(num_slots, split, tiles_t)](
-        x, a, slots, part, t, k, rank, x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
-        K_PER_SPLIT=k_per_split, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, num_warps=4,
+        x, a, slots, part, t, k, rank_total, x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
+        K_PER_SPLIT=k_per_split, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank_total)),
+        IEEE=ieee, num_warps=4,
     )
     _expand_kernel[(num_slots, triton.cdiv(n, block_n), tiles_t)](
         part, b, slots, y, t, n, rank, part.stride(0), part.stride(1), b.stride(0), b.stride(1),
-        y.stride(0), y.stride(1), SPLIT=split, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee,
-        num_warps=4,
+        y.stride(0), y.stride(1), SPLIT=split, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee, END0=ends[0], END1=ends[1], num_warps=4,
     )
     return y

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kernels.attention import AttnMetadata
-from kernels.lora import add_lora
+from kernels.lora import add_lora, add_lora_slices
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
@@ -41,8 +41,12 @@ class LoRALinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(sum(out_slices)), requires_grad=False) if bias else None
         self.quant: list[NF4Weight | None] | None = None
+        # Adapter slots: every slice's A stacked along the rank, every slice's B along the output (one
+        # shrink and one expand for the whole fused projection), and per-slice views into them.
+        self.lora_a_stacked: torch.Tensor | None = None  # [num_slots, len(out_slices) * rank, in_features]
+        self.lora_b_stacked: torch.Tensor | None = None  # [num_slots, sum(out_slices), rank], scale folded in
         self.lora_a: list[torch.Tensor] = []  # per slice [num_slots, rank, in_features]
-        self.lora_b: list[torch.Tensor] = []  # per slice [num_slots, out_slice, rank], scale folded in
+        self.lora_b: list[torch.Tensor] = []  # per slice [num_slots, out_slice, rank]
 
     def set_quantized(self, index: int, w: NF4Weight) -> None:
         """Adopt an NF4 weight for slice `index`; once every slice has one, the dense weight goes."""
@@ -73,9 +77,13 @@ class LoRALinear(nn.Module):
         self.quant = None
 
     def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_a = [torch.zeros(num_slots, rank, self.in_features, dtype=dtype, device=device)
-                       for _ in self.out_slices]
-        self.lora_b = [torch.zeros(num_slots, n, rank, dtype=dtype, device=device) for n in self.out_slices]
+        slices = len(self.out_slices)
+        a = torch.zeros(num_slots, slices * rank, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(num_slots, sum(self.out_slices), rank, dtype=dtype, device=device)
+        self.lora_a_stacked, self.lora_b_stacked = a, b
+        self.lora_a = [a[:, i * rank : (i + 1) * rank] for i in range(slices)]
+        offsets = [sum(self.out_slices[:i]) for i in range(slices)]
+        self.lora_b = [b[:, o : o + n] for o, n in zip(offsets, self.out_slices, strict=True)]
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
@@ -90,9 +98,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:
         y = self.base_forward(x)
-        if self.lora_a and meta is not None and meta.lora_slots is not None:
-            offset = 0
-            for a, b, n in zip(self.lora_a, self.lora_b, self.out_slices, strict=True):
-                add_lora(y[:, offset : offset + n], x, a, b, meta.lora_slots, meta.active_lora_slots)
-                offset += n
+        if self.lora_a_stacked is not None and meta is not None and meta.lora_slots is not None:
+            assert self.lora_b_stacked is not None
+            if len(self.out_slices) == 1:
+                add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots)
+            else:
+                add_lora_slices(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, self.out_slices,
+                                meta.active_lora_slots)
         return y

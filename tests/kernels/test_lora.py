@@ -88,6 +88,56 @@ INTERPRETER_CASES = {
 }
 
 
+def make_sliced_case(t: int, k: int, slices: list[int], rank: int, num_slots: int, dtype: torch.dtype,
+                     device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """A fused projection's case: A stacked along the rank, B along the output, y the whole output."""
+    n = sum(slices)
+    x = torch.randn(t, k, dtype=dtype, device=device)
+    a = torch.randn(num_slots, len(slices) * rank, k, dtype=dtype, device=device) / k**0.5
+    b = torch.randn(num_slots, n, rank, dtype=dtype, device=device) / rank**0.5
+    slots = torch.randint(-1, num_slots, (t,), dtype=torch.int32, device=device)
+    slots[0] = num_slots - 1
+    y = torch.randn(t, n, dtype=dtype, device=device)
+    return x, a, b, slots, y
+
+
+def check_sliced(y0: torch.Tensor, y1: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 slots: torch.Tensor, slices: list[int]) -> tuple[float, bool]:
+    """Per slice, the float64 delta of that slice's own A and B; (relative error, others untouched)."""
+    rank = a.shape[1] // len(slices)
+    on = slots >= 0
+    idx = slots.clamp(min=0).long()
+    want = torch.zeros(y0.shape, dtype=torch.float64, device=x.device)
+    offset = 0
+    for i, n in enumerate(slices):
+        shrunk = torch.einsum("tk,trk->tr", x.double(), a.double()[idx][:, i * rank : (i + 1) * rank])
+        want[:, offset : offset + n] = torch.einsum("tr,tnr->tn", shrunk, b.double()[idx][:, offset : offset + n])
+        offset += n
+    want[~on] = 0
+    got = y1.double() - y0.double()
+    err = ((got - want).norm() / want.norm()).item() if torch.isfinite(got).all() else float("inf")
+    return err, torch.equal(y1[~on], y0[~on])
+
+
+def test_sliced_reference_path_equals_slice_by_slice() -> None:
+    from kernels.lora import add_lora_slices
+
+    torch.manual_seed(3)
+    slices = [24, 8, 8]
+    x, a, b, slots, y = make_sliced_case(6, 40, slices, 4, 3, torch.float32)
+    got = add_lora_slices(y.clone(), x, a, b, slots, slices)
+    err, untouched = check_sliced(y, got, x, a, b, slots, slices)
+    assert err < 1e-5 and untouched
+
+
+# name: (tokens T, in K, slices, rank, slots, dtype, kernel options): one shrink + one expand
+SLICED_CASES = {
+    "qkv_t7_bf16_rank8": (7, 96, [64, 16, 16], 8, 3, "bf16", dict(block_k=32, split=2)),
+    "gate_up_t21_fp32_rank16": (21, 64, [48, 48], 16, 4, "fp32", dict(block_k=32, block_n=32)),
+    "qkv_ragged_last_fp16": (5, 64, [32, 32, 20], 4, 2, "fp16", dict(block_k=64)),
+}
+
+
 def _interpreter_main() -> None:
     from kernels.triton_interp import patch_interpreter
     from kernels.triton_lora import add_lora_triton
@@ -106,6 +156,17 @@ def _interpreter_main() -> None:
             results[name] = [err, BOUND[dtype], float(untouched)]
         except Exception:
             results[name] = traceback.format_exc()
+    for i, (name, (t, k, slices, rank, num_slots, dtype_name, opts)) in enumerate(SLICED_CASES.items()):
+        torch.manual_seed(3000 + i)
+        try:
+            dtype = DTYPES[dtype_name]
+            x, a, b, slots, y = make_sliced_case(t, k, slices, rank, num_slots, dtype)
+            after = y.clone()
+            add_lora_triton(after, x, a, b, slots, slices=slices, **opts)
+            err, untouched = check_sliced(y, after, x, a, b, slots, slices)
+            results[name] = [err, BOUND[dtype], float(untouched)]
+        except Exception:
+            results[name] = traceback.format_exc()
     print("RESULTS " + json.dumps(results))
 
 
@@ -115,7 +176,7 @@ def interpreted() -> dict[str, object]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("name", list(INTERPRETER_CASES))
+@pytest.mark.parametrize("name", list(INTERPRETER_CASES) + list(SLICED_CASES))
 def test_triton_matches_reference_in_interpreter(interpreted: dict[str, object], name: str) -> None:
     result = interpreted[name]
     assert isinstance(result, list), f"{name} raised:\n{result}"
@@ -141,6 +202,40 @@ def test_triton_matches_reference_on_gpu(t: int, rank: int, dtype_name: str) -> 
     add_lora(after[:, 5 : 5 + 14336], x, a, b, slots)
     err, untouched = check(wide, after, x, a, b, slots)
     assert err <= GPU_BOUND[dtype] and untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("t", "slices"), [(1, [4096, 1024, 1024]), (64, [4096, 1024, 1024]), (8, [14336, 14336]),
+                                           (300, [14336, 14336])])
+def test_sliced_triton_matches_reference_on_gpu(t: int, slices: list[int]) -> None:
+    from kernels.lora import add_lora_slices
+
+    torch.manual_seed(t)
+    x, a, b, slots, y = make_sliced_case(t, 4096, slices, 16, 8, torch.bfloat16, device="cuda")
+    after = add_lora_slices(y.clone(), x, a, b, slots, slices)
+    err, untouched = check_sliced(y, after, x, a, b, slots, slices)
+    assert err <= GPU_BOUND[torch.bfloat16] and untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_batch_with_hot_swapped_adapter_on_gpu_gives_merged_and_base_tokens() -> None:
+    """The demo model on CUDA (fp32; CUDA graphs and the stacked-slice kernels): in one batch, the
+    requests using the adapter get the merged checkpoint's greedy tokens, the others the base's."""
+    from server import LLM, SamplingParams
+    from server.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
+
+    kw = dict(load_format="safetensors", num_kv_blocks=256, device="cuda", dtype="float32")
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    prompts = ["Return the", "What does `json.dumps` do?", "Create a new", "x", "Explain `os.path.join`."]
+    names = ["upper", None, "upper", None, "upper"]
+    mixed = LLM(DEMO_MODEL, lora={"upper": str(DEMO_ADAPTER)}, **kw).generate(prompts, greedy, names)
+    merged = LLM(DEMO_MERGED, **kw).generate(prompts, greedy)
+    base = LLM(DEMO_MODEL, **kw).generate(prompts, greedy)
+    for i, name in enumerate(names):
+        want = merged[i] if name else base[i]
+        assert mixed[i].token_ids == want.token_ids, f"prompt {i} ({name or 'base'})"
 
 
 if __name__ == "__main__":
