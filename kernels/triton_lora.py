@@ -137,8 +137,10 @@ def add_lora_triton(
     ends = [sum(slices[: i + 1]) for i in range(len(slices) - 1)] + [NO_END, NO_END]
     block_t = min(64, max(16, triton.next_power_of_2(t)))
     tiles_t = triton.cdiv(t, block_t)
-    if not split:  # enough programs to stream every adapter's A from many SMs at once
+    if not split:  # enough programs to stream every adapter's A from many SMs at once; a power of
+        # two, so that prompts of many lengths share a few compiled variants (the split is constexpr)
         split = max(1, min(triton.cdiv(k, block_k), (2 * _num_sms(x.device)) // (num_slots * tiles_t)))
+        split = 1 << (split.bit_length() - 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device)

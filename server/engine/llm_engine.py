@@ -66,7 +66,7 @@ class RequestOutput:
 
 # Prompt lengths the warmup runs: odd and multiple-of-16 sizes in each NF4 product regime
 # (GEMV up to 64 rows, fused GEMM up to 255, decode-to-scratch + cuBLAS from 256).
-WARMUP_PROMPT_LENS = (5, 16, 100, 160, 300, 512)
+WARMUP_PROMPT_LENS = (5, 16, 100, 160, 300, 512, 700)
 
 
 class StepObserver(Protocol):
@@ -126,11 +126,14 @@ class LLMEngine:
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
-    def warmup(self) -> float:
+    def warmup(self, adapter_id: int = 0) -> float:
         """Run prompts of each shape class once, alone and then together (a mixed step), so that the
         eager prefill kernels are compiled before the first request rather than during it (Triton
         specializes on sizes of 1 and multiples of 16; the NF4 product changes kernel at 65 and 256
-        rows). Nothing of it stays: prefix caching is off meanwhile and the sequences are freed."""
+        rows; the multi-LoRA kernels' tiling at 16, 32 and 64 tokens and their K split with the
+        number of token tiles). With `adapter_id` every prompt uses that adapter (add_lora runs
+        this once, for the first). Nothing of it stays: prefix caching is off meanwhile and the
+        sequences are freed."""
         start = time.perf_counter()
         rng = random.Random(0)
         vocab = self.loaded.model.config.vocab_size
@@ -144,17 +147,18 @@ class LLMEngine:
         try:
             for group, params in [([n], greedy) for n in lens] + [(lens, sampled)]:
                 for i, n in enumerate(group):
-                    self.add_request(f"warmup-{len(group)}-{i}", [rng.randrange(vocab) for _ in range(n)], params)
+                    self.add_request(f"warmup-{len(group)}-{i}", [rng.randrange(vocab) for _ in range(n)], params,
+                                     adapter_id)
                 while self.has_unfinished_requests:
                     self.step()
             # Prompts arriving while others decode: under load nearly every prefill shares its step
             # with decodes, and those steps take other kernel variants (seen on the H200: a 1.8 s
             # first-token time for the first request that arrived during decoding).
             decoding = SamplingParams(max_tokens=len(lens) + 2, temperature=0.0, ignore_eos=True)
-            self.add_request("warmup-decoding", [rng.randrange(vocab) for _ in range(3)], decoding)
+            self.add_request("warmup-decoding", [rng.randrange(vocab) for _ in range(3)], decoding, adapter_id)
             self.step()
             for i, n in enumerate(lens):
-                self.add_request(f"warmup-mixed-{i}", [rng.randrange(vocab) for _ in range(n)], greedy)
+                self.add_request(f"warmup-mixed-{i}", [rng.randrange(vocab) for _ in range(n)], greedy, adapter_id)
                 self.step()
             while self.has_unfinished_requests:
                 self.step()
@@ -165,7 +169,7 @@ class LLMEngine:
                        bm.num_blocks // bm.num_blocks_for(n + 2))
             if n + 2 <= self.max_model_len and full > 1:
                 for i in range(full):
-                    self.add_request(f"warmup-full-{i}", [rng.randrange(vocab) for _ in range(n)], greedy)
+                    self.add_request(f"warmup-full-{i}", [rng.randrange(vocab) for _ in range(n)], greedy, adapter_id)
                 while self.has_unfinished_requests:
                     self.step()
         finally:
@@ -195,6 +199,11 @@ class LLMEngine:
         self.lora_manager.add(adapter_id, weights)
         if not had_slots:
             self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
+            # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
+            # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
+            if self.config.warmup and self.device.type == "cuda" and not self.has_unfinished_requests:
+                logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name,
+                            self.warmup(adapter_id))
 
     def remove_lora(self, adapter_id: int) -> None:
         """Unload an adapter once no request uses it: running requests finish on its weights."""

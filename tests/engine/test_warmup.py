@@ -57,3 +57,29 @@ def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
     engine.warmup()
     assert not engine.has_unfinished_requests
     assert engine.block_manager.num_free_blocks == 20
+
+
+def test_warmup_with_an_adapter_runs_every_prompt_through_it() -> None:
+    """add_lora warms the LoRA kernels up on CUDA with the first adapter; here (CPU) it is called
+    directly: every warmup request uses the adapter, and the engine is left as it was."""
+    from server.loader import DEMO_ADAPTER
+    from server.loader.peft import load_lora
+
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+                              num_kv_blocks=256, max_loras=2))
+    engine.add_lora(1, load_lora("upper", DEMO_ADAPTER, engine.config.max_lora_rank))
+    used: set[int] = set()
+    steps = [0]
+
+    class Recorder:
+        def on_step(self, scheduler, batch, outputs, forward_seconds) -> None:  # type: ignore[no-untyped-def]
+            if batch is not None:
+                steps[0] += 1
+                used.update(seq.adapter_id for seq in batch.seqs)
+
+    engine.observer = Recorder()
+    engine.warmup(adapter_id=1)
+    assert steps[0] > len(WARMUP_PROMPT_LENS) and used == {1}
+    assert not engine.has_unfinished_requests and not engine.seqs
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert 1 in engine.lora_manager.adapters
