@@ -234,13 +234,13 @@ class ModelRunner:
             return sampled, None
         seqs = [batch.seqs[i] for i in rows]
         tokens, raw_logprobs = self.sampler(logits, seqs)
+        self._notify(on_launched)  # before gathering logprobs, which waits for the GPU
         logprobs: list[TokenLogprob | None] | None = None
         if raw_logprobs is not None:
             per_sample = gather_logprobs(raw_logprobs, tokens, seqs)
             logprobs = [None] * len(batch.seqs)
             for row, lp in zip(rows, per_sample, strict=True):
                 logprobs[row] = lp
-        self._notify(on_launched)
         for row, token in zip(rows, self._to_host(tokens), strict=True):
             sampled[row] = token
         return sampled, logprobs

@@ -44,6 +44,17 @@ class Sampler:
             self.grammar_error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
             logger.warning("structured outputs disabled: %s", self.grammar_error)
 
+    def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small host list on the device without waiting for the GPU. `torch.tensor(values,
+        device=cuda)` copies with non_blocking=False, which synchronizes the stream: after a queued
+        forward pass the host would sit until the GPU finished it, and nothing queued behind it
+        (the hand-over of outputs, the next step's preparation) would overlap it. From pinned memory
+        (PyTorch's caching host allocator keeps the block until the copy is done) it is queued."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
         self.matchers.release(request_id)
@@ -61,7 +72,7 @@ class Sampler:
         is_greedy = [s.params.is_greedy for s in seqs]
         tokens = logits.argmax(dim=-1)
         if not all(is_greedy):
-            greedy = torch.tensor(is_greedy, device=self.device)
+            greedy = self._tensor(is_greedy)
             tokens = torch.where(greedy, tokens, self._draw(logits, seqs))
         return tokens, raw_logprobs
 
@@ -96,19 +107,21 @@ class Sampler:
             p = seq.params
             row = logits[i]
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()), device=self.device)
-                row[ids] += torch.tensor(list(p.logit_bias.values()), device=self.device)
+                ids = self._tensor(list(p.logit_bias.keys()))
+                row[ids] += self._tensor(list(p.logit_bias.values()), row.dtype)
             if seq.num_output_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
                 if banned:
-                    row[torch.tensor(sorted(banned), device=self.device)] = float("-inf")
+                    row[self._tensor(sorted(banned))] = float("-inf")
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=self.device)
+                seen = self._tensor(sorted(set(seq.token_ids)))
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_token_ids, device=self.device)
-                counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
+                out = self._tensor(seq.output_token_ids)
+                # scatter_add, not bincount: bincount reads the largest id back to the host (a sync).
+                counts = torch.zeros(vocab, dtype=row.dtype, device=row.device).scatter_add_(
+                    0, out, torch.ones(out.shape, dtype=row.dtype, device=row.device))
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
@@ -121,10 +134,10 @@ class Sampler:
         k_list = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
         p_list = [s.params.top_p for s in seqs]
         min_p_list = [s.params.min_p for s in seqs]
-        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
-        top_k = torch.tensor(k_list, device=dev)
-        top_p = torch.tensor(p_list, device=dev)
-        min_p = torch.tensor(min_p_list, device=dev)
+        temperature = self._tensor([s.params.temperature or 1.0 for s in seqs])
+        top_k = self._tensor(k_list)
+        top_p = self._tensor(p_list)
+        min_p = self._tensor(min_p_list)
         q = torch.empty_like(logits, dtype=torch.float32).exponential_()
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.is_greedy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from factories import create_seq
 
@@ -75,3 +76,25 @@ def test_logprobs_of_chosen_and_top_tokens() -> None:
     expected = torch.log_softmax(logits, -1)[0]
     assert lp.token_id == 1 and abs(lp.logprob - expected[1].item()) < 1e-6
     assert [t for t, _ in lp.top] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_sampling_step_never_waits_for_the_gpu() -> None:
+    """Sampled, seeded, greedy, penalized and biased rows in one step: nothing in it synchronizes
+    with the device (PyTorch's sync debug mode raises on any synchronizing call), so the host work
+    that follows a queued forward pass overlaps it."""
+    sampler = Sampler(torch.device("cuda"))
+    seqs = [create_seq(temperature=0.8, top_k=50, top_p=0.9), create_seq(temperature=0.0),
+            create_seq(temperature=1.0, seed=7, min_p=0.05), create_seq(temperature=0.7, repetition_penalty=1.2,
+                                                                        frequency_penalty=0.5, presence_penalty=0.3),
+            create_seq(temperature=0.0, logit_bias={3: 5.0}, min_tokens=2)]
+    logits = torch.randn(len(seqs), 1000, device="cuda")
+    sampler(logits, seqs)  # first use: generators and cached host blocks are made here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens, _ = sampler(logits, seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (len(seqs),)
