@@ -90,8 +90,9 @@ class EngineMetrics:
         batch: ScheduledBatch | None,
         outputs: list[RequestOutput],
         forward_seconds: float | None,
+        now: float | None = None,
     ) -> None:
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now  # the step's end: observation may come later
         bm = scheduler.block_manager
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))

@@ -75,6 +75,7 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.engine.defer_observation = DELIVER_AT_NEXT_LAUNCH
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.thread = threading.Thread(target=self._run, name="sloth-engine", daemon=True)
@@ -165,6 +166,9 @@ class AsyncEngine:
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
+        # The held steps' metrics first (also off the GPU's critical path): a client that has its
+        # response then finds it counted in /metrics.
+        self.engine.observe_deferred()
         self._deliver(held)
 
     def _apply_commands(self, block: bool) -> bool:

@@ -74,7 +74,7 @@ class StepObserver(Protocol):
 
     def on_step(
         self, scheduler: Scheduler, batch: ScheduledBatch | None, outputs: list[RequestOutput],
-        forward_seconds: float | None,
+        forward_seconds: float | None, now: float,
     ) -> None: ...
 
 
@@ -116,6 +116,8 @@ class LLMEngine:
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
         self.observer: StepObserver | None = None
         self.adapters_to_remove: set[int] = set()
+        self.defer_observation = False  # step() keeps its observer record for observe_deferred()
+        self._unobserved: list[tuple[ScheduledBatch | None, list[RequestOutput], float | None, float]] = []
         self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
             try:
@@ -250,8 +252,21 @@ class LLMEngine:
         (before the wait for its tokens), or at once for a step with nothing to run."""
         outputs, batch = self._step(on_launched)
         if self.observer is not None:
-            self.observer.on_step(self.scheduler, batch, outputs, self.runner.last_forward_seconds)
+            record = (batch, outputs, self.runner.last_forward_seconds, time.monotonic())
+            if self.defer_observation:
+                self._unobserved.append(record)
+            else:
+                self.observer.on_step(self.scheduler, *record)
         return outputs
+
+    def observe_deferred(self) -> None:
+        """Give the observer the steps held back by `defer_observation` (the async engine does so
+        once the next step is queued on the GPU, so the metrics' host work overlaps it). Each
+        record keeps its step's end time; queue lengths and KV usage are read now, a step late."""
+        records, self._unobserved = self._unobserved, []
+        if self.observer is not None:
+            for record in records:
+                self.observer.on_step(self.scheduler, *record)
 
     def _step(self, on_launched: Callable[[], None] | None) -> tuple[list[RequestOutput], ScheduledBatch | None]:
         outputs, self.pending = self.pending, []

@@ -151,3 +151,32 @@ def test_a_steps_outputs_are_handed_over_when_the_next_step_is_launched(engine: 
     # the launch of step k the stream has seen at most the outputs of steps before k - 1.
     assert len(delivered_at_launch) == 8
     assert all(seen <= max(k - 1, 0) for k, seen in enumerate(delivered_at_launch))
+
+
+def test_the_observer_sees_every_step_once_with_its_end_time(engine: LLMEngine) -> None:
+    """Under the async engine the metrics of a step are recorded at the next step's launch (or when
+    the engine goes idle), each with the time its step ended; none is lost or counted twice."""
+    import time
+
+    seen: list[tuple[int, float, float]] = []
+
+    class Recorder:
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
+            seen.append((sum(len(o.new_token_ids) for o in outputs), now, time.monotonic()))
+
+    engine.observer = Recorder()
+
+    async def main() -> None:
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            results = await asyncio.gather(*(collect(ae, f"o{i}", [3 + i, 4, 5]) for i in range(3)))
+            assert all(len(tokens) == 8 for tokens, _ in results)
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+    assert engine.defer_observation and not engine._unobserved
+    assert sum(n for n, _, _ in seen) == 24
+    assert all(now <= called for _, now, called in seen)
+    assert [now for _, now, _ in seen] == sorted(now for _, now, _ in seen)

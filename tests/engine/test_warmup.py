@@ -18,7 +18,7 @@ def test_warmup_leaves_the_engine_as_it_found_it() -> None:
     mixed_steps: list[list[int]] = []  # steps with decodes and a prompt: the new tokens per sequence
 
     class Recorder:
-        def on_step(self, scheduler, batch, outputs, forward_seconds) -> None:  # type: ignore[no-untyped-def]
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
             finished.extend(o for o in outputs if o.finished)
             if batch is not None and batch.num_tokens > len(batch.seqs):
                 prompt_steps.append(batch.num_tokens)
@@ -72,7 +72,7 @@ def test_warmup_with_an_adapter_runs_every_prompt_through_it() -> None:
     steps = [0]
 
     class Recorder:
-        def on_step(self, scheduler, batch, outputs, forward_seconds) -> None:  # type: ignore[no-untyped-def]
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
             if batch is not None:
                 steps[0] += 1
                 used.update(seq.adapter_id for seq in batch.seqs)
