@@ -2,9 +2,10 @@
 
 Two launches, no host sync, no memset. Shrink: program (slot, k-split, token tile) multiplies the
 tile's tokens that use `slot` by a[slot] over its slice of K and writes fp32 partials
-[split, token, rank]; expand: program (slot, column tile, token tile) sums those partials, rounds
-them to the adapter dtype (as the reference does) and adds partial @ b[slot].T into y for the same
-tokens. Each adapter is read once per launch whatever the number of its tokens, and programs whose
+[split, token, rank]; the last split of each (slot, tile) to finish sums them into [token, rank]
+(an arrival counter, as the NF4 GEMV's split-K does); expand: program (slot, column tile, token
+tile) rounds that sum to the adapter dtype (as the reference does) and adds sum @ b[slot].T into y
+for the same tokens. Each adapter is read once per launch whatever the number of its tokens, and programs whose
 slot no token of their tile uses return at once, so the grid can span every slot."""
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_nf4 import _locks
+
 
 @triton.jit(do_not_specialize=["T"])
 def _shrink_kernel(
-    x_ptr, a_ptr, slots_ptr, part_ptr,
-    T, K, R, stride_xt, stride_as, stride_ar, stride_pk, stride_pt,
-    K_PER_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr,
+    x_ptr, a_ptr, slots_ptr, part_ptr, out_ptr, lock_ptr,
+    T, K, R, stride_xt, stride_as, stride_ar, stride_pk, stride_pt, stride_ot,
+    K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
-    rt = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile = tl.program_id(2)
+    rt = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     mine = tl.load(slots_ptr + rt, mask=rt < T, other=-1) == slot
     if tl.max(mine.to(tl.int32), axis=0) == 0:
-        return
+        return  # every split of this (slot, tile) returns here alike: its counter stays untouched
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     dtype = a_ptr.dtype.element_ty
@@ -43,15 +47,32 @@ def _shrink_kernel(
             acc = tl.dot(xs.to(dtype), tl.trans(a), acc, input_precision="ieee")
         else:
             acc = tl.dot(xs.to(dtype), tl.trans(a), acc)
-    ptrs = part_ptr + split * stride_pk + rt[:, None] * stride_pt + rr[None, :]
-    tl.store(ptrs, acc, mask=mine[:, None] & (rr < R)[None, :])
+    mask = mine[:, None] & (rr < R)[None, :]
+    out_ptrs = out_ptr + rt[:, None] * stride_ot + rr[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        # The last split of this (slot, token tile) to arrive sums the partials once (the counter's
+        # acq_rel atomic orders the others' stores before it) and resets the counter; the expand
+        # then reads one [T, R] sum instead of every split's partials in each column tile.
+        part_ptrs = part_ptr + rt[:, None] * stride_pt + rr[None, :]
+        tl.store(part_ptrs + split * stride_pk, acc, mask=mask)
+        tl.debug_barrier()
+        lock = lock_ptr + slot * tl.num_programs(2) + tile
+        arrived = tl.atomic_add(lock, 1)
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(part_ptrs + s * stride_pk, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total, mask=mask)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _expand_kernel(
-    part_ptr, b_ptr, slots_ptr, y_ptr,
-    T, N, R, stride_pk, stride_pt, stride_bs, stride_bn, stride_yt, stride_yn,
-    SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    shrunk_ptr, b_ptr, slots_ptr, y_ptr,
+    T, N, R, stride_st, stride_bs, stride_bn, stride_yt, stride_yn,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     IEEE: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
 ):
     slot = tl.program_id(0)
@@ -62,15 +83,12 @@ def _expand_kernel(
     if tl.max(mine.to(tl.int32), axis=0) == 0:
         return
     # Fused projections: columns [0, END0) are slice 0, [END0, END1) slice 1, the rest slice 2; a
-    # slice's rank-R partials sit at columns slice * R of the shrink's output (tiles never straddle).
+    # slice's rank-R sums sit at columns slice * R of the shrink's output (tiles never straddle).
     r_off = ((n0 >= END0).to(tl.int32) + (n0 >= END1).to(tl.int32)) * R
     rr = tl.arange(0, BLOCK_R)
     dtype = b_ptr.dtype.element_ty
-    p_mask = mine[:, None] & (rr < R)[None, :]
-    shrunk = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for s in range(SPLIT):
-        shrunk += tl.load(part_ptr + s * stride_pk + rt[:, None] * stride_pt + r_off + rr[None, :], mask=p_mask,
-                          other=0.0)
+    shrunk = tl.load(shrunk_ptr + rt[:, None] * stride_st + r_off + rr[None, :],
+                     mask=mine[:, None] & (rr < R)[None, :], other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + rn[:, None] * stride_bn + rr[None, :],
                 mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
     if IEEE:
@@ -143,16 +161,19 @@ def add_lora_triton(
         split = 1 << (split.bit_length() - 1)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
-    part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device)
+    shrunk = torch.empty((t, rank_total), dtype=torch.float32, device=x.device)  # rows of adapter tokens only
+    part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device) if split > 1 else shrunk
+    locks = _locks(x.device, num_slots * tiles_t)
     ieee = a.dtype == torch.float32
     _shrink_kernel[(num_slots, split, tiles_t)](
-        x, a, slots, part, t, k, rank_total, x.stride(0), a.stride(0), a.stride(1), part.stride(0), part.stride(1),
-        K_PER_SPLIT=k_per_split, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank_total)),
-        IEEE=ieee, num_warps=4,
+        x, a, slots, part, shrunk, locks, t, k, rank_total, x.stride(0), a.stride(0), a.stride(1),
+        part.stride(0) if split > 1 else 0, part.stride(-2), shrunk.stride(0),
+        K_PER_SPLIT=k_per_split, SPLIT=split, BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank_total)), IEEE=ieee, num_warps=4,
     )
     _expand_kernel[(num_slots, triton.cdiv(n, block_n), tiles_t)](
-        part, b, slots, y, t, n, rank, part.stride(0), part.stride(1), b.stride(0), b.stride(1),
-        y.stride(0), y.stride(1), SPLIT=split, BLOCK_T=block_t, BLOCK_N=block_n,
+        shrunk, b, slots, y, t, n, rank, shrunk.stride(0), b.stride(0), b.stride(1),
+        y.stride(0), y.stride(1), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee, END0=ends[0], END1=ends[1], num_warps=4,
     )
     return y

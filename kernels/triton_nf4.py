@@ -309,13 +309,17 @@ def _code_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_LOCKS: list[torch.Tensor] = []  # outgrown counters: captured CUDA graphs may still use them
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device arrival counters, zero between launches (the last program resets its own). One
-    stream at a time: two split-K products running concurrently would share them."""
+    """Per-device arrival counters, zero between launches (the last program resets its own); the
+    NF4 split-K products and the multi-LoRA shrink share them. One stream at a time: two split-K
+    launches running concurrently would share them."""
     locks = _LOCKS.get(device)
     if locks is None or locks.numel() < n:
+        if locks is not None:
+            _RETIRED_LOCKS.append(locks)
         locks = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _LOCKS[device] = locks
     return locks
