@@ -6,6 +6,7 @@
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses)
 #   bash bench/gpu_record.sh ab        # deferred output hand-over on / off through HTTP (c1, c8, c64)
+#   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
@@ -98,6 +99,29 @@ ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same
         save
     done
     grep -H -E "Output token|Median TPOT|Median TTFT|P99 TTFT" "$RES"/ab*.txt
+    ;;
+verify)  # every GPU test, then the server under sampling and under 8 adapters (what CPU tests cannot show)
+    timeout 240 python -m pytest -q -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    save
+    ensure_model
+    loras=""
+    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
+    timeout 240 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8125 --max-num-seqs 64 --max-model-len 1024 \
+        --max-loras 8 $loras > "$RES/server-verify.log" 2>&1 &
+    pid=$!
+    python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8125/health', 200)"
+    for run in "greedy" "sampled --temperature 0.8 --extra-body {\"top_p\":0.9}" \
+               "lora --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
+        set -- $run
+        label=$1; shift
+        timeout 90 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
+            --input-len 64 --output-len 128 --max-concurrency 64 --num-prompts 256 "$@" \
+            --json-out "$RES/verify-$label.json" --label "verify-$label" > "$RES/verify-$label.txt" 2>&1
+    done
+    kill $pid; wait $pid 2> /dev/null
+    tail -n 3 "$RES/gpu-tests.txt"
+    grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/verify-*.txt
     ;;
 checks)
     elapsed "gpu tests"
