@@ -46,9 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
+    e.add_argument("--async-scheduling", action="store_true",
+                   help="queue each decode step before the host has read the previous step's tokens (it is fed "
+                        "them on the device), so the host's scheduling and output work overlaps the GPU; "
+                        "steps with new prompts, structured outputs, logprobs, penalties or logit bias run as usual")
     e.add_argument("--sampler", choices=["torch", "triton"], default="torch",
                    help="CUDA: sampling by PyTorch ops (default) or by the Triton kernel (no sort; checked against "
-                        "torch at startup, not yet measured faster)")
+                        "torch at startup; slower than torch where top-k / top-p are set)")
     e.add_argument("--no-warmup", action="store_true",
                    help="CUDA: skip compiling the prefill kernels at startup (first requests then compile them)")
     e.add_argument("--cuda-graph-sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
@@ -116,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         enforce_eager=args.enforce_eager,
         warmup=not args.no_warmup,
         sampler=args.sampler,
+        async_scheduling=args.async_scheduling,
         cuda_graph_sizes=args.cuda_graph_sizes,
         lora_dirs=tuple(args.lora_dir),
         max_cpu_loras=args.max_cpu_loras,

@@ -31,7 +31,8 @@ class Config:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode steps
     warmup: bool = True  # CUDA only: compile the prefill kernels at startup (LLMEngine.warmup)
-    sampler: str = "torch"  # "triton": kernels.triton_sampling on CUDA (not yet measured against torch)
+    sampler: str = "torch"  # "triton": kernels.triton_sampling on CUDA (slower where top-k / top-p are set)
+    async_scheduling: bool = False  # queue decode step N+1 before reading step N's tokens (LLMEngine)
     cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs

@@ -57,6 +57,9 @@ class DecodeGraphs:
         self.width = max_blocks_per_seq
         self.host = torch.zeros(n * (5 + max_blocks_per_seq), dtype=i64, pin_memory=True)
         self.host_np = self.host.numpy()
+        self.host_b = torch.zeros_like(self.host).pin_memory()
+        self.host_b_np = self.host_b.numpy()
+        self._flip = False
         self.pool: Any = None  # the memory pool the graphs share
 
     @property
@@ -117,9 +120,12 @@ class DecodeGraphs:
         seq_lens: list[int],
         lora_slots: list[int] | None,
         start_event: torch.cuda.Event | None = None,
+        input_ids_device: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Replay the bucket's graph for this decode batch; returns logits [batch, vocab], or None
-        when the batch is larger than every bucket. `start_event` is recorded just before the replay."""
+        when the batch is larger than every bucket. `start_event` is recorded just before the replay.
+        `input_ids_device` (on the device) replaces `input_ids`: ids sampled by a step whose tokens
+        the host has not read yet (async scheduling)."""
         b = len(input_ids)
         n = self.bucket_for(b)
         if n is None:
@@ -129,7 +135,10 @@ class DecodeGraphs:
             self._capture(n, with_lora)
         scratch = self.scratch_block
         width = self.width
-        h = self.host_np
+        # Two staging buffers, alternating: with async scheduling the previous replay's upload may
+        # not have run yet when this one is prepared.
+        self._flip = not self._flip
+        host, h = (self.host, self.host_np) if self._flip else (self.host_b, self.host_b_np)
         h[:n] = 0
         h[:b] = input_ids
         h[n : 2 * n] = 0
@@ -145,9 +154,11 @@ class DecodeGraphs:
         tables[:] = scratch
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        # The previous replay's copy out of the buffer finished: its logits were read on the host.
-        dev = self.host[: 5 * n + n * width].to(self.device, non_blocking=True)
+        # The replay before the previous one (this buffer's last user) had its tokens read on the host.
+        dev = host[: 5 * n + n * width].to(self.device, non_blocking=True)
         self.input_ids[:n].copy_(dev[:n])
+        if input_ids_device is not None:
+            self.input_ids[:b].copy_(input_ids_device)
         self.positions[:n].copy_(dev[n : 2 * n])
         self.slot_mapping[:n].copy_(dev[2 * n : 3 * n])
         self.seq_lens[:n].copy_(dev[3 * n : 4 * n])

@@ -15,7 +15,7 @@ from server.config import Config
 from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import default_buckets
 from server.engine.lora_manager import LoRAManager
-from server.engine.model_runner import ModelRunner
+from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -117,6 +117,7 @@ class LLMEngine:
         self.observer: StepObserver | None = None
         self.adapters_to_remove: set[int] = set()
         self.defer_observation = False  # step() keeps its observer record for observe_deferred()
+        self._inflight: LaunchedDecode | None = None  # async scheduling: a decode step not read yet
         self._unobserved: list[tuple[ScheduledBatch | None, list[RequestOutput], float | None, float]] = []
         self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
@@ -192,7 +193,7 @@ class LLMEngine:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work or bool(self.pending)
+        return self.scheduler.has_work or bool(self.pending) or self._inflight is not None
 
     def add_lora(self, adapter_id: int, weights: LoRAWeights) -> None:
         if adapter_id < 1:
@@ -270,13 +271,28 @@ class LLMEngine:
 
     def _step(self, on_launched: Callable[[], None] | None) -> tuple[list[RequestOutput], ScheduledBatch | None]:
         outputs, self.pending = self.pending, []
+        if self._inflight is not None:
+            return self._step_ahead(on_launched, outputs)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if on_launched is not None:
                 on_launched()
             outputs.extend(self._drain_finished_waiting())
             return outputs, None
+        if self.config.async_scheduling and self._decodes_ahead_ok(batch):
+            # Queue it and return: its tokens are read in the next call, after the step after it
+            # (fed them on the device) is queued.
+            self._inflight = self.runner.launch_decode(batch)
+            if on_launched is not None:
+                on_launched()
+            outputs.extend(self._drain_finished_waiting())
+            return outputs, None
         sampled, logprobs = self.runner.run(batch, on_launched)
+        self._postprocess(batch, sampled, logprobs, outputs)
+        return outputs, batch
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None],
+                     logprobs: list[TokenLogprob | None] | None, outputs: list[RequestOutput]) -> None:
         for seq in self.scheduler.postprocess(batch, sampled, logprobs):
             new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
             outputs.append(RequestOutput.of(seq, [seq.token_ids[-1]], new_lp))
@@ -284,7 +300,65 @@ class LLMEngine:
                 self._release(seq)
         outputs.extend(self._drain_finished_waiting())
         self._remove_unused_adapters()
-        return outputs, batch
+
+    # --- async scheduling (--async-scheduling) ----------------------------------------------------
+    # A decode step P is queued without waiting for its tokens. At the next call, the step after it
+    # (C) is queued first, for the same sequences one position further, its input ids taken on the
+    # device from P's sampled tokens; only then does the host wait for P's tokens and process them,
+    # while the GPU runs C. A sequence that P's token ends (EOS, stop token) has computed one
+    # position for nothing in C: its result is dropped, and its KV blocks, freed on the host, are
+    # handed out only to steps queued after C. Anything else (new prompts waiting, a sequence
+    # needing its host-side history to sample: penalties, grammar, min_tokens; logprobs) ends the
+    # run-ahead: P is finished alone and the next step is scheduled as usual.
+
+    @staticmethod
+    def _samples_without_history(seq: Sequence) -> bool:
+        """Whether the sequence's next token can be sampled before the host saw its previous one."""
+        p = seq.params
+        return (p.structured is None and p.logprobs is None and not p.logit_bias and not p.has_penalties
+                and p.min_tokens <= seq.num_output_tokens)
+
+    def _decodes_ahead_ok(self, batch: ScheduledBatch) -> bool:
+        return all(n == 1 for n in batch.num_new_tokens) and all(
+            batch.samples(i) and self._samples_without_history(seq) for i, seq in enumerate(batch.seqs))
+
+    def _ahead_batch(self, prev: ScheduledBatch) -> tuple[ScheduledBatch, list[int]] | None:
+        """The step after `prev` for its sequences that go on (and their rows in prev), or None."""
+        if self.scheduler.waiting:
+            return None  # new prompts (or preempted sequences) wait: schedule them now
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for i, seq in enumerate(prev.seqs):
+            if seq.is_finished:
+                continue  # aborted while its step ran
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                continue  # prev's token is its last
+            if not self._samples_without_history(seq):
+                return None
+            seqs.append(seq)
+            rows.append(i)
+        if not seqs:
+            return None
+        for seq in seqs:  # room for the position after the one prev computes
+            if not self.block_manager.allocate_slots(seq, 2):
+                return None
+        return ScheduledBatch(seqs, [1] * len(seqs)), rows
+
+    def _step_ahead(self, on_launched: Callable[[], None] | None,
+                    outputs: list[RequestOutput]) -> tuple[list[RequestOutput], ScheduledBatch | None]:
+        prev = self._inflight
+        assert prev is not None
+        self._inflight = None
+        ahead = self._ahead_batch(prev.batch)
+        if ahead is not None:
+            self._inflight = self.runner.launch_decode(ahead[0], prev, ahead[1])
+        if on_launched is not None:
+            on_launched()
+        sampled = self.runner.finish_decode(prev)
+        live = [i for i, seq in enumerate(prev.batch.seqs) if not seq.is_finished]
+        batch = ScheduledBatch([prev.batch.seqs[i] for i in live], [1] * len(live))
+        self._postprocess(batch, [sampled[i] for i in live], None, outputs)
+        return outputs, prev.batch
 
     def _drain_finished_waiting(self) -> list[RequestOutput]:
         """Sequences the scheduler ended without running them (too large for the whole cache); the
@@ -303,6 +377,7 @@ class LLMEngine:
         return self._fail(self.scheduler.finish_all(FinishReason.ERROR), message)
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[RequestOutput]:
+        self._inflight = None  # whatever it computed is not read
         outputs = []
         for seq in seqs:
             self._release(seq)

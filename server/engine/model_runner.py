@@ -29,6 +29,17 @@ class StepInputs:
     sample_token_index: torch.Tensor  # its last token's row in the flat batch
 
 
+@dataclass(slots=True)
+class LaunchedDecode:
+    """A decode step queued on the device whose tokens the host has not read yet (async scheduling)."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor  # [len(batch.seqs)] on the device, in batch order
+    host: torch.Tensor  # pinned: where `tokens` is being copied
+    ready: torch.cuda.Event | None  # recorded after that copy (None on the CPU)
+    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -151,13 +162,16 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _replay_decode(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        """Logits from a CUDA graph when every sequence computes exactly one token, else None."""
+    def _replay_decode(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits from a CUDA graph when every sequence computes exactly one token, else None. With
+        `lookahead_ids` (device) each sequence computes the position after its last host-side token,
+        whose id the previous step sampled and has not handed to the host yet."""
         graphs = self.graphs
         if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
             return None
         bs = self.block_size
-        positions = [seq.num_computed_tokens for seq in batch.seqs]
+        ahead = lookahead_ids is not None
+        positions = [seq.num_tokens if ahead else seq.num_computed_tokens for seq in batch.seqs]
         lora_slots = None
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         if adapters:
@@ -168,7 +182,8 @@ class ModelRunner:
         # ones): no shrink / expand launches for slots nobody uses.
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         logits = graphs.run(
-            input_ids=[seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
+            input_ids=[0] * len(positions) if ahead else [seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
+            input_ids_device=lookahead_ids,
             positions=positions,
             slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)],
             block_tables=[seq.block_table for seq in batch.seqs],
@@ -244,6 +259,69 @@ class ModelRunner:
         for row, token in zip(rows, self._to_host(tokens), strict=True):
             sampled[row] = token
         return sampled, logprobs
+
+    # --- async scheduling: decode steps launched ahead of the host (LLMEngine, --async-scheduling) ---
+
+    @torch.inference_mode()
+    def launch_decode(self, batch: ScheduledBatch, prev: LaunchedDecode | None = None,
+                      prev_rows: list[int] | None = None) -> LaunchedDecode:
+        """Queue a decode step (every sequence one token, every one sampling, no logprobs) and the
+        copy of its tokens to the host, without waiting. With `prev`, each sequence computes the
+        position after its host-side tokens, fed the token `prev` sampled for it (row prev_rows[i]
+        of prev's batch): the step runs while the host has not seen that token yet."""
+        lookahead = None
+        if prev is not None:
+            assert prev_rows is not None
+            lookahead = prev.tokens.index_select(0, self._tensor(prev_rows))
+        logits = self._replay_decode(batch, lookahead)
+        timing = self._timing
+        if logits is None:
+            inputs = self._prepare_decode(batch, lookahead)
+            hidden = self._forward(inputs)
+            timing = self._timing
+            logits = self.model.compute_logits(hidden)
+        tokens, _ = self.sampler(logits, batch.seqs)
+        n = tokens.numel()
+        if tokens.device.type != "cuda":
+            return LaunchedDecode(batch, tokens, tokens, None, timing)
+        # Two pinned buffers, alternating: the previous launch's copy may still be pending.
+        self._flip = not getattr(self, "_flip", False)
+        key = "_ahead_host_a" if self._flip else "_ahead_host_b"
+        host: torch.Tensor | None = getattr(self, key, None)
+        if host is None or host.numel() < n:
+            host = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True)
+            setattr(self, key, host)
+        host = host[:n]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedDecode(batch, tokens, host, ready, timing)
+
+    def finish_decode(self, launched: LaunchedDecode) -> list[int]:
+        """Wait for a launched step's tokens (releasing the GIL) and return them in batch order."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        self._timing = launched.timing
+        return launched.host.tolist()
+
+    def _prepare_decode(self, batch: ScheduledBatch, lookahead: torch.Tensor | None) -> StepInputs:
+        """StepInputs of a decode batch; with `lookahead`, one position further and those ids."""
+        if lookahead is None:
+            return self.prepare(batch)
+        bs = self.block_size
+        positions = [seq.num_tokens for seq in batch.seqs]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)]
+        seq_lens = [p + 1 for p in positions]
+        query_start_loc = list(range(len(positions) + 1))
+        meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
+        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
+        if adapters:
+            assert self.lora_manager is not None, "a request asked for an adapter but LoRA is not enabled"
+            slot_of = self.lora_manager.assign_slots(adapters)
+            meta.lora_slots = self._tensor([slot_of.get(seq.adapter_id, -1) for seq in batch.seqs], torch.int32)
+            meta.active_lora_slots = sorted(slot_of.values())
+        rows = list(range(len(positions)))
+        return StepInputs(lookahead, self._tensor(positions), meta, rows, self._tensor(rows))
 
     def _to_host(self, tokens: torch.Tensor) -> list[int]:
         if tokens.device.type != "cuda":

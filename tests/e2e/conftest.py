@@ -3,7 +3,8 @@ embedded demo model (and its upper-case adapter as model "upper"), started once 
 
 - `server`: the open server most tests talk to.
 - `restricted_server`: `--api-key` and `--max-queued-requests 1`, for 401 and 503.
-Both start together (model loading overlaps) and are stopped at the end of the session.
+- `ahead_server`: `--async-scheduling`, whose clients must see what the open server's see.
+All start together (model loading overlaps) and are stopped at the end of the session.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Liv
     servers = {
         "open": launch(tmp, "open"),
         "restricted": launch(tmp, "restricted", "--max-queued-requests", "1", api_key=API_KEY),
+        "ahead": launch(tmp, "ahead", "--async-scheduling"),
     }
     try:
         yield servers
@@ -44,3 +46,9 @@ def restricted_server(_servers: dict[str, LiveServer]) -> LiveServer:
 @pytest.fixture(scope="session")
 def client(server: LiveServer) -> OpenAI:
     return server.client()
+
+
+@pytest.fixture(scope="session")
+def ahead_server(_servers: dict[str, LiveServer]) -> LiveServer:
+    _servers["ahead"].wait_ready()
+    return _servers["ahead"]

@@ -44,7 +44,10 @@ async def stream_text(client: AsyncOpenAI, prompt_ids: list[int]) -> tuple[str, 
     return text, completion_tokens
 
 
-def test_32_concurrent_streams_each_get_their_own_tokens(server: LiveServer, offline: LLM) -> None:
+@pytest.mark.parametrize("which", ["server", "ahead_server"])
+def test_32_concurrent_streams_each_get_their_own_tokens(which: str, offline: LLM,
+                                                          request: pytest.FixtureRequest) -> None:
+    server: LiveServer = request.getfixturevalue(which)  # the default engine, and --async-scheduling
     prompts = [offline.encode(f"The `{name}` function") for name in NAMES]
     expected = offline.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
 
@@ -105,3 +108,29 @@ def test_client_giving_up_on_a_non_streaming_request_aborts_it(server: LiveServe
     assert idle["num_running"] == 0 and idle["num_free_blocks"] == idle["num_blocks"]
     assert idle["num_requests_in_flight"] == 0
     assert time.monotonic() - gave_up < 5
+
+
+def test_async_scheduling_server_answers_like_the_default_one(server: LiveServer, ahead_server: LiveServer) -> None:
+    """Chat with and without the adapter, stop strings, n > 1, seeded sampling, logprobs and
+    penalties (which drop back to synchronous steps), all at once: the same bodies from both."""
+    messages = [[{"role": "user", "content": f"What does `{name}` do?"}] for name in NAMES[:8]]
+    kinds = [
+        dict(model=BASE_MODEL, max_tokens=20, temperature=0),
+        dict(model="upper", max_tokens=20, temperature=0),
+        dict(model=BASE_MODEL, max_tokens=30, temperature=0, stop=["e"]),
+        dict(model=BASE_MODEL, max_tokens=12, temperature=0.8, seed=5, n=2),
+        dict(model="upper", max_tokens=12, temperature=0, logprobs=True, top_logprobs=2),
+        dict(model=BASE_MODEL, max_tokens=12, temperature=0, frequency_penalty=1.0),
+    ]
+
+    async def answers(base_url: str) -> list[list[tuple[str | None, str | None]]]:
+        client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        async with client:
+            calls = [client.chat.completions.create(messages=m, **k) for m in messages for k in kinds]  # type: ignore[call-overload]
+            done = await asyncio.gather(*calls)
+        return [[(c.message.content, c.finish_reason) for c in r.choices] for r in done]
+
+    want = asyncio.run(answers(server.base_url))
+    got = asyncio.run(answers(ahead_server.base_url))
+    assert got == want
+    assert any(reason == "stop" for r in want for _, reason in r)

@@ -1,0 +1,109 @@
+"""--async-scheduling: a decode step is queued before the host has read the previous step's tokens
+(fed them on the device). On the demo model it must change nothing a client sees: the same tokens,
+finish reasons and freed blocks as the synchronous engine, whatever ends the requests (max_tokens,
+EOS, stop tokens, aborts) and whoever arrives meanwhile; requests that sample from their history
+(penalties, logprobs, min_tokens) drop back to synchronous steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.loader import DEMO_MODEL
+
+
+def make(async_scheduling: bool) -> LLMEngine:
+    return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                            max_num_batched_tokens=32, max_num_seqs=6, async_scheduling=async_scheduling))
+
+
+def run(engine: LLMEngine, requests: list[tuple[int, list[int], SamplingParams]],
+        aborts: dict[int, str] | None = None) -> dict[str, tuple[list[int], str | None]]:
+    """requests: (arrival step, prompt, params); aborts: step -> request id to abort then."""
+    got: dict[str, list[int]] = {}
+    reasons: dict[str, str | None] = {}
+    step = 0
+    pending = sorted(enumerate(requests), key=lambda r: r[1][0])
+    while pending or engine.has_unfinished_requests:
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, params) = pending.pop(0)
+            engine.add_request(f"r{i}", prompt, params)
+            got[f"r{i}"] = []
+        if aborts and step in aborts:
+            engine.abort(aborts[step])
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason.value if out.finish_reason else None
+        step += 1
+        assert step < 2000
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.seqs
+    return {rid: (tokens, reasons.get(rid)) for rid, tokens in got.items()}
+
+
+PROMPTS = [[5, 17, 99, 3], [250, 7], [1000, 2000, 3000, 40, 41, 42, 43, 44, 45, 46, 47], [9], [77, 78, 79, 80, 81]]
+
+
+def test_greedy_tokens_equal_the_synchronous_engine_under_staggered_arrivals() -> None:
+    reqs = [(i * 3, p, SamplingParams(max_tokens=6 + 5 * i, temperature=0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    reqs.append((20, [11, 12, 13], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
+    sync, ahead = run(make(False), reqs), run(make(True), reqs)
+    assert ahead == sync
+    assert all(len(tokens) == r[2].max_tokens for (tokens, _), r in zip(sync.values(), reqs, strict=True))
+
+
+def test_eos_and_stop_tokens_end_requests_the_same_way() -> None:
+    # The demo model's own EOS ends some of these early; a stop token chosen from the synchronous run
+    # ends another mid-way. Both are seen by the host a step after the token was computed.
+    base = run(make(False), [(0, p, SamplingParams(max_tokens=40, temperature=0)) for p in PROMPTS])
+    stop_at = base["r2"][0][5]
+    reqs = [(0, p, SamplingParams(max_tokens=40, temperature=0)) for p in PROMPTS]
+    reqs.append((2, PROMPTS[2], SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[stop_at])))
+    sync, ahead = run(make(False), reqs), run(make(True), reqs)
+    assert ahead == sync
+    assert sync["r5"][1] == "stop" and sync["r5"][0][-1] == stop_at
+
+
+def test_seeded_sampling_draws_the_same_tokens() -> None:
+    reqs = [(i, p, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=40, seed=100 + i))
+            for i, p in enumerate(PROMPTS)]
+    assert run(make(True), reqs) == run(make(False), reqs)
+
+
+@pytest.mark.parametrize("abort_step", [3, 4, 7])
+def test_an_abort_while_a_step_runs_ahead_frees_everything(abort_step: int) -> None:
+    reqs = [(0, p, SamplingParams(max_tokens=15, temperature=0)) for p in PROMPTS[:3]]
+    sync = run(make(False), reqs, {abort_step: "r1"})
+    ahead = run(make(True), reqs, {abort_step: "r1"})
+    assert ahead["r0"] == sync["r0"] and ahead["r2"] == sync["r2"]
+    assert ahead["r1"][1] == "abort" and len(ahead["r1"][0]) < 15
+    # what it did say is a prefix of what it says when left alone
+    assert ahead["r1"][0] == run(make(False), [reqs[1]])["r0"][0][: len(ahead["r1"][0])]
+
+
+def test_history_dependent_requests_run_synchronously_beside_the_others() -> None:
+    reqs = [(0, PROMPTS[0], SamplingParams(max_tokens=10, temperature=0)),
+            (1, PROMPTS[1], SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3)),
+            (2, PROMPTS[2], SamplingParams(max_tokens=10, temperature=0, logprobs=2)),
+            (6, PROMPTS[3], SamplingParams(max_tokens=10, temperature=0, min_tokens=5)),
+            (12, PROMPTS[4], SamplingParams(max_tokens=10, temperature=0))]
+    assert run(make(True), reqs) == run(make(False), reqs)
+
+
+def test_steps_really_run_ahead() -> None:
+    """The mechanism is in use: with only plain decoding requests, most steps are queued ahead."""
+    engine = make(True)
+    launched: list[bool] = []
+    real = engine.runner.launch_decode
+
+    def watch(batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+        launched.append(prev is not None)
+        return real(batch, prev, prev_rows)
+
+    engine.runner.launch_decode = watch  # type: ignore[method-assign]
+    run(engine, [(0, p, SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS])
+    assert sum(launched) >= 15
