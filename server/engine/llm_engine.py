@@ -319,7 +319,9 @@ class LLMEngine:
                 and p.min_tokens <= seq.num_output_tokens)
 
     def _decodes_ahead_ok(self, batch: ScheduledBatch) -> bool:
-        return all(n == 1 for n in batch.num_new_tokens) and all(
+        # Every running sequence is in it (a token budget below the number running would leave the
+        # others out for as long as steps run ahead), each decoding one token and sampling it.
+        return len(batch.seqs) == len(self.scheduler.running) and all(n == 1 for n in batch.num_new_tokens) and all(
             batch.samples(i) and self._samples_without_history(seq) for i, seq in enumerate(batch.seqs))
 
     def _ahead_batch(self, prev: ScheduledBatch) -> tuple[ScheduledBatch, list[int]] | None:

@@ -107,3 +107,27 @@ def test_steps_really_run_ahead() -> None:
     engine.runner.launch_decode = watch  # type: ignore[method-assign]
     run(engine, [(0, p, SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS])
     assert sum(launched) >= 15
+
+
+def test_a_token_budget_below_the_running_count_leaves_nobody_out() -> None:
+    """More requests than the step's token budget: at every launch, every running request (bar those
+    whose previous token is their last) is in the step (one left out would wait as long as steps run
+    ahead), and the tokens are the synchronous engine's."""
+    def engine(ahead: bool) -> LLMEngine:
+        return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                                max_num_batched_tokens=3, max_num_seqs=6, async_scheduling=ahead))
+
+    reqs = [(0, p[:3], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in PROMPTS]
+    ahead = engine(True)
+    left_out: list[int] = []
+    real = ahead.runner.launch_decode
+
+    def watch(batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+        # running requests not in the step, but for those whose token in the previous step is their last
+        left_out.append(sum(1 for s in ahead.scheduler.running if s not in batch.seqs
+                            and not (prev is not None and s.num_output_tokens + 1 >= s.params.max_tokens)))
+        return real(batch, prev, prev_rows)
+
+    ahead.runner.launch_decode = watch  # type: ignore[method-assign]
+    assert run(ahead, reqs) == run(engine(False), reqs)
+    assert left_out and not any(left_out)  # it ran ahead, and only with every running request
