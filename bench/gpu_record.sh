@@ -5,7 +5,7 @@
 #   bash bench/gpu_record.sh compare   # random 8B NF4 model, engine alone, HTTP serving, /metrics scrape
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses)
-#   bash bench/gpu_record.sh ab        # deferred output hand-over on / off through HTTP (c1, c8, c64)
+#   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #
@@ -82,23 +82,27 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
             --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     fi
     ;;
-ab)  # deferred output hand-over on and off (SLOTH_DELIVER_AT_NEXT_LAUNCH), same model, c64, c8, c1
+ab)  # serving variants on one machine and model, c64 / c8 / c1: the default, --async-scheduling, and
+    # SLOTH_DELIVER_AT_NEXT_LAUNCH=0 (outputs handed over as each step ends, the pre-session-3 way)
     ensure_model
-    for v in 1 0; do
-        elapsed "server with SLOTH_DELIVER_AT_NEXT_LAUNCH=$v"
-        SLOTH_DELIVER_AT_NEXT_LAUNCH=$v timeout 200 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8124 \
-            --max-num-seqs 64 --max-model-len 1024 > "$RES/server-ab$v.log" 2>&1 &
+    for variant in default async deliver0; do
+        flags=""; envs=""
+        [ "$variant" = async ] && flags="--async-scheduling"
+        [ "$variant" = deliver0 ] && envs="SLOTH_DELIVER_AT_NEXT_LAUNCH=0"
+        elapsed "server: $variant"
+        env $envs timeout 200 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8124 \
+            --max-num-seqs 64 --max-model-len 1024 $flags > "$RES/server-$variant.log" 2>&1 &
         pid=$!
         python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8124/health', 150)"
         for c in 64 8 1; do
             timeout 90 python bench/serve.py --base-url http://127.0.0.1:8124/v1 --disable-tqdm --vocab-size 128000 \
                 --input-len 64 --output-len 128 --max-concurrency $c --num-prompts $(( c > 4 ? 4 * c : 8 )) \
-                --json-out "$RES/ab$v-c$c.json" --label "ab$v-c$c" > "$RES/ab$v-c$c.txt" 2>&1
+                --json-out "$RES/$variant-c$c.json" --label "$variant-c$c" > "$RES/$variant-c$c.txt" 2>&1
         done
         kill $pid; wait $pid 2> /dev/null
         save
     done
-    grep -H -E "Output token|Median TPOT|Median TTFT|P99 TTFT" "$RES"/ab*.txt
+    grep -H -E "Output token|Median TPOT|Median TTFT|P99 TTFT" "$RES"/*-c*.txt
     ;;
 verify)  # every GPU test, then the server under sampling and under 8 adapters (what CPU tests cannot show)
     timeout 240 python -m pytest -q -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
