@@ -72,6 +72,8 @@ class ModelRunner:
         # go of the GIL, so the API thread streams the previous step's tokens while the GPU works.
         self._host_tokens: torch.Tensor | None = None
         self._launched_called = False  # whether run() has called its on_launched yet
+        self._ahead_hosts: list[torch.Tensor | None] = [None, None]  # launch_decode's token buffers
+        self._ahead_turn = 0
         self._tokens_ready: torch.cuda.Event | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_buckets and device.type == "cuda":
@@ -285,12 +287,11 @@ class ModelRunner:
         if tokens.device.type != "cuda":
             return LaunchedDecode(batch, tokens, tokens, None, timing)
         # Two pinned buffers, alternating: the previous launch's copy may still be pending.
-        self._flip = not getattr(self, "_flip", False)
-        key = "_ahead_host_a" if self._flip else "_ahead_host_b"
-        host: torch.Tensor | None = getattr(self, key, None)
+        self._ahead_turn ^= 1
+        host = self._ahead_hosts[self._ahead_turn]
         if host is None or host.numel() < n:
             host = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True)
-            setattr(self, key, host)
+            self._ahead_hosts[self._ahead_turn] = host
         host = host[:n]
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
