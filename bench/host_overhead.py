@@ -34,21 +34,39 @@ def main() -> None:
 
     done_at = [0.0]
     to_host = ModelRunner._to_host
+    launch_decode, finish_decode = ModelRunner.launch_decode, ModelRunner.finish_decode
+    launched_done: dict[int, float] = {}
 
     def queued_forward(self: ModelRunner, inputs: StepInputs) -> torch.Tensor:
-        # Like a GPU launch: returns at once; the work "finishes" step_s later.
-        done_at[0] = time.perf_counter() + step_s
+        # Like a GPU launch: returns at once; the work starts when the previous launch's is done
+        # (one stream) and "finishes" step_s later.
+        done_at[0] = max(time.perf_counter(), done_at[0]) + step_s
         self._cpu_forward_seconds = step_s
         return torch.randn(inputs.input_ids.shape[0], self.model.config.hidden_size, dtype=self.kv_caches[0][0].dtype)
 
-    def waiting_to_host(self: ModelRunner, tokens: torch.Tensor) -> list[int]:
-        left = done_at[0] - time.perf_counter()
+    def wait_until(t: float) -> None:
+        left = t - time.perf_counter()
         if left > 0:
             time.sleep(left)  # lets go of the GIL, as the wait on the GPU does
+
+    def waiting_to_host(self: ModelRunner, tokens: torch.Tensor) -> list[int]:
+        wait_until(done_at[0])
         return to_host(self, tokens)
+
+    def timed_launch(self, batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+        # --async-scheduling: each launched step remembers when its stand-in GPU work ends.
+        launched = launch_decode(self, batch, prev, prev_rows)
+        launched_done[id(launched)] = done_at[0]
+        return launched
+
+    def waiting_finish(self, launched):  # type: ignore[no-untyped-def]
+        wait_until(launched_done.pop(id(launched), done_at[0]))
+        return finish_decode(self, launched)
 
     ModelRunner._forward = queued_forward  # type: ignore[method-assign]
     ModelRunner._to_host = waiting_to_host  # type: ignore[method-assign]
+    ModelRunner.launch_decode = timed_launch  # type: ignore[method-assign]
+    ModelRunner.finish_decode = waiting_finish  # type: ignore[method-assign]
     sys.argv = [sys.argv[0], *server_args]
     cli.main()
 
