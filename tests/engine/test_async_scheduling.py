@@ -7,6 +7,7 @@ EOS, stop tokens, aborts) and whoever arrives meanwhile; requests that sample fr
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
@@ -161,3 +162,18 @@ def test_random_traffic_gets_the_synchronous_engines_answers(seed: int) -> None:
             assert a == b[: len(a)] or b == a[: len(b)], rid
         else:
             assert ahead[rid] == sync[rid], rid
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_on_gpu_running_ahead_gives_the_synchronous_tokens(graphs: bool) -> None:
+    """On CUDA the step after is fed its input ids on the device (graph replay or eager) and the
+    host staging buffers alternate; fp32 so that greedy choices are stable."""
+    def engine(ahead: bool) -> LLMEngine:
+        return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=256, device="cuda",
+                                dtype="float32", enforce_eager=not graphs, async_scheduling=ahead))
+
+    reqs = [(i, p, SamplingParams(max_tokens=20 + i, temperature=0)) for i, p in enumerate(PROMPTS)]
+    reqs += [(3, p, SamplingParams(max_tokens=16, temperature=0.8, seed=9, ignore_eos=True)) for p in PROMPTS]
+    assert run(engine(True), reqs) == run(engine(False), reqs)
