@@ -167,9 +167,13 @@ class AsyncEngine:
     def _release_held(self) -> None:
         held, self._held = self._held, []
         # The held steps' metrics first (also off the GPU's critical path): a client that has its
-        # response then finds it counted in /metrics.
-        self.engine.observe_deferred()
-        self._deliver(held)
+        # response then finds it counted in /metrics. Metrics never cost a request its outputs.
+        try:
+            self.engine.observe_deferred()
+        except Exception:
+            logger.exception("recording step metrics failed")
+        finally:
+            self._deliver(held)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts; wait for one when idle. False means shut down."""

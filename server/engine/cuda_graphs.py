@@ -60,6 +60,9 @@ class DecodeGraphs:
         self.host_b = torch.zeros_like(self.host).pin_memory()
         self.host_b_np = self.host_b.numpy()
         self._flip = False
+        # Per staging buffer, recorded after its upload: a step that samples nothing (a one-token
+        # prompt chunk) is never waited on, so a buffer's next user checks this before writing it.
+        self._uploaded: dict[bool, torch.cuda.Event | None] = {False: None, True: None}
         self.pool: Any = None  # the memory pool the graphs share
 
     @property
@@ -139,6 +142,9 @@ class DecodeGraphs:
         # not have run yet when this one is prepared.
         self._flip = not self._flip
         host, h = (self.host, self.host_np) if self._flip else (self.host_b, self.host_b_np)
+        uploaded = self._uploaded[self._flip]
+        if uploaded is not None:
+            uploaded.synchronize()  # this buffer's last upload has run (almost always long since)
         h[:n] = 0
         h[:b] = input_ids
         h[n : 2 * n] = 0
@@ -154,8 +160,10 @@ class DecodeGraphs:
         tables[:] = scratch
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        # The replay before the previous one (this buffer's last user) had its tokens read on the host.
         dev = host[: 5 * n + n * width].to(self.device, non_blocking=True)
+        if uploaded is None:
+            uploaded = self._uploaded[self._flip] = torch.cuda.Event()
+        uploaded.record()
         self.input_ids[:n].copy_(dev[:n])
         if input_ids_device is not None:
             self.input_ids[:b].copy_(input_ids_device)

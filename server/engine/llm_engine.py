@@ -205,8 +205,12 @@ class LLMEngine:
             # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
             # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
             if self.config.warmup and self.device.type == "cuda" and not self.has_unfinished_requests:
-                logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name,
-                            self.warmup(adapter_id))
+                observer, self.observer = self.observer, None  # warmup requests are not traffic
+                try:
+                    seconds = self.warmup(adapter_id)
+                finally:
+                    self.observer = observer
+                logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name, seconds)
 
     def remove_lora(self, adapter_id: int) -> None:
         """Unload an adapter once no request uses it: running requests finish on its weights."""
@@ -326,8 +330,8 @@ class LLMEngine:
 
     def _ahead_batch(self, prev: ScheduledBatch) -> tuple[ScheduledBatch, list[int]] | None:
         """The step after `prev` for its sequences that go on (and their rows in prev), or None."""
-        if self.scheduler.waiting:
-            return None  # new prompts (or preempted sequences) wait: schedule them now
+        if self.scheduler.could_admit():
+            return None  # a waiting prompt (or preempted sequence) can start: schedule it now
         seqs: list[Sequence] = []
         rows: list[int] = []
         for i, seq in enumerate(prev.seqs):

@@ -38,6 +38,7 @@ class LaunchedDecode:
     host: torch.Tensor  # pinned: where `tokens` is being copied
     ready: torch.cuda.Event | None  # recorded after that copy (None on the CPU)
     timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    cpu_seconds: float | None  # the forward's time on the CPU (no events there)
 
 
 class ModelRunner:
@@ -283,9 +284,11 @@ class ModelRunner:
             timing = self._timing
             logits = self.model.compute_logits(hidden)
         tokens, _ = self.sampler(logits, batch.seqs)
+        # The step's forward time is read once its tokens are (finish_decode), not now.
+        cpu_seconds, self._timing, self._cpu_forward_seconds = self._cpu_forward_seconds, None, None
         n = tokens.numel()
         if tokens.device.type != "cuda":
-            return LaunchedDecode(batch, tokens, tokens, None, timing)
+            return LaunchedDecode(batch, tokens, tokens, None, timing, cpu_seconds)
         # Two pinned buffers, alternating: the previous launch's copy may still be pending.
         self._ahead_turn ^= 1
         host = self._ahead_hosts[self._ahead_turn]
@@ -296,13 +299,13 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return LaunchedDecode(batch, tokens, host, ready, timing)
+        return LaunchedDecode(batch, tokens, host, ready, timing, cpu_seconds)
 
     def finish_decode(self, launched: LaunchedDecode) -> list[int]:
         """Wait for a launched step's tokens (releasing the GIL) and return them in batch order."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        self._timing = launched.timing
+        self._timing, self._cpu_forward_seconds = launched.timing, launched.cpu_seconds
         return launched.host.tolist()
 
     def _prepare_decode(self, batch: ScheduledBatch, lookahead: torch.Tensor | None) -> StepInputs:

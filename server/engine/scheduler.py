@@ -128,6 +128,19 @@ class Scheduler:
         batch.num_new_tokens = [batch.num_new_tokens[i] for i in order]
         return batch
 
+    def could_admit(self) -> bool:
+        """Whether the next schedule() might start the first waiting sequence beside the running
+        decodes. False only where it certainly could not: no sequence slot, no token budget left
+        after one token per running sequence, or no adapter slot for it (free KV blocks are not
+        judged here: a prefix-cache hit can make room)."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        if self.config.max_num_batched_tokens <= len(self.running):
+            return False
+        seq = self.waiting[0]
+        adapters = {s.adapter_id for s in self.running}
+        return not (seq.adapter_id and seq.adapter_id not in adapters and self._num_lora(adapters) >= self.config.max_loras)
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

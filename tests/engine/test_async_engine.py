@@ -180,3 +180,22 @@ def test_the_observer_sees_every_step_once_with_its_end_time(engine: LLMEngine) 
     assert sum(n for n, _, _ in seen) == 24
     assert all(now <= called for _, now, called in seen)
     assert [now for _, now, _ in seen] == sorted(now for _, now, _ in seen)
+
+
+def test_a_failing_metrics_call_costs_no_request_its_outputs(engine: LLMEngine) -> None:
+    class Broken:
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
+            raise RuntimeError("metrics backend down")
+
+    engine.observer = Broken()
+
+    async def main() -> None:
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(collect(ae, f"m{i}", [6 + i, 7]) for i in range(3))), 30)
+            assert all(len(tokens) == 8 and last.finish_reason is FinishReason.LENGTH for tokens, last in results)
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())

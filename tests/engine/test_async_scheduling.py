@@ -177,3 +177,66 @@ def test_on_gpu_running_ahead_gives_the_synchronous_tokens(graphs: bool) -> None
     reqs = [(i, p, SamplingParams(max_tokens=20 + i, temperature=0)) for i, p in enumerate(PROMPTS)]
     reqs += [(3, p, SamplingParams(max_tokens=16, temperature=0.8, seed=9, ignore_eos=True)) for p in PROMPTS]
     assert run(engine(True), reqs) == run(engine(False), reqs)
+
+
+def test_a_full_server_keeps_running_ahead() -> None:
+    """Requests waiting for a sequence slot (max_num_seqs reached) cannot start anyway: the running
+    ones keep running ahead meanwhile, and every request gets the synchronous tokens."""
+    def engine(ahead: bool) -> LLMEngine:
+        return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                                max_num_seqs=2, async_scheduling=ahead))
+
+    reqs = [(0, p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in PROMPTS[:4]]
+    ahead = engine(True)
+    chained: list[bool] = []
+    real = ahead.runner.launch_decode
+
+    def watch(batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+        if ahead.scheduler.waiting:
+            chained.append(prev is not None)
+        return real(batch, prev, prev_rows)
+
+    ahead.runner.launch_decode = watch  # type: ignore[method-assign]
+    assert run(ahead, reqs) == run(engine(False), reqs)
+    assert sum(chained) >= 8  # while two requests waited, steps still ran ahead
+
+
+def test_each_steps_forward_time_is_recorded_once() -> None:
+    engine = make(True)
+    forwards = [0]
+    real = engine.runner._forward
+
+    def counted(inputs):  # type: ignore[no-untyped-def]
+        forwards[0] += 1
+        return real(inputs)
+
+    engine.runner._forward = counted  # type: ignore[method-assign]
+    recorded: list[float] = []
+
+    class Recorder:
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
+            if forward_seconds is not None:
+                recorded.append(forward_seconds)
+
+    engine.observer = Recorder()
+    run(engine, [(i, p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)) for i, p in enumerate(PROMPTS)])
+    assert len(recorded) == forwards[0] > 0
+
+
+def test_the_first_adapters_warmup_is_not_counted_as_traffic() -> None:
+    """add_lora runs the warmup through the first adapter on CUDA (forced here on the CPU): none of
+    those requests reaches the observer (the metrics and the request log)."""
+    from server.loader import DEMO_ADAPTER
+    from server.loader.peft import load_lora
+
+    engine = make(False)
+    seen: list[int] = []
+
+    class Recorder:
+        def on_step(self, scheduler, batch, outputs, forward_seconds, now) -> None:  # type: ignore[no-untyped-def]
+            seen.append(len(outputs))
+
+    engine.observer = Recorder()
+    engine.device = torch.device("cuda")  # only the warmup's condition reads it after construction
+    engine.add_lora(1, load_lora("upper", DEMO_ADAPTER, engine.config.max_lora_rank))
+    assert not seen and not engine.has_unfinished_requests and isinstance(engine.observer, Recorder)
