@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_record.sh compare   # random 8B NF4 model, engine alone, HTTP serving, /metrics scrape
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
-#   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses)
+#   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses);
+#                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
@@ -14,7 +15,8 @@ set -u
 phase=${1:?phase: compare, peers or checks}
 mkdir -p /tmp/site && tar xzf .gpu-carry/site.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
-WORK=/tmp/cmp
+SHAPE=${SHAPE:-llama3-8b}  # bench/make_random_model.py SHAPES: llama3-8b (the recorded table) or llama3.2-1b
+WORK=/tmp/cmp-$SHAPE
 RES=/tmp/res-$phase
 mkdir -p "$RES"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RES/gpu.txt" 2>&1
@@ -24,7 +26,7 @@ elapsed() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 save() { tar czf "$OUT/$phase.tgz" -C "$RES" .; }  # after every stage: a cut run keeps what ran
 
 compare_stage() {  # compare_stage STAGE SECONDS: one stage of bench/compare.py, logged to STAGE.log
-    timeout "$2" python bench/compare.py --shape llama3-8b --work "$WORK" --out "$RES/cmp" --stages "$1" > "$RES/$1.log" 2>&1
+    timeout "$2" python bench/compare.py --shape "$SHAPE" --work "$WORK" --out "$RES/cmp" --stages "$1" > "$RES/$1.log" 2>&1
 }
 
 peers_then_report() {  # peers_then_report SECONDS MAX_RUN_S: every peer at 1/8/64, then compare.md
@@ -133,7 +135,7 @@ checks)
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     elapsed "eager profile"
-    timeout 150 python bench/profile_eager.py --random-shape llama3-8b --prompt-lens 1,64,512 > "$RES/profile-eager.txt" 2>&1
+    timeout 150 python bench/profile_eager.py --random-shape "$SHAPE" --prompt-lens 1,64,512 > "$RES/profile-eager.txt" 2>&1
     save
     elapsed "fine-tune example"
     timeout 150 python examples/finetune_and_serve.py --device cuda --out /tmp/ft > "$RES/finetune.log" 2>&1
