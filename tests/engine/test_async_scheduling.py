@@ -240,3 +240,45 @@ def test_the_first_adapters_warmup_is_not_counted_as_traffic() -> None:
     engine.device = torch.device("cuda")  # only the warmup's condition reads it after construction
     engine.add_lora(1, load_lora("upper", DEMO_ADAPTER, engine.config.max_lora_rank))
     assert not seen and not engine.has_unfinished_requests and isinstance(engine.observer, Recorder)
+
+
+def test_out_of_memory_in_a_step_run_ahead_fails_its_requests_and_the_engine_goes_on() -> None:
+    import asyncio
+
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.sequence import FinishReason
+
+    engine = make(True)
+    real = engine.runner.launch_decode
+    calls = [0]
+
+    def flaky(batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 3:  # a step queued ahead of an unread one
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, prev, prev_rows)
+
+    engine.runner.launch_decode = flaky  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def collect(ae: AsyncEngine, rid: str) -> tuple[list[int], object]:
+        tokens: list[int] = []
+        last = None
+        async for out in ae.generate(rid, [3, 4, 5], params):
+            tokens += out.new_token_ids
+            last = out
+        return tokens, last
+
+    async def main() -> None:
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            _, last = await asyncio.wait_for(collect(ae, "victim"), 30)
+            assert last.finish_reason is FinishReason.ERROR and "out of device memory" in last.error  # type: ignore[attr-defined]
+            tokens, last = await asyncio.wait_for(collect(ae, "after"), 30)
+            assert len(tokens) == 8 and last.finish_reason is FinishReason.LENGTH  # type: ignore[attr-defined]
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
