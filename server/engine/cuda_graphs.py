@@ -52,17 +52,16 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.lora_slots = torch.full((n,), -1, dtype=i32, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # One pinned staging buffer for every replay's inputs (pinned allocation per step is slow),
-        # written through a numpy view, then copied to the device in one transfer.
+        # Pinned staging buffers for the replays' inputs (pinned allocation per step is slow), written
+        # through numpy views, then copied to the device in one transfer. Two, alternating: with
+        # async scheduling the previous replay's upload may not have run yet when the next is
+        # prepared. Each has an event recorded after its upload: a step that samples nothing (a
+        # one-token prompt chunk) is never waited on, so the buffer's next user checks it first.
         self.width = max_blocks_per_seq
-        self.host = torch.zeros(n * (5 + max_blocks_per_seq), dtype=i64, pin_memory=True)
-        self.host_np = self.host.numpy()
-        self.host_b = torch.zeros_like(self.host).pin_memory()
-        self.host_b_np = self.host_b.numpy()
-        self._flip = False
-        # Per staging buffer, recorded after its upload: a step that samples nothing (a one-token
-        # prompt chunk) is never waited on, so a buffer's next user checks this before writing it.
-        self._uploaded: dict[bool, torch.cuda.Event | None] = {False: None, True: None}
+        self.staging = [torch.zeros(n * (5 + max_blocks_per_seq), dtype=i64, pin_memory=True) for _ in range(2)]
+        self.staging_np = [t.numpy() for t in self.staging]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self.pool: Any = None  # the memory pool the graphs share
 
     @property
@@ -138,11 +137,9 @@ class DecodeGraphs:
             self._capture(n, with_lora)
         scratch = self.scratch_block
         width = self.width
-        # Two staging buffers, alternating: with async scheduling the previous replay's upload may
-        # not have run yet when this one is prepared.
-        self._flip = not self._flip
-        host, h = (self.host, self.host_np) if self._flip else (self.host_b, self.host_b_np)
-        uploaded = self._uploaded[self._flip]
+        self._turn ^= 1
+        host, h = self.staging[self._turn], self.staging_np[self._turn]
+        uploaded = self._uploaded[self._turn]
         if uploaded is not None:
             uploaded.synchronize()  # this buffer's last upload has run (almost always long since)
         h[:n] = 0
@@ -162,7 +159,7 @@ class DecodeGraphs:
             tables[row, : len(table)] = table
         dev = host[: 5 * n + n * width].to(self.device, non_blocking=True)
         if uploaded is None:
-            uploaded = self._uploaded[self._flip] = torch.cuda.Event()
+            uploaded = self._uploaded[self._turn] = torch.cuda.Event()
         uploaded.record()
         self.input_ids[:n].copy_(dev[:n])
         if input_ids_device is not None:

@@ -12,6 +12,7 @@ import torch
 
 from kernels.attention import AttnMetadata
 from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.device import to_device
 from server.engine.lora_manager import LoRAManager
 from server.engine.sampler import Sampler, gather_logprobs
 from server.engine.scheduler import ScheduledBatch
@@ -69,13 +70,11 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
-        # Sampled tokens come back through a pinned buffer and an event: waiting on the event lets
-        # go of the GIL, so the API thread streams the previous step's tokens while the GPU works.
-        self._host_tokens: torch.Tensor | None = None
+        # Sampled tokens come back through pinned buffers and events: waiting on an event lets go
+        # of the GIL, so the API thread streams the previous step's tokens while the GPU works.
+        self._host_tokens: list[tuple[torch.Tensor | None, torch.cuda.Event | None]] = [(None, None), (None, None)]
+        self._turn = 0
         self._launched_called = False  # whether run() has called its on_launched yet
-        self._ahead_hosts: list[torch.Tensor | None] = [None, None]  # launch_decode's token buffers
-        self._ahead_turn = 0
-        self._tokens_ready: torch.cuda.Event | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_buckets and device.type == "cuda":
             self.graphs = DecodeGraphs(
@@ -107,7 +106,10 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> StepInputs:
+        """The step's flat inputs. With `lookahead_ids` (a decode batch, on the device) each
+        sequence computes the position after its last host-side token, fed that id."""
+        ahead = lookahead_ids is not None
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -118,9 +120,9 @@ class ModelRunner:
         adapter_per_token: list[int] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
+            start = seq.num_tokens if ahead else seq.num_computed_tokens
             end = start + n
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_ids[start:end])  # nothing when ahead: that id is on the device
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -137,9 +139,8 @@ class ModelRunner:
             slot_of = self.lora_manager.assign_slots(adapters)
             meta.lora_slots = self._tensor([slot_of.get(a, -1) for a in adapter_per_token], torch.int32)
             meta.active_lora_slots = sorted(slot_of.values())
-        return StepInputs(
-            self._tensor(input_ids), self._tensor(positions), meta, sample_rows, self._tensor(sample_index)
-        )
+        ids = lookahead_ids if lookahead_ids is not None else self._tensor(input_ids)
+        return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index))
 
     def _attn_metadata(
         self, batch: ScheduledBatch, slots: list[int], seq_lens: list[int], query_start_loc: list[int]
@@ -159,11 +160,7 @@ class ModelRunner:
         )
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        # Built on the host and copied without blocking, so the CPU can go on preparing the step.
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(data, self.device, dtype)
 
     def _replay_decode(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits from a CUDA graph when every sequence computes exactly one token, else None. With
@@ -279,26 +276,16 @@ class ModelRunner:
         logits = self._replay_decode(batch, lookahead)
         timing = self._timing
         if logits is None:
-            inputs = self._prepare_decode(batch, lookahead)
+            inputs = self.prepare(batch, lookahead)
             hidden = self._forward(inputs)
             timing = self._timing
             logits = self.model.compute_logits(hidden)
         tokens, _ = self.sampler(logits, batch.seqs)
         # The step's forward time is read once its tokens are (finish_decode), not now.
         cpu_seconds, self._timing, self._cpu_forward_seconds = self._cpu_forward_seconds, None, None
-        n = tokens.numel()
         if tokens.device.type != "cuda":
             return LaunchedDecode(batch, tokens, tokens, None, timing, cpu_seconds)
-        # Two pinned buffers, alternating: the previous launch's copy may still be pending.
-        self._ahead_turn ^= 1
-        host = self._ahead_hosts[self._ahead_turn]
-        if host is None or host.numel() < n:
-            host = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True)
-            self._ahead_hosts[self._ahead_turn] = host
-        host = host[:n]
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        host, ready = self._copy_to_host(tokens)
         return LaunchedDecode(batch, tokens, host, ready, timing, cpu_seconds)
 
     def finish_decode(self, launched: LaunchedDecode) -> list[int]:
@@ -308,35 +295,24 @@ class ModelRunner:
         self._timing, self._cpu_forward_seconds = launched.timing, launched.cpu_seconds
         return launched.host.tolist()
 
-    def _prepare_decode(self, batch: ScheduledBatch, lookahead: torch.Tensor | None) -> StepInputs:
-        """StepInputs of a decode batch; with `lookahead`, one position further and those ids."""
-        if lookahead is None:
-            return self.prepare(batch)
-        bs = self.block_size
-        positions = [seq.num_tokens for seq in batch.seqs]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)]
-        seq_lens = [p + 1 for p in positions]
-        query_start_loc = list(range(len(positions) + 1))
-        meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
-        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
-        if adapters:
-            assert self.lora_manager is not None, "a request asked for an adapter but LoRA is not enabled"
-            slot_of = self.lora_manager.assign_slots(adapters)
-            meta.lora_slots = self._tensor([slot_of.get(seq.adapter_id, -1) for seq in batch.seqs], torch.int32)
-            meta.active_lora_slots = sorted(slot_of.values())
-        rows = list(range(len(positions)))
-        return StepInputs(lookahead, self._tensor(positions), meta, rows, self._tensor(rows))
-
     def _to_host(self, tokens: torch.Tensor) -> list[int]:
         if tokens.device.type != "cuda":
             return tokens.tolist()
-        n = tokens.numel()
-        if self._host_tokens is None or self._host_tokens.numel() < n:
-            self._host_tokens = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True)
-            self._tokens_ready = torch.cuda.Event()
-        assert self._tokens_ready is not None
-        host = self._host_tokens[:n]
-        host.copy_(tokens, non_blocking=True)
-        self._tokens_ready.record()
-        self._tokens_ready.synchronize()  # releases the GIL while it waits
+        host, ready = self._copy_to_host(tokens)
+        ready.synchronize()  # releases the GIL while it waits
         return host.tolist()
+
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Queue the copy of sampled tokens into a pinned buffer; the event is recorded after it.
+        Two buffers, alternating: a step launched ahead may not have been read when the next copies."""
+        self._turn ^= 1
+        n = tokens.numel()
+        host, ready = self._host_tokens[self._turn]
+        if host is None or host.numel() < n:
+            host, ready = torch.empty(max(n, 256), dtype=tokens.dtype, pin_memory=True), torch.cuda.Event()
+            self._host_tokens[self._turn] = (host, ready)
+        assert ready is not None
+        host = host[:n]
+        host.copy_(tokens, non_blocking=True)
+        ready.record()
+        return host, ready

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kernels.sampling import sample
+from server.engine.device import to_device
 from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
 from server.engine.sequence import Sequence, TokenLogprob
 
@@ -45,15 +46,7 @@ class Sampler:
             logger.warning("structured outputs disabled: %s", self.grammar_error)
 
     def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A small host list on the device without waiting for the GPU. `torch.tensor(values,
-        device=cuda)` copies with non_blocking=False, which synchronizes the stream: after a queued
-        forward pass the host would sit until the GPU finished it, and nothing queued behind it
-        (the hand-over of outputs, the next step's preparation) would overlap it. From pinned memory
-        (PyTorch's caching host allocator keeps the block until the copy is done) it is queued."""
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(values, self.device, dtype)
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
