@@ -4,8 +4,8 @@
 slot (scale already folded into b); `slots` [T] (int32) gives each token's slot, -1 for none.
 `y` may be a column slice of a wider output (a fused projection's slice): only its strides count.
 On CUDA `add_lora` runs the Triton shrink/expand kernels of `kernels.triton_lora` (ranks up to 64);
-elsewhere, or for larger ranks, the reference. `add_lora_slices` does a fused projection's slices
-(q|k|v, gate|up) at once: their A and B stacked, two launches in all instead of two per slice.
+elsewhere, or for larger ranks, the reference. A fused projection's slices (q|k|v, gate|up) go at
+once: their A and B stacked, two launches in all instead of two per slice.
 """
 
 from __future__ import annotations
@@ -41,38 +41,26 @@ def add_lora(
     b: torch.Tensor,
     slots: torch.Tensor,
     active_slots: list[int] | None = None,
+    slices: list[int] | None = None,
 ) -> torch.Tensor:
     """y += LoRA(x) per token's slot, in place; returns y. The Triton path needs no `active_slots`
-    (programs of unused slots return at once) and never synchronizes with the host."""
-    if y.is_cuda and a.shape[1] <= MAX_TRITON_RANK and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from kernels.triton_lora import add_lora_triton
+    (programs of unused slots return at once) and never synchronizes with the host.
 
-        if active_slots is not None and all(s < 0 for s in active_slots):
-            return y
-        return add_lora_triton(y, x, a, b, slots if slots.dtype == torch.int32 else slots.int())
-    return add_lora_ref(y, x, a, b, slots, active_slots)
-
-
-def add_lora_slices(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    slots: torch.Tensor,
-    slices: list[int],
-    active_slots: list[int] | None = None,
-) -> torch.Tensor:
-    """A fused projection's LoRA: y's columns are `slices` wide each; `a` [num_slots, len(slices) *
-    rank, K] stacks each slice's A along the rank, `b` [num_slots, sum(slices), rank] each slice's B
-    along the output. Slice i's columns get (x @ A_i.T) @ B_i.T. In place; returns y."""
+    `slices`, for a fused projection (q|k|v, gate|up): y's columns are that many wide each, `a`
+    [num_slots, len(slices) * rank, K] stacks each slice's A along the rank and `b` [num_slots,
+    sum(slices), rank] each slice's B along the output; slice i's columns get (x @ A_i.T) @ B_i.T,
+    in one shrink and one expand launch where the slices stack (else slice by slice)."""
+    slices = slices or [y.shape[1]]
     rank = a.shape[1] // len(slices)
     if y.is_cuda and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
         from kernels.triton_lora import add_lora_triton, stackable
 
-        if stackable(slices, rank):
+        if rank <= MAX_TRITON_RANK and stackable(slices, rank):
             if active_slots is not None and all(s < 0 for s in active_slots):
                 return y
             return add_lora_triton(y, x, a, b, slots if slots.dtype == torch.int32 else slots.int(), slices=slices)
+    if len(slices) == 1:
+        return add_lora_ref(y, x, a, b, slots, active_slots)
     offset = 0
     for i, n in enumerate(slices):
         add_lora(y[:, offset : offset + n], x, a[:, i * rank : (i + 1) * rank], b[:, offset : offset + n], slots,

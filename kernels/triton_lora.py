@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_nf4 import _locks
+from kernels.triton_nf4 import arrival_counters
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -163,7 +163,7 @@ def add_lora_triton(
     split = triton.cdiv(k, k_per_split)
     shrunk = torch.empty((t, rank_total), dtype=torch.float32, device=x.device)  # rows of adapter tokens only
     part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device) if split > 1 else shrunk
-    locks = _locks(x.device, num_slots * tiles_t)
+    locks = arrival_counters(x.device, num_slots * tiles_t)
     ieee = a.dtype == torch.float32
     _shrink_kernel[(num_slots, split, tiles_t)](
         x, a, slots, part, shrunk, locks, t, k, rank_total, x.stride(0), a.stride(0), a.stride(1),

@@ -312,7 +312,7 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 _RETIRED_LOCKS: list[torch.Tensor] = []  # outgrown counters: captured CUDA graphs may still use them
 
 
-def _locks(device: torch.device, n: int) -> torch.Tensor:
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """Per-device arrival counters, zero between launches (the last program resets its own); the
     NF4 split-K products and the multi-LoRA shrink share them. One stream at a time: two split-K
     launches running concurrently would share them."""
@@ -431,7 +431,7 @@ def nf4_matmul(
         per_split = triton.cdiv(num_blocks, split)
         split = triton.cdiv(num_blocks, per_split)  # no empty splits
         part = torch.empty((split, n, m), dtype=torch.float32, device=x.device) if split > 1 else out
-        locks = _locks(x.device, tiles_n) if split > 1 else out
+        locks = arrival_counters(x.device, tiles_n) if split > 1 else out
         kernel = _gemv_fma_kernel if use_fma else _gemv_kernel
         kernel[(tiles_n, split)](
             x, *args, part, locks, m, n, x.stride(0), out.stride(0), out.stride(1), *tables,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kernels.attention import AttnMetadata
-from kernels.lora import add_lora, add_lora_slices
+from kernels.lora import add_lora
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
@@ -100,9 +100,6 @@ class LoRALinear(nn.Module):
         y = self.base_forward(x)
         if self.lora_a_stacked is not None and meta is not None and meta.lora_slots is not None:
             assert self.lora_b_stacked is not None
-            if len(self.out_slices) == 1:
-                add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots)
-            else:
-                add_lora_slices(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, self.out_slices,
-                                meta.active_lora_slots)
+            add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots,
+                     self.out_slices)
         return y

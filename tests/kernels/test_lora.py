@@ -120,12 +120,10 @@ def check_sliced(y0: torch.Tensor, y1: torch.Tensor, x: torch.Tensor, a: torch.T
 
 
 def test_sliced_reference_path_equals_slice_by_slice() -> None:
-    from kernels.lora import add_lora_slices
-
     torch.manual_seed(3)
     slices = [24, 8, 8]
     x, a, b, slots, y = make_sliced_case(6, 40, slices, 4, 3, torch.float32)
-    got = add_lora_slices(y.clone(), x, a, b, slots, slices)
+    got = add_lora(y.clone(), x, a, b, slots, slices=slices)
     err, untouched = check_sliced(y, got, x, a, b, slots, slices)
     assert err < 1e-5 and untouched
 
@@ -209,11 +207,9 @@ def test_triton_matches_reference_on_gpu(t: int, rank: int, dtype_name: str) -> 
 @pytest.mark.parametrize(("t", "slices"), [(1, [4096, 1024, 1024]), (64, [4096, 1024, 1024]), (8, [14336, 14336]),
                                            (300, [14336, 14336])])
 def test_sliced_triton_matches_reference_on_gpu(t: int, slices: list[int]) -> None:
-    from kernels.lora import add_lora_slices
-
     torch.manual_seed(t)
     x, a, b, slots, y = make_sliced_case(t, 4096, slices, 16, 8, torch.bfloat16, device="cuda")
-    after = add_lora_slices(y.clone(), x, a, b, slots, slices)
+    after = add_lora(y.clone(), x, a, b, slots, slices=slices)
     err, untouched = check_sliced(y, after, x, a, b, slots, slices)
     assert err <= GPU_BOUND[torch.bfloat16] and untouched
 
