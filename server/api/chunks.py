@@ -23,55 +23,55 @@ from server.api.responses import (
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # pydantic's escaping
 
 
-def _envelope(model: ChatCompletionChunk | CompletionResponse) -> tuple[str, str]:
-    """The chunk's JSON split around its choices list (which the model was given empty)."""
-    text = model.model_dump_json()
-    head, sep, tail = text.partition('"choices":[]')
-    if not sep:
-        raise AssertionError("the chunk envelope has no empty choices list")
-    return head + '"choices":[', "]" + tail
-
-
 def _finish(reason: str | None) -> str:
     return "null" if reason is None else _encode(reason)
 
 
-class CompletionChunks:
-    """`text_completion` chunks of one streamed response."""
+class _Chunks:
+    """The chunks of one streamed response: the envelope (everything but the choices) serialized
+    once by the response model itself, split around its empty choices list."""
+
+    Model: type[ChatCompletionChunk] | type[CompletionResponse]
 
     def __init__(self, response_id: str, created: int, model: str) -> None:
         self.response_id, self.created, self.model = response_id, created, model
-        self.head, self.tail = _envelope(CompletionResponse(id=response_id, created=created, model=model, choices=[]))
+        text = self._envelope().model_dump_json()
+        head, sep, tail = text.partition('"choices":[]')
+        if not sep:
+            raise AssertionError("the chunk envelope has no empty choices list")
+        self.head, self.tail = head + '"choices":[', "]" + tail
+
+    def _envelope(self, usage: Usage | None = None) -> ChatCompletionChunk | CompletionResponse:
+        return self.Model(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def _wrap(self, choice_json: str) -> str:
+        return self.head + choice_json + self.tail
+
+    def usage(self, usage: Usage) -> str:
+        return self._envelope(usage).model_dump_json()
+
+
+class CompletionChunks(_Chunks):
+    """`text_completion` chunks of one streamed response."""
+
+    Model = CompletionResponse
 
     def choice(self, choice: CompletionChoice) -> str:
         if choice.logprobs is not None:
-            body = choice.model_dump_json()
-        else:
-            body = (f'{{"index":{choice.index},"text":{_encode(choice.text)},"logprobs":null,'
-                    f'"finish_reason":{_finish(choice.finish_reason)}}}')
-        return self.head + body + self.tail
-
-    def usage(self, usage: Usage) -> str:
-        return CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[],
-                                  usage=usage).model_dump_json()
+            return self._wrap(choice.model_dump_json())
+        return self._wrap(f'{{"index":{choice.index},"text":{_encode(choice.text)},"logprobs":null,'
+                          f'"finish_reason":{_finish(choice.finish_reason)}}}')
 
 
-class ChatChunks:
+class ChatChunks(_Chunks):
     """`chat.completion.chunk` chunks of one streamed response."""
 
-    def __init__(self, response_id: str, created: int, model: str) -> None:
-        self.response_id, self.created, self.model = response_id, created, model
-        self.head, self.tail = _envelope(ChatCompletionChunk(id=response_id, created=created, model=model, choices=[]))
+    Model = ChatCompletionChunk
 
     def choice(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
                logprobs: Any = None) -> str:
         if logprobs is not None:
-            body = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason).model_dump_json()
-        else:
-            body = (f'{{"index":{index},"delta":{_encode(delta)},"logprobs":null,'
-                    f'"finish_reason":{_finish(finish_reason)}}}')
-        return self.head + body + self.tail
-
-    def usage(self, usage: Usage) -> str:
-        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[],
-                                   usage=usage).model_dump_json()
+            return self._wrap(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                                              finish_reason=finish_reason).model_dump_json())
+        return self._wrap(f'{{"index":{index},"delta":{_encode(delta)},"logprobs":null,'
+                          f'"finish_reason":{_finish(finish_reason)}}}')

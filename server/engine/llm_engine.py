@@ -147,24 +147,28 @@ class LLMEngine:
         # Together: sampled with every cut-off (with --sampler triton, this compiles and checks its kernel).
         sampled = SamplingParams(max_tokens=2, temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, ignore_eos=True)
         caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
+
+        def add(name: str, n: int, params: SamplingParams) -> None:
+            self.add_request(f"warmup-{name}", [rng.randrange(vocab) for _ in range(n)], params, adapter_id)
+
+        def finish() -> None:
+            while self.has_unfinished_requests:
+                self.step()
+
         try:
             for group, params in [([n], greedy) for n in lens] + [(lens, sampled)]:
                 for i, n in enumerate(group):
-                    self.add_request(f"warmup-{len(group)}-{i}", [rng.randrange(vocab) for _ in range(n)], params,
-                                     adapter_id)
-                while self.has_unfinished_requests:
-                    self.step()
+                    add(f"{len(group)}-{i}", n, params)
+                finish()
             # Prompts arriving while others decode: under load nearly every prefill shares its step
             # with decodes, and those steps take other kernel variants (seen on the H200: a 1.8 s
             # first-token time for the first request that arrived during decoding).
-            decoding = SamplingParams(max_tokens=len(lens) + 2, temperature=0.0, ignore_eos=True)
-            self.add_request("warmup-decoding", [rng.randrange(vocab) for _ in range(3)], decoding, adapter_id)
+            add("decoding", 3, SamplingParams(max_tokens=len(lens) + 2, temperature=0.0, ignore_eos=True))
             self.step()
             for i, n in enumerate(lens):
-                self.add_request(f"warmup-mixed-{i}", [rng.randrange(vocab) for _ in range(n)], greedy, adapter_id)
+                add(f"mixed-{i}", n, greedy)
                 self.step()
-            while self.has_unfinished_requests:
-                self.step()
+            finish()
             # A burst: as many 64-token prompts as one step's token budget takes (the first wave of
             # 64 concurrent requests compiled kernels for that size on the H200: a 1 s first token).
             n = 64
@@ -172,9 +176,8 @@ class LLMEngine:
                        bm.num_blocks // bm.num_blocks_for(n + 2))
             if n + 2 <= self.max_model_len and full > 1:
                 for i in range(full):
-                    self.add_request(f"warmup-full-{i}", [rng.randrange(vocab) for _ in range(n)], greedy, adapter_id)
-                while self.has_unfinished_requests:
-                    self.step()
+                    add(f"full-{i}", n, greedy)
+                finish()
         finally:
             self.block_manager.enable_prefix_caching = caching
         return time.perf_counter() - start
