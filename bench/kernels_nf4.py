@@ -36,6 +36,8 @@ from kernels.nf4 import NF4Weight, dequantize_nf4_ref, nf4_linear, quantize_nf4_
 
 SHAPES = {"o 4096x4096": (4096, 4096), "down 4096x14336": (4096, 14336), "gate/up 14336x4096": (14336, 4096),
           "qkv 6144x4096": (6144, 4096)}
+# Separately quantized k and v (checkpoints quantize each projection on its own): only --sweep-batch swept.
+KV_SHAPE = {"k/v 1024x4096": (1024, 4096)}
 ROWS = [1, 8, 16, 64, 512, 2048]
 L2_ROTATE_BYTES = 320 << 20  # weights cycled per graph: several times the H200's 60 MB L2
 DTYPE = torch.bfloat16
@@ -192,6 +194,10 @@ FMA_SWEEP = [
     G(block_n=32, kb=2, num_warps=2, waves=8, cuda_cores=True),
     G(block_n=64, kb=4, num_warps=4, waves=4, cuda_cores=True),
 ]
+# A decode batch (rows 17..64): wider column tiles and fewer K splits (each split writes an fp32
+# [N, 64] partial that the last program sums), 4 or 8 warps.
+BATCH_SWEEP = [G(block_n=bn, kb=kb, num_warps=w, num_stages=st, waves=wv)
+               for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for kb, st in ((1, 4), (2, 3)) for wv in (1, 2, 4)]
 C = triton_nf4.GemmConfig
 GEMM_SWEEP = [
     C(block_m=256, block_n=128, num_warps=8, num_stages=3),
@@ -202,8 +208,11 @@ GEMM_SWEEP = [
 ]
 
 
-def sweep_plan() -> list[tuple[str, int, str, list]]:
-    """(shape, rows, kind, configs): one row on every shape, more rows on down and gate/up."""
+def sweep_plan(batch_only: bool = False) -> list[tuple[str, int, str, list]]:
+    """(shape, rows, kind, configs): one row on every shape, more rows on down and gate/up; with
+    batch_only, 64 rows on every shape of a decoder layer (BATCH_SWEEP)."""
+    if batch_only:
+        return [(name, 64, "gemv", BATCH_SWEEP) for name in {**SHAPES, **KV_SHAPE}]
     plan = [(name, 1, "gemv", GEMV_SWEEP + FMA_SWEEP) for name in SHAPES]
     for name in ("down 4096x14336", "gate/up 14336x4096"):
         plan += [(name, 16, "gemv", GEMV_SWEEP), (name, 64, "gemv", GEMV_SWEEP[:5]),
@@ -211,11 +220,11 @@ def sweep_plan() -> list[tuple[str, int, str, list]]:
     return plan
 
 
-def sweep(cases: dict[str, Case], results: list[dict]) -> None:
+def sweep(cases: dict[str, Case], results: list[dict], batch_only: bool = False) -> None:
     """Time each configuration (checking its output), then register the fastest per shape and row
     bucket in triton_nf4.TUNED, so the table that follows runs what the defaults will be."""
     best: dict[tuple[int, int, int], tuple[float, object]] = {}
-    for name, m, kind, configs in sweep_plan():
+    for name, m, kind, configs in sweep_plan(batch_only):
         case = cases[name]
         x = torch.randn(m, case.k, device="cuda", dtype=DTYPE)
         exact = x.double() @ dequantize_nf4_ref(dataclasses.replace(case.weights[0], dtype=torch.float32)).double().T
@@ -287,7 +296,8 @@ def _compile_one(task: tuple[int, int, int, str, dict]) -> str:
         return f"{task}: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def precompile(shapes: dict[str, tuple[int, int]], rows: list[int], with_sweep: bool, workers: int) -> None:
+def precompile(shapes: dict[str, tuple[int, int]], rows: list[int], with_sweep: bool, workers: int,
+               batch_only: bool = False) -> None:
     """Compile every configuration the run will time in parallel processes first (Triton compiles
     one kernel at a time per process; the timed process then loads them from the disk cache)."""
     tasks = set()
@@ -297,10 +307,10 @@ def precompile(shapes: dict[str, tuple[int, int]], rows: list[int], with_sweep: 
             cfg = triton_nf4.gemv_config_for(m, n, k) if kind == "gemv" else triton_nf4.gemm_config_for(m, n, k)
             tasks.add((n, k, m if m > 16 else 1, kind, json.dumps(dataclasses.asdict(cfg))))
     if with_sweep:
-        for name, m, kind, configs in sweep_plan():
-            n, k = SHAPES[name]
+        for name, m, kind, configs in sweep_plan(batch_only):
+            n, k = {**SHAPES, **KV_SHAPE}[name]
             tasks.update((n, k, m, kind, json.dumps(dataclasses.asdict(c))) for c in configs)
-        for n, k in (SHAPES["o 4096x4096"], SHAPES["qkv 6144x4096"]):  # they inherit gate/up's choices
+        for n, k in [] if batch_only else (SHAPES["o 4096x4096"], SHAPES["qkv 6144x4096"]):  # they inherit gate/up's choices
             for m, configs, kind in ((16, GEMV_SWEEP, "gemv"), (64, GEMV_SWEEP[:5], "gemv"), (2048, GEMM_SWEEP, "gemm")):
                 tasks.update((n, k, m, kind, json.dumps(dataclasses.asdict(c))) for c in configs)
     def same_binary(task: tuple[int, int, int, str, str]) -> tuple[int, int, int, str, str]:
@@ -357,6 +367,8 @@ def main() -> None:
     parser.add_argument("--json", help="raw rows to write as JSON")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel configurations")
     parser.add_argument("--quick", action="store_true", help="two shapes, rows 1 and 2048")
+    parser.add_argument("--sweep-batch", action="store_true",
+                        help="sweep BATCH_SWEEP at 64 rows on every layer shape (k/v too), then time 64 rows only")
     parser.add_argument("--precompile", type=int, default=0, help="compile first in this many processes")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -370,10 +382,10 @@ def main() -> None:
             env[mod] = f"unavailable ({type(exc).__name__})"
     env["copy bandwidth (read+write)"] = f"{copy_bandwidth():.0f} GB/s"
     results: list[dict] = []
-    shapes = dict(list(SHAPES.items())[1:3]) if args.quick else SHAPES
-    rows = [1, 2048] if args.quick else ROWS
+    shapes = dict(list(SHAPES.items())[1:3]) if args.quick else {**SHAPES, **KV_SHAPE} if args.sweep_batch else SHAPES
+    rows = [1, 2048] if args.quick else [64] if args.sweep_batch else ROWS
     if args.precompile:
-        precompile(shapes, rows, args.sweep, args.precompile)
+        precompile(shapes, rows, args.sweep or args.sweep_batch, args.precompile, args.sweep_batch)
     cases = {name: Case(n, k) for name, (n, k) in shapes.items()}
     started = time.time()
 
@@ -383,13 +395,13 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=1))
 
-    if args.sweep:
-        sweep(cases, results)
+    if args.sweep or args.sweep_batch:
+        sweep(cases, results, args.sweep_batch)
         save()
     for name, case in cases.items():
         bench_shape(name, case, rows, results)
         save()
-    if "gate/up 14336x4096" in cases:
+    if "gate/up 14336x4096" in cases and not args.sweep_batch:
         bench_lora(cases, results)
         save()
     print(markdown(env, [r for r in results if "sweep" not in r]))

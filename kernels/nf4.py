@@ -35,7 +35,9 @@ class NF4Weight:
     blocksize: int = 64
     state2_absmax: torch.Tensor | None = None  # float32 [ceil(len(absmax) / state2_blocksize)]
     state2_code: torch.Tensor | None = None  # float32 [256]: bitsandbytes' dynamic 8-bit map
-    offset: torch.Tensor | None = None  # float32 scalar: mean absmax, added back after dequantizing
+    # float32 scalar: mean absmax, added back after dequantizing; or one per state2 block (a weight
+    # fused from several by concat_nf4, each part keeping its own)
+    offset: torch.Tensor | None = None
     state2_blocksize: int = 256
 
     def __post_init__(self) -> None:
@@ -49,12 +51,20 @@ class NF4Weight:
                              f"{self.blocksize} needs {-(-numel // self.blocksize)}")
         if self.nested and (self.state2_code is None or self.offset is None):
             raise ValueError("nested NF4 statistics need state2_absmax, state2_code and offset together")
+        if self.nested and self.offset.numel() not in (1, self.state2_absmax.numel()):
+            raise ValueError(f"offset has {self.offset.numel()} entries; one, or one per state2 block "
+                             f"({self.state2_absmax.numel()}), expected")
         if not self.nested and self.absmax.dtype != torch.float32:
             raise ValueError(f"absmax must be float32 without nested statistics, got {self.absmax.dtype}")
 
     @property
     def nested(self) -> bool:
         return self.state2_absmax is not None
+
+    @property
+    def group_offsets(self) -> bool:
+        """Nested statistics with an offset per state2 block (see concat_nf4)."""
+        return self.offset is not None and self.offset.numel() > 1
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +103,8 @@ class NF4Weight:
         """(packed data [n, 1], bitsandbytes QuantState): what `bnb.matmul_4bit` takes."""
         from bitsandbytes.functional import QuantState
 
+        if self.group_offsets:
+            raise ValueError("a weight fused by concat_nf4 (an offset per state2 block) has no bitsandbytes form")
         state2 = None
         if self.nested:
             state2 = QuantState(absmax=self.state2_absmax, code=self.state2_code,
@@ -128,7 +140,66 @@ def dequantize_absmax_ref(w: NF4Weight) -> torch.Tensor:
         return w.absmax.float()
     assert w.state2_code is not None and w.state2_absmax is not None and w.offset is not None
     absmax = _blockwise(w.state2_code[w.absmax.long()], w.state2_absmax, w.state2_blocksize)
+    if w.group_offsets:
+        return absmax + w.offset.repeat_interleave(w.state2_blocksize)[: absmax.numel()]
     return absmax + w.offset
+
+
+def concat_nf4(ws: list[NF4Weight]) -> NF4Weight | None:
+    """The weights one under the other ([sum out, in], like q|k|v or gate|up) as one NF4 weight,
+    so one kernel launch computes the fused projection; None when they cannot be joined exactly.
+
+    Nothing is re-quantized: the packed codes and 8-bit absmax are concatenated, and with nested
+    statistics each part keeps its own offset as one entry per state2 block. So every part must
+    end on a whole state2 block (and a whole absmax block, a whole byte), and share the code
+    books, dtypes and block sizes; the result dequantizes to exactly the parts' values."""
+    first = ws[0]
+    k = first.shape[1]
+    same = all(w.shape[1] == k and w.blocksize == first.blocksize and w.dtype == first.dtype
+               and w.nested == first.nested and w.state2_blocksize == first.state2_blocksize
+               and w.device == first.device and w.absmax.dtype == first.absmax.dtype
+               and torch.equal(w.code, first.code) for w in ws)
+    if len(ws) < 2 or not same:
+        return None
+    per_group = first.blocksize * (first.state2_blocksize if first.nested else 1)
+    if any((w.shape[0] * k) % per_group or (w.shape[0] * k) % 2 for w in ws):
+        return None
+    nested = {}
+    if first.nested:
+        assert first.state2_code is not None
+        if not all(w.state2_code is not None and torch.equal(w.state2_code, first.state2_code) for w in ws):
+            return None
+        offsets = []
+        for w in ws:
+            assert w.state2_absmax is not None and w.offset is not None
+            groups = w.state2_absmax.numel()
+            offsets.append(w.offset.reshape(-1).float().expand(groups) if w.offset.numel() == 1 else w.offset)
+        nested = dict(state2_absmax=torch.cat([w.state2_absmax for w in ws]), state2_code=first.state2_code,
+                      offset=torch.cat(offsets).contiguous())
+    return NF4Weight(data=torch.cat([w.data for w in ws]), absmax=torch.cat([w.absmax for w in ws]),
+                     code=first.code, shape=(sum(w.shape[0] for w in ws), k), dtype=first.dtype,
+                     blocksize=first.blocksize, state2_blocksize=first.state2_blocksize, **nested)
+
+
+def split_nf4(w: NF4Weight, rows: list[int]) -> list[NF4Weight]:
+    """Views of consecutive row ranges of w (the parts concat_nf4 joined): no bytes are copied."""
+    k = w.shape[1]
+    per_group = w.blocksize * w.state2_blocksize
+    parts, start = [], 0
+    for n in rows:
+        lo, hi = start * k, (start + n) * k  # element range
+        nested = {}
+        if w.nested:
+            assert w.state2_absmax is not None and w.offset is not None
+            g = slice(lo // per_group, hi // per_group)
+            nested = dict(state2_absmax=w.state2_absmax[g], state2_code=w.state2_code,
+                          offset=w.offset[g] if w.group_offsets else w.offset)
+        parts.append(replace(w, data=w.data[lo // 2 : hi // 2], absmax=w.absmax[lo // w.blocksize : hi // w.blocksize],
+                             shape=(n, k), **nested))
+        start += n
+    if start != w.shape[0]:
+        raise ValueError(f"rows {rows} do not add up to the weight's {w.shape[0]}")
+    return parts
 
 
 def dequantize_nf4_ref(w: NF4Weight) -> torch.Tensor:

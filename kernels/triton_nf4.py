@@ -51,15 +51,24 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 @triton.jit
 def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask,
                   NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, MASKED: tl.constexpr):
-    """fp32 absmax of the given blocks (0 where masked); nested: code2[q] * absmax2 + offset."""
+    """fp32 absmax of the given blocks (0 where masked); nested: code2[q] * absmax2 + offset, where
+    NESTED is 1 (one offset) or 2 (an offset per state2 block: weights fused by concat_nf4)."""
     if NESTED:
         if MASKED:
             q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
             s2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
-            s = tl.where(mask, tl.load(code2_ptr + q) * s2 + tl.load(offset_ptr), 0.0)
+            if NESTED == 2:
+                off = tl.load(offset_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
+            else:
+                off = tl.load(offset_ptr)
+            s = tl.where(mask, tl.load(code2_ptr + q) * s2 + off, 0.0)
         else:
             q = tl.load(absmax_ptr + blocks).to(tl.int32)
-            s = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2) + tl.load(offset_ptr)
+            if NESTED == 2:  # noqa: SIM108  (a compile-time branch: only one load is emitted)
+                off = tl.load(offset_ptr + blocks // BLOCKSIZE2)
+            else:
+                off = tl.load(offset_ptr)
+            s = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2) + off
     elif MASKED:
         s = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
     else:
@@ -338,6 +347,11 @@ def _split_k(cfg: GemvConfig, tiles_n: int, num_blocks: int, device: torch.devic
     return min(divisors, key=lambda d: abs(math.log(tiles_n * d / target)))
 
 
+def _nested_mode(w: NF4Weight) -> int:
+    """The kernels' NESTED: 0 plain fp32 absmax, 1 nested with one offset, 2 an offset per state2 block."""
+    return 0 if not w.nested else 2 if w.group_offsets else 1
+
+
 def _weight_args(w: NF4Weight) -> list[torch.Tensor]:
     """Packed words and block statistics; without nested statistics the unused slots get absmax."""
     if w.nested:
@@ -370,7 +384,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = 
     tables = prmt_tables(dtype) if use_prmt else (0,) * 8
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // w.blocksize, kb))
     _dequant_kernel[grid](
-        *_weight_args(w), _code_table(w.device, torch.float32), out, n, *tables, K=k, NESTED=w.nested,
+        *_weight_args(w), _code_table(w.device, torch.float32), out, n, *tables, K=k, NESTED=_nested_mode(w),
         BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.state2_blocksize, BLOCK_N=block_n, KB=kb, USE_PRMT=use_prmt,
         num_warps=4,
     )
@@ -421,7 +435,7 @@ def nf4_matmul(
     code = _code_table(x.device, torch.float32)
     bias_arg = bias if bias is not None else out
     args = [*_weight_args(w), code, bias_arg, out]
-    meta = dict(NESTED=w.nested, HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.state2_blocksize,
+    meta = dict(NESTED=_nested_mode(w), HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.state2_blocksize,
                 USE_PRMT=use_prmt)
     num_blocks = k // w.blocksize
     if use_gemv:

@@ -43,17 +43,24 @@ def bucket(m: int) -> int:
 
 
 _FMA_1 = GemvConfig(block_n=128, kb=2, cuda_cores=True)  # one row: CUDA cores
+_FMA_1_WIDE = GemvConfig(block_n=64, kb=2, waves=8, cuda_cores=True)
 _DOT_16 = GemvConfig(block_n=64, kb=2, num_stages=3, waves=8)
+# 17..64 rows: every K split writes an fp32 [N, rows] partial, so fewer splits than for 16 rows.
+_DOT_64 = GemvConfig(block_n=64, kb=2, num_stages=3, waves=2)
 _GEMM_512 = GemmConfig(block_m=128, block_n=128, num_warps=4, num_stages=4)
 _GEMM_2048 = GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=4)
 # (out, in, row bucket) -> the configuration fastest on an H200 in bench/kernels_nf4.py --sweep
-# (2026-11-28, bench/results/kernels-nf4.md); other shapes take the fallbacks in *_config_for.
+# (2026-11-28, bench/results/kernels-nf4.md) and --sweep-batch (the 64-row bucket, session 4,
+# bench/results/kernels-nf4-batch.md); other shapes take the fallbacks in *_config_for. The fused
+# gate|up (28672 x 4096) was not swept: it takes gate/up's choices (same K, twice the column tiles).
 TUNED: dict[tuple[int, int, int], GemvConfig | GemmConfig] = {
     (4096, 4096, 1): _FMA_1, (4096, 14336, 1): _FMA_1, (6144, 4096, 1): _FMA_1,
-    (14336, 4096, 1): GemvConfig(block_n=64, kb=2, waves=8, cuda_cores=True),
-    (4096, 4096, 16): _DOT_16, (6144, 4096, 16): _DOT_16, (14336, 4096, 16): _DOT_16,
+    (14336, 4096, 1): _FMA_1_WIDE, (28672, 4096, 1): _FMA_1_WIDE,
+    (4096, 4096, 16): _DOT_16, (6144, 4096, 16): _DOT_16, (14336, 4096, 16): _DOT_16, (28672, 4096, 16): _DOT_16,
     (4096, 14336, 16): GemvConfig(),
-    (4096, 14336, 64): GemvConfig(kb=1, num_stages=4),
+    (1024, 4096, 64): GemvConfig(block_n=128, kb=1, num_warps=8, num_stages=4, waves=1),
+    (4096, 4096, 64): GemvConfig(block_n=64, kb=2, num_stages=3, waves=1),
+    (4096, 14336, 64): _DOT_64, (6144, 4096, 64): _DOT_64, (14336, 4096, 64): _DOT_64, (28672, 4096, 64): _DOT_64,
     (14336, 4096, 512): GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=4),
 }
 

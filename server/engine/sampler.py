@@ -100,16 +100,16 @@ class Sampler:
             p = seq.params
             row = logits[i]
             if p.logit_bias:
-                ids = self._tensor(list(p.logit_bias.keys()))
-                row[ids] += self._tensor(list(p.logit_bias.values()), row.dtype)
+                row.index_add_(0, self._tensor(list(p.logit_bias.keys())),
+                               self._tensor(list(p.logit_bias.values()), row.dtype))
             if seq.num_output_tokens < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
-                if banned:
-                    row[self._tensor(sorted(banned))] = float("-inf")
+                if banned:  # index_fill_, not row[ids] = -inf: that copies the scalar from pageable memory (a sync)
+                    row.index_fill_(0, self._tensor(sorted(banned)), float("-inf"))
             if p.repetition_penalty != 1.0:
                 seen = self._tensor(sorted(set(seq.token_ids)))
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                vals = row.index_select(0, seen)
+                row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
             if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
                 out = self._tensor(seq.output_token_ids)
                 # scatter_add, not bincount: bincount reads the largest id back to the host (a sync).

@@ -25,6 +25,11 @@ class StepMetadata:
     active_lora_slots: list[int] | None = None  # the distinct slots used this step (host)
 
 
+def fuse_quantized_projections(model: nn.Module) -> int:
+    """LoRALinear.fuse_quantized on every layer of the model; how many were joined."""
+    return sum(m.fuse_quantized() for m in model.modules() if isinstance(m, LoRALinear))
+
+
 class LoRALinear(nn.Module):
     """y = x W^T (+ bias), then each output slice adds the LoRA of the slot its token selects.
     Fused projections (q|k|v, gate|up) have one slice per original projection.
@@ -41,6 +46,7 @@ class LoRALinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(sum(out_slices)), requires_grad=False) if bias else None
         self.quant: list[NF4Weight | None] | None = None
+        self.fused_quant: NF4Weight | None = None  # every slice's NF4 weight as one (fuse_quantized)
         # Adapter slots: every slice's A stacked along the rank, every slice's B along the output (one
         # shrink and one expand for the whole fused projection), and per-slice views into them.
         self.lora_a_stacked: torch.Tensor | None = None  # [num_slots, len(out_slices) * rank, in_features]
@@ -56,8 +62,24 @@ class LoRALinear(nn.Module):
         if self.quant is None:
             self.quant = [None] * len(self.out_slices)
         self.quant[index] = w
+        self.fused_quant = None
         if all(q is not None for q in self.quant):
             self.weight = None
+
+    def fuse_quantized(self) -> bool:
+        """Join the slices' NF4 weights into one (kernels.nf4.concat_nf4: exact, nothing
+        re-quantized), so q|k|v or gate|up is one kernel launch; the slices become views into it.
+        False where there is nothing to join or the parts do not join exactly."""
+        from kernels.nf4 import concat_nf4, split_nf4
+
+        if self.quant is None or len(self.quant) < 2 or any(q is None for q in self.quant):
+            return False
+        fused = concat_nf4([q for q in self.quant if q is not None])
+        if fused is None:
+            return False
+        self.fused_quant = fused
+        self.quant = list(split_nf4(fused, self.out_slices))
+        return True
 
     @property
     def is_quantized(self) -> bool:
@@ -68,6 +90,8 @@ class LoRALinear(nn.Module):
             return self.weight.data
         from kernels.nf4 import dequantize_nf4
 
+        if self.fused_quant is not None:
+            return dequantize_nf4(self.fused_quant)
         assert self.quant is not None
         return torch.cat([dequantize_nf4(q) for q in self.quant if q is not None], dim=0)
 
@@ -75,6 +99,7 @@ class LoRALinear(nn.Module):
         """Replace the base weight by a dense one (used when merging an adapter at load)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.quant = None
+        self.fused_quant = None
 
     def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         slices = len(self.out_slices)
@@ -91,9 +116,11 @@ class LoRALinear(nn.Module):
         from kernels.nf4 import nf4_linear, nf4_linear_stacked
 
         assert self.quant is not None
-        quant = [q for q in self.quant if q is not None]
-        # Several slices: one output, no concatenation copy (and one matmul for long prompts).
-        y = nf4_linear(x, quant[0]) if len(quant) == 1 else nf4_linear_stacked(x, quant)
+        if self.fused_quant is not None:
+            y = nf4_linear(x, self.fused_quant)
+        else:  # several slices: one output, no concatenation copy (and one matmul for long prompts)
+            quant = [q for q in self.quant if q is not None]
+            y = nf4_linear(x, quant[0]) if len(quant) == 1 else nf4_linear_stacked(x, quant)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:

@@ -25,10 +25,12 @@ from test_attention import run_interpreted  # noqa: E402  (the shared subprocess
 from kernels.nf4 import (  # noqa: E402
     NF4_CODE,
     NF4Weight,
+    concat_nf4,
     dequantize_nf4_ref,
     nf4_linear,
     nf4_linear_ref,
     quantize_nf4_ref,
+    split_nf4,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,6 +154,55 @@ def test_prmt_lookup_gives_the_code_book_in_16_bits() -> None:
             assert emulate_prmt_asm(word, prmt_tables(dtype), s16 | (s16 << 16), name) == want, hex(word)
 
 
+# ---- projections fused into one weight (concat_nf4) ----------------------------------------------
+
+
+def _parts(rows: list[int], k: int, dtype: torch.dtype, nested: bool = True, device: str = "cpu") -> list[NF4Weight]:
+    """Weights of very different magnitudes, so each part's nested offset differs."""
+    return [quantize_nf4_ref(torch.randn(n, k, dtype=dtype, device=device) * (0.01 * 10**i), compress_statistics=nested)
+            for i, n in enumerate(rows)]
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+def test_concat_dequantizes_to_the_parts_exactly(nested: bool) -> None:
+    parts = _parts([128, 64, 64], 256, torch.bfloat16, nested)
+    fused = concat_nf4(parts)
+    assert fused is not None and fused.shape == (256, 256) and fused.group_offsets == nested
+    want = torch.cat([dequantize_nf4_ref(w) for w in parts])
+    assert torch.equal(bits(dequantize_nf4_ref(fused)), bits(want))
+    views = split_nf4(fused, [128, 64, 64])
+    for view, part in zip(views, parts, strict=True):
+        assert view.data.data_ptr() >= fused.data.data_ptr()  # a view, not a copy
+        assert torch.equal(bits(dequantize_nf4_ref(view)), bits(dequantize_nf4_ref(part)))
+    if nested:
+        with pytest.raises(ValueError, match="no bitsandbytes form"):
+            fused.to_bnb()
+
+
+def test_concat_refuses_parts_that_do_not_join_exactly() -> None:
+    assert concat_nf4(_parts([64, 32], 256, torch.bfloat16)) is None  # 32 x 256 ends inside a state2 block
+    assert concat_nf4(_parts([64], 256, torch.bfloat16) + _parts([64], 128, torch.bfloat16)) is None  # in differs
+    assert concat_nf4(_parts([64], 256, torch.bfloat16) + _parts([64], 256, torch.bfloat16, nested=False)) is None
+    assert concat_nf4(_parts([64], 256, torch.bfloat16) + _parts([64], 256, torch.float16)) is None
+    assert concat_nf4(_parts([64], 256, torch.bfloat16)) is None  # nothing to join
+
+
+def test_fused_layer_gives_the_slices_output() -> None:
+    from server.models.layers import LoRALinear
+
+    parts = _parts([128, 64, 64], 256, torch.float32)
+    layer = LoRALinear(256, [128, 64, 64])
+    for i, w in enumerate(parts):
+        layer.set_quantized(i, w)
+    x = torch.randn(5, 256)
+    before, dense = layer.base_forward(x), layer.dequantized_weight()
+    assert layer.fuse_quantized() and layer.fused_quant is not None
+    assert torch.equal(layer.dequantized_weight(), dense)
+    torch.testing.assert_close(layer.base_forward(x), before, rtol=1e-5, atol=1e-5)
+    layer.set_quantized(1, parts[1])  # a new slice undoes the fusion
+    assert layer.fused_quant is None
+
+
 # ---- Triton through the interpreter (CPU) -------------------------------------------------------
 
 # name: (rows M, out N, in K, dtype, nested, kernel, config); odd M and N, K whole 64-blocks.
@@ -173,6 +224,12 @@ INTERPRETER_CASES = {
     "dequant_m5_fp32": (5, 21, 128, "fp32", True, "dequant", dict(block_n=16, kb=1)),
     # q|k|v-like slices of one output: decoded into one scratch matrix, one matmul
     "stacked_m7_bf16_nested": (7, 40, 192, "bf16", True, "stacked", {}),
+    # parts fused by concat_nf4 (an offset per state2 block): N 0 means 128 + 64 + 64 rows, 512 two of 256
+    "concat_gemv_m3_bf16": (3, 0, 256, "bf16", True, "concat_gemv", dict(block_n=32, split_k=2, kb=2)),
+    "concat_gemv_m2_bf16_ragged_k": (2, 512, 320, "bf16", True, "concat_gemv", dict(block_n=64, split_k=2, kb=2)),
+    "concat_fma_m1_fp16": (1, 0, 256, "fp16", True, "concat_gemv", dict(block_n=32, split_k=2, kb=1, cuda_cores=True)),
+    "concat_gemm_m66_bf16": (66, 0, 256, "bf16", True, "concat_gemm", dict(block_m=32, block_n=32, kb=2, group_m=2)),
+    "concat_dequant_m4_fp32": (4, 0, 256, "fp32", True, "concat_dequant", {}),
 }
 
 
@@ -180,6 +237,20 @@ def _interpreted_case(m: int, n: int, k: int, dtype_name: str, nested: bool, ker
     from kernels import triton_nf4
 
     dtype = DTYPES[dtype_name]
+    if kernel.startswith("concat_"):
+        fused = concat_nf4(_parts([256, 256] if n == 512 else [128, 64, 64], k, dtype))
+        assert fused is not None
+        x = torch.randn(m, k, dtype=dtype)
+        if kernel == "concat_gemv":
+            got = triton_nf4.nf4_matmul(x, fused, gemv=triton_nf4.GemvConfig(**cfg, use_prmt=False))
+        elif kernel == "concat_gemm":
+            got = triton_nf4.nf4_matmul(x, fused, gemm=triton_nf4.GemmConfig(**cfg, use_prmt=False))
+        else:
+            decoded = triton_nf4.nf4_dequantize(fused, dtype, use_prmt=False)
+            if not torch.equal(bits(decoded), bits(dequantize_nf4_ref(fused).to(dtype))):
+                return [float("inf"), 0.0, 1.0]
+            got = triton_nf4.nf4_matmul(x, fused, dequant_min_rows=1)
+        return [rel_err(got, exact_linear(x, fused, None)), BOUND[dtype], 1.0]
     w = quantize_nf4_ref(torch.randn(n, k, dtype=dtype) * 0.05, compress_statistics=nested)
     x = torch.randn(m, k, dtype=dtype)
     bias = torch.randn(n, dtype=dtype)
@@ -337,6 +408,23 @@ def test_stacked_slices_match_reference_on_gpu(m: int) -> None:
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     want = torch.cat([exact_linear(x, w, None) for w in ws], dim=1)
     assert rel_err(triton_nf4.nf4_matmul_stacked(x, ws), want) <= GPU_BOUND[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 8, 64, 200, 512])
+def test_fused_projection_matches_reference_on_gpu(m: int) -> None:
+    """q|k|v and gate|up of Llama-3-8B joined by concat_nf4: one launch, each part's own offset."""
+    from kernels import triton_nf4
+
+    torch.manual_seed(m)
+    for rows in ([4096, 1024, 1024], [14336, 14336]):
+        parts = _parts(rows, 4096, torch.bfloat16, device="cuda")
+        fused = concat_nf4(parts)
+        assert fused is not None and fused.group_offsets
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        want = torch.cat([exact_linear(x, w, None) for w in parts], dim=1)
+        assert rel_err(triton_nf4.nf4_matmul(x, fused), want) <= GPU_BOUND[torch.bfloat16], rows
 
 if __name__ == "__main__":
     _interpreter_main()
