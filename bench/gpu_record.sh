@@ -63,7 +63,7 @@ peers)
         --out "$RES/structured-h200.md" > "$RES/structured.log" 2>&1
     ;;
 all)  # every figure of the comparison from one call: model, engine, HTTP, peers, report
-    timeout 150 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider -k "stacked or dequantize or greedy or sliced or mixed_batch" \
+    timeout 150 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider -k "stacked or dequantize or greedy or sliced or mixed_batch or fused" \
         > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     ensure_model
