@@ -310,7 +310,8 @@ def precompile(shapes: dict[str, tuple[int, int]], rows: list[int], with_sweep: 
         for name, m, kind, configs in sweep_plan(batch_only):
             n, k = {**SHAPES, **KV_SHAPE}[name]
             tasks.update((n, k, m, kind, json.dumps(dataclasses.asdict(c))) for c in configs)
-        for n, k in [] if batch_only else (SHAPES["o 4096x4096"], SHAPES["qkv 6144x4096"]):  # they inherit gate/up's choices
+    if with_sweep and not batch_only:
+        for n, k in (SHAPES["o 4096x4096"], SHAPES["qkv 6144x4096"]):  # they inherit gate/up's choices
             for m, configs, kind in ((16, GEMV_SWEEP, "gemv"), (64, GEMV_SWEEP[:5], "gemv"), (2048, GEMM_SWEEP, "gemm")):
                 tasks.update((n, k, m, kind, json.dumps(dataclasses.asdict(c))) for c in configs)
     def same_binary(task: tuple[int, int, int, str, str]) -> tuple[int, int, int, str, str]:

@@ -4,7 +4,8 @@ requests draw the same tokens whichever implementation runs.
 
 Dispatch: Triton (`triton_sampling`, no sort: thresholds found by bisection over the row) on CUDA
 when asked for (`use_triton`, the server's `--sampler triton`) and once `triton_sampling.verified`
-has checked it against this reference on the device; the PyTorch reference otherwise. Penalties, logit bias and grammar masks are applied to the logits before.
+has checked it against this reference on the device; the PyTorch reference otherwise. Penalties,
+logit bias and grammar masks are applied to the logits before.
 """
 
 from __future__ import annotations

@@ -94,9 +94,7 @@ async def _next_outputs(stream: asyncio.Queue[RequestOutput], deadline: Deadline
         first = await stream.get()
     else:
         if deadline.expired:  # checked first: a full queue would never let the timeout fire
-            queued: list[RequestOutput] = []
-            while not stream.empty() and not (queued and queued[-1].finished):
-                queued.append(stream.get_nowait())
+            queued = _take_queued(stream, [])
             if queued and queued[-1].finished:
                 return queued  # it finished in time; only its reader was late
             raise DeadlineExceeded(deadline)
@@ -105,8 +103,12 @@ async def _next_outputs(stream: asyncio.Queue[RequestOutput], deadline: Deadline
                 first = await stream.get()
         except TimeoutError:
             raise DeadlineExceeded(deadline) from None
-    outputs = [first]
-    while not stream.empty() and not outputs[-1].finished:
+    return _take_queued(stream, [first])
+
+
+def _take_queued(stream: asyncio.Queue[RequestOutput], outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """`outputs` and whatever else is queued behind them, up to the request's last output."""
+    while not stream.empty() and not (outputs and outputs[-1].finished):
         outputs.append(stream.get_nowait())
     return outputs
 

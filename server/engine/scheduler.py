@@ -137,15 +137,13 @@ class Scheduler:
             return False
         if self.config.max_num_batched_tokens <= len(self.running):
             return False
-        seq = self.waiting[0]
-        adapters = {s.adapter_id for s in self.running}
-        return not (seq.adapter_id and seq.adapter_id not in adapters and self._num_lora(adapters) >= self.config.max_loras)
+        return not self._needs_adapter_slot(self.waiting[0], {s.adapter_id for s in self.running})
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.adapter_id and seq.adapter_id not in adapters and self._num_lora(adapters) >= self.config.max_loras:
+            if self._needs_adapter_slot(seq, adapters):
                 break
             cached = bm.find_cached_blocks(seq) if not seq.block_table else []
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
@@ -165,9 +163,9 @@ class Scheduler:
             adapters.add(seq.adapter_id)
             budget -= num_new
 
-    @staticmethod
-    def _num_lora(adapters: set[int]) -> int:
-        return len(adapters - {0})
+    def _needs_adapter_slot(self, seq: Sequence, adapters: set[int]) -> bool:
+        """Whether seq's adapter is not among the step's `adapters` and every LoRA slot is taken."""
+        return bool(seq.adapter_id) and seq.adapter_id not in adapters and len(adapters - {0}) >= self.config.max_loras
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.free(seq)
