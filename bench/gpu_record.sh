@@ -9,6 +9,8 @@
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
+#   bash bench/gpu_record.sh diag      # batch-64 step profiles with 8 adapters (rank-64 and rank-16 slots) and
+#                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -128,6 +130,38 @@ verify)  # every GPU test, then the server under sampling and under 8 adapters (
     kill $pid; wait $pid 2> /dev/null
     tail -n 3 "$RES/gpu-tests.txt"
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/verify-*.txt
+    ;;
+diag)
+    timeout 60 python -m pytest -q -m gpu tests/engine/test_stalls.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    for run in "0 64" "8 64" "8 16"; do
+        set -- $run
+        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
+        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
+            > "$RES/step-b64-a$1-r$2.txt" 2>&1
+        save
+    done
+    elapsed "eager prefill profile"
+    timeout 90 python bench/profile_eager.py --prompt-lens 64,512 --repeats 3 > "$RES/profile-eager.txt" 2>&1
+    save
+    ensure_model
+    loras=""
+    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
+    elapsed "server with adapters"
+    timeout 150 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8126 --max-num-seqs 64 --max-model-len 1024 \
+        --max-loras 8 $loras > "$RES/server-diag.log" 2>&1 &
+    pid=$!
+    python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8126/health', 100)"
+    for c in 64 8; do
+        timeout 60 python bench/serve.py --base-url http://127.0.0.1:8126/v1 --disable-tqdm --vocab-size 128000 \
+            --input-len 64 --output-len 128 --max-concurrency $c --num-prompts $(( 4 * c )) \
+            --json-out "$RES/diag-c$c.json" --label "diag-c$c" > "$RES/diag-c$c.txt" 2>&1
+    done
+    kill $pid; wait $pid 2> /dev/null
+    grep -h "compiled while serving" "$RES/server-diag.log" | cut -c1-400 | head -20
+    grep -h -E "batch 64|Self CUDA|shrink|expand|gemv" "$RES"/step-*.txt | cut -c1-200
+    grep -h -E "prefill|Self CUDA" "$RES/profile-eager.txt"
+    grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/diag-c*.txt
     ;;
 checks)
     elapsed "gpu tests"

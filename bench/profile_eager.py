@@ -52,6 +52,12 @@ def main() -> None:
             prefill_step(engine, n, rng, f"warm-{n}-{i}")
         times = sorted(prefill_step(engine, n, rng, f"t-{n}-{i}") for i in range(args.repeats))
         print(f"prefill {n} tokens: median {times[len(times) // 2]:.2f} ms (min {times[0]:.2f})", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as gpu_prof:
+            prefill_step(engine, n, rng, f"g-{n}")
+        kernels = [e for e in gpu_prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000
+        print(f"prefill {n} tokens: {len(kernels)} GPU kernels, {gpu_ms:.2f} ms of GPU time", flush=True)
+        print(gpu_prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
         if not args.profile:
             continue
         prof = cProfile.Profile()

@@ -339,3 +339,44 @@ def _launch(
             HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
             BLOCK_S=_pow2(num_splits), num_warps=4 if head_dim >= 128 else 2,
         )
+
+
+def compile_variants(
+    num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, max_keys: int,
+    sliding_window: int | None = None,
+) -> int:
+    """Launch, once, every kernel variant the dispatcher above can pick for these head counts, on one
+    sequence whose block table points at `block` (only read). Triton compiles a variant the first
+    time a process runs it, and a compile holds up every request of that step (0.5 s for a decode
+    variant first met by a mixed step on the H200): decode with each key tile unsplit and split
+    (each merge width up to the most splits `decode_num_splits` gives for `max_keys`), and prefill
+    with each query tile. Returns the number of launches."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    device, dtype = k_cache.device, k_cache.dtype
+    group = num_heads // num_kv_heads
+    launches = 0
+
+    def attend(num_tokens: int, **tiles: int) -> None:
+        nonlocal launches
+        q = torch.zeros((num_tokens, num_heads, head_dim), dtype=dtype, device=device)
+        tables = torch.full((1, _cdiv(num_tokens, block_size)), block, dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
+        starts = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, starts, num_tokens, 1.0, sliding_window,
+                               **tiles)
+        launches += 1
+
+    most_splits = max(decode_num_splits(1, num_kv_heads, max_keys, n, device) for n in (32, 64, 128))
+    for block_n in (32, 64, 128):
+        attend(1, block_n=block_n, num_splits=1)
+        splits = 2
+        while splits < 2 * most_splits:
+            attend(1, block_n=block_n, num_splits=splits)
+            splits *= 2
+    query_len = 2
+    while True:  # the query tile grows with the longest prompt chunk, up to 128 rows
+        attend(query_len)
+        if _pow2(query_len * group) >= 128:
+            break
+        query_len *= 2
+    return launches

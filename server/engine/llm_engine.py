@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from server.config import Config
+from server.engine import stalls
 from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import default_buckets
 from server.engine.lora_manager import LoRAManager
@@ -126,6 +127,8 @@ class LLMEngine:
             except Exception as exc:  # the same path every request takes: better to stop here, saying so
                 raise RuntimeError(f"engine warmup failed ({type(exc).__name__}: {exc}); requests would fail the "
                                    "same way (--no-warmup skips the warmup)") from exc
+        if self.device.type == "cuda" and stalls.watch_compiles():
+            stalls.serving()  # from here a kernel compile stalls requests: each one is logged
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -155,6 +158,15 @@ class LLMEngine:
             while self.has_unfinished_requests:
                 self.step()
 
+        if self.device.type == "cuda" and not adapter_id:
+            # Every attention tile the dispatcher can pick, whatever the mix of decodes and prompts:
+            # the prompts below reach only some (a mixed step with 17-32 decodes met a new one live).
+            from kernels.triton_attention import compile_variants
+
+            cfg = self.loaded.model.config
+            k_cache, v_cache = self.runner.kv_caches[0]
+            compile_variants(cfg.num_heads, k_cache, v_cache, self.runner.scratch_block, self.max_model_len,
+                             cfg.sliding_window)
         try:
             for group, params in [([n], greedy) for n in lens] + [(lens, sampled)]:
                 for i, n in enumerate(group):
@@ -204,16 +216,20 @@ class LLMEngine:
         had_slots = self.lora_manager.has_slots
         self.lora_manager.add(adapter_id, weights)
         if not had_slots:
-            self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
-            # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
-            # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
-            if self.config.warmup and self.device.type == "cuda" and not self.has_unfinished_requests:
-                observer, self.observer = self.observer, None  # warmup requests are not traffic
-                try:
-                    seconds = self.warmup(adapter_id)
-                finally:
-                    self.observer = observer
-                logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name, seconds)
+            with stalls.quiet():
+                self._first_adapter_loaded(adapter_id, weights)
+
+    def _first_adapter_loaded(self, adapter_id: int, weights: LoRAWeights) -> None:
+        self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
+        # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
+        # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
+        if self.config.warmup and self.device.type == "cuda" and not self.has_unfinished_requests:
+            observer, self.observer = self.observer, None  # warmup requests are not traffic
+            try:
+                seconds = self.warmup(adapter_id)
+            finally:
+                self.observer = observer
+            logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name, seconds)
 
     def remove_lora(self, adapter_id: int) -> None:
         """Unload an adapter once no request uses it: running requests finish on its weights."""
