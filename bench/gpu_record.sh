@@ -11,6 +11,7 @@
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
 #   bash bench/gpu_record.sh diag      # batch-64 step profiles with 8 adapters (rank-64 and rank-16 slots) and
 #                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
+#   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -162,6 +163,25 @@ diag)
     grep -h -E "batch 64|Self CUDA|shrink|expand|gemv" "$RES"/step-*.txt | cut -c1-200
     grep -h -E "prefill|Self CUDA" "$RES/profile-eager.txt"
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/diag-c*.txt
+    ;;
+lora)
+    timeout 150 python -m pytest -q -m gpu tests/kernels/test_lora.py tests/engine/test_stalls.py tests/kernels/test_attention.py \
+        -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    save
+    elapsed "lora sweep"
+    timeout 200 python bench/lora_sweep.py --out "$RES/lora-sweep.md" --json "$RES/lora-sweep.json" > "$RES/lora-sweep.log" 2>&1
+    save
+    for run in "8 64" "8 16"; do
+        set -- $run
+        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
+        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
+            > "$RES/step-b64-a$1-r$2.txt" 2>&1
+        save
+    done
+    tail -n 3 "$RES/gpu-tests.txt"
+    cat "$RES/lora-sweep.md"
+    grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
     ;;
 checks)
     elapsed "gpu tests"

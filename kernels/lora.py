@@ -42,6 +42,7 @@ def add_lora(
     slots: torch.Tensor,
     active_slots: list[int] | None = None,
     slices: list[int] | None = None,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y += LoRA(x) per token's slot, in place; returns y. The Triton path needs no `active_slots`
     (programs of unused slots return at once) and never synchronizes with the host.
@@ -49,7 +50,9 @@ def add_lora(
     `slices`, for a fused projection (q|k|v, gate|up): y's columns are that many wide each, `a`
     [num_slots, len(slices) * rank, K] stacks each slice's A along the rank and `b` [num_slots,
     sum(slices), rank] each slice's B along the output; slice i's columns get (x @ A_i.T) @ B_i.T,
-    in one shrink and one expand launch where the slices stack (else slice by slice)."""
+    in one shrink and one expand launch where the slices stack (else slice by slice). `ranks`
+    ([num_slots] int32): each slot's adapter rank where slots are wider, so that the Triton kernels
+    skip the zero padding (the reference multiplies it: the result is the same)."""
     slices = slices or [y.shape[1]]
     rank = a.shape[1] // len(slices)
     if y.is_cuda and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -58,12 +61,13 @@ def add_lora(
         if rank <= MAX_TRITON_RANK and stackable(slices, rank):
             if active_slots is not None and all(s < 0 for s in active_slots):
                 return y
-            return add_lora_triton(y, x, a, b, slots if slots.dtype == torch.int32 else slots.int(), slices=slices)
+            return add_lora_triton(y, x, a, b, slots if slots.dtype == torch.int32 else slots.int(), slices=slices,
+                                   ranks=ranks)
     if len(slices) == 1:
         return add_lora_ref(y, x, a, b, slots, active_slots)
     offset = 0
     for i, n in enumerate(slices):
         add_lora(y[:, offset : offset + n], x, a[:, i * rank : (i + 1) * rank], b[:, offset : offset + n], slots,
-                 active_slots)
+                 active_slots, ranks=ranks)
         offset += n
     return y

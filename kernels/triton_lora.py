@@ -21,10 +21,10 @@ from kernels.triton_nf4 import arrival_counters
 
 @triton.jit(do_not_specialize=["T"])
 def _shrink_kernel(
-    x_ptr, a_ptr, slots_ptr, part_ptr, out_ptr, lock_ptr,
-    T, K, R, stride_xt, stride_as, stride_ar, stride_pk, stride_pt, stride_ot,
+    x_ptr, a_ptr, slots_ptr, ranks_ptr, part_ptr, out_ptr, lock_ptr,
+    T, K, R, SLICE_R, stride_xt, stride_as, stride_ar, stride_pk, stride_pt, stride_ot,
     K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr, IEEE: tl.constexpr, HAS_RANKS: tl.constexpr,
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
@@ -34,6 +34,9 @@ def _shrink_kernel(
     if tl.max(mine.to(tl.int32), axis=0) == 0:
         return  # every split of this (slot, tile) returns here alike: its counter stays untouched
     rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    if HAS_RANKS:  # rows past the adapter's own rank are zero padding: never read them
+        r_ok = r_ok & (rr % SLICE_R < tl.load(ranks_ptr + slot))
     rk = tl.arange(0, BLOCK_K)
     dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -42,12 +45,12 @@ def _shrink_kernel(
         k_ok = (k0 + rk < K_PER_SPLIT) & (k < K)
         xs = tl.load(x_ptr + rt[:, None] * stride_xt + k[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptr + slot * stride_as + rr[:, None] * stride_ar + k[None, :],
-                    mask=(rr < R)[:, None] & k_ok[None, :], other=0.0)
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(xs.to(dtype), tl.trans(a), acc, input_precision="ieee")
         else:
             acc = tl.dot(xs.to(dtype), tl.trans(a), acc)
-    mask = mine[:, None] & (rr < R)[None, :]
+    mask = mine[:, None] & r_ok[None, :]
     out_ptrs = out_ptr + rt[:, None] * stride_ot + rr[None, :]
     if SPLIT == 1:
         tl.store(out_ptrs, acc, mask=mask)
@@ -70,10 +73,10 @@ def _shrink_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def _expand_kernel(
-    shrunk_ptr, b_ptr, slots_ptr, y_ptr,
+    shrunk_ptr, b_ptr, slots_ptr, ranks_ptr, y_ptr,
     T, N, R, stride_st, stride_bs, stride_bn, stride_yt, stride_yn,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr,
+    IEEE: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr, HAS_RANKS: tl.constexpr,
 ):
     slot = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -86,11 +89,14 @@ def _expand_kernel(
     # slice's rank-R sums sit at columns slice * R of the shrink's output (tiles never straddle).
     r_off = ((n0 >= END0).to(tl.int32) + (n0 >= END1).to(tl.int32)) * R
     rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    if HAS_RANKS:
+        r_ok = r_ok & (rr < tl.load(ranks_ptr + slot))
     dtype = b_ptr.dtype.element_ty
     shrunk = tl.load(shrunk_ptr + rt[:, None] * stride_st + r_off + rr[None, :],
-                     mask=mine[:, None] & (rr < R)[None, :], other=0.0)
+                     mask=mine[:, None] & r_ok[None, :], other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + rn[:, None] * stride_bn + rr[None, :],
-                mask=(rn < N)[:, None] & (rr < R)[None, :], other=0.0)
+                mask=(rn < N)[:, None] & r_ok[None, :], other=0.0)
     if IEEE:
         delta = tl.dot(shrunk.to(dtype), tl.trans(b), input_precision="ieee")
     else:
@@ -108,6 +114,20 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# The shrink splits K over programs until about SPLIT_PROGRAMS_PER_SM programs per SM run, at most
+# MAX_SPLIT ways: the last split of a (slot, token tile) to finish sums every split's partial alone,
+# so many splits make that one program's serial reduction the kernel's length (bench/lora_sweep.py).
+SPLIT_PROGRAMS_PER_SM = 2
+MAX_SPLIT = 32
+
+
+def choose_split(k: int, block_k: int, programs: int, device: torch.device) -> int:
+    """K splits of the shrink for `programs` (slot, token tile) pairs: a power of two, so that prompts of
+    many lengths share a few compiled variants (the split is a compile-time constant)."""
+    split = max(1, min(triton.cdiv(k, block_k), MAX_SPLIT, (SPLIT_PROGRAMS_PER_SM * _num_sms(device)) // programs))
+    return 1 << (split.bit_length() - 1)
 
 
 # Stacked slices (one shrink over every slice's A, one expand over the whole fused output) while the
@@ -133,12 +153,15 @@ def _slice_block_n(slices: list[int], block_n: int) -> int:
 def add_lora_triton(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
     block_k: int = 128, block_n: int = 128, split: int = 0, slices: list[int] | None = None,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[t] += (x[t] @ a[slots[t]].T) @ b[slots[t]].T in place (y may be a strided column slice).
 
     With `slices` (a fused projection's output widths, summing to y's width), `a` holds each slice's
     A stacked along the rank ([num_slots, len(slices) * rank, K]) and `b` each slice's B stacked along
-    the output ([num_slots, N, rank]): slice i's columns get (x @ A_i.T) @ B_i.T, in two launches."""
+    the output ([num_slots, N, rank]): slice i's columns get (x @ A_i.T) @ B_i.T, in two launches.
+    `ranks` ([num_slots] int32, on the device): each slot's adapter rank, when slots are wider than
+    their adapters (rank-16 adapters in rank-64 slots); the zero padding past it is never read."""
     num_slots, rank_total, k = a.shape
     t, n = y.shape
     slices = slices or [n]
@@ -155,25 +178,26 @@ def add_lora_triton(
     ends = [sum(slices[: i + 1]) for i in range(len(slices) - 1)] + [NO_END, NO_END]
     block_t = min(64, max(16, triton.next_power_of_2(t)))
     tiles_t = triton.cdiv(t, block_t)
-    if not split:  # enough programs to stream every adapter's A from many SMs at once; a power of
-        # two, so that prompts of many lengths share a few compiled variants (the split is constexpr)
-        split = max(1, min(triton.cdiv(k, block_k), (2 * _num_sms(x.device)) // (num_slots * tiles_t)))
-        split = 1 << (split.bit_length() - 1)
+    if not split:
+        split = choose_split(k, block_k, num_slots * tiles_t, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     shrunk = torch.empty((t, rank_total), dtype=torch.float32, device=x.device)  # rows of adapter tokens only
     part = torch.empty((split, t, rank_total), dtype=torch.float32, device=x.device) if split > 1 else shrunk
     locks = arrival_counters(x.device, num_slots * tiles_t)
     ieee = a.dtype == torch.float32
+    has_ranks = ranks is not None
+    ranks = ranks if ranks is not None else slots  # (not read without HAS_RANKS)
     _shrink_kernel[(num_slots, split, tiles_t)](
-        x, a, slots, part, shrunk, locks, t, k, rank_total, x.stride(0), a.stride(0), a.stride(1),
+        x, a, slots, ranks, part, shrunk, locks, t, k, rank_total, rank, x.stride(0), a.stride(0), a.stride(1),
         part.stride(0) if split > 1 else 0, part.stride(-2), shrunk.stride(0),
         K_PER_SPLIT=k_per_split, SPLIT=split, BLOCK_T=block_t, BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank_total)), IEEE=ieee, num_warps=4,
+        BLOCK_R=max(16, triton.next_power_of_2(rank_total)), IEEE=ieee, HAS_RANKS=has_ranks, num_warps=4,
     )
     _expand_kernel[(num_slots, triton.cdiv(n, block_n), tiles_t)](
-        shrunk, b, slots, y, t, n, rank, shrunk.stride(0), b.stride(0), b.stride(1),
+        shrunk, b, slots, ranks, y, t, n, rank, shrunk.stride(0), b.stride(0), b.stride(1),
         y.stride(0), y.stride(1), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee, END0=ends[0], END1=ends[1], num_warps=4,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=ieee, END0=ends[0], END1=ends[1],
+        HAS_RANKS=has_ranks, num_warps=4,
     )
     return y

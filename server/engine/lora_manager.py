@@ -24,6 +24,9 @@ class LoRAManager:
         self.has_slots = False  # device slots are made with the first adapter: no cost without LoRA
         self.adapters: dict[int, LoRAWeights] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU order
+        # Each slot's adapter rank (0: empty), read by the kernels: a rank-16 adapter in rank-64
+        # slots costs what rank 16 costs, not 64.
+        self.slot_ranks: torch.Tensor | None = None
 
     def add(self, adapter_id: int, weights: LoRAWeights) -> None:
         for (module, index), (a, b) in weights.tensors.items():
@@ -39,8 +42,9 @@ class LoRAManager:
                     f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
                 )
         if not self.has_slots:
+            self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
             for layer in self.layers.values():
-                layer.create_lora_slots(self.max_loras, self.max_rank, self.dtype, self.device)
+                layer.create_lora_slots(self.max_loras, self.max_rank, self.dtype, self.device, self.slot_ranks)
             self.has_slots = True
         self.remove(adapter_id)
         self.adapters[adapter_id] = weights
@@ -80,3 +84,5 @@ class LoRAManager:
             r = a.shape[0]
             layer.lora_a[index][slot, :r].copy_(a)
             layer.lora_b[index][slot, :, :r].copy_(b)
+        assert self.slot_ranks is not None
+        self.slot_ranks[slot] = max((a.shape[0] for a, _ in weights.tensors.values()), default=0)

@@ -53,6 +53,7 @@ class LoRALinear(nn.Module):
         self.lora_b_stacked: torch.Tensor | None = None  # [num_slots, sum(out_slices), rank], scale folded in
         self.lora_a: list[torch.Tensor] = []  # per slice [num_slots, rank, in_features]
         self.lora_b: list[torch.Tensor] = []  # per slice [num_slots, out_slice, rank]
+        self.lora_ranks: torch.Tensor | None = None  # [num_slots] int32: each slot's adapter rank (shared)
 
     def set_quantized(self, index: int, w: NF4Weight) -> None:
         """Adopt an NF4 weight for slice `index`; once every slice has one, the dense weight goes."""
@@ -101,7 +102,11 @@ class LoRALinear(nn.Module):
         self.quant = None
         self.fused_quant = None
 
-    def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+    def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device,
+                          ranks: torch.Tensor | None = None) -> None:
+        """Zeroed slots of `rank`; `ranks` (the manager's, one per slot) tells the kernels how much
+        of each slot its adapter fills."""
+        self.lora_ranks = ranks
         slices = len(self.out_slices)
         a = torch.zeros(num_slots, slices * rank, self.in_features, dtype=dtype, device=device)
         b = torch.zeros(num_slots, sum(self.out_slices), rank, dtype=dtype, device=device)
@@ -128,5 +133,5 @@ class LoRALinear(nn.Module):
         if self.lora_a_stacked is not None and meta is not None and meta.lora_slots is not None:
             assert self.lora_b_stacked is not None
             add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots,
-                     self.out_slices)
+                     self.out_slices, self.lora_ranks)
         return y

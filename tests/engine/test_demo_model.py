@@ -73,6 +73,10 @@ def test_adapter_greedy_equals_transformers_with_peft(prompts: list[list[int]]) 
     engine = small_engine(str(DEMO_MODEL))
     engine.add_lora(1, load_lora("upper", DEMO_ADAPTER, engine.config.max_lora_rank))
     assert staggered(engine, prompts, adapter_id=1) == expected
+    # The slot the adapter went to records its rank (the kernels read no further into the slot).
+    manager = engine.lora_manager
+    assert manager.slot_ranks is not None and manager.adapters[1].rank < engine.config.max_lora_rank
+    assert manager.slot_ranks.tolist()[manager.slot_of[1]] == manager.adapters[1].rank
 
 
 def test_merged_checkpoint_greedy_equals_transformers(prompts: list[list[int]]) -> None:

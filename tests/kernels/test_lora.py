@@ -136,6 +136,27 @@ SLICED_CASES = {
 }
 
 
+# name: (tokens T, in K, slices, slot rank, each slot's adapter rank, dtype, kernel options): slots wider
+# than their adapters, with garbage (not zeros) past each adapter's rank: the kernels must not read it.
+RANKED_CASES = {
+    "qkv_rank16_in_rank64_slots": (9, 96, [64, 16, 16], 64, [16, 0, 64, 8], "fp32", dict(block_k=32, split=2)),
+    "one_slice_rank4_in_rank16": (21, 64, [40], 16, [4, 16, 1], "bf16", dict(block_k=32, block_n=16, split=1)),
+}
+
+
+def make_ranked_case(t: int, k: int, slices: list[int], rank: int, slot_ranks: list[int], dtype: torch.dtype,
+                     device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(x, a, b with garbage past each slot's rank, the same a and b with zeros there, slots, y, ranks)."""
+    x, a, b, slots, y = make_sliced_case(t, k, slices, rank, len(slot_ranks), dtype, device)
+    a_clean, b_clean = a.clone(), b.clone()
+    for slot, r in enumerate(slot_ranks):
+        for i in range(len(slices)):
+            a_clean[slot, i * rank + r : (i + 1) * rank] = 0
+        b_clean[slot, :, r:] = 0
+    ranks = torch.tensor(slot_ranks, dtype=torch.int32, device=device)
+    return x, a, b, a_clean, b_clean, slots, y, ranks
+
+
 def _interpreter_main() -> None:
     from kernels.triton_interp import patch_interpreter
     from kernels.triton_lora import add_lora_triton
@@ -165,6 +186,17 @@ def _interpreter_main() -> None:
             results[name] = [err, BOUND[dtype], float(untouched)]
         except Exception:
             results[name] = traceback.format_exc()
+    for i, (name, (t, k, slices, rank, slot_ranks, dtype_name, opts)) in enumerate(RANKED_CASES.items()):
+        torch.manual_seed(4000 + i)
+        try:
+            dtype = DTYPES[dtype_name]
+            x, a, b, a_clean, b_clean, slots, y, ranks = make_ranked_case(t, k, slices, rank, slot_ranks, dtype)
+            after = y.clone()
+            add_lora_triton(after, x, a, b, slots, slices=slices, ranks=ranks, **opts)
+            err, untouched = check_sliced(y, after, x, a_clean, b_clean, slots, slices)
+            results[name] = [err, BOUND[dtype], float(untouched)]
+        except Exception:
+            results[name] = traceback.format_exc()
     print("RESULTS " + json.dumps(results))
 
 
@@ -174,7 +206,7 @@ def interpreted() -> dict[str, object]:
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("name", list(INTERPRETER_CASES) + list(SLICED_CASES))
+@pytest.mark.parametrize("name", list(INTERPRETER_CASES) + list(SLICED_CASES) + list(RANKED_CASES))
 def test_triton_matches_reference_in_interpreter(interpreted: dict[str, object], name: str) -> None:
     result = interpreted[name]
     assert isinstance(result, list), f"{name} raised:\n{result}"
@@ -211,6 +243,19 @@ def test_sliced_triton_matches_reference_on_gpu(t: int, slices: list[int]) -> No
     x, a, b, slots, y = make_sliced_case(t, 4096, slices, 16, 8, torch.bfloat16, device="cuda")
     after = add_lora(y.clone(), x, a, b, slots, slices=slices)
     err, untouched = check_sliced(y, after, x, a, b, slots, slices)
+    assert err <= GPU_BOUND[torch.bfloat16] and untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("t", "slices"), [(1, [4096, 1024, 1024]), (64, [4096, 1024, 1024]), (64, [14336, 14336]),
+                                           (300, [4096])])
+def test_ranked_slots_on_gpu_skip_the_padding(t: int, slices: list[int]) -> None:
+    torch.manual_seed(t)
+    x, a, b, a_clean, b_clean, slots, y, ranks = make_ranked_case(t, 4096, slices, 64, [16, 64, 8, 16, 0, 32, 16, 16],
+                                                                   torch.bfloat16, device="cuda")
+    after = add_lora(y.clone(), x, a, b, slots, slices=slices, ranks=ranks)
+    err, untouched = check_sliced(y, after, x, a_clean, b_clean, slots, slices)
     assert err <= GPU_BOUND[torch.bfloat16] and untouched
 
 
