@@ -118,9 +118,11 @@ def _num_sms(device: torch.device) -> int:
 
 # The shrink splits K over programs until about SPLIT_PROGRAMS_PER_SM programs per SM run, at most
 # MAX_SPLIT ways: the last split of a (slot, token tile) to finish sums every split's partial alone,
-# so many splits make that one program's serial reduction the kernel's length (bench/lora_sweep.py).
+# so many splits make that one program's serial reduction the kernel's length. On the H200 at 8B
+# shapes (bench/results/lora-sweep-h200.md) 16 was within 10% of the best split nearly everywhere,
+# where 32 (the old cap) made q|k|v at 64 tokens 5x slower (54 vs 11 µs).
 SPLIT_PROGRAMS_PER_SM = 2
-MAX_SPLIT = 32
+MAX_SPLIT = 16
 
 
 def choose_split(k: int, block_k: int, programs: int, device: torch.device) -> int:
