@@ -12,6 +12,7 @@
 #   bash bench/gpu_record.sh diag      # batch-64 step profiles with 8 adapters (rank-64 and rank-16 slots) and
 #                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
 #   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
+#   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -181,6 +182,21 @@ lora)
     done
     tail -n 3 "$RES/gpu-tests.txt"
     cat "$RES/lora-sweep.md"
+    grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
+    ;;
+adapters)
+    elapsed "engine, 8B, 8 adapters (rank-64 slots)"
+    timeout 240 python bench/engine.py --random-shape llama3-8b --batch-sizes 1,8,64 --random-loras 8 --repeats 1 \
+        --out "$RES/engine-8b-lora.md" --json-out "$RES/engine-8b-lora.json" > "$RES/engine.log" 2>&1
+    save
+    for run in "8 64" "8 16"; do
+        set -- $run
+        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
+        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
+            > "$RES/step-b64-a$1-r$2.txt" 2>&1
+        save
+    done
+    cat "$RES/engine-8b-lora.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
     ;;
 checks)

@@ -113,7 +113,8 @@ def watch_gc() -> None:
 def freeze_heap() -> int:
     """Collect once, then exclude every object alive now from later collections (they are the
     start-up's: libraries, model, KV-block bookkeeping). Returns how many objects that froze."""
-    gc.collect()
+    with quiet():  # this collection is start-up work (0.53 s over 1.04M objects on the H200 server)
+        gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
 
