@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--allow-runtime-lora", action="store_true",
                     help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths under --lora-dir)")
     lo.add_argument("--max-loras", type=int, default=d.max_loras)
-    lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                    help="rank of the adapter slots (default: the largest rank among the adapters given at "
+                         "start-up, at least 16; adapters loaded later may not exceed it)")
     h = p.add_argument_group("HTTP server")
     h.add_argument("--host", default=d.host)
     h.add_argument("--port", type=int, default=d.port)

@@ -40,7 +40,10 @@ class Config:
     max_cpu_loras: int = 16  # adapters loaded from --lora-dir kept in host memory (LRU beyond)
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     max_loras: int = 4
-    max_lora_rank: int = 64
+    # The adapter slots' rank. None: the largest rank among the adapters known at start-up (--lora,
+    # the folders in --lora-dir, --merge-lora), at least 16. Slots wider than their adapters cost
+    # time: rank-16 adapters in rank-64 slots made a batch-64 8B step 10.7 instead of 9.0 ms (H200).
+    max_lora_rank: int | None = None
     # HTTP server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,7 +74,7 @@ class Config:
             raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
-        if self.max_loras < 1 or self.max_lora_rank < 1:
+        if self.max_loras < 1 or (self.max_lora_rank is not None and self.max_lora_rank < 1):
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json; got {self.log_format}")

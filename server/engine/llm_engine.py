@@ -6,7 +6,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,7 +22,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
-from server.loader.peft import LoRAWeights
+from server.loader.peft import LoRAWeights, startup_lora_rank
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,24 @@ class StepObserver(Protocol):
     ) -> None: ...
 
 
+def startup_adapter_folders(config: Config) -> list[Path]:
+    """Every adapter folder the configuration names at start-up: --lora, each folder inside a
+    --lora-dir, --merge-lora, and the model folder itself when it is an adapter."""
+    folders = [Path(path) for _, path in config.lora_modules]
+    for root in map(Path, config.lora_dirs):
+        if root.is_dir():
+            folders += sorted(p for p in root.iterdir() if p.is_dir())
+    if config.merge_lora:
+        folders.append(Path(config.merge_lora))
+    if config.model:
+        folders.append(Path(config.model).expanduser())
+    return [f for f in folders if (f / "adapter_config.json").is_file()]
+
+
 class LLMEngine:
     def __init__(self, config: Config, loaded: LoadedModel | None = None) -> None:
+        if config.max_lora_rank is None:  # slots as wide as the widest adapter known now, no wider
+            config = replace(config, max_lora_rank=startup_lora_rank(startup_adapter_folders(config)))
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)

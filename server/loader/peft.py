@@ -37,12 +37,35 @@ def read_adapter_config(folder: Path) -> dict:
     return cfg
 
 
+MIN_SLOT_RANK = 16  # vLLM's default --max-lora-rank, and Unsloth's default adapter rank
+
+
+def adapter_rank(cfg: dict) -> int:
+    """The largest rank of an adapter's modules (its `r`, or larger ones in `rank_pattern`)."""
+    pattern = cfg.get("rank_pattern") or {}
+    return max([int(cfg["r"]), *(int(r) for r in pattern.values())])
+
+
+def startup_lora_rank(folders: list[Path]) -> int:
+    """The slot rank that fits every adapter folder given (at least MIN_SLOT_RANK). A folder that is not a
+    readable adapter is passed over here: loading it later says what is wrong with it."""
+    ranks = [MIN_SLOT_RANK]
+    for folder in folders:
+        try:
+            ranks.append(adapter_rank(read_adapter_config(folder)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return max(ranks)
+
+
 def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     rank = int(cfg["r"])
-    if rank > max_rank:
-        raise ValueError(f"adapter {name!r} has rank {rank} but --max-lora-rank is {max_rank}")
+    if adapter_rank(cfg) > max_rank:
+        raise ValueError(f"adapter {name!r} has rank {adapter_rank(cfg)} but the adapter slots hold rank {max_rank} "
+                         f"(set at start-up from the adapters given then); restart with --max-lora-rank "
+                         f"{adapter_rank(cfg)} or more")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     weights_path = folder / "adapter_model.safetensors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
@@ -15,9 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from server import LLM, SamplingParams
+from server.config import Config
+from server.engine.llm_engine import LLMEngine, startup_adapter_folders
 from server.loader import DEMO_ADAPTER, DEMO_MODEL
 from server.loader.checkpoint import resolve_adapter_base
-from server.loader.peft import load_lora
+from server.loader.peft import load_lora, startup_lora_rank
 from server.loader.unsloth import load_hf_with_unsloth
 from server.models.layers import LoRALinear
 
@@ -145,7 +148,7 @@ def broken_adapter(tmp_path: Path, **changes: object) -> Path:
 
 
 def test_adapter_errors_say_what_is_wrong(tmp_path: Path, llm: LLM) -> None:
-    with pytest.raises(ValueError, match="rank 8 but --max-lora-rank is 4"):
+    with pytest.raises(ValueError, match=r"rank 8 but the adapter slots hold rank 4.*--max-lora-rank 8"):
         load_lora("x", DEMO_ADAPTER, max_rank=4)
     with pytest.raises(ValueError, match="DoRA"):
         load_lora("x", broken_adapter(tmp_path / "a", use_dora=True), 64)
@@ -171,3 +174,20 @@ def test_adapter_for_another_base_is_rejected_with_shapes(tmp_path: Path, llm: L
     with pytest.raises(ValueError, match="does not fit this model"):
         llm.adapters.register("wide", folder)
     assert llm.adapters.get("wide") is None
+
+
+def test_slot_rank_defaults_to_the_widest_startup_adapter(tmp_path: Path) -> None:
+    """--max-lora-rank unset: slots as wide as the widest adapter named at start-up (--lora, inside a
+    --lora-dir, the model folder itself), at least 16; set, it is kept."""
+    wide = broken_adapter(tmp_path / "dir", r=32, lora_alpha=64)
+    patterned = broken_adapter(tmp_path / "p", rank_pattern={"q_proj": 48})
+    assert startup_lora_rank([]) == 16
+    assert startup_lora_rank([DEMO_ADAPTER]) == 16  # rank 8: the floor
+    assert startup_lora_rank([DEMO_ADAPTER, wide, tmp_path / "not-an-adapter"]) == 32
+    assert startup_lora_rank([patterned]) == 48
+    config = Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64,
+                    lora_modules=(("upper", str(DEMO_ADAPTER)),), lora_dirs=(str(tmp_path / "dir"),))
+    assert startup_adapter_folders(config) == [DEMO_ADAPTER, wide]
+    assert LLMEngine(config).config.max_lora_rank == 32
+    assert startup_adapter_folders(Config(model=str(DEMO_ADAPTER))) == [DEMO_ADAPTER]
+    assert LLMEngine(replace(config, max_lora_rank=64)).config.max_lora_rank == 64
