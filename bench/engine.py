@@ -22,7 +22,7 @@ from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.loader.checkpoint import LoadedModel
-from server.loader.peft import LoRAWeights, load_lora
+from server.loader.peft import LoRAWeights, load_lora, startup_lora_rank
 from server.models.config import ModelConfig
 from server.models.weights import build_model
 
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--lora", nargs="*", default=[], help="adapter folders; requests go round-robin over them")
     ap.add_argument("--random-loras", type=int, default=0, help="this many random rank-16 adapters instead")
+    ap.add_argument("--max-lora-rank", type=int, default=None,
+                    help="adapter slot rank (default: the server's, the widest --lora adapter, at least 16)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
@@ -130,10 +132,11 @@ def main() -> None:
     engine = LLMEngine(Config(
         model=args.model or "", load_format=args.load_format, max_model_len=args.max_model_len, device="cuda" if args.random_shape else "auto",
         max_num_seqs=max(sizes), max_num_batched_tokens=max(2048, args.input_len * max(sizes)),
-        enforce_eager=args.enforce_eager, max_loras=max(len(args.lora), args.random_loras, 1), max_lora_rank=64,
+        enforce_eager=args.enforce_eager, max_loras=max(len(args.lora), args.random_loras, 1),
+        max_lora_rank=args.max_lora_rank or startup_lora_rank([Path(f) for f in args.lora]),  # as the server sizes slots
     ), loaded)
     for i, folder in enumerate(args.lora, start=1):
-        engine.add_lora(i, load_lora(f"lora{i}", folder, 64))
+        engine.add_lora(i, load_lora(f"lora{i}", folder, engine.config.max_lora_rank))
     for i in range(1, args.random_loras + 1):
         engine.add_lora(i, random_lora(engine, f"lora{i}", 16, i))
     num_loras = len(args.lora) or args.random_loras

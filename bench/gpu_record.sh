@@ -13,6 +13,7 @@
 #                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
 #   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
 #   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
+#   bash bench/gpu_record.sh rank      # the server with 8 adapters at c64: default slot rank vs --max-lora-rank 64
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -198,6 +199,31 @@ adapters)
     done
     cat "$RES/engine-8b-lora.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
+    ;;
+rank)
+    ensure_model
+    loras=""
+    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
+    for variant in default r64; do
+        flags=""
+        [ "$variant" = r64 ] && flags="--max-lora-rank 64"
+        elapsed "server: $variant"
+        timeout 150 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8127 --max-num-seqs 64 \
+            --max-model-len 1024 --max-loras 8 $loras $flags > "$RES/server-$variant.log" 2>&1 &
+        pid=$!
+        python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8127/health', 120)"
+        for run in "base" "lora --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
+            set -- $run
+            label=$1; shift
+            timeout 60 python bench/serve.py --base-url http://127.0.0.1:8127/v1 --disable-tqdm --vocab-size 128000 \
+                --input-len 64 --output-len 128 --max-concurrency 64 --num-prompts 128 "$@" \
+                --json-out "$RES/$variant-$label.json" --label "$variant-$label" > "$RES/$variant-$label.txt" 2>&1
+        done
+        kill $pid; wait $pid 2> /dev/null
+        save
+    done
+    grep -h -E "compiled while serving|garbage collection|heap frozen|slots" "$RES"/server-*.log | cut -c1-250
+    grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/*-base.txt "$RES"/*-lora.txt
     ;;
 checks)
     elapsed "gpu tests"

@@ -98,6 +98,8 @@ class LLMEngine:
     def __init__(self, config: Config, loaded: LoadedModel | None = None) -> None:
         if config.max_lora_rank is None:  # slots as wide as the widest adapter known now, no wider
             config = replace(config, max_lora_rank=startup_lora_rank(startup_adapter_folders(config)))
+            logger.info("adapter slots of rank %d (the widest adapter named at start-up, at least 16; "
+                        "--max-lora-rank sets it)", config.max_lora_rank)
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
