@@ -10,7 +10,10 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from server.engine import stalls
 from server.engine.llm_engine import RequestOutput
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.logs import log_finished_request
@@ -26,6 +29,18 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
                 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 MAX_MODEL_LABELS = 64  # bounded cardinality: adapters past this share the label "other"
+
+
+class StallCollector(Collector):
+    """What stopped every request at once while serving (server/engine/stalls.py), read at scrape time."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield CounterMetricFamily("sloth:kernel_compiles_while_serving",
+                                  "Kernel variants compiled after the warmup; each held up its step.",
+                                  value=stalls.compiles_while_serving)
+        yield CounterMetricFamily("sloth:slow_gc_pauses",
+                                  f"Garbage collections of {stalls.GC_REPORT_S}s or longer while serving "
+                                  "(every thread waited).", value=stalls.slow_collections)
 
 
 class EngineMetrics:
@@ -71,6 +86,7 @@ class EngineMetrics:
         self.gpu_reserved = Gauge("sloth:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
                                   registry=r)
         self.adapters = Gauge("sloth:loaded_adapters", "LoRA adapters registered.", registry=r)
+        r.register(StallCollector())
         self.last_token_time: dict[str, float] = {}
         self._prefix_seen = (0, 0)
 

@@ -39,6 +39,8 @@ EXPORTED_METRICS = {
     "sloth:step_forward_time_seconds": "histogram",
     "sloth:gpu_memory_used_bytes": "gauge",
     "sloth:gpu_memory_reserved_bytes": "gauge",
+    "sloth:kernel_compiles_while_serving": "counter",
+    "sloth:slow_gc_pauses": "counter",
 }
 
 

@@ -94,8 +94,8 @@ def declared_in_server() -> dict[str, str]:
     if not source.exists():
         pytest.skip("server/metrics.py is not there yet")
     text = source.read_text()
-    return {name: kind.lower() for kind, name in
-            re.findall(r"\b(Gauge|Counter|Histogram)\(\s*\"((?:vllm|sloth):\w+)\"", text)}
+    found = re.findall(r"\b(Gauge|Counter|Histogram|CounterMetricFamily)\(\s*\"((?:vllm|sloth):\w+)\"", text)
+    return {name: kind.lower().removesuffix("metricfamily") for kind, name in found}
 
 
 def test_exported_metric_list_agrees_with_the_server() -> None:

@@ -74,6 +74,9 @@ def test_counters_and_histograms_match_what_clients_saw(metrics_server: LiveServ
     assert value(s, "vllm:num_requests_running") == 0 and value(s, "vllm:num_requests_waiting") == 0
     assert value(s, "sloth:loaded_adapters") == 1
     assert value(s, "sloth:step_forward_time_seconds_count") > 0
+    # Stalls while serving (none expected here: no Triton on the CPU, the start-up heap frozen).
+    assert (("sloth:kernel_compiles_while_serving_total", ()) in s) and (("sloth:slow_gc_pauses_total", ()) in s)
+    assert value(s, "sloth:kernel_compiles_while_serving_total") == 0
     assert value(s, "vllm:iteration_tokens_total_sum") >= prompt_tokens + upper_prompt
 
 
