@@ -24,8 +24,9 @@ class LoRAManager:
         self.has_slots = False  # device slots are made with the first adapter: no cost without LoRA
         self.adapters: dict[int, LoRAWeights] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU order
-        # Each slot's adapter rank (0: empty), read by the kernels: a rank-16 adapter in rank-64
-        # slots costs what rank 16 costs, not 64.
+        # Each slot's adapter rank (0: empty), read by the kernels: they read no further into a slot
+        # (rank-16 adapters in rank-64 slots: a batch-64 8B step 18.4 -> 10.7 ms on the H200; 9.0 ms
+        # in rank-16 slots, which the kernels' padded tiles still favour).
         self.slot_ranks: torch.Tensor | None = None
 
     def add(self, adapter_id: int, weights: LoRAWeights) -> None:
