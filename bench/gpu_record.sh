@@ -41,6 +41,29 @@ peers_then_report() {  # peers_then_report SECONDS MAX_RUN_S: every peer at 1/8/
     compare_stage report 60
 }
 
+adapter_server() {  # adapter_server PORT LOG LIMIT_S READY_S [flags]: the server with the 8 adapters in the
+    # background ($pid), returning once it answers /health
+    local port=$1 log=$2 limit=$3 ready=$4
+    shift 4
+    local loras="" i
+    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
+    timeout "$limit" python -m server.cli --model "$WORK/model-bnb-4bit" --port "$port" --max-num-seqs 64 \
+        --max-model-len 1024 --max-loras 8 $loras "$@" > "$log" 2>&1 &
+    pid=$!
+    python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:$port/health', $ready)"
+}
+
+step_profiles() {  # step_profiles "ADAPTERS RANK"...: bench/profile_step.py at batch 64, one file each
+    local run
+    for run in "$@"; do
+        set -- $run
+        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
+        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
+            > "$RES/step-b64-a$1-r$2.txt" 2>&1
+        save
+    done
+}
+
 ensure_model() {
     [ -f "$WORK/model-bnb-4bit/config.json" ] && [ -d "$WORK/model-loras/lora-7" ] && return
     elapsed "building the random 8B model"
@@ -116,12 +139,7 @@ verify)  # every GPU test, then the server under sampling and under 8 adapters (
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     ensure_model
-    loras=""
-    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
-    timeout 240 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8125 --max-num-seqs 64 --max-model-len 1024 \
-        --max-loras 8 $loras > "$RES/server-verify.log" 2>&1 &
-    pid=$!
-    python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8125/health', 200)"
+    adapter_server 8125 "$RES/server-verify.log" 240 200
     for run in "greedy" "sampled --temperature 0.8 --extra-body {\"top_p\":0.9}" \
                "lora --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
         set -- $run
@@ -137,24 +155,13 @@ verify)  # every GPU test, then the server under sampling and under 8 adapters (
 diag)
     timeout 60 python -m pytest -q -m gpu tests/engine/test_stalls.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
-    for run in "0 64" "8 64" "8 16"; do
-        set -- $run
-        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
-        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
-            > "$RES/step-b64-a$1-r$2.txt" 2>&1
-        save
-    done
+    step_profiles "0 64" "8 64" "8 16"
     elapsed "eager prefill profile"
     timeout 90 python bench/profile_eager.py --prompt-lens 64,512 --repeats 3 > "$RES/profile-eager.txt" 2>&1
     save
     ensure_model
-    loras=""
-    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
     elapsed "server with adapters"
-    timeout 150 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8126 --max-num-seqs 64 --max-model-len 1024 \
-        --max-loras 8 $loras > "$RES/server-diag.log" 2>&1 &
-    pid=$!
-    python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8126/health', 100)"
+    adapter_server 8126 "$RES/server-diag.log" 150 100
     for c in 64 8; do
         timeout 60 python bench/serve.py --base-url http://127.0.0.1:8126/v1 --disable-tqdm --vocab-size 128000 \
             --input-len 64 --output-len 128 --max-concurrency $c --num-prompts $(( 4 * c )) \
@@ -174,13 +181,7 @@ lora)
     elapsed "lora sweep"
     timeout 200 python bench/lora_sweep.py --out "$RES/lora-sweep.md" --json "$RES/lora-sweep.json" > "$RES/lora-sweep.log" 2>&1
     save
-    for run in "8 64" "8 16"; do
-        set -- $run
-        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
-        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
-            > "$RES/step-b64-a$1-r$2.txt" 2>&1
-        save
-    done
+    step_profiles "8 64" "8 16"
     tail -n 3 "$RES/gpu-tests.txt"
     cat "$RES/lora-sweep.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
@@ -190,28 +191,17 @@ adapters)
     timeout 240 python bench/engine.py --random-shape llama3-8b --batch-sizes 1,8,64 --random-loras 8 --repeats 1 \
         --out "$RES/engine-8b-lora.md" --json-out "$RES/engine-8b-lora.json" > "$RES/engine.log" 2>&1
     save
-    for run in "8 64" "8 16"; do
-        set -- $run
-        elapsed "step profile: batch 64, $1 adapters, rank-$2 slots"
-        timeout 100 python bench/profile_step.py --batch 64 --random-loras "$1" --max-lora-rank "$2" \
-            > "$RES/step-b64-a$1-r$2.txt" 2>&1
-        save
-    done
+    step_profiles "8 64" "8 16"
     cat "$RES/engine-8b-lora.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
     ;;
 rank)
     ensure_model
-    loras=""
-    for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
     for variant in default r64; do
         flags=""
         [ "$variant" = r64 ] && flags="--max-lora-rank 64"
         elapsed "server: $variant"
-        timeout 150 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8127 --max-num-seqs 64 \
-            --max-model-len 1024 --max-loras 8 $loras $flags > "$RES/server-$variant.log" 2>&1 &
-        pid=$!
-        python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8127/health', 120)"
+        adapter_server 8127 "$RES/server-$variant.log" 150 120 $flags
         for run in "base" "lora --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
             set -- $run
             label=$1; shift

@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--random-loras", type=int, default=0, help="requests round-robin over this many adapters")
-    ap.add_argument("--max-lora-rank", type=int, default=64, help="the adapter slots' rank (the server's default 64)")
+    ap.add_argument("--max-lora-rank", type=int, default=None,
+                    help="the adapter slots' rank (default: the server's, here 16: no adapters named at start-up)")
     args = ap.parse_args()
     loaded = random_nf4_model(args.random_shape, torch.device("cuda"))
     engine = LLMEngine(Config(model="", device="cuda", max_model_len=1024, max_num_seqs=64,
@@ -62,7 +63,7 @@ def main() -> None:
             engine.step()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(f"batch {args.batch}, {args.random_loras} rank-16 adapters in rank-{args.max_lora_rank} slots: engine step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms, "
+    print(f"batch {args.batch}, {args.random_loras} rank-16 adapters in rank-{engine.config.max_lora_rank} slots: engine step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms, "
           f"schedule {sched_ms:.3f} ms")
 
 

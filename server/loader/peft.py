@@ -62,10 +62,11 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     rank = int(cfg["r"])
-    if adapter_rank(cfg) > max_rank:
-        raise ValueError(f"adapter {name!r} has rank {adapter_rank(cfg)} but the adapter slots hold rank {max_rank} "
+    widest = adapter_rank(cfg)
+    if widest > max_rank:
+        raise ValueError(f"adapter {name!r} has rank {widest} but the adapter slots hold rank {max_rank} "
                          f"(set at start-up from the adapters given then); restart with --max-lora-rank "
-                         f"{adapter_rank(cfg)} or more")
+                         f"{widest} or more")
     alpha = float(cfg.get("lora_alpha", rank))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     weights_path = folder / "adapter_model.safetensors"
