@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from server.loader.folders import is_adapter_folder, resolve_adapter_base
 from server.loader.peft import load_lora
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import load_model
@@ -35,27 +36,6 @@ def read_eos_token_ids(folder: Path) -> frozenset[int]:
         if value is not None:
             return frozenset(int(i) for i in (value if isinstance(value, list) else [value]))
     return frozenset()
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
-def resolve_adapter_base(adapter: Path) -> Path:
-    """The local folder of the base model an adapter names (relative to the adapter folder, or to
-    the working directory). Never the network: a hub id that is not on disk is an error."""
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapter}/adapter_config.json does not name its base model; "
-                         f"pass --model <base folder> --lora NAME={adapter}")
-    for candidate in (Path(base).expanduser(), adapter / base):
-        if (candidate / "config.json").is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        f"adapter {adapter} was trained on {base!r}, which is not a local folder (sloth-serve never "
-        f"downloads). Put the base model on disk and pass --model <that folder> --lora NAME={adapter}"
-    )
 
 
 def resolve_device(name: str) -> torch.device:
