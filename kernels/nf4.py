@@ -23,7 +23,8 @@ NF4_CODE = (
 @dataclass(frozen=True, slots=True)
 class NF4Weight:
     """A [out, in] weight in bitsandbytes' Linear4bit layout, unchanged: element i of the flattened
-    weight is nibble i of `data` (high nibble first), scaled by absmax[i // blocksize]. With nested
+    weight is code[nibble i of `data`] (high nibble first), scaled by absmax[i // blocksize]. The code
+    book is NF4's, or FP4's for `bnb_4bit_quant_type: fp4` (the reference handles both). With nested
     statistics ("compress_statistics") absmax is itself 8-bit: absmax[j] = state2_code[absmax[j]] *
     state2_absmax[j // state2_blocksize] + offset."""
 
@@ -79,8 +80,9 @@ class NF4Weight:
     @classmethod
     def from_bnb(cls, weight_data: torch.Tensor, quant_state: Any) -> NF4Weight:
         """Adopt a bitsandbytes `Params4bit` (its `.data` and `.quant_state`) without copying."""
-        if getattr(quant_state, "quant_type", "nf4") != "nf4":
-            raise ValueError(f"only NF4 weights are supported, got quant_type {quant_state.quant_type!r}")
+        quant_type = getattr(quant_state, "quant_type", "nf4")
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bitsandbytes 4-bit quant_type {quant_type!r} is not supported (nf4 and fp4 are)")
         shape = tuple(int(s) for s in quant_state.shape)
         if len(shape) != 2:
             raise ValueError(f"expected a 2-D weight, got quant_state.shape {shape}")
@@ -121,6 +123,11 @@ class NF4Weight:
         return replace(self, data=self.data.to(device), absmax=self.absmax.to(device), code=self.code.to(device),
                        state2_absmax=move(self.state2_absmax), state2_code=move(self.state2_code),
                        offset=move(self.offset))
+
+
+def is_nf4_code(code: torch.Tensor) -> bool:
+    """Whether a 4-bit code book is NF4's, the one the Triton kernels decode (FP4's is not)."""
+    return code.numel() == 16 and torch.equal(code.detach().float().cpu(), torch.tensor(NF4_CODE))
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:

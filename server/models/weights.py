@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,13 +11,15 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from kernels.rope import rope_cos_sin, rope_inv_freq
+from kernels.rope import rope_tables
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
+
+logger = logging.getLogger(__name__)
 
 # HF projection name -> (our fused module, slice index)
 FUSED = {
@@ -61,6 +64,7 @@ def load_weights(
     """Fill a model built on the meta device. Dense tensors are moved in (fused projections get
     their slices copied into one tensor); NF4 weights are adopted as they are, never expanded."""
     loaded: set[tuple[str, int | None]] = set()
+    densified: list[str] = []
     for hf_name, value in named:
         if hf_name == "lm_head.weight" and model.lm_head is None:
             continue  # tied: the embedding serves as lm_head
@@ -74,9 +78,10 @@ def load_weights(
             module = None
         if module is None or pname not in module._parameters:
             raise ValueError(f"checkpoint has {hf_name!r}, which this {model.config.family} model lacks")
+        if not isinstance(value, torch.Tensor) and not _adopt_in_4bit(module, pname, value):
+            value = _dense_from_4bit(hf_name, value, densified)
         if not isinstance(value, torch.Tensor):  # an NF4Weight: adopted in 4-bit
-            if not isinstance(module, LoRALinear) or pname != "weight":
-                raise ValueError(f"{hf_name} is 4-bit but only linear projections can be")
+            assert isinstance(module, LoRALinear)
             module.set_quantized(index or 0, value if value.device == device else value.to(device))
         else:
             _load_dense(module, pname, index, value, dtype, device, hf_name)
@@ -84,6 +89,28 @@ def load_weights(
     missing = [f"{n}[{i}]" if i is not None else n for n, i in _expected(model) - loaded]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+    mixed = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.settle()]
+    if mixed:
+        logger.info("%d fused projections mix 4-bit and 16-bit parts (a dynamic 4-bit checkpoint), computed "
+                    "part by part: %s%s", len(mixed), ", ".join(mixed[:4]), " ..." if len(mixed) > 4 else "")
+    if densified:
+        logger.info("%d 4-bit weights are served dequantized to 16-bit (exactly bitsandbytes' values): %s%s",
+                    len(densified), ", ".join(densified[:4]), " ..." if len(densified) > 4 else "")
+
+
+def _adopt_in_4bit(module: torch.nn.Module, pname: str, w: NF4Weight) -> bool:
+    """Whether a 4-bit weight is kept packed: a linear projection's weight in the NF4 code book (what
+    our kernels decode). Anything else (a 4-bit lm_head, FP4 codes) is dequantized at load."""
+    from kernels.nf4 import is_nf4_code
+
+    return isinstance(module, LoRALinear) and pname == "weight" and is_nf4_code(w.code)
+
+
+def _dense_from_4bit(hf_name: str, w: NF4Weight, densified: list[str]) -> torch.Tensor:
+    from kernels.nf4 import dequantize_nf4_ref
+
+    densified.append(hf_name)
+    return dequantize_nf4_ref(w)
 
 
 def _load_dense(
@@ -129,8 +156,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
         model = LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)
     # Buffers built on the meta device hold nothing: recompute the rotary tables (kept in float32).
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    cos, sin = rope_cos_sin(inv_freq, cfg.max_position_embeddings)
+    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model
 

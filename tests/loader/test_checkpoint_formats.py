@@ -1,0 +1,76 @@
+"""Fidelity of every bitsandbytes checkpoint layout: greedy tokens equal Unsloth's `for_inference`
+on the same pre-quantized folder (dynamic 4-bit with 16-bit parts inside fused projections, FP4,
+single and double quantization, fp16 compute dtype, block size 128, a 4-bit lm_head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from quant_formats import FORMATS, QuantFormat, compare_greedy, quantization_config, write_quantized
+from transformers import AutoTokenizer
+
+from server import LLM, SamplingParams
+from server.loader.unsloth import load_hf_with_unsloth
+from server.models.layers import LoRALinear
+
+QUESTIONS = ["What does `json.dumps` do?", "Explain `os.path.join`."]
+MAX_TOKENS = 16
+TIE = 0.05  # logits: a 16-bit reference and our float32 CPU run may part where two tokens tie
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quant-formats")
+
+
+def prompts_for(folder: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in QUESTIONS]
+    return [tok.encode(t) for t in [*chats, "Return the"]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.name for f in FORMATS])
+def test_greedy_tokens_equal_unsloth_for_inference(fmt: QuantFormat, root: Path) -> None:
+    folder = write_quantized(fmt, root)
+    qcfg = quantization_config(folder)
+    assert qcfg["bnb_4bit_quant_type"] == fmt.quant_type and qcfg["bnb_4bit_use_double_quant"] == fmt.double_quant
+    prompts = prompts_for(folder)
+    llm = LLM(folder, num_kv_blocks=128)
+    ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))]
+    assert all(len(t) > 0 for t in ours)
+    layers = dict(llm.engine.loaded.model.named_modules())
+    del llm
+    reference = load_hf_with_unsloth(folder, 512)
+    verdicts = [compare_greedy(reference, p, o, TIE) for p, o in zip(prompts, ours, strict=True)]
+    assert verdicts.count("exact") >= len(verdicts) - 1, verdicts  # one near tie at most
+    _check_layout(fmt, layers, reference)
+
+
+def _check_layout(fmt: QuantFormat, ours: dict[str, torch.nn.Module], reference: torch.nn.Module) -> None:
+    """The 16-bit and 4-bit parts landed where the checkpoint has them: nothing silently dense."""
+    quantized = {n for n, m in reference.named_modules() if hasattr(getattr(m, "weight", None), "quant_state")}
+    for name, module in ours.items():
+        if not isinstance(module, LoRALinear):
+            continue
+        parts = ["q_proj", "k_proj", "v_proj"] if name.endswith("qkv_proj") else (
+            ["gate_proj", "up_proj"] if name.endswith("gate_up_proj") else [name.rsplit(".", 1)[1]])
+        prefix = name.rsplit(".", 1)[0]
+        four_bit = [f"{prefix}.{p}" in quantized for p in parts]
+        if fmt.quant_type == "fp4":  # our kernels decode NF4 only: FP4 is served dequantized (logged)
+            assert not module.is_quantized, name
+        elif all(four_bit):
+            assert module.is_quantized and not module.is_mixed, name
+        elif any(four_bit):
+            assert module.is_mixed and module.quant is not None, name
+            assert [q is not None for q in module.quant] == four_bit, name
+        else:
+            assert not module.is_quantized, name
+    kept = [q for m in ours.values() if isinstance(m, LoRALinear) for q in (m.quant or []) if q is not None]
+    assert all(q.blocksize == fmt.blocksize and q.nested == fmt.double_quant for q in kept)
+    if fmt.untie_lm_head:  # quantized in the checkpoint, served dequantized to the same values
+        assert "lm_head" in quantized and ours["lm_head"].weight.dtype != torch.uint8
+    if fmt.skip_modules is not None and "model.layers.0.self_attn.q_proj" in fmt.skip_modules:
+        assert ours["model.layers.0.self_attn.qkv_proj"].is_mixed  # type: ignore[union-attr]
