@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +21,7 @@ from server.models.llama import LlamaForCausalLM
 from server.models.weights import build_model
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def load_hf_with_unsloth(folder: Path, max_seq_length: int) -> torch.nn.Module:
@@ -59,7 +61,9 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     loaded = time.perf_counter()
     hf_bytes = _gpu_bytes(device)
     cfg = ModelConfig.from_folder(folder)
-    model = build_model(cfg, hf_weights(hf_model), dtype, device)
+    adopted: set[str] = set()
+    model = build_model(cfg, _recorded(hf_weights(hf_model), adopted), dtype, device)
+    check_all_tensors_read(folder, adopted)
     del hf_model
     gc.collect()
     if device.type == "cuda":
@@ -74,6 +78,49 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
                     "(peak %.2f GiB)", hf_bytes / 2**30, _gpu_bytes(device) / 2**30,
                     torch.cuda.max_memory_allocated(device) / 2**30)
     return model
+
+
+def _recorded(named: Iterator[tuple[str, T]], names: set[str]) -> Iterator[tuple[str, T]]:
+    for name, value in named:
+        names.add(name)
+        yield name, value
+
+
+# bitsandbytes serializes a 4-bit weight's quantization state beside it as `<name>.weight.<part>`.
+_QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
+# Buffers some checkpoints carry that every loader recomputes (rotary tables).
+_RECOMPUTED = ("rotary_emb.inv_freq",)
+
+
+def disk_tensor_names(folder: Path) -> dict[str, str]:
+    """Every tensor of the folder's safetensors files (headers only) -> its file; a 4-bit weight's
+    quantization-state tensors count as the weight itself."""
+    from safetensors import safe_open
+
+    names: dict[str, str] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                base, sep, part = key.partition(".weight.")
+                if sep and part.split(".")[0] in _QUANT_STATE_PARTS:
+                    key = f"{base}.weight"
+                names[key] = path.name
+    return names
+
+
+def check_all_tensors_read(folder: Path, adopted: set[str]) -> None:
+    """Stop the load when a tensor on disk did not reach our model: transformers drops checkpoint
+    keys its model class does not expect (with a warning at most), and serving without them would
+    not be the model that was trained."""
+    unread = {k: f for k, f in disk_tensor_names(folder).items()
+              if k not in adopted and not k.endswith(_RECOMPUTED)}
+    if unread:
+        first = sorted(unread)[0]
+        raise ValueError(
+            f"{folder / unread[first]}: {len(unread)} tensor(s) on disk were not loaded (first: {first!r}); "
+            f"sloth-serve does not serve a model with weights left out. Check that config.json's "
+            f"architectures matches the checkpoint, or remove the extra tensors"
+        )
 
 
 def _gpu_bytes(device: torch.device) -> int:

@@ -74,3 +74,17 @@ def _check_layout(fmt: QuantFormat, ours: dict[str, torch.nn.Module], reference:
         assert "lm_head" in quantized and ours["lm_head"].weight.dtype != torch.uint8
     if fmt.skip_modules is not None and "model.layers.0.self_attn.q_proj" in fmt.skip_modules:
         assert ours["model.layers.0.self_attn.qkv_proj"].is_mixed  # type: ignore[union-attr]
+
+
+def test_a_tensor_the_model_class_ignores_stops_the_load(root: Path) -> None:
+    """transformers drops checkpoint keys its class does not expect; the load must not go on without
+    them (here an extra bias on one projection, as a checkpoint of another architecture would have)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_quantized(QuantFormat("extra-tensor"), root)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(256, dtype=torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: 1 tensor\(s\) on disk were not loaded "
+                                         r"\(first: 'model\.layers\.1\.self_attn\.o_proj\.bias'\)"):
+        LLM(folder, num_kv_blocks=64)
