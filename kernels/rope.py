@@ -1,45 +1,14 @@
-"""Rotary position embeddings (neox/Llama layout: rotate the two halves), with llama3 scaling.
-Dispatch: Triton (`triton_rope`, in place) on CUDA tensors, the PyTorch reference elsewhere."""
+"""Rotary position embeddings (neox/Llama layout: rotate the two halves). The tables (every scaling
+type) come from `rope_scaling`. Dispatch: Triton (`triton_rope`, in place) on CUDA tensors, the
+PyTorch reference elsewhere."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 
+from kernels.rope_scaling import rope_cos_sin, rope_inv_freq, rope_tables
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
-    """Inverse frequencies, adjusted the way transformers does for `rope_type: llama3`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if not scaling:
-        return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type in ("default", None):
-        return inv_freq
-    if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])
-    if rope_type != "llama3":
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
-    factor = float(scaling["factor"])
-    low_freq_factor = float(scaling["low_freq_factor"])
-    high_freq_factor = float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    low_freq_wavelen = old_len / low_freq_factor
-    high_freq_wavelen = old_len / high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [max_positions, head_dim // 2] in float32."""
-    t = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq.float())
-    return freqs.cos(), freqs.sin()
+__all__ = ["apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq", "rope_tables"]
 
 
 def apply_rope_ref(

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.models.rope_config import parse_rope
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -46,13 +48,7 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family == "mistral" or cfg.get("use_sliding_window") else None
-        rope_scaling = cfg.get("rope_scaling") or None
-        rope_theta = cfg.get("rope_theta")
-        params = cfg.get("rope_parameters")  # transformers 5 folds theta and scaling into this
-        if isinstance(params, dict):
-            rope_theta = rope_theta or params.get("rope_theta")
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = rope_scaling or params
+        rope_theta, rope_scaling, max_positions = parse_rope(cfg, head_dim)
         return cls(
             family=family,
             vocab_size=cfg["vocab_size"],
@@ -63,9 +59,9 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta or 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,  # YaRN / dynamic serve past the config's value
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=family == "qwen3",

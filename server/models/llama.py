@@ -8,7 +8,7 @@ from torch import nn
 
 from kernels.attention import paged_attention, write_kv
 from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from kernels.rope import apply_rope, rope_tables
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
 
@@ -112,8 +112,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos, sin = rope_cos_sin(inv_freq, cfg.max_position_embeddings)
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
