@@ -88,3 +88,9 @@ def test_a_tensor_the_model_class_ignores_stops_the_load(root: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.safetensors: 1 tensor\(s\) on disk were not loaded "
                                          r"\(first: 'model\.layers\.1\.self_attn\.o_proj\.bias'\)"):
         LLM(folder, num_kv_blocks=64)
+
+
+def test_reading_a_4bit_folder_as_16bit_safetensors_says_which_format_to_use(root: Path) -> None:
+    folder = write_quantized(QuantFormat("as-safetensors"), root)
+    with pytest.raises(ValueError, match=r"quantized \(bitsandbytes\).*--load-format unsloth"):
+        LLM(folder, load_format="safetensors", num_kv_blocks=64)
