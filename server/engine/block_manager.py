@@ -22,17 +22,21 @@ class Block:
     token_ids: tuple[int, ...] = field(default_factory=tuple)  # kept to rule out hash collisions
 
 
-def block_hash(parent: int | None, adapter_id: int, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, adapter_id, token_ids))
+def block_hash(parent: int | None, adapter_id: int, token_ids: tuple[int, ...], long_prompt: bool = False) -> int:
+    return hash((parent, adapter_id, token_ids, long_prompt) if long_prompt else (parent, adapter_id, token_ids))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 long_prompt_from: int | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks}x{block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        # longrope: a prompt longer than this rotates its keys with other factors than a shorter
+        # one (kernels/rope_scaling.rope_rows), so the two never share cached blocks.
+        self.long_prompt_from = long_prompt_from
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order: the first is handed out next. Unhashed blocks go to the front
         # so that cached prefixes survive as long as possible.
@@ -52,6 +56,9 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _is_long_prompt(self, seq: Sequence) -> bool:
+        return self.long_prompt_from is not None and seq.num_prompt_tokens > self.long_prompt_from
+
     def find_cached_blocks(self, seq: Sequence) -> list[int]:
         """Blocks already holding this sequence's leading full blocks. The last token is never
         served from cache: it must run through the model to give logits."""
@@ -62,7 +69,7 @@ class BlockManager:
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = block_hash(parent, seq.adapter_id, tokens)
+            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq))
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -115,7 +122,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[i - 1] if i else None
-            h = block_hash(parent, seq.adapter_id, tokens)
+            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq))
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.cached and block.hash is None:

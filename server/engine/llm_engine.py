@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from kernels.rope_scaling import long_prompt_threshold
 from server.config import Config
 from server.engine import stalls
 from server.engine.block_manager import BlockManager
@@ -113,7 +114,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(model)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          long_prompt_threshold(model.config.rope_scaling))
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,

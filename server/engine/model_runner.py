@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import AttnMetadata
+from kernels.rope_scaling import long_prompt_threshold, rope_rows
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.lora_manager import LoRAManager
@@ -57,6 +58,8 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
+        # longrope: the tokens of a prompt longer than the original context read long-factor rows.
+        self.long_prompt_from = long_prompt_threshold(model.config.rope_scaling)
         if device.type == "cuda":
             # q|k|v and gate|up kept in 4-bit become one weight each: one kernel launch instead of
             # three or two (on the CPU the slices run apart, as the reference checks expect).
@@ -127,7 +130,7 @@ class ModelRunner:
             start = seq.num_tokens if ahead else seq.num_computed_tokens
             end = start + n
             input_ids.extend(seq.token_ids[start:end])  # nothing when ahead: that id is on the device
-            positions.extend(range(start, end))
+            positions.extend(self._rope_rows(seq.num_prompt_tokens, start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             seq_lens.append(end)
@@ -145,6 +148,14 @@ class ModelRunner:
             meta.active_lora_slots = sorted(slot_of.values())
         ids = lookahead_ids if lookahead_ids is not None else self._tensor(input_ids)
         return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index))
+
+    def _rope_rows(self, num_prompt_tokens: int, start: int, end: int) -> range | list[int]:
+        """Rotary-table rows of positions [start, end) (the model reads positions only for RoPE):
+        the positions themselves but for a longrope prompt longer than the original context."""
+        if self.long_prompt_from is None:
+            return range(start, end)
+        cfg = self.model.config
+        return rope_rows(cfg.rope_scaling, cfg.max_position_embeddings, num_prompt_tokens, start, end)
 
     def _attn_metadata(
         self, batch: ScheduledBatch, slots: list[int], seq_lens: list[int], query_start_loc: list[int]
@@ -188,7 +199,8 @@ class ModelRunner:
         logits = graphs.run(
             input_ids=[0] * len(positions) if ahead else [seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
             input_ids_device=lookahead_ids,
-            positions=positions,
+            positions=positions if self.long_prompt_from is None else [
+                self._rope_rows(seq.num_prompt_tokens, p, p + 1)[0] for seq, p in zip(batch.seqs, positions, strict=True)],
             slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)],
             block_tables=[seq.block_table for seq in batch.seqs],
             seq_lens=[p + 1 for p in positions],
