@@ -1,5 +1,5 @@
 """Prometheus metrics, named and bucketed as vLLM's where vLLM has them (`vllm:*`), so existing
-dashboards and autoscalers work unchanged; figures vLLM lacks are `sloth:*`.
+dashboards, autoscalers and routers work unchanged; figures vLLM lacks are `sloth:*`.
 
 The engine thread calls `on_step` once a step with what the step did; nothing here blocks on the
 GPU (the forward time comes from CUDA events of the previous step)."""
@@ -7,10 +7,10 @@ GPU (the forward time comes from CUDA events of the previous step)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.engine import stalls
@@ -29,12 +29,13 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
                 0.25, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 MAX_MODEL_LABELS = 64  # bounded cardinality: adapters past this share the label "other"
+SERVER_STATUSES = ("loading", "ok", "draining", "dead", "failed")  # ServerState.status
 
 
 class StallCollector(Collector):
     """What stopped every request at once while serving (server/engine/stalls.py), read at scrape time."""
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("sloth:kernel_compiles_while_serving",
                                   "Kernel variants compiled after the warmup; each held up its step.",
                                   value=stalls.compiles_while_serving)
@@ -43,32 +44,78 @@ class StallCollector(Collector):
                                   "(every thread waited).", value=stalls.slow_collections)
 
 
+class LoraInfoCollector(Collector):
+    """`vllm:lora_requests_info`: one series whose labels name the adapters with requests running
+    and waiting (comma-separated) and the adapter slots per step; its value is the Unix time of the
+    step that saw them, as vLLM reports it (routers keep the newest series). vLLM leaves a series
+    behind for every combination ever seen; here only the current one is exported. `model_name`
+    (the base model) is added, as on every vLLM-named series here."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        running, waiting, seen_at = m.lora_state
+        family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters", "model_name"])
+        family.add_metric([str(m.max_loras), m.adapter_names(running), m.adapter_names(waiting), m.label(0)], seen_at)
+        yield family
+
+
+class _ModelSeries:
+    """The labelled children of one `model_name`, looked up once instead of on every token."""
+
+    __slots__ = ("decode", "e2e", "generation_tokens", "inference", "itl", "max_generation", "prefill",
+                 "prompt_tokens", "queue", "req_generation", "req_prompt", "tpot", "ttft")
+
+    def __init__(self, metrics: EngineMetrics, model: str) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(metrics, name).labels(model))
+
+
 class EngineMetrics:
-    def __init__(self, registry: CollectorRegistry, model_name_of: Callable[[int], str]) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name_of: Callable[[int], str], max_loras: int = 0) -> None:
         self.registry = registry
         self._model_name_of = model_name_of
         self._labels: dict[int, str] = {}
+        self._series: dict[str, _ModelSeries] = {}
+        self.max_loras = max_loras
         r = registry
         m = ["model_name"]
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", registry=r)
+        # Engine-wide figures carry model_name too (the served base model's name), as vLLM's do:
+        # vLLM's dashboard filters every panel by it.
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", m, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", m,
+                              registry=r)
+        self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc",
+                                     "Fraction of KV-cache blocks in use (0-1). DEPRECATED vLLM name, kept for "
+                                     "dashboards that query it: use vllm:kv_cache_usage_perc.", m, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                [*m, "finished_reason"], registry=r)
-        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted for lack of KV blocks.", registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted for lack of KV blocks.", m,
+                                   registry=r)
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      registry=r)
-        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+                                      m, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m,
+                                   registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", m,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive tokens.", m,
                              buckets=ITL_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Time between consecutive tokens. DEPRECATED vLLM name, kept for dashboards "
+                              "that query it: use vllm:inter_token_latency_seconds.", m,
+                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", m,
                              buckets=REQUEST_BUCKETS, registry=r)
         self.queue = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", m,
                                buckets=REQUEST_BUCKETS, registry=r)
+        self.inference = Histogram("vllm:request_inference_time_seconds", "First scheduled to finish.", m,
+                                   buckets=REQUEST_BUCKETS, registry=r)
         self.prefill = Histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.", m,
                                  buckets=REQUEST_BUCKETS, registry=r)
         self.decode = Histogram("vllm:request_decode_time_seconds", "First token to finish.", m,
@@ -77,7 +124,12 @@ class EngineMetrics:
                                     buckets=TOKEN_BUCKETS, registry=r)
         self.req_generation = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", m,
                                         buckets=TOKEN_BUCKETS, registry=r)
-        self.step_tokens = Histogram("vllm:iteration_tokens_total", "Tokens computed per engine step.",
+        # vLLM observes the longest of a request's n choices once; each choice is its own engine
+        # request here, so with n > 1 each choice is observed (the same figure for n = 1).
+        self.max_generation = Histogram("vllm:request_max_num_generation_tokens",
+                                        "Generated tokens per engine request (each choice of n).", m,
+                                        buckets=TOKEN_BUCKETS, registry=r)
+        self.step_tokens = Histogram("vllm:iteration_tokens_total", "Tokens computed per engine step.", m,
                                      buckets=TOKEN_BUCKETS, registry=r)
         self.forward_time = Histogram("sloth:step_forward_time_seconds",
                                       "Device time of one forward pass (CUDA events; wall time on CPU).",
@@ -86,9 +138,29 @@ class EngineMetrics:
         self.gpu_reserved = Gauge("sloth:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
                                   registry=r)
         self.adapters = Gauge("sloth:loaded_adapters", "LoRA adapters registered.", registry=r)
+        self.http_requests = Counter("sloth:http_requests",
+                                     "HTTP responses by route template, method and status code (401, 408, 413, "
+                                     "503... included; a stream counts its 200 when it starts).",
+                                     ["route", "method", "status"], registry=r)
+        self.server_status = Gauge("sloth:server_status",
+                                   "1 for the server's current status (as /health says it), 0 for the others.",
+                                   ["status"], registry=r)
+        self.in_flight = Gauge("sloth:num_requests_in_flight",
+                               "Generation requests admitted and not finished (what --max-queued-requests limits).",
+                               registry=r)
+        self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
         r.register(StallCollector())
+        r.register(LoraInfoCollector(self))
+        base = self.label(0)
+        self._running, self._waiting = self.running.labels(base), self.waiting.labels(base)
+        self._kv_usage, self._gpu_cache_usage = self.kv_usage.labels(base), self.gpu_cache_usage.labels(base)
+        self._preemptions, self._step_tokens = self.preemptions.labels(base), self.step_tokens.labels(base)
+        self._prefix_queries, self._prefix_hits = self.prefix_queries.labels(base), self.prefix_hits.labels(base)
         self.last_token_time: dict[str, float] = {}
         self._prefix_seen = (0, 0)
+        # Adapter ids with requests running / waiting, and when a step saw them (engine thread
+        # writes the whole tuple, the scrape reads it: no lock needed).
+        self.lora_state: tuple[frozenset[int], frozenset[int], float] = (frozenset(), frozenset(), time.time())
 
     def label(self, adapter_id: int) -> str:
         name = self._labels.get(adapter_id)
@@ -97,8 +169,24 @@ class EngineMetrics:
             self._labels[adapter_id] = name
         return name
 
+    def adapter_names(self, adapter_ids: Iterable[int]) -> str:
+        return ",".join(sorted({self.label(i) for i in adapter_ids if i}))
+
     def forget_adapter(self, adapter_id: int) -> None:
         self._labels.pop(adapter_id, None)
+
+    def series(self, model: str) -> _ModelSeries:
+        found = self._series.get(model)
+        if found is None:
+            found = self._series[model] = _ModelSeries(self, model)
+        return found
+
+    def set_server(self, status: str, in_flight: int, limit: int) -> None:
+        """Scrape-time figures of the HTTP side (GET /metrics sets them)."""
+        for name in SERVER_STATUSES:
+            self.server_status.labels(name).set(1 if name == status else 0)
+        self.in_flight.set(in_flight)
+        self.in_flight_limit.set(limit)
 
     def on_step(
         self,
@@ -110,16 +198,21 @@ class EngineMetrics:
     ) -> None:
         now = time.monotonic() if now is None else now  # the step's end: observation may come later
         bm = scheduler.block_manager
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(bm.usage)
+        self._running.set(len(scheduler.running))
+        self._waiting.set(len(scheduler.waiting))
+        usage = bm.usage
+        self._kv_usage.set(usage)
+        self._gpu_cache_usage.set(usage)
         if batch is not None and not batch.is_empty:
-            self.step_tokens.observe(batch.num_tokens)
+            self._step_tokens.observe(batch.num_tokens)
             if batch.num_preempted:
-                self.preemptions.inc(batch.num_preempted)
+                self._preemptions.inc(batch.num_preempted)
         if forward_seconds is not None:
             self.forward_time.observe(forward_seconds)
         self._sync_prefix_counters(bm.num_prefix_queries, bm.num_prefix_hits)
+        self.max_loras = scheduler.config.max_loras
+        self.lora_state = (frozenset(s.adapter_id for s in scheduler.running),
+                           frozenset(s.adapter_id for s in scheduler.waiting), time.time())
         for out in outputs:
             self._observe_output(out, self.label(out.adapter_id), now)
 
@@ -127,29 +220,34 @@ class EngineMetrics:
         # The block manager keeps running totals; counters move forward by the difference.
         seen_q, seen_h = self._prefix_seen
         if queries > seen_q:
-            self.prefix_queries.inc(queries - seen_q)
+            self._prefix_queries.inc(queries - seen_q)
         if hits > seen_h:
-            self.prefix_hits.inc(hits - seen_h)
+            self._prefix_hits.inc(hits - seen_h)
         self._prefix_seen = (queries, hits)
 
     def _observe_output(self, out: RequestOutput, model: str, now: float) -> None:
+        series = self.series(model)
         if out.new_token_ids:
-            self.generation_tokens.labels(model).inc(len(out.new_token_ids))
+            series.generation_tokens.inc(len(out.new_token_ids))
             last = self.last_token_time.get(out.request_id)
             if last is None:
-                self.ttft.labels(model).observe(now - out.arrival_time)
+                series.ttft.observe(now - out.arrival_time)
             else:
-                self.itl.labels(model).observe(now - last)
+                series.itl.observe(now - last)
+                series.tpot.observe(now - last)
             self.last_token_time[out.request_id] = now
-        if not out.finished:
-            return
+        if out.finished:
+            self._observe_finished(out, model, series, now)
+
+    def _observe_finished(self, out: RequestOutput, model: str, series: _ModelSeries, now: float) -> None:
         self.last_token_time.pop(out.request_id, None)
         reason = out.finish_reason.value if out.finish_reason is not None else "abort"
         self.success.labels(model, reason).inc()
-        self.prompt_tokens.labels(model).inc(out.num_prompt_tokens)
-        self.req_prompt.labels(model).observe(out.num_prompt_tokens)
-        self.req_generation.labels(model).observe(out.num_output_tokens)
-        self.e2e.labels(model).observe(now - out.arrival_time)
+        series.prompt_tokens.inc(out.num_prompt_tokens)
+        series.req_prompt.observe(out.num_prompt_tokens)
+        series.req_generation.observe(out.num_output_tokens)
+        series.max_generation.observe(out.num_output_tokens)
+        series.e2e.observe(now - out.arrival_time)
         ttft = None if out.first_token_time is None else out.first_token_time - out.arrival_time
         queued = None if out.first_scheduled_time is None else out.first_scheduled_time - out.arrival_time
         log_finished_request({
@@ -158,10 +256,11 @@ class EngineMetrics:
             "queue_s": queued, "ttft_s": ttft, "e2e_s": now - out.arrival_time, "finish_reason": reason,
         })
         if out.first_scheduled_time is not None:
-            self.queue.labels(model).observe(out.first_scheduled_time - out.arrival_time)
+            series.queue.observe(out.first_scheduled_time - out.arrival_time)
+            series.inference.observe(now - out.first_scheduled_time)
             if out.first_token_time is not None:
-                self.prefill.labels(model).observe(out.first_token_time - out.first_scheduled_time)
-                self.decode.labels(model).observe(now - out.first_token_time)
+                series.prefill.observe(out.first_token_time - out.first_scheduled_time)
+                series.decode.observe(now - out.first_token_time)
 
     def sample_gpu_memory(self) -> None:
         try:

@@ -16,4 +16,5 @@ async def metrics(state: StateDep) -> Response:
     state.metrics.sample_gpu_memory()
     runtime = state.runtime
     state.metrics.adapters.set(0 if runtime is None else len(runtime.adapters.by_name))
+    state.metrics.set_server(state.status, state.admission.num_in_flight, state.admission.limit)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,11 +1,14 @@
 """Server-sent events: `data: {json}` per chunk, `data: [DONE]` at the end, and an error event
-(`data: {"error": {...}}`) if generation fails after the 200 status is already sent."""
+(`data: {"error": {...}}`) then `data: [DONE]` if generation fails after the 200 status is
+already sent, or if the server shuts down (drain deadline passed) before the stream finished."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.types import Message, Send
@@ -13,7 +16,16 @@ from starlette.types import Message, Send
 from server.api.admission import Ticket
 from server.api.errors import error_body
 
+logger = logging.getLogger(__name__)
+
 DONE = "[DONE]"
+# How long a stream cut at shutdown gets to send its last events; less than uvicorn's graceful
+# shutdown timeout (5 s, server/cli.py), after which it cancels whatever still runs.
+SHUTDOWN_NOTICE_S = 2.0
+SHUTDOWN_MESSAGE = (
+    "the server shut down before this stream finished (its --shutdown-timeout drain deadline passed); "
+    "the text so far is incomplete: retry the request"
+)
 
 
 def error_event(message: str, status_code: int = 500) -> str:
@@ -26,9 +38,22 @@ def data_event(event: str) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    """sse-starlette's response, minus the cancel scope it opens around every send to apply a
-    per-send timeout: no timeout is set here (a stalled client is bounded by the request deadline
-    and the disconnect watch), and that scope was a tenth of the API thread's time per token."""
+    """sse-starlette's response with two changes.
+
+    - No cancel scope around every send (it applies a per-send timeout; none is set here: a
+      stalled client is bounded by the request deadline and the disconnect watch, and that scope
+      was a tenth of the API thread's time per token).
+    - At server shutdown sse-starlette cancels the stream mid-way, and the client saw the body
+      just stop: no error, no [DONE], nothing to tell a cut answer from a whole one. Here the
+      generator is stopped (which aborts its engine requests) and the stream ends with an error
+      event, then [DONE].
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], ticket: Ticket) -> None:
+        self._shutdown = anyio.Event()
+        # ping: a comment line every 15 s keeps idle streams alive through proxies and load balancers.
+        super().__init__(events, sep="\n", ping=15, background=BackgroundTask(ticket.release),
+                         shutdown_event=self._shutdown, shutdown_grace_period=SHUTDOWN_NOTICE_S)
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is not None:
@@ -36,10 +61,34 @@ class _EventStream(EventSourceResponse):
         else:
             await send(message)
 
+    async def _stream_response(self, send: Send) -> None:
+        body = anyio.CancelScope()
+
+        async def cut_on_shutdown() -> None:
+            await self._shutdown.wait()
+            body.cancel()
+
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(cut_on_shutdown)
+            with body:
+                await super()._stream_response(send)
+            watch.cancel_scope.cancel()
+        if body.cancelled_caught and getattr(self, "_response_started", True):
+            await self._send_shutdown_notice(send)
+
+    async def _send_shutdown_notice(self, send: Send) -> None:
+        """The error event and [DONE]; sse-starlette then ends the body. `active = False` tells its
+        shutdown grace loop the stream is done."""
+        logger.warning("stream cut at shutdown: sent the client an error event and [DONE]")
+        notice = data_event(error_event(SHUTDOWN_MESSAGE, 503)) + data_event(DONE)
+        with anyio.move_on_after(SHUTDOWN_NOTICE_S):
+            async with self._send_lock:
+                await send({"type": "http.response.body", "body": notice, "more_body": True})
+        self.active = False
+
 
 def sse_response(events: AsyncIterator[bytes], ticket: Ticket) -> EventSourceResponse:
     """Stream `events` (each one already framed by data_event). The ticket is released when the
     stream ends, however it ends: the generator's own `finally` normally does it, and the background
     task covers a response that never started its generator."""
-    # ping: a comment line every 15 s keeps idle streams alive through proxies and load balancers.
-    return _EventStream(events, sep="\n", ping=15, background=BackgroundTask(ticket.release))
+    return _EventStream(events, ticket)

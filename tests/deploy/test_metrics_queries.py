@@ -94,7 +94,8 @@ def declared_in_server() -> dict[str, str]:
     if not source.exists():
         pytest.skip("server/metrics.py is not there yet")
     text = source.read_text()
-    found = re.findall(r"\b(Gauge|Counter|Histogram|CounterMetricFamily)\(\s*\"((?:vllm|sloth):\w+)\"", text)
+    found = re.findall(r"\b(Gauge|Counter|Histogram|CounterMetricFamily|GaugeMetricFamily)\(\s*\"((?:vllm|sloth):\w+)\"",
+                       text)
     return {name: kind.lower().removesuffix("metricfamily") for kind, name in found}
 
 
