@@ -7,10 +7,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from server import __version__
 from server.config import Config
 from server.loader import DEMO_MODEL
+from server.loader.chat_template import check_folder_template, resolve_template_flag
 from server.logs import configure_logging
 
 
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--load-format", default=d.load_format, choices=["unsloth", "safetensors"],
                    help="unsloth: 4-bit through Unsloth (default); safetensors: the checkpoint's 16-bit weights")
     m.add_argument("--merge-lora", default=None, metavar="PATH", help="merge this LoRA adapter into the base at load")
+    m.add_argument("--chat-template", default=None, metavar="FILE|JINJA",
+                   help="the base model's chat template: a file, or the Jinja text itself (default: the tokenizer's); "
+                        "adapters whose folder holds a template of their own keep theirs")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     e.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
@@ -103,6 +108,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
     api_keys = args.api_key or [k for k in os.environ.get("SLOTH_API_KEY", "").split(",") if k]
+    # Templates are compiled now: a broken one is one line here, not a failed load or a 500 later.
+    chat_template = resolve_template_flag(args.chat_template) if args.chat_template is not None else None
+    check_folder_template(Path(args.model).expanduser(), "--model")
+    for name, path in args.lora:
+        check_folder_template(Path(path).expanduser(), f"--lora {name}")
     return Config(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -112,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         seed=args.seed,
         load_format=args.load_format,
         merge_lora=args.merge_lora,
+        chat_template=chat_template,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,

@@ -21,6 +21,9 @@ class Config:
     # in 4-bit; safetensors: the checkpoint's own 16-bit weights read directly (no quantization)
     load_format: str = "unsloth"
     merge_lora: str | None = None  # adapter folder merged into the base at load (16-bit result)
+    # The base model's chat template (Jinja text, read from --chat-template's file or given inline);
+    # also used by adapters whose folder has none of their own. None: the tokenizer's.
+    chat_template: str | None = None
     # Engine
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

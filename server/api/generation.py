@@ -33,6 +33,7 @@ class ChoiceRequest:
     adapter_id: int = 0
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
+    eos_token_ids: frozenset[int] | None = None  # its model's (an adapter's own); None: the engine's
 
 
 @dataclass(slots=True)
@@ -120,7 +121,7 @@ async def run_choice(
         raise DeadlineExceeded(deadline)
     detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens)
     stops = StopStringMatcher(list(req.stop))
-    stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id)
+    stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids)
     engine_done = False
     try:
         while not engine_done:

@@ -146,6 +146,12 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    # Beyond OpenAI's fields (clients ignore them): where this model's chat template comes from
+    # ("base", "adapter", "flag" for --chat-template, "none"), its sha256 (12 hex digits), and whose
+    # tokenizer encodes its requests ("base" or "adapter").
+    chat_template: str | None = None
+    chat_template_hash: str | None = None
+    tokenizer: str | None = None
 
 
 class ModelList(BaseModel):

@@ -78,6 +78,7 @@ def choice_requests(
     adapter_id: int,
     vocab_size: int,
     structured: StructuredSpec | None = None,
+    eos_token_ids: frozenset[int] | None = None,
 ) -> list[ChoiceRequest]:
     """One engine request per (prompt, choice): `prompts` holds (token ids, max_tokens) pairs, and
     choice j of prompt p gets index p * n + j and engine id `{response_id}-{index}`."""
@@ -95,6 +96,7 @@ def choice_requests(
                     adapter_id=adapter_id,
                     stop=tuple(req.stop_strings),
                     skip_special_tokens=req.skip_special_tokens,
+                    eos_token_ids=eos_token_ids,
                 )
             )
     return out

@@ -48,10 +48,13 @@ async def load_adapter(runtime: Runtime, name: str, path: str, pinned: bool) -> 
     registry = runtime.adapters
     try:
         adapter, weights = await asyncio.to_thread(registry.prepare, name, path, pinned)
+        # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
+        tokenizer = await asyncio.to_thread(runtime.tokenizers.prepare, path, name)
     except (ValueError, FileNotFoundError) as exc:
         raise APIError(f"adapter {name!r} could not be loaded: {exc}", 400, param="lora_path") from exc
 
     def apply(engine: LLMEngine) -> None:
+        runtime.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
         registry.commit(adapter, weights)
         for victim in registry.evictable():
             if victim.name != name:

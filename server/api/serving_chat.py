@@ -26,8 +26,10 @@ from server.api.responses import (
 from server.api.sampling import choice_requests, compile_spec, response_format_spec
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
+from server.api.tokenizers import ModelTokenizer
 from server.api.tool_calls import ToolCallReader, merge_deltas
 from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
+from server.engine.async_engine import AsyncEngine
 from server.engine.sampling_params import StructuredSpec
 
 router = APIRouter()
@@ -39,8 +41,9 @@ async def create_chat_completion(
 ) -> Response:
     deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
     try:
+        tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(body)
-        prompt_ids = await encode_tool_chat(runtime.tokenizer, body.conversation(), plan)
+        prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan)
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
         ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
@@ -48,16 +51,17 @@ async def create_chat_completion(
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
             body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
-            structured,
+            structured, tokens.eos_token_ids,
         )
     except BaseException:
         ticket.release()
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _chat_events(runtime, body, plan, reqs, response_id, model, deadline)
+        events = _chat_events(runtime.async_engine, tokens, body, plan, reqs, response_id, model, deadline)
         return sse_response(guarded_events(events, ticket, f"chat stream {response_id}"), ticket)
-    return await whole_response(request, _chat_response(runtime, body, plan, reqs, response_id, model, deadline), ticket)
+    work = _chat_response(runtime.async_engine, tokens, body, plan, reqs, response_id, model, deadline)
+    return await whole_response(request, work, ticket)
 
 
 async def _structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
@@ -91,21 +95,22 @@ def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> tup
 
 
 async def _chat_response(
-    runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None, reqs: list[ChoiceRequest],
-    response_id: str, model: str, deadline: Deadline | None,
+    engine: AsyncEngine, tokens: ModelTokenizer, body: ChatCompletionRequest, plan: ToolPlan | None,
+    reqs: list[ChoiceRequest], response_id: str, model: str, deadline: Deadline | None,
 ) -> ChatCompletionResponse:
-    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)
+    results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
         message, finish_reason = _message(r.text, r.finish_reason, plan)
-        logprobs = chat_logprobs(runtime.token_texts, r.logprobs) if body.logprobs else None
+        logprobs = chat_logprobs(tokens.token_texts, r.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason))
     usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results))
     return ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
 
 async def _chat_events(
-    runtime: Runtime,
+    engine: AsyncEngine,
+    tokens: ModelTokenizer,
     body: ChatCompletionRequest,
     plan: ToolPlan | None,
     reqs: list[ChoiceRequest],
@@ -119,7 +124,7 @@ async def _chat_events(
     readers = {r.index: ToolCallReader(plan) for r in reqs} if plan is not None else {}
     for r in reqs:
         yield chunks.choice(r.index, {"role": "assistant", "content": ""})
-    async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
+    async with aclosing(stream_choices(engine, tokens.tokenizer, reqs, deadline)) as deltas:
         async for d in deltas:
             num_output_tokens += len(d.token_ids)
             if d.error is not None:
@@ -129,7 +134,7 @@ async def _chat_events(
             delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
             if not (delta or d.logprobs or d.is_last):
                 continue  # held back (a partial character, stop string or call): nothing to send yet
-            logprobs = chat_logprobs(runtime.token_texts, d.logprobs) if d.logprobs else None
+            logprobs = chat_logprobs(tokens.token_texts, d.logprobs) if d.logprobs else None
             yield chunks.choice(d.index, delta, finish_reason, logprobs)
     if body.include_usage:
         yield chunks.usage(Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))

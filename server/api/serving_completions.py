@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
@@ -18,6 +19,8 @@ from server.api.responses import CompletionChoice, CompletionResponse, Usage, no
 from server.api.sampling import choice_requests
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
+from server.api.tokenizers import ModelTokenizer
+from server.engine.async_engine import AsyncEngine
 
 router = APIRouter()
 
@@ -28,10 +31,12 @@ async def create_completion(
 ) -> Response:
     deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
     try:
-        prompts, prompt_texts = await _encode_prompts(runtime, body)
+        tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own tokenizer and EOS, where it has them
+        prompts, prompt_texts = await _encode_prompts(runtime, tokens.tokenizer, body)
         ticket.reserve_tokens(sum(len(ids) for ids, _ in prompts) * body.n, "prompt")
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size)
+        reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size,
+                               eos_token_ids=tokens.eos_token_ids)
     except BaseException:
         ticket.release()
         raise
@@ -40,25 +45,29 @@ async def create_completion(
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _completion_events(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
+        events = _completion_events(runtime.async_engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
+                                    model, deadline)
         return sse_response(guarded_events(events, ticket, f"completion stream {response_id}"), ticket)
-    work = _completion_response(runtime, body, reqs, echoes, num_prompt_tokens, response_id, model, deadline)
+    work = _completion_response(runtime.async_engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
+                                model, deadline)
     return await whole_response(request, work, ticket)
 
 
-async def _encode_prompts(runtime: Runtime, body: CompletionRequest) -> tuple[list[tuple[list[int], int]], list[str]]:
+async def _encode_prompts(
+    runtime: Runtime, tokenizer: Any, body: CompletionRequest
+) -> tuple[list[tuple[list[int], int]], list[str]]:
     """(token ids, max_tokens) per prompt, and each prompt's text (for echo)."""
     prompts: list[tuple[list[int], int]] = []
     texts: list[str] = []
     all_prompts = body.prompts()
     for i, prompt in enumerate(all_prompts):
         param = "prompt" if len(all_prompts) == 1 else f"prompt[{i}]"
-        token_ids = await encode_text(runtime.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids = await encode_text(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         check_token_ids(token_ids, runtime.vocab_size, param)  # before echo decodes them
         if isinstance(prompt, str):
             texts.append(prompt)
         else:
-            texts.append(runtime.tokenizer.decode(token_ids) if body.echo else "")
+            texts.append(tokenizer.decode(token_ids) if body.echo else "")
         max_tokens = resolve_max_tokens(len(token_ids), body.max_tokens, runtime.max_model_len, "prompt")
         runtime.check_fits_cache(len(token_ids), param)
         prompts.append((token_ids, max_tokens))
@@ -66,7 +75,8 @@ async def _encode_prompts(runtime: Runtime, body: CompletionRequest) -> tuple[li
 
 
 async def _completion_response(
-    runtime: Runtime,
+    engine: AsyncEngine,
+    tokens: ModelTokenizer,
     body: CompletionRequest,
     reqs: list[ChoiceRequest],
     echoes: list[str],
@@ -75,19 +85,20 @@ async def _completion_response(
     model: str,
     deadline: Deadline | None,
 ) -> CompletionResponse:
-    results = await collect_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)
+    results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
         logprobs = None
         if body.logprobs is not None:
-            logprobs = completion_logprobs(runtime.token_texts, r.logprobs, len(echoes[i]))
+            logprobs = completion_logprobs(tokens.token_texts, r.logprobs, len(echoes[i]))
         choices.append(CompletionChoice(index=i, text=echoes[i] + r.text, logprobs=logprobs, finish_reason=r.finish_reason))
     usage = Usage.of(num_prompt_tokens, sum(r.num_tokens for r in results))
     return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
 
 async def _completion_events(
-    runtime: Runtime,
+    engine: AsyncEngine,
+    tokens: ModelTokenizer,
     body: CompletionRequest,
     reqs: list[ChoiceRequest],
     echoes: list[str],
@@ -103,7 +114,7 @@ async def _completion_events(
     if body.echo:
         for r in reqs:
             yield chunks.choice(CompletionChoice(index=r.index, text=echoes[r.index]))
-    async with aclosing(stream_choices(runtime.async_engine, runtime.tokenizer, reqs, deadline)) as deltas:
+    async with aclosing(stream_choices(engine, tokens.tokenizer, reqs, deadline)) as deltas:
         async for d in deltas:
             num_output_tokens += len(d.token_ids)
             if d.error is not None:
@@ -114,7 +125,7 @@ async def _completion_events(
                 continue
             logprobs = None
             if d.logprobs:
-                logprobs = completion_logprobs(runtime.token_texts, d.logprobs, offsets[d.index])
+                logprobs = completion_logprobs(tokens.token_texts, d.logprobs, offsets[d.index])
                 offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
             yield chunks.choice(choice)

@@ -1,22 +1,34 @@
-"""`GET /v1/models`, and the mapping of a request's `model` to the base model or an adapter."""
+"""`GET /v1/models`: the base model and the loaded adapters, each with the chat template it uses."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter
 
 from server.api.errors import APIError
 from server.api.responses import ModelCard, ModelList
 from server.api.state import StateDep
+from server.api.tokenizers import ModelTokenizer
 
 router = APIRouter()
+
+
+def _template_fields(tokens: ModelTokenizer) -> dict[str, Any]:
+    """Which chat template and tokenizer serve the model: extra fields that OpenAI clients ignore."""
+    return {"chat_template": tokens.template_source, "chat_template_hash": tokens.template_hash,
+            "tokenizer": tokens.tokenizer_source}
 
 
 @router.get("/v1/models")
 async def list_models(state: StateDep) -> ModelList:
     runtime = state.ready()
-    cards = [ModelCard(id=runtime.base_model_id, root=state.config.model, max_model_len=runtime.max_model_len)]
+    tokenizers = runtime.tokenizers
+    cards = [ModelCard(id=runtime.base_model_id, root=state.config.model, max_model_len=runtime.max_model_len,
+                       **_template_fields(tokenizers.base))]
     cards += [
-        ModelCard(id=a.name, root=a.path, parent=runtime.base_model_id, max_model_len=runtime.max_model_len)
+        ModelCard(id=a.name, root=a.path, parent=runtime.base_model_id, max_model_len=runtime.max_model_len,
+                  **_template_fields(tokenizers.of(a.adapter_id)))
         for a in runtime.adapters
     ]
     return ModelList(data=cards)

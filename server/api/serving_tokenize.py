@@ -18,20 +18,21 @@ router = APIRouter()
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
-    await resolve_adapter(state, runtime, body.model)  # 404 for an unknown model
+    adapter_id = await resolve_adapter(state, runtime, body.model)  # 404 for an unknown model
     if (body.prompt is None) == (body.messages is None):
         raise invalid_param("prompt", "give exactly one of 'prompt' or 'messages'")
+    tokenizer = runtime.tokenizers.of(adapter_id).tokenizer  # the model's own template and added tokens
     if body.messages is not None:
-        tokens = await encode_chat(runtime.tokenizer, body.conversation(), body.add_generation_prompt)
+        tokens = await encode_chat(tokenizer, body.conversation(), body.add_generation_prompt)
     else:
-        tokens = await encode_text(runtime.tokenizer, body.prompt or "", body.add_special_tokens)
+        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.max_model_len}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
-    await resolve_adapter(state, runtime, body.model)
+    adapter_id = await resolve_adapter(state, runtime, body.model)
     if body.tokens:
         check_token_ids(body.tokens, runtime.vocab_size, "tokens")
-    return {"prompt": runtime.tokenizer.decode(body.tokens)}
+    return {"prompt": runtime.tokenizers.of(adapter_id).tokenizer.decode(body.tokens)}

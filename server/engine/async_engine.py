@@ -39,6 +39,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: int
+    eos_token_ids: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,8 @@ class AsyncEngine:
             self.thread.join(timeout=10)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
+        eos_token_ids: frozenset[int] | None = None,
     ) -> asyncio.Queue[RequestOutput]:
         """Call on the event loop. The queue receives the request's outputs; the last has finished=True."""
         if self.dead_reason is not None:
@@ -96,7 +98,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.streams[request_id] = stream
-        self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id))
+        self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id, eos_token_ids))
         return stream
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
@@ -190,7 +192,8 @@ class AsyncEngine:
                 return False
             if isinstance(cmd, _Add):
                 try:
-                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id)
+                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id,
+                                       cmd.eos_token_ids)
                 except ValueError as exc:
                     out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=str(exc))
                     rejected.append(out)

@@ -266,8 +266,10 @@ class LLMEngine:
             self.adapters_to_remove.discard(adapter_id)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
+        eos_token_ids: frozenset[int] | None = None,
     ) -> None:
+        """`eos_token_ids`: the request's own (an adapter trained with another EOS); None: the model's."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if adapter_id and adapter_id not in self.lora_manager.adapters:
@@ -276,7 +278,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
-        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, self.eos_token_ids)
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos)
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
 
