@@ -1,7 +1,7 @@
 """A dynamic 4-bit checkpoint leaves some projections in 16-bit, also inside what the engine fuses
 (q|k|v, gate|up). Such a mixed layer can run part by part (4-bit parts through the NF4 kernels,
 16-bit parts through cuBLAS) or have its 4-bit parts dequantized at load into one 16-bit weight.
-This times both, beside the all-4-bit fused layer, on the Llama-3-8B shapes (CUDA only).
+This times both (the engine serves dense: LoRALinear.settle), beside the all-4-bit fused layer, on the Llama-3-8B shapes (CUDA only).
 
     python bench/quant_layouts.py --rows 1,8,64,512 --out results.json
 """
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.common import write_json
-from kernels.nf4 import quantize_nf4_ref
+from kernels.nf4 import NF4Weight, nf4_linear, quantize_nf4_ref
 from server.models.layers import LoRALinear
 
 # (name, in_features, out slices, which slices stay 16-bit)
@@ -27,27 +27,52 @@ LAYERS = [
 ]
 
 
-def build(in_features: int, slices: list[int], dense: list[int], mode: str) -> LoRALinear:
+class PartWise(torch.nn.Module):
+    """The mixed layer computed part by part: each 4-bit slice through the NF4 kernels into its
+    columns of the output, each 16-bit slice through cuBLAS then copied in (what the engine did
+    before this measurement chose dense)."""
+
+    def __init__(self, layer: LoRALinear, parts: list[torch.Tensor | NF4Weight]) -> None:
+        super().__init__()
+        self.in_features, self.out_slices, self.parts = layer.in_features, layer.out_slices, parts
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.new_empty(x.shape[0], sum(self.out_slices))
+        start = 0
+        for part, n in zip(self.parts, self.out_slices, strict=True):
+            if isinstance(part, torch.Tensor):
+                y[:, start : start + n] = torch.nn.functional.linear(x, part)
+            else:
+                nf4_linear(x, part, out=y[:, start : start + n])
+            start += n
+        return y
+
+
+def build(in_features: int, slices: list[int], dense: list[int], mode: str) -> LoRALinear | PartWise:
     """mode: "nf4" (every slice 4-bit, fused), "mixed" (part by part) or "dense" (one 16-bit weight
-    holding the 4-bit slices dequantized)."""
+    holding the 4-bit slices dequantized: LoRALinear.settle, what the engine serves)."""
     layer = LoRALinear(in_features, slices)
     full = torch.randn(sum(slices), in_features, device="cuda", dtype=torch.bfloat16) * 0.02
     layer.weight = torch.nn.Parameter(full, requires_grad=False)
+    parts: list[torch.Tensor | NF4Weight] = []
     start = 0
     for i, n in enumerate(slices):
         if mode == "nf4" or i not in dense:
-            layer.set_quantized(i, quantize_nf4_ref(full[start : start + n]))
+            parts.append(quantize_nf4_ref(full[start : start + n]))
+            layer.set_quantized(i, parts[-1])
+        else:
+            parts.append(full[start : start + n].clone())
         start += n
     if mode == "nf4":
         layer.fuse_quantized()
-    else:
-        assert layer.settle()
-        if mode == "dense":
-            layer.set_dense(layer.dequantized_weight().to(torch.bfloat16))
+        return layer
+    if mode == "mixed":
+        return PartWise(layer, parts)
+    assert layer.settle()
     return layer
 
 
-def time_ms(layer: LoRALinear, rows: int, iters: int = 100) -> float:
+def time_ms(layer: LoRALinear | PartWise, rows: int, iters: int = 100) -> float:
     x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
     for _ in range(5):
         layer.base_forward(x)

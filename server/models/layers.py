@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
     The base weight is either dense (`weight`) or, for a 4-bit checkpoint, one NF4 weight per slice
     (`quant`), kept in bitsandbytes' packed layout and multiplied without a dense copy. A dynamic
     4-bit checkpoint may leave some slices in 16-bit (`llm_int8_skip_modules`): such a mixed layer
-    keeps those slices in `dense_parts` and computes part by part (see `settle`)."""
+    becomes dense at load (see `settle`)."""
 
     def __init__(self, in_features: int, out_slices: list[int], bias: bool = False) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(sum(out_slices)), requires_grad=False) if bias else None
         self.quant: list[NF4Weight | None] | None = None
         self.fused_quant: NF4Weight | None = None  # every slice's NF4 weight as one (fuse_quantized)
-        self.dense_parts: list[torch.Tensor | None] | None = None  # mixed layers: the 16-bit slices
+        self.four_bit_parts: list[bool] | None = None  # a mixed layer (see settle): its slices in 4-bit on disk
         # Adapter slots: every slice's A stacked along the rank, every slice's B along the output (one
         # shrink and one expand for the whole fused projection), and per-slice views into them.
         self.lora_a_stacked: torch.Tensor | None = None  # [num_slots, len(out_slices) * rank, in_features]
@@ -71,26 +71,26 @@ class LoRALinear(nn.Module):
             self.weight = None
 
     def settle(self) -> bool:
-        """After loading: a layer whose slices came partly in 4-bit and partly in 16-bit keeps the
-        16-bit slices apart and drops the rest of the dense weight (whose 4-bit rows were never
-        written). True when the layer is mixed.
+        """After loading: a layer whose slices came partly in 4-bit and partly in 16-bit becomes one
+        16-bit weight, its 4-bit slices dequantized to exactly bitsandbytes' values (until then
+        their rows of the dense weight were never written). True when the layer was mixed.
 
-        Part by part rather than dequantizing the 4-bit slices into one 16-bit weight: a product
-        then reads the 4-bit bytes of the quantized slices, not four times as many."""
+        Measured on the H200 (bench/results/quant-layouts-h200.md, Llama-3-8B shapes): the dense
+        layer was as fast or faster than computing part by part at 1 to 512 rows (q|k|v with q in
+        16-bit: 0.014 against 0.020 ms at 1 row), the 16-bit part dominating what either reads."""
         if self.quant is None or all(q is not None for q in self.quant):
             return False
+        from kernels.nf4 import dequantize_nf4
+
         assert self.weight is not None and not self.weight.is_meta
-        parts: list[torch.Tensor | None] = []
+        self.four_bit_parts = [q is not None for q in self.quant]
         start = 0
         for q, n in zip(self.quant, self.out_slices, strict=True):
-            parts.append(self.weight.data[start : start + n].clone() if q is None else None)
+            if q is not None:
+                self.weight.data[start : start + n] = dequantize_nf4(q).to(self.weight.device, self.weight.dtype)
             start += n
-        self.dense_parts, self.weight = parts, None
+        self.quant = None
         return True
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.dense_parts is not None
 
     def fuse_quantized(self) -> bool:
         """Join the slices' NF4 weights into one (kernels.nf4.concat_nf4: exact, nothing
@@ -119,16 +119,13 @@ class LoRALinear(nn.Module):
         if self.fused_quant is not None:
             return dequantize_nf4(self.fused_quant)
         assert self.quant is not None
-        dense = self.dense_parts or [None] * len(self.quant)
-        return torch.cat([dequantize_nf4(q) if q is not None else d for q, d in zip(self.quant, dense, strict=True)
-                          if q is not None or d is not None], dim=0)
+        return torch.cat([dequantize_nf4(q) for q in self.quant if q is not None], dim=0)
 
     def set_dense(self, weight: torch.Tensor) -> None:
         """Replace the base weight by a dense one (used when merging an adapter at load)."""
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.quant = None
         self.fused_quant = None
-        self.dense_parts = None
 
     def create_lora_slots(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device,
                           ranks: torch.Tensor | None = None) -> None:
@@ -149,30 +146,12 @@ class LoRALinear(nn.Module):
         from kernels.nf4 import nf4_linear, nf4_linear_stacked
 
         assert self.quant is not None
-        if self.dense_parts is not None:
-            y = self._mixed_forward(x)
-        elif self.fused_quant is not None:
+        if self.fused_quant is not None:
             y = nf4_linear(x, self.fused_quant)
         else:  # several slices: one output, no concatenation copy (and one matmul for long prompts)
             quant = [q for q in self.quant if q is not None]
             y = nf4_linear(x, quant[0]) if len(quant) == 1 else nf4_linear_stacked(x, quant)
         return y if self.bias is None else y + self.bias
-
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.nf4 import nf4_linear
-
-        assert self.quant is not None and self.dense_parts is not None
-        x2 = x.reshape(-1, self.in_features)
-        y = x2.new_empty(x2.shape[0], sum(self.out_slices))
-        start = 0
-        for q, d, n in zip(self.quant, self.dense_parts, self.out_slices, strict=True):
-            if q is not None:
-                nf4_linear(x2, q, out=y[:, start : start + n])
-            else:
-                assert d is not None
-                y[:, start : start + n] = nn.functional.linear(x2, d)
-            start += n
-        return y.view(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:
         y = self.base_forward(x)

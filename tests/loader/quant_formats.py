@@ -96,12 +96,13 @@ def compare_greedy(reference: torch.nn.Module, prompt: list[int], ours: list[int
     they part, the reference must be undecided there: its logit for our token within `tie` of its
     best (16-bit rounding can flip a near tie); past that point the texts differ by construction.
     Returns "exact" or "tie at i"; raises AssertionError on a real difference."""
-    out = reference.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False)  # type: ignore[operator]
+    device = next(reference.parameters()).device
+    out = reference.generate(torch.tensor([prompt], device=device), max_new_tokens=len(ours), do_sample=False)  # type: ignore[operator]
     theirs = out[0, len(prompt):].tolist()
     for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
         if a == b:
             continue
-        logits = reference(torch.tensor([prompt + ours[:i]])).logits[0, -1].float()
+        logits = reference(torch.tensor([prompt + ours[:i]], device=device)).logits[0, -1].float()
         gap = float(logits.max() - logits[a])
         assert gap <= tie, (f"token {i}: ours {a}, reference {b}, the reference's logit for ours is {gap:.4f} "
                             f"below its best (not a tie); ours {ours}, reference {theirs}")
