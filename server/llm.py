@@ -7,9 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from server.adapters import AdapterRegistry
+from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
@@ -33,18 +32,27 @@ class LLM:
         if lora:
             config = replace(config, lora_modules=tuple(lora.items()))
         self.engine = LLMEngine(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine.loaded.folder))
+        loaded = self.engine.loaded
+        base = base_entry(loaded.folder, self.engine.eos_token_ids, loaded.adapter_folder, config.chat_template)
+        self.tokenizer = base.tokenizer
         self.engine.runner.sampler.set_tokenizer(
             self.tokenizer, self.engine.loaded.model.config.vocab_size, self.engine.eos_token_ids
         )
         self.adapters = AdapterRegistry(self.engine)
+        # Each adapter's own tokenizer, chat template and EOS where its folder holds them (as served).
+        self.tokenizers = TokenizerRegistry(base, self.adapters)
         for name, path in config.lora_modules:
-            self.adapters.register(name, path)
+            adapter = self.adapters.register(name, path)
+            self.tokenizers.put(adapter.adapter_id, self.tokenizers.prepare(path, name))
         self._ids = itertools.count()
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def tokenizer_of(self, adapter: str | None = None) -> Any:
+        """The tokenizer (and chat template) of the base model, or of an adapter that has its own."""
+        return self.tokenizers.of(self.adapter_id(adapter)).tokenizer
+
+    def encode(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return list(self.tokenizer_of(adapter).encode(prompt, add_special_tokens=True))
         return list(prompt)
 
     def generate(
@@ -59,12 +67,16 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapter_list = adapter if isinstance(adapter, list) else [adapter] * n
         results: dict[str, GenerationOutput] = {}
+        tokenizers: dict[str, Any] = {}  # each request's model's, to decode its text
         order: list[str] = []
         for prompt, p, name in zip(batch, params_list, adapter_list, strict=True):
             request_id = f"offline-{next(self._ids)}"
-            token_ids = self.encode(prompt)
-            self.engine.add_request(request_id, token_ids, p, self.adapter_id(name))
+            adapter_id = self.adapter_id(name)
+            model = self.tokenizers.of(adapter_id)
+            token_ids = self.encode(prompt, name)
+            self.engine.add_request(request_id, token_ids, p, adapter_id, model.eos_token_ids)
             results[request_id] = GenerationOutput(token_ids)
+            tokenizers[request_id] = model.tokenizer
             order.append(request_id)
         while self.engine.has_unfinished_requests:
             for out in self.engine.step():
@@ -76,8 +88,8 @@ class LLM:
                 if out.finished:
                     res.finish_reason = out.finish_reason
                     res.num_cached_tokens = out.num_cached_tokens
-        for res in results.values():
-            res.text = str(self.tokenizer.decode(res.token_ids, skip_special_tokens=True))
+        for request_id, res in results.items():
+            res.text = str(tokenizers[request_id].decode(res.token_ids, skip_special_tokens=True))
         return [results[r] for r in order]
 
     def adapter_id(self, name: str | None) -> int:

@@ -177,3 +177,24 @@ def test_cli_refuses_a_malformed_template_before_loading(tmp_path: Path, folders
         config_from_args(parser.parse_args(["--lora", f"bad={bad}"]))
     config = config_from_args(parser.parse_args(["--chat-template", FLAG, "--lora", f"a={folders['alpaca']}"]))
     assert config.chat_template == FLAG
+
+
+def test_offline_llm_serves_the_adapter_with_its_tokenizer_and_eos(folders: dict[str, Path]) -> None:
+    from server import LLM, SamplingParams
+
+    llm = LLM(DEMO_MODEL, lora={"alpaca": str(folders["alpaca"]), "plain": str(folders["plain"])}, num_kv_blocks=64)
+    assert llm.encode("<SQL>", "alpaca") == [SQL_ID] and SQL_ID not in llm.encode("<SQL>")
+    assert render_chat(llm.tokenizer_of("alpaca"), HELLO).startswith("### Instruction:")
+    reference = llm.generate("The", SamplingParams(max_tokens=6, temperature=0), adapter="plain")[0]
+    stop_at = reference.token_ids[2]
+    assert llm.tokenizers.of(llm.adapter_id("alpaca")).eos_token_ids == BASE_EOS | {REPLY_ID}
+    # The same weights with one of those tokens as EOS (written before loading) stop there.
+    (folders["plain"] / "generation_config.json").write_text(json.dumps({"eos_token_id": stop_at}))
+    try:
+        llm.adapters.register("plain-eos", folders["plain"])
+        llm.tokenizers.put(llm.adapter_id("plain-eos"), llm.tokenizers.prepare(folders["plain"], "plain-eos"))
+        stopped = llm.generate("The", SamplingParams(max_tokens=6, temperature=0), adapter="plain-eos")[0]
+    finally:
+        (folders["plain"] / "generation_config.json").unlink()
+    first = reference.token_ids.index(stop_at)
+    assert stopped.token_ids == reference.token_ids[: first + 1] and len(stopped.token_ids) < 6
