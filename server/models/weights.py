@@ -118,6 +118,12 @@ def _load_dense(
     module: torch.nn.Module, pname: str, index: int | None, value: torch.Tensor,
     dtype: torch.dtype, device: torch.device, hf_name: str,
 ) -> None:
+    if not value.is_floating_point():
+        # An 8-bit bitsandbytes weight (int8 plus a scale per row, multiplied with outlier columns
+        # in 16-bit at run time) or another integer format: cast as is it would be garbage.
+        raise ValueError(f"{hf_name} is stored as {value.dtype}, not a floating-point or 4-bit weight (an 8-bit "
+                         f"or other integer-quantized checkpoint?): serve the 16-bit or the bitsandbytes 4-bit "
+                         f"version of the model instead")
     param = module._parameters[pname]
     assert param is not None
     if index is None:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from quant_formats import FORMATS, QuantFormat, compare_greedy, quantization_config, write_quantized
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from server import LLM, SamplingParams
+from server.loader import DEMO_MODEL
 from server.loader.unsloth import load_hf_with_unsloth
 from server.models.layers import LoRALinear
 
@@ -96,3 +97,15 @@ def test_reading_a_4bit_folder_as_16bit_safetensors_says_which_format_to_use(roo
     folder = write_quantized(QuantFormat("as-safetensors"), root)
     with pytest.raises(ValueError, match=r"quantized \(bitsandbytes\).*--load-format unsloth"):
         LLM(folder, load_format="safetensors", num_kv_blocks=64)
+
+
+def test_an_8bit_checkpoint_is_refused_naming_the_tensor(root: Path) -> None:
+    """bitsandbytes' LLM.int8 weights are int8 with a scale per row, multiplied with outlier columns
+    in 16-bit: no 4-bit or 16-bit computation reproduces them, and cast as is they are garbage."""
+    model = AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.bfloat16,
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    folder = root / "int8"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(DEMO_MODEL)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"q_proj\.weight is stored as torch\.int8.*4-bit version"):
+        LLM(folder, num_kv_blocks=64)
