@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.failures import describe, is_out_of_memory
 from server.engine.llm_engine import LLMEngine, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
@@ -156,7 +157,8 @@ class AsyncEngine:
                     self._deliver(engine.fail_running(f"out of device memory: {exc}"[:500]))
                     release_cached_memory()
                     continue
-                # Anything else: the model cannot be trusted to go on. Fail every request, never hang.
+                # Anything else is the engine's own (LLMEngine ends a request's failure with that
+                # request): the model cannot be trusted to go on. Fail every request, never hang.
                 logger.error("engine step failed:\n%s", traceback.format_exc())
                 self.dead_reason = f"engine step failed: {type(exc).__name__}"
                 self._deliver(engine.fail_all(self.dead_reason))
@@ -194,9 +196,11 @@ class AsyncEngine:
                 try:
                     engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id,
                                        cmd.eos_token_ids)
-                except ValueError as exc:
-                    out = RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=str(exc))
-                    rejected.append(out)
+                except Exception as exc:  # this request's failure, whatever it is: never the engine thread's end
+                    if not isinstance(exc, ValueError):
+                        logger.exception("adding request %s failed", cmd.request_id)
+                    error = str(exc) if isinstance(exc, ValueError) else describe(exc)
+                    rejected.append(RequestOutput(cmd.request_id, [], True, FinishReason.ERROR, error=error))
             elif isinstance(cmd, _Call):
                 self._run_call(cmd)
             elif not engine.abort(cmd.request_id, cmd.reason):
@@ -250,12 +254,6 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def release_cached_memory() -> None:

@@ -103,7 +103,11 @@ class GrammarCompiler:
 class _Match:
     matcher: llguidance.LLMatcher | None  # None: no grammar could be made (failed)
     num_accepted: int = 0  # output tokens the matcher has consumed
-    failed: bool = False
+    error: str | None = None  # why the request cannot go on under its grammar
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 class GrammarMatchers:
@@ -120,6 +124,11 @@ class GrammarMatchers:
 
     def release(self, request_id: str) -> None:
         self.matches.pop(request_id, None)
+
+    def error(self, request_id: str) -> str | None:
+        """Why the request's grammar failed (its request must end with an error), or None."""
+        match = self.matches.get(request_id)
+        return None if match is None else match.error
 
     def fill(self, seqs: list[Sequence], compiler: GrammarCompiler | None, vocab_size: int) -> torch.Tensor | None:
         """The batch's bitmask [B, ceil(V / 32)] on the host (rows of free sequences allow every
@@ -147,16 +156,22 @@ class GrammarMatchers:
         new = seq.token_ids[seq.num_prompt_tokens + match.num_accepted :]
         if new and match.matcher is not None and not match.failed:
             match.num_accepted += len(new)
-            if not match.matcher.consume_tokens(new):  # cannot happen while masks are exact
-                self._fail(seq, match, f"the grammar rejected token(s) {new}")
+            why = f"the grammar rejected token(s) {new}"  # cannot happen while masks are exact
+            try:
+                accepted = match.matcher.consume_tokens(new)
+            except Exception as exc:  # the library failing on this request: its failure, not the batch's
+                accepted, why = False, f"the grammar matcher raised {type(exc).__name__}: {exc}"
+            if not accepted:
+                self._fail(seq, match, why)
         return match
 
     @staticmethod
     def _fail(seq: Sequence, match: _Match, what: str) -> None:
-        """End the request rather than the engine; its output will not follow its grammar."""
+        """End the request rather than the engine (the sampler reports `match.error` as the
+        request's error); meanwhile its row allows its stop tokens only."""
         detail = match.matcher.get_error() if match.matcher is not None else ""
         logger.error("request %s: %s %s; ending it", seq.request_id, what, detail)
-        match.failed = True
+        match.error = f"structured output failed: {what}" + (f" ({detail})" if detail else "")
 
     def _new_match(self, seq: Sequence, compiler: GrammarCompiler | None) -> _Match:
         """A copy of the compiled grammar; compiled here if the caller did not (the API always does,
@@ -169,11 +184,11 @@ class GrammarMatchers:
                 if compiler is None:
                     raise GrammarError("the sampler has no tokenizer: call Sampler.set_tokenizer() at startup")
                 template = compiler.compile(spec)
-        except GrammarError as exc:
+            return _Match(template.deep_copy())
+        except Exception as exc:  # GrammarError, or the library failing on this spec: this request only
             match = _Match(None)
-            self._fail(seq, match, f"structured output is impossible: {exc}")
+            self._fail(seq, match, f"the grammar cannot be used: {exc}")
             return match
-        return _Match(template.deep_copy())
 
 
 def _only(token_ids: Iterable[int], width: int) -> torch.Tensor:

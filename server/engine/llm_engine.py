@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from server.config import Config
 from server.engine import stalls
 from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import default_buckets
+from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
 from server.engine.lora_manager import LoRAManager
 from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.sampling_params import SamplingParams
@@ -278,6 +281,7 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+        check_params(params, vocab)
         eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos)
         self.scheduler.add(seq)
@@ -299,6 +303,7 @@ class LLMEngine:
         """One engine step. `on_launched` runs exactly once: when the step's GPU work is queued
         (before the wait for its tokens), or at once for a step with nothing to run."""
         outputs, batch = self._step(on_launched)
+        self.pending = []
         if self.observer is not None:
             record = (batch, outputs, self.runner.last_forward_seconds, time.monotonic())
             if self.defer_observation:
@@ -317,7 +322,7 @@ class LLMEngine:
                 self.observer.on_step(self.scheduler, *record)
 
     def _step(self, on_launched: Callable[[], None] | None) -> tuple[list[RequestOutput], ScheduledBatch | None]:
-        outputs, self.pending = self.pending, []
+        outputs = self.pending  # emptied once the step succeeds: a failed step's outputs stay pending
         if self._inflight is not None:
             return self._step_ahead(on_launched, outputs)
         batch = self.scheduler.schedule()
@@ -326,17 +331,120 @@ class LLMEngine:
                 on_launched()
             outputs.extend(self._drain_finished_waiting())
             return outputs, None
-        if self.config.async_scheduling and self._decodes_ahead_ok(batch):
-            # Queue it and return: its tokens are read in the next call, after the step after it
-            # (fed them on the device) is queued.
-            self._inflight = self.runner.launch_decode(batch)
+        if self.config.async_scheduling and self._decodes_ahead_ok(batch) and self._launch_ahead(batch):
+            # Queued: its tokens are read in the next call, after the step after it (fed them on
+            # the device) is queued.
             if on_launched is not None:
                 on_launched()
             outputs.extend(self._drain_finished_waiting())
             return outputs, None
-        sampled, logprobs = self.runner.run(batch, on_launched)
+        batch, sampled, logprobs = self._run(batch, on_launched, outputs)
         self._postprocess(batch, sampled, logprobs, outputs)
-        return outputs, batch
+        return outputs, (batch if batch.seqs else None)
+
+    # --- failures: a request's failure ends that request only ------------------------------------
+    # The sampler prepares each row's own state (seed, grammar, logit bias) before it draws and
+    # names the rows it could not prepare (SequenceError): those requests fail, and the step runs
+    # again without them. Any other error of a step is pinned down by running each of its
+    # sequences alone. Only a device fault, running out of memory (both for the caller), or a step
+    # where even a one-token probe fails is the engine's own error and propagates.
+
+    def _run(self, batch: ScheduledBatch, on_launched: Callable[[], None] | None, outputs: list[RequestOutput],
+             ) -> tuple[ScheduledBatch, list[int | None], list[TokenLogprob | None] | None]:
+        """Run the step; returns the batch it ran (its failed requests' errors go to `outputs`)."""
+        while True:
+            try:
+                sampled, logprobs = self.runner.run(batch, on_launched)
+                return batch, sampled, logprobs
+            except SequenceError as exc:
+                failures = exc.failures
+            except Exception as exc:
+                if is_out_of_memory(exc) or is_device_fault(exc):
+                    raise
+                return self._run_alone(batch, exc, outputs)
+            on_launched = None  # ModelRunner.run calls it once, whatever happens
+            kept = self._fail_requests(batch, failures, outputs)
+            if len(kept.seqs) == len(batch.seqs):  # it named none of them: find them one by one
+                return self._run_alone(kept, None, outputs)
+            if not kept.seqs:
+                return kept, [], None
+            batch = kept
+
+    def _run_alone(self, batch: ScheduledBatch, error: Exception | None, outputs: list[RequestOutput],
+                   ) -> tuple[ScheduledBatch, list[int | None], list[TokenLogprob | None] | None]:
+        """After a step failed with `error`, run each of its sequences alone: those that fail alone
+        fail, the others keep what they computed."""
+        if error is not None:
+            logger.error("a step of %d sequences failed; running each alone to find which:\n%s",
+                         len(batch.seqs), "".join(traceback.format_exception(error)).rstrip())
+        kept = ScheduledBatch(num_preempted=batch.num_preempted)
+        sampled: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        failures: dict[str, str] = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            try:
+                if error is not None and len(batch.seqs) == 1:
+                    raise error  # it ran alone already
+                one_sampled, one_logprobs = self.runner.run(ScheduledBatch([seq], [n]))
+            except Exception as exc:
+                if is_out_of_memory(exc) or is_device_fault(exc):
+                    raise
+                why = exc.failures.get(seq.request_id) if isinstance(exc, SequenceError) else None
+                failures[seq.request_id] = why or describe(exc)
+                continue
+            kept.seqs.append(seq)
+            kept.num_new_tokens.append(n)
+            sampled += one_sampled
+            logprobs += one_logprobs or [None]
+        if error is not None and not kept.seqs:
+            self._check_engine_works(error)
+        self._fail_requests(batch, failures, outputs)
+        return kept, sampled, (logprobs if any(lp is not None for lp in logprobs) else None)
+
+    def _fail_requests(self, batch: ScheduledBatch, failures: dict[str, str],
+                       outputs: list[RequestOutput]) -> ScheduledBatch:
+        """End the requests of `batch` that `failures` names, each with its error; returns the rest."""
+        kept = ScheduledBatch(num_preempted=batch.num_preempted)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            why = failures.get(seq.request_id)
+            if why is None:
+                kept.seqs.append(seq)
+                kept.num_new_tokens.append(n)
+                continue
+            logger.warning("request %s failed in the engine: %s", seq.request_id, why)
+            self.scheduler.abort(seq.request_id, FinishReason.ERROR)
+            self._release(seq)
+            out = RequestOutput.of(seq, [], [])
+            out.error = f"this request failed in the engine (other requests go on): {why}"
+            outputs.append(out)
+        return kept
+
+    def _check_engine_works(self, error: Exception) -> None:
+        """Every sequence of a failed step failed alone too: a one-token probe decides whether the
+        engine itself is broken (then `error` is raised) or only those requests were."""
+        probe = Sequence("engine-probe", [0], SamplingParams(max_tokens=1, temperature=0.0), 0, self.eos_token_ids)
+        if not self.block_manager.allocate_slots(probe, 1):
+            return  # no room to try: only the requests are known to have failed
+        try:
+            self.runner.run(ScheduledBatch([probe], [1]))
+        except Exception as exc:
+            logger.error("a one-token probe step fails too (%s): the engine cannot go on", describe(exc))
+            raise error from exc
+        finally:
+            self.block_manager.free(probe)
+            self.runner.sampler.release(probe.request_id)
+
+    def _launch_ahead(self, batch: ScheduledBatch) -> bool:
+        """Queue `batch` without waiting for its tokens (async scheduling). False when a request's
+        failure prevented it: the caller then runs the batch as usual, which pins the failure down."""
+        try:
+            self._inflight = self.runner.launch_decode(batch)
+        except Exception as exc:
+            if is_out_of_memory(exc) or is_device_fault(exc):
+                raise
+            logger.info("a decode step could not be queued ahead (%s); running it now", describe(exc))
+            return False
+        return True
 
     def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None],
                      logprobs: list[TokenLogprob | None] | None, outputs: list[RequestOutput]) -> None:
@@ -400,7 +508,13 @@ class LLMEngine:
         self._inflight = None
         ahead = self._ahead_batch(prev.batch)
         if ahead is not None:
-            self._inflight = self.runner.launch_decode(ahead[0], prev, ahead[1])
+            try:
+                self._inflight = self.runner.launch_decode(ahead[0], prev, ahead[1])
+            except Exception as exc:
+                if is_out_of_memory(exc) or is_device_fault(exc):
+                    raise
+                # prev is read as usual; the next step runs without running ahead and pins it down.
+                logger.info("a decode step could not be queued ahead (%s)", describe(exc))
         if on_launched is not None:
             on_launched()
         sampled = self.runner.finish_decode(prev)
@@ -427,10 +541,27 @@ class LLMEngine:
 
     def _fail(self, seqs: list[Sequence], message: str) -> list[RequestOutput]:
         self._inflight = None  # whatever it computed is not read
-        outputs = []
+        outputs, self.pending = self.pending, []  # those a failed step had (aborts, failed requests)
         for seq in seqs:
             self._release(seq)
             out = RequestOutput.of(seq, [], [])
             out.error = message
             outputs.append(out)
         return outputs
+
+
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+    """What SamplingParams does not check and a step would fail on (a device-side error on a GPU):
+    token ids outside the vocabulary, numbers that are not finite, a seed no generator takes."""
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64); got {params.seed}")
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if not math.isfinite(getattr(params, name)):
+            raise ValueError(f"{name} must be a finite number; got {getattr(params, name)}")
+    bad_bias = [t for t, v in params.logit_bias.items() if not 0 <= t < vocab_size or not math.isfinite(v)]
+    if bad_bias:
+        raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}) and its values finite; "
+                         f"got {bad_bias[:3]}")
+    bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_stops:
+        raise ValueError(f"stop_token_ids must be in [0, {vocab_size}); got {bad_stops[:3]}")

@@ -5,6 +5,10 @@ requests, then greedy argmax or temperature, top-k / top-p / min-p and a draw. T
 exponential trick (argmax of p / q with q ~ Exp(1)) so that no host sync is needed; a seeded request
 draws q from its own generator, so its output does not depend on what else is in the batch.
 
+Everything a request's own state can make fail (its generator's seed, its grammar, its logit bias)
+is prepared for every row before anything is drawn: SequenceError names the requests that failed,
+and the engine runs the step again without them, each seeded generator as it was.
+
 Grammar masks are computed on the host from tokens the host already has (the previous step's), so on
 a GPU they overlap the forward pass that was just queued; rows of free requests allow every token and
 their logits are left bit for bit as they were.
@@ -20,6 +24,7 @@ import torch
 
 from kernels.sampling import sample
 from server.engine.device import to_device
+from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
 from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
 from server.engine.sequence import Sequence, TokenLogprob
 
@@ -53,12 +58,18 @@ class Sampler:
         self.matchers.release(request_id)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [B, V] float32 -> (tokens [B], raw log-probs [B, V] or None when nobody asked)."""
+        """logits [B, V] float32 -> (tokens [B], raw log-probs [B, V] or None when nobody asked).
+        SequenceError (nothing drawn) when some rows' own state cannot be prepared."""
+        failures: dict[str, str] = {}
+        allowed = self._allowed(seqs, logits.shape[-1], failures)
+        processed = self._process(logits, seqs, failures)
+        generators = self._generators(seqs, failures)
+        if failures:
+            raise SequenceError(failures)
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        allowed = self._allowed(seqs, logits.shape[-1])
-        logits = self._process(logits, seqs)
+        logits = processed
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         # Decisions are taken from the host-side parameters, never from device values (no sync).
@@ -66,14 +77,38 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(is_greedy):
             greedy = self._tensor(is_greedy)
-            tokens = torch.where(greedy, tokens, self._draw(logits, seqs))
+            tokens = torch.where(greedy, tokens, self._draw(logits, seqs, generators))
         return tokens, raw_logprobs
 
-    def _allowed(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor | None:
-        """bool [B, V]: the tokens each sequence's grammar allows next; None when none is constrained."""
+    def _generators(self, seqs: list[Sequence], failures: dict[str, str]) -> list[torch.Generator | None]:
+        """Each row's own generator (seeded, sampling requests), made before its first draw."""
+        out: list[torch.Generator | None] = []
+        for seq in seqs:
+            seed = seq.params.seed
+            gen = None
+            if seed is not None and not seq.params.is_greedy:
+                gen = self.generators.get(seq.request_id)
+                if gen is None:
+                    try:
+                        gen = torch.Generator(device=self.device).manual_seed(seed)
+                    except (ValueError, RuntimeError, OverflowError, TypeError) as exc:
+                        failures[seq.request_id] = f"seed {seed!r} cannot seed a generator ({describe(exc)})"
+                        out.append(None)
+                        continue
+                    self.generators[seq.request_id] = gen
+            out.append(gen)
+        return out
+
+    def _allowed(self, seqs: list[Sequence], vocab_size: int,
+                 failures: dict[str, str] | None = None) -> torch.Tensor | None:
+        """bool [B, V]: the tokens each sequence's grammar allows next; None when none is constrained.
+        Sequences whose grammar failed are added to `failures` (their rows allow their stop tokens)."""
         bitmask = self.matchers.fill(seqs, self.grammar, vocab_size)
         if bitmask is None:
             return None
+        for seq in seqs if failures is not None else ():
+            if seq.params.structured is not None and (error := self.matchers.error(seq.request_id)) is not None:
+                failures[seq.request_id] = error
         if self.device.type == "cuda":
             bitmask = self._to_device(bitmask)
         return allowed_tokens(bitmask, vocab_size)
@@ -88,42 +123,49 @@ class Sampler:
         staged.copy_(bitmask)
         return staged.to(self.device, non_blocking=True)
 
-    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence], failures: dict[str, str]) -> torch.Tensor:
         needs = [bool(s.params.logit_bias) or s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs]
         if not any(needs):
             return logits
         logits = logits.clone()
-        vocab = logits.shape[-1]
         for i, seq in enumerate(seqs):
             if not needs[i]:
                 continue
-            p = seq.params
-            row = logits[i]
-            if p.logit_bias:
-                row.index_add_(0, self._tensor(list(p.logit_bias.keys())),
-                               self._tensor(list(p.logit_bias.values()), row.dtype))
-            if seq.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
-                if banned:  # index_fill_, not row[ids] = -inf: that copies the scalar from pageable memory (a sync)
-                    row.index_fill_(0, self._tensor(sorted(banned)), float("-inf"))
-            if p.repetition_penalty != 1.0:
-                seen = self._tensor(sorted(set(seq.token_ids)))
-                vals = row.index_select(0, seen)
-                row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
-            if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
-                out = self._tensor(seq.output_token_ids)
-                # scatter_add, not bincount: bincount reads the largest id back to the host (a sync).
-                counts = torch.zeros(vocab, dtype=row.dtype, device=row.device).scatter_add_(
-                    0, out, torch.ones(out.shape, dtype=row.dtype, device=row.device))
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            try:
+                self._process_row(logits[i], seq)
+            except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as exc:
+                if is_device_fault(exc) or is_out_of_memory(exc):
+                    raise
+                failures[seq.request_id] = f"its sampling parameters cannot be applied ({describe(exc)})"
         return logits
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _process_row(self, row: torch.Tensor, seq: Sequence) -> None:
+        """Logit bias, min_tokens and penalties on one row, in place."""
+        p = seq.params
+        vocab = row.shape[-1]
+        if p.logit_bias:
+            row.index_add_(0, self._tensor(list(p.logit_bias.keys())),
+                           self._tensor(list(p.logit_bias.values()), row.dtype))
+        if seq.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
+            if banned:  # index_fill_, not row[ids] = -inf: that copies the scalar from pageable memory (a sync)
+                row.index_fill_(0, self._tensor(sorted(banned)), float("-inf"))
+        if p.repetition_penalty != 1.0:
+            seen = self._tensor(sorted(set(seq.token_ids)))
+            vals = row.index_select(0, seen)
+            row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
+        if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
+            out = self._tensor(seq.output_token_ids)
+            # scatter_add, not bincount: bincount reads the largest id back to the host (a sync).
+            counts = torch.zeros(vocab, dtype=row.dtype, device=row.device).scatter_add_(
+                0, out, torch.ones(out.shape, dtype=row.dtype, device=row.device))
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p and the exponential race (kernels.sampling: the PyTorch
         reference, or the Triton kernel on CUDA with --sampler triton). The noise is drawn here, from each seeded request's own
         generator, so a seed gives the same tokens with either implementation."""
         vocab = logits.shape[-1]
-        dev = self.device
         k_list = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
         p_list = [s.params.top_p for s in seqs]
         min_p_list = [s.params.min_p for s in seqs]
@@ -132,12 +174,8 @@ class Sampler:
         top_p = self._tensor(p_list)
         min_p = self._tensor(min_p_list)
         q = torch.empty_like(logits, dtype=torch.float32).exponential_()
-        for i, seq in enumerate(seqs):
-            if seq.params.seed is not None and not seq.params.is_greedy:
-                gen = self.generators.get(seq.request_id)
-                if gen is None:
-                    gen = torch.Generator(device=dev).manual_seed(seq.params.seed)
-                    self.generators[seq.request_id] = gen
+        for i, gen in enumerate(generators):
+            if gen is not None:
                 q[i].exponential_(generator=gen)
         cut = any(k < vocab for k in k_list) or any(p < 1 for p in p_list)
         return sample(logits.float(), temperature, top_k, top_p, min_p, q, cut, any(m > 0 for m in min_p_list),

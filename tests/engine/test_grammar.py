@@ -13,6 +13,7 @@ import torch
 from factories import create_seq
 from transformers import AutoTokenizer
 
+from server.engine.failures import SequenceError
 from server.engine.grammar import GrammarCompiler, GrammarError, allowed_tokens, bitmask_width
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams, StructuredSpec
@@ -140,13 +141,17 @@ def test_free_sequences_keep_their_tokens_beside_constrained_ones(compiler: Gram
     assert run(True) == run(False)
 
 
-def test_an_impossible_grammar_ends_only_its_own_request(compiler: GrammarCompiler) -> None:
+def test_an_impossible_grammar_fails_only_its_own_request(compiler: GrammarCompiler) -> None:
+    """The sampler names the request (the engine fails it and runs the step again without it)."""
     sampler = make_sampler(compiler)
     bad = create_seq(3, eos=EOS, structured=StructuredSpec('{"type": "objekt"}'))  # not compiled by an API
     free = create_seq(3, temperature=0.0)
     logits = torch.randn(2, VOCAB)
-    tokens = sampler(logits.clone(), [bad, free])[0].tolist()
-    assert tokens == [EOS, int(logits[1].argmax())]
+    with pytest.raises(SequenceError) as failed:
+        sampler(logits.clone(), [bad, free])
+    assert list(failed.value.failures) == [bad.request_id] and "objekt" in failed.value.failures[bad.request_id]
+    sampler.release(bad.request_id)
+    assert sampler(logits[1:].clone(), [free])[0].tolist() == [int(logits[1].argmax())]
 
 
 def test_bad_schema_is_an_error_that_names_the_problem(compiler: GrammarCompiler) -> None:
