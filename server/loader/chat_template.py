@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
@@ -29,7 +29,7 @@ class _GenerationTag(Extension):
     """transformers' `{% generation %}...{% endgeneration %}` (it marks assistant text for training
     masks): read as a plain block here, so templates that use it pass the check."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja declares it so)
 
     def parse(self, parser: Any) -> Any:
         next(parser.stream)
