@@ -29,7 +29,9 @@ class Adapter:
 
 
 def file_signature(folder: Path) -> tuple[float, ...]:
-    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+             # what its requests are tokenized and templated with (server/api/tokenizers.py)
+             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
     return tuple((folder / n).stat().st_mtime if (folder / n).exists() else 0.0 for n in names)
 
 
