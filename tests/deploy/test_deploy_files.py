@@ -164,9 +164,16 @@ def test_images_are_pinned_and_name_no_registry_host(dockerfile: Any, compose: d
     for image in image_references(dockerfile, compose, k8s):
         first = image.split("/")[0]
         assert "/" not in image or not ("." in first or ":" in first), f"{image} names a registry host"
-        if not image.startswith("sloth-serve"):  # our own image: tagged by kustomize / compose
-            tag = image.rpartition(":")[2]
-            assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned"
+        if image == "sloth-serve":  # the Deployment's: kustomization.yaml's `images:` sets the tag
+            continue
+        tag = interpolate(image).rpartition(":")[2]
+        assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned"
+
+
+def test_compose_builds_our_image_with_the_server_version_as_its_tag(compose: dict[str, Any]) -> None:
+    from server import __version__
+
+    assert interpolate(compose["services"]["sloth-serve"]["image"]) == f"sloth-serve:{__version__}"
 
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
@@ -204,8 +211,8 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else(dockerf
 # ---- compose ----
 
 def interpolate(value: str) -> str:
-    """Compose's ${VAR:-default} with nothing set: the defaults."""
-    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+    """Compose's ${VAR:-default} with nothing set: the defaults (${VAR:?error} becomes empty)."""
+    return re.sub(r"\$\{\w+(?::?([-?])([^}]*))?\}", lambda m: m.group(2) or "" if m.group(1) == "-" else "", value)
 
 
 def volume_parts(volume: str) -> tuple[str, str]:
@@ -285,3 +292,40 @@ def test_grafana_provisioning_matches_the_stack(compose: dict[str, Any]) -> None
     assert provider["options"]["path"] == container_path(compose, "grafana", "./grafana/dashboards")
     assert container_path(compose, "grafana", "./grafana/provisioning") == "/etc/grafana/provisioning"
     assert Path(grafana / "dashboards" / "sloth-serve.json").is_file()
+
+
+def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert interpolate(str(port)).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_grafana_has_no_default_credentials(compose: dict[str, Any]) -> None:
+    env = compose["services"]["grafana"]["environment"]
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    # ${VAR:?message}: compose refuses to start until the operator sets it; no default to fall back to.
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+    assert str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false"
+
+
+def referenced_paths(text: str) -> list[str]:
+    """Repository paths a document names (`deploy/...`, `tests/...`, ...)."""
+    tops = "deploy|tests|server|bench|examples|scripts|kernels"
+    return re.findall(rf"(?<![\w/.-])((?:{tops})/[\w./-]*\w)", text)
+
+
+def test_docs_name_only_files_that_exist() -> None:
+    # README and every deployment file: a path that names a missing file sends the operator nowhere.
+    for path in [ROOT / "README.md", *deploy_files()]:
+        text = path.read_text()
+        for ref in referenced_paths(text):
+            if "*" in ref or "{" in ref:
+                continue
+            assert (ROOT / ref).exists(), f"{path.relative_to(ROOT)} names {ref}, which does not exist"
+        if path.name == "README.md":
+            continue
+        known = {p.name for p in deploy_files()} | {p.name for p in ROOT.iterdir()} | {
+            p.name for p in (ROOT / "tests" / "deploy").iterdir()}
+        for name in re.findall(r"\b[\w-]+\.(?:txt|lock|md)\b", text):  # bare file names
+            assert name in known, f"{path.relative_to(ROOT)} names {name}, which does not exist"
+    assert "is planned" not in (ROOT / "README.md").read_text().split("## Deployment", 1)[1]

@@ -16,7 +16,7 @@ from deploy_helpers import K8S, ROOT, find_tool, parse_dockerfile
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor.json", "ScaledObject": "scaledobject.json",
-               "Kustomization": "kustomization.json"}
+               "PrometheusRule": "prometheusrule.json", "Kustomization": "kustomization.json"}
 # The oldest Kubernetes these manifests are meant for (PDB unhealthyPodEvictionPolicy is GA in
 # 1.31) and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ["1.31", "1.37"]
@@ -127,7 +127,8 @@ def test_termination_grace_covers_prestop_and_drain(k8s: dict[str, Any], parse_c
 def test_container_args_are_valid_sloth_serve_flags(k8s: dict[str, Any], parse_cli: Any) -> None:
     args = parse_cli(server_container(k8s)["args"])
     assert args.model == "/model"
-    assert args.lora and all(path.startswith("/adapters/") for _, path in args.lora)
+    # Adapters come from the adapters volume: the whole folder (--lora-dir) or folders inside it.
+    assert args.lora_dir == ["/adapters"] or (args.lora and all(p.startswith("/adapters/") for _, p in args.lora))
     if args.pending:
         pytest.skip(f"sloth-serve does not have {', '.join(args.pending)} yet (issue 8)")
 
@@ -215,3 +216,27 @@ def test_kustomize_build_renders_valid_namespaced_resources() -> None:
     (deployment,) = [r for r in rendered if r["kind"] == "Deployment"]
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image.startswith("sloth-serve:") and not image.endswith(":latest")
+
+
+def test_pods_get_no_service_account_token(k8s: dict[str, Any]) -> None:
+    assert pod_spec(k8s)["automountServiceAccountToken"] is False
+
+
+def test_network_policy_lets_in_only_the_http_port_and_out_only_dns(k8s: dict[str, Any]) -> None:
+    policy = k8s["NetworkPolicy"]["spec"]
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}  # both listed: both default to deny
+    container_ports = {p["name"] for p in server_container(k8s)["ports"]}
+    ingress_ports = [p for rule in policy["ingress"] for p in rule["ports"]]
+    assert ingress_ports and all(p["port"] in container_ports and p["protocol"] == "TCP" for p in ingress_ports)
+    assert all("ports" in rule for rule in policy["ingress"]), "an ingress rule without ports opens every port"
+    egress_ports = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert egress_ports == {(53, "UDP"), (53, "TCP")}
+
+
+def test_prometheus_rule_carries_the_alerts_file(k8s: dict[str, Any]) -> None:
+    alerts = yaml.safe_load((K8S.parent / "prometheus" / "alerts.yml").read_text())
+    rule = k8s["PrometheusRule"]
+    assert rule["spec"]["groups"] == alerts["groups"], "deploy/k8s/prometheusrule.yaml differs from alerts.yml"
+    assert rule["metadata"]["labels"]["release"] == k8s["ServiceMonitor"]["metadata"]["labels"]["release"]

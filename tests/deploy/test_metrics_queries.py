@@ -138,3 +138,87 @@ def test_dashboard_is_well_formed(dashboard: dict[str, Any]) -> None:
         area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & area, f"{panel['title']} overlaps another panel"
         cells |= area
+
+
+# ---- vLLM's own dashboard (vendored queries) ----
+
+VLLM_QUERIES = ROOT / "tests" / "deploy" / "vllm_grafana_queries.yaml"
+
+
+def test_vllms_dashboard_reads_only_series_the_server_exports() -> None:
+    # tests/e2e/test_metrics.py runs the same queries against a live server; this is the offline half.
+    text = VLLM_QUERIES.read_text()
+    assert "Apache License, Version 2.0" in text and "github.com/vllm-project/vllm/blob/" in text, "keep the notice"
+    panels = yaml.safe_load(text)["panels"]
+    exported = exposed_series_names()
+    assert len(panels) >= 11
+    for title, queries in panels.items():
+        for query in queries:
+            names = selected_metrics(grafana_to_promql(query, ["model_name"]))
+            assert names and names <= exported, f"{title}: {sorted(names - exported)} not exported"
+
+
+# ---- alerting rules ----
+
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+# What an alert may read besides the server's series: Prometheus's own scrape health.
+PROMETHEUS_SERIES = {"up"}
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    assert groups and all(g["name"] and g["rules"] for g in groups)
+    return [rule for g in groups for rule in g["rules"]]
+
+
+def aggregations(query: str) -> list[Any]:
+    promql = pytest.importorskip("promql_parser", reason="pip install promql-parser")
+    found: list[Any] = []
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql.AggregateExpr):
+            found.append(node)
+        return True
+
+    promql.walk(promql.parse(query), visit)
+    return found
+
+
+def test_alert_rules_are_valid_and_read_exported_series(alert_rules: list[dict[str, Any]]) -> None:
+    promql = pytest.importorskip("promql_parser", reason="pip install promql-parser")
+    exported = exposed_series_names() | PROMETHEUS_SERIES
+    names = [r["alert"] for r in alert_rules]
+    assert len(names) == len(set(names)) and all(re.fullmatch(r"[A-Za-z_]\w*", n) for n in names)
+    for rule in alert_rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        used = selected_metrics(rule["expr"])
+        assert used and used <= exported, f"{rule['alert']}: {sorted(used - exported)} not exported"
+        assert promql.parse_duration(rule["for"]).total_seconds() >= 60, f"{rule['alert']}: fires on one blip"
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        # An annotation can only name labels the expression keeps: every aggregation keeps them.
+        for label in re.findall(r"\$labels\.(\w+)", " ".join(rule["annotations"].values())):
+            for agg in aggregations(rule["expr"]):
+                assert agg.modifier is not None and label in agg.modifier.labels, (rule["alert"], label)
+
+
+def test_alert_rules_cover_what_operators_must_hear_about(alert_rules: list[dict[str, Any]]) -> None:
+    exprs = {r["alert"]: r["expr"] for r in alert_rules}
+
+    def alerts_reading(pattern: str) -> list[str]:
+        return [name for name, expr in exprs.items() if re.search(pattern, expr)]
+
+    assert alerts_reading(r'sloth:server_status\{status=~"dead\|failed"\}'), "engine dead"
+    assert alerts_reading(r"sloth:num_requests_in_flight\s*/\s*sloth:max_queued_requests"), "queue saturation"
+    assert alerts_reading(r"vllm:kv_cache_usage_perc\)?\s*>\s*0\.9"), "KV cache nearly full"
+    assert alerts_reading(r"histogram_quantile\(0\.99,.*vllm:time_to_first_token_seconds_bucket"), "TTFT p99"
+    assert alerts_reading(r'sloth:http_requests_total\{[^}]*status=~"5\.\."'), "error rate"
+
+
+def test_prometheus_loads_the_alert_rules() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
