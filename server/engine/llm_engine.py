@@ -238,6 +238,7 @@ class LLMEngine:
         if adapter_id < 1:
             raise ValueError("adapter ids start at 1 (0 is the base model)")
         had_slots = self.lora_manager.has_slots
+        self.runner.slot_modules.check(weights)  # its own embed_tokens / lm_head / norms fit the model
         self.lora_manager.add(adapter_id, weights)
         if not had_slots:
             with stalls.quiet():
@@ -268,6 +269,10 @@ class LLMEngine:
             self.lora_manager.remove(adapter_id)
             self.adapters_to_remove.discard(adapter_id)
 
+    def vocab_size(self, adapter_id: int = 0) -> int:
+        """Token ids valid for the base (0) or an adapter: more for an adapter trained with added tokens."""
+        return self.runner.vocab_size(adapter_id)
+
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
         eos_token_ids: frozenset[int] | None = None,
@@ -277,7 +282,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if adapter_id and adapter_id not in self.lora_manager.adapters:
             raise ValueError(f"adapter id {adapter_id} is not loaded")
-        vocab = self.loaded.model.config.vocab_size
+        vocab = self.vocab_size(adapter_id)
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")

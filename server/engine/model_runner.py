@@ -18,8 +18,10 @@ from server.engine.lora_manager import LoRAManager
 from server.engine.sampler import Sampler, gather_logprobs
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
+from server.engine.slot_modules import SlotModuleTable
 from server.models.layers import StepMetadata, fuse_quantized_projections
 from server.models.llama import LlamaForCausalLM
+from server.models.per_adapter import AdapterStep
 
 
 @dataclass(slots=True)
@@ -29,6 +31,7 @@ class StepInputs:
     meta: StepMetadata
     sample_rows: list[int]  # batch index of each sequence that samples this step
     sample_token_index: torch.Tensor  # its last token's row in the flat batch
+    adapters: AdapterStep | None = None  # adapters of the step with their own embed/lm_head/norms
 
 
 @dataclass(slots=True)
@@ -74,6 +77,8 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.lora_manager = lora_manager
+        # Adapters' own embed_tokens / lm_head / norms (modules_to_save), on the device while in a slot
+        self.slot_modules = SlotModuleTable(model, dtype, device)
         self.sampler = Sampler(device)
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
@@ -141,13 +146,21 @@ class ModelRunner:
                 sample_index.append(query_start_loc[-1] - 1)
         meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
+        own_modules = None
         if adapters:
             assert self.lora_manager is not None, "a request asked for an adapter but LoRA is not enabled"
             slot_of = self.lora_manager.assign_slots(adapters)
             meta.lora_slots = self._tensor([slot_of.get(a, -1) for a in adapter_per_token], torch.int32)
             meta.active_lora_slots = sorted(slot_of.values())
+            own_modules = self.slot_modules.step(self.lora_manager, adapter_per_token,
+                                                 [batch.seqs[i].adapter_id for i in sample_rows])
         ids = lookahead_ids if lookahead_ids is not None else self._tensor(input_ids)
-        return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index))
+        return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index), own_modules)
+
+    def vocab_size(self, adapter_id: int) -> int:
+        """The token ids a request for this adapter may hold and be given (0: the base model)."""
+        weights = self.lora_manager.adapters.get(adapter_id) if self.lora_manager is not None and adapter_id else None
+        return self.slot_modules.vocab_size(weights)
 
     def _rope_rows(self, num_prompt_tokens: int, start: int, end: int) -> range | list[int]:
         """Rotary-table rows of positions [start, end) (the model reads positions only for RoPE):
@@ -184,6 +197,10 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
             return None
+        # Adapters with their own embed_tokens / lm_head / norms run eagerly: the graphs hold only the
+        # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
+        if self.slot_modules.has_modules(self.lora_manager, {seq.adapter_id for seq in batch.seqs} - {0}):
+            return None
         bs = self.block_size
         ahead = lookahead_ids is not None
         positions = [seq.num_tokens if ahead else seq.num_computed_tokens for seq in batch.seqs]
@@ -214,12 +231,12 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.device.type != "cuda":
             start = time.perf_counter()
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, inputs.adapters)
             self._cpu_forward_seconds = time.perf_counter() - start
             return hidden
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         events[0].record()
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, inputs.adapters)
         events[1].record()
         self._timing = events
         return hidden
@@ -260,7 +277,7 @@ class ModelRunner:
             rows = inputs.sample_rows
             if not rows:
                 return sampled, None
-            logits = self.model.compute_logits(hidden[inputs.sample_token_index])
+            logits = self.model.compute_logits(hidden[inputs.sample_token_index], inputs.adapters)
         if not rows:
             return sampled, None
         seqs = [batch.seqs[i] for i in rows]
@@ -295,7 +312,7 @@ class ModelRunner:
             inputs = self.prepare(batch, lookahead)
             hidden = self._forward(inputs)
             timing = self._timing
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden, inputs.adapters)  # decode: every token samples
         tokens, _ = self.sampler(logits, batch.seqs)
         # The step's forward time is read once its tokens are (finish_decode), not now.
         cpu_seconds, self._timing, self._cpu_forward_seconds = self._cpu_forward_seconds, None, None

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from server.loader.folders import is_adapter_folder, resolve_adapter_base
+from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.peft import load_lora
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import load_model
@@ -101,5 +102,7 @@ def merge_adapter(model: LlamaForCausalLM, adapter: Path, max_rank: int, dtype: 
         layer.set_dense(dense.to(dtype))
         if was_quantized:
             added += dense.numel() * dense.new_empty((), dtype=dtype).element_size()
+    if weights.modules is not None:  # its own embed_tokens / lm_head / norms replace the base's
+        merge_adapter_modules(adapter.name, weights.modules, model, dtype)
     logger.warning("merged adapter %s into the base; layers made dense cost %.1f MiB more than 4-bit "
                    "(re-quantizing would change outputs, so they stay 16-bit)", adapter, added / 2**20)

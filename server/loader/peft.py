@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from server.loader.adapter_modules import AdapterModules, read_adapter_modules
 from server.models.weights import fused_target
 
 
@@ -22,6 +23,9 @@ class LoRAWeights:
     base_model: str | None
     # (our module name, slice index) -> (A [r, in], B * scale [out, r]), float32 on the host
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
+    # Tensors that are not LoRA factors (modules_to_save copies, trainable tokens), keys as saved
+    full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: AdapterModules | None = None  # those tensors sorted by module (server.loader.adapter_modules)
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -74,6 +78,7 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
         raise FileNotFoundError(f"adapter {name!r}: {weights_path} is missing")
     raw = load_file(str(weights_path))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    full_tensors = {key: tensor for key, tensor in raw.items() if "lora_" not in key}
     for key, tensor in raw.items():
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
@@ -88,6 +93,7 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
         hf_module = module.removeprefix("base_model.model.")
         ours, index = fused_target(hf_module + ".weight")
         tensors[(ours.removesuffix(".weight"), index or 0)] = (ab["lora_A"], ab["lora_B"] * scale)
-    if not tensors:
+    modules = read_adapter_modules(name, cfg, full_tensors)
+    if not tensors and modules is None:
         raise ValueError(f"adapter {name!r} at {folder} holds no LoRA weights")
-    return LoRAWeights(name, str(folder), rank, cfg.get("base_model_name_or_path"), tensors)
+    return LoRAWeights(name, str(folder), rank, cfg.get("base_model_name_or_path"), tensors, full_tensors, modules)

@@ -11,6 +11,7 @@ from kernels.norm import add_rms_norm, rms_norm
 from kernels.rope import apply_rope, rope_tables
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
+from server.models.per_adapter import AdapterStep
 
 
 class RMSNorm(nn.Module):
@@ -21,8 +22,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, prefix: str = "") -> None:
         super().__init__()
+        self.prefix = prefix  # the module's name, which adapters' own q_norm / k_norm weights go by
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -42,6 +44,7 @@ class Attention(nn.Module):
         meta: StepMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         rope: tuple[torch.Tensor, torch.Tensor],
+        adapters: AdapterStep | None = None,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x, meta)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -50,8 +53,12 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q = rms_norm(q, self.q_norm.weight, self.eps)
-            k = rms_norm(k, self.k_norm.weight, self.eps)
+            q_in, k_in = q, k
+            q = rms_norm(q_in, self.q_norm.weight, self.eps)
+            k = rms_norm(k_in, self.k_norm.weight, self.eps)
+            if adapters is not None:
+                q = adapters.renorm(f"{self.prefix}.q_norm", q, q_in, self.eps)
+                k = adapters.renorm(f"{self.prefix}.k_norm", k, k_in, self.eps)
         q, k = apply_rope(q, k, positions, *rope)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.attn.slot_mapping)
@@ -72,9 +79,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.prefix = f"model.layers.{index}"
+        self.self_attn = Attention(cfg, f"{self.prefix}.self_attn")
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -88,10 +96,15 @@ class DecoderLayer(nn.Module):
         meta: StepMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         rope: tuple[torch.Tensor, torch.Tensor],
+        adapters: AdapterStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = add_rms_norm(h, residual, self.input_layernorm.weight, self.eps)
-        h = self.self_attn(positions, h, meta, kv_cache, rope)
+        if adapters is not None:
+            h = adapters.renorm(f"{self.prefix}.input_layernorm", h, residual, self.eps)
+        h = self.self_attn(positions, h, meta, kv_cache, rope, adapters)
         h, residual = add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
+        if adapters is not None:
+            h = adapters.renorm(f"{self.prefix}.post_attention_layernorm", h, residual, self.eps)
         return self.mlp(h, meta), residual
 
 
@@ -100,7 +113,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -122,16 +135,23 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None,
     ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
+        """Final hidden states. `adapters`: the step's adapters with their own embed_tokens / norms,
+        applied to their tokens only (None, as in every CUDA graph: the base's modules throughout)."""
+        h = self.model.embed_tokens(input_ids) if adapters is None else adapters.embed(self.model.embed_tokens, input_ids)
         residual: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            h, residual = layer(positions, h, residual, meta, kv, rope)
-        h, _ = add_rms_norm(h, residual, self.model.norm.weight, self.config.rms_norm_eps)
-        return h
+            h, residual = layer(positions, h, residual, meta, kv, rope, adapters)
+        eps = self.config.rms_norm_eps
+        h, residual = add_rms_norm(h, residual, self.model.norm.weight, eps)
+        return h if adapters is None else adapters.renorm("model.norm", h, residual, eps)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
+        """float32 logits; with `adapters`, rows of an adapter with its own lm_head go through it and
+        the width is the batch's widest vocabulary (narrower rows padded with -inf)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if adapters is not None:
+            return adapters.logits(hidden, weight)
         return nn.functional.linear(hidden, weight).float()
