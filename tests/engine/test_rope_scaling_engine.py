@@ -82,8 +82,8 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_logits_equal_transformers_past_the_original_context(tmp_path: Path, name: str) -> None:
     folder, hf = make_model(tmp_path, name)
-    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", dtype="float32", num_kv_blocks=64,
-                              block_size=8, max_num_batched_tokens=24))
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", dtype="float32", device="cpu",
+                              num_kv_blocks=64, block_size=8, max_num_batched_tokens=24))
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, 384, (max(CASES[name]),), generator=gen).tolist()
     for n in CASES[name]:
