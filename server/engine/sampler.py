@@ -103,7 +103,10 @@ class Sampler:
                  failures: dict[str, str] | None = None) -> torch.Tensor | None:
         """bool [B, V]: the tokens each sequence's grammar allows next; None when none is constrained.
         Sequences whose grammar failed are added to `failures` (their rows allow their stop tokens)."""
-        bitmask = self.matchers.fill(seqs, self.grammar, vocab_size)
+        # Logits wider than the grammar's vocabulary (an adapter's added tokens in the batch): the
+        # grammar masks its own width; past it constrained rows allow nothing, free rows everything.
+        grammar_vocab = min(vocab_size, self.grammar.vocab_size) if self.grammar is not None else vocab_size
+        bitmask = self.matchers.fill(seqs, self.grammar, grammar_vocab)
         if bitmask is None:
             return None
         for seq in seqs if failures is not None else ():
@@ -111,7 +114,12 @@ class Sampler:
                 failures[seq.request_id] = error
         if self.device.type == "cuda":
             bitmask = self._to_device(bitmask)
-        return allowed_tokens(bitmask, vocab_size)
+        allowed = allowed_tokens(bitmask, grammar_vocab)
+        return allowed if grammar_vocab == vocab_size else self._widen(allowed, seqs, vocab_size)
+
+    def _widen(self, allowed: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+        free = self._tensor([s.params.structured is None for s in seqs]).unsqueeze(1)
+        return torch.cat([allowed, free.expand(-1, vocab_size - allowed.shape[1])], dim=1)
 
     def _to_device(self, bitmask: torch.Tensor) -> torch.Tensor:
         """Copy through one pinned buffer (pinning per step costs more than the mask). Reusing it is

@@ -1,15 +1,19 @@
 """Adapters' own modules in a step: logits as wide as the widest vocabulary with the narrower rows
-padded by -inf, and decode steps holding such an adapter kept off the CUDA graphs (which carry
+padded by -inf (grammar masks included), and decode steps holding such an adapter kept off the CUDA graphs (which carry
 only the base's modules) while other steps still replay them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from factories import create_seq
+from transformers import AutoTokenizer
 
 from server.config import Config
+from server.engine.grammar import GrammarCompiler
 from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams, StructuredSpec
 from server.loader import DEMO_ADAPTER, DEMO_MODEL
 from server.loader.adapter_modules import AdapterModules, TableCopy
 from server.loader.peft import LoRAWeights, load_lora
@@ -100,3 +104,15 @@ def test_trainable_token_rows_reach_a_tied_lm_head() -> None:
     assert resolved.lm_head is not None and resolved.lm_head.indices is rows.indices
     whole = AdapterModules(embed=TableCopy(torch.zeros(10, 256))).resolved(tied=True)
     assert whole.lm_head is None  # a whole-embedding copy leaves the tied lm_head the base's (as PEFT)
+
+
+def test_grammar_rows_never_take_added_tokens_free_rows_may() -> None:
+    """A constrained request batched with an adapter whose vocabulary is wider than the grammar's."""
+    sampler = Sampler(torch.device("cpu"))
+    sampler.grammar = GrammarCompiler(AutoTokenizer.from_pretrained(str(DEMO_MODEL)), 4096, [2])
+    constrained = create_seq(3, max_tokens=8, eos=2, temperature=0, structured=StructuredSpec('{"type": "object"}'))
+    free = create_seq(3, max_tokens=8, eos=2, temperature=0)
+    logits = torch.zeros(2, 4100)
+    logits[:, 4096:] = 100.0  # the added tokens would win anywhere they are allowed
+    tokens, _ = sampler(logits, [constrained, free])
+    assert tokens[0] < 4096 and tokens[1] >= 4096
