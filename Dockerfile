@@ -8,6 +8,9 @@
 # ENTRYPOINT (sloth-serve --host 0.0.0.0 --port 8000), e.g.
 #   ... sloth-serve --model /model --lora sql=/adapters/sql --api-key "$KEY"
 #
+# Versions: the ARG defaults below are versions.env's (TORCH_CUDA_VERSION, UNSLOTH_VERSION; transformers
+# comes pinned by the lock), and tests/unit/test_packaging.py fails when they drift apart.
+#
 # CUDA: torch is PyPI's default wheel for Linux x86_64, torch 2.11.0, built for CUDA 13.0 (the
 # H200 image we test on runs the same torch 2.11+cu130). It brings its own CUDA user-space
 # libraries (cuBLAS, cuDNN, NCCL, nvrtc... as nvidia-* wheels), so the base image only has to match
@@ -45,7 +48,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" -r /tmp/requirements.lo
 # The project itself: no dependency resolution here, the lock above installed them all (the
 # locked setuptools and wheel build it, so nothing unpinned is fetched).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY server ./server
 COPY kernels ./kernels
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \

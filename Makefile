@@ -1,23 +1,25 @@
 # The README's two commands: `make serve` (set up, then serve the embedded demo model) and
-# `make test` (set up, then lint and run the tests). Both build .venv from the project's own files.
+# `make test` (set up, then lint, type-check and run the tests). Both build .venv from the
+# project's own files; the versions of torch, transformers and Unsloth come from versions.env.
+include versions.env
+
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU build of torch (on this project's CPU machines it is a local file: no CUDA wheels are pulled).
-TORCH ?= torch==2.13.0
-UNSLOTH ?= 2026.10.9
+TORCH ?= torch==$(TORCH_CPU_VERSION)
 
-.PHONY: venv serve test lint unit e2e clean
+.PHONY: venv serve test lint typecheck unit e2e clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml versions.env
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,kernels,unsloth]"
+	$(PY) -m pip install --quiet -e ".[test,kernels,unsloth]" "transformers==$(TRANSFORMERS_VERSION)"
 	# Unsloth without its declared dependencies: they would replace torch by a CUDA build.
-	$(PY) -m pip install --quiet --no-deps "unsloth==$(UNSLOTH)" "unsloth_zoo==$(UNSLOTH)"
+	$(PY) -m pip install --quiet --no-deps "unsloth==$(UNSLOTH_VERSION)" "unsloth_zoo==$(UNSLOTH_VERSION)"
 	touch $@
 
 serve: venv
@@ -26,11 +28,18 @@ serve: venv
 lint: venv
 	$(PY) -m ruff check .
 
-test: venv lint
+# mypy reads its settings (the checked packages: server, kernels) from pyproject.toml.
+typecheck: venv
+	$(PY) -m mypy
+
+test: venv lint typecheck
 	$(PY) -m pytest -q
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
+
+e2e: venv
+	$(PY) -m pytest -q tests/e2e
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -4,16 +4,53 @@ embedded demo model."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from server import __version__
 from server.config import Config
 from server.loader import DEMO_MODEL
 from server.loader.chat_template import check_folder_template, resolve_template_flag
-from server.logs import configure_logging
+from server.logs import PROBE_PATHS
+
+EXAMPLES = """examples:
+  sloth-serve                                     # the embedded demo model on 127.0.0.1:8000
+  sloth-serve --model ./Llama-3.2-1B-Instruct --lora sql=./adapters/sql --api-key "$KEY"
+  sloth-serve --model ./model --lora-dir ./adapters --host 0.0.0.0 --log-format json
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "sql", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, unless the help already says it or there is none
+    worth showing (unset, off, empty); the examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or (isinstance(default, list | tuple) and not default)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one JSON record when --log-format json is asked for."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            from server.startup import startup_error_line
+
+            print(startup_error_line(message, "json"), file=sys.stderr, flush=True)
+            sys.exit(2)
+        super().error(message)
 
 
 def parse_lora(value: str) -> tuple[str, str]:
@@ -23,19 +60,22 @@ def parse_lora(value: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d = Config()
-    p = argparse.ArgumentParser(
-        prog="sloth-serve", description="OpenAI-compatible server for Unsloth fine-tuned models."
-    )
-    p.add_argument("--version", action="version", version=f"sloth-serve {__version__}")
+    p = Parser(prog="sloth-serve", description="OpenAI-compatible server for Unsloth fine-tuned models.",
+               formatter_class=HelpFormatter, epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"sloth-serve {__version__}", help="print the version and exit")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=str(DEMO_MODEL), help="model folder (default: the embedded demo model)")
+    m.add_argument("--model", default=str(DEMO_MODEL), metavar="FOLDER",
+                   help="Hugging Face model folder (config.json + *.safetensors, 16-bit or bitsandbytes 4-bit), "
+                        "or a PEFT LoRA adapter folder whose base is on disk (default: the embedded demo model)")
     m.add_argument("--served-model-name", default=None, help="name clients use in `model` (default: folder name)")
-    m.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and 16-bit weights; auto: bfloat16 on CUDA, float32 on CPU")
     m.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    m.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
-    m.add_argument("--seed", type=int, default=d.seed)
+    m.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                   help="longest prompt + completion served (default: the model's max_position_embeddings)")
+    m.add_argument("--seed", type=int, default=d.seed, help="seed of requests that set none")
     m.add_argument("--load-format", default=d.load_format, choices=["unsloth", "safetensors"],
                    help="unsloth: 4-bit through Unsloth (default); safetensors: the checkpoint's 16-bit weights")
     m.add_argument("--merge-lora", default=None, metavar="PATH", help="merge this LoRA adapter into the base at load")
@@ -43,12 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base model's chat template: a file, or the Jinja text itself (default: the tokenizer's); "
                         "adapters whose folder holds a template of their own keep theirs")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    e.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    e.add_argument("--block-size", type=int, default=d.block_size)
-    e.add_argument("--num-kv-blocks", type=int, default=None, help="default: sized from memory")
-    e.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="CPU only")
-    e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    e.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences in one engine step at most")
+    e.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens in one engine step at most (longer prompts are prefilled in chunks)")
+    e.add_argument("--block-size", type=int, default=d.block_size, choices=[8, 16, 32, 64, 128],
+                   help="tokens per KV-cache block")
+    e.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: sized from --kv-cache-memory-gb or --gpu-memory-utilization)")
+    e.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
+                   help="CPU: memory for the KV cache, in GB")
+    e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="CUDA: share of the GPU's memory the weights, activations and KV cache may take")
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     e.add_argument("--async-scheduling", action="store_true",
@@ -61,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-warmup", action="store_true",
                    help="CUDA: skip compiling the prefill kernels at startup (first requests then compile them)")
     e.add_argument("--cuda-graph-sizes", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
+                   metavar="SIZES",
                    help="decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)")
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="NAME=PATH",
@@ -71,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="adapters from --lora-dir kept loaded; the least recently used go beyond")
     lo.add_argument("--allow-runtime-lora", action="store_true",
                     help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths under --lora-dir)")
-    lo.add_argument("--max-loras", type=int, default=d.max_loras)
+    lo.add_argument("--max-loras", type=int, default=d.max_loras, help="adapters in one engine step at most")
     lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
                     help="rank of the adapter slots (default: the largest rank among the adapters given at "
                          "start-up, at least 16; adapters loaded later may not exceed it)")
     h = p.add_argument_group("HTTP server")
-    h.add_argument("--host", default=d.host)
-    h.add_argument("--port", type=int, default=d.port)
-    h.add_argument("--api-key", action="append", default=[],
+    h.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
+    h.add_argument("--port", type=int, default=d.port, help="TCP port to listen on")
+    h.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; default: $SLOTH_API_KEY)")
     h.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests in flight before new ones get 503 + Retry-After")
@@ -88,13 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--request-timeout", type=float, default=0, metavar="SECONDS",
                    help="stop a generation request this long after its arrival, queue time included: 408, "
                         "or an error event in a stream; a request's `timeout` field may shorten it (0: none)")
-    h.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
-    h.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
     h.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
     h.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests (CORS) from ORIGIN (repeatable; * for any)")
-    h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+    h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
                    help="on SIGTERM, seconds to let in-flight requests finish before exiting")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"],
+                   help="least severe level logged; debug adds tracebacks to start-up errors")
+    g.add_argument("--log-format", default=d.log_format, choices=["text", "json"],
+                   help="json: one JSON object a line, library output (Unsloth, warnings) included")
+    g.add_argument("--disable-uvicorn-access-log", "--disable-access-log", dest="disable_access_log",
+                   action="store_true", help="no line per HTTP request")
+    g.add_argument("--disable-access-log-for-endpoints", default=",".join(PROBE_PATHS), metavar="PATHS",
+                   help="comma-separated paths left out of the access log ('' logs every path)")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="no line per finished generation request (id, tokens, latency)")
     return p
 
 
@@ -149,6 +204,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         request_timeout=args.request_timeout or None,
         log_level=args.log_level,
         log_format=args.log_format,
+        access_log=not args.disable_access_log,
+        access_log_skip_paths=tuple(p for p in args.disable_access_log_for_endpoints.split(",") if p),
+        log_requests=not args.disable_log_requests,
         max_request_bytes=args.max_request_bytes,
         allowed_origins=tuple(args.allowed_origins),
         shutdown_timeout=args.shutdown_timeout,
@@ -157,42 +215,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser.json_errors = "--log-format=json" in words or any(
+        pair == ("--log-format", "json") for pair in itertools.pairwise(words))
+    args = parser.parse_args(words)
+    from server.startup import report_startup_error, serve  # light: torch comes after the checks
+
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
-    configure_logging(config.log_level, config.log_format)
-
-    import uvicorn  # late: `--help` stays fast
-
-    from server.api import create_app
-
-    app = create_app(config)
-    state = app.state.server
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM/SIGINT first drain: new requests get 503 and /health turns 503 while in-flight
-        requests finish (up to --shutdown-timeout); then uvicorn shuts down. A second signal exits now."""
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if state.draining or state.runtime is None:
-                super().handle_exit(sig, frame)  # type: ignore[arg-type]
-            else:
-                state.begin_drain(config.shutdown_timeout)
-
-        async def on_tick(self, counter: int) -> bool:
-            if state.drained:
-                self.should_exit = True
-            return await super().on_tick(counter)
-
-    server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                       timeout_graceful_shutdown=5, log_config=None)
-    )
-    state.on_fatal = lambda: setattr(server, "should_exit", True)  # a failed load stops the server
-    server.run()
-    return 1 if state.load_error is not None else 0
+        return report_startup_error(exc, args.log_level, args.log_format)
+    try:
+        return serve(config)
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals (importing torch)
+        return 130
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ class Config:
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     log_level: str = "info"
     log_format: str = "text"  # text or json (one JSON object a line)
+    access_log: bool = True  # uvicorn's line per HTTP request
+    access_log_skip_paths: tuple[str, ...] = ("/health", "/metrics")  # probes: left out of the access log
+    log_requests: bool = True  # the line per finished generation request (server/logs.py)
     shutdown_timeout: float = 30.0  # seconds a SIGTERM waits for in-flight requests to finish
 
     def __post_init__(self) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +146,9 @@ class ServerState:
             logger.info("start-up heap frozen: %d objects left out of garbage collection", stalls.freeze_heap())
             stalls.serving()
         except Exception as exc:
-            logger.error("loading %s failed:\n%s", self.config.model, traceback.format_exc())
+            # One line; the traceback at --log-level debug (start-up errors read like the CLI's).
+            logger.error("loading %s failed: %s: %s", self.config.model, type(exc).__name__, exc,
+                         exc_info=logger.isEnabledFor(logging.DEBUG))
             self._call_on_loop(self._fail, f"{type(exc).__name__}: {exc}")
             return
         self._call_on_loop(self._ready, engine, tokenizer, adapters)

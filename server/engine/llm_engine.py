@@ -27,6 +27,7 @@ from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
+from server.logs import startup_phase
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,11 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        self.loaded = loaded or load_checkpoint(
-            config.model, self.dtype, self.device, config.load_format, config.max_model_len or 2048,
-            config.merge_lora, config.max_lora_rank,
-        )
+        with startup_phase("load weights", log=loaded is None):
+            self.loaded = loaded or load_checkpoint(
+                config.model, self.dtype, self.device, config.load_format, config.max_model_len or 2048,
+                config.merge_lora, config.max_lora_rank,
+            )
         model = self.loaded.model
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
@@ -132,10 +134,11 @@ class LLMEngine:
         buckets = None
         if not config.enforce_eager:
             buckets = list(config.cuda_graph_sizes) or default_buckets(config.max_num_seqs)
-        self.runner = ModelRunner(
-            model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
-            self.max_model_len, buckets,
-        )
+        with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
+            self.runner = ModelRunner(
+                model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
+                self.max_model_len, buckets,
+            )
         self.runner.sampler.use_triton = config.sampler == "triton"
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
@@ -144,7 +147,8 @@ class LLMEngine:
         self.defer_observation = False  # step() keeps its observer record for observe_deferred()
         self._inflight: LaunchedDecode | None = None  # async scheduling: a decode step not read yet
         self._unobserved: list[tuple[ScheduledBatch | None, list[RequestOutput], float | None, float]] = []
-        self.runner.capture_graphs()
+        with startup_phase("capture CUDA graphs", log=self.runner.graphs is not None):
+            self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
             try:
                 logger.info("warmup: prefill and sampling kernels compiled in %.1fs", self.warmup())

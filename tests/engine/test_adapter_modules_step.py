@@ -76,7 +76,7 @@ class HostEvent:
 
 def test_decode_steps_with_own_modules_skip_the_graphs_others_replay_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", HostEvent)
-    eng = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64))
+    eng = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, device="cpu"))
     # An adapter whose only change is its final norm (a modules_to_save of ["norm"]).
     norm = AdapterModules(norms={"model.norm": torch.full((256,), 1.5)})
     eng.add_lora(1, LoRAWeights("norm", "-", 8, None, {}, modules=norm))

@@ -98,8 +98,9 @@ def peft_reference(folder: Path, prompts: list[list[int]], vocab: int = BASE_VOC
 
 
 def engine(**settings: object) -> LLMEngine:
-    return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=96,
-                            max_num_batched_tokens=16, max_num_seqs=8, **settings))  # type: ignore[arg-type]
+    # float32 everywhere (on a GPU too, where decode steps replay CUDA graphs): tokens comparable with PEFT's
+    return LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=96, dtype="float32",
+                            max_num_batched_tokens=16, max_num_seqs=8, warmup=False, **settings))  # type: ignore[arg-type]
 
 
 def run(eng: LLMEngine, requests: list[tuple[list[int], int]]) -> list[list[int]]:
