@@ -69,9 +69,13 @@ class _ModelSeries:
     __slots__ = ("decode", "e2e", "generation_tokens", "inference", "itl", "max_generation", "prefill",
                  "prompt_tokens", "queue", "req_generation", "req_prompt", "tpot", "ttft")
 
-    def __init__(self, metrics: EngineMetrics, model: str) -> None:
-        for name in self.__slots__:
-            setattr(self, name, getattr(metrics, name).labels(model))
+    def __init__(self, m: EngineMetrics, model: str) -> None:
+        self.generation_tokens, self.prompt_tokens = m.generation_tokens.labels(model), m.prompt_tokens.labels(model)
+        self.ttft, self.itl, self.tpot = m.ttft.labels(model), m.itl.labels(model), m.tpot.labels(model)
+        self.e2e, self.queue, self.inference = m.e2e.labels(model), m.queue.labels(model), m.inference.labels(model)
+        self.prefill, self.decode = m.prefill.labels(model), m.decode.labels(model)
+        self.req_prompt, self.req_generation = m.req_prompt.labels(model), m.req_generation.labels(model)
+        self.max_generation = m.max_generation.labels(model)
 
 
 class EngineMetrics:
@@ -146,8 +150,7 @@ class EngineMetrics:
                                    "1 for the server's current status (as /health says it), 0 for the others.",
                                    ["status"], registry=r)
         self.in_flight = Gauge("sloth:num_requests_in_flight",
-                               "Generation requests admitted and not finished (what --max-queued-requests limits).",
-                               registry=r)
+                               "Admitted requests not finished, as --max-queued-requests counts them.", registry=r)
         self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
         r.register(StallCollector())
         r.register(LoraInfoCollector(self))

@@ -34,13 +34,13 @@ class HTTPMetricsMiddleware:
         """The path template that served this request (`/v1/models/{model_id}`, never the raw
         path, so cardinality stays bounded). Routing sets `route` when it ran; a request answered
         before routing (401, 413) is matched here against the app's routes."""
-        route = scope.get("route")
-        if isinstance(getattr(route, "path", None), str):
-            return str(route.path)
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
         if self._templates is None:  # every route is in place once requests arrive
             self._templates = list(path_routes(getattr(scope.get("app"), "routes", [])))
-        path = scope["path"]
-        return next((template for template, regex in self._templates if regex.match(path)), UNMATCHED)
+        raw = scope["path"]
+        return next((template for template, regex in self._templates if regex.match(raw)), UNMATCHED)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -97,6 +97,19 @@ def test_every_query_of_vllms_dashboard_finds_data_after_one_request(metrics_ser
                     assert max(matched) > 0, f"{panel}: {sel} is all zero after a request"
 
 
+def test_alert_rules_read_series_and_labels_the_server_exports(metrics_server: LiveServer) -> None:
+    samples = scrape(metrics_server)
+    alerts = yaml.safe_load((VLLM_DASHBOARD.parents[2] / "deploy" / "prometheus" / "alerts.yml").read_text())
+    for rule in (r for group in alerts["groups"] for r in group["rules"]):
+        for sel in selectors(rule["expr"]):
+            if sel.name == "up":  # Prometheus's own series
+                continue
+            series = [dict(labels) for n, labels in samples if n == sel.name]
+            assert series, f"{rule['alert']}: the server exports no {sel.name}"
+            for m in sel.matchers.matchers:
+                assert any(m.name in labels for labels in series), f"{rule['alert']}: {sel.name} has no {m.name}"
+
+
 def test_counters_and_histograms_match_what_clients_saw(metrics_server: LiveServer) -> None:
     before = scrape(metrics_server)
     client = metrics_server.client()
