@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from server.loader.folders import is_adapter_folder, resolve_adapter_base
 from server.loader.adapter_modules import merge_adapter_modules
+from server.loader.folders import is_adapter_folder, resolve_adapter_base
 from server.loader.peft import load_lora
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import load_model
