@@ -127,14 +127,22 @@ def build_parser() -> Parser:
     h.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; default: $SLOTH_API_KEY)")
     h.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help="requests in flight before new ones get 503 + Retry-After")
-    h.add_argument("--max-queued-tokens", type=int, default=0, metavar="N",
+                   help="requests in flight before new ones get 503 + Retry-After (each prompt of a request "
+                        "counted once per choice; a request over N alone gets 400)")
+    h.add_argument("--max-queued-tokens", type=int, default=None, metavar="N",
                    help="prompt tokens of the requests in flight before new ones get 503 + Retry-After "
-                        "(each prompt counted once per choice; a request over N alone gets 400; 0: unlimited)")
+                        "(each prompt counted once per choice; a request over N alone gets 400; "
+                        "default: twice the KV cache's tokens; 0: unlimited)")
     h.add_argument("--request-timeout", type=float, default=0, metavar="SECONDS",
                    help="stop a generation request this long after its arrival, queue time included: 408, "
                         "or an error event in a stream; a request's `timeout` field may shorten it (0: none)")
-    h.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
+    h.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                   help="larger bodies get 413 (default: what a prompt as long as the context allows needs, "
+                        "at most 16 MiB)")
+    h.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="SECONDS",
+                   help="close connections that have not sent a request's headers within this time")
+    h.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout, metavar="SECONDS",
+                   help="close keep-alive connections idle this long")
     h.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests (CORS) from ORIGIN (repeatable; * for any)")
     h.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
@@ -156,8 +164,6 @@ def build_parser() -> Parser:
 def config_from_args(args: argparse.Namespace) -> Config:
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be at least 1; got {args.max_queued_requests}")
-    if args.max_queued_tokens < 0:
-        raise ValueError(f"--max-queued-tokens must be >= 0 (0: unlimited); got {args.max_queued_tokens}")
     if args.request_timeout < 0:
         raise ValueError(f"--request-timeout must be >= 0 (0: none); got {args.request_timeout}")
     if not 0 <= args.port <= 65535:
@@ -200,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         port=args.port,
         api_key=tuple(api_keys),
         max_queued_requests=args.max_queued_requests,
-        max_queued_tokens=args.max_queued_tokens or None,
+        max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout or None,
         log_level=args.log_level,
         log_format=args.log_format,
@@ -208,6 +214,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         access_log_skip_paths=tuple(p for p in args.disable_access_log_for_endpoints.split(",") if p),
         log_requests=not args.disable_log_requests,
         max_request_bytes=args.max_request_bytes,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
         allowed_origins=tuple(args.allowed_origins),
         shutdown_timeout=args.shutdown_timeout,
     )

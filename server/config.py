@@ -53,12 +53,17 @@ class Config:
     api_key: tuple[str, ...] = ()
     max_queued_requests: int = 1024
     # Prompt tokens (each prompt once per choice) of admitted generation requests before new ones
-    # get 503 + Retry-After; None: unlimited. A request over the whole budget alone is a 400.
+    # get 503 + Retry-After; a request over the whole budget alone is a 400. None: twice the KV
+    # cache's tokens (server/api/admission.py, set once the cache is sized); 0: unlimited.
     max_queued_tokens: int | None = None
     # Seconds from arrival to the end of generation, queue time included; a request's `timeout` may
     # shorten it. Past it the engine request is aborted: 408, or an SSE error event. None: no limit.
     request_timeout: float | None = None
-    max_request_bytes: int = 16 * 2**20  # larger bodies get 413
+    # Larger bodies get 413. None: what a prompt as long as the context allows needs, at most 16 MiB
+    # (server/api/limits.py, derived once the model is loaded).
+    max_request_bytes: int | None = None
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     log_level: str = "info"
     log_format: str = "text"  # text or json (one JSON object a line)
@@ -84,8 +89,13 @@ class Config:
             raise ValueError("--max-loras and --max-lora-rank must be at least 1")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json; got {self.log_format}")
-        if self.max_queued_tokens is not None and self.max_queued_tokens < 1:
-            raise ValueError(f"--max-queued-tokens must be at least 1 (or 0: unlimited); got {self.max_queued_tokens}")
+        if self.max_queued_tokens is not None and self.max_queued_tokens < 0:
+            raise ValueError(f"--max-queued-tokens must be >= 0 (0: unlimited); got {self.max_queued_tokens}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes must be at least 1; got {self.max_request_bytes}")
+        for flag, seconds in (("--header-timeout", self.header_timeout), ("--keep-alive-timeout", self.keep_alive_timeout)):
+            if not 0 < seconds < math.inf:
+                raise ValueError(f"{flag} must be a positive number of seconds; got {seconds}")
         if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
             raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); got {self.request_timeout}")
         if self.shutdown_timeout < 0:

@@ -22,7 +22,7 @@ from server.api import (
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import install_error_handlers
 from server.api.http_metrics import HTTPMetricsMiddleware
-from server.api.limits import BodySizeLimitMiddleware
+from server.api.limits import BodySizeLimitMiddleware, request_bytes_limit
 from server.api.state import ServerState
 from server.config import Config
 
@@ -47,7 +47,7 @@ def create_app(config: Config) -> FastAPI:
     install_error_handlers(app)
     # Starlette runs the last added middleware first: CORS answers preflights before auth, and the
     # size limit sits innermost, so it sees only authenticated requests.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=lambda: request_bytes_limit(state))
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=config.api_key)
     if config.allowed_origins:

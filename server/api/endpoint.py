@@ -1,5 +1,6 @@
 """What both generation endpoints (chat and text completions) do around their own work: the start
-of a request (deadline from its arrival, a loaded model, valid fields, its adapter, admission), a
+of a request (deadline from its arrival, a loaded model, valid fields, prompts bounded in number and
+characters before any tokenizing, its adapter, admission of prompts x n), a
 whole, non-streamed response that stops when the client goes away, and the ending of a stream."""
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any, NamedTuple
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from server.api.admission import Ticket
+from server.api.admission import MAX_PROMPTS, Ticket
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.errors import APIError, error_json
+from server.api.errors import APIError, error_json, invalid_param
 from server.api.generation import Deadline
+from server.api.prompts import check_prompt_chars, message_chars
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import json_response
 from server.api.serving_adapters import resolve_adapter
@@ -37,8 +39,27 @@ async def admit_generation(state: ServerState, body: ChatCompletionRequest | Com
     deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
     runtime = state.ready()
     body.check()
+    num_prompts, param = check_prompt_sizes(runtime, body)  # before any adapter load or tokenizing
     adapter_id = await resolve_adapter(state, runtime, body.model)
-    return Admitted(deadline, runtime, adapter_id, state.admission.admit())
+    return Admitted(deadline, runtime, adapter_id, state.admission.admit(num_prompts * body.n, param))
+
+
+def check_prompt_sizes(runtime: Runtime, body: ChatCompletionRequest | CompletionRequest) -> tuple[int, str]:
+    """What a request costs, bounded from its raw text: 400 for more than MAX_PROMPTS prompts or a
+    prompt too long (in characters) to fit the context whatever its tokens. Returns the number of
+    prompts and the field that holds them."""
+    tokenizer, max_model_len = runtime.tokenizer, runtime.max_model_len
+    if isinstance(body, ChatCompletionRequest):
+        check_prompt_chars(sum(map(message_chars, body.messages)), tokenizer, max_model_len, "messages")
+        return 1, "messages"
+    prompts = body.prompts()
+    if len(prompts) > MAX_PROMPTS:
+        raise invalid_param("prompt", f"at most {MAX_PROMPTS} prompts are allowed in one request; got {len(prompts)}. "
+                            "Send them in several requests")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            check_prompt_chars(len(prompt), tokenizer, max_model_len, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+    return len(prompts), "prompt"
 
 
 async def whole_response(request: Request, work: Coroutine[Any, Any, BaseModel], ticket: Ticket) -> Response:

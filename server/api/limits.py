@@ -1,29 +1,83 @@
-"""Request-size limit as a plain ASGI middleware: a body over `--max-request-bytes` gets a 413 with
-an OpenAI error body, whether it announces its length or is sent chunked (read up to the limit
-before the route parses anything)."""
+"""Limits sized from the loaded model: the request-body limit (`--max-request-bytes`, a plain ASGI
+middleware: a larger body gets a 413 with an OpenAI error body, whether it announces its length or
+is sent chunked, read up to the limit before the route parses anything) and the default prompt-token
+budget of admission (`--max-queued-tokens`)."""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.admission import default_token_budget
 from server.api.errors import error_body
+from server.api.prompts import max_prompt_chars
+
+if TYPE_CHECKING:
+    from server.api.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+# --max-request-bytes' default: a prompt as long as the context allows (prompts.max_prompt_chars:
+# max_model_len x up to 32 characters a token, where text averages 3-5) at UTF-8's widest, 4 bytes a
+# character, plus the rest of the largest request (message structure, tools and their schemas,
+# logit_bias, stop strings). Prompts of real text fit with room to spare, even JSON-escaped ("\u4e2d",
+# 6 bytes for a character of ~1.5 a token). Never above the 16 MiB this server used to allow: a
+# 131072-token prompt of real text is under 3 MB. Until the model is loaded (every generation route
+# answers 503, to be retried) the cap applies, so that a valid request is not refused with a 413.
+BYTES_PER_PROMPT_CHAR = 4
+REQUEST_OVERHEAD_BYTES = 2**20
+MAX_DEFAULT_REQUEST_BYTES = 16 * 2**20
+
+
+def default_max_request_bytes(max_chars: int) -> int:
+    return min(BYTES_PER_PROMPT_CHAR * max_chars + REQUEST_OVERHEAD_BYTES, MAX_DEFAULT_REQUEST_BYTES)
+
+
+def request_bytes_limit(state: ServerState) -> int:
+    """The body limit now: --max-request-bytes, or the default derived from the loaded model."""
+    if state.config.max_request_bytes is not None:
+        return state.config.max_request_bytes
+    runtime = state.runtime
+    if runtime is None:
+        return MAX_DEFAULT_REQUEST_BYTES
+    return default_max_request_bytes(max_prompt_chars(runtime.tokenizer, runtime.max_model_len))
+
+
+def fit_limits(state: ServerState) -> None:
+    """Once the model is loaded: --max-queued-tokens' default from the KV cache's size, and the
+    derived limits logged."""
+    runtime = state.runtime
+    assert runtime is not None
+    blocks = runtime.engine.block_manager
+    if state.config.max_queued_tokens is None:
+        state.admission.max_tokens = default_token_budget(blocks.num_blocks * blocks.block_size)
+    logger.info("limits: prompts of at most %d characters; bodies of at most %d bytes; %s prompt tokens in flight",
+                max_prompt_chars(runtime.tokenizer, runtime.max_model_len), request_bytes_limit(state),
+                state.admission.max_tokens or "unlimited")
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self._max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes if isinstance(self._max_bytes, int) else self._max_bytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.max_bytes
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    await self._reject(send)
+                if value.isdigit() and int(value) > max_bytes:
+                    await self._reject(send, max_bytes)
                     return
                 await self.app(scope, receive, send)  # the server reads no more than announced
                 return
@@ -36,8 +90,8 @@ class BodySizeLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._reject(send)
+            if size > max_bytes:
+                await self._reject(send, max_bytes)
                 return
             if not message.get("more_body", False):
                 break
@@ -47,8 +101,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
-        message = f"the request body is larger than the server's limit of {self.max_bytes} bytes (--max-request-bytes)"
+    async def _reject(self, send: Send, max_bytes: int) -> None:
+        message = (f"the request body is larger than the server's limit of {max_bytes} bytes (--max-request-bytes); "
+                   "send shorter prompts or fewer of them")
         body = json.dumps(error_body(message, "invalid_request_error", None, "request_too_large")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})

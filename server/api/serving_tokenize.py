@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from server.api.errors import invalid_param
-from server.api.prompts import check_token_ids, encode_chat, encode_text
+from server.api.prompts import check_prompt_chars, check_token_ids, encode_chat, encode_text, message_chars
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.serving_adapters import resolve_adapter
 from server.api.state import StateDep
@@ -21,6 +21,8 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     adapter_id = await resolve_adapter(state, runtime, body.model)  # 404 for an unknown model
     if (body.prompt is None) == (body.messages is None):
         raise invalid_param("prompt", "give exactly one of 'prompt' or 'messages'")
+    num_chars = len(body.prompt or "") + sum(map(message_chars, body.messages or ()))  # bounded before tokenizing
+    check_prompt_chars(num_chars, runtime.tokenizer, runtime.max_model_len, "prompt" if body.messages is None else "messages")
     tokenizer = runtime.tokenizers.of(adapter_id).tokenizer  # the model's own template and added tokens
     if body.messages is not None:
         tokens = await encode_chat(tokenizer, body.conversation(), body.add_generation_prompt)

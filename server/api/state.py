@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from server.adapters import AdapterRegistry
 from server.api.admission import Admission
 from server.api.errors import APIError
+from server.api.limits import fit_limits
 from server.api.logprobs import TokenTexts
 from server.config import Config
 from server.engine import stalls
@@ -168,6 +169,7 @@ class ServerState:
         async_engine.start()  # needs the running loop: that is why this runs on it
         names = [self.base_model_id, *(a.name for a in adapters)]
         self.runtime = Runtime(engine, async_engine, tokenizer, adapters, TokenTexts(tokenizer), self.base_model_id)
+        fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
         logger.info("ready to serve: %s", ", ".join(names))
 
     def _fail(self, message: str) -> None:

@@ -81,8 +81,8 @@ def test_limit_flags_reach_the_config() -> None:
     config = config_from_args(parse(["--max-queued-tokens", "4096", "--request-timeout", "2.5"]))
     assert config.max_queued_tokens == 4096 and config.request_timeout == 2.5
     config = config_from_args(parse(["--max-queued-tokens", "0", "--request-timeout", "0"]))
-    assert config.max_queued_tokens is None and config.request_timeout is None
-    assert Config().max_queued_tokens is None and Config().request_timeout is None
+    assert config.max_queued_tokens == 0 and config.request_timeout is None  # 0: unlimited
+    assert Config().max_queued_tokens is None and Config().request_timeout is None  # None: from the KV cache
     for flags in (["--max-queued-tokens", "-1"], ["--request-timeout", "-1"], ["--request-timeout", "nan"],
                   ["--request-timeout", "inf"]):
         with pytest.raises(ValueError):
