@@ -154,6 +154,8 @@ class ModelRunner:
             meta.active_lora_slots = sorted(slot_of.values())
             own_modules = self.slot_modules.step(self.lora_manager, adapter_per_token,
                                                  [batch.seqs[i].adapter_id for i in sample_rows])
+        elif self.slot_modules.resident and self.lora_manager is not None:
+            self.slot_modules.sync(self.lora_manager)  # a removed adapter's copies go with it
         ids = lookahead_ids if lookahead_ids is not None else self._tensor(input_ids)
         return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index), own_modules)
 

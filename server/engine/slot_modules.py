@@ -47,8 +47,8 @@ class SlotModuleTable:
             return False
         return any((w := lora.adapters.get(a)) is not None and w.modules is not None for a in adapter_ids)
 
-    def _sync(self, lora: LoRAManager) -> None:
-        """Drop the copies of adapters that left the slots or were registered again."""
+    def sync(self, lora: LoRAManager) -> None:
+        """Drop the copies of adapters that left the slots, were removed or were registered again."""
         for adapter_id, (weights, _) in list(self.resident.items()):
             if adapter_id not in lora.slot_of or lora.adapters.get(adapter_id) is not weights:
                 del self.resident[adapter_id]
@@ -69,7 +69,7 @@ class SlotModuleTable:
         if lora is None:
             return None
         if self.resident:
-            self._sync(lora)
+            self.sync(lora)
         groups: list[AdapterGroup] = []
         vocab = self.model.config.vocab_size
         for adapter_id in sorted(set(token_adapters) - {0}):

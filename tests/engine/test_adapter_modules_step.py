@@ -116,3 +116,18 @@ def test_grammar_rows_never_take_added_tokens_free_rows_may() -> None:
     logits[:, 4096:] = 100.0  # the added tokens would win anywhere they are allowed
     tokens, _ = sampler(logits, [constrained, free])
     assert tokens[0] < 4096 and tokens[1] >= 4096
+
+
+def test_a_removed_adapters_device_copy_is_freed_by_the_next_step() -> None:
+    eng = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, device="cpu"))
+    eng.add_lora(1, LoRAWeights("norm", "-", 8, None, {}, modules=AdapterModules(norms={"model.norm": torch.ones(256)})))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    eng.add_request("a", [5, 6], params, 1)
+    while eng.has_unfinished_requests:
+        eng.step()
+    assert set(eng.runner.slot_modules.resident) == {1}
+    eng.remove_lora(1)
+    eng.add_request("base", [5, 6], params, 0)  # a step without adapters
+    while eng.has_unfinished_requests:
+        eng.step()
+    assert not eng.runner.slot_modules.resident

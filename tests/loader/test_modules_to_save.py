@@ -103,13 +103,13 @@ def engine(**settings: object) -> LLMEngine:
                             max_num_batched_tokens=16, max_num_seqs=8, warmup=False, **settings))  # type: ignore[arg-type]
 
 
-def run(eng: LLMEngine, requests: list[tuple[list[int], int]]) -> list[list[int]]:
+def run(eng: LLMEngine, requests: list[tuple[list[int], int]], params: SamplingParams = GREEDY) -> list[list[int]]:
     """Request i joins at step i (prompts chunked beside decodes); each one's greedy tokens."""
     got: dict[str, list[int]] = {str(i): [] for i in range(len(requests))}
     step = 0
     while step < len(requests) or eng.has_unfinished_requests:
         if step < len(requests):
-            eng.add_request(str(step), requests[step][0], GREEDY, requests[step][1])
+            eng.add_request(str(step), requests[step][0], params, requests[step][1])
         for out in eng.step():
             got[out.request_id].extend(out.new_token_ids)
         step += 1
@@ -168,6 +168,30 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(adapters: dict[str, Pat
     # ... and in one batch with the others the same: no adapter's modules reach another's rows.
     assert run(eng, requests) == alone
     assert run(eng, requests[::-1]) == alone[::-1]
+
+
+def test_steps_run_ahead_feed_added_tokens_back_through_the_adapters_embedding(
+        adapters: dict[str, Path], prompts: list[list[int]]) -> None:
+    """--async-scheduling: a decode step queued before the host read the previous token embeds that
+    token on the device, an added one included."""
+    plain = SamplingParams(max_tokens=MAX_NEW, temperature=0)  # min_tokens would keep steps synchronous
+    outputs = []
+    for ahead in (False, True):
+        eng = engine(async_scheduling=ahead)
+        eng.add_lora(1, load_lora("resized", adapters["resized"], 16))
+        eng.add_lora(2, load_lora("modules", adapters["modules"], 16))
+        launched: list[bool] = []
+        real = eng.runner.launch_decode
+
+        def watch(batch, prev=None, prev_rows=None):  # type: ignore[no-untyped-def]
+            launched.append(prev is not None)  # noqa: B023 (called within this iteration only)
+            return real(batch, prev, prev_rows)  # noqa: B023
+
+        eng.runner.launch_decode = watch  # type: ignore[method-assign]
+        outputs.append(run(eng, [(p, a) for p in prompts for a in (0, 1, 2)], plain))
+        assert sum(launched) >= (MAX_NEW // 2 if ahead else 0)
+    assert outputs[1] == outputs[0]
+    assert any(t >= BASE_VOCAB for out in outputs[1] for t in out)
 
 
 def test_added_token_ids_are_valid_for_their_adapter_only(adapters: dict[str, Path]) -> None:
