@@ -199,15 +199,15 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
             return None
+        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         # Adapters with their own embed_tokens / lm_head / norms run eagerly: the graphs hold only the
         # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
-        if self.slot_modules.has_modules(self.lora_manager, {seq.adapter_id for seq in batch.seqs} - {0}):
+        if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
         bs = self.block_size
         ahead = lookahead_ids is not None
         positions = [seq.num_tokens if ahead else seq.num_computed_tokens for seq in batch.seqs]
         lora_slots = None
-        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         if adapters:
             assert self.lora_manager is not None
             slot_of = self.lora_manager.assign_slots(adapters)
