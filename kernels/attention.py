@@ -4,6 +4,8 @@ Layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]. 
 step writes its K/V at flat slot `slot_mapping[t]` (block * block_size + offset). Sequence b owns
 queries `query_start_loc[b]:query_start_loc[b+1]`, which are its last positions out of
 `seq_lens[b]`; its keys are read through `block_tables[b]`. A negative slot writes nothing.
+Options per layer: a sliding window (keys less than `sliding_window` positions back) and Gemma 2's
+score soft-capping (`softcap`: scores become softcap * tanh(scores / softcap) before the mask).
 Dispatch: Triton (`triton_attention`) on CUDA tensors, the PyTorch references elsewhere.
 """
 
@@ -50,6 +52,7 @@ def paged_attention_ref(
     meta: AttnMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached keys; q [T, Hq, D] -> [T, Hq, D]."""
     out = torch.empty_like(q)
@@ -67,6 +70,8 @@ def paged_attention_ref(
         v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
         qb = q[start:end].transpose(0, 1).float()  # [H, q_len, D]
         scores = torch.matmul(qb, k.transpose(1, 2)) * scale  # [H, q_len, L]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         masked = k_pos > q_pos
@@ -96,6 +101,7 @@ def paged_attention(
     meta: AttnMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. On CUDA no host sync: the kernels read the device tensors and
     use only meta's host ints (max_query_len) and tensor shapes for their grids."""
@@ -104,6 +110,6 @@ def paged_attention(
 
         return paged_attention_triton(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale, sliding_window, meta.num_decodes,
+            meta.max_query_len, scale, sliding_window, meta.num_decodes, softcap=softcap,
         )
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)

@@ -4,7 +4,8 @@ One kernel serves prefill, chunked prefill and decode: a program takes a tile of
 = BLOCK_Q tokens x GROUP q heads of one kv head (GQA heads share each K/V load) and walks the
 sequence's keys in BLOCK_N tiles gathered through the block table, with an online softmax. Decode
 steps (one query per sequence) may split the keys over programs (flash-decoding) and merge the
-partial results in a second kernel. Grids depend on host ints and tensor shapes only.
+partial results in a second kernel. Grids depend on host ints and tensor shapes only. Gemma 2's
+score soft-capping is a constexpr variant (SOFTCAP): the others compile exactly as without it.
 """
 
 from __future__ import annotations
@@ -84,11 +85,19 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_base, q_block, BLOCK_Q: tl.conste
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp2 (Triton has no tanh the interpreter runs): sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)."""
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, k_base, v_base, table_ptr, start, hi, q_pos, window,
-    stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2,
+    stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < hi
@@ -98,6 +107,8 @@ def _attend_tile(
     k = tl.load(k_base + (block * stride_kb + offset * stride_ko)[:, None] + cols[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + (block * stride_vb + offset * stride_vo)[:, None] + cols[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if SOFTCAP:  # s is score / softcap here (see _launch): softcap * tanh(that), in log2 units
+        s = _tanh(s) * softcap_log2
     if MASKED:
         visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if SLIDING:
@@ -119,12 +130,13 @@ def _attend_tile(
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_seqs, q_base, num_splits, scale_log2, window,
+    num_seqs, q_base, num_splits, scale_log2, softcap_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     if not DECODE:  # the last q blocks of a sequence see the most keys: start them first
@@ -184,14 +196,14 @@ def _paged_attention_kernel(
     for t in range(tile_lo, mid):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, window,
-            stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2,
-            False, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION,
+            stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
+            False, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION, SOFTCAP,
         )
     for t in range(mid, tile_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, window,
-            stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2,
-            True, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION,
+            stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
+            True, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION, SOFTCAP,
         )
 
     if SPLIT:  # partials [T, Hq, num_splits, D] and (m, l) [T, Hq, num_splits, 2]
@@ -261,18 +273,20 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int | None = None,
     num_decodes: int = 0,
+    softcap: float | None = None,
     **tiles: int,
 ) -> torch.Tensor:
     """q [T, Hq, D] (strided view allowed) -> [T, Hq, D]. `max_query_len` == 1 takes the decode
     path. With 0 < num_decodes < batch, the first num_decodes sequences (one query token each) take
-    the decode kernel and the rest the prefill kernel. `tiles` overrides tile choices (block_m,
-    block_n, num_warps, num_stages, num_splits, programs_per_sm) for benchmarks and tests."""
+    the decode kernel and the rest the prefill kernel. `softcap`: scores become softcap *
+    tanh(scores / softcap) (Gemma 2). `tiles` overrides tile choices (block_m, block_n, num_warps,
+    num_stages, num_splits, programs_per_sm) for benchmarks and tests."""
     num_tokens, num_heads, head_dim = q.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     assert num_heads % k_cache.shape[2] == 0, f"{num_heads} q heads do not split into {k_cache.shape[2]} kv heads"
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     batch = block_tables.shape[0]
-    args = (q, k_cache, v_cache, out, scale, sliding_window)
+    args = (q, k_cache, v_cache, out, scale, sliding_window, softcap)
     if max_query_len == 1:
         _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles)
     elif 0 < num_decodes < batch:
@@ -286,7 +300,8 @@ def paged_attention_triton(
 
 def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, scale: float,
-    sliding_window: int | None, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+    sliding_window: int | None, softcap: float | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
     batch: int, num_tokens: int, q_base: int, max_query_len: int, tiles: dict[str, int],
 ) -> None:
     """Attention for `batch` sequences whose `num_tokens` queries start at token q_base."""
@@ -319,11 +334,14 @@ def _launch(
         part_acc = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_tokens, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
     num_q_blocks = batch if decode else num_tokens // block_q + batch
+    # Scores leave the dot multiplied by scale_log2: log2-scaled scores, or with a soft cap the
+    # scores over the cap (tanh's argument), which the kernel then scales by cap * log2(e).
+    scale_log2, softcap_log2 = (scale * LOG2E, 0.0) if softcap is None else (scale / softcap, softcap * LOG2E)
     extra = {"num_stages": tiles["num_stages"]} if "num_stages" in tiles else {}
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml,
         block_tables, seq_lens, query_start_loc,
-        batch, q_base, num_splits, scale * LOG2E, sliding_window or 0,
+        batch, q_base, num_splits, scale_log2, softcap_log2, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -331,6 +349,7 @@ def _launch(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DECODE=decode, SPLIT=split, SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32)
+        SOFTCAP=softcap is not None,
         num_warps=tiles.get("num_warps", 8 if block_m >= 128 else 4), **extra,
     )
     if split:
@@ -344,6 +363,7 @@ def _launch(
 def compile_variants(
     num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, max_keys: int,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> int:
     """Launch, once, every kernel variant the dispatcher above can pick for these head counts, on one
     sequence whose block table points at `block` (only read). Triton compiles a variant the first
@@ -363,7 +383,7 @@ def compile_variants(
         seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
         starts = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, starts, num_tokens, 1.0, sliding_window,
-                               **tiles)
+                               softcap=softcap, **tiles)
         launches += 1
 
     most_splits = max(decode_num_splits(1, num_kv_heads, max_keys, n, device) for n in (32, 64, 128))

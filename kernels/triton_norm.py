@@ -1,5 +1,6 @@
 """Triton RMSNorm, optionally fused with the residual add before it. Same rounding order as
-`norm.rms_norm_ref`: sum in fp32 rounded to the activation dtype, normalise in fp32, cast, then scale."""
+`norm.rms_norm_ref`: sum in fp32 rounded to the activation dtype, normalise in fp32, cast, then scale;
+with SCALE_FP32 as `norm.gemma_rms_norm_ref`: a float32 scale applied before the one cast."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     num_rows, num_heads, n_cols, eps,
     stride_xt, stride_xh, stride_rt, stride_st,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_FP32: tl.constexpr,
 ):
     # Row r is (token r // num_heads, head r % num_heads): 2-D [T, N] inputs have num_heads == 1,
     # per-head q/k norm reads [T, H, D] views of the fused qkv output without a copy.
@@ -42,9 +43,11 @@ def _rms_norm_kernel(
         tl.store(sum_ptr + (tok * stride_st)[:, None] + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=1) / n_cols
-    y = (xf * tl.rsqrt(var + eps)[:, None]).to(dtype)
+    y = xf * tl.rsqrt(var + eps)[:, None]
+    if not SCALE_FP32:  # Llama rounds the normalised value before scaling; Gemma does not
+        y = y.to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    out = y.to(tl.float32) * w.to(tl.float32)[None, :]
+    out = y * w.to(tl.float32)[None, :]
     out_off = rows.to(tl.int64) * n_cols
     tl.store(out_ptr + out_off[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -61,13 +64,13 @@ def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, scale_fp32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     shape = x.shape
     n = shape[-1]
     x2, heads, stride_xt, stride_xh = _as_rows(x if residual is None else x.reshape(-1, n))
     num_rows = x2.numel() // n
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = x.dtype if scale_fp32 else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(shape, dtype=out_dtype, device=x.device)
     total = None
     res2 = x2
@@ -85,17 +88,18 @@ def _launch(
         x2, res2, weight, out, x2 if total is None else total,
         num_rows, heads, n, eps,
         stride_xt, stride_xh, res2.stride(0), n,
-        HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_N=block_n, SCALE_FP32=scale_fp32,
+        num_warps=num_warps,
     )
     return out, total
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_fp32: bool = False) -> torch.Tensor:
+    return _launch(x, None, weight, eps, scale_fp32)[0]
 
 
 def add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, scale_fp32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, total = _launch(x, residual, weight, eps)
+    out, total = _launch(x, residual, weight, eps, scale_fp32)
     return out, x if total is None else total

@@ -161,7 +161,7 @@ def make_batch(
 
 def attention_case(
     q_lens: list[int], seq_lens: list[int], heads: tuple[int, int], head_dim: int, block_size: int,
-    dtype: str, window: int | None = None, num_decodes: int = 0, **overrides: int,
+    dtype: str, window: int | None = None, num_decodes: int = 0, softcap: float | None = None, **overrides: int,
 ) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
         from kernels.triton_attention import paged_attention_triton
@@ -172,10 +172,13 @@ def attention_case(
         qkv = torch.randn(q.shape[0], q.shape[1] + 2, head_dim).to(dt)
         qkv[:, : q.shape[1]] = q
         q = qkv[:, : q.shape[1]]
-        scale = head_dim**-0.5
+        scale = head_dim**-0.5 if softcap is None else 4 * head_dim**-0.5  # scores past the cap: tanh bends
         out = paged_attention_triton(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                     meta.max_query_len, scale, window, num_decodes, **overrides)
-        return rel_err(out, paged_attention_ref(q, kc, vc, meta, scale, window)), BOUND[dt]
+                                     meta.max_query_len, scale, window, num_decodes, softcap=softcap, **overrides)
+        ref = paged_attention_ref(q, kc, vc, meta, scale, window, softcap)
+        if softcap is not None:  # the cap changes the result: a kernel ignoring it would fail
+            assert rel_err(paged_attention_ref(q, kc, vc, meta, scale, window), ref) > 100 * BOUND[dt]
+        return rel_err(out, ref), BOUND[dt]
 
     return run
 
@@ -236,6 +239,15 @@ CASES: dict[str, Callable[[], tuple[float, float]]] = {
                                                 num_decodes=1, block_m=16, block_n=16, num_splits=3),
     "chunked_mixed_gqa2_bf16": attention_case([1, 13, 1, 30], [40, 29, 9, 30], (4, 2), 64, 8, "bf16"),
     "chunked_mixed_gqa4_fp16": attention_case([9, 1, 21], [50, 17, 60], (8, 2), 64, 16, "fp16"),
+    # Gemma 2's score soft-capping: decode (split and not), prefill, chunked + sliding, two kernels
+    "softcap_decode_split": attention_case([1, 1, 1], [5, 90, 17], (4, 2), 64, 16, "fp32", softcap=2.5,
+                                           num_splits=3),
+    "softcap_decode_bf16": attention_case([1, 1], [13, 50], (8, 2), 80, 8, "bf16", softcap=3.0),
+    "softcap_prefill_gqa2": attention_case([7, 19], [7, 19], (4, 2), 64, 8, "fp32", softcap=2.0),
+    "softcap_chunked_sliding": attention_case([5, 1, 26], [37, 12, 44], (4, 2), 64, 8, "fp32", window=9,
+                                              softcap=2.0, block_m=16, block_n=16),
+    "softcap_mixed_two_kernels_fp16": attention_case([1, 5, 1, 26], [70, 37, 12, 44], (4, 2), 64, 16, "fp16",
+                                                     num_decodes=1, softcap=1.5),
     # KV write: strided k/v views, padding slots, every dtype
     "write_kv_bs8_fp32": write_kv_case(2, 64, 8, "fp32"),
     "write_kv_bs16_d80_bf16": write_kv_case(3, 80, 16, "bf16"),
@@ -291,6 +303,20 @@ def test_paged_attention_gpu_llama3_shapes(
     out = paged_attention(q, kc, vc, meta, 128**-0.5, window)
     ref = paged_attention_ref(q, kc, vc, meta, 128**-0.5, window)
     assert rel_err(out, ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("q_lens", "seq_lens", "window"),
+                         [([1] * 8, [1, 17, 512, 700, 2048, 3001, 8192, 64], None),
+                          ([1, 300, 1, 77, 1], [900, 812, 33, 2000, 4097], 4096), ([512], [512], None)])
+def test_paged_attention_softcap_gpu_gemma2_shapes(q_lens: list[int], seq_lens: list[int], window: int | None) -> None:
+    """Gemma-2-9B's attention: 16 q / 8 kv heads of 256, scale 256**-0.5, scores capped at 50."""
+    torch.manual_seed(0)
+    q, kc, vc, meta = make_batch(q_lens, seq_lens, 16, 8, 256, 16, torch.bfloat16, device="cuda")
+    q = q * 8  # scores of tens, where the cap bends them
+    out = paged_attention(q, kc, vc, meta, 256**-0.5, window, softcap=50.0)
+    assert rel_err(out, paged_attention_ref(q, kc, vc, meta, 256**-0.5, window, 50.0)) < BOUND[torch.bfloat16]
 
 
 @pytest.mark.gpu
