@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,6 +139,18 @@ def test_lazy_and_runtime_loaded_adapters_use_their_templates(servers: dict[str,
     cards = models(own)
     assert cards["lazy-alpaca"]["chat_template"] == cards["rt"]["chat_template"] == "adapter"
     assert chat(own, "rt")["usage"]["prompt_tokens"] == len(alpaca_ids)
+
+
+def test_lazy_adapter_whose_template_changed_on_disk_is_reread(servers: dict[str, LiveServer], lora_dir: Path) -> None:
+    own = servers["own"]
+    folder = adapter_folder(lora_dir, "retemplated")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:")
+    assert tokenize(own, "retemplated", messages=HELLO) == tokenize(own, BASE_MODEL, prompt="Q: Write a short greeting.\nA:")
+    template = folder / "chat_template.jinja"
+    template.write_text("{% for m in messages %}User says {{ m['content'] }}{% endfor %}")
+    later = template.stat().st_mtime + 5  # a changed mtime even where the file system's clock is coarse
+    os.utime(template, (later, later))
+    assert tokenize(own, "retemplated", messages=HELLO) == tokenize(own, BASE_MODEL, prompt="User says Write a short greeting.")
 
 
 def test_malformed_template_at_lazy_load_is_a_400(servers: dict[str, LiveServer]) -> None:
