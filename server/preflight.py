@@ -11,6 +11,8 @@ import socket
 from pathlib import Path
 
 from server.config import Config
+from server.loader.adapter_config import AdapterError
+from server.loader.adapter_layout import check_adapter_folder
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
 from server.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
@@ -154,17 +156,10 @@ def check_adapter(where: str, path: Path) -> None:
         raise StartupError(f"{where} is a file: pass the adapter folder that holds it, {path.parent}")
     if not (path / "adapter_config.json").is_file():
         raise StartupError(f"{where} has no adapter_config.json: is it a PEFT LoRA adapter folder?")
-    try:
-        cfg = read_json_object(path / "adapter_config.json")
-    except (OSError, ValueError) as exc:
+    try:  # its config's fields, and its tensors' names, dtypes and ranks from the file's header
+        check_adapter_folder(path)
+    except (OSError, AdapterError) as exc:
         raise StartupError(f"{where}: {exc}") from exc
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA" or cfg.get("use_dora"):
-        kind = "DoRA" if peft_type == "LORA" else peft_type
-        raise StartupError(f"{where} is a {kind} adapter; sloth-serve serves plain LoRA adapters only")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise StartupError(f"{where} has no adapter_model.safetensors (a .bin adapter can be converted with "
-                           "PEFT: load it and save_pretrained(safe_serialization=True))")
 
 
 def check_lora_flags(config: Config, base_name: str) -> None:
@@ -220,7 +215,9 @@ def check_device(device: str) -> None:
                            "(docker: --gpus all)")
     index = int(match.group(1) or 0)
     if index >= count:
-        raise StartupError(f"--device {device}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+        visible = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise StartupError(f"--device {device}: only {count} GPU(s) visible ({visible}; CUDA_VISIBLE_DEVICES "
+                           "chooses which)")
     if torch_cuda_build() is None:
         raise StartupError(f"--device {device}: the installed torch is a CPU build; install a CUDA build "
                            f"(pip install torch=={TORCH_CUDA_VERSION}, as the Dockerfile does)")
