@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.llm_engine import LLMEngine
-from server.loader.peft import LoRAWeights, load_lora
+from server.loader.peft import LoRAWeights, check_fits, load_lora
 
 
 @dataclass(slots=True)
@@ -62,6 +62,7 @@ class AdapterRegistry:
             raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
         folder = Path(path)
         weights = load_lora(name, folder, self.engine.config.max_lora_rank)
+        check_fits(weights, self.engine.lora_manager.layers)  # refused here, before the engine sees it
         adapter = Adapter(name, str(path), next(self._ids), weights.rank, pinned, file_signature(folder))
         return adapter, weights
 

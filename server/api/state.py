@@ -83,6 +83,7 @@ class ServerState:
         self.load_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loader: threading.Thread | None = None
         self._closed = False
         self.draining = False  # SIGTERM received: finish what runs, admit nothing new
         self.drain_deadline = 0.0
@@ -124,7 +125,8 @@ class ServerState:
 
     def start_loading(self) -> None:
         self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._load, name="sloth-loader", daemon=True).start()
+        self._loader = threading.Thread(target=self._load, name="sloth-loader", daemon=True)
+        self._loader.start()
 
     def _load(self) -> None:
         try:
@@ -179,6 +181,10 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self._closed = True
+        if self.load_error is not None and self._loader is not None:
+            # A failed load's thread may still be freeing its tensors: the process exiting under it
+            # aborted (SIGABRT, "terminate called without an active exception").
+            await asyncio.to_thread(self._loader.join, 30)
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.async_engine.shutdown)
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from server.loader.peft import LoRAWeights
+from server.loader.peft import LoRAWeights, check_fits
 from server.models.layers import LoRALinear
 
 
@@ -31,18 +31,13 @@ class LoRAManager:
         self.slot_ranks: torch.Tensor | None = None
 
     def add(self, adapter_id: int, weights: LoRAWeights) -> None:
-        for (module, index), (a, b) in weights.tensors.items():
-            layer = self.layers.get(module)
-            if layer is None:
-                raise ValueError(f"adapter {weights.name!r} targets {module}, which the model lacks")
-            if index >= len(layer.out_slices):
-                raise ValueError(f"adapter {weights.name!r}: bad projection index for {module}")
-            want = (layer.out_slices[index], layer.in_features)
-            if (b.shape[0], a.shape[1]) != want:
-                raise ValueError(
-                    f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
-                    f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
-                )
+        # Checked here, not only at load: a slot write that fails mid-step would stop the engine for
+        # every request, where a refusal now fails only this adapter's load.
+        check_fits(weights, self.layers)
+        for (module, _), (a, b) in weights.tensors.items():
+            if not a.shape[0] == b.shape[1] <= self.max_rank:
+                raise ValueError(f"adapter {weights.name!r}: {module} has rank {a.shape[0]} (A) / {b.shape[1]} (B); "
+                                 f"the adapter slots hold rank {self.max_rank} (--max-lora-rank)")
         if not self.has_slots:
             self.slot_ranks = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
             for layer in self.layers.values():

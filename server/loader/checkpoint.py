@@ -12,7 +12,7 @@ import torch
 
 from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, resolve_adapter_base
-from server.loader.peft import load_lora
+from server.loader.peft import check_fits, load_lora
 from server.models.llama import LlamaForCausalLM
 from server.models.weights import load_model
 
@@ -86,11 +86,10 @@ def merge_adapter(model: LlamaForCausalLM, adapter: Path, max_rank: int, dtype: 
     dense (its NF4 bytes are dequantized first), which costs memory: logged."""
     weights = load_lora(adapter.name, adapter, max_rank)
     layers = model.lora_layers()
+    check_fits(weights, layers)  # every part checked before the first layer changes
     added = 0
     by_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for (module, index), (a, b) in weights.tensors.items():
-        if module not in layers:
-            raise ValueError(f"adapter {adapter} targets {module}, which the model lacks")
         by_module.setdefault(module, []).append((index, a, b))
     for module, parts in by_module.items():
         layer = layers[module]

@@ -1,25 +1,50 @@
-"""Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) into the
-per-projection A and scaled B matrices that the engine's LoRA slots hold."""
+"""Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, or PEFT's
+adapter_model.bin) into the per-projection A and scaled B matrices that the engine's LoRA slots
+hold. Every tensor on disk is used or the load stops naming it (server.loader.adapter_layout)."""
 
 from __future__ import annotations
 
-import json
-import math
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from server.loader.adapter_config import AdapterError, read_adapter_config
+from server.loader.adapter_layout import (
+    SAFETENSORS,
+    TensorSpec,
+    check_adapter_folder,
+    plan_layout,
+    read_safetensors_header,
+    weights_file,
+    where,
+)
 from server.loader.adapter_modules import AdapterModules, read_adapter_modules
 from server.models.weights import fused_target
+
+if TYPE_CHECKING:
+    from server.models.layers import LoRALinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdapterError", "LoRAWeights", "check_fits", "load_lora", "read_adapter_config", "startup_lora_rank"]
+
+# torch dtypes by safetensors' names, so a .bin file's tensors are named as a .safetensors file's
+DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+               torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
+               torch.bool: "BOOL"}
 
 
 @dataclass(slots=True)
 class LoRAWeights:
     name: str
     path: str
-    rank: int
+    rank: int  # the widest of its modules' ranks
     base_model: str | None
     # (our module name, slice index) -> (A [r, in], B * scale [out, r]), float32 on the host
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -28,72 +53,88 @@ class LoRAWeights:
     modules: AdapterModules | None = None  # those tensors sorted by module (server.loader.adapter_modules)
 
 
-def read_adapter_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: adapter_config.json is missing")
-    cfg = json.loads(path.read_text())
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise ValueError(f"adapter {folder} is of PEFT type {peft_type}; only plain LoRA is supported")
-    if cfg.get("use_dora"):
-        raise ValueError(f"adapter {folder} is a DoRA adapter; only plain LoRA is supported")
-    return cfg
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.name == SAFETENSORS:
+        read_safetensors_header(path)  # a truncated or malformed file, said plainly
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterError(f"{where(path)} is not a readable safetensors file ({exc}); save it again") from exc
+    try:  # tensors only: weights_only refuses any other pickled object (no code runs)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an untrusted file: whatever the unpickler raises means "unreadable"
+        raise AdapterError(f"{where(path)} could not be read as PyTorch tensors ({type(exc).__name__}: {exc}); "
+                           "save the adapter with safe_serialization=True") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise AdapterError(f"{where(path)} does not hold a dictionary of named tensors; save the adapter again")
+    return state
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    return {k: TensorSpec(DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.shape))
+            for k, t in tensors.items()}
+
+
+def adapter_rank(folder: Path) -> int:
+    """The widest rank of a checked adapter folder (a .bin one is read whole: only torch reads it)."""
+    cfg, layout = check_adapter_folder(folder)
+    if layout is None:
+        path = weights_file(folder)
+        layout = plan_layout(cfg, specs_of(read_tensors(path)), where(path))
+    return layout.rank
 
 
 MIN_SLOT_RANK = 16  # vLLM's default --max-lora-rank, and Unsloth's default adapter rank
 
 
-def adapter_rank(cfg: dict) -> int:
-    """The largest rank of an adapter's modules (its `r`, or larger ones in `rank_pattern`)."""
-    pattern = cfg.get("rank_pattern") or {}
-    return max([int(cfg["r"]), *(int(r) for r in pattern.values())])
-
-
 def startup_lora_rank(folders: list[Path]) -> int:
-    """The slot rank that fits every adapter folder given (at least MIN_SLOT_RANK). A folder that is not a
-    readable adapter is passed over here: loading it later says what is wrong with it."""
+    """The slot rank that fits every adapter folder given (at least MIN_SLOT_RANK), from the ranks of
+    the tensors on disk. A folder that cannot be served is passed over with a warning: requests for
+    it get a 400 saying why (a bad folder in a --lora-dir must not stop the server)."""
     ranks = [MIN_SLOT_RANK]
     for folder in folders:
         try:
-            ranks.append(adapter_rank(read_adapter_config(folder)))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+            ranks.append(adapter_rank(folder))
+        except (AdapterError, OSError) as exc:
+            logger.warning("adapter folder %s cannot be served and is passed over: %s", folder, exc)
     return max(ranks)
 
 
 def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    rank = int(cfg["r"])
-    widest = adapter_rank(cfg)
-    if widest > max_rank:
-        raise ValueError(f"adapter {name!r} has rank {widest} but the adapter slots hold rank {max_rank} "
-                         f"(set at start-up from the adapters given then); restart with --max-lora-rank "
-                         f"{widest} or more")
-    alpha = float(cfg.get("lora_alpha", rank))
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    weights_path = folder / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"adapter {name!r}: {weights_path} is missing")
-    raw = load_file(str(weights_path))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    full_tensors = {key: tensor for key, tensor in raw.items() if "lora_" not in key}
-    for key, tensor in raw.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in key:
-                module = key.split(marker)[0]
-                pairs.setdefault(module, {})[part] = tensor.float()
+    path = weights_file(folder)
+    raw = read_tensors(path)
+    layout = plan_layout(cfg, specs_of(raw), where(path))
+    if layout.rank > max_rank:
+        raise AdapterError(f"adapter {name!r} has rank {layout.rank} but the adapter slots hold rank {max_rank} "
+                           f"(set at start-up from the adapters given then); restart with --max-lora-rank "
+                           f"{layout.rank} or more")
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"adapter {name!r}: {module} lacks lora_A or lora_B")
-        # PEFT prefixes "base_model.model."; what follows is the HF module path.
-        hf_module = module.removeprefix("base_model.model.")
-        ours, index = fused_target(hf_module + ".weight")
-        tensors[(ours.removesuffix(".weight"), index or 0)] = (ab["lora_A"], ab["lora_B"] * scale)
-    modules = read_adapter_modules(name, cfg, full_tensors)
+    for pair in layout.pairs:
+        ours, index = fused_target(pair.module + ".weight")
+        a, b = raw[pair.a_key].float(), raw[pair.b_key].float()
+        tensors[(ours.removesuffix(".weight"), index or 0)] = (a, b * cfg.scale_for(pair.module))
+    # Whole-module tensors (modules_to_save, trainable tokens): their reader serves or refuses each.
+    full_tensors = {key: raw[key] for key in layout.other_keys}
+    modules = read_adapter_modules(name, cfg.raw, full_tensors)
     if not tensors and modules is None:
-        raise ValueError(f"adapter {name!r} at {folder} holds no LoRA weights")
-    return LoRAWeights(name, str(folder), rank, cfg.get("base_model_name_or_path"), tensors, full_tensors, modules)
+        raise AdapterError(f"adapter {name!r} ({folder.name}) holds no LoRA weights")
+    return LoRAWeights(name, str(folder), layout.rank, cfg.base_model, tensors, full_tensors, modules)
+
+
+def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
+    """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
+    copying it into a slot (or merging it) safe."""
+    for (module, index), (a, b) in weights.tensors.items():
+        layer = layers.get(module)
+        if layer is None or index >= len(layer.out_slices):
+            raise AdapterError(f"adapter {weights.name!r} targets {module}, which the model lacks (LoRA is served "
+                               f"on the attention and MLP projections of its layers); trained for another base?")
+        want = (layer.out_slices[index], layer.in_features)
+        if (b.shape[0], a.shape[1]) != want:
+            raise AdapterError(
+                f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
+                f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
+            )

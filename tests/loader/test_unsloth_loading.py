@@ -12,6 +12,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft_adapters import write_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernels.nf4 import NF4Weight, dequantize_nf4_ref
@@ -179,8 +180,9 @@ def test_adapter_for_another_base_is_rejected_with_shapes(tmp_path: Path, llm: L
 def test_slot_rank_defaults_to_the_widest_startup_adapter(tmp_path: Path) -> None:
     """--max-lora-rank unset: slots as wide as the widest adapter named at start-up (--lora, inside a
     --lora-dir, the model folder itself), at least 16; set, it is kept."""
-    wide = broken_adapter(tmp_path / "dir", r=32, lora_alpha=64)
-    patterned = broken_adapter(tmp_path / "p", rank_pattern={"q_proj": 48})
+    # Written by PEFT: the ranks are the tensors' (a config that disagrees with them is refused).
+    wide = write_peft_adapter(tmp_path / "dir" / "wide", r=32, lora_alpha=64, target_modules=["q_proj"])
+    patterned = write_peft_adapter(tmp_path / "p", r=8, rank_pattern={"q_proj": 48}, target_modules=["q_proj", "v_proj"])
     assert startup_lora_rank([]) == 16
     assert startup_lora_rank([DEMO_ADAPTER]) == 16  # rank 8: the floor
     assert startup_lora_rank([DEMO_ADAPTER, wide, tmp_path / "not-an-adapter"]) == 32
