@@ -13,15 +13,14 @@ import torch
 from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, resolve_adapter_base
 from server.loader.peft import check_fits, load_lora
-from server.models.llama import LlamaForCausalLM
-from server.models.weights import load_model
+from server.models.weights import CausalLM, load_model
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     folder: Path  # the base model's folder (tokenizer, config)
     eos_token_ids: frozenset[int]
     adapter_folder: Path | None = None  # set when --model named an adapter folder
@@ -81,7 +80,7 @@ def load_checkpoint(
 
 
 @torch.no_grad()
-def merge_adapter(model: LlamaForCausalLM, adapter: Path, max_rank: int, dtype: torch.dtype) -> None:
+def merge_adapter(model: CausalLM, adapter: Path, max_rank: int, dtype: torch.dtype) -> None:
     """W += scale * B @ A in 16-bit for every projection the adapter targets. A 4-bit layer becomes
     dense (its NF4 bytes are dequantized first), which costs memory: logged."""
     weights = load_lora(adapter.name, adapter, max_rank)

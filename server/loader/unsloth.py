@@ -17,8 +17,7 @@ import torch
 
 from kernels.nf4 import NF4Weight
 from server.models.config import ModelConfig
-from server.models.llama import LlamaForCausalLM
-from server.models.weights import build_model
+from server.models.weights import CausalLM, build_model, text_model_name
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +54,7 @@ def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | 
                 yield (f"{name}.{pname}" if name else pname), param.data
 
 
-def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
     start = time.perf_counter()
     hf_model = load_hf_with_unsloth(folder, max_seq_length)
     loaded = time.perf_counter()
@@ -63,7 +62,7 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     cfg = ModelConfig.from_folder(folder)
     adopted: set[str] = set()
     model = build_model(cfg, _recorded(hf_weights(hf_model), adopted), dtype, device)
-    check_all_tensors_read(folder, adopted)
+    check_all_tensors_read(folder, adopted, cfg.multimodal)
     del hf_model
     gc.collect()
     if device.type == "cuda":
@@ -108,12 +107,24 @@ def disk_tensor_names(folder: Path) -> dict[str, str]:
     return names
 
 
-def check_all_tensors_read(folder: Path, adopted: set[str]) -> None:
+def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = False) -> None:
     """Stop the load when a tensor on disk did not reach our model: transformers drops checkpoint
     keys its model class does not expect (with a warning at most), and serving without them would
-    not be the model that was trained."""
-    unread = {k: f for k, f in disk_tensor_names(folder).items()
-              if k not in adopted and not k.endswith(_RECOMPUTED)}
+    not be the model that was trained. `multimodal`: an image-text checkpoint whose text model is
+    served; names compare as the text model's (disk and transformers may use different layouts),
+    and the vision tower's tensors are counted in the log, not loaded."""
+    read = {text_model_name(name, multimodal) for name in adopted}
+    unread: dict[str, str] = {}
+    vision = 0
+    for key, file in disk_tensor_names(folder).items():
+        name = text_model_name(key, multimodal)
+        if name is None:
+            vision += 1
+        elif name not in read and not key.endswith(_RECOMPUTED):
+            unread[key] = file
+    if vision:
+        logger.info("%s: %d tensors on disk belong to the vision tower and projector: not loaded (text only)",
+                    folder, vision)
     if unread:
         first = sorted(unread)[0]
         raise ValueError(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.rope_config import parse_rope
 
 SUPPORTED_ARCHITECTURES = {
@@ -14,6 +15,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
 }
 
 
@@ -36,6 +40,20 @@ class ModelConfig:
     qk_norm: bool = False  # qwen3
     sliding_window: int | None = None  # mistral
     torch_dtype: str = "bfloat16"
+    # Gemma 2 / 3 (server/models/gemma_config.py):
+    layer_windows: tuple[int | None, ...] | None = None  # each layer's sliding window (None: global)
+    attn_scale: float | None = None  # query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
+    local_rope_scaling: dict[str, Any] | None = None
+    multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration)
+
+    @property
+    def attention_variants(self) -> list[tuple[int | None, float | None]]:
+        """(sliding window, soft cap) of the model's attention layers, each once."""
+        windows = set(self.layer_windows) if self.layer_windows is not None else {self.sliding_window}
+        return sorted(((w, self.attn_softcap) for w in windows), key=lambda v: v[0] or 0)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -45,6 +63,8 @@ class ModelConfig:
             raise ValueError(
                 f"architecture {archs[0]!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        if family in GEMMA_FAMILIES:
+            return cls(**gemma_fields(cfg, family, archs[0]))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family == "mistral" or cfg.get("use_sliding_window") else None

@@ -1,4 +1,5 @@
-"""Fill our model from a Hugging Face checkpoint folder (safetensors), fusing q|k|v and gate|up."""
+"""Fill our model from a Hugging Face checkpoint folder (safetensors), fusing q|k|v and gate|up; the
+model class is the config's family's (Llama-like or Gemma)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from safetensors import safe_open
 
 from kernels.rope import rope_tables
 from server.models.config import ModelConfig
+from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
+from server.models.gemma_config import GEMMA_FAMILIES
 from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
 
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
 
 logger = logging.getLogger(__name__)
+
+CausalLM = LlamaForCausalLM | GemmaForCausalLM
 
 # HF projection name -> (our fused module, slice index)
 FUSED = {
@@ -45,6 +50,24 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+# An image-text checkpoint's text model, under the names of transformers 5 (model.language_model.*) or of
+# earlier releases (language_model.model.*), and the parts of it a text-only server does not load.
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def text_model_name(name: str, multimodal: bool) -> str | None:
+    """The text model's name for a checkpoint tensor (None: part of an image-text model's vision
+    tower or projector). Names of text-only checkpoints are returned as they are."""
+    if not multimodal:
+        return name
+    for prefix, ours in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix) :]
+    return None if name.startswith(VISION_PREFIXES) else name
+
+
 def fused_target(name: str) -> tuple[str, int | None]:
     """Map an HF parameter name to ours, and the slice of a fused projection it fills."""
     parts = name.split(".")
@@ -56,7 +79,7 @@ def fused_target(name: str) -> tuple[str, int | None]:
 
 
 def load_weights(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     named: Iterator[tuple[str, torch.Tensor | NF4Weight]],
     dtype: torch.dtype,
     device: torch.device,
@@ -65,7 +88,12 @@ def load_weights(
     their slices copied into one tensor); NF4 weights are adopted as they are, never expanded."""
     loaded: set[tuple[str, int | None]] = set()
     densified: list[str] = []
-    for hf_name, value in named:
+    vision: list[str] = []
+    for disk_name, value in named:
+        hf_name = text_model_name(disk_name, model.config.multimodal)
+        if hf_name is None:
+            vision.append(disk_name)
+            continue
         if hf_name == "lm_head.weight" and model.lm_head is None:
             continue  # tied: the embedding serves as lm_head
         if "rotary_emb" in hf_name:
@@ -86,6 +114,9 @@ def load_weights(
         else:
             _load_dense(module, pname, index, value, dtype, device, hf_name)
         loaded.add((name, index))
+    if vision:
+        logger.warning("%d tensors of the vision tower and projector (%s ...) are not loaded: the text model of "
+                       "this image-text checkpoint is served, for text prompts only", len(vision), vision[0])
     missing = [f"{n}[{i}]" if i is not None else n for n, i in _expected(model) - loaded]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -143,7 +174,7 @@ def _load_dense(
     target.copy_(value)
 
 
-def _expected(model: LlamaForCausalLM) -> set[tuple[str, int | None]]:
+def _expected(model: CausalLM) -> set[tuple[str, int | None]]:
     expected: set[tuple[str, int | None]] = set()
     for module_name, module in model.named_modules():
         for pname, param in module._parameters.items():
@@ -158,17 +189,24 @@ def _expected(model: LlamaForCausalLM) -> set[tuple[str, int | None]]:
 
 
 def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4Weight]],
-                dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+                dtype: torch.dtype, device: torch.device) -> CausalLM:
+    model: CausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = GemmaForCausalLM(cfg) if cfg.family in GEMMA_FAMILIES else LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)
     # Buffers built on the meta device hold nothing: recompute the rotary tables (kept in float32).
+    if isinstance(model, GemmaForCausalLM):
+        for prefix, (cos, sin) in gemma_rope_tables(cfg).items():
+            setattr(model, f"{prefix}rope_cos", cos.to(device))
+            setattr(model, f"{prefix}rope_sin", sin.to(device))
+        model.post_load()
+        return model
     cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model
 
 
-def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Load full-precision safetensors directly (no Unsloth): the reference path for tests."""
     folder = Path(folder)
     quant = json.loads((folder / "config.json").read_text()).get("quantization_config") if (
