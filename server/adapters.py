@@ -61,7 +61,7 @@ class AdapterRegistry:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
         folder = Path(path)
-        weights = load_lora(name, folder, self.engine.config.max_lora_rank)
+        weights = load_lora(name, folder, self.engine.lora_manager.max_rank)  # the slots' rank
         check_fits(weights, self.engine.lora_manager.layers)  # refused here, before the engine sees it
         adapter = Adapter(name, str(path), next(self._ids), weights.rank, pinned, file_signature(folder))
         return adapter, weights

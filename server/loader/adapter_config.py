@@ -183,13 +183,15 @@ def _layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | N
 def parse_adapter_config(raw: object, where: str) -> AdapterConfig:
     """Check an adapter_config.json's content; `where` names the file in messages."""
     if not isinstance(raw, dict):
-        raise AdapterError(f"{where} holds a JSON {type(raw).__name__}, not an object: is it a PEFT adapter_config.json?")
+        raise AdapterError(f"{where} holds a JSON {type(raw).__name__}, not an object: "
+                           "is it a PEFT adapter_config.json?")
     peft_type = raw.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise AdapterError(f"{where}: peft_type={json.dumps(peft_type)}: this is not a LoRA adapter (PEFT type "
                            f"{peft_type}); sloth-serve serves plain LoRA adapters only")
     if "r" not in raw:
-        raise AdapterError(f"{where} has no `r` (the LoRA rank): is it complete? Re-save it with PEFT's save_pretrained")
+        raise AdapterError(f"{where} has no `r` (the LoRA rank): is it complete? "
+                           "Re-save it with PEFT's save_pretrained")
     for field, why in UNSERVED_FIELDS.items():
         value = raw.get(field)
         if value not in (None, False, {}, []):
@@ -202,8 +204,10 @@ def parse_adapter_config(raw: object, where: str) -> AdapterConfig:
     bias = raw.get("bias", "none") or "none"
     if bias not in BIAS_VALUES:
         raise _refuse(where, "bias", bias, f"not one of {', '.join(BIAS_VALUES)}")
-    rank_pattern = {k: _rank(where, f"rank_pattern[{k!r}]", v) for k, v in _patterns(where, raw, "rank_pattern").items()}
-    alpha_pattern = {k: _number(where, f"alpha_pattern[{k!r}]", v) for k, v in _patterns(where, raw, "alpha_pattern").items()}
+    rank_pattern = {k: _rank(where, f"rank_pattern[{k!r}]", v)
+                    for k, v in _patterns(where, raw, "rank_pattern").items()}
+    alpha_pattern = {k: _number(where, f"alpha_pattern[{k!r}]", v)
+                     for k, v in _patterns(where, raw, "alpha_pattern").items()}
     layers = raw.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
