@@ -1,6 +1,7 @@
 """Rotary position embeddings (neox/Llama layout: rotate the two halves). The tables (every scaling
-type) come from `rope_scaling`. Dispatch: Triton (`triton_rope`, in place) on CUDA tensors, the
-PyTorch reference elsewhere."""
+type) come from `rope_scaling`; tables narrower than the head (partial rotary, Phi-4-mini) rotate its
+first 2 x width dims only. Dispatch: Triton (`triton_rope`, in place) on CUDA tensors, the PyTorch
+reference elsewhere."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq", "rop
 def apply_rope_ref(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hk, D]; returns rotated copies in the input dtype."""
+    """q [T, Hq, D], k [T, Hk, D]; returns rotated copies in the input dtype. cos / sin [rows, R / 2]
+    rotate the first R dims of each head (R = D: all of it) and pass the rest through."""
     c = cos[positions].unsqueeze(1)
     s = sin[positions].unsqueeze(1)
+    half = cos.shape[-1]
+    assert 2 * half <= q.shape[-1], f"rotary tables of width {half} for heads of {q.shape[-1]} dims"
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         # transformers multiplies in the activation dtype; match it so greedy outputs agree.
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
+        x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
         cc, ss = c.to(x.dtype), s.to(x.dtype)
-        return torch.cat((x1 * cc - x2 * ss, x2 * cc + x1 * ss), dim=-1)
+        return torch.cat((x1 * cc - x2 * ss, x2 * cc + x1 * ss, rest), dim=-1)
 
     return rotate(q), rotate(k)
 

@@ -1,4 +1,5 @@
-"""Triton rotary embedding (neox layout: rotate halves), in place on q and k, one program per token.
+"""Triton rotary embedding (neox layout: rotate halves of the rotary dims), in place on q and k, one
+program per token.
 Rounds like `rope.apply_rope_ref` (products and sums in the activation dtype, as transformers does)."""
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ def _rope_kernel(
 def apply_rope_triton(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q [T, Hq, D] and k [T, Hk, D] in place (strided views allowed) and returns them."""
+    """Rotates q [T, Hq, D] and k [T, Hk, D] in place (strided views allowed) and returns them. Tables
+    [rows, R / 2] rotate each head's first R dims; the others (partial rotary) are left as they are."""
     assert q.dtype == k.dtype, f"q is {q.dtype} but k is {k.dtype}"
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "q and k need a unit stride in head_dim"
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1, "cos and sin tables must share a layout"
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
         return q, k
-    half = head_dim // 2
+    half = cos.shape[-1]
+    assert 2 * half <= head_dim, f"rotary tables of width {half} for heads of {head_dim} dims"
     block_half = _pow2(half)
     block_hq = _pow2(num_q_heads)
     num_warps = 4 if block_hq * block_half >= 2048 else 2 if block_hq * block_half >= 512 else 1

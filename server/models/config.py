@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
+from server.models.phi3_config import phi3_fields
 from server.models.rope_config import parse_rope
 
 SUPPORTED_ARCHITECTURES = {
@@ -18,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
+    "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini: fused q|k|v and gate|up on disk
 }
 
 
@@ -48,6 +50,12 @@ class ModelConfig:
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
     multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration)
+    partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE rotates; the rope tables are rotary_dim / 2 wide."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def attention_variants(self) -> list[tuple[int | None, float | None]]:
@@ -65,6 +73,8 @@ class ModelConfig:
             )
         if family in GEMMA_FAMILIES:
             return cls(**gemma_fields(cfg, family, archs[0]))
+        if family == "phi3":
+            return cls(**phi3_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family == "mistral" or cfg.get("use_sliding_window") else None

@@ -35,7 +35,8 @@ class LoRALinear(nn.Module):
     Fused projections (q|k|v, gate|up) have one slice per original projection.
 
     The base weight is either dense (`weight`) or, for a 4-bit checkpoint, one NF4 weight per slice
-    (`quant`), kept in bitsandbytes' packed layout and multiplied without a dense copy. A dynamic
+    (`quant`) or one for the whole projection (`fused_quant`), kept in bitsandbytes' packed layout and
+    multiplied without a dense copy. A dynamic
     4-bit checkpoint may leave some slices in 16-bit (`llm_int8_skip_modules`): such a mixed layer
     becomes dense at load (see `settle`)."""
 
@@ -70,6 +71,23 @@ class LoRALinear(nn.Module):
         if all(q is not None for q in self.quant):
             self.weight = None
 
+    def set_fused_quantized(self, w: NF4Weight) -> None:
+        """Adopt one NF4 weight covering every slice (a checkpoint that stores q|k|v or gate|up as one
+        projection, as Phi-3 does: bitsandbytes quantized it whole). It runs as one kernel launch;
+        `quant` holds per-slice views where the slices start on whole absmax (and state2) blocks,
+        else None: nothing needs them, the fused weight is complete."""
+        from kernels.nf4 import split_nf4
+
+        want = (sum(self.out_slices), self.in_features)
+        if tuple(w.shape) != want:
+            raise ValueError(f"4-bit weight of shape {tuple(w.shape)} does not fit the fused projection {want}")
+        per_block = w.blocksize * (w.state2_blocksize if w.nested else 1)
+        whole_blocks = all(n * self.in_features % per_block == 0 and n * self.in_features % 2 == 0
+                           for n in self.out_slices)
+        self.quant = list(split_nf4(w, self.out_slices)) if whole_blocks else None
+        self.fused_quant = w
+        self.weight = None
+
     def settle(self) -> bool:
         """After loading: a layer whose slices came partly in 4-bit and partly in 16-bit becomes one
         16-bit weight, its 4-bit slices dequantized to exactly bitsandbytes' values (until then
@@ -95,9 +113,11 @@ class LoRALinear(nn.Module):
     def fuse_quantized(self) -> bool:
         """Join the slices' NF4 weights into one (kernels.nf4.concat_nf4: exact, nothing
         re-quantized), so q|k|v or gate|up is one kernel launch; the slices become views into it.
-        False where there is nothing to join or the parts do not join exactly."""
+        False where there is nothing to join, it is joined already, or the parts do not join exactly."""
         from kernels.nf4 import concat_nf4, split_nf4
 
+        if self.fused_quant is not None:
+            return False
         if self.quant is None or len(self.quant) < 2 or any(q is None for q in self.quant):
             return False
         fused = concat_nf4([q for q in self.quant if q is not None])
@@ -145,10 +165,10 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         from kernels.nf4 import nf4_linear, nf4_linear_stacked
 
-        assert self.quant is not None
         if self.fused_quant is not None:
             y = nf4_linear(x, self.fused_quant)
         else:  # several slices: one output, no concatenation copy (and one matmul for long prompts)
+            assert self.quant is not None
             quant = [q for q in self.quant if q is not None]
             y = nf4_linear(x, quant[0]) if len(quant) == 1 else nf4_linear_stacked(x, quant)
         return y if self.bias is None else y + self.bias

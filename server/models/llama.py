@@ -1,4 +1,4 @@
-"""Our forward pass for the Llama family (llama, mistral, qwen2, qwen3) over a flat batch of tokens
+"""Our forward pass for the Llama family (llama, mistral, qwen2, qwen3, phi3) over a flat batch of tokens
 from many sequences, reading and writing the paged KV cache."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -23,10 +23,25 @@ def _number(d: dict[str, Any], key: str, rope_type: str) -> float:
     return float(value)
 
 
-def parse_rope(cfg: dict[str, Any], head_dim: int) -> tuple[float, dict[str, Any] | None, int]:
+def partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    """The share of each head RoPE rotates (transformers reads it from the rope dict first)."""
+    raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    partial = (raw if isinstance(raw, dict) else {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is None:
+        return 1.0
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise _fail("partial_rotary_factor", f"expected a number in (0, 1], got {partial!r}")
+    return float(partial)
+
+
+def parse_rope(
+    cfg: dict[str, Any], head_dim: int, allow_partial: bool = False
+) -> tuple[float, dict[str, Any] | None, int]:
     """(rope_theta, normalized scaling or None, the number of positions to serve). The scaling dict
     always holds `rope_type` and, for every type that uses it, `factor` and
-    `original_max_position_embeddings` (for dynamic: the length past which transformers rescales)."""
+    `original_max_position_embeddings` (for dynamic: the length past which transformers rescales).
+    `allow_partial`: the family rotates int(head_dim x partial_rotary_factor) dims (Phi-3); other
+    families refuse a factor below 1."""
     max_pos = int(cfg.get("max_position_embeddings") or 2048)
     # transformers: `rope_scaling` takes precedence; theta in the dict over the top-level key.
     raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -39,10 +54,11 @@ def parse_rope(cfg: dict[str, Any], head_dim: int) -> tuple[float, dict[str, Any
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise _fail("rope_scaling.rope_type", f"{rope_type!r} is not supported (supported: "
                     f"{', '.join(SUPPORTED_ROPE_TYPES)}); this server cannot serve this model exactly")
-    partial = raw.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise _fail("partial_rotary_factor", f"{partial} (RoPE on part of each head) is not supported; "
-                    "only models that rotate the whole head can be served")
+    partial = partial_rotary_factor(cfg)
+    if partial != 1.0 and not allow_partial:
+        raise _fail("partial_rotary_factor", f"{partial} (RoPE on part of each head) is not supported for this "
+                    "architecture; only models that rotate the whole head can be served")
+    rotary_dim = int(head_dim * partial)  # the rotated dims, which the frequencies span
     if rope_type == "default":
         return theta, None, max_pos
     s: dict[str, Any] = {"rope_type": rope_type}
@@ -65,9 +81,9 @@ def parse_rope(cfg: dict[str, Any], head_dim: int) -> tuple[float, dict[str, Any
     elif rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
             factors = raw.get(key)
-            if not isinstance(factors, list) or len(factors) != head_dim // 2:
-                raise _fail(f"rope_scaling.{key}", f"longrope needs a list of {head_dim // 2} numbers "
-                            f"(head_dim / 2), got {factors!r:.80}")
+            if not isinstance(factors, list) or len(factors) != rotary_dim // 2:
+                raise _fail(f"rope_scaling.{key}", f"longrope needs a list of {rotary_dim // 2} numbers "
+                            f"(the rotary dims / 2), got {factors!r:.80}")
             s[key] = [float(x) for x in factors]
         s["attention_factor"] = raw.get("attention_factor")
     elif rope_type == "dynamic":

@@ -1,5 +1,5 @@
-"""Fill our model from a Hugging Face checkpoint folder (safetensors), fusing q|k|v and gate|up; the
-model class is the config's family's (Llama-like or Gemma)."""
+"""Fill our model from a Hugging Face checkpoint folder (safetensors), fusing q|k|v and gate|up (or
+taking them fused, as Phi-3 stores them); the model class is the config's family's (Llama-like or Gemma)."""
 
 from __future__ import annotations
 
@@ -108,12 +108,15 @@ def load_weights(
             raise ValueError(f"checkpoint has {hf_name!r}, which this {model.config.family} model lacks")
         if not isinstance(value, torch.Tensor) and not _adopt_in_4bit(module, pname, value):
             value = _dense_from_4bit(hf_name, value, densified)
+        # A fused projection stored whole (Phi-3's qkv_proj, gate_up_proj) fills every slice at once.
+        whole = index is None and isinstance(module, LoRALinear) and len(module.out_slices) > 1
         if not isinstance(value, torch.Tensor):  # an NF4Weight: adopted in 4-bit
             assert isinstance(module, LoRALinear)
-            module.set_quantized(index or 0, value if value.device == device else value.to(device))
+            value = value if value.device == device else value.to(device)
+            module.set_fused_quantized(value) if whole else module.set_quantized(index or 0, value)
         else:
             _load_dense(module, pname, index, value, dtype, device, hf_name)
-        loaded.add((name, index))
+        loaded.update([(name, i) for i in range(len(module.out_slices))] if whole else [(name, index)])
     if vision:
         logger.warning("%d tensors of the vision tower and projector (%s ...) are not loaded: the text model of "
                        "this image-text checkpoint is served, for text prompts only", len(vision), vision[0])
@@ -201,7 +204,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             setattr(model, f"{prefix}rope_sin", sin.to(device))
         model.post_load()
         return model
-    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model
 

@@ -1,5 +1,5 @@
-"""Triton RoPE (neox halves, in place on strided q/k views) equals the PyTorch reference, rounding
-included: under TRITON_INTERPRET=1 on the CPU (in a subprocess, see test_attention.py's harness) and
+"""Triton RoPE (neox halves, in place on strided q/k views; partial rotary leaves the other dims as they
+are) equals the PyTorch reference, rounding included: under TRITON_INTERPRET=1 on the CPU (in a subprocess, see test_attention.py's harness) and
 on a GPU at Llama-3-8B shapes."""
 
 from __future__ import annotations
@@ -24,19 +24,26 @@ def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torc
     return qkv, q, k
 
 
-def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str, scaled: bool = False) -> Callable:
+def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str, scaled: bool = False,
+              rotary_dim: int | None = None) -> Callable:
+    """`rotary_dim` < head_dim: partial rotary (Phi-4-mini), the tables that narrow."""
+    rot = rotary_dim or head_dim
+
     def run() -> tuple[float, float]:
         from kernels.triton_rope import apply_rope_triton
 
         dt = DTYPES[dtype]
-        cos, sin = rope_cos_sin(rope_inv_freq(head_dim, 500000.0, LLAMA3 if scaled else None), 300)
+        cos, sin = rope_cos_sin(rope_inv_freq(rot, 500000.0, LLAMA3 if scaled else None), 300)
         qkv, q, k = qkv_views(tokens, heads, kv_heads, head_dim, dt)
         positions = torch.randint(0, 300, (tokens,), dtype=torch.int64)
         ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin)
+        assert torch.equal(ref_q[..., rot:], q[..., rot:]), "the reference rotated past the rotary dims"
         v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+        q_pass, k_pass = q[..., rot:].clone(), k[..., rot:].clone()
         out_q, out_k = apply_rope_triton(q, k, positions, cos, sin)
         assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
         assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before), "wrote outside q and k"
+        assert torch.equal(q[..., rot:], q_pass) and torch.equal(k[..., rot:], k_pass), "rotated the pass-through dims"
         return max(rel_err(out_q, ref_q), rel_err(out_k, ref_k)), BOUND
 
     return run
@@ -48,6 +55,8 @@ CASES: dict[str, Callable] = {
     "gqa2_d80_fp16_llama3": rope_case(9, 4, 2, 80, "fp16", scaled=True),
     "gqa3_d128_bf16_llama3": rope_case(3, 6, 2, 128, "bf16", scaled=True),
     "one_token_d96_fp32": rope_case(1, 5, 1, 96, "fp32"),
+    "partial_d32_r24_bf16": rope_case(6, 4, 2, 32, "bf16", rotary_dim=24),  # Phi-4-mini's 0.75
+    "partial_d128_r96_fp32": rope_case(4, 3, 1, 128, "fp32", rotary_dim=96),
 }
 
 
