@@ -54,7 +54,15 @@ def default_type(status_code: int) -> str:
 def error_body(
     message: str, type: str, param: str | None = None, code: str | int | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    # A message may quote the request (a model name, a field path), and the request may hold lone
+    # surrogates that UTF-8 cannot carry: they are written escaped, or the error itself would fail.
+    return {"error": {"message": _encodable(message), "type": type, "param": _encodable(param), "code": code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_json(err: APIError) -> str:

@@ -16,6 +16,15 @@ from server.api.errors import APIError, invalid_param
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+# A seed is a signed 64-bit integer that is not negative, as in vLLM and OpenAI's SDK types; choice j
+# of a request with n > 1 samples with (seed + j) mod 2**63.
+SEED_LIMIT = 2**63
+# JSON schemas (response_format, tool parameters) are compiled into a grammar: bounded before any
+# work is done on them. Depth counts every object and array level of the schema document (a nested
+# object property takes two: its schema and its "properties"); OpenAI's strict mode allows 10 levels
+# of nested objects and 5000 properties, well inside these.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_CHARS = 128 * 1024  # of the schema as compact JSON; all tools' parameters together too
 
 
 class StreamOptions(BaseModel):
@@ -29,17 +38,17 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -50,6 +59,13 @@ class SamplingFields(BaseModel):
     # Seconds from arrival (queue time included) before generation is stopped: 408, or an error
     # event in a stream. An extra field (vLLM-style `extra_body`); --request-timeout caps it.
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1] = [0, {SEED_LIMIT - 1}]; got {value}")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:
@@ -62,6 +78,7 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def check_common(self) -> None:
+        check_text(self)
         stops = self.stop_strings
         if any(s == "" for s in stops):
             raise invalid_param("stop", "stop strings must not be empty")
@@ -207,17 +224,25 @@ class ChatCompletionRequest(SamplingFields):
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise invalid_param("response_format.json_schema",
                                 "response_format of type 'json_schema' needs a 'json_schema' object (name, schema)")
+        if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+            check_schema_size("response_format.json_schema.schema", fmt.json_schema.schema_)
 
     def _check_tools(self) -> None:
         names = [t.function.name for t in self.tools or ()]
         if len(set(names)) < len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise invalid_param("tools", f"two tools are named {dup!r}; function names must be unique")
+        total = 0
         for i, tool in enumerate(self.tools or ()):
             params = tool.function.parameters
             if params is not None and params.get("type", "object") != "object":
                 raise invalid_param(f"tools[{i}].function.parameters",
                                     "a function's parameters must be a JSON schema of type 'object'")
+            if params is not None:
+                total += check_schema_size(f"tools[{i}].function.parameters", params)
+        if total > MAX_SCHEMA_CHARS:
+            raise invalid_param("tools", f"the tools' parameter schemas have {total} characters of JSON together; "
+                                f"at most {MAX_SCHEMA_CHARS} are allowed (one grammar covers them all)")
         choice = self.tool_choice
         if choice is None or choice == "none":
             return
@@ -288,10 +313,16 @@ class TokenizeRequest(BaseModel):
     def conversation(self) -> list[dict[str, Any]]:
         return [message_for_template(i, m) for i, m in enumerate(self.messages or [])]
 
+    def check(self) -> None:
+        check_text(self)
+
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+    def check(self) -> None:
+        check_text(self)
 
 
 def reject_unsupported(req: BaseModel, table: dict[str, tuple[Any, ...]]) -> None:
@@ -356,3 +387,75 @@ def message_text(i: int, content: str | list[dict[str, Any]] | None) -> str:
             raise invalid_param(f"messages[{i}].content[{j}].text", "a text part needs a string 'text'")
         texts.append(text)
     return "\n".join(texts)
+
+
+# Top-level fields that hold token ids (the shape validators make every element of them an int).
+_TOKEN_ID_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens"})
+
+
+def check_text(req: BaseModel) -> None:
+    """400 naming the first string of the request, at any depth (dict keys too), that is not valid
+    Unicode: a lone UTF-16 surrogate such as "\\ud800", which JSON can spell but no tokenizer can encode."""
+    stack: list[tuple[str, Any]] = [
+        (name, getattr(req, name)) for name in reversed(type(req).model_fields)
+        if not (name in _TOKEN_ID_FIELDS and isinstance(getattr(req, name), list)
+                and not isinstance(next(iter(getattr(req, name)), None), str))
+    ]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            _check_string(path, value)
+        elif isinstance(value, BaseModel):
+            fields = type(value).model_fields
+            stack += [(f"{path}.{info.alias or name}", getattr(value, name)) for name, info in reversed(fields.items())]
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                key_path = f"{path}.{_printable(key)}" if isinstance(key, str) else f"{path}[{key}]"
+                stack += [(key_path, item), (key_path, key)]  # the key is checked first
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value)))
+                      if isinstance(item, str | list | dict | BaseModel)]
+
+
+def _check_string(path: str, text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start].encode("unicode_escape").decode("ascii")
+        raise invalid_param(path, f"{path} is not valid Unicode text: it has a lone UTF-16 surrogate ({char} at "
+                            f"character {exc.start}); send text as UTF-8, or a surrogate pair together "
+                            "(\\ud83d\\ude00)") from None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def schema_depth(schema: Any, limit: int) -> int:
+    """How many object / array levels `schema` nests (without recursion: a deep document must not
+    overflow the stack); counting stops past `limit`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return deepest
+        stack += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
+def check_schema_size(param: str, schema: Any) -> int:
+    """400 unless the schema nests at most MAX_SCHEMA_DEPTH levels and has at most MAX_SCHEMA_CHARS
+    characters of compact JSON; returns that size."""
+    if schema_depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise invalid_param(param, f"{param} nests more than {MAX_SCHEMA_DEPTH} levels of objects and arrays; "
+                            f"at most {MAX_SCHEMA_DEPTH} are allowed")
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > MAX_SCHEMA_CHARS:
+        raise invalid_param(param, f"{param} has {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are allowed")
+    return size

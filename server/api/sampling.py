@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError, invalid_param
 from server.api.generation import ChoiceRequest
-from server.api.protocol import ResponseFormat, SamplingFields
+from server.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
 from server.engine.grammar import GrammarCompiler, GrammarError
 from server.engine.sampling_params import SamplingParams, StructuredSpec
 
@@ -44,7 +44,8 @@ def build_params(
     structured: StructuredSpec | None = None,
 ) -> SamplingParams:
     """SamplingParams for choice number `choice` of the request: seeds differ per choice so that
-    n > 1 with a seed gives n different (but reproducible) samples."""
+    n > 1 with a seed gives n different (but reproducible) samples; they wrap at 2**63, so a seed
+    near the top of its range still names a valid one for every choice."""
     bad_stop_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
     if bad_stop_ids:
         raise invalid_param("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}); got {bad_stop_ids[:3]}")
@@ -56,7 +57,7 @@ def build_params(
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
-            seed=None if req.seed is None else req.seed + choice,
+            seed=None if req.seed is None else (req.seed + choice) % SEED_LIMIT,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
@@ -66,8 +67,10 @@ def build_params(
             logprobs=logprobs,
             structured=structured,
         )
-    except ValueError as exc:
-        raise APIError(str(exc), 400) from exc
+    except ValueError as exc:  # "<field> must ..." names the field; other messages name several
+        field, _, rest = str(exc).partition(" ")
+        param = field if field in SamplingFields.model_fields and rest.startswith("must") else None
+        raise APIError(str(exc), 400, param=param) from exc
 
 
 def choice_requests(

@@ -18,6 +18,7 @@ router = APIRouter()
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
+    body.check()  # text the tokenizer cannot encode: a 400, before anything quotes it
     adapter_id = await resolve_adapter(state, runtime, body.model)  # 404 for an unknown model
     if (body.prompt is None) == (body.messages is None):
         raise invalid_param("prompt", "give exactly one of 'prompt' or 'messages'")
@@ -34,6 +35,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> dict[str, Any]:
     runtime = state.ready()
+    body.check()
     adapter_id = await resolve_adapter(state, runtime, body.model)
     if body.tokens:
         check_token_ids(body.tokens, runtime.vocab_size, "tokens")
