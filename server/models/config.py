@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
+from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
 from server.models.rope_config import parse_rope
 
@@ -20,6 +21,9 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini: fused q|k|v and gate|up on disk
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
+    "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
+    "MixtralForCausalLM": "mixtral",
 }
 
 
@@ -50,12 +54,25 @@ class ModelConfig:
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
     multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration)
+    # Mixture of experts (server/models/moe_config.py); num_experts 0: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum to 1
+    router_weights_fp32: bool = False  # Mixtral keeps routing weights in float32 (Qwen rounds them to the dtype)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
 
     @property
     def rotary_dim(self) -> int:
         """The dims of each head RoPE rotates; the rope tables are rotary_dim / 2 wide."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
 
     @property
     def attention_variants(self) -> list[tuple[int | None, float | None]]:
@@ -77,7 +94,7 @@ class ModelConfig:
             return cls(**phi3_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        window = cfg.get("sliding_window") if family == "mistral" or cfg.get("use_sliding_window") else None
+        window = cfg.get("sliding_window") if family in ("mistral", "mixtral") or cfg.get("use_sliding_window") else None
         rope_theta, rope_scaling, max_positions = parse_rope(cfg, head_dim)
         return cls(
             family=family,
@@ -93,10 +110,12 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_positions,  # YaRN / dynamic serve past the config's value
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False))
+            or (family == "qwen2_moe" and bool(cfg.get("qkv_bias", True))),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=window,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            **moe_fields(cfg, family),
         )
 
     @classmethod

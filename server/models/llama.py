@@ -11,6 +11,7 @@ from kernels.norm import add_rms_norm, rms_norm
 from kernels.rope import apply_rope, rope_tables
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
+from server.models.moe import SparseMoeBlock
 from server.models.per_adapter import AdapterStep
 
 
@@ -83,7 +84,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.prefix = f"model.layers.{index}"
         self.self_attn = Attention(cfg, f"{self.prefix}.self_attn")
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | SparseMoeBlock = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps

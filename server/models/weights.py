@@ -18,6 +18,7 @@ from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
 from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
+from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
@@ -98,6 +99,9 @@ def load_weights(
             continue  # tied: the embedding serves as lm_head
         if "rotary_emb" in hf_name:
             continue
+        hf_name = moe_checkpoint_name(hf_name)
+        if load_expert_weight(model, hf_name, value, dtype, device):
+            continue
         name, index = fused_target(hf_name)
         module_name, _, pname = name.rpartition(".")
         try:
@@ -121,6 +125,7 @@ def load_weights(
         logger.warning("%d tensors of the vision tower and projector (%s ...) are not loaded: the text model of "
                        "this image-text checkpoint is served, for text prompts only", len(vision), vision[0])
     missing = [f"{n}[{i}]" if i is not None else n for n, i in _expected(model) - loaded]
+    missing += settle_experts(model, dtype, device)
     if missing:
         raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
     mixed = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.settle()]
@@ -181,7 +186,7 @@ def _expected(model: CausalLM) -> set[tuple[str, int | None]]:
     expected: set[tuple[str, int | None]] = set()
     for module_name, module in model.named_modules():
         for pname, param in module._parameters.items():
-            if param is None:
+            if param is None or isinstance(module, Experts):  # Experts count their own (settle_experts)
                 continue
             name = f"{module_name}.{pname}" if module_name else pname
             if isinstance(module, LoRALinear) and len(module.out_slices) > 1:

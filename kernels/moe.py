@@ -1,0 +1,70 @@
+"""Mixture-of-experts compute: the router (softmax, top-k, optional renormalization, as transformers
+does it) and the experts' SwiGLU MLPs for a flat batch of tokens. `moe_experts_ref` is the plain
+PyTorch reference (tokens grouped by expert, results index-added back, in transformers' order, so on
+one device it is bit-exact to transformers); `moe_experts` runs the grouped Triton GEMMs of
+`kernels.triton_moe` on CUDA (no host sync, so it is captured in CUDA graphs) and the reference
+elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (expert index, its tokens' hidden states [n, hidden]) -> the expert's output [n, hidden]
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool,
+          weights_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [T, top_k] int64, routing weights [T, top_k]). The logits are x's dtype, the
+    softmax float32; the weights stay float32 with `weights_fp32` (Mixtral), else are rounded to x's
+    dtype (Qwen-MoE)."""
+    logits = F.linear(x, gate_weight)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights if weights_fp32 else weights.to(logits.dtype)
+
+
+def swiglu_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """One expert: down(silu(gate(x)) * up(x)), gate|up stacked as [2 * inter, hidden]."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def moe_experts_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                    expert: ExpertFn) -> torch.Tensor:
+    """sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert run once on all its tokens
+    (ordered by top-k position, then token, as transformers orders them) and index-added into a
+    zeroed output in expert order. Host-synchronizing (it loops over the experts in use)."""
+    out = torch.zeros_like(x)
+    num_tokens = ids.shape[0]
+    flat = ids.t().reshape(-1)  # assignment a = slot * T + token
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        assignment = order[start : start + n]
+        start += n
+        slot, token = assignment // num_tokens, assignment % num_tokens
+        y = expert(e, x[token]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
+                w_down: torch.Tensor) -> torch.Tensor:
+    """The experts' weighted sum for every token: w_gate_up [E, 2 * inter, hidden] (gate rows first),
+    w_down [E, hidden, inter]. Triton's grouped GEMMs on CUDA, the reference elsewhere."""
+    if x.is_cuda and x.shape[0] > 0:
+        from kernels.triton_moe import fused_moe, supports
+
+        if supports(x, w_gate_up, w_down):
+            return fused_moe(x, ids, weights, w_gate_up, w_down)
+    return moe_experts_ref(x, ids, weights, w_gate_up.shape[0],
+                           lambda e, rows: swiglu_expert(rows, w_gate_up[e], w_down[e]))

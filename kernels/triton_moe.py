@@ -1,0 +1,114 @@
+"""Grouped expert GEMMs for a mixture-of-experts layer in Triton: the (token, expert) assignments
+are sorted by expert and padded to whole row blocks on the device (`align_by_expert`, no host sync,
+static shapes: CUDA-graph safe); one launch computes every expert's silu(gate) * up, one more its
+down projection scaled by the routing weight. Reference: kernels.moe.moe_experts_ref."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def supports(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and w_gate_up.dtype == x.dtype
+            and w_down.dtype == x.dtype and w_gate_up.is_contiguous() and w_down.is_contiguous())
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [P] int32, block_expert [P / block_m] int32). `rows` lists the assignments a = token *
+    top_k + slot grouped by expert, each expert's group padded to a multiple of block_m with the
+    sentinel T * top_k; block_expert[b] is the expert of rows[b * block_m:][:block_m] (-1: unused
+    block). P is the worst case for this many tokens, so the shapes never depend on the routing."""
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync to size its output
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    num_blocks = -(-(n + min(num_experts, n) * (block_m - 1)) // block_m)
+    rows = torch.full((num_blocks * block_m,), n, dtype=torch.int32, device=ids.device)
+    rows[(padded_end - padded)[expert_of] + rank] = order.to(torch.int32)
+    starts = torch.arange(num_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return rows, block_expert
+
+
+@triton.jit
+def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, N, K: tl.constexpr, num_rows, a_row_div,
+                  stride_am, stride_we, stride_wn, stride_cm,
+                  GATED: tl.constexpr, SCALED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[row] = A[row // a_row_div] @ W[e].T for the rows of one expert's block. GATED: W[e] is
+    [2N, K] (gate rows, then up rows) and C = silu(gate) * up; SCALED: C *= scale[row]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < num_rows
+    a_rows = tl.where(row_ok, rows // a_row_div, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+        acc += tl.dot(a, w)
+        if GATED:
+            wu = tl.load(w_base + (offs_n + N)[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+            acc_up += tl.dot(a, wu)
+    out_dtype = c_ptr.dtype.element_ty
+    # Round where the reference (16-bit matmuls, then the activation in 16-bit) rounds.
+    y = acc.to(out_dtype).to(tl.float32)
+    if GATED:
+        up = acc_up.to(out_dtype).to(tl.float32)
+        y = (y / (1.0 + tl.exp(-y))).to(out_dtype).to(tl.float32) * up
+    if SCALED:
+        y = y * tl.load(scale_ptr + tl.where(row_ok, rows, 0), mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, y.to(out_dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _block_m(num_assignments: int, num_experts: int) -> int:
+    # Rows per block near the mean rows per expert: small blocks waste little padding at decode.
+    per_expert = num_assignments / num_experts
+    return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
+
+
+def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k]: two launches."""
+    num_tokens, hidden = x.shape
+    top_k = ids.shape[1]
+    num_experts, two_inter, _ = w_gate_up.shape
+    inter = two_inter // 2
+    n = num_tokens * top_k
+    block_m = block_m or _block_m(n, num_experts)
+    rows, block_expert = align_by_expert(ids, num_experts, block_m)
+    x = x.contiguous()
+    h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
+    block_n, block_k = 64, 64
+    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, inter, hidden, n, top_k,
+                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
+                        GATED=True, SCALED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+    scale = weights.reshape(-1).contiguous()
+    grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
+    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, hidden, inter, n, 1,
+                        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+                        GATED=False, SCALED=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    # Each token's top_k results summed in float32 and rounded once.
+    return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
