@@ -4,6 +4,8 @@ written for every finished request."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -12,9 +14,11 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 REQUEST_LOGGER = "sloth_serve.requests"
@@ -94,23 +98,53 @@ def capture_output() -> None:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(os.fdopen(os.dup(real_stderr), "w", buffering=1, encoding="utf-8", errors="replace"))
     pipes = [os.pipe(), os.pipe()]
-    subprocess.Popen(
+    # The pump imports this module the way we did, wherever it is run from.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    pump_process = subprocess.Popen(
         [sys.executable, "-m", "server.logs", str(pipes[0][0]), str(pipes[1][0])],
         pass_fds=(pipes[0][0], pipes[1][0]), stdin=subprocess.DEVNULL, stdout=real_stderr, stderr=real_stderr,
-        start_new_session=True,  # Ctrl-C in a terminal reaches our process group, not the pump
+        env=env, start_new_session=True,  # Ctrl-C in a terminal reaches our process group, not the pump
     )
     for fd, (read_end, write_end) in zip((1, 2), pipes, strict=True):
         os.close(read_end)
         os.dup2(write_end, fd)
         os.close(write_end)
-    os.close(real_stderr)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # fd 1 is a pipe now
+    # An uncaught exception as one record with its traceback, not one record per traceback line.
+    uncaught = logging.getLogger("sloth_serve.uncaught")
+    sys.excepthook = lambda kind, exc, tb: uncaught.critical("uncaught %s", kind.__name__, exc_info=(kind, exc, tb))
+    threading.excepthook = lambda args: uncaught.critical(
+        "uncaught %s in thread %s", args.exc_type.__name__, args.thread.name if args.thread else "?",
+        exc_info=args.exc_value)
+    _release.append(lambda: _stop_pump(pump_process, real_stderr))
+    atexit.register(release_output)
+
+
+_release: list[Callable[[], None]] = []
+
+
+def _stop_pump(pump_process: subprocess.Popen[bytes], real_stderr: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):  # our ends of the pipes close: the pump writes what is left and exits
+        os.dup2(real_stderr, fd)
+    # Wait before we exit: in a container the pump dies with process 1, losing what it holds
+    # (not long: a child process of ours may still hold a pipe open).
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        pump_process.wait(timeout=2)
+
+
+def release_output() -> None:
+    """Lets the pump finish (at exit, or before os._exit); later output goes to stderr as it is."""
+    while _release:
+        _release.pop()()
 
 
 def output_lines(raw: bytes) -> Iterator[str]:
     """The text of captured output: ANSI colours dropped, and of a line redrawn with carriage
     returns (a progress bar) only its last state."""
-    for line in raw.decode("utf-8", "replace").splitlines():
+    for line in raw.decode("utf-8", "replace").split("\n"):  # not splitlines(): it splits at \r too
         text = ANSI_ESCAPE.sub("", line.rstrip("\r").rpartition("\r")[2]).rstrip()
         if text.strip():
             yield text

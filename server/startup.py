@@ -17,6 +17,7 @@ from server.logs import (
     capture_output,
     configure_logging,
     quiet_progress_bars,
+    release_output,
     startup_phase,
 )
 from server.preflight import StartupError, run_checks
@@ -100,7 +101,6 @@ def serve(config: Config) -> int:
         # a normal interpreter exit until the load ends): leave now.
         logger.warning("stopped by %s while loading the model", signal.Signals(stopped_by[0]).name)
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        release_output()
         os._exit(128 + stopped_by[0])
     return 1 if state.load_error is not None else 0

@@ -21,7 +21,7 @@ from live_server import REPO, free_port
 
 from server.cli import build_parser, config_from_args
 from server.loader import DEMO_MODEL
-from server.logs import ProbePathFilter, configure_logging
+from server.logs import ProbePathFilter, configure_logging, output_lines
 from server.preflight import cuda_device_count
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -217,3 +217,8 @@ def test_probe_filter_matches_paths_not_prefixes() -> None:
 
     assert not passes("/health") and not passes("/health?x=1") and not passes("/metrics")
     assert passes("/v1/models") and passes("/healthz")
+
+
+def test_captured_output_lines_drop_colours_and_progress_redraws() -> None:
+    raw = b"\x1b[32mUnsloth\x1b[0m: ready\nLoading 1/3\rLoading 2/3\rLoading 3/3\n\n  \nlast line without newline"
+    assert list(output_lines(raw)) == ["Unsloth: ready", "Loading 3/3", "last line without newline"]
