@@ -52,7 +52,8 @@ class NF4Weight:
                              f"{self.blocksize} needs {-(-numel // self.blocksize)}")
         if self.nested and (self.state2_code is None or self.offset is None):
             raise ValueError("nested NF4 statistics need state2_absmax, state2_code and offset together")
-        if self.nested and self.offset.numel() not in (1, self.state2_absmax.numel()):
+        if (self.offset is not None and self.state2_absmax is not None  # nested: both set (checked above)
+                and self.offset.numel() not in (1, self.state2_absmax.numel())):
             raise ValueError(f"offset has {self.offset.numel()} entries; one, or one per state2 block "
                              f"({self.state2_absmax.numel()}), expected")
         if not self.nested and self.absmax.dtype != torch.float32:
@@ -171,7 +172,7 @@ def concat_nf4(ws: list[NF4Weight]) -> NF4Weight | None:
     per_group = first.blocksize * (first.state2_blocksize if first.nested else 1)
     if any((w.shape[0] * k) % per_group or (w.shape[0] * k) % 2 for w in ws):
         return None
-    nested = {}
+    nested: dict[str, Any] = {}
     if first.nested:
         assert first.state2_code is not None
         if not all(w.state2_code is not None and torch.equal(w.state2_code, first.state2_code) for w in ws):
@@ -181,7 +182,8 @@ def concat_nf4(ws: list[NF4Weight]) -> NF4Weight | None:
             assert w.state2_absmax is not None and w.offset is not None
             groups = w.state2_absmax.numel()
             offsets.append(w.offset.reshape(-1).float().expand(groups) if w.offset.numel() == 1 else w.offset)
-        nested = dict(state2_absmax=torch.cat([w.state2_absmax for w in ws]), state2_code=first.state2_code,
+        nested = dict(state2_absmax=torch.cat([w.state2_absmax for w in ws if w.state2_absmax is not None]),
+                      state2_code=first.state2_code,
                       offset=torch.cat(offsets).contiguous())
     return NF4Weight(data=torch.cat([w.data for w in ws]), absmax=torch.cat([w.absmax for w in ws]),
                      code=first.code, shape=(sum(w.shape[0] for w in ws), k), dtype=first.dtype,
@@ -195,7 +197,7 @@ def split_nf4(w: NF4Weight, rows: list[int]) -> list[NF4Weight]:
     parts, start = [], 0
     for n in rows:
         lo, hi = start * k, (start + n) * k  # element range
-        nested = {}
+        nested: dict[str, Any] = {}
         if w.nested:
             assert w.state2_absmax is not None and w.offset is not None
             g = slice(lo // per_group, hi // per_group)

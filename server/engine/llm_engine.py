@@ -105,6 +105,7 @@ class LLMEngine:
             config = replace(config, max_lora_rank=startup_lora_rank(startup_adapter_folders(config)))
             logger.info("adapter slots of rank %d (the widest adapter named at start-up, at least 16; "
                         "--max-lora-rank sets it)", config.max_lora_rank)
+        assert config.max_lora_rank is not None  # for mypy: given, or set just above
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -132,7 +133,7 @@ class LLMEngine:
             model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device
         )
         buckets = None
-        if not config.enforce_eager:
+        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
             buckets = list(config.cuda_graph_sizes) or default_buckets(config.max_num_seqs)
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
