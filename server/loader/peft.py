@@ -25,7 +25,7 @@ from server.loader.adapter_layout import (
     where,
 )
 from server.loader.adapter_modules import AdapterModules, read_adapter_modules
-from server.models.weights import fused_target
+from server.models.weights import FUSED, fused_target
 
 if TYPE_CHECKING:
     from server.models.layers import LoRALinear
@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["AdapterError", "LoRAWeights", "check_fits", "load_lora", "read_adapter_config", "startup_lora_rank"]
+
+# The slice index of a LoRA trained on a fused projection as one module (Phi-3's qkv_proj and
+# gate_up_proj): its B spans every slice; check_fits splits it once the slices' sizes are known.
+WHOLE = -1
+_FUSED_MODULES = {fused for fused, _ in FUSED.values()}
 
 # torch dtypes by safetensors' names, so a .bin file's tensors are named as a .safetensors file's
 DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
@@ -46,7 +51,8 @@ class LoRAWeights:
     path: str
     rank: int  # the widest of its modules' ranks
     base_model: str | None
-    # (our module name, slice index) -> (A [r, in], B * scale [out, r]), float32 on the host
+    # (our module name, slice index) -> (A [r, in], B * scale [out, r]), float32 on the host; index
+    # WHOLE (a fused projection trained as one module) until check_fits splits it into the slices
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
     # Tensors that are not LoRA factors (modules_to_save copies, trainable tokens), keys as saved
     full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -114,8 +120,11 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for pair in layout.pairs:
         ours, index = fused_target(pair.module + ".weight")
+        ours = ours.removesuffix(".weight")
+        if index is None:
+            index = WHOLE if ours.rpartition(".")[2] in _FUSED_MODULES else 0
         a, b = raw[pair.a_key].float(), raw[pair.b_key].float()
-        tensors[(ours.removesuffix(".weight"), index or 0)] = (a, b * cfg.scale_for(pair.module))
+        tensors[(ours, index)] = (a, b * cfg.scale_for(pair.module))
     # Whole-module tensors (modules_to_save, trainable tokens): their reader serves or refuses each.
     full_tensors = {key: raw[key] for key in layout.other_keys}
     modules = read_adapter_modules(name, cfg.raw, full_tensors)
@@ -126,7 +135,9 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
 
 def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
-    copying it into a slot (or merging it) safe."""
+    copying it into a slot (or merging it) safe. A LoRA on a whole fused projection becomes one per
+    slice, each with the module's A and its rows of B (exact: every slice computes B_i A x)."""
+    split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
         layer = layers.get(module)
         if layer is None or index >= len(layer.out_slices):
@@ -138,3 +149,22 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
                 f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
                 f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
             )
+
+
+def split_whole_modules(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
+    """Replace each WHOLE entry (A [r, in], B [sum of the slices, r]) by one entry per slice of the
+    layer, sharing A; PEFT trained the module as one linear, so y_i = B_i A x is its output's slice i."""
+    for module, index in [key for key in weights.tensors if key[1] == WHOLE]:
+        a, b = weights.tensors.pop((module, index))
+        layer = layers.get(module)
+        if layer is None:
+            raise AdapterError(f"adapter {weights.name!r} targets {module}, which the model lacks (LoRA is served "
+                               f"on the attention and MLP projections of its layers); trained for another base?")
+        want = (sum(layer.out_slices), layer.in_features)
+        if (b.shape[0], a.shape[1]) != want:
+            raise AdapterError(f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
+                               f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)")
+        for i, part in enumerate(b.split(layer.out_slices)):
+            if (module, i) in weights.tensors:
+                raise AdapterError(f"adapter {weights.name!r} trains {module} both whole and in parts; save it again")
+            weights.tensors[(module, i)] = (a, part)
