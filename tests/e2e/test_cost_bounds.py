@@ -100,6 +100,8 @@ def test_default_body_limit_follows_the_context(server: LiveServer) -> None:
     too_long = "x" * (limit // 5)
     err = error_of(post(server, "/completions", {"model": BASE_MODEL, "prompt": ["hi", too_long]}), 400)
     assert err["param"] == "prompt[1]" and err["code"] == "context_length_exceeded"
+    err = error_of(httpx.post(f"{server.url}/tokenize", json={"prompt": too_long}, timeout=60), 400)
+    assert err["param"] == "prompt" and err["code"] == "context_length_exceeded"
     # A prompt filling the context with the demo vocabulary's 16-character "=" token: 2000 tokens of
     # 32000 characters, neither over the character limit nor over the body limit.
     dense = {"model": BASE_MODEL, "prompt": "=" * 16 * 2000, "max_tokens": 2}
