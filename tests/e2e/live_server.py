@@ -69,13 +69,14 @@ class LiveServer:
             self.process.wait()
 
 
-def launch(tmp_dir: Path, name: str, *flags: str, api_key: str | None = None) -> LiveServer:
+def launch(tmp_dir: Path, name: str, *flags: str, api_key: str | None = None, demo_adapter: bool = True) -> LiveServer:
+    """`demo_adapter`: serve the demo's upper-case adapter as "upper" (it fits the demo model only)."""
     port = free_port()
     log_path = tmp_dir / f"{name}.log"
     cmd = [
         sys.executable, "-m", "server.cli",
         "--host", "127.0.0.1", "--port", str(port),
-        "--lora", f"upper={DEMO_ADAPTER}",
+        *(["--lora", f"upper={DEMO_ADAPTER}"] if demo_adapter else []),
         "--num-kv-blocks", "512",
         "--log-level", "warning",
         *flags,
