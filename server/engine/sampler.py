@@ -109,8 +109,9 @@ class Sampler:
         bitmask = self.matchers.fill(seqs, self.grammar, grammar_vocab)
         if bitmask is None:
             return None
-        for seq in seqs if failures is not None else ():
-            if seq.params.structured is not None and (error := self.matchers.error(seq.request_id)) is not None:
+        for seq in seqs:
+            error = self.matchers.error(seq.request_id) if seq.params.structured is not None else None
+            if error is not None and failures is not None:
                 failures[seq.request_id] = error
         if self.device.type == "cuda":
             bitmask = self._to_device(bitmask)

@@ -49,6 +49,13 @@ def test_a_seed_outside_63_bits_is_a_400_and_the_engine_lives(server: LiveServer
     assert_serving(server)
 
 
+def test_with_async_scheduling_the_seed_that_killed_the_engine_is_a_400_too(ahead_server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ahead_server.client().completions.create(model=BASE_MODEL, prompt="hi", max_tokens=3, n=2, seed=2**64 - 1)
+    assert err.value.param == "seed"
+    assert_serving(ahead_server)
+
+
 def test_seeds_near_the_top_wrap_per_choice(server: LiveServer) -> None:
     """Choice j samples with (seed + j) mod 2**63: the choice after 2**63 - 1 samples as seed 0."""
     client = server.client()
