@@ -20,8 +20,8 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
 from server.models.layers import StepMetadata, fuse_quantized_projections
-from server.models.llama import LlamaForCausalLM
 from server.models.per_adapter import AdapterStep
+from server.models.weights import CausalLM
 
 
 @dataclass(slots=True)
@@ -49,7 +49,7 @@ class LaunchedDecode:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         num_blocks: int,
         block_size: int,
         device: torch.device,
@@ -113,7 +113,7 @@ class ModelRunner:
         return start.elapsed_time(end) / 1000 if end.query() else None
 
     @staticmethod
-    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize

@@ -19,11 +19,11 @@ from server.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
 if TYPE_CHECKING:
     from server.engine.lora_manager import LoRAManager
     from server.loader.peft import LoRAWeights
-    from server.models.llama import LlamaForCausalLM
+    from server.models.weights import CausalLM
 
 
 class SlotModuleTable:
-    def __init__(self, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.dtype = dtype
         self.device = device

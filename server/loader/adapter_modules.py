@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from server.models.llama import LlamaForCausalLM
     from server.models.per_adapter import SlotModules
+    from server.models.weights import CausalLM
 
 PREFIX = "base_model.model."
 EMBED, LM_HEAD = "model.embed_tokens", "lm_head"
@@ -154,7 +154,7 @@ def _table_copy(name: str, cfg: dict, module: str, got: dict[str, torch.Tensor])
     return TableCopy(base_layer, torch.tensor(indices, dtype=torch.long), delta)
 
 
-def check_adapter_modules(name: str, modules: AdapterModules, model: LlamaForCausalLM) -> AdapterModules:
+def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -> AdapterModules:
     """The modules as this model reads them (tied lm_head resolved); raises on any that do not fit."""
     cfg = model.config
     modules = modules.resolved(cfg.tie_word_embeddings)
@@ -190,7 +190,7 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: LlamaForCau
     return modules
 
 
-def materialize(modules: AdapterModules, model: LlamaForCausalLM, dtype: torch.dtype,
+def materialize(modules: AdapterModules, model: CausalLM, dtype: torch.dtype,
                 device: torch.device) -> SlotModules:
     """The adapter's own tensors on `device`, in the engine's dtype (modules already checked)."""
     from server.models.per_adapter import SlotModules
@@ -204,7 +204,7 @@ def materialize(modules: AdapterModules, model: LlamaForCausalLM, dtype: torch.d
 
 
 @torch.no_grad()
-def merge_adapter_modules(name: str, modules: AdapterModules, model: LlamaForCausalLM, dtype: torch.dtype) -> None:
+def merge_adapter_modules(name: str, modules: AdapterModules, model: CausalLM, dtype: torch.dtype) -> None:
     """Make the adapter's modules the base's (--merge-lora); a resized vocabulary resizes the model."""
     from torch import nn
 
