@@ -25,7 +25,7 @@ from server.loader.adapter_layout import (
     where,
 )
 from server.loader.adapter_modules import AdapterModules, read_adapter_modules
-from server.models.weights import FUSED, fused_target
+from server.models.weights import FUSED, fused_target, text_model_name
 
 if TYPE_CHECKING:
     from server.models.layers import LoRALinear
@@ -137,6 +137,7 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
     copying it into a slot (or merging it) safe. A LoRA on a whole fused projection becomes one per
     slice, each with the module's A and its rows of B (exact: every slice computes B_i A x)."""
+    text_model_names(weights, layers)
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
         layer = layers.get(module)
@@ -149,6 +150,16 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
                 f"adapter {weights.name!r} does not fit this model: {module} is {want[0]}x{want[1]}, "
                 f"the adapter's is {b.shape[0]}x{a.shape[1]} (trained for another base?)"
             )
+
+
+def text_model_names(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
+    """An adapter trained on an image-text model (Gemma3ForConditionalGeneration) names the text
+    model's projections under its language model (model.language_model.* or language_model.model.*):
+    rename those to the text model's names. LoRA on the vision tower stays as it is, refused below."""
+    for module, index in list(weights.tensors):
+        text = text_model_name(module, multimodal=True)
+        if module not in layers and text is not None and text in layers:
+            weights.tensors[(text, index)] = weights.tensors.pop((module, index))
 
 
 def split_whole_modules(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:

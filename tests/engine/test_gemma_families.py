@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from server import LLM
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from server.loader import DEMO_MODEL
 from server.models.config import ModelConfig
 
 VOCAB = 4096  # the demo tokenizer's, so that the folders can be served over HTTP too
@@ -157,6 +161,32 @@ def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest
         on_disk = [k for k in load_file(str(folder / "model.safetensors")) if "language_model" not in k
                    and not k.startswith("lm_head")]
         assert any(f"{len(on_disk)} tensors of the vision tower" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3-multimodal"])
+def test_lora_adapter_gives_peft_tokens(tmp_path: Path, family: str) -> None:
+    """A PEFT LoRA on every attention and MLP projection (of the language model, for the image-text
+    checkpoint, whose adapter names them model.language_model.*) served hot: PEFT's greedy tokens."""
+    folder, hf = make_model(tmp_path, family)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO_MODEL / name, folder / name)
+    projections = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    targets = rf".*language_model.*\.({projections})" if family == "gemma3-multimodal" else projections.split("|")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    llm = LLM(folder, lora={"a": str(tmp_path / "adapter")}, load_format="safetensors", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=24)
+    batch = prompts()
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    ours = [o.token_ids for o in llm.generate(batch, params, adapter="a")]
+    assert ours == [hf_greedy(peft_model, p)[0] for p in batch]
+    with peft_model.disable_adapter():  # the adapter changes the output: the test sees it applied
+        assert ours != [hf_greedy(peft_model, p)[0] for p in batch]
 
 
 def test_soft_caps_and_windows_change_the_tokens(tmp_path: Path) -> None:
