@@ -14,6 +14,7 @@
 #   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
 #   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
 #   bash bench/gpu_record.sh rank      # the server with 8 adapters at c64: default slot rank vs --max-lora-rank 64
+#   bash bench/gpu_record.sh fidelity  # checkpoint formats / adapter kinds vs Unsloth and PEFT, GPU tests, mixed layers
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -151,6 +152,21 @@ verify)  # every GPU test, then the server under sampling and under 8 adapters (
     kill $pid; wait $pid 2> /dev/null
     tail -n 3 "$RES/gpu-tests.txt"
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/verify-*.txt
+    ;;
+fidelity)  # checkpoint formats and adapter kinds against Unsloth's for_inference / PEFT on the GPU path,
+    # every GPU-marked test, and the mixed 4-bit/16-bit layer timing (bench/results/fidelity-h200.md)
+    elapsed "fidelity tests"
+    timeout 200 python -m pytest -q -p no:cacheprovider -rf tests/loader/test_checkpoint_formats.py \
+        tests/loader/test_modules_to_save.py tests/loader/test_adapter_features.py > "$RES/fidelity-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/fidelity-tests.txt"
+    save
+    elapsed "gpu tests"
+    timeout 200 python -m pytest -q -m gpu tests/kernels tests/engine tests/loader -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    save
+    elapsed "quant layouts"
+    timeout 90 python bench/quant_layouts.py --out "$RES/quant_layouts.json" > "$RES/quant_layouts.txt" 2>&1
+    tail -n 3 "$RES/fidelity-tests.txt" "$RES/gpu-tests.txt"
     ;;
 diag)
     timeout 60 python -m pytest -q -m gpu tests/engine/test_stalls.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
