@@ -43,6 +43,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # On a request's first output when it asked for them: prompt token j + 1's log-probability at j.
+    prompt_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
@@ -461,7 +463,11 @@ class LLMEngine:
                      logprobs: list[TokenLogprob | None] | None, outputs: list[RequestOutput]) -> None:
         for seq in self.scheduler.postprocess(batch, sampled, logprobs):
             new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
-            outputs.append(RequestOutput.of(seq, [seq.token_ids[-1]], new_lp))
+            # No new token: max_tokens 0, the prompt only scored.
+            out = RequestOutput.of(seq, [seq.token_ids[-1]] if seq.num_output_tokens else [], new_lp)
+            if seq.params.prompt_logprobs is not None and seq.num_output_tokens <= 1:
+                out.prompt_logprobs = list(seq.prompt_logprobs)  # a recompute after preemption rewrites it
+            outputs.append(out)
             if seq.is_finished:
                 self._release(seq)
         outputs.extend(self._drain_finished_waiting())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,7 +15,7 @@ from kernels.rope_scaling import long_prompt_threshold, rope_rows
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.lora_manager import LoRAManager
-from server.engine.sampler import Sampler, gather_logprobs
+from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logprobs
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
@@ -30,8 +30,12 @@ class StepInputs:
     positions: torch.Tensor
     meta: StepMetadata
     sample_rows: list[int]  # batch index of each sequence that samples this step
-    sample_token_index: torch.Tensor  # its last token's row in the flat batch
+    sample_token_index: torch.Tensor  # its last token's row in the flat batch, then prompt_spans' rows
     adapters: AdapterStep | None = None  # adapters of the step with their own embed/lm_head/norms
+    # (batch index, first prompt token scored, count) of each sequence asking for prompt logprobs:
+    # rows of positions whose next token is a prompt token, after the sampled rows in the index.
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    prompt_targets: torch.Tensor | None = None  # the prompt token each of those rows scores
 
 
 @dataclass(slots=True)
@@ -130,6 +134,9 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_index: list[int] = []
         adapter_per_token: list[int] = []
+        prompt_spans: list[tuple[int, int, int]] = []
+        prompt_index: list[int] = []
+        prompt_targets: list[int] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_tokens if ahead else seq.num_computed_tokens
@@ -144,6 +151,13 @@ class ModelRunner:
             if batch.samples(i):
                 sample_rows.append(i)
                 sample_index.append(query_start_loc[-1] - 1)
+            # Prompt logprobs: position p's logits score prompt token p + 1, for this chunk's p.
+            scored_end = min(end, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and scored_end > start:
+                prompt_spans.append((i, start + 1, scored_end - start))
+                first_row = query_start_loc[-2]
+                prompt_index.extend(range(first_row, first_row + scored_end - start))
+                prompt_targets.extend(seq.token_ids[start + 1 : scored_end + 1])
         meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         own_modules = None
@@ -153,11 +167,13 @@ class ModelRunner:
             meta.lora_slots = self._tensor([slot_of.get(a, -1) for a in adapter_per_token], torch.int32)
             meta.active_lora_slots = sorted(slot_of.values())
             own_modules = self.slot_modules.step(self.lora_manager, adapter_per_token,
-                                                 [batch.seqs[i].adapter_id for i in sample_rows])
+                                                 [batch.seqs[i].adapter_id for i in sample_rows]
+                                                 + [batch.seqs[i].adapter_id for i, _, n in prompt_spans for _ in range(n)])
         elif self.slot_modules.resident and self.lora_manager is not None:
             self.slot_modules.sync(self.lora_manager)  # a removed adapter's copies go with it
         ids = lookahead_ids if lookahead_ids is not None else self._tensor(input_ids)
-        return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index), own_modules)
+        return StepInputs(ids, self._tensor(positions), meta, sample_rows, self._tensor(sample_index + prompt_index),
+                          own_modules, prompt_spans, self._tensor(prompt_targets) if prompt_spans else None)
 
     def vocab_size(self, adapter_id: int) -> int:
         """The token ids a request for this adapter may hold and be given (0: the base model)."""
@@ -199,6 +215,9 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
             return None
+        if any(s.params.prompt_logprobs is not None and s.num_computed_tokens + 1 < s.num_prompt_tokens
+               for s in batch.seqs):
+            return None  # a one-token prompt chunk that is scored: its logits come from the eager path
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         # Adapters with their own embed_tokens / lm_head / norms run eagerly: the graphs hold only the
         # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
@@ -277,9 +296,12 @@ class ModelRunner:
             inputs = self.prepare(batch)
             hidden = self._forward(inputs)
             rows = inputs.sample_rows
-            if not rows:
+            if not rows and not inputs.prompt_spans:
                 return sampled, None
             logits = self.model.compute_logits(hidden[inputs.sample_token_index], inputs.adapters)
+            if inputs.prompt_spans:
+                self._score_prompts(batch, inputs, logits[len(rows):])
+                logits = logits[: len(rows)]
         if not rows:
             return sampled, None
         seqs = [batch.seqs[i] for i in rows]
@@ -294,6 +316,23 @@ class ModelRunner:
         for row, token in zip(rows, self._to_host(tokens), strict=True):
             sampled[row] = token
         return sampled, logprobs
+
+    @staticmethod
+    def _score_prompts(batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> None:
+        """Store this chunk's prompt logprobs in its sequences. Indexed by position, so a step run
+        again (a failed batch, a preempted sequence recomputed) overwrites rather than appends."""
+        assert inputs.prompt_targets is not None
+        k = max(batch.seqs[i].params.prompt_logprobs or 0 for i, _, _ in inputs.prompt_spans)
+        scored = gather_prompt_logprobs(logits, inputs.prompt_targets, k)
+        row = 0
+        for i, first, n in inputs.prompt_spans:
+            seq = batch.seqs[i]
+            top_k = seq.params.prompt_logprobs or 0
+            chunk = scored[row : row + n]
+            for lp in chunk:
+                del lp.top[top_k:]
+            seq.prompt_logprobs[first - 1 :] = chunk  # entry j scores token j + 1
+            row += n
 
     # --- async scheduling: decode steps launched ahead of the host (LLMEngine, --async-scheduling) ---
 

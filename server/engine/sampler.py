@@ -210,3 +210,28 @@ def gather_logprobs(
         top = list(zip(top_ids_l[i][:n], top_vals_l[i][:n], strict=True))
         result.append(TokenLogprob(tokens_l[i], chosen_l[i], top))
     return result
+
+
+# Rows of prompt logits turned into log-probabilities at a time: bounds the float32 copies of a
+# long chunk's [rows, vocab] logits.
+_PROMPT_ROWS_PER_PASS = 1024
+
+
+def gather_prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each row's log-probability (float32 log_softmax) of its target token, that token's rank, and
+    the row's top-k, in one host copy."""
+    columns = []
+    for start in range(0, logits.shape[0], _PROMPT_ROWS_PER_PASS):
+        lp = torch.log_softmax(logits[start : start + _PROMPT_ROWS_PER_PASS].float(), dim=-1)
+        target = targets[start : start + _PROMPT_ROWS_PER_PASS].unsqueeze(1)
+        picked = lp.gather(1, target)
+        vals, ids = lp.topk(max(k, 1), dim=-1)
+        # Token ids and ranks travel as float64 beside the log-probabilities: exact.
+        columns.append(torch.cat([target.double(), picked.double(), ((lp > picked).sum(dim=1, keepdim=True) + 1).double(),
+                                  vals[:, :k].double(), ids[:, :k].double()], dim=1))
+    rows = torch.cat(columns).cpu().tolist()
+    return [
+        TokenLogprob(int(row[0]), row[1], [(int(t), v) for t, v in zip(row[3 + k :], row[3 : 3 + k], strict=True)],
+                     int(row[2]))
+        for row in rows
+    ]

@@ -44,11 +44,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus k top tokens
+    # None: none; k >= 0: each prompt token's log-probability (after the first) plus its k top
+    # alternatives, computed in the prefill. max_tokens 0 then scores the prompt without generating.
+    prompt_logprobs: int | None = None
     structured: StructuredSpec | None = None  # constrain the output to a grammar (JSON schema)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be at least 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
@@ -67,6 +70,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.structured is not None and (self.ignore_eos or self.min_tokens):
             # The grammar decides where the output ends: EOS is allowed exactly when it is complete.
             raise ValueError("ignore_eos and min_tokens cannot be combined with structured output "

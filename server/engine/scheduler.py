@@ -145,7 +145,10 @@ class Scheduler:
             seq = self.waiting[0]
             if self._needs_adapter_slot(seq, adapters):
                 break
-            cached = bm.find_cached_blocks(seq) if not seq.block_table else []
+            # A request for prompt logprobs computes every prompt position: a cached prefix would
+            # skip the positions whose logits it needs, so it does not look the cache up.
+            wants_all = seq.params.prompt_logprobs is not None
+            cached = bm.find_cached_blocks(seq) if not seq.block_table and not wants_all else []
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
             if not bm.allocate_slots(seq, num_new, cached):
                 if not self.running and not batch.seqs:
@@ -183,7 +186,8 @@ class Scheduler:
         logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[Sequence]:
         """Advance every scheduled sequence; append sampled tokens; finish those that stop.
-        Returns the sequences that got a new token (finished ones included)."""
+        Returns the sequences that got a new token (finished ones included), and those with
+        max_tokens 0 whose prompt is done (finished, without a token)."""
         updated: list[Sequence] = []
         now = time.monotonic()
         for i, seq in enumerate(batch.seqs):
@@ -191,6 +195,11 @@ class Scheduler:
             self.block_manager.register_computed_blocks(seq)
             token = sampled[i]
             if token is None or seq.is_finished:
+                continue
+            if seq.params.max_tokens == 0:  # the prompt was only scored (prompt_logprobs)
+                self.running.remove(seq)
+                self._finish(seq, FinishReason.LENGTH)
+                updated.append(seq)
                 continue
             seq.append_token(token)
             if logprobs is not None and logprobs[i] is not None:

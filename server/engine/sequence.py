@@ -29,6 +29,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # 1 + how many tokens were more likely (set for prompt tokens)
 
 
 @dataclass(slots=True, eq=False)
@@ -50,6 +51,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: entry j is prompt token j + 1's (the first token has none),
+    # filled chunk by chunk in the prefill.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
