@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from server.loader.adapter_modules import merge_adapter_modules
-from server.loader.folders import is_adapter_folder, resolve_adapter_base
+from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
 from server.loader.peft import check_fits, load_lora
+from server.models.families import route_of
 from server.models.weights import CausalLM, load_model
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ def load_checkpoint(
         logger.info("%s is a LoRA adapter; its base is %s", adapter_folder, folder)
     elif not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds neither config.json (a model) nor adapter_config.json (an adapter)")
-    if load_format == "unsloth":
+    # The path (native / generic / refused) comes from config.json, before any weight is read.
+    if route_of(read_json_object(folder / "config.json")).path == "generic":
+        from server.loader.generic import load_generic
+
+        model = load_generic(folder, dtype, device, load_format, max_seq_length)
+    elif load_format == "unsloth":
         from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
 
         model = load_and_adopt(folder, max_seq_length, dtype, device)

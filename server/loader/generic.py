@@ -1,0 +1,164 @@
+"""Load a model of a family we have no model code for onto the generic path: transformers builds it
+(through Unsloth's FastLanguageModel, or AutoModelForCausalLM for 16-bit safetensors), every tensor
+on disk must have reached it, its linears become ours and its attention is routed to the paged KV
+cache (server.models.generic); the log says once that this path is used and what it costs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from server.loader.unsloth import _RECOMPUTED, disk_tensor_names
+from server.models.config import ModelConfig
+from server.models.families import UnsupportedModel
+from server.models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
+from server.models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
+
+logger = logging.getLogger(__name__)
+
+
+def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_format: str,
+                 max_seq_length: int) -> GenericCausalLM:
+    start = time.perf_counter()
+    if load_format == "unsloth":
+        from server.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
+
+        hf = load_hf_with_unsloth(folder, max_seq_length)
+    else:
+        hf = load_hf_16bit(folder, dtype, device)
+    check_every_tensor_loaded(folder, hf)
+    route_attention(hf)
+    step = GenericStep()
+    linears = adopt_linears(hf, step, dtype, device)
+    for param in hf.parameters():  # the rest (embeddings, norms) in the engine's dtype, on its device
+        if param.is_floating_point():
+            param.data = param.data.to(device=device, dtype=dtype)
+    for buf_name, buf in list(hf.named_buffers()):
+        if buf.device != device:  # rotary tables and the like keep their own dtype (float32)
+            owner, _, leaf = buf_name.rpartition(".")
+            hf.get_submodule(owner)._buffers[leaf] = buf.to(device)
+    hf.eval()
+    inside = f"{hf.base_model_prefix}."  # adapters' projections live in the backbone (not lm_head)
+    targets = lora_targets({name: m for name, m in linears.items() if name.startswith(inside)})
+    vocab = int(hf.get_output_embeddings().weight.shape[0])
+    model = GenericCausalLM(hf, step, targets)
+    cfg = model.config = generic_config(model.head.config, vocab, *model.kv_layout(device))
+    model.check_routing(dtype, device)
+    num_4bit = sum(1 for m in linears.values() if m.is_quantized)
+    logger.warning(
+        "%s has no native model code in sloth-serve: served on the generic path (transformers %s modules inside "
+        "our engine: paged KV cache, continuous batching, %d linears on our kernels, %d kept in 4-bit, multi-LoRA). "
+        "It costs speed: no CUDA graphs (every step runs eagerly, as --enforce-eager) and transformers' Python "
+        "modules around our kernels; loaded in %.1fs", cfg.family, type(hf).__name__, len(linears), num_4bit,
+        time.perf_counter() - start)
+    return model
+
+
+def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if isinstance(quant, dict):
+        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
+                         f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": device},
+                                                local_files_only=True)
+
+
+def check_every_tensor_loaded(folder: Path, hf: nn.Module) -> None:
+    """Every tensor on disk is one of the model's, and every parameter of the model came from disk:
+    transformers drops unexpected keys and initializes missing ones at random, with a warning at most."""
+    state = set(hf.state_dict().keys()) | {n for n, _ in hf.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in hf.named_buffers(remove_duplicate=False)}
+    disk = disk_tensor_names(folder)
+    rename = _checkpoint_renamer(hf, state)
+    loaded = {k: rename(k) for k in disk}
+    unread = sorted(k for k, name in loaded.items() if name not in state and not k.endswith(_RECOMPUTED))
+    if unread:
+        raise ValueError(f"{folder / disk[unread[0]]}: {len(unread)} tensor(s) on disk were not loaded by "
+                         f"{type(hf).__name__} (first: {unread[0]!r}); sloth-serve does not serve a model with weights "
+                         f"left out. Check that config.json's architectures matches the checkpoint")
+    on_disk = set(loaded.values())
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    missing = sorted(names[0] for names in by_tensor.values() if not any(n in on_disk for n in names))
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} weight(s) of {type(hf).__name__} are not on disk (first: "
+                         f"{missing[0]!r}) and would be random; is the checkpoint complete?")
+
+
+def _checkpoint_renamer(hf: nn.Module, state: set[str]) -> Callable[[str], str]:
+    """A checkpoint key -> the model's name for it, as transformers renamed it at load (its conversion
+    mapping: legacy names, fused experts; and the base model prefix added or dropped)."""
+    prefix = str(getattr(hf, "base_model_prefix", ""))
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(hf)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    except (ImportError, AttributeError, TypeError):  # another transformers release: names as they are
+        renamings, converters = [], []
+    lookup = dict.fromkeys(state, True)
+
+    def rename(key: str) -> str:
+        if renamings or converters:
+            key = rename_source_key(key, renamings, converters, prefix, lookup)[0]
+        if key not in state and f"{prefix}.{key}" in state:
+            key = f"{prefix}.{key}"
+        return key
+
+    return rename
+
+
+def route_attention(hf: nn.Module) -> None:
+    """Point every attention layer at our paged attention (transformers' AttentionInterface)."""
+    can_set = getattr(type(hf), "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise UnsupportedModel(f"{type(hf).__name__} does not take an attention implementation through "
+                               "AttentionInterface, so it cannot use sloth-serve's paged KV cache")
+    hf.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if hf.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise UnsupportedModel(f"{type(hf).__name__} kept attention implementation "
+                               f"{hf.config._attn_implementation!r}; it cannot use sloth-serve's paged KV cache")
+
+
+def adopt_linears(hf: nn.Module, step: GenericStep, dtype: torch.dtype, device: torch.device) -> dict[str, GenericLinear]:
+    """Replace every linear of the model (4-bit or 16-bit) by ours, in place; ours by module name."""
+    ours: dict[str, GenericLinear] = {}
+    inside = f"{hf.base_model_prefix}."
+    for name, module in list(hf.named_modules()):
+        if not name or not is_linear(module):
+            continue
+        if not name.startswith(inside) and getattr(module.weight, "quant_state", None) is None:
+            continue  # a 16-bit lm_head stays: no adapter reaches it, and a tied one shares the embedding
+        parent, _, leaf = name.rpartition(".")
+        layer = adopt_linear(module, step, dtype, device)
+        setattr(hf.get_submodule(parent) if parent else hf, leaf, layer)
+        ours[name] = layer
+    return ours
+
+
+def generic_config(config: object, vocab: int, num_layers: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
+    """The facts our engine needs from the transformers config; the KV cache's shape as measured."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = int(getattr(c, "num_attention_heads", num_kv_heads))
+    window = getattr(c, "sliding_window", None)
+    return ModelConfig(
+        family=str(getattr(c, "model_type", "unknown")), vocab_size=vocab, hidden_size=int(getattr(c, "hidden_size", 0)),
+        intermediate_size=int(getattr(c, "intermediate_size", 0) or 0), num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6) or 1e-6), rope_theta=0.0,
+        rope_scaling=None,  # the model applies its own RoPE: positions reach it as they are
+        max_position_embeddings=int(getattr(c, "max_position_embeddings", None) or 2048),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        sliding_window=window if isinstance(window, int) else None,
+    )

@@ -1,0 +1,126 @@
+"""Which path serves a config.json's architecture: our own model code (native), the model's own
+transformers modules inside our engine (generic), or none, with a one-line reason. Reads JSON and
+transformers' source files only (no torch): the start-up checks run it before any weight is read."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from server.models.config import SUPPORTED_ARCHITECTURES
+
+# Families whose layers keep state beyond a KV cache (SSM, linear attention, gated convolutions).
+RECURRENT_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "jamba", "rwkv", "qwen3_next", "qwen3_5", "qwen3_5_moe", "lfm2", "lfm2_moe",
+    "lfm3", "granitemoehybrid", "falcon_h1", "bamba", "zamba", "zamba2", "nemotron_h", "recurrent_gemma", "xlstm",
+    "kimi_linear", "olmo_hybrid", "bailing_hybrid", "minimax",
+})
+# config.json keys that only models with recurrent or linear-attention layers carry.
+RECURRENT_KEYS = ("ssm_state_size", "mamba_d_state", "mamba_d_conv", "linear_num_value_heads", "linear_key_head_dim",
+                  "hybrid_override_pattern", "layers_block_type", "attn_layer_indices", "full_attn_idxs",
+                  "conv_L_cache", "layer_block_types")
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
+ALIBI_TYPES = frozenset({"bloom", "mpt", "jais"})
+INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
+
+
+class UnsupportedModel(ValueError):
+    """A model no path serves; the message is one line saying why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str  # "native" or "generic"
+    architecture: str
+    model_type: str
+
+
+def route_of(cfg: dict[str, Any]) -> Route:
+    """The path that serves this config.json, or UnsupportedModel naming the reason."""
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    arch = str(archs[0] if isinstance(archs, list) else archs)
+    model_type = str(cfg.get("model_type") or "")
+    if arch in SUPPORTED_ARCHITECTURES:
+        return Route("native", arch, model_type)
+    reason = refusal(cfg, arch, model_type)
+    if reason is not None:
+        raise UnsupportedModel(reason)
+    return Route("generic", arch, model_type)
+
+
+def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
+    """Why the generic path cannot serve this model (None: it can)."""
+    if cfg.get("is_encoder_decoder"):
+        return "an encoder-decoder model; sloth-serve serves decoder-only causal language models"
+    if model_type in RECURRENT_TYPES or any(k in cfg for k in RECURRENT_KEYS):
+        return ("its layers keep recurrent or linear-attention state beyond a KV cache, which sloth-serve does not "
+                "hold yet")
+    layer_types = cfg.get("layer_types")
+    other = sorted({str(t) for t in layer_types} - ATTENTION_LAYER_TYPES) if isinstance(layer_types, list) else []
+    if other:
+        return f"it has {', '.join(other)} layers (state beyond a KV cache), which sloth-serve does not hold yet"
+    if not arch.endswith(("ForCausalLM", "LMHeadModel")):
+        kind = "a multimodal model" if arch.endswith("ForConditionalGeneration") else "not a causal language model"
+        return f"{kind}; sloth-serve serves decoder-only causal language models (...ForCausalLM)"
+    if model_type in ALIBI_TYPES or cfg.get("alibi") or cfg.get("position_embedding_type") == "alibi":
+        return "it uses ALiBi position biases, which sloth-serve's attention kernels do not apply"
+    if model_type == "gpt_oss":
+        return "it uses attention sinks, which the generic path's attention does not apply"
+    if cfg.get("kv_lora_rank") or cfg.get("attention_chunk_size"):
+        what = "multi-head latent attention" if cfg.get("kv_lora_rank") else "chunked local attention"
+        return f"it uses {what}, which sloth-serve's paged KV cache does not hold"
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):
+        return (f"its {rope_type} RoPE rescales by the longest sequence in a forward pass, which in a continuous "
+                f"batch would change every other sequence's positions")
+    return transformers_refusal(arch, model_type, "auto_map" in cfg)
+
+
+def transformers_refusal(arch: str, model_type: str, remote_code: bool) -> str | None:
+    """Why transformers' implementation of `arch` cannot run on the generic path (None: it can)."""
+    source = modeling_source(model_type)
+    if source is None or f"class {arch}(" not in source:
+        if remote_code:
+            return "it needs its own Python code (trust_remote_code), which sloth-serve does not run"
+        return f"transformers {transformers_version()} does not implement it (model_type {model_type!r})"
+    if INTERFACE_CALL not in source:
+        return ("its transformers implementation computes attention itself rather than through AttentionInterface, "
+                "so it cannot use sloth-serve's paged KV cache")
+    return None
+
+
+@cache
+def modeling_source(model_type: str) -> str | None:
+    """The text of transformers' modeling file for a model type, found without importing transformers."""
+    root = _transformers_root()
+    if root is None or not model_type:
+        return None
+    name = model_type.replace("-", "_")
+    path = root / "models" / name / f"modeling_{name}.py"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _transformers_root() -> Path | None:
+    spec = importlib.util.find_spec("transformers")  # finds the package without running it
+    locations = spec.submodule_search_locations if spec is not None else None
+    return Path(next(iter(locations))) if locations else None
+
+
+def transformers_version() -> str:
+    root = _transformers_root()
+    if root is None:
+        return "(not installed)"
+    for line in (root / "__init__.py").read_text(encoding="utf-8").splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "(unknown version)"
+
+
+def supported_summary() -> str:
+    """One line for error messages: the native families and what the generic path takes."""
+    return (f"native: {', '.join(SUPPORTED_ARCHITECTURES)}; any other decoder-only causal LM that transformers "
+            f"implements runs on the generic path")

@@ -1,0 +1,210 @@
+"""The generic path: a transformers causal LM's own modules run inside our engine. Attention goes to
+our paged KV cache through transformers' AttentionInterface ("sloth_paged"), linears are our
+LoRALinear (NF4 kernels, multi-LoRA slots), and the step's whole batch is one flat "sequence"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from kernels.attention import AttnMetadata, paged_attention, write_kv
+from server.models.config import ModelConfig
+from server.models.families import UnsupportedModel
+from server.models.generic_linear import GenericLinear, SliceGroup
+from server.models.layers import StepMetadata
+from server.models.per_adapter import AdapterStep
+
+ATTN_IMPLEMENTATION = "sloth_paged"
+
+
+@dataclass(slots=True)
+class GenericStep:
+    """What one forward pass's attention calls and linears read (nano-vllm's "context"): set by
+    GenericCausalLM.forward, passed to attention as a keyword transformers forwards to it."""
+
+    meta: StepMetadata | None = None
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    layers_called: list[int] = field(default_factory=list)
+    # At load, before the KV cache exists: each layer's (kv heads, key dim, value dim), nothing computed.
+    shapes: dict[int, tuple[int, int, int]] | None = None
+
+
+def paged_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One layer's attention over the step: q/k/v [1, heads, T, D] (RoPE applied by the model) ->
+    [1, T, heads, D]; k and v are written to the layer's paged cache first."""
+    step: GenericStep | None = getattr(module, "sloth_step", None)
+    if step is None:
+        raise UnsupportedModel(f"{type(module).__name__} is not a module of the model being served")
+    _check_supported(module, attention_mask, kwargs)
+    layer = getattr(module, "layer_idx", None)
+    if step.shapes is not None and isinstance(layer, int):
+        step.shapes[layer] = (key.shape[1], key.shape[-1], value.shape[-1])
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+    if step.meta is None or step.kv_caches is None:
+        raise UnsupportedModel(f"{type(module).__name__} ran outside an engine step")
+    if not isinstance(layer, int) or not 0 <= layer < len(step.kv_caches):
+        raise UnsupportedModel(f"{type(module).__name__} has layer index {layer!r}; the KV cache holds "
+                               f"{len(step.kv_caches)} layers")
+    k_cache, v_cache = step.kv_caches[layer]
+    if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != tuple(k_cache.shape[2:]) or value.shape[-1] != key.shape[-1]:
+        raise UnsupportedModel(f"layer {layer}'s keys are {key.shape[1]} heads of {key.shape[-1]} (values "
+                               f"{value.shape[-1]} wide); the KV cache holds {k_cache.shape[2]} heads of "
+                               f"{k_cache.shape[3]} for every layer")
+    attn: AttnMetadata = step.meta.attn
+    q = query[0].transpose(0, 1).to(k_cache.dtype).contiguous()
+    k = key[0].transpose(0, 1).to(k_cache.dtype).contiguous()
+    v = value[0].transpose(0, 1).to(v_cache.dtype).contiguous()
+    write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(q, k_cache, v_cache, attn, scale, kwargs.get("sliding_window"), kwargs.get("softcap"))
+    step.layers_called.append(layer)
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _check_supported(module: nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
+    name = type(module).__name__
+    if attention_mask is not None:
+        raise UnsupportedModel(f"{name} received a mask its model built itself (a bias or custom mask), which the "
+                               "paged attention cannot apply")
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise UnsupportedModel(f"{name} uses attention sinks, which the generic path's attention does not apply")
+    if kwargs.get("position_bias") is not None or getattr(module, "is_causal", True) is False:
+        raise UnsupportedModel(f"{name} is not plain causal attention (a position bias or non-causal mask)")
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+class _HiddenFeed(nn.Module):
+    """Stands in for the backbone inside the transformers causal LM, so that its own head (lm_head
+    plus whatever the family does to logits: scales, soft-capping) runs on hidden states we pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> _FedOutput:
+        return _FedOutput(self.hidden)
+
+
+class _FedOutput:
+    """The backbone's output as heads read it: the hidden states (by name or as item 0); whatever
+    else a head looks at (router logits, cross-attentions, the cache) is None, as in inference."""
+
+    def __init__(self, hidden: torch.Tensor | None) -> None:
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+    def __getitem__(self, key: int | str) -> torch.Tensor | None:
+        if key in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise KeyError(key)
+
+
+class GenericCausalLM(nn.Module):
+    """LlamaForCausalLM's interface over a transformers causal LM: forward(input_ids, positions,
+    meta, kv_caches) -> final hidden states [T, hidden]; compute_logits(hidden) -> float32 logits."""
+
+    supports_cuda_graphs = False  # transformers modules launch from Python each step: run eagerly
+    is_generic = True
+
+    config: ModelConfig  # set by the loader once kv_layout() has measured the model
+
+    def __init__(self, hf: nn.Module, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
+        super().__init__()
+        self.step = step
+        self._lora = lora
+        self.architecture = type(hf).__name__
+        prefix = hf.base_model_prefix
+        self.backbone = getattr(hf, prefix)
+        for module in self.backbone.modules():  # where our attention function finds the step
+            if hasattr(module, "layer_idx"):
+                module.sloth_step = step
+        self.feed = _HiddenFeed()
+        setattr(hf, prefix, self.feed)
+        self.head = hf
+
+    def lora_layers(self) -> dict[str, Any]:
+        """LoRA-capable projections by the names PEFT adapters give them (q|k|v and gate|up grouped
+        under qkv_proj / gate_up_proj, as server.models.weights.fused_target names them)."""
+        return dict(self._lora)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:
+        if adapters is not None:
+            raise ValueError("adapters with their own embed_tokens / lm_head / norms are served on native families only")
+        step = self.step
+        step.meta, step.kv_caches = meta, kv_caches
+        step.layers_called.clear()
+        try:
+            out = self.backbone(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
+        finally:
+            step.meta, step.kv_caches = None, None
+        return out.last_hidden_state[0]
+
+    def compute_logits(self, hidden: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
+        if adapters is not None:
+            raise ValueError("adapters with their own lm_head are served on native families only")
+        self.feed.hidden = hidden.unsqueeze(0)
+        try:
+            out = self.head(input_ids=None, use_cache=False, logits_to_keep=0)
+        finally:
+            self.feed.hidden = None
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def kv_layout(self, device: torch.device) -> tuple[int, int, int]:
+        """(attention layers, KV heads, head dim) as the model's attention calls show them (config
+        fields are named differently across families, and some are set but unused)."""
+        step = self.step
+        step.shapes = {}
+        try:
+            ids = torch.tensor([1, 2], device=device)
+            self.backbone(input_ids=ids.unsqueeze(0), position_ids=ids.unsqueeze(0) - 1, use_cache=False)
+            shapes = dict(step.shapes)
+        finally:
+            step.shapes = None
+        if sorted(shapes) != list(range(len(shapes))) or not shapes:
+            raise UnsupportedModel(f"{self.architecture}: attention reached sloth-serve for layers {sorted(shapes)}, "
+                                   f"not for each layer from 0; its attention is not served")
+        if len(set(shapes.values())) != 1:
+            raise UnsupportedModel(f"{self.architecture}'s layers attend with different KV shapes "
+                                   f"{sorted(set(shapes.values()))}; the paged KV cache holds one shape for all layers")
+        heads, key_dim, value_dim = shapes[0]
+        if key_dim != value_dim:
+            raise UnsupportedModel(f"{self.architecture}'s keys ({key_dim}) and values ({value_dim}) differ in width; "
+                                   "the paged KV cache holds them alike")
+        return len(shapes), heads, key_dim
+
+    @torch.inference_mode()
+    def check_routing(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Two tokens through a scratch cache: every layer's attention must reach the paged KV cache
+        once, in order, and the head must give a row of logits; anything else (a layer that attends by
+        itself, a mask built by the model) is refused now rather than served wrong."""
+        cfg = self.config
+        shape = (1, 16, cfg.num_kv_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                  for _ in range(cfg.num_layers)]
+
+        def tensor(values: list[int] | list[list[int]], kind: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.tensor(values, dtype=kind, device=device)
+
+        attn = AttnMetadata(slot_mapping=tensor([0, 1], torch.long), block_tables=tensor([[0]]), seq_lens=tensor([2]),
+                            query_start_loc=tensor([0, 2]), seq_lens_host=[2], query_start_loc_host=[0, 2],
+                            max_query_len=2, max_seq_len=2, num_decodes=0)
+        hidden = self(tensor([1, 2], torch.long), tensor([0, 1], torch.long), StepMetadata(attn), caches)
+        called = list(self.step.layers_called)
+        if called != list(range(cfg.num_layers)):
+            raise UnsupportedModel(f"{self.architecture}: attention reached the paged KV cache for layers {called}, "
+                                   f"not each of its {cfg.num_layers} layers once; its attention is not served")
+        if self.compute_logits(hidden[-1:]).shape != (1, cfg.vocab_size):
+            raise UnsupportedModel(f"{self.architecture}'s head does not give {cfg.vocab_size} logits a token")
