@@ -17,12 +17,15 @@ from server.api import (
     serving_chat,
     serving_completions,
     serving_models,
+    serving_responses,
     serving_tokenize,
+    serving_tokenizer_info,
 )
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import install_error_handlers
 from server.api.http_metrics import HTTPMetricsMiddleware
 from server.api.limits import BodySizeLimitMiddleware, request_bytes_limit
+from server.api.request_id import RequestIdMiddleware
 from server.api.state import ServerState
 from server.config import Config
 
@@ -40,7 +43,8 @@ def create_app(config: Config) -> FastAPI:
 
     app = FastAPI(title="sloth-serve", version=__version__, lifespan=lifespan)
     app.state.server = state
-    for module in (health, metrics_route, serving_models, serving_chat, serving_completions, serving_tokenize):
+    for module in (health, metrics_route, serving_models, serving_chat, serving_completions, serving_responses,
+                   serving_tokenize, serving_tokenizer_info):
         app.include_router(module.router)
     if config.allow_runtime_lora:
         app.include_router(serving_adapters.router)
@@ -53,5 +57,6 @@ def create_app(config: Config) -> FastAPI:
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(HTTPMetricsMiddleware, counter=state.metrics.http_requests)  # outermost: counts all
+    app.add_middleware(HTTPMetricsMiddleware, counter=state.metrics.http_requests)  # counts all
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries x-request-id
     return app

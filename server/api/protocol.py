@@ -177,9 +177,7 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "store": (False,),
 }
 
-COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "suffix": ("",),
-}
+COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {}
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -263,7 +261,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = Field(default=None, ge=1)
-    suffix: Any = None
+    suffix: str | None = None  # fill-in-the-middle: server/api/fim.py (models with FIM tokens)
 
     @field_validator("prompt", mode="before")
     @classmethod

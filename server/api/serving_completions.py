@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.chunks import CompletionChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
+from server.api.fim import encode_fim
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
@@ -62,7 +63,10 @@ async def _encode_prompts(
     all_prompts = body.prompts()
     for i, prompt in enumerate(all_prompts):
         param = "prompt" if len(all_prompts) == 1 else f"prompt[{i}]"
-        token_ids = await encode_text(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        if body.suffix:  # fill-in-the-middle: the model's FIM prompt around prompt and suffix
+            token_ids = await encode_fim(tokenizer, prompt, body.suffix, runtime.max_model_len, param)
+        else:
+            token_ids = await encode_text(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         check_token_ids(token_ids, runtime.vocab_size, param)  # before echo decodes them
         if isinstance(prompt, str):
             texts.append(prompt)

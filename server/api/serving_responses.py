@@ -1,0 +1,176 @@
+"""`POST /v1/responses` (OpenAI's Responses API), run as the equivalent chat completion: same
+template, tools, grammars and engine path; whole or streamed as typed events. Responses are never
+stored, so `GET` / `DELETE /v1/responses/{id}` answer 404 saying so."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request, Response
+
+from server.api.admission import Ticket
+from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from server.api.endpoint import admit_generation
+from server.api.errors import APIError
+from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
+from server.api.prompts import resolve_max_tokens
+from server.api.protocol import ChatCompletionRequest
+from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
+from server.api.responses_protocol import ResponsesRequest, as_responses_error
+from server.api.sampling import choice_requests, compile_spec, response_format_spec
+from server.api.sse import sse_response
+from server.api.state import Runtime, StateDep
+from server.api.tokenizers import ModelTokenizer
+from server.api.tool_calls import ToolCallReader, merge_deltas
+from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
+from server.engine.sampling_params import StructuredSpec
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+NOT_STORED = ("responses are not stored by this server (every response is created with store: false), so "
+              "response {id!r} cannot be {verb}; keep the output you need from the create call")
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(body: ResponsesRequest, request: Request, state: StateDep) -> Response:
+    try:
+        chat = body.to_chat()
+        deadline, runtime, adapter_id, ticket = await admit_generation(state, chat)
+    except APIError as exc:
+        raise as_responses_error(exc) from None
+    try:
+        tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
+        plan = plan_tools(chat)
+        prompt_ids = await encode_tool_chat(tokens.tokenizer, chat.conversation(), plan)
+        max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
+        runtime.check_fits_cache(len(prompt_ids), "input")
+        ticket.reserve_tokens(len(prompt_ids), "input")
+        structured = await _structured_spec(runtime, chat, plan)
+        response_id = f"resp_{uuid.uuid4().hex}"
+        reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
+                               structured, tokens.eos_token_ids)
+    except APIError as exc:
+        ticket.release()
+        raise as_responses_error(exc) from None
+    except BaseException:
+        ticket.release()
+        raise
+    header = ResponseHeader(response_id, body.model or runtime.base_model_id, body)
+    if body.stream:
+        events = _events(runtime, tokens, plan, reqs[0], header, deadline)
+        return sse_response(_framed(events, ticket, response_id), ticket)
+    try:
+        work = _whole(runtime, tokens, plan, reqs[0], header, deadline)
+        return Response(json.dumps(await cancel_on_disconnect(request, work)), media_type="application/json")
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        ticket.release()
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str) -> Response:
+    raise APIError(NOT_STORED.format(id=response_id, verb="retrieved"), 404, param="response_id")
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str) -> Response:
+    raise APIError(NOT_STORED.format(id=response_id, verb="deleted"), 404, param="response_id")
+
+
+async def _structured_spec(runtime: Runtime, chat: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
+    """The output's grammar, compiled: a forced call's, else text.format's; every tool's
+    parameters are compiled (cached) so that a bad schema is a 400 whatever tool_choice says."""
+    for i, tool in enumerate(chat.tools or ()):
+        if tool.function.parameters is not None:
+            one = call_spec(ToolPlan([tool.model_dump(exclude_none=True)], "named", tool.function.name))
+            assert one is not None
+            await compile_spec(runtime, one, f"tools[{i}].parameters")
+    spec = call_spec(plan) if plan is not None else None
+    if spec is not None:
+        return await compile_spec(runtime, spec, "tools")
+    spec = response_format_spec(chat.response_format)
+    return None if spec is None else await compile_spec(runtime, spec, "text.format.schema")
+
+
+def _read(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
+    """Content, whole calls and finish reason of a finished text, read as the chat endpoint reads it."""
+    if plan is None:
+        return text, [], finish_reason
+    reader = ToolCallReader(plan)
+    first, last = reader.feed(text), reader.finish(finish_reason)
+    return first.content + last.content, merge_deltas(first.tool_calls + last.tool_calls), last.finish_reason
+
+
+async def _whole(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, req: ChoiceRequest,
+                 header: ResponseHeader, deadline: Deadline | None) -> dict:
+    [result] = await collect_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)
+    content, calls, finish_reason = _read(plan, result.text, result.finish_reason)
+    status = status_of(finish_reason)
+    items = output_items(content, calls, status)
+    return header.response(status, items, usage(len(req.prompt_token_ids), result.num_tokens), finish_reason)
+
+
+async def _events(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, req: ChoiceRequest,
+                  header: ResponseHeader, deadline: Deadline | None) -> AsyncGenerator[str, None]:
+    writer = EventWriter(header)
+    for event in writer.start():
+        yield event
+    reader = ToolCallReader(plan) if plan is not None else None
+    num_tokens = 0
+    async with aclosing(stream_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)) as deltas:
+        async for d in deltas:
+            num_tokens += len(d.token_ids)
+            if d.error is not None:
+                yield writer.fail("server_error", f"generation failed: {d.error}")
+                return
+            finish_reason = d.finish_reason
+            if reader is None:
+                content, calls = d.text, []
+            else:
+                reading = reader.feed(d.text)
+                if d.is_last:
+                    last = reader.finish(finish_reason)
+                    reading.content += last.content
+                    reading.tool_calls += last.tool_calls
+                    finish_reason = last.finish_reason
+                content, calls = reading.content, reading.tool_calls
+            for event in writer.text(content):
+                yield event
+            for call in calls:
+                for event in writer.tool_call(call):
+                    yield event
+            if d.is_last:
+                for event in writer.finish(finish_reason, len(req.prompt_token_ids), num_tokens):
+                    yield event
+
+
+def _frame(event: str) -> bytes:
+    """`event: <type>` then `data: <json>`, as OpenAI's Responses streams are framed (no [DONE])."""
+    kind = json.loads(event)["type"] if event.startswith("{") else "error"
+    return f"event: {kind}\ndata: {event}\n\n".encode()
+
+
+async def _framed(events: AsyncGenerator[str, None], ticket: Ticket, response_id: str) -> AsyncGenerator[bytes, None]:
+    """The events on the wire; an error after the 200 (a passed deadline, a failure) becomes an
+    `error` event. Releases the ticket."""
+    sequence_number = 0
+    try:
+        async with aclosing(events):
+            async for event in events:
+                sequence_number += 1
+                yield _frame(event)
+    except APIError as exc:
+        yield _frame(json.dumps({"type": "error", "sequence_number": sequence_number, "code": exc.code or exc.type,
+                                 "message": exc.message, "param": exc.param}))
+    except Exception as exc:
+        logger.exception("response stream %s failed", response_id)
+        yield _frame(json.dumps({"type": "error", "sequence_number": sequence_number, "code": "server_error",
+                                 "message": f"internal server error: {type(exc).__name__}", "param": None}))
+    finally:
+        ticket.release()
