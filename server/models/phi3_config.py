@@ -4,9 +4,13 @@ fields as transformers' Phi3Config resolves it: its defaults, partial rotary, lo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from server.models.rope_config import parse_rope, partial_rotary_factor
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 # transformers' Phi3Config defaults (a key absent from config.json takes these).
 _DEFAULTS: dict[str, Any] = dict(
@@ -33,6 +37,8 @@ def phi3_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if int(head_dim * partial) % 2:
         raise _fail("partial_rotary_factor", f"{partial} x head_dim {head_dim} is an odd number of dims; "
                     "RoPE rotates pairs")
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        _warn_once(_LONGROPE_NOTE.format(orig=scaling["original_max_position_embeddings"]))
     window = c.get("sliding_window")
     return dict(
         family="phi3",
@@ -53,6 +59,20 @@ def phi3_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
         partial_rotary_factor=partial,
     )
+
+
+_LONGROPE_NOTE = (
+    "Phi-3 longrope: a sequence whose prompt fits the original {orig} positions but which decodes past them "
+    "keeps its earlier keys rotated with the short factors (the paged cache keeps keys as first rotated); "
+    "transformers' Phi-3 recomputes the whole sequence with the long factors at that point. A prompt longer "
+    "than {orig} is rotated with the long factors throughout, as transformers does"
+)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def _phi3_rope(c: dict[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,14 @@ through chunked prefill and paged decode, and the config is read as transformers
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
+from phi3_models import write_phi3
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from kernels.rope import rope_tables
@@ -19,6 +21,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear
+from server.preflight import StartupError, check_model
 
 ORIG = 32  # the original context of the longrope models
 COMMON: dict[str, Any] = dict(
@@ -146,3 +149,12 @@ def test_config_refusals_name_the_field(change: dict[str, Any], field: str) -> N
     raw = {"architectures": ["Phi3ForCausalLM"], **COMMON, "max_position_embeddings": 128, **change}
     with pytest.raises(ValueError, match=field):
         ModelConfig.from_dict(raw)
+
+
+def test_start_up_checks_accept_a_phi3_folder_and_refuse_a_bad_one(tmp_path: Path) -> None:
+    folder = write_phi3(tmp_path / "phi4-mini", "phi4-mini")
+    assert check_model(str(folder), "unsloth").endswith("Phi3ForCausalLM, 16-bit")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}))
+    with pytest.raises(StartupError, match="'dynamic' is not a Phi-3 RoPE type"):
+        check_model(str(folder), "unsloth")
