@@ -128,9 +128,11 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], lis
     return tokens, logprobs
 
 
-def engine_greedy(folder: Path, batch: list[list[int]]) -> tuple[LLMEngine, list[tuple[list[int], list[float]]]]:
-    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
-                              max_num_batched_tokens=24))
+def engine_greedy(folder: Path, batch: list[list[int]], **settings: object
+                  ) -> tuple[LLMEngine, list[tuple[list[int], list[float]]]]:
+    """On the CPU (float32, the PyTorch references) unless `settings` say otherwise."""
+    engine = LLMEngine(Config(**{"model": str(folder), "load_format": "safetensors", "num_kv_blocks": 64,  # type: ignore[arg-type]
+                                 "block_size": 8, "max_num_batched_tokens": 24, "device": "cpu", **settings}))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     for i, p in enumerate(batch):
         engine.add_request(str(i), p, params)
@@ -163,6 +165,21 @@ def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest
         assert any(f"{len(on_disk)} tensors of the vision tower" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_triton_kernels_and_cuda_graphs_match_transformers(tmp_path: Path, family: str) -> None:
+    """The whole forward pass on CUDA (float32, so that greedy choices are stable): Gemma's norm and
+    soft-capped, windowed attention kernels, decode steps replayed from CUDA graphs."""
+    folder, hf = make_model(tmp_path, family)
+    batch = prompts()
+    _, got = engine_greedy(folder, batch, device="cuda", dtype="float32", cuda_graph_sizes=(1, 2, 4))
+    for i, p in enumerate(batch):
+        tokens, logprobs = hf_greedy(hf, p)
+        assert got[i][0] == tokens, f"{family} prompt {i}"
+        assert got[i][1] == pytest.approx(logprobs, abs=1e-3), f"{family} prompt {i}"
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3-multimodal"])
 def test_lora_adapter_gives_peft_tokens(tmp_path: Path, family: str) -> None:
     """A PEFT LoRA on every attention and MLP projection (of the language model, for the image-text
@@ -180,7 +197,7 @@ def test_lora_adapter_gives_peft_tokens(tmp_path: Path, family: str) -> None:
                 p.normal_(0, 0.3)
     peft_model.save_pretrained(tmp_path / "adapter")
     llm = LLM(folder, lora={"a": str(tmp_path / "adapter")}, load_format="safetensors", num_kv_blocks=64, block_size=8,
-              max_num_batched_tokens=24)
+              max_num_batched_tokens=24, device="cpu")
     batch = prompts()
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(batch, params, adapter="a")]
