@@ -14,7 +14,8 @@ from server.config import Config
 from server.loader.adapter_config import AdapterError
 from server.loader.adapter_layout import check_adapter_folder
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
-from server.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from server.models.config import ModelConfig
+from server.models.families import UnsupportedModel, route_of, supported_summary
 
 # The torch builds this release is tested with (versions.env holds them with the reasons; a test
 # keeps these in step with it).
@@ -110,11 +111,14 @@ def check_model_folder(folder: Path, load_format: str) -> str:
         kind = check_quantization(folder, quant, load_format)
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     arch = archs[0] if isinstance(archs, list) else archs
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise StartupError(f"--model {folder} is a {arch} model, which sloth-serve cannot run; supported "
-                           f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
     try:
-        ModelConfig.from_dict(cfg)
+        route = route_of(cfg)
+    except UnsupportedModel as exc:
+        raise StartupError(f"--model {folder} is a {arch} model, which sloth-serve cannot run: {exc} "
+                           f"({supported_summary()})") from exc
+    try:
+        if route.path == "native":  # the generic path reads its config through transformers
+            ModelConfig.from_dict(cfg)
     except (KeyError, TypeError, ValueError) as exc:
         missing = f"lacks {exc}" if isinstance(exc, KeyError) else f"is malformed ({exc})"
         raise StartupError(f"--model {folder}/config.json {missing}: is it a complete Hugging Face config?") from exc
@@ -126,7 +130,7 @@ def check_model_folder(folder: Path, load_format: str) -> str:
     if not any(n in names for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise StartupError(f"--model {folder} has no tokenizer (tokenizer.json or tokenizer_config.json): "
                            "copy the tokenizer files of the model it was trained from into it")
-    return f"{folder}: {arch}, {kind}"
+    return f"{folder}: {arch}{' (generic path)' if route.path == 'generic' else ''}, {kind}"
 
 
 def check_quantization(folder: Path, quant: dict, load_format: str) -> str:

@@ -86,7 +86,7 @@ def transformers_refusal(arch: str, model_type: str, remote_code: bool) -> str |
     if source is None or f"class {arch}(" not in source:
         if remote_code:
             return "it needs its own Python code (trust_remote_code), which sloth-serve does not run"
-        return f"transformers {transformers_version()} does not implement it (model_type {model_type!r})"
+        return f"transformers {transformers_version()} has no {arch} for model_type {model_type!r}"
     if INTERFACE_CALL not in source:
         return ("its transformers implementation computes attention itself rather than through AttentionInterface, "
                 "so it cannot use sloth-serve's paged KV cache")
