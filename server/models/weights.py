@@ -113,14 +113,18 @@ def load_weights(
         if not isinstance(value, torch.Tensor) and not _adopt_in_4bit(module, pname, value):
             value = _dense_from_4bit(hf_name, value, densified)
         # A fused projection stored whole (Phi-3's qkv_proj, gate_up_proj) fills every slice at once.
-        whole = index is None and isinstance(module, LoRALinear) and len(module.out_slices) > 1
+        slices = module.out_slices if isinstance(module, LoRALinear) else [0]
+        whole = index is None and len(slices) > 1
         if not isinstance(value, torch.Tensor):  # an NF4Weight: adopted in 4-bit
             assert isinstance(module, LoRALinear)
             value = value if value.device == device else value.to(device)
-            module.set_fused_quantized(value) if whole else module.set_quantized(index or 0, value)
+            if whole:
+                module.set_fused_quantized(value)
+            else:
+                module.set_quantized(index or 0, value)
         else:
             _load_dense(module, pname, index, value, dtype, device, hf_name)
-        loaded.update([(name, i) for i in range(len(module.out_slices))] if whole else [(name, index)])
+        loaded.update([(name, i) for i in range(len(slices))] if whole else [(name, index)])
     if vision:
         logger.warning("%d tensors of the vision tower and projector (%s ...) are not loaded: the text model of "
                        "this image-text checkpoint is served, for text prompts only", len(vision), vision[0])
