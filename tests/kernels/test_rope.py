@@ -86,5 +86,19 @@ def test_rope_gpu_llama3_shapes(tokens: int) -> None:
     assert rel_err(out_q, ref_q) < BOUND and rel_err(out_k, ref_k) < BOUND
 
 
+@pytest.mark.gpu
+@gpu
+def test_rope_gpu_partial_rotary_phi4_mini_shapes() -> None:
+    """Phi-4-mini: 24 query / 8 key heads of 128 dims, the first 96 rotated (longrope tables)."""
+    torch.manual_seed(0)
+    cos, sin = (t.cuda() for t in rope_cos_sin(rope_inv_freq(96, 10000.0), 8192))
+    _, q, k = qkv_views(512, 24, 8, 128, torch.bfloat16, device="cuda")
+    positions = torch.randint(0, 8192, (512,), device="cuda")
+    ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin)
+    out_q, out_k = apply_rope(q, k, positions, cos, sin)
+    assert rel_err(out_q, ref_q) < BOUND and rel_err(out_k, ref_k) < BOUND
+    assert torch.equal(out_q[..., 96:], ref_q[..., 96:]) and torch.equal(out_k[..., 96:], ref_k[..., 96:])
+
+
 if __name__ == "__main__":
     interpreter_main(CASES)
