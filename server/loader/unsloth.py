@@ -17,6 +17,7 @@ import torch
 
 from kernels.nf4 import NF4Weight
 from server.models.config import ModelConfig
+from server.models.moe import expert_weight_names
 from server.models.weights import CausalLM, build_model, text_model_name
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | 
             if bias is not None:
                 yield f"{name}.bias", bias.data
             continue
-        if name and any(True for _ in module.children()):
-            continue  # parameters of containers are yielded by their leaves
+        # Each module's own parameters only (its children's come with them): a container may hold some,
+        # as MoE experts hold their 3-D weights beside an activation module.
         for pname, param in module.named_parameters(recurse=False):
             if quant_state is None:
                 yield (f"{name}.{pname}" if name else pname), param.data
@@ -62,7 +63,7 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     cfg = ModelConfig.from_folder(folder)
     adopted: set[str] = set()
     model = build_model(cfg, _recorded(hf_weights(hf_model), adopted), dtype, device)
-    check_all_tensors_read(folder, adopted, cfg.multimodal)
+    check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts)
     del hf_model
     gc.collect()
     if device.type == "cuda":
@@ -107,20 +108,21 @@ def disk_tensor_names(folder: Path) -> dict[str, str]:
     return names
 
 
-def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = False) -> None:
+def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = False, num_experts: int = 0) -> None:
     """Stop the load when a tensor on disk did not reach our model: transformers drops checkpoint
     keys its model class does not expect (with a warning at most), and serving without them would
     not be the model that was trained. `multimodal`: an image-text checkpoint whose text model is
     served; names compare as the text model's (disk and transformers may use different layouts),
-    and the vision tower's tensors are counted in the log, not loaded."""
-    read = {text_model_name(name, multimodal) for name in adopted}
+    and the vision tower's tensors are counted in the log, not loaded. `num_experts`: expert weights
+    compare per expert, whether stored one by one or as 3-D tensors of every expert."""
+    read = {n for name in adopted for n in expert_weight_names(text_model_name(name, multimodal) or name, num_experts)}
     unread: dict[str, str] = {}
     vision = 0
     for key, file in disk_tensor_names(folder).items():
         name = text_model_name(key, multimodal)
         if name is None:
             vision += 1
-        elif name not in read and not key.endswith(_RECOMPUTED):
+        elif not expert_weight_names(name, num_experts) <= read and not key.endswith(_RECOMPUTED):
             unread[key] = file
     if vision:
         logger.info("%s: %d tensors on disk belong to the vision tower and projector: not loaded (text only)",
