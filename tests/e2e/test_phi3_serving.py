@@ -38,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServe
     adapter = write_adapter(folder, tmp / "adapter")
     server = launch(tmp, "phi4-mini", "--model", str(folder), "--load-format", "safetensors", "--lora",
                     f"tuned={adapter}", "--block-size", "8", "--max-num-batched-tokens", "32", "--no-warmup",
-                    demo_adapter=False)
+                    "--device", "cpu", "--dtype", "float32", demo_adapter=False)
     try:
         for lora in (None, adapter):  # the references load while the server starts
             reference(folder, lora, [5, 6, 7])

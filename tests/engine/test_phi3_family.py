@@ -84,10 +84,10 @@ PROMPT_LENGTHS = (3, 19, 45, 8)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_greedy_matches_transformers(tmp_path: Path, name: str) -> None:
+def test_greedy_matches_transformers(tmp_path: Path, name: str, device: str = "cpu") -> None:
     hf = make_phi3(tmp_path / name, name)
-    engine = LLMEngine(Config(model=str(tmp_path / name), load_format="safetensors", num_kv_blocks=64,
-                              block_size=8, max_num_batched_tokens=24))
+    engine = LLMEngine(Config(model=str(tmp_path / name), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=24, device=device, dtype="float32", cuda_graph_sizes=(1, 2, 4)))
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 384, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     got = engine_greedy(engine, prompts, 10)
@@ -96,6 +96,15 @@ def test_greedy_matches_transformers(tmp_path: Path, name: str) -> None:
     assert engine.block_manager.num_free_blocks == 64
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, LoRALinear) and qkv.out_slices == [64, 32, 32]  # the fused tensor, in its slices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_triton_kernels_and_cuda_graphs_match_transformers(tmp_path: Path, name: str) -> None:
+    """The same on CUDA in float32: Triton RoPE over the rotary dims, windowed paged attention, decode
+    steps replayed from CUDA graphs."""
+    test_greedy_matches_transformers(tmp_path, name, device="cuda")
 
 
 # What the published configs hold (Phi-4-mini-instruct, Phi-3-mini-4k-instruct, an early Phi-3-mini-128k

@@ -110,8 +110,8 @@ def test_fused_module_adapter_is_split_per_slice(lora_case: tuple[Path, dict[str
 def test_adapters_hot_swapped_and_merged_equal_peft(lora_case: tuple[Path, dict[str, Path]]) -> None:
     base, adapters = lora_case
     prompt_ids = prompts(2)
-    llm = LLM(base, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8, max_loras=2,
-              max_num_batched_tokens=32)
+    llm = LLM(base, load_format="safetensors", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
+              max_loras=2, max_num_batched_tokens=32)
     for name, folder in adapters.items():
         llm.adapters.register(name, folder)
     names: list[str | None] = [None, "a", "b"]
@@ -124,5 +124,6 @@ def test_adapters_hot_swapped_and_merged_equal_peft(lora_case: tuple[Path, dict[
         assert got[name] == peft_tokens(base, adapters[name] if name else None, prompt_ids), name
     assert got["a"] != got[None] and got["b"] != got[None] and got["a"] != got["b"]  # the adapters matter
     del llm
-    merged = LLM(base, load_format="safetensors", dtype="float32", num_kv_blocks=64, merge_lora=str(adapters["a"]))
+    merged = LLM(base, load_format="safetensors", dtype="float32", device="cpu", num_kv_blocks=64,
+                 merge_lora=str(adapters["a"]))
     assert [o.token_ids for o in merged.generate(prompt_ids, GREEDY)] == got["a"]
