@@ -1,0 +1,87 @@
+"""Which path serves a config.json (native / generic / refused), decided from the JSON and
+transformers' source files alone: refusals are one line naming the reason, made before any weight
+is read, at start-up (preflight) and in the loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.models.families import UnsupportedModel, route_of
+from server.preflight import StartupError, check_model
+
+
+def cfg(arch: str, model_type: str, **extra: object) -> dict:
+    return {"architectures": [arch], "model_type": model_type, **extra}
+
+
+@pytest.mark.parametrize("arch, model_type, path", [
+    ("LlamaForCausalLM", "llama", "native"),
+    ("LlamaForCausalLM", "exaone", "native"),  # the architecture decides, not the model type
+    ("CohereForCausalLM", "cohere", "generic"),
+    ("StableLmForCausalLM", "stablelm", "generic"),
+    ("GraniteForCausalLM", "granite", "generic"),
+    ("Olmo2ForCausalLM", "olmo2", "generic"),
+    ("SmolLM3ForCausalLM", "smollm3", "generic"),
+    ("Exaone4ForCausalLM", "exaone4", "generic"),
+    ("GPT2LMHeadModel", "gpt2", "generic"),
+])
+def test_route(arch: str, model_type: str, path: str) -> None:
+    assert route_of(cfg(arch, model_type)).path == path
+
+
+@pytest.mark.parametrize("config, reason", [
+    (cfg("Qwen3NextForCausalLM", "qwen3_next"), "recurrent or linear-attention state"),
+    (cfg("MambaForCausalLM", "mamba"), "recurrent or linear-attention state"),
+    (cfg("Lfm2ForCausalLM", "lfm2"), "recurrent or linear-attention state"),
+    (cfg("GraniteMoeHybridForCausalLM", "granitemoehybrid"), "recurrent or linear-attention state"),
+    (cfg("SomeNewForCausalLM", "somenew", layer_types=["full_attention", "linear_attention"]),
+     "linear_attention layers"),
+    (cfg("T5ForConditionalGeneration", "t5", is_encoder_decoder=True), "encoder-decoder"),
+    (cfg("BertForMaskedLM", "bert"), "not a causal language model"),
+    (cfg("LlavaForConditionalGeneration", "llava"), "a multimodal model"),
+    (cfg("BloomForCausalLM", "bloom"), "ALiBi"),
+    (cfg("FalconForCausalLM", "falcon", alibi=True), "ALiBi"),
+    (cfg("GptOssForCausalLM", "gpt_oss"), "attention sinks"),
+    (cfg("DeepseekV3ForCausalLM", "deepseek_v3", kv_lora_rank=512), "multi-head latent attention"),
+    (cfg("CohereForCausalLM", "cohere", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
+    (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
+    (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
+    (cfg("CohereForCausalLM", "llama"), "has no CohereForCausalLM for model_type 'llama'"),
+])
+def test_refusal_names_the_reason(config: dict, reason: str) -> None:
+    with pytest.raises(UnsupportedModel) as info:
+        route_of(config)
+    assert reason in str(info.value) and "\n" not in str(info.value)
+
+
+def hybrid_folder(tmp_path: Path) -> Path:
+    """A Qwen3-Next config beside a weights file that cannot be read: a refusal must come first."""
+    folder = tmp_path / "qwen3-next"
+    folder.mkdir()
+    config = cfg("Qwen3NextForCausalLM", "qwen3_next", vocab_size=4096, hidden_size=64, num_hidden_layers=4,
+                 num_attention_heads=4, layer_types=["linear_attention", "linear_attention", "linear_attention",
+                                                     "full_attention"])
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_hybrid_model_refused_at_start_up_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(StartupError) as info:
+        check_model(str(hybrid_folder(tmp_path)), "unsloth")
+    message = str(info.value)
+    assert "Qwen3NextForCausalLM model, which sloth-serve cannot run" in message and "\n" not in message
+    assert "recurrent or linear-attention state" in message and "generic path" in message
+
+
+def test_hybrid_model_refused_by_the_loader_before_reading_weights(tmp_path: Path) -> None:
+    import torch
+
+    from server.loader.checkpoint import load_checkpoint
+
+    with pytest.raises(UnsupportedModel, match="recurrent or linear-attention state"):
+        load_checkpoint(hybrid_folder(tmp_path), torch.float32, torch.device("cpu"), "unsloth")
