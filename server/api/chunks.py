@@ -17,6 +17,7 @@ from server.api.responses import (
     ChatCompletionChunk,
     CompletionChoice,
     CompletionResponse,
+    PromptLogprobs,
     Usage,
 )
 
@@ -57,7 +58,7 @@ class CompletionChunks(_Chunks):
     Model = CompletionResponse
 
     def choice(self, choice: CompletionChoice) -> str:
-        if choice.logprobs is not None:
+        if choice.logprobs is not None or choice.prompt_logprobs is not None:
             return self._wrap(choice.model_dump_json())
         return self._wrap(f'{{"index":{choice.index},"text":{_encode(choice.text)},"logprobs":null,'
                           f'"finish_reason":{_finish(choice.finish_reason)}}}')
@@ -75,3 +76,9 @@ class ChatChunks(_Chunks):
                                               finish_reason=finish_reason).model_dump_json())
         return self._wrap(f'{{"index":{index},"delta":{_encode(delta)},"logprobs":null,'
                           f'"finish_reason":{_finish(finish_reason)}}}')
+
+    def prompt(self, index: int, prompt_logprobs: PromptLogprobs) -> str:
+        """A chunk with an empty delta and the choice's prompt logprobs (vLLM's extra field)."""
+        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model,
+                                   choices=[ChatChunkChoice(index=index, delta={})],
+                                   prompt_logprobs=prompt_logprobs).model_dump_json()

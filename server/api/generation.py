@@ -46,6 +46,7 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the choice's first delta, when asked for
 
     @property
     def is_last(self) -> bool:
@@ -133,6 +134,7 @@ async def run_choice(
             if engine_done:
                 text += stops.feed(detok.flush()) + stops.flush()
             delta = ChoiceDelta(req.index, text, token_ids, [lp for out in outputs for lp in out.new_logprobs])
+            delta.prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
             if stops.matched is not None:
                 delta.finish_reason = "stop"
             elif engine_done:
@@ -195,6 +197,7 @@ class ChoiceResult:
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 async def collect_choices(
@@ -211,5 +214,7 @@ async def collect_choices(
             result.text += delta.text
             result.num_tokens += len(delta.token_ids)
             result.logprobs += delta.logprobs
+            if delta.prompt_logprobs is not None:
+                result.prompt_logprobs = delta.prompt_logprobs
             result.finish_reason = delta.finish_reason or result.finish_reason
     return results

@@ -1,5 +1,6 @@
 """Engine TokenLogprobs in OpenAI's two formats: chat (`content[] {token, logprob, bytes,
-top_logprobs}`) and legacy completions (`tokens, token_logprobs, top_logprobs, text_offset`)."""
+top_logprobs}`) and legacy completions (`tokens, token_logprobs, top_logprobs, text_offset`), the
+latter for an echoed prompt too; and prompt logprobs in vLLM's `prompt_logprobs` shape."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from server.api.responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.api.responses import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 from server.engine.sequence import TokenLogprob
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -89,4 +97,38 @@ def completion_logprobs(texts: TokenTexts, items: list[TokenLogprob], text_offse
         out.top_logprobs.append({texts.text(t): v for t, v in lp.top})
         out.text_offset.append(text_offset)
         text_offset += len(token)
+    return out
+
+
+def echo_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[TokenLogprob], k: int) -> CompletionLogprobs:
+    """An echoed prompt's entries, as OpenAI's legacy API gave them: the first token has no
+    logprob (None), each later one its logprob and a top-k dict that also holds the token itself."""
+    out = CompletionLogprobs()
+    offset = 0
+    for j, token_id in enumerate(prompt_ids):
+        token = texts.text(token_id)
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        offset += len(token)
+        if j == 0:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        lp = scored[j - 1]
+        out.token_logprobs.append(lp.logprob)
+        top = {texts.text(t): v for t, v in lp.top[:k]}
+        top.setdefault(token, lp.logprob)
+        out.top_logprobs.append(top)
+    return out
+
+
+def prompt_logprobs(texts: TokenTexts, scored: list[TokenLogprob], k: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: None for the first token, then per position the prompt token and
+    the top-k alternatives, keyed by token id, each with its logprob, rank and text."""
+    out: PromptLogprobs = [None]
+    for lp in scored:
+        entry = {str(lp.token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=texts.text(lp.token_id))}
+        for rank, (t, v) in enumerate(lp.top[:k], start=1):
+            entry.setdefault(str(t), PromptLogprob(logprob=v, rank=rank, decoded_token=texts.text(t)))
+        out.append(entry)
     return out

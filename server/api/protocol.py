@@ -187,6 +187,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # vLLM's extra field: each prompt token's log-probability and this many alternatives.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -260,6 +262,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extra field
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: score the prompt only (echo / prompt_logprobs)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None  # fill-in-the-middle: server/api/fim.py (models with FIM tokens)
 
@@ -286,8 +290,18 @@ class CompletionRequest(SamplingFields):
             raise invalid_param(
                 "best_of", f"best_of={self.best_of} (different from n={self.n}) is not supported; drop it"
             )
-        if self.echo and self.logprobs is not None:
-            raise invalid_param("echo", "echo with logprobs is not supported: prompt logprobs are not computed")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise invalid_param("max_tokens", "max_tokens 0 generates nothing: it is only valid with echo (the "
+                                "prompt comes back, with its logprobs when logprobs is set) or prompt_logprobs")
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many alternatives the engine gives per prompt token (None: it does not score the
+        prompt): echo with logprobs shows them, and max_tokens 0 needs the prompt scored to end."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if not wanted and self.max_tokens == 0:
+            return 0
+        return max(wanted, default=None)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each text or token ids."""

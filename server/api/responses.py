@@ -57,6 +57,18 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One token of a prompt position in vLLM's `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+# vLLM's shape: None for the first prompt token, then {token id: PromptLogprob} per position.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 # --- chat ----------------------------------------------------------------------------------------
 
 
@@ -93,6 +105,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    # With the request's `prompt_logprobs` only (vLLM's extra field).
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
@@ -111,6 +125,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    # On one chunk per choice, with the request's `prompt_logprobs` only (vLLM's extra field).
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 # --- completions ---------------------------------------------------------------------------------
@@ -121,6 +137,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # With the request's `prompt_logprobs` only (vLLM's extra field).
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(BaseModel):

@@ -41,7 +41,7 @@ def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int
 
 def build_params(
     req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int, choice: int = 0,
-    structured: StructuredSpec | None = None,
+    structured: StructuredSpec | None = None, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for choice number `choice` of the request: seeds differ per choice so that
     n > 1 with a seed gives n different (but reproducible) samples; they wrap at 2**63, so a seed
@@ -65,6 +65,7 @@ def build_params(
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             structured=structured,
         )
     except ValueError as exc:  # "<field> must ..." names the field; other messages name several
@@ -82,6 +83,7 @@ def choice_requests(
     vocab_size: int,
     structured: StructuredSpec | None = None,
     eos_token_ids: frozenset[int] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> list[ChoiceRequest]:
     """One engine request per (prompt, choice): `prompts` holds (token ids, max_tokens) pairs, and
     choice j of prompt p gets index p * n + j and engine id `{response_id}-{index}`."""
@@ -89,7 +91,8 @@ def choice_requests(
     for p, (token_ids, max_tokens) in enumerate(prompts):
         for j in range(req.n):
             index = p * req.n + j
-            params = build_params(req, max_tokens, logprobs, vocab_size, choice=j, structured=structured)
+            params = build_params(req, max_tokens, logprobs, vocab_size, choice=j, structured=structured,
+                                  prompt_logprobs=prompt_logprobs)
             out.append(
                 ChoiceRequest(
                     index=index,

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from server.api.chunks import ChatChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
-from server.api.logprobs import chat_logprobs
+from server.api.logprobs import chat_logprobs, prompt_logprobs
 from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
@@ -51,7 +51,7 @@ async def create_chat_completion(
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
             body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
-            structured, tokens.eos_token_ids,
+            structured, tokens.eos_token_ids, prompt_logprobs=body.prompt_logprobs,
         )
     except BaseException:
         ticket.release()
@@ -105,7 +105,11 @@ async def _chat_response(
         logprobs = chat_logprobs(tokens.token_texts, r.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason))
     usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results))
-    return ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
+    scored = results[0].prompt_logprobs  # every choice has the same prompt
+    prompt = None
+    if body.prompt_logprobs is not None and scored is not None:
+        prompt = prompt_logprobs(tokens.token_texts, scored, body.prompt_logprobs)
+    return ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage, prompt_logprobs=prompt)
 
 
 async def _chat_events(
@@ -131,6 +135,8 @@ async def _chat_events(
                 yield error_event(f"generation failed: {d.error}")
                 yield DONE
                 return
+            if d.prompt_logprobs is not None and body.prompt_logprobs is not None:
+                yield chunks.prompt(d.index, prompt_logprobs(tokens.token_texts, d.prompt_logprobs, body.prompt_logprobs))
             delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
             if not (delta or d.logprobs or d.is_last):
                 continue  # held back (a partial character, stop string or call): nothing to send yet

@@ -13,15 +13,16 @@ from server.api.chunks import CompletionChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.fim import encode_fim
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
-from server.api.logprobs import completion_logprobs
+from server.api.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
-from server.api.responses import CompletionChoice, CompletionResponse, Usage, now
+from server.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
 from server.api.sampling import choice_requests
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.engine.async_engine import AsyncEngine
+from server.engine.sequence import TokenLogprob
 
 router = APIRouter()
 
@@ -37,7 +38,7 @@ async def create_completion(
         ticket.reserve_tokens(sum(len(ids) for ids, _ in prompts) * body.n, "prompt")
         response_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size,
-                               eos_token_ids=tokens.eos_token_ids)
+                               eos_token_ids=tokens.eos_token_ids, prompt_logprobs=body.engine_prompt_logprobs)
     except BaseException:
         ticket.release()
         raise
@@ -92,10 +93,13 @@ async def _completion_response(
     results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
-        logprobs = None
+        choice = _with_prompt(tokens, body, reqs[i], r.prompt_logprobs, CompletionChoice(index=i, text=echoes[i]))
         if body.logprobs is not None:
-            logprobs = completion_logprobs(tokens.token_texts, r.logprobs, len(echoes[i]))
-        choices.append(CompletionChoice(index=i, text=echoes[i] + r.text, logprobs=logprobs, finish_reason=r.finish_reason))
+            generated = completion_logprobs(tokens.token_texts, r.logprobs, len(echoes[i]))
+            choice.logprobs = _joined(choice.logprobs, generated)
+        choice.text += r.text
+        choice.finish_reason = r.finish_reason
+        choices.append(choice)
     usage = Usage.of(num_prompt_tokens, sum(r.num_tokens for r in results))
     return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
@@ -115,7 +119,9 @@ async def _completion_events(
 
     offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
     num_output_tokens = 0
-    if body.echo:
+    # The prompt's chunk waits for the engine when it carries the prompt's logprobs.
+    scoring = body.engine_prompt_logprobs is not None and (body.logprobs is not None or body.prompt_logprobs is not None)
+    if body.echo and not scoring:
         for r in reqs:
             yield chunks.choice(CompletionChoice(index=r.index, text=echoes[r.index]))
     async with aclosing(stream_choices(engine, tokens.tokenizer, reqs, deadline)) as deltas:
@@ -125,6 +131,9 @@ async def _completion_events(
                 yield error_event(f"generation failed: {d.error}")
                 yield DONE
                 return
+            if scoring and d.prompt_logprobs is not None:
+                first = CompletionChoice(index=d.index, text=echoes[d.index] if body.echo else "")
+                yield chunks.choice(_with_prompt(tokens, body, reqs[d.index], d.prompt_logprobs, first))
             if not (d.text or d.logprobs or d.is_last):
                 continue
             logprobs = None
@@ -136,3 +145,23 @@ async def _completion_events(
     if body.include_usage:
         yield chunks.usage(Usage.of(num_prompt_tokens, num_output_tokens))
     yield DONE
+
+
+def _with_prompt(tokens: ModelTokenizer, body: CompletionRequest, req: ChoiceRequest,
+                 scored: list[TokenLogprob] | None, choice: CompletionChoice) -> CompletionChoice:
+    """`choice` with its prompt's logprobs: echoed (echo with logprobs) and vLLM's prompt_logprobs."""
+    if scored is None:
+        return choice
+    if body.echo and body.logprobs is not None:
+        choice.logprobs = echo_logprobs(tokens.token_texts, req.prompt_token_ids, scored, body.logprobs)
+    if body.prompt_logprobs is not None:
+        choice.prompt_logprobs = prompt_logprobs(tokens.token_texts, scored, body.prompt_logprobs)
+    return choice
+
+
+def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs) -> CompletionLogprobs:
+    if head is None:
+        return tail
+    return CompletionLogprobs(tokens=head.tokens + tail.tokens, token_logprobs=head.token_logprobs + tail.token_logprobs,
+                              top_logprobs=head.top_logprobs + tail.top_logprobs,
+                              text_offset=head.text_offset + tail.text_offset)
