@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -73,7 +74,9 @@ def load_checkpoint(
     if route_of(read_json_object(folder / "config.json")).path == "generic":
         from server.loader.generic import load_generic
 
-        model = load_generic(folder, dtype, device, load_format, max_seq_length)
+        # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,
+        # config) without being one of their classes: typed as them for the engine.
+        model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length))
     elif load_format == "unsloth":
         from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
 

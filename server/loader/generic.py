@@ -10,9 +10,10 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from server.loader.unsloth import _RECOMPUTED, disk_tensor_names
 from server.models.config import ModelConfig
@@ -29,7 +30,7 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     if load_format == "unsloth":
         from server.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
-        hf = load_hf_with_unsloth(folder, max_seq_length)
+        hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length))
     else:
         hf = load_hf_16bit(folder, dtype, device)
     check_every_tensor_loaded(folder, hf)
@@ -60,7 +61,7 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     return model
 
 
-def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
@@ -71,7 +72,7 @@ def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.
                                                 local_files_only=True)
 
 
-def check_every_tensor_loaded(folder: Path, hf: nn.Module) -> None:
+def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel) -> None:
     """Every tensor on disk is one of the model's, and every parameter of the model came from disk:
     transformers drops unexpected keys and initializes missing ones at random, with a warning at most."""
     state = set(hf.state_dict().keys()) | {n for n, _ in hf.named_parameters(remove_duplicate=False)} | {
@@ -94,7 +95,7 @@ def check_every_tensor_loaded(folder: Path, hf: nn.Module) -> None:
                          f"{missing[0]!r}) and would be random; is the checkpoint complete?")
 
 
-def _checkpoint_renamer(hf: nn.Module, state: set[str]) -> Callable[[str], str]:
+def _checkpoint_renamer(hf: PreTrainedModel, state: set[str]) -> Callable[[str], str]:
     """A checkpoint key -> the model's name for it, as transformers renamed it at load (its conversion
     mapping: legacy names, fused experts; and the base model prefix added or dropped)."""
     prefix = str(getattr(hf, "base_model_prefix", ""))
@@ -119,7 +120,7 @@ def _checkpoint_renamer(hf: nn.Module, state: set[str]) -> Callable[[str], str]:
     return rename
 
 
-def route_attention(hf: nn.Module) -> None:
+def route_attention(hf: PreTrainedModel) -> None:
     """Point every attention layer at our paged attention (transformers' AttentionInterface)."""
     can_set = getattr(type(hf), "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
@@ -131,7 +132,7 @@ def route_attention(hf: nn.Module) -> None:
                                f"{hf.config._attn_implementation!r}; it cannot use sloth-serve's paged KV cache")
 
 
-def adopt_linears(hf: nn.Module, step: GenericStep, dtype: torch.dtype, device: torch.device) -> dict[str, GenericLinear]:
+def adopt_linears(hf: PreTrainedModel, step: GenericStep, dtype: torch.dtype, device: torch.device) -> dict[str, GenericLinear]:
     """Replace every linear of the model (4-bit or 16-bit) by ours, in place; ours by module name."""
     ours: dict[str, GenericLinear] = {}
     inside = f"{hf.base_model_prefix}."

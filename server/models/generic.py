@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 
 from kernels.attention import AttnMetadata, paged_attention, write_kv
 from server.models.config import ModelConfig
@@ -119,12 +119,12 @@ class GenericCausalLM(nn.Module):
 
     config: ModelConfig  # set by the loader once kv_layout() has measured the model
 
-    def __init__(self, hf: nn.Module, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
+    def __init__(self, hf: PreTrainedModel, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
         super().__init__()
         self.step = step
         self._lora = lora
         self.architecture = type(hf).__name__
-        prefix = hf.base_model_prefix
+        prefix = str(hf.base_model_prefix)
         self.backbone = getattr(hf, prefix)
         for module in self.backbone.modules():  # where our attention function finds the step
             if hasattr(module, "layer_idx"):

@@ -43,7 +43,7 @@ def adopt_linear(module: nn.Module, step: GenericStep, dtype: torch.dtype, devic
     copy), other 4-bit codes (FP4) dequantized, 16-bit weights moved to `dtype`."""
     from kernels.nf4 import NF4Weight, dequantize_nf4_ref, is_nf4_code
 
-    weight = module.weight
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]  # nn.Linear's, or bitsandbytes' Params4bit
     bias = getattr(module, "bias", None)
     state = getattr(weight, "quant_state", None)
     out_features, in_features = (tuple(state.shape) if state is not None else tuple(weight.shape))
