@@ -141,6 +141,9 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
         layer = layers.get(module)
+        if layer is None and ".experts." in f"{module}.":
+            raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}): LoRA on experts is not "
+                               f"served yet (attention and shared-expert LoRA is); merge it into the base and serve that")
         if layer is None or index >= len(layer.out_slices):
             raise AdapterError(f"adapter {weights.name!r} targets {module}, which the model lacks (LoRA is served "
                                f"on the attention and MLP projections of its layers); trained for another base?")

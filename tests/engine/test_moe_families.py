@@ -110,3 +110,55 @@ def test_checkpoint_missing_an_expert_is_refused(tmp_path: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing weights.*model.layers.1.mlp.experts.3.down"):
         load_model(folder, torch.float32, torch.device("cpu"))
+
+
+def test_attention_and_shared_expert_lora_equals_peft(tmp_path: Path) -> None:
+    """LoRA on attention, the dense layer's MLP and Qwen2-MoE's shared expert (LoRALinear as in the dense
+    families): our greedy tokens with the adapter equal PEFT's, and differ from the base's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from server import LLM
+
+    folder, hf = make_model(tmp_path, "qwen2_moe")
+    torch.manual_seed(3)
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj",
+                                                                           "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    assert any("shared_expert.gate_proj.lora_A" in n for n, _ in peft.named_parameters())
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    tuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    llm = LLM(str(folder), load_format="safetensors", num_kv_blocks=64, lora={"a": str(tmp_path / "adapter")})
+    prompts = [[5, 17, 99, 200, 3], list(range(10, 40))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with_adapter = [o.token_ids for o in llm.generate(prompts, params, adapter="a")]
+    for p, got in zip(prompts, with_adapter, strict=True):
+        ref = tuned.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+    assert with_adapter != [o.token_ids for o in llm.generate(prompts, params)]  # the adapter mattered
+
+
+def test_lora_on_experts_is_refused_naming_the_module(tmp_path: Path) -> None:
+    """An adapter whose LoRA sits on individual experts (per-expert modules, as earlier transformers
+    releases laid them out) is refused with the module named, not served without it."""
+    import json
+
+    from server.loader.peft import AdapterError, check_fits, load_lora
+
+    folder, _ = make_model(tmp_path, "qwen3_moe")
+    model = load_model(folder, torch.float32, torch.device("cpu"))
+    adapter = tmp_path / "experts-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["gate_proj"],
+        "base_model_name_or_path": str(folder), "task_type": "CAUSAL_LM"}))
+    key = "base_model.model.model.layers.1.mlp.experts.3.gate_proj"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 64), f"{key}.lora_B.weight": torch.randn(40, 2)},
+              str(adapter / "adapter_model.safetensors"))
+    weights = load_lora("experts", adapter, max_rank=8)
+    with pytest.raises(AdapterError, match=r"MoE experts \(model.layers.1.mlp.experts.3.gate_up_proj\)"):
+        check_fits(weights, model.lora_layers())
