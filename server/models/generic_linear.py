@@ -34,7 +34,7 @@ class GenericLinear(LoRALinear):
         if slots is not None and self.lora_a_stacked is not None and slots.shape[0] != flat.shape[0]:
             raise RuntimeError(f"a linear of {flat.shape[0]} rows in a step of {slots.shape[0]} tokens: adapters apply "
                                "per token, so this projection cannot carry a LoRA")
-        y = super().forward(flat.to(self.dtype), meta)
+        y = super().forward(flat.to(self.dtype).contiguous(), meta)  # the kernels take dense rows
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 

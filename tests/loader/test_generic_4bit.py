@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from quant_formats import compare_greedy
 
@@ -39,3 +40,20 @@ def test_cohere_in_4bit_through_unsloth_equals_unsloth_for_inference(tmp_path: P
     reference = load_hf_with_unsloth(folder, 256)
     results = [compare_greedy(reference, p, o, tie) for p, o in zip(prompts, ours, strict=True)]
     assert results.count("exact") >= len(prompts) - 1, results  # at most one near tie among them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generic_path_on_the_gpu_runs_eagerly_and_equals_transformers(tmp_path: Path) -> None:
+    """bfloat16 on the Triton kernels, sliding-window and global layers (Cohere 2): no CUDA graphs,
+    transformers' greedy tokens up to near ties."""
+    folder, hf = generic.make_model(tmp_path, "cohere2", tokenizer=True)
+    llm = LLM(folder, load_format="safetensors", dtype="bfloat16", num_kv_blocks=128, block_size=16,
+              max_num_batched_tokens=24)
+    assert isinstance(llm.engine.loaded.model, GenericCausalLM) and llm.engine.runner.graphs is None
+    prompts = generic.prompts()
+    ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))]
+    del llm
+    reference = hf.to("cuda", torch.bfloat16)
+    results = [compare_greedy(reference, p, o, TIE[torch.bfloat16]) for p, o in zip(prompts, ours, strict=True)]
+    assert results.count("exact") >= len(prompts) - 1, results
