@@ -4,6 +4,7 @@ and Qwen2-MoE's shared expert behind its sigmoid gate; and the checkpoint names 
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ from server.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
+
+logger = logging.getLogger(__name__)
 
 PARTS = ("gate", "up", "down")
 # Per-expert checkpoint names (what save_pretrained writes; Mixtral's w1 / w3 / w2 are gate / up / down)
@@ -203,8 +206,15 @@ def settle_experts(model: nn.Module, dtype: torch.dtype, device: torch.device) -
     """After loading: the expert weights the checkpoint did not hold (by per-expert name); every
     Experts module settled (see Experts.settle)."""
     missing: list[str] = []
+    quantized = 0
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             missing += module.missing(name)
             module.settle(dtype, device)
+            quantized += module.is_quantized
+    if quantized and not missing:
+        # The 4-bit experts run one by one, which reads the routing on the host: no CUDA graphs.
+        model.supports_cuda_graphs = False
+        logger.warning("%d MoE layers keep their experts in 4-bit (per-expert bitsandbytes layers): they run "
+                       "expert by expert (correct, not yet fast) and decode runs without CUDA graphs", quantized)
     return missing
