@@ -214,7 +214,7 @@ def settle_experts(model: nn.Module, dtype: torch.dtype, device: torch.device) -
             quantized += module.is_quantized
     if quantized and not missing:
         # The 4-bit experts run one by one, which reads the routing on the host: no CUDA graphs.
-        model.supports_cuda_graphs = False
+        object.__setattr__(model, "supports_cuda_graphs", False)  # a plain attribute, read by LLMEngine
         logger.warning("%d MoE layers keep their experts in 4-bit (per-expert bitsandbytes layers): they run "
                        "expert by expert (correct, not yet fast) and decode runs without CUDA graphs", quantized)
     return missing
