@@ -20,6 +20,7 @@ from server.api.admission import Admission
 from server.api.errors import APIError
 from server.api.limits import fit_limits
 from server.api.logprobs import TokenTexts
+from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine import stalls
 from server.engine.async_engine import AsyncEngine
@@ -39,6 +40,7 @@ class Runtime:
     adapters: AdapterRegistry
     token_texts: TokenTexts
     base_model_id: str
+    tokenizers: TokenizerRegistry  # per model: the tokenizer, chat template and EOS ids its requests use
 
     @property
     def max_model_len(self) -> int:
@@ -63,15 +65,6 @@ class Runtime:
 
 def base_model_id(config: Config) -> str:
     return config.served_model_name or Path(config.model).name
-
-
-def tokenizer_folder(engine: LLMEngine) -> Path:
-    """The adapter's own tokenizer when --model named an adapter folder that has one (training may
-    have set its chat template), else the base model's."""
-    adapter = engine.loaded.adapter_folder
-    if adapter is not None and (adapter / "tokenizer_config.json").is_file():
-        return adapter
-    return engine.loaded.folder
 
 
 class ServerState:
@@ -132,17 +125,19 @@ class ServerState:
         try:
             engine = LLMEngine(self.config)
             engine.observer = self.metrics
-            # Imported late: Unsloth (imported by the loader) wants to be imported before transformers.
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(engine)))
+            # The base's tokenizer, or an adapter folder's given as --model; --chat-template over it.
+            loaded = engine.loaded
+            base = base_entry(loaded.folder, engine.eos_token_ids, loaded.adapter_folder, self.config.chat_template)
+            tokenizer = base.tokenizer
             # The grammar compiler needs the vocabulary: give it now, not on the first constrained request.
             engine.runner.sampler.set_tokenizer(tokenizer, engine.loaded.model.config.vocab_size, engine.eos_token_ids)
             adapters = AdapterRegistry(engine, self.config.lora_dirs, self.config.max_cpu_loras)
+            tokenizers = TokenizerRegistry(base, adapters)
             for name, path in self.config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
-                adapters.register(name, path)
+                adapter = adapters.register(name, path)
+                tokenizers.put(adapter.adapter_id, tokenizers.prepare(path, name))
             # What start-up made stays for the life of the process: out of the collector's reach,
             # a full collection no longer stops every thread for most of a second under load.
             stalls.watch_gc()
@@ -154,7 +149,7 @@ class ServerState:
                          exc_info=logger.isEnabledFor(logging.DEBUG))
             self._call_on_loop(self._fail, f"{type(exc).__name__}: {exc}")
             return
-        self._call_on_loop(self._ready, engine, tokenizer, adapters)
+        self._call_on_loop(self._ready, engine, tokenizers, adapters)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if self._loop is None:
@@ -164,13 +159,15 @@ class ServerState:
         except RuntimeError:  # the server stopped while the model was loading
             logger.info("server stopped before the model finished loading")
 
-    def _ready(self, engine: LLMEngine, tokenizer: Any, adapters: AdapterRegistry) -> None:
+    def _ready(self, engine: LLMEngine, tokenizers: TokenizerRegistry, adapters: AdapterRegistry) -> None:
         if self._closed:
             return
         async_engine = AsyncEngine(engine)
         async_engine.start()  # needs the running loop: that is why this runs on it
         names = [self.base_model_id, *(a.name for a in adapters)]
-        self.runtime = Runtime(engine, async_engine, tokenizer, adapters, TokenTexts(tokenizer), self.base_model_id)
+        base = tokenizers.base
+        self.runtime = Runtime(engine, async_engine, base.tokenizer, adapters, base.token_texts, self.base_model_id,
+                               tokenizers)
         fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
         logger.info("ready to serve: %s", ", ".join(names))
 
