@@ -1,6 +1,6 @@
 """The generic path: tiny random models of families with no native model code here (Cohere with q/k
 norm and a logit scale, Granite's multipliers, OLMo 2, StableLM with partial RoPE, Cohere 2's
-sliding-window and RoPE-less global layers) give transformers' greedy tokens through our engine
+sliding-window and RoPE-less global layers, VaultGemma's attention and final-logit soft-capping) give transformers' greedy tokens through our engine
 (chunked prefill, paged decode, several sequences a step), hot-swapped and merged LoRA give PEFT's."""
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ FAMILIES = {
     "olmo2": (transformers.Olmo2Config, {}),
     "stablelm": (transformers.StableLmConfig, dict(partial_rotary_factor=0.5, qk_layernorm=True)),
     "cohere2": (transformers.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
+    "vaultgemma": (transformers.VaultGemmaConfig, dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                                       sliding_window=8, head_dim=16)),
 }
 MAX_TOKENS = 10
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
