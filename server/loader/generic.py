@@ -152,7 +152,12 @@ def generic_config(config: object, vocab: int, num_layers: int, num_kv_heads: in
     """The facts our engine needs from the transformers config; the KV cache's shape as measured."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = int(getattr(c, "num_attention_heads", num_kv_heads))
+    # What the warmup compiles attention kernels for (the model passes each layer's own at run time).
     window = getattr(c, "sliding_window", None)
+    window = window if isinstance(window, int) else None
+    types = getattr(c, "layer_types", None)
+    layer_windows = tuple(window if t == "sliding_attention" else None for t in types) if window and types else None
+    softcap = getattr(c, "attn_logit_softcapping", None)
     return ModelConfig(
         family=str(getattr(c, "model_type", "unknown")), vocab_size=vocab, hidden_size=int(getattr(c, "hidden_size", 0)),
         intermediate_size=int(getattr(c, "intermediate_size", 0) or 0), num_layers=num_layers,
@@ -161,5 +166,6 @@ def generic_config(config: object, vocab: int, num_layers: int, num_kv_heads: in
         rope_scaling=None,  # the model applies its own RoPE: positions reach it as they are
         max_position_embeddings=int(getattr(c, "max_position_embeddings", None) or 2048),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        sliding_window=window if isinstance(window, int) else None,
+        sliding_window=window, layer_windows=layer_windows,
+        attn_softcap=float(softcap) if isinstance(softcap, (int, float)) else None,
     )

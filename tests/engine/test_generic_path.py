@@ -105,10 +105,25 @@ def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest
     assert engine.block_manager.num_free_blocks == 64
 
 
-def write_adapter(base: torch.nn.Module, folder: Path, seed: int) -> Path:
+def test_prefix_cache_hit_gives_the_same_tokens(tmp_path: Path) -> None:
+    folder, hf = make_model(tmp_path, "granite")
+    engine = engine_for(folder)
+    prompt = prompts()[2]
+    first = run(engine, [(prompt, 0)])[0]
+    assert first == hf_greedy(hf, prompt)
+    longer = prompt + first[:3]
+    engine.add_request("again", longer, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    outputs = [out for _ in range(2 * MAX_TOKENS) if engine.has_unfinished_requests for out in engine.step()]
+    assert outputs[-1].num_cached_tokens >= 40  # the first prompt's 5 full blocks of 8 came from the cache
+    assert [t for out in outputs for t in out.new_token_ids] == hf_greedy(hf, longer)
+    assert engine.block_manager.num_free_blocks == 64
+
+
+def write_adapter(base: torch.nn.Module, folder: Path, seed: int, **lora: object) -> Path:
     """PEFT's own adapter on every projection, with random lora_B (a fresh adapter changes nothing)."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, task_type="CAUSAL_LM",
+                                                 **lora))  # type: ignore[arg-type]
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -153,3 +168,13 @@ def test_merged_adapter_equals_peft(cohere_with_adapters: tuple[Path, torch.nn.M
     engine = engine_for(folder, merge_lora=str(adapters[0]))
     prompt = prompts()[2]
     assert run(engine, [(prompt, 0)])[0] == peft_greedy(folder, adapters[0], prompt)
+
+
+def test_adapter_with_its_own_modules_is_refused_saying_why(
+        cohere_with_adapters: tuple[Path, torch.nn.Module, list[Path]], tmp_path: Path) -> None:
+    folder, hf, _ = cohere_with_adapters
+    own = write_adapter(hf, tmp_path / "own-head", seed=5, modules_to_save=["lm_head"])
+    engine = engine_for(folder)
+    with pytest.raises(ValueError, match=r"served on native families only.*generic path"):
+        engine.add_lora(1, load_lora(own.name, own, 16))
+    assert run(engine, [(prompts()[0], 0)])[0] == hf_greedy(hf, prompts()[0])  # the engine serves on
