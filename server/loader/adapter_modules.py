@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 EMBED, LM_HEAD = "model.embed_tokens", "lm_head"
-NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")
-SERVED = "embed_tokens, lm_head and the RMSNorm weights (norm, input_layernorm, post_attention_layernorm, q_norm, k_norm)"
+NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm",
+                 "pre_feedforward_layernorm", "post_feedforward_layernorm")  # the last two: Gemma's
+SERVED = ("embed_tokens, lm_head and the RMSNorm weights (norm, input_layernorm, post_attention_layernorm, q_norm, "
+          "k_norm, and Gemma's pre_/post_feedforward_layernorm)")
 
 
 @dataclass(slots=True)
@@ -66,7 +68,12 @@ class AdapterModules:
 
 
 def _strip(key: str) -> str:
-    return key.removeprefix(PREFIX)
+    """Our module name: without PEFT's prefix, and an image-text model's language-model names (Gemma 3:
+    model.language_model.*) as the text model's."""
+    from server.models.weights import text_model_name
+
+    key = key.removeprefix(PREFIX)
+    return text_model_name(key, multimodal=True) or key
 
 
 def _token_indices(cfg: dict, module: str, name: str) -> list[int]:
