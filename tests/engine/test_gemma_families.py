@@ -70,8 +70,9 @@ def make_model(tmp: Path, family: str) -> tuple[Path, torch.nn.Module]:
     elif family in ("gemma3", "gemma3-legacy-config"):
         model = transformers.Gemma3ForCausalLM(gemma3_text_config())
     else:
-        cfg = transformers.Gemma3Config(text_config=gemma3_text_config().to_dict(),
-                                        vision_config=VISION, mm_tokens_per_image=4)
+        # untied (a tied random model mostly copies its last token): lm_head is language_model.lm_head on disk
+        cfg = transformers.Gemma3Config(text_config=gemma3_text_config().to_dict(), vision_config=VISION,
+                                        mm_tokens_per_image=4, tie_word_embeddings=False)
         model = transformers.Gemma3ForConditionalGeneration(cfg)
     model = model.eval()
     randomize(model)
@@ -183,18 +184,24 @@ def test_triton_kernels_and_cuda_graphs_match_transformers(tmp_path: Path, famil
 @pytest.mark.parametrize("family", ["gemma2", "gemma3-multimodal"])
 def test_lora_adapter_gives_peft_tokens(tmp_path: Path, family: str) -> None:
     """A PEFT LoRA on every attention and MLP projection (of the language model, for the image-text
-    checkpoint, whose adapter names them model.language_model.*) served hot: PEFT's greedy tokens."""
+    checkpoint, whose adapter names them model.language_model.*) and its own copies of Gemma's norms
+    (and of the embedding) served hot: PEFT's greedy tokens."""
     folder, hf = make_model(tmp_path, family)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEMO_MODEL / name, folder / name)
     projections = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
     targets = rf".*language_model.*\.({projections})" if family == "gemma3-multimodal" else projections.split("|")
+    own = (["input_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm"]
+           if family == "gemma2" else ["q_norm", "k_norm", "post_attention_layernorm"])
     torch.manual_seed(3)
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=own)
+    peft_model = get_peft_model(hf, lora).eval()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.2)
     peft_model.save_pretrained(tmp_path / "adapter")
     llm = LLM(folder, lora={"a": str(tmp_path / "adapter")}, load_format="safetensors", num_kv_blocks=64, block_size=8,
               max_num_batched_tokens=24, device="cpu")
