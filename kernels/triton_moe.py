@@ -41,7 +41,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 @triton.jit
 def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, N, K: tl.constexpr, num_rows, a_row_div,
                   stride_am, stride_we, stride_wn, stride_cm,
-                  GATED: tl.constexpr, SCALED: tl.constexpr,
+                  GATED: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[row] = A[row // a_row_div] @ W[e].T for the rows of one expert's block. GATED: W[e] is
     [2N, K] (gate rows, then up rows) and C = silu(gate) * up; SCALED: C *= scale[row]."""
@@ -65,10 +65,10 @@ def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, N,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
         if GATED:
             wu = tl.load(w_base + (offs_n + N)[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
-            acc_up += tl.dot(a, wu)
+            acc_up += tl.dot(a, wu, input_precision=PRECISION)
     out_dtype = c_ptr.dtype.element_ty
     # Round where the reference (16-bit matmuls, then the activation in 16-bit) rounds.
     y = acc.to(out_dtype).to(tl.float32)
@@ -100,15 +100,16 @@ def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_
     x = x.contiguous()
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     block_n, block_k = 64, 64
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 models: no TF32 rounding
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))
     _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, inter, hidden, n, top_k,
                         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
-                        GATED=True, SCALED=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                        GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     scale = weights.reshape(-1).contiguous()
     grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
     _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, hidden, inter, n, 1,
                         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-                        GATED=False, SCALED=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                        GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     # Each token's top_k results summed in float32 and rounded once.
     return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
