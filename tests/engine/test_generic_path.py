@@ -6,6 +6,7 @@ sliding-window and RoPE-less global layers, VaultGemma's attention and final-log
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,36 @@ def test_adapter_with_its_own_modules_is_refused_saying_why(
     with pytest.raises(ValueError, match=r"served on native families only.*generic path"):
         engine.add_lora(1, load_lora(own.name, own, 16))
     assert run(engine, [(prompts()[0], 0)])[0] == hf_greedy(hf, prompts()[0])  # the engine serves on
+
+
+@pytest.mark.parametrize("change, message", [("extra", "tensor(s) on disk were not loaded"),
+                                             ("missing", "are not on disk")])
+def test_every_tensor_on_disk_reaches_the_model(tmp_path: Path, change: str, message: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = make_model(tmp_path, "olmo2")
+    tensors = load_file(str(folder / "model.safetensors"))
+    if change == "extra":
+        tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
+    else:
+        del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine_for(folder)
+
+
+def test_attention_the_paged_cache_cannot_compute_is_refused() -> None:
+    from server.models.families import UnsupportedModel
+    from server.models.generic import GenericStep, paged_attention_forward
+
+    q = k = v = torch.zeros(1, 2, 3, 8)
+    stranger = torch.nn.Module()  # not a layer of the served model: no step on it
+    with pytest.raises(UnsupportedModel, match="not a module of the model being served"):
+        paged_attention_forward(stranger, q, k, v, None)
+    layer = torch.nn.Module()
+    layer.sloth_step = GenericStep()  # type: ignore[assignment]
+    with pytest.raises(UnsupportedModel, match="mask its model built itself"):
+        paged_attention_forward(layer, q, k, v, torch.zeros(1, 1, 3, 3))
+    layer.sinks = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(UnsupportedModel, match="attention sinks"):
+        paged_attention_forward(layer, q, k, v, None)
