@@ -31,7 +31,8 @@ class GemmaRMSNorm(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        if self._scale_of is not self.weight:  # first use, or the weight was replaced (--merge-lora)
+        stale = self._scale is None or self._scale.device != self.weight.device
+        if stale or self._scale_of is not self.weight:  # first use, or the weight was replaced (--merge-lora)
             self._scale, self._scale_of = 1.0 + self.weight.float(), self.weight
         assert self._scale is not None
         return self._scale
