@@ -13,6 +13,8 @@ from server.api.state import StateDep
 
 router = APIRouter()
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(state: StateDep, model: str | None = None) -> dict[str, Any]:
@@ -28,6 +30,10 @@ def describe(tokenizer: Any) -> dict[str, Any]:
     this machine's files), JSON-ready, with `tokenizer_class` and `chat_template`."""
     config = {k: _jsonable(v) for k, v in getattr(tokenizer, "init_kwargs", {}).items()
               if not k.startswith("_") and not k.endswith("_file") and k != "name_or_path"}
+    # Always present (None when unset), as the tokenizer has them now: lm-evaluation-harness takes a
+    # server without `eos_token` in this object for one that cannot tokenize remotely.
+    for name in SPECIAL_TOKENS:
+        config[name] = _jsonable(getattr(tokenizer, name, None))
     config["tokenizer_class"] = type(tokenizer).__name__
     template = getattr(tokenizer, "chat_template", None)
     if template:

@@ -81,8 +81,8 @@ def test_tokenizer_info_describes_class_config_and_template() -> None:
     json.dumps(info)  # JSON-ready, special tokens included
     assert info["tokenizer_class"] == type(tok).__name__
     assert info["chat_template"] == tok.chat_template
-    if tok.eos_token is not None:
-        assert info["eos_token"] == tok.eos_token
+    assert all(k in info for k in ("bos_token", "eos_token", "pad_token", "unk_token"))  # lm-eval needs eos_token
+    assert info["eos_token"] == tok.eos_token
     assert not any(k.endswith("_file") for k in info)
 
 
