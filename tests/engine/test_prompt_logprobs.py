@@ -109,3 +109,17 @@ def test_prompt_logprobs_under_an_adapter_equal_peft(engine: LLMEngine, prompts:
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
     outs = run(engine, {"lora": (prompts[0], params)}, adapter_id=1)["lora"]
     assert_matches(outs[0].prompt_logprobs, prompts[0], reference(peft_model, prompts[0]), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prompt_logprobs_on_cuda_with_graphs_equal_transformers(prompts: list[list[int]]) -> None:
+    """The same on CUDA in float32, decode steps replayed from CUDA graphs beside scored prefills."""
+    cuda = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=128, device="cuda",
+                            dtype="float32", max_num_batched_tokens=BUDGET, max_num_seqs=8, cuda_graph_sizes=(1, 2, 4)))
+    hf = AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=TOP, ignore_eos=True)
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    got = run(cuda, {"decoding": (prompts[1], plain), "long": (prompts[0], params), "short": (prompts[1], params)})
+    assert_matches(got["long"][0].prompt_logprobs, prompts[0], reference(hf, prompts[0]), TOP)
+    assert_matches(got["short"][0].prompt_logprobs, prompts[1], reference(hf, prompts[1]), TOP)
