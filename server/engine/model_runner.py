@@ -298,10 +298,10 @@ class ModelRunner:
             rows = inputs.sample_rows
             if not rows and not inputs.prompt_spans:
                 return sampled, None
-            logits = self.model.compute_logits(hidden[inputs.sample_token_index], inputs.adapters)
             if inputs.prompt_spans:
-                self._score_prompts(batch, inputs, logits[len(rows):])
-                logits = logits[: len(rows)]
+                logits = self._score_prompts(batch, inputs, hidden)
+            else:
+                logits = self.model.compute_logits(hidden[inputs.sample_token_index], inputs.adapters)
         if not rows:
             return sampled, None
         seqs = [batch.seqs[i] for i in rows]
@@ -317,13 +317,27 @@ class ModelRunner:
             sampled[row] = token
         return sampled, logprobs
 
-    @staticmethod
-    def _score_prompts(batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> None:
-        """Store this chunk's prompt logprobs in its sequences. Indexed by position, so a step run
-        again (a failed batch, a preempted sequence recomputed) overwrites rather than appends."""
+    def _score_prompts(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """Store this chunk's prompt logprobs in its sequences and return the sampled rows' logits.
+        Indexed by position, so a step run again (a failed batch, a preempted sequence recomputed)
+        overwrites rather than appends."""
         assert inputs.prompt_targets is not None
+        n, index = len(inputs.sample_rows), inputs.sample_token_index
+        num_scored = index.shape[0] - n
+        if inputs.adapters is None:
+            # A slice of scored rows' logits at a time: a long chunk's [rows, vocab] all at once could
+            # take gigabytes the KV cache was sized without.
+            def logits_of(a: int, b: int) -> torch.Tensor:
+                return self.model.compute_logits(hidden[index[n + a : n + b]])
+            logits = self.model.compute_logits(hidden[index[:n]]) if n else hidden.new_empty(0)
+        else:  # adapters' own lm_heads are grouped over all the step's logit rows at once
+            every = self.model.compute_logits(hidden[index], inputs.adapters)
+            logits = every[:n]
+
+            def logits_of(a: int, b: int) -> torch.Tensor:
+                return every[n + a : n + b]
         k = max(batch.seqs[i].params.prompt_logprobs or 0 for i, _, _ in inputs.prompt_spans)
-        scored = gather_prompt_logprobs(logits, inputs.prompt_targets, k)
+        scored = gather_prompt_logprobs(logits_of, num_scored, inputs.prompt_targets, k)
         row = 0
         for i, first, n in inputs.prompt_spans:
             seq = batch.seqs[i]
@@ -333,6 +347,7 @@ class ModelRunner:
                 del lp.top[top_k:]
             seq.prompt_logprobs[first - 1 :] = chunk  # entry j scores token j + 1
             row += n
+        return logits
 
     # --- async scheduling: decode steps launched ahead of the host (LLMEngine, --async-scheduling) ---
 

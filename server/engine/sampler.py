@@ -17,7 +17,7 @@ their logits are left bit for bit as they were.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -217,12 +217,13 @@ def gather_logprobs(
 _PROMPT_ROWS_PER_PASS = 1024
 
 
-def gather_prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """Each row's log-probability (float32 log_softmax) of its target token, that token's rank, and
-    the row's top-k, in one host copy."""
+def gather_prompt_logprobs(logits_of: Callable[[int, int], torch.Tensor], num_rows: int, targets: torch.Tensor,
+                           k: int) -> list[TokenLogprob]:
+    """Each scored row's log-probability (float32 log_softmax) of its target token, that token's rank,
+    and the row's top-k, in one host copy. `logits_of(a, b)`: the logits of rows [a, b)."""
     columns = []
-    for start in range(0, logits.shape[0], _PROMPT_ROWS_PER_PASS):
-        lp = torch.log_softmax(logits[start : start + _PROMPT_ROWS_PER_PASS].float(), dim=-1)
+    for start in range(0, num_rows, _PROMPT_ROWS_PER_PASS):
+        lp = torch.log_softmax(logits_of(start, min(start + _PROMPT_ROWS_PER_PASS, num_rows)).float(), dim=-1)
         target = targets[start : start + _PROMPT_ROWS_PER_PASS].unsqueeze(1)
         picked = lp.gather(1, target)
         vals, ids = lp.topk(max(k, 1), dim=-1)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server import SamplingParams
 from server.config import Config
+from server.engine import sampler
 from server.engine.llm_engine import LLMEngine, RequestOutput
 from server.engine.sequence import TokenLogprob
 from server.loader import DEMO_ADAPTER, DEMO_MODEL
@@ -90,7 +91,9 @@ def test_prompt_logprobs_equal_transformers_chunked_and_cached(engine: LLMEngine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_max_tokens_zero_scores_the_prompt_without_generating(engine: LLMEngine, prompts: list[list[int]]) -> None:
+def test_max_tokens_zero_scores_the_prompt_without_generating(engine: LLMEngine, prompts: list[list[int]],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sampler, "_PROMPT_ROWS_PER_PASS", 3)  # a chunk's scored rows in several passes
     hf = AutoModelForCausalLM.from_pretrained(str(DEMO_MODEL), dtype=torch.float32).eval()
     params = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0)
     outs = run(engine, {"score": (prompts[0], params)})["score"]
