@@ -18,7 +18,7 @@ from server.loader import DEMO_ADAPTER, DEMO_MODEL
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-secret"
 BASE_MODEL = DEMO_MODEL.name  # the id the server gives the base model: its folder's name
-STARTUP_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 300  # generous: a busy 2-core CI machine started three servers in over 120 s
 
 
 def free_port() -> int:
