@@ -321,6 +321,10 @@ def _launch(
     else:
         block_m = tiles.get("block_m", max(group_rows, min(128, _pow2(max_query_len * group))))
         block_n = tiles.get("block_n", 128 if block_m >= 128 else 64)
+    if head_dim > 128:
+        # Gemma's 256-wide heads: the 128-row tiles measured at 128 need 321 KiB of shared memory
+        # for q, k and v over the pipeline's stages, past the H200's 227 KiB.
+        block_m, block_n = max(group_rows, min(block_m, 64)), min(block_n, 32)
     block_q = 1 if decode else block_m // group
     num_splits = tiles.get("num_splits", 1) if decode else 1  # only decode splits its keys
     if decode and "num_splits" not in tiles:
