@@ -71,7 +71,8 @@ def peft_greedy(folder: Path | None, prompts: list[list[int]], max_new: int) -> 
     for prompt in prompts:
         ids, tokens, logprobs = list(prompt), [], []
         for _ in range(max_new):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            # on the model's own device: with Unsloth imported (other tests) it may load onto the GPU
+            logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
             lp = torch.log_softmax(logits, -1)
             token = int(lp.argmax())
             tokens.append(token)

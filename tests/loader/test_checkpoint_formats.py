@@ -48,6 +48,10 @@ def test_greedy_tokens_equal_unsloth_for_inference(fmt: QuantFormat, root: Path)
     tie = TIE[llm.engine.loaded.model.model.embed_tokens.weight.dtype]
     del llm
     reference = load_hf_with_unsloth(folder, 512)
+    if fmt.untie_lm_head and torch.cuda.is_available():
+        # Seen on the H200: Unsloth's fast CUDA generate fails on a 4-bit lm_head ("Expected size for
+        # first two dimensions of batch2 tensor"), so there is no reference there; on CPU there is.
+        pytest.xfail("Unsloth's CUDA generate cannot run a bitsandbytes 4-bit lm_head")
     verdicts = [compare_greedy(reference, p, o, tie) for p, o in zip(prompts, ours, strict=True)]
     assert verdicts.count("exact") >= len(verdicts) - 1, verdicts  # one near tie at most
     _check_layout(fmt, layers, reference)

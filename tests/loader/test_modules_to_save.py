@@ -31,7 +31,7 @@ def base_model() -> torch.nn.Module:
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,  # type: ignore[operator]
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=MAX_NEW, do_sample=False,  # type: ignore[operator]
                          min_new_tokens=MAX_NEW)
     return out[0, len(prompt):].tolist()
 
