@@ -2,7 +2,7 @@
 send (echo + logprobs + max_tokens 1, and max_tokens 0), vLLM's `prompt_logprobs` on chat and
 completions, streamed echo. The server runs the demo model in 4-bit, so the reference is the server's
 own next-token distribution after each prefix (sampled-token logprobs, a separate code path);
-tests/engine/test_prompt_logprobs.py checks the values against transformers exactly."""
+tests/engine/test_prompt_logprobs_engine.py checks the values against transformers exactly."""
 
 from __future__ import annotations
 
