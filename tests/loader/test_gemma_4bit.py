@@ -70,5 +70,10 @@ def test_greedy_tokens_equal_unsloth_for_inference(tmp_path: Path, case: str,
         assert vision and any(f"{len(vision)} tensors on disk belong to the vision tower" in r.getMessage()
                               for r in caplog.records)
     reference = load_hf_with_unsloth(folder, 512)
+    if case.startswith("gemma2"):
+        # Unsloth's CPU backend (transformers 5.17) runs Gemma 2 under SDPA, which leaves out the
+        # attention soft cap (transformers applies it in eager attention only; Unsloth's CUDA Gemma 2
+        # path applies it): compare against the model's own math on the same 4-bit weights.
+        reference.set_attn_implementation("eager")
     verdicts = [compare_greedy(reference, p, o, tie) for p, o in zip(prompts, ours, strict=True)]
     assert verdicts.count("exact") >= len(verdicts) - 1, verdicts  # one near tie at most
