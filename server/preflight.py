@@ -39,8 +39,8 @@ def check_packages(config: Config) -> None:
     if importlib.util.find_spec("torch") is None:
         raise StartupError(
             "PyTorch is not installed, and `pip install sloth-serve` does not install it (pip would pick a "
-            f"multi-GB CUDA build). CPU only: pip install torch=={TORCH_CPU_VERSION} from PyTorch's CPU wheel "
-            f"index (pip's --index-url; see the install selector on the PyTorch website). NVIDIA GPU: pip install "
+            f"multi-GB CUDA build). CPU only: install PyTorch's CPU build of torch=={TORCH_CPU_VERSION} (the "
+            f"install selector on the PyTorch website gives the command). NVIDIA GPU: pip install "
             f"torch=={TORCH_CUDA_VERSION} (the default Linux wheel, CUDA 13.0, as the Dockerfile does)")
     if config.load_format == "unsloth" and importlib.util.find_spec("unsloth") is None:
         raise StartupError("--load-format unsloth (the default) needs Unsloth: pip install 'sloth-serve[unsloth]' "
