@@ -47,7 +47,7 @@ async def create_chat_completion(
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
         ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
-        structured = await _structured_spec(runtime, body, plan)
+        structured = await structured_spec(runtime, body, plan)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
             body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
@@ -64,20 +64,23 @@ async def create_chat_completion(
     return await whole_response(request, work, ticket)
 
 
-async def _structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
+async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None,
+                          tool_param: str = "tools[{}].function.parameters",
+                          format_param: str = "response_format.json_schema.schema") -> StructuredSpec | None:
     """The grammar of the output, compiled: a forced tool call's, else the response format's. Every
-    tool's parameters are compiled too (cached), so that a bad one is a 400 whatever tool_choice."""
+    tool's parameters are compiled too (cached), so that a bad one is a 400 whatever tool_choice.
+    `tool_param` / `format_param` name those fields in errors (the Responses API names them its way)."""
     for i, tool in enumerate(body.tools or ()):
         if tool.function.parameters is not None:
             one = ToolPlan([tool.model_dump(exclude_none=True)], "named", tool.function.name)
             spec = call_spec(one)
             assert spec is not None
-            await compile_spec(runtime, spec, f"tools[{i}].function.parameters")
+            await compile_spec(runtime, spec, tool_param.format(i))
     spec = call_spec(plan) if plan is not None else None
     if spec is not None:
         return await compile_spec(runtime, spec, "tools")
     spec = response_format_spec(body.response_format)
-    return None if spec is None else await compile_spec(runtime, spec, "response_format.json_schema.schema")
+    return None if spec is None else await compile_spec(runtime, spec, format_param)
 
 
 def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> tuple[ChatResponseMessage, str | None]:

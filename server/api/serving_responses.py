@@ -18,16 +18,15 @@ from server.api.endpoint import admit_generation
 from server.api.errors import APIError
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.prompts import resolve_max_tokens
-from server.api.protocol import ChatCompletionRequest
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
 from server.api.responses_protocol import ResponsesRequest, as_responses_error
-from server.api.sampling import choice_requests, compile_spec, response_format_spec
+from server.api.sampling import choice_requests
+from server.api.serving_chat import structured_spec
 from server.api.sse import sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.api.tool_calls import ToolCallReader, merge_deltas
-from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
-from server.engine.sampling_params import StructuredSpec
+from server.api.tools import ToolPlan, encode_tool_chat, plan_tools
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -50,7 +49,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
         runtime.check_fits_cache(len(prompt_ids), "input")
         ticket.reserve_tokens(len(prompt_ids), "input")
-        structured = await _structured_spec(runtime, chat, plan)
+        structured = await structured_spec(runtime, chat, plan, "tools[{}].parameters", "text.format.schema")
         response_id = f"resp_{uuid.uuid4().hex}"
         reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
                                structured, tokens.eos_token_ids)
@@ -81,21 +80,6 @@ async def get_response(response_id: str) -> Response:
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str) -> Response:
     raise APIError(NOT_STORED.format(id=response_id, verb="deleted"), 404, param="response_id")
-
-
-async def _structured_spec(runtime: Runtime, chat: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredSpec | None:
-    """The output's grammar, compiled: a forced call's, else text.format's; every tool's
-    parameters are compiled (cached) so that a bad schema is a 400 whatever tool_choice says."""
-    for i, tool in enumerate(chat.tools or ()):
-        if tool.function.parameters is not None:
-            one = call_spec(ToolPlan([tool.model_dump(exclude_none=True)], "named", tool.function.name))
-            assert one is not None
-            await compile_spec(runtime, one, f"tools[{i}].parameters")
-    spec = call_spec(plan) if plan is not None else None
-    if spec is not None:
-        return await compile_spec(runtime, spec, "tools")
-    spec = response_format_spec(chat.response_format)
-    return None if spec is None else await compile_spec(runtime, spec, "text.format.schema")
 
 
 def _read(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
