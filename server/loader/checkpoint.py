@@ -70,8 +70,13 @@ def load_checkpoint(
         logger.info("%s is a LoRA adapter; its base is %s", adapter_folder, folder)
     elif not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds neither config.json (a model) nor adapter_config.json (an adapter)")
+    cfg = read_json_object(folder / "config.json")
+    quant = cfg.get("quantization_config")
+    if load_format == "safetensors" and isinstance(quant, dict):
+        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
+                         f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     # The path (native / generic / refused) comes from config.json, before any weight is read.
-    if route_of(read_json_object(folder / "config.json")).path == "generic":
+    if route_of(cfg).path == "generic":
         from server.loader.generic import load_generic
 
         # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,

@@ -5,7 +5,6 @@ cache (server.models.generic); the log says once that this path is used and what
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -64,10 +63,6 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
 def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    if isinstance(quant, dict):
-        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
-                         f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": device},
                                                 local_files_only=True)
 

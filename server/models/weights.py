@@ -221,9 +221,4 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Load full-precision safetensors directly (no Unsloth): the reference path for tests."""
     folder = Path(folder)
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") if (
-        folder / "config.json").is_file() else None
-    if isinstance(quant, dict):
-        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
-                         f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     return build_model(ModelConfig.from_folder(folder), iter_checkpoint(folder), dtype, device)
