@@ -1,108 +1,196 @@
-"""Every setting of sloth-serve in one frozen dataclass, built from CLI flags (server/cli.py)."""
+"""Every setting of sloth-serve in one frozen dataclass; each field declares its command-line flag.
+
+Adding a setting takes one field here and nothing else:
+
+    max_widgets: int = setting(4, "widgets per step at most", "engine")
+
+The flag (--max-widgets), its help, its default in --help, the int conversion and the Config
+value all come from it; server/cli.py generates the parser from these fields. Options of
+setting() (server/flags.py): `names` for other flag names or aliases (a bool field's flag flips
+its default: `names=("--no-warmup",)`), `choices`, `metavar`, `parse` for a word that is not a plain
+int/float/str (flags.int_list, flags.word_list, flags.seconds), `repeat` for a repeatable flag
+collected into a tuple, `env` for an environment variable used when the flag is absent, `resolve`
+for work done once at start-up (reading a file). Checks go in _check_* below, run by
+__post_init__ for the CLI and for Config(...) in code alike; `choices` are checked there for you.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
+from server.flags import flag_name, flag_of, int_list, is_seconds, lora_pair, seconds, setting, word_list
 from server.loader import DEMO_MODEL
+from server.loader.chat_template import resolve_template_flag
+from server.logs import PROBE_PATHS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     # Model
-    model: str = str(DEMO_MODEL)
-    served_model_name: str | None = None  # name clients use in `model`; default: the folder's name
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda when available, else cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    seed: int = 0
+    model: str = setting(
+        str(DEMO_MODEL), "Hugging Face model folder (config.json + *.safetensors, 16-bit or bitsandbytes "
+        "4-bit), or a PEFT LoRA adapter folder whose base is on disk (default: the embedded demo model)",
+        "model", metavar="FOLDER")
+    served_model_name: str | None = setting(None, "name clients use in `model` (default: folder name)", "model")
+    dtype: str = setting("auto", "activations and 16-bit weights; auto: bfloat16 on CUDA, float32 on CPU",
+                         "model", choices=DTYPES)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", "model")
+    max_model_len: int | None = setting(
+        None, "longest prompt + completion served (default: the model's max_position_embeddings)", "model",
+        metavar="TOKENS")
+    seed: int = setting(0, "seed of requests that set none", "model")
     # unsloth: FastLanguageModel.from_pretrained(load_in_4bit=True) + for_inference, weights adopted
     # in 4-bit; safetensors: the checkpoint's own 16-bit weights read directly (no quantization)
-    load_format: str = "unsloth"
-    merge_lora: str | None = None  # adapter folder merged into the base at load (16-bit result)
-    # The base model's chat template (Jinja text, read from --chat-template's file or given inline);
-    # also used by adapters whose folder has none of their own. None: the tokenizer's.
-    chat_template: str | None = None
+    load_format: str = setting(
+        "unsloth", "unsloth: 4-bit through Unsloth (default); safetensors: the checkpoint's 16-bit weights",
+        "model", choices=("unsloth", "safetensors"))
+    merge_lora: str | None = setting(None, "merge this LoRA adapter into the base at load", "model", metavar="PATH")
+    # Config holds the Jinja text (the flag's file read, or the inline text); adapters whose folder has
+    # no template of their own use it too. None: the tokenizer's.
+    chat_template: str | None = setting(
+        None, "the base model's chat template: a file, or the Jinja text itself (default: the tokenizer's); "
+        "adapters whose folder holds a template of their own keep theirs", "model", metavar="FILE|JINJA",
+        resolve=resolve_template_flag)
     # Engine
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb (CPU) or free GPU memory
-    kv_cache_memory_gb: float = 1.0  # CPU only
-    gpu_memory_utilization: float = 0.90
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode steps
-    warmup: bool = True  # CUDA only: compile the prefill kernels at startup (LLMEngine.warmup)
-    sampler: str = "torch"  # "triton": kernels.triton_sampling on CUDA (slower where top-k / top-p are set)
-    async_scheduling: bool = False  # queue decode step N+1 before reading step N's tokens (LLMEngine)
-    cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture; default 1,2,4,8,16,32...
+    max_num_seqs: int = setting(64, "sequences in one engine step at most", "engine")
+    max_num_batched_tokens: int = setting(
+        2048, "tokens in one engine step at most (longer prompts are prefilled in chunks)", "engine")
+    block_size: int = setting(16, "tokens per KV-cache block", "engine", choices=(8, 16, 32, 64, 128))
+    num_kv_blocks: int | None = setting(
+        None, "KV-cache blocks (default: sized from --kv-cache-memory-gb or --gpu-memory-utilization)", "engine")
+    kv_cache_memory_gb: float = setting(1.0, "CPU: memory for the KV cache, in GB", "engine")
+    gpu_memory_utilization: float = setting(
+        0.90, "CUDA: share of the GPU's memory the weights, activations and KV cache may take", "engine")
+    enable_prefix_caching: bool = setting(True, "disable prefix caching", "engine", names=("--no-prefix-caching",))
+    enforce_eager: bool = setting(False, "CUDA: run decode steps without CUDA graphs", "engine")
+    # LLMEngine: decode step N+1 is queued before step N's tokens are read.
+    async_scheduling: bool = setting(
+        False, "queue each decode step before the host has read the previous step's tokens (it is fed them "
+        "on the device), so the host's scheduling and output work overlaps the GPU; steps with new prompts, "
+        "structured outputs, logprobs, penalties or logit bias run as usual", "engine")
+    sampler: str = setting(
+        "torch", "CUDA: sampling by PyTorch ops (default) or by the Triton kernel (no sort; checked against "
+        "torch at startup; slower than torch where top-k / top-p are set)", "engine", choices=("torch", "triton"))
+    warmup: bool = setting(  # LLMEngine.warmup
+        True, "CUDA: skip compiling the prefill kernels at startup (first requests then compile them)",
+        "engine", names=("--no-warmup",))
+    cuda_graph_sizes: tuple[int, ...] = setting(
+        (), "decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)", "engine",
+        metavar="SIZES", parse=int_list)
     # LoRA
-    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs
-    lora_dirs: tuple[str, ...] = ()  # every adapter folder inside is servable by its folder name
-    max_cpu_loras: int = 16  # adapters loaded from --lora-dir kept in host memory (LRU beyond)
-    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
-    max_loras: int = 4
-    # The adapter slots' rank. None: the largest rank among the adapters known at start-up (--lora,
-    # the folders in --lora-dir, --merge-lora), at least 16. Slots wider than their adapters cost
-    # time: rank-16 adapters in rank-64 slots made a batch-64 8B step 10.7 instead of 9.0 ms (H200).
-    max_lora_rank: int | None = None
+    lora_modules: tuple[tuple[str, str], ...] = setting(
+        (), "serve a PEFT LoRA adapter as model NAME (repeatable)", "LoRA", names=("--lora",),
+        metavar="NAME=PATH", parse=lora_pair, repeat=True)
+    lora_dirs: tuple[str, ...] = setting(
+        (), "serve every adapter folder in DIR by its folder name, loaded on first use (repeatable)", "LoRA",
+        names=("--lora-dir",), metavar="DIR", repeat=True)
+    max_cpu_loras: int = setting(16, "adapters from --lora-dir kept loaded; the least recently used go beyond",
+                                 "LoRA")
+    allow_runtime_lora: bool = setting(
+        False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths under --lora-dir)", "LoRA")
+    max_loras: int = setting(4, "adapters in one engine step at most", "LoRA")
+    # "Given at start-up": --lora, the folders in --lora-dir, --merge-lora. Slots wider than their
+    # adapters cost time: rank-16 adapters in rank-64 slots made a batch-64 8B step 10.7 instead of
+    # 9.0 ms (H200).
+    max_lora_rank: int | None = setting(
+        None, "rank of the adapter slots (default: the largest rank among the adapters given at start-up, at "
+        "least 16; adapters loaded later may not exceed it)", "LoRA")
     # HTTP server
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: tuple[str, ...] = ()
-    max_queued_requests: int = 1024
-    # Prompt tokens (each prompt once per choice) of admitted generation requests before new ones
-    # get 503 + Retry-After; a request over the whole budget alone is a 400. None: twice the KV
-    # cache's tokens (server/api/admission.py, set once the cache is sized); 0: unlimited.
-    max_queued_tokens: int | None = None
-    # Seconds from arrival to the end of generation, queue time included; a request's `timeout` may
-    # shorten it. Past it the engine request is aborted: 408, or an SSE error event. None: no limit.
-    request_timeout: float | None = None
-    # Larger bodies get 413. None: what a prompt as long as the context allows needs, at most 16 MiB
-    # (server/api/limits.py, derived once the model is loaded).
-    max_request_bytes: int | None = None
-    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
-    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
-    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
-    log_level: str = "info"
-    log_format: str = "text"  # text or json (one JSON object a line)
-    access_log: bool = True  # uvicorn's line per HTTP request
-    access_log_skip_paths: tuple[str, ...] = ("/health", "/metrics")  # probes: left out of the access log
-    log_requests: bool = True  # the line per finished generation request (server/logs.py)
-    shutdown_timeout: float = 30.0  # seconds a SIGTERM waits for in-flight requests to finish
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", "HTTP server")
+    port: int = setting(8000, "TCP port to listen on", "HTTP server")
+    api_key: tuple[str, ...] = setting(
+        (), "require 'Authorization: Bearer KEY' (repeatable; default: $SLOTH_API_KEY, comma-separated)",
+        "HTTP server", metavar="KEY", repeat=True, env="SLOTH_API_KEY")
+    max_queued_requests: int = setting(
+        1024, "requests in flight before new ones get 503 + Retry-After (each prompt of a request counted "
+        "once per choice; a request over N alone gets 400)", "HTTP server")
+    # None: twice the KV cache's tokens (server/api/admission.py, set once the cache is sized).
+    max_queued_tokens: int | None = setting(
+        None, "prompt tokens of the requests in flight before new ones get 503 + Retry-After (each prompt "
+        "counted once per choice; a request over N alone gets 400; default: twice the KV cache's tokens; "
+        "0: unlimited)", "HTTP server", metavar="N")
+    # Past it the engine request is aborted. None: no limit.
+    request_timeout: float | None = setting(
+        None, "stop a generation request this long after its arrival, queue time included: 408, or an "
+        "error event in a stream; a request's `timeout` field may shorten it (0: none)", "HTTP server",
+        metavar="SECONDS", parse=seconds)
+    # None: derived once the model is loaded (server/api/limits.py).
+    max_request_bytes: int | None = setting(
+        None, "larger bodies get 413 (default: what a prompt as long as the context allows needs, at most "
+        "16 MiB)", "HTTP server", metavar="BYTES")
+    header_timeout: float = setting(
+        10.0, "close connections that have not sent a request's headers within this time", "HTTP server",
+        metavar="SECONDS")
+    keep_alive_timeout: float = setting(5.0, "close keep-alive connections idle this long", "HTTP server",
+                                        metavar="SECONDS")
+    allowed_origins: tuple[str, ...] = setting(
+        (), "allow browser requests (CORS) from ORIGIN (repeatable; * for any)", "HTTP server",
+        metavar="ORIGIN", repeat=True)
+    shutdown_timeout: float = setting(
+        30.0, "on SIGTERM, seconds to let in-flight requests finish before exiting", "HTTP server",
+        metavar="SECONDS")
+    # Logging
+    log_level: str = setting("info", "least severe level logged; debug adds tracebacks to start-up errors",
+                             "logging", choices=LOG_LEVELS)
+    log_format: str = setting("text", "json: one JSON object a line, library output (Unsloth, warnings) "
+                              "included", "logging", choices=("text", "json"))
+    access_log: bool = setting(True, "no line per HTTP request", "logging",
+                               names=("--disable-uvicorn-access-log", "--disable-access-log"))
+    access_log_skip_paths: tuple[str, ...] = setting(  # probes
+        PROBE_PATHS, "comma-separated paths left out of the access log ('' logs every path)", "logging",
+        names=("--disable-access-log-for-endpoints",), metavar="PATHS", parse=word_list)
+    log_requests: bool = setting(  # server/logs.py
+        True, "no line per finished generation request (id, tokens, latency)", "logging",
+        names=("--disable-log-requests",))
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("torch", "triton"):
-            raise ValueError(f"--sampler must be torch or triton; got {self.sampler!r}")
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"--block-size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"--max-num-seqs must be at least 1; got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
-        if self.max_loras < 1 or (self.max_lora_rank is not None and self.max_lora_rank < 1):
-            raise ValueError("--max-loras and --max-lora-rank must be at least 1")
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"--log-format must be text or json; got {self.log_format}")
-        if self.max_queued_tokens is not None and self.max_queued_tokens < 0:
-            raise ValueError(f"--max-queued-tokens must be >= 0 (0: unlimited); got {self.max_queued_tokens}")
-        if self.max_request_bytes is not None and self.max_request_bytes < 1:
-            raise ValueError(f"--max-request-bytes must be at least 1; got {self.max_request_bytes}")
-        for flag, seconds in (("--header-timeout", self.header_timeout), ("--keep-alive-timeout", self.keep_alive_timeout)):
-            if not 0 < seconds < math.inf:
-                raise ValueError(f"{flag} must be a positive number of seconds; got {seconds}")
-        if self.request_timeout is not None and not 0 < self.request_timeout < math.inf:
-            raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); got {self.request_timeout}")
-        if self.shutdown_timeout < 0:
-            raise ValueError(f"--shutdown-timeout must be >= 0; got {self.shutdown_timeout}")
-        if self.max_cpu_loras < 1:
-            raise ValueError(f"--max-cpu-loras must be at least 1; got {self.max_cpu_loras}")
-        if self.load_format not in ("unsloth", "safetensors"):
-            raise ValueError(f"--load-format must be unsloth or safetensors; got {self.load_format}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16; got {self.dtype}")
+        _check_choices(self)
+        _check_engine(self)
+        _check_http(self)
+
+
+def _flag(name: str) -> str:
+    return flag_name(Config, name)
+
+
+def _check_choices(config: Config) -> None:
+    for field in dataclasses.fields(config):
+        choices = flag_of(field).choices
+        value = getattr(config, field.name)
+        if choices is not None and value not in choices:
+            listed = ", ".join(str(c) for c in choices)
+            raise ValueError(f"{_flag(field.name)} must be one of {listed}; got {value!r}")
+
+
+def _at_least(config: Config, name: str, low: int, note: str = "") -> None:
+    value = getattr(config, name)
+    if value is not None and value < low:
+        raise ValueError(f"{_flag(name)} must be at least {low}{note}; got {value}")
+
+
+def _check_engine(config: Config) -> None:
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras"):
+        _at_least(config, name, 1)
+    _at_least(config, "max_model_len", 2)
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {config.gpu_memory_utilization}")
+
+
+def _check_http(config: Config) -> None:
+    if not 0 <= config.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535]; got {config.port}")
+    _at_least(config, "max_queued_requests", 1)
+    _at_least(config, "max_queued_tokens", 0, " (0: unlimited)")
+    _at_least(config, "max_request_bytes", 1)
+    for name in ("header_timeout", "keep_alive_timeout"):
+        if not is_seconds(getattr(config, name)):
+            raise ValueError(f"{_flag(name)} must be a positive number of seconds; got {getattr(config, name)}")
+    if config.request_timeout is not None and not is_seconds(config.request_timeout):
+        raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); "
+                         f"got {config.request_timeout}")
+    if config.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0; got {config.shutdown_timeout}")

@@ -128,7 +128,8 @@ def test_container_args_are_valid_sloth_serve_flags(k8s: dict[str, Any], parse_c
     args = parse_cli(server_container(k8s)["args"])
     assert args.model == "/model"
     # Adapters come from the adapters volume: the whole folder (--lora-dir) or folders inside it.
-    assert args.lora_dir == ["/adapters"] or (args.lora and all(p.startswith("/adapters/") for _, p in args.lora))
+    assert args.lora_dirs == ("/adapters",) or (
+        args.lora_modules and all(p.startswith("/adapters/") for _, p in args.lora_modules))
     if args.pending:
         pytest.skip(f"sloth-serve does not have {', '.join(args.pending)} yet (issue 8)")
 
