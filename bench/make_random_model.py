@@ -4,6 +4,11 @@ so that GPU benchmarks need no model hub.
 
     python bench/make_random_model.py --shape llama3-8b --out /tmp/m8b --quantize-bnb --lora 8
     # -> /tmp/m8b (bf16), /tmp/m8b-bnb-4bit (pre-quantized), /tmp/m8b-loras/lora-{0..7} (rank 16)
+
+The other families' shapes (bench/family_shapes.py: gemma3-4b, phi4-mini, qwen3-30b-a3b, gpt-oss-20b,
+...) are written as pre-quantized NF4 folders directly (bench/nf4_checkpoint.py), in --out:
+
+    python bench/make_random_model.py --shape qwen3-30b-a3b --layers 12 --out /tmp/qwen3moe
 """
 
 from __future__ import annotations
@@ -21,12 +26,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from bench.common import synthetic_words
+from bench.family_shapes import SHAPES as FAMILY_SHAPES
+from bench.family_shapes import hf_config
+from bench.nf4_checkpoint import write_nf4_checkpoint
+from bench.random_tokenizer import DEMO_TOKENIZER, SPECIAL_TOKENS, write_tokenizer  # noqa: F401 (re-exported)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_TOKENIZER = ROOT / "server" / "loader" / "demo" / "base"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]  # the demo's ids 0, 1, 2
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The demo tokenizer's special ids: <|endoftext|> = 0 (eos / pad), <|im_end|> = 2.
 EOS_IDS = [2, 0]
@@ -148,51 +152,31 @@ def write_config(shape: Shape, out: Path) -> None:
         pad_token_id=PAD_ID, architectures=["LlamaForCausalLM"], dtype="bfloat16",
     )
     cfg.save_pretrained(out)
+    write_generation_config(out)
+
+
+def write_generation_config(out: Path) -> None:
     gen = {"bos_token_id": None, "eos_token_id": EOS_IDS, "pad_token_id": PAD_ID, "do_sample": False,
            "max_new_tokens": 256}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def write_tokenizer(out: Path, vocab_size: int, max_len: int, kind: str) -> None:
-    if kind == "demo":
-        copy_demo_tokenizer(out, max_len)
-    else:
-        write_word_tokenizer(out, vocab_size, max_len)
-
-
-def copy_demo_tokenizer(out: Path, max_len: int) -> None:
-    """The demo tokenizer as it is (4,096 ids). With a larger vocabulary, ids past 4,095 decode to ""
-    and a streamed response carries almost no text: use the word tokenizer for serving benchmarks."""
-    for name in TOKENIZER_FILES:
-        shutil.copy(DEMO_TOKENIZER / name, out / name)
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model_max_length"] = max_len
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def write_word_tokenizer(out: Path, vocab_size: int, max_len: int) -> None:
-    """A word-level tokenizer with exactly `vocab_size` ids, the demo's special tokens (same ids) and
-    chat template: every id decodes to a visible word, so each streamed token is an SSE chunk, and
-    text of N random words is N tokens. Its decode is cheaper than a 128k byte-level BPE's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, "user", "assistant", "system"])}
-    for word in synthetic_words():
-        if len(vocab) >= vocab_size:
-            break
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    demo = json.loads((DEMO_TOKENIZER / "tokenizer_config.json").read_text())
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0], unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[1:3], model_max_length=max_len, padding_side="left",
-    )
-    fast.chat_template = demo["chat_template"]
-    fast.save_pretrained(str(out))
+def build_family(args: argparse.Namespace, out: Path, device: torch.device) -> int:
+    """A family shape: its NF4 folder written directly (no bf16 folder, no adapters)."""
+    shape = FAMILY_SHAPES[args.shape]
+    cfg = hf_config(shape, args.layers, args.vocab_size)
+    # The word tokenizer's special ids (as the Llama shapes): no BOS, <|im_end|> / <|endoftext|> end a turn.
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = None, EOS_IDS[-1], PAD_ID
+    start = time.perf_counter()
+    layers = f"{cfg.num_hidden_layers} of {shape.layers} layers" if args.layers else f"{shape.layers} layers"
+    print(f"{args.shape} ({shape.source}, {layers}) -> {out}", file=sys.stderr, flush=True)
+    n_params = write_nf4_checkpoint(cfg, shape.skip_modules, out, device, args.seed, args.std, args.shard_gb,
+                                    nf4_experts=args.moe_experts == "nf4")
+    write_generation_config(out)
+    write_tokenizer(out, cfg.vocab_size, min(cfg.max_position_embeddings, 131072), args.tokenizer)
+    print(f"NF4 checkpoint of {n_params / 1e9:.2f}B params written in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr, flush=True)
+    return 0
 
 
 def quantize_bnb(src: Path, dst: Path, device: torch.device) -> None:
@@ -236,8 +220,14 @@ def write_lora(shape: Shape, base: Path, dst: Path, rank: int, alpha: int, seed:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--out", type=Path, required=True, help="folder for the bf16 checkpoint")
+    p.add_argument("--shape", choices=sorted([*SHAPES, *FAMILY_SHAPES]), required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the bf16 checkpoint (a family shape: for its NF4 checkpoint)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="family shapes: keep only the first N decoder layers (a big MoE measured on fewer layers)")
+    p.add_argument("--moe-experts", choices=["nf4", "bf16"], default="nf4",
+                   help="MoE family shapes: nf4 writes one 4-bit linear per expert (Unsloth's -bnb-4bit uploads); "
+                        "bf16 keeps the experts 16-bit as 3-D tensors (what transformers + bitsandbytes write)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where random numbers are drawn (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -262,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shape = SHAPES[args.shape]
+    shape = SHAPES.get(args.shape) or SHAPES["tiny"]  # (a family shape goes to build_family below)
     if args.vocab_size:
         shape = replace(shape, vocab=args.vocab_size)
     out: Path = args.out
@@ -273,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
         stale.unlink()  # shards of an earlier shape would otherwise mix with the new index
     device = torch.device(args.device)
+    if args.shape in FAMILY_SHAPES:
+        if args.lora:
+            print("error: --lora is for the Llama shapes only", file=sys.stderr)
+            return 2
+        return build_family(args, out, device)
+    if args.layers:
+        shape = replace(shape, layers=args.layers)
     start = time.perf_counter()
     n_params = sum(_numel(d) for _, d in tensor_specs(shape))
     print(f"{args.shape}: {n_params / 1e9:.2f}B params -> {out}", file=sys.stderr, flush=True)
