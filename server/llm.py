@@ -5,15 +5,29 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from server.adapters import AdapterRegistry
 from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
+from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, TokenLogprob
 from server.loader import DEMO_MODEL
+from server.vision_processor import VisionProcessor, open_image
+
+
+class ImagePrompt(TypedDict):
+    """A prompt with images (image-text models): text or token ids holding one image placeholder
+    (Qwen2.5-VL: <|image_pad|>) per image, in order; images as PIL images or encoded bytes."""
+
+    prompt: NotRequired[str]
+    prompt_token_ids: NotRequired[list[int]]
+    images: list[Any]
+
+
+Prompt = str | list[int] | ImagePrompt
 
 
 @dataclass(slots=True)
@@ -45,6 +59,7 @@ class LLM:
             adapter = self.adapters.register(name, path)
             self.tokenizers.put(adapter.adapter_id, self.tokenizers.prepare(path, name))
         self._ids = itertools.count()
+        self.vision = VisionProcessor.from_folder(loaded.folder)
 
     def tokenizer_of(self, adapter: str | None = None) -> Any:
         """The tokenizer (and chat template) of the base model, or of an adapter that has its own."""
@@ -55,14 +70,29 @@ class LLM:
             return list(self.tokenizer_of(adapter).encode(prompt, add_special_tokens=True))
         return list(prompt)
 
+    def encode_prompt(self, prompt: Prompt, adapter: str | None = None) -> tuple[list[int], MultiModalInputs | None]:
+        """Token ids and, for an ImagePrompt, the images' engine inputs (its placeholders expanded)."""
+        if not isinstance(prompt, dict):
+            return self.encode(prompt, adapter), None
+        text = prompt.get("prompt")
+        ids = self.encode(text if text is not None else prompt.get("prompt_token_ids", []), adapter)
+        images = prompt.get("images") or []
+        if not images:
+            return ids, None
+        if self.vision is None:
+            raise ValueError("this model takes text only; images need an image-text model (such as Qwen2.5-VL)")
+        return self.vision.expand(ids, [open_image(image, self.vision.limits, f"images[{i}]")
+                                        for i, image in enumerate(images)])
+
     def generate(
         self,
-        prompts: str | list[int] | list[str] | list[list[int]],
+        prompts: Prompt | list[str] | list[list[int]] | list[ImagePrompt],
         params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | list[str | None] | None = None,
     ) -> list[GenerationOutput]:
         """Run every prompt to completion in one continuous batch; outputs in prompt order."""
-        batch: list = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        one = not isinstance(prompts, list) or bool(prompts and isinstance(prompts[0], int))
+        batch: list[Any] = [prompts] if one else list(prompts)  # type: ignore[arg-type]
         n = len(batch)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapter_list = adapter if isinstance(adapter, list) else [adapter] * n
@@ -73,8 +103,8 @@ class LLM:
             request_id = f"offline-{next(self._ids)}"
             adapter_id = self.adapter_id(name)
             model = self.tokenizers.of(adapter_id)
-            token_ids = self.encode(prompt, name)
-            self.engine.add_request(request_id, token_ids, p, adapter_id, model.eos_token_ids)
+            token_ids, mm = self.encode_prompt(prompt, name)
+            self.engine.add_request(request_id, token_ids, p, adapter_id, model.eos_token_ids, mm)
             results[request_id] = GenerationOutput(token_ids)
             tokenizers[request_id] = model.tokenizer
             order.append(request_id)

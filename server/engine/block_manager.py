@@ -22,8 +22,16 @@ class Block:
     token_ids: tuple[int, ...] = field(default_factory=tuple)  # kept to rule out hash collisions
 
 
-def block_hash(parent: int | None, adapter_id: int, token_ids: tuple[int, ...], long_prompt: bool = False) -> int:
-    return hash((parent, adapter_id, token_ids, long_prompt) if long_prompt else (parent, adapter_id, token_ids))
+def block_hash(parent: int | None, adapter_id: int, token_ids: tuple[int, ...], long_prompt: bool = False,
+               images: tuple[str, ...] = ()) -> int:
+    """`images`: hashes of the images whose placeholder tokens the block holds (their ids alone are
+    the same for every image)."""
+    key = (parent, adapter_id, token_ids, long_prompt) if long_prompt else (parent, adapter_id, token_ids)
+    return hash((*key, images) if images else key)
+
+
+def _images_in(seq: Sequence, start: int, end: int) -> tuple[str, ...]:
+    return seq.mm.salt(start, end) if seq.mm is not None else ()
 
 
 class BlockManager:
@@ -69,7 +77,7 @@ class BlockManager:
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq))
+            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq), _images_in(seq, i * bs, (i + 1) * bs))
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -122,7 +130,7 @@ class BlockManager:
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = seq.block_hashes[i - 1] if i else None
-            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq))
+            h = block_hash(parent, seq.adapter_id, tokens, self._is_long_prompt(seq), _images_in(seq, i * bs, (i + 1) * bs))
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.cached and block.hash is None:

@@ -21,6 +21,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import default_buckets
 from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
 from server.engine.lora_manager import LoRAManager
+from server.engine.mm_inputs import MultiModalInputs, check_images
 from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -283,9 +284,10 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
-        eos_token_ids: frozenset[int] | None = None,
+        eos_token_ids: frozenset[int] | None = None, mm: MultiModalInputs | None = None,
     ) -> None:
-        """`eos_token_ids`: the request's own (an adapter trained with another EOS); None: the model's."""
+        """`eos_token_ids`: the request's own (an adapter trained with another EOS); None: the model's.
+        `mm`: the prompt's images, whose placeholder tokens it holds (image-text models)."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if adapter_id and adapter_id not in self.lora_manager.adapters:
@@ -296,7 +298,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
         check_params(params, vocab)
         eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
-        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos)
+        if mm is not None:
+            check_images(self.loaded.model, mm, prompt_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos, mm=mm)
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
 

@@ -19,6 +19,7 @@ from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logpro
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
+from server.engine.vision_inputs import VisionInputs
 from server.models.layers import StepMetadata, fuse_quantized_projections
 from server.models.per_adapter import AdapterStep
 from server.models.weights import CausalLM
@@ -84,6 +85,8 @@ class ModelRunner:
         # Adapters' own embed_tokens / lm_head / norms (modules_to_save), on the device while in a slot
         self.slot_modules = SlotModuleTable(model, dtype, device)
         self.sampler = Sampler(device)
+        # Image-text models: the vision encoder's cache and each step's M-RoPE positions
+        self.vision = VisionInputs(model, device) if getattr(model, "is_vision", False) else None  # type: ignore[arg-type]
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
         # Sampled tokens come back through pinned buffers and events: waiting on an event lets go
@@ -137,9 +140,11 @@ class ModelRunner:
         prompt_spans: list[tuple[int, int, int]] = []
         prompt_index: list[int] = []
         prompt_targets: list[int] = []
+        starts: list[int] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_tokens if ahead else seq.num_computed_tokens
+            starts.append(start)
             end = start + n
             input_ids.extend(seq.token_ids[start:end])  # nothing when ahead: that id is on the device
             positions.extend(self._rope_rows(seq.num_prompt_tokens, start, end))
@@ -159,6 +164,8 @@ class ModelRunner:
                 prompt_index.extend(range(first_row, first_row + scored_end - start))
                 prompt_targets.extend(seq.token_ids[start + 1 : scored_end + 1])
         meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
+        if self.vision is not None:
+            meta.vision = self.vision.step(batch.seqs, starts, batch.num_new_tokens)
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         own_modules = None
         if adapters:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
+from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 
 
@@ -58,6 +59,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -76,12 +76,13 @@ def load_checkpoint(
         raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
                          f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     # The path (native / generic / refused) comes from config.json, before any weight is read.
-    if route_of(cfg).path == "generic":
+    path = route_of(cfg).path
+    if path in ("generic", "vision"):
         from server.loader.generic import load_generic
 
         # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,
         # config) without being one of their classes: typed as them for the engine.
-        model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length))
+        model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length, path == "vision"))
     elif load_format == "unsloth":
         from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
 

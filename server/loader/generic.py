@@ -24,18 +24,23 @@ logger = logging.getLogger(__name__)
 
 
 def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_format: str,
-                 max_seq_length: int) -> GenericCausalLM:
+                 max_seq_length: int, vision: bool = False) -> GenericCausalLM:
+    """`vision`: an image-text model (server.models.vision): its language model is served as above,
+    its vision encoder keeps transformers' attention and 16-bit linears (4-bit ones become ours)."""
     start = time.perf_counter()
     if load_format == "unsloth":
         from server.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
-        hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length))
+        hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision))
     else:
-        hf = load_hf_16bit(folder, dtype, device)
+        hf = load_hf_16bit(folder, dtype, device, vision)
     check_every_tensor_loaded(folder, hf)
-    route_attention(hf)
+    # The language model's attention goes to the paged KV cache; a vision encoder's stays as it is.
+    text = getattr(hf, hf.base_model_prefix).language_model if vision else hf
+    route_attention(text)
     step = GenericStep()
-    linears = adopt_linears(hf, step, dtype, device)
+    inside = f"{hf.base_model_prefix}.language_model." if vision else f"{hf.base_model_prefix}."
+    linears = adopt_linears(hf, step, dtype, device, inside)
     for param in hf.parameters():  # the rest (embeddings, norms) in the engine's dtype, on its device
         if param.is_floating_point():
             param.data = param.data.to(device=device, dtype=dtype)
@@ -44,10 +49,15 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
             owner, _, leaf = buf_name.rpartition(".")
             hf.get_submodule(owner)._buffers[leaf] = buf.to(device)
     hf.eval()
-    inside = f"{hf.base_model_prefix}."  # adapters' projections live in the backbone (not lm_head)
+    # adapters' projections live in the backbone (not lm_head; nor, here, a vision encoder)
     targets = lora_targets({name: m for name, m in linears.items() if name.startswith(inside)})
     vocab = int(hf.get_output_embeddings().weight.shape[0])
-    model = GenericCausalLM(hf, step, targets)
+    if vision:
+        from server.models.vision import VisionCausalLM
+
+        model: GenericCausalLM = VisionCausalLM(hf, step, targets)
+    else:
+        model = GenericCausalLM(hf, step, targets)
     cfg = model.config = generic_config(model.head.config, vocab, *model.kv_layout(device))
     model.check_routing(dtype, device)
     num_4bit = sum(1 for m in linears.values() if m.is_quantized)
@@ -60,11 +70,12 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     return model
 
 
-def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
+def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device, vision: bool = False) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": device},
-                                                local_files_only=True)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return auto.from_pretrained(str(folder), dtype=dtype, device_map={"": device},  # type: ignore[no-any-return]
+                                local_files_only=True)
 
 
 def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel) -> None:
@@ -127,10 +138,11 @@ def route_attention(hf: PreTrainedModel) -> None:
                                f"{hf.config._attn_implementation!r}; it cannot use sloth-serve's paged KV cache")
 
 
-def adopt_linears(hf: PreTrainedModel, step: GenericStep, dtype: torch.dtype, device: torch.device) -> dict[str, GenericLinear]:
-    """Replace every linear of the model (4-bit or 16-bit) by ours, in place; ours by module name."""
+def adopt_linears(hf: PreTrainedModel, step: GenericStep, dtype: torch.dtype, device: torch.device,
+                  inside: str) -> dict[str, GenericLinear]:
+    """Replace the linears under `inside` (4-bit or 16-bit) and every 4-bit one by ours, in place;
+    ours by module name."""
     ours: dict[str, GenericLinear] = {}
-    inside = f"{hf.base_model_prefix}."
     for name, module in list(hf.named_modules()):
         if not name or not is_linear(module):
             continue

@@ -24,16 +24,18 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def load_hf_with_unsloth(folder: Path, max_seq_length: int) -> torch.nn.Module:
+def load_hf_with_unsloth(folder: Path, max_seq_length: int, vision: bool = False) -> torch.nn.Module:
+    """`vision`: an image-text model, loaded as Unsloth's vision notebooks do (FastVisionModel)."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from unsloth import FastLanguageModel  # imported late: it patches transformers on import
+    from unsloth import FastLanguageModel, FastVisionModel  # imported late: it patches transformers on import
 
-    model, _tokenizer = FastLanguageModel.from_pretrained(
+    fast = FastVisionModel if vision else FastLanguageModel
+    model, _tokenizer = fast.from_pretrained(
         model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
         local_files_only=True,
     )
-    FastLanguageModel.for_inference(model)
+    fast.for_inference(model)
     return model
 
 

@@ -27,13 +27,17 @@ ALIBI_TYPES = frozenset({"bloom", "mpt", "jais"})
 INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 
 
+# Image-text models served with their vision encoder (server/models/vision.py): architecture -> model_type.
+VISION_ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+
+
 class UnsupportedModel(ValueError):
     """A model no path serves; the message is one line saying why."""
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    path: str  # "native" or "generic"
+    path: str  # "native", "generic" or "vision" (the generic path with an image encoder in the prefill)
     architecture: str
     model_type: str
 
@@ -45,6 +49,8 @@ def route_of(cfg: dict[str, Any]) -> Route:
     model_type = str(cfg.get("model_type") or "")
     if arch in SUPPORTED_ARCHITECTURES:
         return Route("native", arch, model_type)
+    if arch in VISION_ARCHITECTURES:
+        return Route("vision", arch, model_type)
     reason = refusal(cfg, arch, model_type)
     if reason is not None:
         raise UnsupportedModel(reason)
@@ -123,4 +129,4 @@ def transformers_version() -> str:
 def supported_summary() -> str:
     """One line for error messages: the native families and what the generic path takes."""
     return (f"native: {', '.join(SUPPORTED_ARCHITECTURES)}; any other decoder-only causal LM that transformers "
-            f"implements runs on the generic path")
+            f"implements runs on the generic path; with images: {', '.join(VISION_ARCHITECTURES)}")

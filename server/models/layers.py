@@ -14,6 +14,7 @@ from kernels.lora import add_lora
 
 if TYPE_CHECKING:
     from kernels.nf4 import NF4Weight
+    from server.engine.vision_inputs import VisionStep
 
 
 @dataclass(slots=True)
@@ -23,6 +24,7 @@ class StepMetadata:
     attn: AttnMetadata
     lora_slots: torch.Tensor | None = None  # [T] int32 adapter slot per token, -1 for none
     active_lora_slots: list[int] | None = None  # the distinct slots used this step (host)
+    vision: VisionStep | None = None  # image-text models: image embeddings to splice, M-RoPE positions
 
 
 def fuse_quantized_projections(model: nn.Module) -> int:

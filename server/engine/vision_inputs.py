@@ -1,0 +1,133 @@
+"""What an image-text model's forward pass needs beyond token ids, built per step: M-RoPE's three
+position rows for every token, and the image embeddings of the placeholder tokens the step computes.
+Embeddings come from an LRU cache keyed by image content hash; only missing images are encoded (all
+of a step's at once), so a repeated image, or a prompt chunked over several steps, is encoded once."""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.engine.mm_inputs import ImageInput, MultiModalInputs
+from server.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from server.models.vision import VisionCausalLM
+
+ENCODER_CACHE_BYTES = 512 * 2**20  # image embeddings kept for reuse (about 50 1024x1024 images of a 7B)
+
+
+@dataclass(slots=True)
+class VisionStep:
+    positions: torch.Tensor  # [3, T] M-RoPE rows (temporal, height, width) of the step's tokens
+    rows: torch.Tensor | None  # flat-batch rows of the image placeholder tokens computed this step
+    embeds: torch.Tensor | None  # their embeddings [len(rows), hidden], in the same order
+
+
+def mrope_positions(num_prompt_tokens: int, images: tuple[ImageInput, ...], merge: int) -> tuple[torch.Tensor, int]:
+    """The prompt's [3, P] M-RoPE positions and the delta of what follows it (token p >= P sits at
+    p + delta in all three rows). Text advances one position a token; an image's tokens take its
+    (t, h, w) grid coordinates from the position where it starts, and the text after it starts past
+    the larger of its merged height and width (Qwen2.5-VL's rule)."""
+    parts: list[torch.Tensor] = []
+    pos = cursor = 0
+    for img in images:
+        text = img.offset - cursor
+        parts.append(torch.arange(text).expand(3, -1) + pos)
+        pos += text
+        t, h, w = img.grid_thw[0], img.grid_thw[1] // merge, img.grid_thw[2] // merge
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        parts.append(grid.reshape(3, -1) + pos)
+        pos += max(h, w)
+        cursor = img.offset + img.num_tokens
+    parts.append(torch.arange(num_prompt_tokens - cursor).expand(3, -1) + pos)
+    table = torch.cat(parts, dim=1)
+    return table, int(table.max()) + 1 - num_prompt_tokens
+
+
+class VisionInputs:
+    """Per engine: builds each step's VisionStep for a VisionCausalLM."""
+
+    def __init__(self, model: VisionCausalLM, device: torch.device, cache_bytes: int = ENCODER_CACHE_BYTES) -> None:
+        self.model = model
+        self.device = device
+        self.cache_bytes = cache_bytes
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # content hash -> embeddings, LRU first
+        self.cached_bytes = 0
+        self.num_encoded = 0  # images run through the encoder (tests and metrics read it)
+        self._positions: weakref.WeakKeyDictionary[MultiModalInputs, tuple[torch.Tensor, int]] = (
+            weakref.WeakKeyDictionary())
+
+    def step(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> VisionStep | None:
+        """The step's vision inputs: sequence i computes positions [starts[i], starts[i] + counts[i]).
+        None when no sequence of the step has images (plain positions then)."""
+        if all(seq.mm is None for seq in seqs):
+            return None
+        rows: list[torch.Tensor] = []
+        spans: list[tuple[ImageInput, int, int, int]] = []  # image, its rows [a, b), first flat-batch row
+        flat = 0
+        for seq, start, n in zip(seqs, starts, counts, strict=True):
+            rows.append(self._seq_positions(seq, start, start + n))
+            for img in seq.mm.images if seq.mm is not None else ():
+                lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
+                if lo < hi:
+                    spans.append((img, lo - img.offset, hi - img.offset, flat + lo - start))
+            flat += n
+        positions = torch.cat(rows, dim=1).to(self.device)
+        if not spans:
+            return VisionStep(positions, None, None)
+        embeds = self._embeddings([img for img, _, _, _ in spans])
+        parts = torch.cat([embeds[img.content_hash][a:b] for img, a, b, _ in spans])
+        index = torch.cat([torch.arange(row, row + b - a) for _, a, b, row in spans]).to(self.device)
+        return VisionStep(positions, index, parts)
+
+    def _seq_positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        if seq.mm is None:
+            return torch.arange(start, end).expand(3, -1)
+        known = self._positions.get(seq.mm)
+        if known is None:
+            known = self._positions[seq.mm] = mrope_positions(seq.num_prompt_tokens, seq.mm.images,
+                                                              self.model.spatial_merge_size)
+        table, delta = known
+        prompt = table[:, start : min(end, seq.num_prompt_tokens)]
+        after = torch.arange(max(start, seq.num_prompt_tokens), max(end, seq.num_prompt_tokens)).expand(3, -1) + delta
+        return torch.cat([prompt, after], dim=1)
+
+    def _embeddings(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
+        """Embeddings of each distinct image, from the cache or encoded now (missing ones together)."""
+        out: dict[str, torch.Tensor] = {}
+        missing: dict[str, ImageInput] = {}
+        for img in images:
+            if img.content_hash in out or img.content_hash in missing:
+                continue
+            hit = self.cache.get(img.content_hash)
+            if hit is not None:
+                self.cache.move_to_end(img.content_hash)
+                out[img.content_hash] = hit
+            else:
+                missing[img.content_hash] = img
+        if missing:
+            todo = list(missing.values())
+            encoded = self.model.encode_images([i.pixel_values for i in todo], [i.grid_thw for i in todo])
+            self.num_encoded += len(todo)
+            for img, emb in zip(todo, encoded, strict=True):
+                if emb.shape[0] != img.num_tokens:
+                    raise ValueError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
+                                     f"{img.num_tokens} placeholder tokens")
+                out[img.content_hash] = emb
+                self._remember(img.content_hash, emb)
+        return out
+
+    def _remember(self, key: str, emb: torch.Tensor) -> None:
+        size = emb.numel() * emb.element_size()
+        if size > self.cache_bytes:
+            return
+        self.cache[key] = emb
+        self.cached_bytes += size
+        while self.cached_bytes > self.cache_bytes:
+            _, old = self.cache.popitem(last=False)
+            self.cached_bytes -= old.numel() * old.element_size()

@@ -1,0 +1,64 @@
+"""Image-text models (Qwen2.5-VL): the language model runs on the generic path (paged KV cache, our
+NF4 linears and multi-LoRA), the checkpoint's own 16-bit vision encoder runs in the prefill, and its
+embeddings replace the image placeholder tokens' before the first layer. Positions are M-RoPE's
+three rows (temporal, height, width), computed per sequence by server.engine.vision_inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from server.models.generic import GenericCausalLM, GenericStep
+from server.models.generic_linear import GenericLinear, SliceGroup
+from server.models.layers import StepMetadata
+from server.models.per_adapter import AdapterStep
+
+
+class VisionCausalLM(GenericCausalLM):
+    """GenericCausalLM plus `encode_images` and image embeddings / 3-D positions read from
+    `meta.vision` (a server.engine.vision_inputs.VisionStep) in the forward pass."""
+
+    is_vision = True
+
+    def __init__(self, hf: PreTrainedModel, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
+        super().__init__(hf, step, lora)
+        self.visual = self.backbone.visual
+        self.text = self.backbone.language_model
+        cfg = hf.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.spatial_merge_size = int(cfg.vision_config.spatial_merge_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:
+        if adapters is not None:
+            raise ValueError("adapters with their own embed_tokens / lm_head / norms are served on native families only")
+        embeds = self.text.embed_tokens(input_ids)
+        vision = meta.vision
+        if vision is not None and vision.rows is not None and vision.embeds is not None:
+            embeds = embeds.index_copy(0, vision.rows, vision.embeds.to(embeds.dtype))
+        # Text-only tokens have the same position in all three rows.
+        rows = vision.positions if vision is not None else positions.unsqueeze(0).expand(3, -1)
+        step = self.step
+        step.meta, step.kv_caches = meta, kv_caches
+        step.layers_called.clear()
+        try:
+            out = self.text(inputs_embeds=embeds.unsqueeze(0), position_ids=rows.unsqueeze(1), use_cache=False)
+        finally:
+            step.meta, step.kv_caches = None, None
+        return out.last_hidden_state[0]  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Each image's embeddings [its placeholder tokens, hidden], all images in one encoder pass."""
+        device = self.text.embed_tokens.weight.device
+        dtype = next(self.visual.parameters()).dtype
+        pixels = torch.cat([p.to(device=device, dtype=dtype) for p in pixel_values])
+        grid = torch.tensor(grids, dtype=torch.long, device=device)
+        out: Any = self.backbone.get_image_features(pixels, grid)
+        return list(out.pooler_output)
+
+    def num_image_tokens(self, grid: tuple[int, int, int]) -> int:
+        t, h, w = grid
+        return t * h * w // self.spatial_merge_size**2

@@ -1,0 +1,91 @@
+"""Image-text models through the offline LLM: a tiny random Qwen2.5-VL gives transformers' greedy
+tokens for prompts with images (two images of different sizes in one prompt, prefill chunked across
+an image, text-only requests in the same batch); different images give different outputs; a repeated
+image is served from the encoder cache and the prefix cache, a different image never from the latter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image
+
+from server.engine.sampling_params import SamplingParams
+from server.llm import LLM
+from server.vision_processor import ImageError
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Any]:
+    folder, hf = make_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model")
+    # 16 tokens a step: a prompt's image placeholders are split across prefill chunks
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=16)
+    return llm, hf
+
+
+def chat(llm: LLM, num_images: int, question: str) -> str:
+    content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": question})
+    return str(llm.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True))
+
+
+def test_images_give_transformers_greedy_tokens(served: tuple[LLM, Any]) -> None:
+    llm, hf = served
+    two = [random_image(1, 30, 20), random_image(2, 17, 33)]
+    one = [random_image(3, 32, 32)]
+    prompts: list[Any] = [
+        {"prompt": chat(llm, 2, "Compare the two pictures."), "images": two},
+        chat(llm, 0, "No picture here."),
+        {"prompt": chat(llm, 1, "What is this?"), "images": one},
+    ]
+    outs = llm.generate(prompts, GREEDY)
+    ids_two, mm = llm.encode_prompt(prompts[0])
+    assert mm is not None and [img.num_tokens for img in mm.images] == [8, 8]
+    assert outs[0].prompt_token_ids == ids_two
+    assert outs[0].token_ids == hf_greedy(hf, ids_two, two)
+    assert outs[1].token_ids == hf_greedy(hf, llm.encode(prompts[1]), [])
+    assert outs[2].token_ids == hf_greedy(hf, outs[2].prompt_token_ids, one)
+
+
+def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    vision = llm.engine.runner.vision
+    assert vision is not None
+    text = chat(llm, 1, "Describe the colours in this image, please, in some detail.")
+    first = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    encoded = vision.num_encoded
+    other = llm.generate({"prompt": text, "images": [random_image(11)]}, GREEDY)[0]
+    # Same token ids, another image: a different answer, and nothing of the image's blocks reused.
+    assert other.prompt_token_ids == first.prompt_token_ids
+    assert other.token_ids != first.token_ids
+    offset = llm.encode_prompt({"prompt": text, "images": [random_image(11)]})[1].images[0].offset  # type: ignore[union-attr]
+    assert other.num_cached_tokens <= offset
+    assert vision.num_encoded == encoded + 1
+    again = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    assert again.token_ids == first.token_ids
+    assert again.num_cached_tokens > offset  # the image's blocks came from the prefix cache
+    assert vision.num_encoded == encoded + 1
+
+
+def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    text = chat(llm, 1, "What is it?")
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        llm.generate({"prompt": text, "images": [random_image(1), random_image(2)]}, GREEDY)
+    with pytest.raises(ImageError, match="could not be decoded"):
+        llm.generate({"prompt": text, "images": [b"not an image"]}, GREEDY)
+    with pytest.raises(ImageError, match="pixels"):
+        llm.generate({"prompt": text, "images": [random_image(1, 5000, 4000)]}, GREEDY)
+
+
+def test_text_model_refuses_images(tmp_path: Path) -> None:
+    from server.loader import DEMO_MODEL
+
+    llm = LLM(DEMO_MODEL, load_format="safetensors", dtype="float32", num_kv_blocks=16)
+    with pytest.raises(ValueError, match="text only"):
+        llm.generate({"prompt": "hi", "images": [random_image(1)]}, GREEDY)

@@ -1,0 +1,87 @@
+"""Tiny random Qwen2.5-VL folders for the vision tests: a 2-layer language model (hidden 64) and a
+2-block vision encoder (4-pixel patches, 2x2 merge), the demo tokenizer with Qwen's three vision
+tokens added, a ChatML template that renders image parts, and a small image processor config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from server.loader import DEMO_MODEL
+
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MAX_TOKENS = 8
+
+
+def make_qwen2_5_vl(folder: Path) -> tuple[Path, Qwen2_5_VLForConditionalGeneration]:
+    """The folder (weights, tokenizer, template, image processor) and transformers' model (eager)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.chat_template = TEMPLATE
+    start, pad, end = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         eos_token_id=2, pad_token_id=0, bos_token_id=1, initializer_range=0.3),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
+                           fullatt_block_indexes=[1], initializer_range=0.3),
+        image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end, video_token_id=len(tokenizer) + 7,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # random biases and norms so that those code paths matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor(folder)
+    return folder, model
+
+
+def image_processor(folder: Path | None = None) -> Qwen2VLImageProcessorPil:
+    """Images resized to 64-1024 pixels' area in 8-pixel steps: 4 to 16 placeholder tokens each."""
+    processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8,
+                                         max_pixels=32 * 32)
+    if folder is not None:
+        processor.save_pretrained(folder)
+    return processor
+
+
+def random_image(seed: int, width: int = 30, height: int = 20) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def hf_greedy(model: Any, token_ids: list[int], images: list[Image.Image], max_tokens: int = MAX_TOKENS) -> list[int]:
+    """transformers' greedy tokens for a prompt whose placeholders are already expanded."""
+    ids = torch.tensor([token_ids])
+    kwargs: dict[str, Any] = {}
+    if images:
+        batch = image_processor()(images=images, return_tensors="pt")
+        kwargs = dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                      mm_token_type_ids=(ids == model.config.image_token_id).int())
+    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
+    return out[0, len(token_ids):].tolist()  # type: ignore[no-any-return]
+
+
+def copy_demo_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO_MODEL / name, folder / name)
