@@ -5,7 +5,9 @@ step writes its K/V at flat slot `slot_mapping[t]` (block * block_size + offset)
 queries `query_start_loc[b]:query_start_loc[b+1]`, which are its last positions out of
 `seq_lens[b]`; its keys are read through `block_tables[b]`. A negative slot writes nothing.
 Options per layer: a sliding window (keys less than `sliding_window` positions back) and Gemma 2's
-score soft-capping (`softcap`: scores become softcap * tanh(scores / softcap) before the mask).
+score soft-capping (`softcap`: scores become softcap * tanh(scores / softcap) before the mask), and
+gpt-oss's attention sinks (`sinks` [Hq]: a learned logit per head that joins the softmax's
+denominator and attends to nothing, so a head may put less than all its weight on the keys).
 Dispatch: Triton (`triton_attention`) on CUDA tensors, the PyTorch references elsewhere.
 """
 
@@ -53,6 +55,7 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached keys; q [T, Hq, D] -> [T, Hq, D]."""
     out = torch.empty_like(q)
@@ -78,7 +81,13 @@ def paged_attention_ref(
         if sliding_window is not None:
             masked |= k_pos <= q_pos - sliding_window
         scores.masked_fill_(masked, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:  # one more column per head, dropped after the softmax (transformers' order)
+            sink = sinks.float().view(-1, 1, 1).expand(-1, q_len, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+            scores = scores - scores.amax(dim=-1, keepdim=True)
+            probs = torch.softmax(scores, dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
     return out
 
@@ -102,6 +111,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. On CUDA no host sync: the kernels read the device tensors and
     use only meta's host ints (max_query_len) and tensor shapes for their grids."""
@@ -110,6 +120,6 @@ def paged_attention(
 
         return paged_attention_triton(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale, sliding_window, meta.num_decodes, softcap=softcap,
+            meta.max_query_len, scale, sliding_window, meta.num_decodes, softcap=softcap, sinks=sinks,
         )
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap, sinks)

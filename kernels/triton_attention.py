@@ -5,7 +5,9 @@ One kernel serves prefill, chunked prefill and decode: a program takes a tile of
 sequence's keys in BLOCK_N tiles gathered through the block table, with an online softmax. Decode
 steps (one query per sequence) may split the keys over programs (flash-decoding) and merge the
 partial results in a second kernel. Grids depend on host ints and tensor shapes only. Gemma 2's
-score soft-capping is a constexpr variant (SOFTCAP): the others compile exactly as without it.
+score soft-capping is a constexpr variant (SOFTCAP), and so are gpt-oss's attention sinks (SINKS: a
+per-head logit added to the softmax's denominator once, after the last key tile or in the merge of the
+splits): the others compile exactly as without them.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def _attend_tile(
 # 16-byte aligned, which its vector loads and cp.async pipelining need).
 @triton.jit(do_not_specialize=["num_seqs", "q_base", "num_splits", "window", "stride_bt"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, sinks_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, q_base, num_splits, scale_log2, softcap_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -136,7 +138,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     if not DECODE:  # the last q blocks of a sequence see the most keys: start them first
@@ -212,6 +214,12 @@ def _paged_attention_kernel(
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
     else:
+        if SINKS:  # the sink's logit (natural units: log2 here) joins the denominator, attending to nothing
+            sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_f = tl.maximum(m_i, sink)
+            rescale = tl.exp2(m_i - m_f)
+            acc = acc * rescale[:, None]
+            l_i = l_i * rescale + tl.exp2(sink - m_f)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(out_ptr + o_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty),
@@ -220,8 +228,8 @@ def _paged_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    part_acc_ptr, part_ml_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_acc_ptr, part_ml_ptr, out_ptr, sinks_ptr, num_heads, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -234,8 +242,13 @@ def _merge_splits_kernel(
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + cols[None, :],
                   mask=s_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
     m_max = tl.max(m, axis=0)
+    sink_term = 0.0
+    if SINKS:  # once per (token, head), not per split
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
+        sink_term = tl.exp2(sink - m_max)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
-    denom = tl.sum(l_s * w, axis=0)
+    denom = tl.sum(l_s * w, axis=0) + sink_term
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)  # padded rows: 0
     tl.store(out_ptr + t * stride_ot + h * stride_oh + cols, out.to(out_ptr.dtype.element_ty), mask=cols < HEAD_DIM)
 
@@ -274,19 +287,21 @@ def paged_attention_triton(
     sliding_window: int | None = None,
     num_decodes: int = 0,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     **tiles: int,
 ) -> torch.Tensor:
     """q [T, Hq, D] (strided view allowed) -> [T, Hq, D]. `max_query_len` == 1 takes the decode
     path. With 0 < num_decodes < batch, the first num_decodes sequences (one query token each) take
     the decode kernel and the rest the prefill kernel. `softcap`: scores become softcap *
-    tanh(scores / softcap) (Gemma 2). `tiles` overrides tile choices (block_m, block_n, num_warps,
-    num_stages, num_splits, programs_per_sm) for benchmarks and tests."""
+    tanh(scores / softcap) (Gemma 2). `sinks` [Hq]: each head's sink logit (gpt-oss). `tiles`
+    overrides tile choices (block_m, block_n, num_warps, num_stages, num_splits, programs_per_sm) for
+    benchmarks and tests."""
     num_tokens, num_heads, head_dim = q.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     assert num_heads % k_cache.shape[2] == 0, f"{num_heads} q heads do not split into {k_cache.shape[2]} kv heads"
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     batch = block_tables.shape[0]
-    args = (q, k_cache, v_cache, out, scale, sliding_window, softcap)
+    args = (q, k_cache, v_cache, out, scale, sliding_window, softcap, sinks)
     if max_query_len == 1:
         _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles)
     elif 0 < num_decodes < batch:
@@ -300,7 +315,8 @@ def paged_attention_triton(
 
 def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, scale: float,
-    sliding_window: int | None, softcap: float | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     batch: int, num_tokens: int, q_base: int, max_query_len: int, tiles: dict[str, int],
 ) -> None:
@@ -342,8 +358,9 @@ def _launch(
     # scores over the cap (tanh's argument), which the kernel then scales by cap * log2(e).
     scale_log2, softcap_log2 = (scale * LOG2E, 0.0) if softcap is None else (scale / softcap, softcap * LOG2E)
     extra = {"num_stages": tiles["num_stages"]} if "num_stages" in tiles else {}
+    sinks_arg = out if sinks is None else sinks  # unread unless SINKS
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml,
+        q, k_cache, v_cache, out, part_acc, part_ml, sinks_arg,
         block_tables, seq_lens, query_start_loc,
         batch, q_base, num_splits, scale_log2, softcap_log2, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -353,14 +370,14 @@ def _launch(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DECODE=decode, SPLIT=split, SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32)
-        SOFTCAP=softcap is not None,
+        SOFTCAP=softcap is not None, SINKS=sinks is not None,
         num_warps=tiles.get("num_warps", 8 if block_m >= 128 else 4), **extra,
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_acc, part_ml, out, num_heads, num_splits, out.stride(0), out.stride(1),
+            part_acc, part_ml, out, sinks_arg, num_heads, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
-            BLOCK_S=_pow2(num_splits), num_warps=4 if head_dim >= 128 else 2,
+            BLOCK_S=_pow2(num_splits), SINKS=sinks is not None, num_warps=4 if head_dim >= 128 else 2,
         )
 
 
@@ -368,6 +385,7 @@ def compile_variants(
     num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, block: int, max_keys: int,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> int:
     """Launch, once, every kernel variant the dispatcher above can pick for these head counts, on one
     sequence whose block table points at `block` (only read). Triton compiles a variant the first
@@ -387,7 +405,7 @@ def compile_variants(
         seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
         starts = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, starts, num_tokens, 1.0, sliding_window,
-                               softcap=softcap, **tiles)
+                               softcap=softcap, sinks=sinks, **tiles)
         launches += 1
 
     most_splits = max(decode_num_splits(1, num_kv_heads, max_keys, n, device) for n in (32, 64, 128))
