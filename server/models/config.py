@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
+from server.models.gpt_oss_config import gpt_oss_fields
 from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
 from server.models.rope_config import parse_rope
@@ -24,6 +25,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
     "MixtralForCausalLM": "mixtral",
+    "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
 }
 
 
@@ -64,6 +66,10 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
+    # gpt-oss (server/models/gpt_oss_config.py):
+    o_bias: bool = False  # o_proj has a bias
+    attn_sinks: bool = False  # a learned per-head logit joins each softmax's denominator (`self_attn.sinks`)
+    swiglu_limit: float = 0.0  # gpt-oss experts clamp gate (above) and up (both sides) to this (0: not gpt-oss)
 
     @property
     def rotary_dim(self) -> int:
@@ -92,6 +98,8 @@ class ModelConfig:
             return cls(**gemma_fields(cfg, family, archs[0]))
         if family == "phi3":
             return cls(**phi3_fields(cfg))
+        if family == "gpt_oss":
+            return cls(**gpt_oss_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family in ("mistral", "mixtral") or cfg.get("use_sliding_window") else None

@@ -1,5 +1,6 @@
-"""Our forward pass for the Llama family (llama, mistral, qwen2, qwen3, phi3) over a flat batch of tokens
-from many sequences, reading and writing the paged KV cache."""
+"""Our forward pass for the Llama family (llama, mistral, qwen2, qwen3, phi3, and the attention of
+gpt-oss: per-layer sliding windows, an o_proj bias, attention sinks) over a flat batch of tokens from
+many sequences, reading and writing the paged KV cache."""
 
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str = "") -> None:
+    def __init__(self, cfg: ModelConfig, prefix: str = "", index: int = 0) -> None:
         super().__init__()
         self.prefix = prefix  # the module's name, which adapters' own q_norm / k_norm weights go by
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.layer_windows[index] if cfg.layer_windows is not None else cfg.sliding_window
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = LoRALinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias)
-        self.o_proj = LoRALinear(q_size, [cfg.hidden_size])
+        self.o_proj = LoRALinear(q_size, [cfg.hidden_size], bias=cfg.o_bias)
+        # gpt-oss: each head's sink logit (kernels.attention); a checkpoint tensor like any weight.
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attn_sinks else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.eps = cfg.rms_norm_eps
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, positions, *rope)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.attn.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta.attn, self.scale, self.sliding_window)
+        o = paged_attention(q, k_cache, v_cache, meta.attn, self.scale, self.sliding_window, sinks=self.sinks)
         return self.o_proj(o.flatten(1), meta)
 
 
@@ -83,7 +86,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.prefix = f"model.layers.{index}"
-        self.self_attn = Attention(cfg, f"{self.prefix}.self_attn")
+        self.self_attn = Attention(cfg, f"{self.prefix}.self_attn", index)
         self.mlp: MLP | SparseMoeBlock = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -110,19 +113,21 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_class: type[nn.Module] = DecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer  # a family with its own decoder layer (gpt-oss) names it
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, self.layer_class)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)

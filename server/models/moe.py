@@ -25,12 +25,17 @@ PARTS = ("gate", "up", "down")
 # and the fused 3-D parameters transformers 5 holds in memory (what an Unsloth-loaded model yields).
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+# gpt-oss: expert biases (3-D layout), Unsloth's 16-bit 2-D views (`.weight`) and its 4-bit per-expert
+# linears (`gate_up_projs.{e}.weight` / `.bias`).
+_GPT_OSS_FUSED = re.compile(r"^(.*\.experts)\.(gate_up|down)_proj(_bias|\.weight)$")
+_GPT_OSS_PER_EXPERT = re.compile(r"^(.*\.experts)\.(gate_up|down)_projs\.(\d+)\.(weight|bias)$")
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
 def moe_checkpoint_name(name: str) -> str:
-    """Mixtral's checkpoints call the sparse MLP `block_sparse_moe`; transformers and we call it `mlp`."""
-    return name.replace(".block_sparse_moe.", ".mlp.")
+    """Mixtral's checkpoints call the sparse MLP `block_sparse_moe`; transformers and we call it `mlp`.
+    Unsloth's gpt-oss keeps the router's weight and bias in a `router.linear` submodule."""
+    return name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.linear.", ".mlp.router.")
 
 
 def expert_target(name: str) -> tuple[str, str, int | None] | None:
@@ -43,6 +48,12 @@ def expert_target(name: str) -> tuple[str, str, int | None] | None:
     m = _FUSED.match(name)
     if m:
         return m.group(1), "gate_up" if m.group(2) == "gate_up_proj" else "down", None
+    m = _GPT_OSS_FUSED.match(name)
+    if m:
+        return m.group(1), m.group(2) + ("_bias" if m.group(3) == "_bias" else ""), None
+    m = _GPT_OSS_PER_EXPERT.match(name)
+    if m:
+        return m.group(1), m.group(2) + ("_bias" if m.group(4) == "bias" else ""), int(m.group(3))
     return None
 
 

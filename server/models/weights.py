@@ -16,6 +16,7 @@ from kernels.rope import rope_tables
 from server.models.config import ModelConfig
 from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
+from server.models.gpt_oss import GptOssForCausalLM
 from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
 from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
@@ -204,7 +205,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
                 dtype: torch.dtype, device: torch.device) -> CausalLM:
     model: CausalLM
     with torch.device("meta"):
-        model = GemmaForCausalLM(cfg) if cfg.family in GEMMA_FAMILIES else LlamaForCausalLM(cfg)
+        model = (GemmaForCausalLM(cfg) if cfg.family in GEMMA_FAMILIES
+                 else GptOssForCausalLM(cfg) if cfg.family == "gpt_oss" else LlamaForCausalLM(cfg))
     load_weights(model, named, dtype, device)
     # Buffers built on the meta device hold nothing: recompute the rotary tables (kept in float32).
     if isinstance(model, GemmaForCausalLM):

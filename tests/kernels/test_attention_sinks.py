@@ -5,21 +5,22 @@ eager gpt-oss attention; on a GPU, the kernel equals the reference at gpt-oss-20
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from kernels.attention import paged_attention, paged_attention_ref  # noqa: E402
-from tests.kernels.test_attention import (  # noqa: E402
-    BOUND, DTYPES, check_interpreted, gpu, interpreter_main, make_batch, rel_err, run_interpreted,
+from test_attention import (
+    BOUND,
+    DTYPES,
+    check_interpreted,
+    gpu,
+    interpreter_main,
+    make_batch,
+    rel_err,
+    run_interpreted,
 )
+
+from kernels.attention import paged_attention, paged_attention_ref
 
 
 def sinks_case(q_lens: list[int], seq_lens: list[int], heads: tuple[int, int], head_dim: int, block_size: int,

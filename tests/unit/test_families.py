@@ -20,6 +20,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
 @pytest.mark.parametrize("arch, model_type, path", [
     ("LlamaForCausalLM", "llama", "native"),
     ("LlamaForCausalLM", "exaone", "native"),  # the architecture decides, not the model type
+    ("GptOssForCausalLM", "gpt_oss", "native"),  # attention sinks: our kernels, not the generic path's
     ("CohereForCausalLM", "cohere", "generic"),
     ("StableLmForCausalLM", "stablelm", "generic"),
     ("GraniteForCausalLM", "granite", "generic"),
@@ -44,7 +45,6 @@ def test_route(arch: str, model_type: str, path: str) -> None:
     (cfg("LlavaForConditionalGeneration", "llava"), "a multimodal model"),
     (cfg("BloomForCausalLM", "bloom"), "ALiBi"),
     (cfg("FalconForCausalLM", "falcon", alibi=True), "ALiBi"),
-    (cfg("GptOssForCausalLM", "gpt_oss"), "attention sinks"),
     (cfg("DeepseekV3ForCausalLM", "deepseek_v3", kv_lora_rank=512), "multi-head latent attention"),
     (cfg("CohereForCausalLM", "cohere", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
     (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
