@@ -3,14 +3,20 @@
 requests draw the same tokens whichever implementation runs.
 
 Dispatch: Triton (`triton_sampling`, no sort: thresholds found by bisection over the row) on CUDA
-when asked for (`use_triton`, the server's `--sampler triton`) and once `triton_sampling.verified`
-has checked it against this reference on the device; the PyTorch reference otherwise. Penalties,
-logit bias and grammar masks are applied to the logits before.
+when asked for (`use_triton`, the server's `--sampler triton`) and once `verified` has checked it
+against this reference on the device; the PyTorch reference otherwise, and for good once the kernel
+fails while serving. triton is imported on that path only: it is an optional extra, absent on CPU
+installs. Penalties, logit bias and grammar masks are applied to the logits before.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
+_VERIFIED: dict[torch.device, bool] = {}  # per device: whether the Triton kernel may serve
 
 
 def sample_ref(
@@ -50,12 +56,52 @@ def sample(
     min_p: torch.Tensor, q: torch.Tensor, cut: bool | None = None, floor: bool | None = None,
     use_triton: bool = False,
 ) -> torch.Tensor:
-    if use_triton and logits.is_cuda:
-        from kernels import triton_sampling
+    if use_triton and logits.is_cuda and verified(logits.device):
+        from kernels.triton_sampling import sample_triton
 
-        if triton_sampling.verified(logits.device):
-            try:
-                return triton_sampling.sample_triton(logits, temperature, top_k, top_p, min_p, q)
-            except Exception as exc:  # e.g. a compilation for a new size class: never fail the step
-                triton_sampling.disable(logits.device, exc)
+        try:
+            return sample_triton(logits, temperature, top_k, top_p, min_p, q)
+        except Exception as exc:  # e.g. a compilation for a new size class: never fail the step
+            disable(logits.device, exc)
     return sample_ref(logits, temperature, top_k, top_p, min_p, q, cut, floor)
+
+
+def verified(device: torch.device) -> bool:
+    """Whether the kernel agrees with the reference on this device, checked once on random rows with
+    every cut-off active, at a vocabulary of each size class Triton compiles apart (multiple of 16 or
+    not): the dispatch uses the reference when it does not, or when the kernel cannot run here."""
+    ok = _VERIFIED.get(device)
+    if ok is None:
+        ok = _VERIFIED[device] = _check(device)
+    return ok
+
+
+def disable(device: torch.device, exc: BaseException) -> None:
+    """The kernel failed while serving: use the reference from now on."""
+    log.warning("Triton sampler failed on %s (%s): sampling with the PyTorch reference from now on", device, exc)
+    _VERIFIED[device] = False
+
+
+def _check(device: torch.device) -> bool:
+    try:
+        from kernels.triton_sampling import sample_triton
+
+        gen = torch.Generator(device=device).manual_seed(0)
+        ok = True
+        for vocab in (5000, 5008):
+            rows = 16
+            logits = torch.randn(rows, vocab, device=device, generator=gen) * 3
+            logits[1, 100:] = float("-inf")
+            q = torch.empty(rows, vocab, device=device).exponential_(generator=gen)
+            temperature = torch.linspace(0.3, 1.5, rows, device=device)
+            top_k = torch.tensor([vocab, 1, 5, 50, vocab, vocab, 40, vocab] * 2, device=device)
+            top_p = torch.tensor([1.0, 1.0, 1.0, 0.9, 0.5, 0.95, 0.8, 1.0] * 2, device=device)
+            min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.05, 0.2] * 2, device=device)
+            got = sample_triton(logits, temperature, top_k, top_p, min_p, q)
+            ok = ok and bool(torch.equal(got, sample_ref(logits, temperature, top_k, top_p, min_p, q)))
+    except Exception as exc:  # a kernel that cannot compile or run here: the reference serves
+        log.warning("Triton sampler unavailable on %s (%s): sampling with the PyTorch reference", device, exc)
+        return False
+    if not ok:
+        log.warning("Triton sampler disagrees with the reference on %s: sampling with the PyTorch reference", device)
+    return ok

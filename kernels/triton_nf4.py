@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4 import NF4_CODE, NF4Weight
+from kernels.nf4_format import NF4_CODE, NF4Weight
 from kernels.triton_nf4_config import (
     DEQUANT_MIN_ROWS,
     FMA_MAX_ROWS,

@@ -15,13 +15,9 @@ first ones in its order), and its fp32 exp is not torch's: near ties can go the 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import triton
 import triton.language as tl
-
-from kernels.sampling import sample_ref
 
 BLOCK = 1024
 
@@ -129,46 +125,3 @@ def sample_triton(
         vocab, logits.stride(0), q.stride(0), BLOCK=BLOCK, num_warps=8,
     )
     return out
-
-
-_VERIFIED: dict[torch.device, bool] = {}
-log = logging.getLogger(__name__)
-
-
-def verified(device: torch.device) -> bool:
-    """Whether the kernel agrees with the reference on this device, checked once on random rows with
-    every cut-off active, at a vocabulary of each size class Triton compiles apart (multiple of 16 or
-    not): the dispatch uses the reference when it does not, or when the kernel cannot run here."""
-    ok = _VERIFIED.get(device)
-    if ok is None:
-        ok = _VERIFIED[device] = _check(device)
-    return ok
-
-
-def disable(device: torch.device, exc: BaseException) -> None:
-    """The kernel failed while serving: use the reference from now on."""
-    log.warning("Triton sampler failed on %s (%s): sampling with the PyTorch reference from now on", device, exc)
-    _VERIFIED[device] = False
-
-
-def _check(device: torch.device) -> bool:
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        ok = True
-        for vocab in (5000, 5008):
-            rows = 16
-            logits = torch.randn(rows, vocab, device=device, generator=gen) * 3
-            logits[1, 100:] = float("-inf")
-            q = torch.empty(rows, vocab, device=device).exponential_(generator=gen)
-            temperature = torch.linspace(0.3, 1.5, rows, device=device)
-            top_k = torch.tensor([vocab, 1, 5, 50, vocab, vocab, 40, vocab] * 2, device=device)
-            top_p = torch.tensor([1.0, 1.0, 1.0, 0.9, 0.5, 0.95, 0.8, 1.0] * 2, device=device)
-            min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.05, 0.2] * 2, device=device)
-            got = sample_triton(logits, temperature, top_k, top_p, min_p, q)
-            ok = ok and bool(torch.equal(got, sample_ref(logits, temperature, top_k, top_p, min_p, q)))
-    except Exception as exc:  # a kernel that cannot compile or run here: the reference serves
-        log.warning("Triton sampler unavailable on %s (%s): sampling with the PyTorch reference", device, exc)
-        return False
-    if not ok:
-        log.warning("Triton sampler disagrees with the reference on %s: sampling with the PyTorch reference", device)
-    return ok

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from kernels.nf4 import NF4Weight
+from kernels.nf4_format import NF4Weight
 from server.models.config import ModelConfig
 from server.models.moe import expert_weight_names
 from server.models.weights import CausalLM, build_model, text_model_name

@@ -41,7 +41,8 @@ class GenericLinear(LoRALinear):
 def adopt_linear(module: nn.Module, step: GenericStep, dtype: torch.dtype, device: torch.device) -> GenericLinear:
     """Our layer holding the module's weight: bitsandbytes NF4 bytes as they are (never a dense
     copy), other 4-bit codes (FP4) dequantized, 16-bit weights moved to `dtype`."""
-    from kernels.nf4 import NF4Weight, dequantize_nf4_ref, is_nf4_code
+    from kernels.nf4 import dequantize_nf4_ref
+    from kernels.nf4_format import NF4Weight, is_nf4_code
 
     weight: torch.Tensor = module.weight  # type: ignore[assignment]  # nn.Linear's, or bitsandbytes' Params4bit
     bias = getattr(module, "bias", None)

@@ -13,7 +13,7 @@ from kernels.attention import AttnMetadata
 from kernels.lora import add_lora
 
 if TYPE_CHECKING:
-    from kernels.nf4 import NF4Weight
+    from kernels.nf4_format import NF4Weight
     from server.engine.vision_inputs import VisionStep
 
 

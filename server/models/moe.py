@@ -16,7 +16,7 @@ from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
-    from kernels.nf4 import NF4Weight
+    from kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from server.models.llama import LlamaForCausalLM
 from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 
 if TYPE_CHECKING:
-    from kernels.nf4 import NF4Weight
+    from kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_weights(
 def _adopt_in_4bit(module: torch.nn.Module, pname: str, w: NF4Weight) -> bool:
     """Whether a 4-bit weight is kept packed: a linear projection's weight in the NF4 code book (what
     our kernels decode). Anything else (a 4-bit lm_head, FP4 codes) is dequantized at load."""
-    from kernels.nf4 import is_nf4_code
+    from kernels.nf4_format import is_nf4_code
 
     return isinstance(module, LoRALinear) and pname == "weight" and is_nf4_code(w.code)
 

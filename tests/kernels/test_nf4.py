@@ -23,8 +23,6 @@ if str(ROOT) not in sys.path:
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
 from kernels.nf4 import (  # noqa: E402
-    NF4_CODE,
-    NF4Weight,
     concat_nf4,
     dequantize_nf4_ref,
     nf4_linear,
@@ -32,6 +30,7 @@ from kernels.nf4 import (  # noqa: E402
     quantize_nf4_ref,
     split_nf4,
 )
+from kernels.nf4_format import NF4_CODE, NF4Weight  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ‖out − ref‖ / ‖ref‖ against float64 on the exact (fp32) NF4 weight (the device tool's METHOD.md):

@@ -58,9 +58,9 @@ CASES = {
 
 def self_check() -> tuple[float, float]:
     """The startup check the dispatch relies on passes (both vocabulary size classes)."""
-    from kernels import triton_sampling
+    from kernels.sampling import verified
 
-    return (0.0 if triton_sampling.verified(torch.device("cpu")) else 1.0), 0.0
+    return (0.0 if verified(torch.device("cpu")) else 1.0), 0.0
 
 
 CASES["startup_self_check"] = self_check
@@ -92,12 +92,12 @@ def test_reference_respects_each_cut_off() -> None:
 
 
 def test_a_failure_while_serving_turns_the_kernel_off() -> None:
-    from kernels import triton_sampling
+    from kernels import sampling
 
     device = torch.device("meta")  # any key: the state is per device
-    triton_sampling._VERIFIED[device] = True
-    triton_sampling.disable(device, RuntimeError("compilation failed"))
-    assert not triton_sampling.verified(device)
+    sampling._VERIFIED[device] = True
+    sampling.disable(device, RuntimeError("compilation failed"))
+    assert not sampling.verified(device)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -107,7 +107,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("rows", [1, 64])
 def test_triton_sampler_matches_reference_on_gpu(rows: int) -> None:
-    from kernels.triton_sampling import sample_triton, verified
+    from kernels.sampling import verified
+    from kernels.triton_sampling import sample_triton
 
     assert verified(torch.device("cuda"))
     torch.manual_seed(rows)

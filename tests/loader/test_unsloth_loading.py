@@ -15,7 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft_adapters import write_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels.nf4 import NF4Weight, dequantize_nf4_ref
+from kernels.nf4 import dequantize_nf4_ref
+from kernels.nf4_format import NF4Weight
 from server import LLM, SamplingParams
 from server.config import Config
 from server.engine.llm_engine import LLMEngine, startup_adapter_folders
