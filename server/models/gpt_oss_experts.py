@@ -15,7 +15,7 @@ from kernels.moe import moe_experts_ref
 from server.models.moe import Experts
 
 if TYPE_CHECKING:
-    from kernels.nf4 import NF4Weight
+    from kernels.nf4_format import NF4Weight
 
 ALPHA = 1.702
 PARTS = ("gate", "up", "down", "gate_up_bias", "down_bias")
