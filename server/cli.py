@@ -9,13 +9,13 @@ import itertools
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from server import __version__
 from server.config import Config
-from server.flags import GROUPS, flag_names, flag_of
+from server.flags import GROUPS, flag_names, flag_of, word_reader
 from server.loader.chat_template import check_folder_template
 
 EXAMPLES = """examples:
@@ -65,21 +65,13 @@ class Repeat(argparse.Action):
         setattr(namespace, self.dest, (*(() if held is self.default else held), values))
 
 
-def word_type(hint: Any) -> Callable[[str], Any]:
-    """How a field of this type reads its flag's word: int and float (also `| None`); else as text."""
-    for kind in (int, float):
-        if hint is kind or hint == kind | None:
-            return kind
-    return str
-
-
 def add_flag(group: argparse._ArgumentGroup, field: dataclasses.Field[Any], hint: Any) -> None:
     flag = flag_of(field)
     common: dict[str, Any] = {"dest": field.name, "default": field.default, "help": flag.help}
     if isinstance(field.default, bool):
         group.add_argument(*flag_names(field), action="store_const", const=not field.default, **common)
         return
-    group.add_argument(*flag_names(field), type=flag.parse or word_type(hint), choices=flag.choices,
+    group.add_argument(*flag_names(field), type=word_reader(field, hint), choices=flag.choices,
                        metavar=flag.metavar, action=Repeat if flag.repeat else "store", **common)
 
 
@@ -97,7 +89,7 @@ def build_parser() -> Parser:
 
 def from_env(field: dataclasses.Field[Any], text: str) -> Any:
     flag = flag_of(field)
-    read = flag.parse or str
+    read = word_reader(field, typing.get_type_hints(Config)[field.name])
     try:
         return tuple(read(w) for w in text.split(",") if w) if flag.repeat else read(text)
     except (ValueError, argparse.ArgumentTypeError) as exc:

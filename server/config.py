@@ -5,7 +5,8 @@ Adding a setting takes one field here and nothing else:
     max_widgets: int = setting(4, "widgets per step at most", "engine")
 
 The flag (--max-widgets), its help, its default in --help, the int conversion and the Config
-value all come from it; server/cli.py generates the parser from these fields. Options of
+value all come from it; server/cli.py generates the parser from these fields. The third argument
+is the --help section (one of flags.GROUPS; add a section there). Options of
 setting() (server/flags.py): `names` for other flag names or aliases (a bool field's flag flips
 its default: `names=("--no-warmup",)`), `choices`, `metavar`, `parse` for a word that is not a plain
 int/float/str (flags.int_list, flags.word_list, flags.seconds), `repeat` for a repeatable flag
@@ -19,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from server.flags import flag_name, flag_of, int_list, is_seconds, lora_pair, seconds, setting, word_list
+from server import flags
+from server.flags import setting
 from server.loader import DEMO_MODEL
 from server.loader.chat_template import resolve_template_flag
 from server.logs import PROBE_PATHS
@@ -80,11 +82,11 @@ class Config:
         "engine", names=("--no-warmup",))
     cuda_graph_sizes: tuple[int, ...] = setting(
         (), "decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)", "engine",
-        metavar="SIZES", parse=int_list)
+        metavar="SIZES", parse=flags.int_list)
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = setting(
         (), "serve a PEFT LoRA adapter as model NAME (repeatable)", "LoRA", names=("--lora",),
-        metavar="NAME=PATH", parse=lora_pair, repeat=True)
+        metavar="NAME=PATH", parse=flags.lora_pair, repeat=True)
     lora_dirs: tuple[str, ...] = setting(
         (), "serve every adapter folder in DIR by its folder name, loaded on first use (repeatable)", "LoRA",
         names=("--lora-dir",), metavar="DIR", repeat=True)
@@ -117,7 +119,7 @@ class Config:
     request_timeout: float | None = setting(
         None, "stop a generation request this long after its arrival, queue time included: 408, or an "
         "error event in a stream; a request's `timeout` field may shorten it (0: none)", "HTTP server",
-        metavar="SECONDS", parse=seconds)
+        metavar="SECONDS", parse=flags.seconds)
     # None: derived once the model is loaded (server/api/limits.py).
     max_request_bytes: int | None = setting(
         None, "larger bodies get 413 (default: what a prompt as long as the context allows needs, at most "
@@ -142,7 +144,7 @@ class Config:
                                names=("--disable-uvicorn-access-log", "--disable-access-log"))
     access_log_skip_paths: tuple[str, ...] = setting(  # probes
         PROBE_PATHS, "comma-separated paths left out of the access log ('' logs every path)", "logging",
-        names=("--disable-access-log-for-endpoints",), metavar="PATHS", parse=word_list)
+        names=("--disable-access-log-for-endpoints",), metavar="PATHS", parse=flags.word_list)
     log_requests: bool = setting(  # server/logs.py
         True, "no line per finished generation request (id, tokens, latency)", "logging",
         names=("--disable-log-requests",))
@@ -154,16 +156,16 @@ class Config:
 
 
 def _flag(name: str) -> str:
-    return flag_name(Config, name)
+    return flags.flag_name(Config, name)
 
 
 def _check_choices(config: Config) -> None:
     for field in dataclasses.fields(config):
-        choices = flag_of(field).choices
+        choices = flags.flag_of(field).choices
         value = getattr(config, field.name)
-        if choices is not None and value not in choices:
+        if choices is not None and value not in choices and value is not None:  # None: unset
             listed = ", ".join(str(c) for c in choices)
-            raise ValueError(f"{_flag(field.name)} must be one of {listed}; got {value!r}")
+            raise ValueError(f"{flags.flag_names(field)[0]} must be one of {listed}; got {value!r}")
 
 
 def _at_least(config: Config, name: str, low: int, note: str = "") -> None:
@@ -187,9 +189,9 @@ def _check_http(config: Config) -> None:
     _at_least(config, "max_queued_tokens", 0, " (0: unlimited)")
     _at_least(config, "max_request_bytes", 1)
     for name in ("header_timeout", "keep_alive_timeout"):
-        if not is_seconds(getattr(config, name)):
+        if not flags.is_seconds(getattr(config, name)):
             raise ValueError(f"{_flag(name)} must be a positive number of seconds; got {getattr(config, name)}")
-    if config.request_timeout is not None and not is_seconds(config.request_timeout):
+    if config.request_timeout is not None and not flags.is_seconds(config.request_timeout):
         raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); "
                          f"got {config.request_timeout}")
     if config.shutdown_timeout < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,6 +65,23 @@ def flag_names(field: dataclasses.Field[Any]) -> tuple[str, ...]:
 def flag_name(config_cls: type, name: str) -> str:
     """The flag of one Config field, for messages: `flag_name(Config, "max_loras")` is --max-loras."""
     return flag_names(next(f for f in dataclasses.fields(config_cls) if f.name == name))[0]
+
+
+def word_reader(field: dataclasses.Field[Any], hint: Any) -> Callable[[str], Any]:
+    """How one word of a field's flag is read: its Flag.parse, else by the field's type (for a repeat
+    flag, the tuple's element type): int or float (also `| None`), else the word itself."""
+    flag = flag_of(field)
+    if flag.parse is not None:
+        return flag.parse
+    if flag.repeat:
+        hint = (typing.get_args(hint) or (str,))[0]
+    elif typing.get_origin(hint) is tuple:
+        raise TypeError(f"Config.{field.name} is a tuple: give its setting() repeat=True or a parse "
+                        "(flags.word_list, flags.int_list)")
+    for kind in (int, float):
+        if hint is kind or hint == kind | None:
+            return kind
+    return str
 
 
 # Readers of one word, for Flag.parse. Their __name__ appears in argparse's "invalid ... value" errors.

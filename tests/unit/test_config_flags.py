@@ -81,11 +81,26 @@ def test_a_new_setting_needs_only_a_field(monkeypatch: pytest.MonkeyPatch) -> No
     @dataclass(frozen=True, slots=True)
     class Extended(Config):
         max_widgets: int = setting(4, "widgets per step at most", "engine")
-        widget_names: tuple[str, ...] = setting((), "a widget (repeatable)", "engine", names=("--widget",),
+        widget_sizes: tuple[int, ...] = setting((), "a widget size (repeatable)", "engine", names=("--widget",),
                                                 repeat=True)
+        widget_kind: str | None = setting(None, "the widgets' kind", "engine", choices=("round", "square"))
 
     monkeypatch.setattr(cli, "Config", Extended)
     parser = build_parser()
     assert "--max-widgets MAX_WIDGETS" in parser.format_help() and "(default: 4)" in parser.format_help()
-    config = config_from_args(parser.parse_args(["--max-widgets", "7", "--widget", "a", "--widget", "b"]))
-    assert isinstance(config, Extended) and config.max_widgets == 7 and config.widget_names == ("a", "b")
+    config = config_from_args(parser.parse_args(["--max-widgets", "7", "--widget", "3", "--widget", "5"]))
+    assert isinstance(config, Extended) and config.max_widgets == 7 and config.widget_sizes == (3, 5)
+    assert config.widget_kind is None  # unset passes its choices
+    assert config_from_args(parser.parse_args(["--widget-kind", "round"])).widget_kind == "round"
+    with pytest.raises(ValueError, match="--widget-kind must be one of round, square; got 'oval'"):
+        Extended(widget_kind="oval")
+
+
+def test_a_tuple_setting_without_a_way_to_read_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    @dataclass(frozen=True, slots=True)
+    class Unreadable(Config):
+        sizes: tuple[int, ...] = setting((), "sizes", "engine")
+
+    monkeypatch.setattr(cli, "Config", Unreadable)
+    with pytest.raises(TypeError, match=r"Config\.sizes is a tuple"):
+        build_parser()
