@@ -135,6 +135,15 @@ class Config:
     shutdown_timeout: float = setting(
         30.0, "on SIGTERM, seconds to let in-flight requests finish before exiting", "HTTP server",
         metavar="SECONDS")
+    # Image-text models (server/vision_processor.py, server/api/images.py): checked before anything
+    # reaches the engine; a request over a limit is a 400 naming the image.
+    limit_mm_per_prompt: int = setting(8, "image-text models: images in one request at most", "HTTP server",
+                                       metavar="N")
+    max_image_pixels: int = setting(
+        4096 * 4096, "image-text models: pixels of one image (width x height, before the processor resizes "
+        "it) at most", "HTTP server", metavar="PIXELS")
+    max_image_bytes: int = setting(20 * 2**20, "image-text models: bytes of one encoded image at most",
+                                   "HTTP server", metavar="BYTES")
     # Logging
     log_level: str = setting("info", "least severe level logged; debug adds tracebacks to start-up errors",
                              "logging", choices=LOG_LEVELS)
@@ -188,6 +197,8 @@ def _check_http(config: Config) -> None:
     _at_least(config, "max_queued_requests", 1)
     _at_least(config, "max_queued_tokens", 0, " (0: unlimited)")
     _at_least(config, "max_request_bytes", 1)
+    for name in ("limit_mm_per_prompt", "max_image_pixels", "max_image_bytes"):
+        _at_least(config, name, 1)
     for name in ("header_timeout", "keep_alive_timeout"):
         if not flags.is_seconds(getattr(config, name)):
             raise ValueError(f"{_flag(name)} must be a positive number of seconds; got {getattr(config, name)}")

@@ -15,7 +15,7 @@ from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, TokenLogprob
 from server.loader import DEMO_MODEL
-from server.vision_processor import VisionProcessor, open_image
+from server.vision_processor import VisionProcessor, image_limits, open_image
 
 
 class ImagePrompt(TypedDict):
@@ -59,7 +59,7 @@ class LLM:
             adapter = self.adapters.register(name, path)
             self.tokenizers.put(adapter.adapter_id, self.tokenizers.prepare(path, name))
         self._ids = itertools.count()
-        self.vision = VisionProcessor.from_folder(loaded.folder)
+        self.vision = VisionProcessor.from_folder(loaded.folder, image_limits(config))
 
     def tokenizer_of(self, adapter: str | None = None) -> Any:
         """The tokenizer (and chat template) of the base model, or of an adapter that has its own."""

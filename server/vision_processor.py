@@ -22,6 +22,11 @@ class ImageLimits:
     max_bytes: int = 20 * 2**20  # of an encoded image
 
 
+def image_limits(config: Any) -> ImageLimits:
+    """The limits a server.config.Config sets."""
+    return ImageLimits(config.limit_mm_per_prompt, config.max_image_pixels, config.max_image_bytes)
+
+
 class VisionProcessor:
     """The model's image processor and its placeholder token; `expand` turns a prompt whose every
     image is one placeholder token into the engine's token ids and MultiModalInputs."""
@@ -66,6 +71,9 @@ class VisionProcessor:
     def expand(self, token_ids: list[int], images: list[Any]) -> tuple[list[int], MultiModalInputs]:
         """Token ids with each image's placeholder repeated once per embedding, and the images'
         engine inputs. ValueError when the prompt holds another number of placeholders than images."""
+        if len(images) > self.limits.max_images:
+            raise ImageError(f"{len(images)} images in one prompt; at most {self.limits.max_images} are allowed "
+                             "(--limit-mm-per-prompt)")
         places = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(places) != len(images):
             raise ValueError(f"the prompt holds {len(places)} image placeholder(s) ({self.image_token}) for "

@@ -18,6 +18,7 @@ from server.api.errors import APIError
 from server.api.stop_strings import StopStringMatcher
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import RequestOutput
+from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, TokenLogprob
 
@@ -34,6 +35,7 @@ class ChoiceRequest:
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
     eos_token_ids: frozenset[int] | None = None  # its model's (an adapter's own); None: the engine's
+    mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
 
 
 @dataclass(slots=True)
@@ -122,7 +124,8 @@ async def run_choice(
         raise DeadlineExceeded(deadline)
     detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens)
     stops = StopStringMatcher(list(req.stop))
-    stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids)
+    stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids,
+                                req.mm)
     engine_done = False
     try:
         while not engine_done:

@@ -44,7 +44,11 @@ def request_bytes_limit(state: ServerState) -> int:
     runtime = state.runtime
     if runtime is None:
         return MAX_DEFAULT_REQUEST_BYTES
-    return default_max_request_bytes(max_prompt_chars(runtime.tokenizer, runtime.max_model_len))
+    text = default_max_request_bytes(max_prompt_chars(runtime.tokenizer, runtime.max_model_len))
+    if runtime.vision is None:
+        return text
+    limits = runtime.vision.limits  # room for the most images allowed, each as large as allowed, in base64
+    return text + limits.max_images * ((limits.max_bytes + 2) // 3 * 4 + 64)
 
 
 def fit_limits(state: ServerState) -> None:

@@ -360,7 +360,7 @@ def message_for_template(i: int, m: ChatMessage) -> dict[str, Any]:
         raise invalid_param(f"messages[{i}].tool_call_id", "a tool message needs the tool_call_id it answers")
     # OpenAI's "developer" role is the system role of newer models; templates know "system".
     role = "system" if m.role == "developer" else m.role
-    out: dict[str, Any] = {"role": role, "content": message_text(i, m.content)}
+    out: dict[str, Any] = {"role": role, "content": message_content(i, m.content)}
     if m.name is not None:
         out["name"] = m.name
     if m.tool_calls:
@@ -381,24 +381,38 @@ def _arguments(text: str) -> Any:
         return text
 
 
+def message_content(i: int, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]]:
+    """Text for the template, or, for a message with images, its parts in order: {"type": "image"}
+    for each image (the template writes the model's placeholder; server/api/images.py checks the
+    images themselves) and {"type": "text", "text": ...}."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+        return message_text(i, content)
+    return [{"type": "image"} if isinstance(p, dict) and p.get("type") == "image_url"
+            else {"type": "text", "text": _part_text(i, j, p)} for j, p in enumerate(content)]
+
+
 def message_text(i: int, content: str | list[dict[str, Any]] | None) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind != "text":
-            raise invalid_param(
-                f"messages[{i}].content[{j}].type",
-                f"content part type {kind!r} is not supported; only 'text' parts are",
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise invalid_param(f"messages[{i}].content[{j}].text", "a text part needs a string 'text'")
-        texts.append(text)
-    return "\n".join(texts)
+    return "\n".join(_part_text(i, j, part) for j, part in enumerate(content))
+
+
+def _part_text(i: int, j: int, part: dict[str, Any]) -> str:
+    kind = part.get("type")
+    if kind == "image_url":
+        raise invalid_param(f"messages[{i}].content[{j}].type",
+                            "an 'image_url' part is not allowed here")
+    if kind != "text":
+        raise invalid_param(
+            f"messages[{i}].content[{j}].type",
+            f"content part type {kind!r} is not supported; only 'text' and 'image_url' parts are",
+        )
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise invalid_param(f"messages[{i}].content[{j}].text", "a text part needs a string 'text'")
+    return text
 
 
 # Top-level fields that hold token ids (the shape validators make every element of them an int).

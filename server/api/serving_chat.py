@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from server.api.chunks import ChatChunks
 from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
+from server.api.images import chat_images, expand_images
 from server.api.logprobs import chat_logprobs, prompt_logprobs
 from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
@@ -43,7 +45,12 @@ async def create_chat_completion(
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(body)
+        images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
         prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan)
+        mm = None
+        if images:
+            assert runtime.vision is not None
+            prompt_ids, mm = await expand_images(runtime.vision, prompt_ids, images)
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
         ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
@@ -53,6 +60,8 @@ async def create_chat_completion(
             body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
             structured, tokens.eos_token_ids, prompt_logprobs=body.prompt_logprobs,
         )
+        if mm is not None:
+            reqs = [replace(r, mm=mm) for r in reqs]
     except BaseException:
         ticket.release()
         raise

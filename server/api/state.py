@@ -26,6 +26,7 @@ from server.engine import stalls
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
 from server.metrics import EngineMetrics
+from server.vision_processor import VisionProcessor, image_limits
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Runtime:
     token_texts: TokenTexts
     base_model_id: str
     tokenizers: TokenizerRegistry  # per model: the tokenizer, chat template and EOS ids its requests use
+    vision: VisionProcessor | None = None  # image-text models: images in chat messages become engine inputs
 
     @property
     def max_model_len(self) -> int:
@@ -133,6 +135,7 @@ class ServerState:
             engine.runner.sampler.set_tokenizer(tokenizer, engine.loaded.model.config.vocab_size, engine.eos_token_ids)
             adapters = AdapterRegistry(engine, self.config.lora_dirs, self.config.max_cpu_loras)
             tokenizers = TokenizerRegistry(base, adapters)
+            vision = VisionProcessor.from_folder(loaded.folder, image_limits(self.config))
             for name, path in self.config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
@@ -149,7 +152,7 @@ class ServerState:
                          exc_info=logger.isEnabledFor(logging.DEBUG))
             self._call_on_loop(self._fail, f"{type(exc).__name__}: {exc}")
             return
-        self._call_on_loop(self._ready, engine, tokenizers, adapters)
+        self._call_on_loop(self._ready, engine, tokenizers, adapters, vision)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         if self._loop is None:
@@ -159,7 +162,8 @@ class ServerState:
         except RuntimeError:  # the server stopped while the model was loading
             logger.info("server stopped before the model finished loading")
 
-    def _ready(self, engine: LLMEngine, tokenizers: TokenizerRegistry, adapters: AdapterRegistry) -> None:
+    def _ready(self, engine: LLMEngine, tokenizers: TokenizerRegistry, adapters: AdapterRegistry,
+               vision: VisionProcessor | None = None) -> None:
         if self._closed:
             return
         async_engine = AsyncEngine(engine)
@@ -167,7 +171,7 @@ class ServerState:
         names = [self.base_model_id, *(a.name for a in adapters)]
         base = tokenizers.base
         self.runtime = Runtime(engine, async_engine, base.tokenizer, adapters, base.token_texts, self.base_model_id,
-                               tokenizers)
+                               tokenizers, vision)
         fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
         logger.info("ready to serve: %s", ", ".join(names))
 

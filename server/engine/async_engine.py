@@ -20,6 +20,7 @@ from typing import Any
 
 from server.engine.failures import describe, is_out_of_memory
 from server.engine.llm_engine import LLMEngine, RequestOutput
+from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
 
@@ -41,6 +42,7 @@ class _Add:
     params: SamplingParams
     adapter_id: int
     eos_token_ids: frozenset[int] | None = None
+    mm: MultiModalInputs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ class AsyncEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
-        eos_token_ids: frozenset[int] | None = None,
+        eos_token_ids: frozenset[int] | None = None, mm: MultiModalInputs | None = None,
     ) -> asyncio.Queue[RequestOutput]:
         """Call on the event loop. The queue receives the request's outputs; the last has finished=True."""
         if self.dead_reason is not None:
@@ -99,7 +101,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.streams[request_id] = stream
-        self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id, eos_token_ids))
+        self.commands.put(_Add(request_id, prompt_token_ids, params, adapter_id, eos_token_ids, mm))
         return stream
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
@@ -195,7 +197,7 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 try:
                     engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id,
-                                       cmd.eos_token_ids)
+                                       cmd.eos_token_ids, cmd.mm)
                 except Exception as exc:  # this request's failure, whatever it is: never the engine thread's end
                     if not isinstance(exc, ValueError):
                         logger.exception("adding request %s failed", cmd.request_id)

@@ -4,7 +4,6 @@ tokens added, a ChatML template that renders image parts, and a small image proc
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +81,25 @@ def hf_greedy(model: Any, token_ids: list[int], images: list[Image.Image], max_t
     return out[0, len(token_ids):].tolist()  # type: ignore[no-any-return]
 
 
-def copy_demo_tokenizer(folder: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(DEMO_MODEL / name, folder / name)
+def reference_prompt(tokenizer: Any, question: str, images: list[Image.Image]) -> list[int]:
+    """The prompt as Qwen2.5-VL's processor builds it: the template rendered with one image part per
+    image, and each image's placeholder repeated once per merged 2x2 patch of its resized grid."""
+    content: list[dict[str, str]] = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    grids = image_processor()(images=images, return_tensors="pt")["image_grid_thw"].tolist() if images else []
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for t, h, w in grids:
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // 4), 1)
+    ids = tokenizer.encode(text.replace("<|placeholder|>", "<|image_pad|>"), add_special_tokens=False)
+    assert ids.count(pad) == sum(t * h * w // 4 for t, h, w in grids)
+    return list(ids)
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"

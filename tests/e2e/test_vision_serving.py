@@ -1,0 +1,103 @@
+"""A tiny random Qwen2.5-VL served over HTTP: the official `openai` client sends base64 images in
+chat messages and gets transformers' greedy tokens (whole and streamed); two images in one message
+work; different images give different answers; bad images, too many images, fetched URLs and images
+for a text-only model are 400s naming the part, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from live_server import LiveServer, launch
+from transformers import AutoTokenizer
+from vision_models import MAX_TOKENS, data_url, hf_greedy, make_qwen2_5_vl, random_image, reference_prompt
+
+from server.api.errors import APIError
+from server.api.images import chat_images
+from server.api.protocol import ChatMessage
+
+EXTRA = {"ignore_eos": True, "skip_special_tokens": False}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, torch.nn.Module, Path]]:
+    tmp = tmp_path_factory.mktemp("vision-serving")
+    folder, hf = make_qwen2_5_vl(tmp / "qwen-vl")
+    server = launch(tmp, "qwen-vl", "--model", str(folder), "--load-format", "safetensors", "--dtype", "float32",
+                    "--block-size", "8", "--max-num-batched-tokens", "24", "--limit-mm-per-prompt", "2",
+                    "--no-warmup", demo_adapter=False)
+    try:
+        server.wait_ready()
+        yield server, hf, folder
+    finally:
+        server.stop()
+
+
+def ask(question: str, *images: Any) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+def test_chat_with_images_equals_transformers(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    server, hf, folder = served
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    client = server.client()
+    for images in ([random_image(1)], [random_image(2, 17, 33), random_image(3, 32, 32)]):
+        prompt = reference_prompt(tokenizer, "What is in the picture?", images)
+        expected = tokenizer.decode(hf_greedy(hf, prompt, images), skip_special_tokens=False)
+        messages: Any = ask("What is in the picture?", *images)
+        r = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS,
+                                           temperature=0, extra_body=EXTRA)
+        assert r.usage is not None and r.usage.prompt_tokens == len(prompt)
+        assert r.choices[0].message.content == expected
+        stream = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS,
+                                                temperature=0, extra_body=EXTRA, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_different_images_give_different_answers(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    client = served[0].client()
+    answers = []
+    for seed in (20, 21, 20):
+        messages: Any = ask("Describe it.", random_image(seed))
+        r = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS,
+                                           temperature=0, extra_body=EXTRA)
+        answers.append(r.choices[0].message.content)
+    assert answers[0] != answers[1] and answers[0] == answers[2]
+
+
+@pytest.mark.parametrize(("url", "param", "match"), [
+    ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "messages[0].content[0].image_url", "could not be decoded"),
+    ("data:image/png;base64,@@@", "messages[0].content[0].image_url", "not valid base64"),
+    ("https://example.com/cat.png", "messages[0].content[0].image_url", "not fetched"),
+    ("data:text/plain;base64,aGk=", "messages[0].content[0].image_url", "data URL of an image"),
+])
+def test_bad_images_are_400s(served: tuple[LiveServer, torch.nn.Module, Path], url: str, param: str, match: str) -> None:
+    client = served[0].client()
+    messages: Any = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "hi"}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=2)
+    body: Any = info.value.body
+    assert body["param"] == param and match in body["message"]
+
+
+def test_too_many_images_is_a_400(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    client = served[0].client()
+    messages: Any = ask("Three?", random_image(1), random_image(2), random_image(3))
+    with pytest.raises(openai.BadRequestError, match="at most 2"):
+        client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=2)
+    messages = ask("Still serving?", random_image(4))
+    assert client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=2).choices
+
+
+def test_text_only_model_refuses_images() -> None:
+    messages = [ChatMessage.model_validate(m) for m in ask("hi", random_image(1))]
+    with pytest.raises(APIError, match="takes text only") as info:
+        asyncio.run(chat_images(None, "demo", messages))
+    assert info.value.status_code == 400
