@@ -133,6 +133,10 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     return LoRAWeights(name, str(folder), layout.rank, cfg.base_model, tensors, full_tensors, modules)
 
 
+# Module names of image-text models' vision encoders and projectors.
+_VISION_MODULES = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
+
+
 def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
     copying it into a slot (or merging it) safe. A LoRA on a whole fused projection becomes one per
@@ -141,6 +145,9 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
         layer = layers.get(module)
+        if layer is None and any(part in _VISION_MODULES for part in module.split(".")):
+            raise AdapterError(f"adapter {weights.name!r} trains the vision encoder ({module}): LoRA on vision layers "
+                               f"is not served yet (on the language layers it is); merge it into the base and serve that")
         if layer is None and ".experts." in f"{module}.":
             raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}): LoRA on experts is not "
                                f"served yet (attention and shared-expert LoRA is); merge it into the base and serve that")

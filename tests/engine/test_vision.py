@@ -5,16 +5,21 @@ image is served from the encoder cache and the prefix cache, a different image n
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image
 
 from server.engine.sampling_params import SamplingParams
+from server.loader.adapter_config import AdapterError
 from server.llm import LLM
 from server.vision_processor import ImageError
 
+LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -23,7 +28,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Any]:
     folder, hf = make_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model")
     # 16 tokens a step: a prompt's image placeholders are split across prefill chunks
     llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, max_loras=2, max_lora_rank=8)
     return llm, hf
 
 
@@ -89,3 +94,31 @@ def test_text_model_refuses_images(tmp_path: Path) -> None:
     llm = LLM(DEMO_MODEL, load_format="safetensors", dtype="float32", num_kv_blocks=16)
     with pytest.raises(ValueError, match="text only"):
         llm.generate({"prompt": "hi", "images": [random_image(1)]}, GREEDY)
+
+
+def write_adapter(hf: Any, folder: Path, target: str) -> Path:
+    """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
+    torch.manual_seed(3)
+    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=target))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    llm, hf = served
+    base = copy.deepcopy(hf)
+    adapter = write_adapter(base, tmp_path / "tuned", LANGUAGE_LAYERS)
+    llm.adapters.register("tuned", str(adapter))
+    images = [random_image(5)]
+    prompt: Any = {"prompt": chat(llm, 1, "What is it?"), "images": images}
+    tuned, plain = llm.generate([prompt, prompt], GREEDY, adapter=["tuned", None])
+    assert tuned.token_ids == hf_greedy(PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval(),
+                                        tuned.prompt_token_ids, images)
+    assert plain.token_ids == hf_greedy(hf, plain.prompt_token_ids, images) != tuned.token_ids
+    vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*visual\.blocks.*\.(qkv|proj)")
+    with pytest.raises(AdapterError, match="vision encoder"):
+        llm.adapters.register("vision", str(vision))
