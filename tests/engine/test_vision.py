@@ -15,8 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image
 
 from server.engine.sampling_params import SamplingParams
-from server.loader.adapter_config import AdapterError
 from server.llm import LLM
+from server.loader.adapter_config import AdapterError
 from server.vision_processor import ImageError
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
