@@ -28,6 +28,9 @@ from server.logs import PROBE_PATHS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# Output formats (server/api/output_reader.py), vLLM's names; "auto": read from the chat template.
+REASONING_PARSERS = ("auto", "none", "qwen3", "deepseek_r1", "gpt_oss", "harmony")
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral", "harmony", "openai")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,17 @@ class Config:
         None, "the base model's chat template: a file, or the Jinja text itself (default: the tokenizer's); "
         "adapters whose folder holds a template of their own keep theirs", "model", metavar="FILE|JINJA",
         resolve=resolve_template_flag)
+    # How the model writes reasoning and tool calls, which the API splits into reasoning_content and
+    # tool_calls. auto: from the chat template (<think>: qwen3; <|channel|>: harmony; <tool_call>,
+    # <|python_tag|> or [TOOL_CALLS] for tools).
+    reasoning_parser: str = setting(
+        "auto", "reasoning format: qwen3 (<think>...</think>), deepseek_r1 (output starts in the reasoning), "
+        "gpt_oss / harmony (analysis channel), none (all content); auto: from the chat template", "model",
+        choices=REASONING_PARSERS)
+    tool_call_parser: str = setting(
+        "auto", "tool-call format of tool_choice auto: hermes (<tool_call>), llama3_json (<|python_tag|> and bare "
+        "JSON), mistral ([TOOL_CALLS]), harmony / openai (gpt-oss); auto: from the chat template", "model",
+        choices=TOOL_CALL_PARSERS)
     # Engine
     max_num_seqs: int = setting(64, "sequences in one engine step at most", "engine")
     max_num_batched_tokens: int = setting(

@@ -8,9 +8,21 @@ U+FFFD (an incomplete UTF-8 sequence) is held back until the next token complete
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+_special_ids: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Every id that skip_special_tokens drops (its special tokens, added ones marked special)."""
+    known = _special_ids.get(tokenizer)
+    if known is None:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        ids = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {i for i, t in added.items() if getattr(t, "special", False)}
+        known = _special_ids[tokenizer] = frozenset(ids)
+    return known
 
 
 def backend_decoder(tokenizer: Any) -> Any:
@@ -24,9 +36,16 @@ def backend_decoder(tokenizer: Any) -> Any:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    """`keep`: special tokens shown even with skip_special_tokens (the markers of reasoning and tool
+    calls a reader needs, such as gpt-oss's `<|channel|>`); the other special tokens are dropped."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.backend = backend_decoder(tokenizer)
+        self.hidden: frozenset[int] = frozenset()
+        if skip_special_tokens and keep:
+            self.hidden = special_token_ids(tokenizer) - keep
+            skip_special_tokens = False  # the ids in `hidden` are dropped before decoding instead
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.prefix_offset = 0  # start of the decode window
@@ -41,6 +60,8 @@ class IncrementalDetokenizer:
 
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the text that is now complete (possibly "")."""
+        if self.hidden:
+            new_token_ids = [t for t in new_token_ids if t not in self.hidden]
         self.token_ids.extend(new_token_ids)
         if not new_token_ids:
             return ""

@@ -36,6 +36,7 @@ class ChoiceRequest:
     skip_special_tokens: bool = True
     eos_token_ids: frozenset[int] | None = None  # its model's (an adapter's own); None: the engine's
     mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
+    keep_special_ids: frozenset[int] = frozenset()  # special tokens the output's reader needs as text
 
 
 @dataclass(slots=True)
@@ -122,7 +123,7 @@ async def run_choice(
 ) -> AsyncGenerator[ChoiceDelta, None]:
     if deadline is not None and deadline.expired:  # spent before generation began: never start it
         raise DeadlineExceeded(deadline)
-    detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens)
+    detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens, req.keep_special_ids)
     stops = StopStringMatcher(list(req.stop))
     stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids,
                                 req.mm)

@@ -87,18 +87,21 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def _render_and_encode(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    text = render_chat(tokenizer, conversation, add_generation_prompt)
+def _render_and_encode(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool,
+                       template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    text = render_chat(tokenizer, conversation, add_generation_prompt, template_kwargs)
     # The template already wrote any BOS and role tokens: adding special tokens would double them.
     return _encode(tokenizer, text, add_special_tokens=False)
 
 
-def render_chat(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """`template_kwargs`: the template's extra variables (chat_template_kwargs, reasoning_effort)."""
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_param("messages", "this model's tokenizer has no chat template; use /v1/completions")
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
         )
     except Exception as exc:  # jinja raises on conversations a template rejects
         raise invalid_param("messages", f"the chat template rejected these messages: {exc}") from exc
@@ -110,10 +113,12 @@ async def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True
 
 
 async def encode_chat(
-    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     size = sum(len(m["content"]) for m in conversation)
-    return await _off_loop_if_long(size, _render_and_encode, tokenizer, conversation, add_generation_prompt)  # type: ignore[no-any-return]
+    return await _off_loop_if_long(size, _render_and_encode, tokenizer, conversation,  # type: ignore[no-any-return]
+                                   add_generation_prompt, template_kwargs)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str = "prompt") -> None:

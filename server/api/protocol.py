@@ -158,6 +158,15 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None  # accepted; the output always follows the schema
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extra: the output matches a regular expression or a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regex: str | None = Field(default=None, max_length=MAX_SCHEMA_CHARS)
+    grammar: str | None = Field(default=None, max_length=MAX_SCHEMA_CHARS)  # Lark syntax (llguidance's)
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
@@ -171,7 +180,6 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
-    "reasoning_effort": (),
     "web_search_options": (),
     "verbosity": (),
     "store": (False,),
@@ -180,6 +188,12 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {}
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# apply_chat_template's own arguments (and what the server renders): not template variables.
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -193,13 +207,17 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # Passed to the chat template, as vLLM does: extra variables (e.g. {"enable_thinking": false}), and
+    # OpenAI's reasoning_effort as the variable of that name (gpt-oss templates read it).
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Declared only so that check() can name them; see CHAT_UNSUPPORTED.
     functions: Any = None
     function_call: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
-    reasoning_effort: Any = None
     web_search_options: Any = None
     verbosity: Any = None
     store: Any = None
@@ -226,6 +244,11 @@ class ChatCompletionRequest(SamplingFields):
                                 "response_format of type 'json_schema' needs a 'json_schema' object (name, schema)")
         if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
             check_schema_size("response_format.json_schema.schema", fmt.json_schema.schema_)
+        shaped = self.structured_outputs
+        if shaped is not None and (shaped.regex is None) == (shaped.grammar is None):
+            raise invalid_param("structured_outputs", "structured_outputs needs exactly one of regex, grammar")
+        if shaped is not None and fmt is not None and fmt.type != "text":
+            raise invalid_param("structured_outputs", "structured_outputs and response_format cannot be used together")
 
     def _check_tools(self) -> None:
         names = [t.function.name for t in self.tools or ()]
@@ -251,6 +274,17 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise invalid_param("tool_choice", f"tool_choice names function {choice.function.name!r}, "
                                 f"which is not in tools ({', '.join(names)})")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's extra variables; 400 for a name apply_chat_template itself takes."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        taken = sorted(kwargs.keys() & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise invalid_param("chat_template_kwargs", f"chat_template_kwargs cannot set {', '.join(taken)}: the "
+                                "server sets it (use messages, tools and the request's own fields)")
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as the chat template wants them: role, plain-text content and, for tool use,

@@ -19,17 +19,25 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # For models with a reasoning format only: how many of the completion tokens were reasoning.
+    completion_tokens_details: CompletionTokensDetails | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> Usage:
+        details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=details,
         )
 
 
@@ -86,6 +94,10 @@ class ResponseToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = ""  # None when the message is tool calls only
+    # The model's reasoning, for models with a reasoning format: vLLM's field, and `reasoning`, the name
+    # newer vLLM gives it (both, so that clients of either read it); left out of the body otherwise.
+    reasoning_content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    reasoning: str | None = Field(default=None, exclude_if=lambda v: v is None)
     # Left out of the body when there are none.
     tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)
 

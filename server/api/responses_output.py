@@ -1,5 +1,5 @@
-"""Response side of the Responses API: the `response` object, its output items (an assistant message,
-function calls) and the typed stream events that build them, each with its `sequence_number`."""
+"""Response side of the Responses API: the `response` object, its output items (reasoning, an assistant
+message, function calls) and the typed stream events that build them, each with its `sequence_number`."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class ResponseHeader:
             "output": output,
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": None,
-            "reasoning": None,
+            "reasoning": req.reasoning.model_dump() if req.reasoning is not None else None,
             "store": False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
@@ -58,12 +58,12 @@ class ResponseHeader:
         }
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": input_tokens,
         "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
     }
 
@@ -87,9 +87,20 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
             "status": status}
 
 
-def output_items(content: str, calls: list[dict[str, Any]], status: str) -> list[dict[str, Any]]:
-    """A whole response's output: the message (when there is text), then one item per call."""
-    items = [message_item(new_item_id("msg"), content, status)] if content or not calls else []
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    content = [] if text is None else [reasoning_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def output_items(content: str, calls: list[dict[str, Any]], status: str, reasoning: str = "") -> list[dict[str, Any]]:
+    """A whole response's output: the reasoning (when there is some), the message (when there is
+    text), then one item per call."""
+    items = [reasoning_item(new_item_id("rs"), reasoning, status)] if reasoning else []
+    items += [message_item(new_item_id("msg"), content, status)] if content or not calls else []
     for c in calls:
         items.append(call_item(new_item_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status))
     return items
@@ -117,6 +128,22 @@ class EventWriter:
         response = self.header.response("in_progress", [])
         return [self.event("response.created", response=response),
                 self.event("response.in_progress", response=response)]
+
+    def reasoning(self, delta: str) -> list[str]:
+        """More reasoning text: a reasoning item opens with the first."""
+        if not delta:
+            return []
+        events = []
+        if self.open is None or self.open["type"] != "reasoning":
+            events += self.close()
+            events += self._add(reasoning_item(new_item_id("rs"), None, "in_progress"))
+            events.append(self.event("response.content_part.added", item_id=self.open_id, output_index=self.index,
+                                     content_index=0, part=reasoning_part("")))
+            self.open["content"] = [reasoning_part("")]  # type: ignore[index]
+        self.open["content"][0]["text"] += delta  # type: ignore[index]
+        events.append(self.event("response.reasoning_text.delta", item_id=self.open_id, output_index=self.index,
+                                 content_index=0, delta=delta))
+        return events
 
     def text(self, delta: str) -> list[str]:
         if not delta:
@@ -153,7 +180,13 @@ class EventWriter:
             return []
         item["status"] = status
         events = []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            events.append(self.event("response.reasoning_text.done", item_id=item["id"], output_index=self.index,
+                                     content_index=0, text=part["text"]))
+            events.append(self.event("response.content_part.done", item_id=item["id"], output_index=self.index,
+                                     content_index=0, part=part))
+        elif item["type"] == "message":
             part = item["content"][0]
             events.append(self.event("response.output_text.done", item_id=item["id"], output_index=self.index,
                                      content_index=0, text=part["text"], logprobs=[]))
@@ -165,10 +198,12 @@ class EventWriter:
         events.append(self.event("response.output_item.done", output_index=self.index, item=item))
         return events
 
-    def finish(self, finish_reason: str | None, input_tokens: int, output_tokens: int) -> list[str]:
+    def finish(self, finish_reason: str | None, input_tokens: int, output_tokens: int,
+               reasoning_tokens: int = 0) -> list[str]:
         status = status_of(finish_reason)
         events = self.close("incomplete" if status == "incomplete" else "completed")
-        response = self.header.response(status, self.output, usage(input_tokens, output_tokens), finish_reason)
+        response = self.header.response(status, self.output, usage(input_tokens, output_tokens, reasoning_tokens),
+                                        finish_reason)
         return [*events, self.event(f"response.{status}", response=response)]
 
     def fail(self, code: str, message: str) -> str:

@@ -18,7 +18,6 @@ RESPONSES_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "conversation": (),
     "prompt": (),
     "include": ([],),
-    "reasoning": (),
     "max_tool_calls": (),
     "top_logprobs": (0,),
     "truncation": ("disabled",),
@@ -57,6 +56,13 @@ class ResponsesTool(BaseModel):
     strict: bool | None = None
 
 
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    effort: str | None = None
+    summary: str | None = None  # accepted; the reasoning comes back whole, never summarized
+
+
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -88,12 +94,16 @@ class ResponsesRequest(BaseModel):
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     timeout: float | None = None
+    # {"effort": ...}: passed to the chat template as reasoning_effort (as on the chat endpoint); the
+    # reasoning itself comes back as a reasoning item for models with a reasoning format.
+    reasoning: ReasoningConfig | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # an extra, as on the chat endpoint
+    structured_outputs: dict[str, Any] | None = None  # an extra, as on the chat endpoint (regex / grammar)
     # Declared only so that check() can name them; see RESPONSES_UNSUPPORTED.
     background: Any = None
     conversation: Any = None
     prompt: Any = None
     include: Any = None
-    reasoning: Any = None
     max_tool_calls: Any = None
     top_logprobs: Any = None
     truncation: Any = None
@@ -123,10 +133,13 @@ class ResponsesRequest(BaseModel):
         self.check()
         body: dict[str, Any] = {"messages": self.messages(), "stream": self.stream}
         sampling = ("model", "temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "user",
-                    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "timeout")
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "timeout",
+                    "chat_template_kwargs", "structured_outputs")
         body.update({k: getattr(self, k) for k in sampling if getattr(self, k) is not None})
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -229,6 +242,7 @@ _RENAMES = (
     (re.compile(r"response_format(\.json_schema)?"), "text.format"),
     (re.compile(r"tools\[(\d+)\]\.function\."), r"tools[\1]."),
     (re.compile(r"max_completion_tokens"), "max_output_tokens"),
+    (re.compile(r"reasoning_effort"), "reasoning.effort"),
     (re.compile(r"\bmessages(\[\d+\])?"), "input"),
 )
 

@@ -15,6 +15,7 @@ from server.api.endpoint import admit_generation, guarded_events, whole_response
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.images import chat_images, expand_images
 from server.api.logprobs import chat_logprobs, prompt_logprobs
+from server.api.output_reader import OutputPlan, OutputReader, output_format
 from server.api.prompts import resolve_max_tokens
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses import (
@@ -29,7 +30,7 @@ from server.api.sampling import choice_requests, compile_spec, response_format_s
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
-from server.api.tool_calls import ToolCallReader, merge_deltas
+from server.api.tool_calls import merge_deltas
 from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
 from server.engine.async_engine import AsyncEngine
 from server.engine.sampling_params import StructuredSpec
@@ -46,7 +47,7 @@ async def create_chat_completion(
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(body)
         images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
-        prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan)
+        prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan, body.template_kwargs())
         mm = None
         if images:
             assert runtime.vision is not None
@@ -62,14 +63,16 @@ async def create_chat_completion(
         )
         if mm is not None:
             reqs = [replace(r, mm=mm) for r in reqs]
+        output = output_plan(runtime, tokens, plan, prompt_ids, structured)
+        reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
     except BaseException:
         ticket.release()
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _chat_events(runtime.async_engine, tokens, body, plan, reqs, response_id, model, deadline)
+        events = _chat_events(runtime.async_engine, tokens, body, output, reqs, response_id, model, deadline)
         return sse_response(guarded_events(events, ticket, f"chat stream {response_id}"), ticket)
-    work = _chat_response(runtime.async_engine, tokens, body, plan, reqs, response_id, model, deadline)
+    work = _chat_response(runtime.async_engine, tokens, body, output, reqs, response_id, model, deadline)
     return await whole_response(request, work, ticket)
 
 
@@ -88,35 +91,53 @@ async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: T
     spec = call_spec(plan) if plan is not None else None
     if spec is not None:
         return await compile_spec(runtime, spec, "tools")
+    shaped = body.structured_outputs
+    if shaped is not None and shaped.regex is not None:
+        return await compile_spec(runtime, StructuredSpec(shaped.regex, kind="regex"), "structured_outputs.regex")
+    if shaped is not None and shaped.grammar is not None:
+        return await compile_spec(runtime, StructuredSpec(shaped.grammar, kind="lark"), "structured_outputs.grammar")
     spec = response_format_spec(body.response_format)
     return None if spec is None else await compile_spec(runtime, spec, format_param)
 
 
-def _message(text: str, finish_reason: str | None, plan: ToolPlan | None) -> tuple[ChatResponseMessage, str | None]:
+def output_plan(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, prompt_ids: list[int],
+                structured: StructuredSpec | None) -> OutputPlan:
+    """How this request's output is read: its model's reasoning and tool-call formats."""
+    fmt = output_format(tokens.tokenizer.chat_template, runtime.reasoning_parser, runtime.tool_call_parser)
+    # A JSON grammar shapes the output from its first token: no reasoning section. A regex or Lark
+    # grammar is the client's to write, reasoning included.
+    constrained = structured is not None and structured.kind == "json"
+    return OutputPlan.of(fmt, plan, tokens.tokenizer, prompt_ids, constrained)
+
+
+def _message(text: str, finish_reason: str | None, output: OutputPlan) -> tuple[ChatResponseMessage, str | None]:
     """The assistant message of a whole choice, read by the same reader as a stream."""
-    if plan is None:
+    reader = output.reader()
+    if reader is None:
         return ChatResponseMessage(content=text), finish_reason
-    reader = ToolCallReader(plan)
     first, last = reader.feed(text), reader.finish(finish_reason)
     calls = merge_deltas(first.tool_calls + last.tool_calls)
     content = first.content + last.content
-    if not calls:
-        return ChatResponseMessage(content=content), last.finish_reason
-    tool_calls = [ResponseToolCall.model_validate(c) for c in calls]
-    return ChatResponseMessage(content=content or None, tool_calls=tool_calls), last.finish_reason
+    thought = (first.reasoning + last.reasoning) if output.has_reasoning else None
+    tool_calls = [ResponseToolCall.model_validate(c) for c in calls] or None
+    message = ChatResponseMessage(content=content or (None if calls else ""), tool_calls=tool_calls,
+                                  reasoning_content=thought, reasoning=thought)
+    return message, last.finish_reason
 
 
 async def _chat_response(
-    engine: AsyncEngine, tokens: ModelTokenizer, body: ChatCompletionRequest, plan: ToolPlan | None,
+    engine: AsyncEngine, tokens: ModelTokenizer, body: ChatCompletionRequest, output: OutputPlan,
     reqs: list[ChoiceRequest], response_id: str, model: str, deadline: Deadline | None,
 ) -> ChatCompletionResponse:
     results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
     choices = []
     for i, r in enumerate(results):
-        message, finish_reason = _message(r.text, r.finish_reason, plan)
+        message, finish_reason = _message(r.text, r.finish_reason, output)
         logprobs = chat_logprobs(tokens.token_texts, r.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason))
-    usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results))
+    thinking = sum(reasoning_tokens(tokens.tokenizer, c.message.reasoning_content) for c in choices)
+    usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results),
+                     thinking if output.has_reasoning else None)
     scored = results[0].prompt_logprobs  # every choice has the same prompt
     prompt = None
     if body.prompt_logprobs is not None and scored is not None:
@@ -128,7 +149,7 @@ async def _chat_events(
     engine: AsyncEngine,
     tokens: ModelTokenizer,
     body: ChatCompletionRequest,
-    plan: ToolPlan | None,
+    output: OutputPlan,
     reqs: list[ChoiceRequest],
     response_id: str,
     model: str,
@@ -136,42 +157,54 @@ async def _chat_events(
 ) -> AsyncGenerator[str, None]:
     chunks = ChatChunks(response_id, now(), model)
 
-    num_output_tokens = 0
-    readers = {r.index: ToolCallReader(plan) for r in reqs} if plan is not None else {}
+    num_output_tokens = num_reasoning_tokens = 0
+    readers = {r.index: output.reader() for r in reqs}
     for r in reqs:
         yield chunks.choice(r.index, {"role": "assistant", "content": ""})
     async with aclosing(stream_choices(engine, tokens.tokenizer, reqs, deadline)) as deltas:
         async for d in deltas:
             num_output_tokens += len(d.token_ids)
+            reader = readers[d.index]
+            if reader is not None and reader.in_reasoning:  # these tokens were written inside the reasoning
+                num_reasoning_tokens += len(d.token_ids)
             if d.error is not None:
                 yield error_event(f"generation failed: {d.error}")
                 yield DONE
                 return
             if d.prompt_logprobs is not None and body.prompt_logprobs is not None:
                 yield chunks.prompt(d.index, prompt_logprobs(tokens.token_texts, d.prompt_logprobs, body.prompt_logprobs))
-            delta, finish_reason = _delta(readers.get(d.index), d.text, d.finish_reason if d.is_last else None)
+            delta, finish_reason = _delta(reader, d.text, d.finish_reason if d.is_last else None)
             if not (delta or d.logprobs or d.is_last):
                 continue  # held back (a partial character, stop string or call): nothing to send yet
             logprobs = chat_logprobs(tokens.token_texts, d.logprobs) if d.logprobs else None
             yield chunks.choice(d.index, delta, finish_reason, logprobs)
     if body.include_usage:
-        yield chunks.usage(Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens))
+        thinking = num_reasoning_tokens if output.has_reasoning else None
+        yield chunks.usage(Usage.of(len(reqs[0].prompt_token_ids), num_output_tokens, thinking))
     yield DONE
 
 
-def _delta(reader: ToolCallReader | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-    """A streamed chunk's delta: content, tool calls, or both; with the reader's finish reason last."""
+def _delta(reader: OutputReader | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """A streamed chunk's delta: reasoning, content, tool calls, or several; the reader's finish reason last."""
     if reader is None:
         return ({"content": text} if text else {}), finish_reason
     reading = reader.feed(text)
     if finish_reason is not None:
         last = reader.finish(finish_reason)
+        reading.reasoning += last.reasoning
         reading.content += last.content
         reading.tool_calls += last.tool_calls
         finish_reason = last.finish_reason
     delta: dict[str, Any] = {}
+    if reading.reasoning:
+        delta["reasoning_content"] = delta["reasoning"] = reading.reasoning
     if reading.content:
         delta["content"] = reading.content
     if reading.tool_calls:
         delta["tool_calls"] = reading.tool_calls
     return delta, finish_reason
+
+
+def reasoning_tokens(tokenizer: Any, reasoning: str | None) -> int:
+    """Tokens of a whole choice's reasoning (re-encoded: the reader splits text, not tokens)."""
+    return len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0

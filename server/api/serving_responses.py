@@ -9,6 +9,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 
@@ -17,16 +18,17 @@ from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.api.endpoint import admit_generation
 from server.api.errors import APIError
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
+from server.api.output_reader import OutputPlan
 from server.api.prompts import resolve_max_tokens
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
 from server.api.responses_protocol import ResponsesRequest, as_responses_error
 from server.api.sampling import choice_requests
-from server.api.serving_chat import structured_spec
+from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec
 from server.api.sse import sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
-from server.api.tool_calls import ToolCallReader, merge_deltas
-from server.api.tools import ToolPlan, encode_tool_chat, plan_tools
+from server.api.tool_calls import Reading, merge_deltas
+from server.api.tools import encode_tool_chat, plan_tools
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -45,7 +47,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(chat)
-        prompt_ids = await encode_tool_chat(tokens.tokenizer, chat.conversation(), plan)
+        prompt_ids = await encode_tool_chat(tokens.tokenizer, chat.conversation(), plan, chat.template_kwargs())
         max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
         runtime.check_fits_cache(len(prompt_ids), "input")
         ticket.reserve_tokens(len(prompt_ids), "input")
@@ -53,6 +55,8 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         response_id = f"resp_{uuid.uuid4().hex}"
         reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
                                structured, tokens.eos_token_ids)
+        output = output_plan(runtime, tokens, plan, prompt_ids, structured)
+        reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
     except APIError as exc:
         ticket.release()
         raise as_responses_error(exc) from None
@@ -61,10 +65,10 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         raise
     header = ResponseHeader(response_id, body.model or runtime.base_model_id, body)
     if body.stream:
-        events = _events(runtime, tokens, plan, reqs[0], header, deadline)
+        events = _events(runtime, tokens, output, reqs[0], header, deadline)
         return sse_response(_framed(events, ticket, response_id), ticket)
     try:
-        work = _whole(runtime, tokens, plan, reqs[0], header, deadline)
+        work = _whole(runtime, tokens, output, reqs[0], header, deadline)
         return Response(json.dumps(await cancel_on_disconnect(request, work)), media_type="application/json")
     except ClientDisconnected:
         return Response(status_code=499)
@@ -82,55 +86,56 @@ async def delete_response(response_id: str) -> Response:
     raise APIError(NOT_STORED.format(id=response_id, verb="deleted"), 404, param="response_id")
 
 
-def _read(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
-    """Content, whole calls and finish reason of a finished text, read as the chat endpoint reads it."""
-    if plan is None:
-        return text, [], finish_reason
-    reader = ToolCallReader(plan)
+def _read(output: OutputPlan, text: str, finish_reason: str | None) -> tuple[str, str, list[dict], str | None]:
+    """Reasoning, content, whole calls and finish reason of a finished text, read as the chat endpoint reads it."""
+    reader = output.reader()
+    if reader is None:
+        return "", text, [], finish_reason
     first, last = reader.feed(text), reader.finish(finish_reason)
-    return first.content + last.content, merge_deltas(first.tool_calls + last.tool_calls), last.finish_reason
+    calls = merge_deltas(first.tool_calls + last.tool_calls)
+    return first.reasoning + last.reasoning, first.content + last.content, calls, last.finish_reason
 
 
-async def _whole(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, req: ChoiceRequest,
+async def _whole(runtime: Runtime, tokens: ModelTokenizer, output: OutputPlan, req: ChoiceRequest,
                  header: ResponseHeader, deadline: Deadline | None) -> dict:
     [result] = await collect_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)
-    content, calls, finish_reason = _read(plan, result.text, result.finish_reason)
+    reasoning, content, calls, finish_reason = _read(output, result.text, result.finish_reason)
     status = status_of(finish_reason)
-    items = output_items(content, calls, status)
-    return header.response(status, items, usage(len(req.prompt_token_ids), result.num_tokens), finish_reason)
+    items = output_items(content, calls, status, reasoning)
+    spent = usage(len(req.prompt_token_ids), result.num_tokens, reasoning_tokens(tokens.tokenizer, reasoning))
+    return header.response(status, items, spent, finish_reason)
 
 
-async def _events(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, req: ChoiceRequest,
+async def _events(runtime: Runtime, tokens: ModelTokenizer, output: OutputPlan, req: ChoiceRequest,
                   header: ResponseHeader, deadline: Deadline | None) -> AsyncGenerator[str, None]:
     writer = EventWriter(header)
     for event in writer.start():
         yield event
-    reader = ToolCallReader(plan) if plan is not None else None
-    num_tokens = 0
+    reader = output.reader()
+    num_tokens = num_reasoning_tokens = 0
     async with aclosing(stream_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)) as deltas:
         async for d in deltas:
             num_tokens += len(d.token_ids)
+            if reader is not None and reader.in_reasoning:
+                num_reasoning_tokens += len(d.token_ids)
             if d.error is not None:
                 yield writer.fail("server_error", f"generation failed: {d.error}")
                 return
             finish_reason = d.finish_reason
-            if reader is None:
-                content, calls = d.text, []
-            else:
-                reading = reader.feed(d.text)
-                if d.is_last:
-                    last = reader.finish(finish_reason)
-                    reading.content += last.content
-                    reading.tool_calls += last.tool_calls
-                    finish_reason = last.finish_reason
-                content, calls = reading.content, reading.tool_calls
-            for event in writer.text(content):
+            reading = Reading(content=d.text) if reader is None else reader.feed(d.text)
+            if reader is not None and d.is_last:
+                last = reader.finish(finish_reason)
+                reading.reasoning += last.reasoning
+                reading.content += last.content
+                reading.tool_calls += last.tool_calls
+                finish_reason = last.finish_reason
+            for event in writer.reasoning(reading.reasoning) + writer.text(reading.content):
                 yield event
-            for call in calls:
+            for call in reading.tool_calls:
                 for event in writer.tool_call(call):
                     yield event
             if d.is_last:
-                for event in writer.finish(finish_reason, len(req.prompt_token_ids), num_tokens):
+                for event in writer.finish(finish_reason, len(req.prompt_token_ids), num_tokens, num_reasoning_tokens):
                     yield event
 
 

@@ -43,6 +43,8 @@ class Runtime:
     base_model_id: str
     tokenizers: TokenizerRegistry  # per model: the tokenizer, chat template and EOS ids its requests use
     vision: VisionProcessor | None = None  # image-text models: images in chat messages become engine inputs
+    reasoning_parser: str = "auto"  # --reasoning-parser / --tool-call-parser (server/api/output_reader.py)
+    tool_call_parser: str = "auto"
 
     @property
     def max_model_len(self) -> int:
@@ -171,7 +173,8 @@ class ServerState:
         names = [self.base_model_id, *(a.name for a in adapters)]
         base = tokenizers.base
         self.runtime = Runtime(engine, async_engine, base.tokenizer, adapters, base.token_texts, self.base_model_id,
-                               tokenizers, vision)
+                               tokenizers, vision, self.config.reasoning_parser,
+                               self.config.tool_call_parser)
         fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
         logger.info("ready to serve: %s", ", ".join(names))
 

@@ -1,30 +1,27 @@
-"""Tool use in chat, response side: reads tool calls out of a choice's text as it streams, as
+"""Tool use in chat, response side: reads tool calls out of a choice's content as it streams, as
 OpenAI's `delta.tool_calls` (index, id and name first, then fragments of the arguments' JSON).
 
 A whole (non-streamed) response is read by the same reader fed the whole text at once, so a
-streamed call reassembles into exactly the call the whole response has. The formats are those of
-server/api/tools.py:
-- forced calls (tool_choice "required" or a named function) follow the grammar, so they are read
-  incrementally: each call is sent as soon as its name is known, its arguments as they come;
-- with tool_choice "auto" the model may write anything: text that starts like a call (`{`, `[` or
-  `<tool_call>`) is held back and read at the end, as calls if it parses as calls of known
-  functions, else sent as content; any other text streams as content.
+streamed call reassembles into exactly the call the whole response has.
+- forced calls (tool_choice "required" or a named function) follow the grammar of
+  server/api/tools.py, so they are read incrementally: each call is sent as soon as its name is
+  known, its arguments as they come;
+- with tool_choice "auto" the model may write text and calls in its family's format, anywhere:
+  server/api/tool_formats.py reads them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.tool_formats import HERMES, AutoToolReader, ToolFormat
 from server.api.tools import ToolPlan
 
 # The start of a forced call, up to the first character of its arguments.
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
-_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_CALL_STARTS = ("{", "[", "<tool_call>")
 
 
 def new_call_id() -> str:
@@ -33,16 +30,18 @@ def new_call_id() -> str:
 
 @dataclass(slots=True)
 class Reading:
-    """What to send for the text read so far: content and `delta.tool_calls` entries."""
+    """What to send for the text read so far: reasoning, content and `delta.tool_calls` entries."""
 
     content: str = ""
+    reasoning: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None  # set by finish(): "tool_calls" when calls were read whole
 
 
 class ToolCallReader:
-    def __init__(self, plan: ToolPlan) -> None:
+    def __init__(self, plan: ToolPlan, fmt: ToolFormat = HERMES) -> None:
         self.plan = plan
+        self.auto = None if plan.is_forced else AutoToolReader(fmt, plan.names)
         self.buf = ""
         self.pos = 0
         self.state = "open" if plan.mode == "required" else "call"  # forced: a list or one object
@@ -51,37 +50,31 @@ class ToolCallReader:
         self.depth = 0
         self.in_string = False
         self.escaped = False
-        self.auto_decided: bool | None = None  # auto: None until the first non-blank character
 
     def feed(self, text: str) -> Reading:
-        self.buf += text
-        if self.plan.is_forced:
+        if self.auto is None:
+            self.buf += text
             return Reading(tool_calls=self._read_forced())
-        if self.auto_decided is None:
-            head = self.buf.lstrip()
-            if head.startswith(_CALL_STARTS):
-                self.auto_decided = True
-            elif head and not "<tool_call>".startswith(head):
-                self.auto_decided = False
-        if self.auto_decided is False:
-            content, self.buf = self.buf, ""
-            return Reading(content=content)
-        return Reading()  # held back: blank so far, or maybe a call
+        content, calls = self.auto.feed(text)
+        return Reading(content=content, tool_calls=self._numbered(calls))
 
     def finish(self, finish_reason: str | None) -> Reading:
         """The rest, once the choice ended; `finish_reason` becomes "tool_calls" for whole calls."""
-        if self.plan.is_forced:
+        if self.auto is None:
             whole = self.state == "done"
             return Reading(finish_reason="tool_calls" if whole and finish_reason == "stop" else finish_reason)
-        if not self.auto_decided:
-            rest, self.buf = self.buf, ""
-            return Reading(content=rest, finish_reason=finish_reason)
-        calls = parse_calls(self.buf, self.plan.names)
-        if calls is None:
-            return Reading(content=self.buf, finish_reason=finish_reason)
-        deltas = [{"index": i, "id": new_call_id(), "type": "function", "function": {"name": n, "arguments": a}}
-                  for i, (n, a) in enumerate(calls)]
-        return Reading(tool_calls=deltas, finish_reason="tool_calls" if finish_reason == "stop" else finish_reason)
+        content, calls = self.auto.finish()
+        made = bool(self.auto.calls) and finish_reason == "stop"
+        return Reading(content=content, tool_calls=self._numbered(calls),
+                       finish_reason="tool_calls" if made else finish_reason)
+
+    def _numbered(self, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        out = []
+        for name, arguments in calls:
+            out.append({"index": self.num_calls, "id": new_call_id(), "type": "function",
+                        "function": {"name": name, "arguments": arguments}})
+            self.num_calls += 1
+        return out
 
     # --- forced calls, read as they stream ----------------------------------------------------------
 
@@ -154,30 +147,6 @@ class ToolCallReader:
                 if self.depth == 0:
                     return True
         return False
-
-
-def parse_calls(text: str, names: list[str]) -> list[tuple[str, str]] | None:
-    """(name, arguments JSON) of each call written in `text` (a call object, a list of them, or
-    `<tool_call>` blocks of either), None unless all of it is calls of functions in `names`."""
-    blocks = [text]
-    if "<tool_call>" in text:
-        blocks = _BLOCK.findall(text)
-        if not blocks or _BLOCK.sub("", text).strip():
-            return None
-    calls: list[tuple[str, str]] = []
-    for block in blocks:
-        try:
-            value = json.loads(block)
-        except ValueError:
-            return None
-        for item in value if isinstance(value, list) else [value]:
-            if not isinstance(item, dict) or item.get("name") not in names:
-                return None
-            args = item.get("arguments", item.get("parameters"))
-            if not isinstance(args, dict):
-                return None
-            calls.append((item["name"], json.dumps(args, ensure_ascii=False)))
-    return calls or None
 
 
 def merge_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -133,21 +133,25 @@ def template_knows_tools(tokenizer: Any) -> bool:
     return isinstance(template, str) and "tools" in template
 
 
-async def encode_tool_chat(tokenizer: Any, conversation: list[dict[str, Any]], plan: ToolPlan | None) -> list[int]:
-    """Token ids of the conversation with the tools shown the way the template can take them."""
+async def encode_tool_chat(tokenizer: Any, conversation: list[dict[str, Any]], plan: ToolPlan | None,
+                           template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of the conversation with the tools shown the way the template can take them;
+    `template_kwargs`: the template's extra variables (chat_template_kwargs, reasoning_effort)."""
     if template_knows_tools(tokenizer):
         if plan is None:
-            return await encode_chat(tokenizer, conversation)  # type: ignore[arg-type]
-        return await asyncio.to_thread(_render_with_tools, tokenizer, conversation, plan.tools)
+            return await encode_chat(tokenizer, conversation, True, template_kwargs)  # type: ignore[arg-type]
+        return await asyncio.to_thread(_render_with_tools, tokenizer, conversation, plan.tools, template_kwargs)
     conversation = [_as_text(m) for m in conversation]
     if plan is not None:
         conversation = _with_tools_message(conversation, plan)
-    return await encode_chat(tokenizer, conversation)  # type: ignore[arg-type]
+    return await encode_chat(tokenizer, conversation, True, template_kwargs)  # type: ignore[arg-type]
 
 
-def _render_with_tools(tokenizer: Any, conversation: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
+def _render_with_tools(tokenizer: Any, conversation: list[dict[str, Any]], tools: list[dict[str, Any]],
+                       template_kwargs: dict[str, Any] | None) -> list[int]:
     try:
-        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True, tokenize=False,
+                                             **(template_kwargs or {}))
     except Exception as exc:  # jinja raises on conversations a template rejects
         raise invalid_param("messages", f"the chat template rejected these messages: {exc}") from exc
     return list(tokenizer.encode(str(text), add_special_tokens=False))

@@ -75,20 +75,25 @@ class GrammarCompiler:
     def compile(self, spec: StructuredSpec) -> llguidance.LLMatcher:
         """The compiled grammar of `spec`; GrammarError names what is wrong with it."""
         with self._lock:
-            template = self._cache.get(spec.json_schema)
+            template = self._cache.get(spec.key)
             if template is not None:
-                self._cache.move_to_end(spec.json_schema)
+                self._cache.move_to_end(spec.key)
                 return template
-        template = self._build(spec.json_schema)  # outside the lock: compiling can take milliseconds
+        template = self._build(spec)  # outside the lock: compiling can take milliseconds
         with self._lock:
-            self._cache[spec.json_schema] = template
+            self._cache[spec.key] = template
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return template
 
-    def _build(self, schema: str) -> llguidance.LLMatcher:
+    def _build(self, spec: StructuredSpec) -> llguidance.LLMatcher:
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            if spec.kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(spec.json_schema)
+            elif spec.kind == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(spec.json_schema)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise GrammarError(str(exc)) from None
         template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)

@@ -9,16 +9,25 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class StructuredSpec:
-    """What the output must be: a JSON document valid against `json_schema` (JSON text).
+    """What the output must be: a JSON document valid against `json_schema` (JSON text), or with
+    `kind` "regex" / "lark", text matching the regular expression / Lark grammar `json_schema` holds.
     `compiled` is the grammar when it was compiled off the engine thread (the API does that, see
     GrammarCompiler); without it the sampler compiles it at the request's first token."""
 
     json_schema: str
     compiled: Any = field(default=None, compare=False, repr=False)
+    kind: str = "json"
 
     def __post_init__(self) -> None:
         if not self.json_schema.strip():
             raise ValueError("a structured output spec needs a JSON schema")
+        if self.kind not in ("json", "regex", "lark"):
+            raise ValueError(f"a structured output spec is json, regex or lark; got {self.kind!r}")
+
+    @property
+    def key(self) -> str:
+        """What identifies its grammar (compiled grammars are cached by it)."""
+        return self.json_schema if self.kind == "json" else f"{self.kind}:{self.json_schema}"
 
     @classmethod
     def json_object(cls) -> StructuredSpec:

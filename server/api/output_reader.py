@@ -1,0 +1,165 @@
+"""What a choice's text means: reasoning, content and tool calls, read as it streams. The reasoning
+and tool-call formats are the model's (detected from its chat template, or named by
+--reasoning-parser / --tool-call-parser); one reader per choice composes them: reasoning is split
+off first, then the content is searched for calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from server.api.detokenizer import special_token_ids
+from server.api.harmony import MARKERS as HARMONY_MARKERS
+from server.api.harmony import HarmonyReader
+from server.api.reasoning import END, START, ThinkSplitter, prompt_opens
+from server.api.tool_calls import Reading, ToolCallReader
+from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, TOOL_FORMATS, ToolFormat
+from server.api.tools import ToolPlan
+
+PROMPT_TAIL_TOKENS = 16  # of the prompt, decoded to see whether its template opened the reasoning
+
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    """How one model writes reasoning and tool calls."""
+
+    reasoning: str | None  # "qwen3", "deepseek_r1", "harmony" or None (no reasoning section)
+    tools: ToolFormat | None  # None: harmony (its reader finds the calls)
+
+    @property
+    def is_harmony(self) -> bool:
+        return self.reasoning == "harmony" or self.tools is None
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The texts this format reads: special tokens spelling them are kept by the detokenizer."""
+        if self.is_harmony:
+            return HARMONY_MARKERS
+        think = (START, END) if self.reasoning is not None else ()
+        tools = self.tools or HERMES
+        closes = (tools.closes,) if tools.closes else ()
+        extra = ("[ARGS]", "[CALL_ID]") if tools is MISTRAL else ()
+        return (*think, tools.opens, *closes, *extra)
+
+
+@lru_cache(maxsize=64)
+def output_format(template: str | None, reasoning_parser: str = "auto", tool_call_parser: str = "auto") -> OutputFormat:
+    """The format of a model with this chat template, the flags overriding what the template says."""
+    text = template or ""
+    harmony = "<|channel|>" in text
+    reasoning: str | None = {"none": None, "gpt_oss": "harmony"}.get(reasoning_parser, reasoning_parser)
+    if reasoning_parser == "auto":
+        reasoning = "harmony" if harmony else "qwen3" if START in text else None
+    tools: ToolFormat | None
+    if tool_call_parser in ("harmony", "openai"):
+        tools = None
+    elif tool_call_parser != "auto":
+        tools = TOOL_FORMATS[tool_call_parser]
+    elif harmony:
+        tools = None
+    elif "[TOOL_CALLS]" in text:
+        tools = MISTRAL
+    elif "<|python_tag|>" in text or ("<|start_header_id|>" in text and "<tool_call>" not in text):
+        tools = LLAMA3_JSON
+    else:
+        tools = HERMES  # also reads a reply of bare JSON calls, what the generic tool prompt asks for
+    return OutputFormat(reasoning, tools)
+
+
+class OutputReader:
+    """Reasoning, content and calls of one choice: `feed` its text as it comes, `finish` at the end.
+    `prompt_tail`: the end of the rendered prompt (a template may open the reasoning there);
+    `constrained`: a grammar shapes the output from its first token, so it has no reasoning."""
+
+    def __init__(self, fmt: OutputFormat, plan: ToolPlan | None, prompt_tail: str = "", constrained: bool = False) -> None:
+        self.harmony = HarmonyReader() if fmt.is_harmony and not constrained else None
+        self.think: ThinkSplitter | None = None
+        if fmt.reasoning in ("qwen3", "deepseek_r1") and not constrained:
+            self.think = ThinkSplitter(prompt_opens(prompt_tail), implicit=fmt.reasoning == "deepseek_r1")
+        self.tools = ToolCallReader(plan, fmt.tools or HERMES) if plan is not None else None
+        self.num_calls = 0
+
+    @property
+    def in_reasoning(self) -> bool:
+        part = self.harmony or self.think
+        return part is not None and part.in_reasoning
+
+    def feed(self, text: str) -> Reading:
+        return self._read(text, None, last=False)
+
+    def finish(self, finish_reason: str | None) -> Reading:
+        return self._read("", finish_reason, last=True)
+
+    def _read(self, text: str, finish_reason: str | None, last: bool) -> Reading:
+        out = Reading(finish_reason=finish_reason)
+        calls: list[dict[str, Any]] = []
+        if self.harmony is not None:
+            h = self.harmony.finish() if last else self.harmony.feed(text)
+            out.reasoning, text = h.reasoning, h.content
+            calls = h.calls
+        elif self.think is not None:
+            s = self.think.finish() if last else self.think.feed(text)
+            out.reasoning, text = s.reasoning, s.content
+        if self.tools is None:
+            out.content = text
+        else:
+            reading = self.tools.feed(text)
+            if last:
+                end = self.tools.finish(finish_reason)
+                reading.content += end.content
+                reading.tool_calls += end.tool_calls
+            out.content = reading.content
+            calls += reading.tool_calls
+        out.tool_calls = self._renumber(calls)
+        if last and self.num_calls and finish_reason == "stop":
+            out.finish_reason = "tool_calls"
+        return out
+
+    def _renumber(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One index sequence over the calls of both readers (harmony's and the content's)."""
+        out = []
+        for c in calls:
+            if "id" in c:
+                self.num_calls += 1
+            out.append({**c, "index": self.num_calls - 1})
+        return out
+
+
+def marker_token_ids(tokenizer: Any, fmt: OutputFormat) -> frozenset[int]:
+    """The special tokens of `tokenizer` that spell the format's markers (kept in the text)."""
+    specials = special_token_ids(tokenizer)
+    ids = set()
+    for marker in fmt.markers:
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token_id, int) and token_id in specials and tokenizer.convert_ids_to_tokens(token_id) == marker:
+            ids.add(token_id)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPlan:
+    """How the choices of one request are read: its model's format, its tools, the end of its prompt."""
+
+    fmt: OutputFormat
+    tools: ToolPlan | None
+    prompt_tail: str = ""
+    constrained: bool = False  # a grammar (response_format, forced call) shapes the whole output
+    keep_special_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, fmt: OutputFormat, tools: ToolPlan | None, tokenizer: Any, prompt_ids: list[int],
+           constrained: bool) -> OutputPlan:
+        tail = str(tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
+        return cls(fmt, tools, tail, constrained, marker_token_ids(tokenizer, fmt))
+
+    @property
+    def has_reasoning(self) -> bool:
+        return (self.fmt.reasoning is not None or self.fmt.is_harmony) and not self.constrained
+
+    def reader(self) -> OutputReader | None:
+        """A choice's reader; None when its text is all content."""
+        if self.tools is None and not self.has_reasoning:
+            return None
+        return OutputReader(self.fmt, self.tools, self.prompt_tail, self.constrained)
