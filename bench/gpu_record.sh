@@ -15,6 +15,12 @@
 #   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
 #   bash bench/gpu_record.sh rank      # the server with 8 adapters at c64: default slot rank vs --max-lora-rank 64
 #   bash bench/gpu_record.sh fidelity  # checkpoint formats / adapter kinds vs Unsloth and PEFT, GPU tests, mixed layers
+#   bash bench/gpu_record.sh families  # per family (issue 19): random NF4 model of a real shape, engine alone, HTTP
+#                                      # at c1/c8/c64, Unsloth's best and transformers+bnb at bs 1/8/64 (bench/families.py).
+#                                      # The plan is ~12 min: two calls on one warm machine, the second's summary has both:
+#                                      #   FAMILIES=gemma3-4b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
+#                                      #   FAMILIES=qwen3-30b-a3b:12:bf16,olmo2-7b,gpt-oss-20b:4 bash bench/gpu_record.sh families
+#                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family)
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -234,6 +240,14 @@ rank)
     grep -h -E "compiled while serving|garbage collection|heap frozen|slots" "$RES"/server-*.log | cut -c1-250
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/*-base.txt "$RES"/*-lora.txt
     ;;
+families)
+    fam_args=(--work /tmp/fam-models --out "$RES/fam" --time-budget-s 540 --peers "${FAMILY_PEERS:-unsloth-graphs,hf-bnb}")
+    [ -n "${FAMILIES:-}" ] && fam_args+=(--families "$FAMILIES")
+    elapsed "families: ${FAMILIES:-the default plan}"
+    timeout 575 python bench/families.py "${fam_args[@]}" > "$RES/families.log" 2>&1
+    grep -h "^== " "$RES/families.log" | grep -E "rc |: [0-9]+s$" | cut -c1-200
+    cp "$RES/fam/families.md" "$RES/families.md" 2>/dev/null
+    ;;
 checks)
     elapsed "gpu tests"
     timeout 180 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
@@ -254,4 +268,4 @@ esac
 elapsed "done"
 save
 tail -n 4 "$RES"/*.log "$RES"/*.txt 2>/dev/null | cut -c1-300
-cat "$RES/cmp/compare.md" 2>/dev/null
+cat "$RES/cmp/compare.md" "$RES/families.md" 2>/dev/null

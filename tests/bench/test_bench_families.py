@@ -108,3 +108,53 @@ def test_gpt_oss_shape_follows_transformers_layout(tmp_path: Path) -> None:
         return
     _, tokens = load_and_decode(folder)
     assert len(tokens) == 4
+
+
+# ---------------------------------------------------------------- the per-family run's plan and report
+
+
+def test_family_specs_parse_layers_and_expert_layout() -> None:
+    from bench.families import DEFAULT_FAMILIES, Family
+
+    assert Family.parse("qwen3-30b-a3b:12:bf16") == Family("qwen3-30b-a3b", 12, True)
+    assert Family.parse("gemma3-4b").label == "gemma3-4b"
+    assert Family.parse("qwen3-30b-a3b:12").label == "qwen3-30b-a3b-12l"
+    assert all(Family.parse(f) for f in DEFAULT_FAMILIES.split(","))
+    for bad in ("llama9", "qwen3-8b:fp8"):
+        with pytest.raises(ValueError):
+            Family.parse(bad)
+
+
+def write_results(out: Path, route: str, ours: dict[int, float], unsloth: dict[int, float]) -> Path:
+    out.mkdir(parents=True)
+    info = {"family": out.name, "source": "x", "total_layers": 4, "layers": None, "build_s": 3.0, "disk_gb": 1.0,
+            "route": route, "route_note": "Arch"}
+    (out / "info.json").write_text(json.dumps(info))
+    (out / "engine.json").write_text(json.dumps([{"batch": b, "adapters": 0, "output_tok_s": 2 * r}
+                                                 for b, r in ours.items()]))
+    for b, r in ours.items():
+        (out / f"http-c{b}.json").write_text(json.dumps({"metrics": {"output_throughput": r, "failed": 0}}))
+    rows = [{"peer": "unsloth-graphs", "batch_size": b, "status": "ok", "tokens_per_s": r} for b, r in unsloth.items()]
+    rows.append({"peer": "hf-bnb", "batch_size": 1, "status": "error", "note": "load failed: KeyError: 'x'"})
+    (out / "peers.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return out
+
+
+def test_report_gives_ratios_to_unsloths_best_and_the_issue_targets(tmp_path: Path) -> None:
+    from bench.families import parse_args
+    from bench.families_report import family_markdown, summary_markdown
+
+    args = parse_args(["--out", str(tmp_path), "--batch-sizes", "1,64"])
+    fast = write_results(tmp_path / "fast", "native", {1: 300.0, 64: 9000.0}, {1: 150.0, 64: 5000.0})
+    slow = write_results(tmp_path / "slow", "native", {1: 200.0, 64: 9000.0}, {1: 150.0, 64: 5000.0})
+    generic = write_results(tmp_path / "gen", "generic", {1: 50.0, 64: 5000.0}, {1: 150.0, 64: 5000.0})
+    table = family_markdown(fast, args)
+    assert "| sloth-serve engine alone | 600 | 18,000 |" in table
+    assert "| HTTP / Unsloth's best | 2.00x | 1.80x |" in table
+    assert "| transformers + bitsandbytes NF4 | error | not run |" in table and "KeyError" in table
+    for out in (fast, slow, generic):
+        (out / "family.md").write_text(family_markdown(out, args))
+    summary = summary_markdown([fast, slow, generic], args)
+    assert "| fast | native | 300 | 150 | 2.00x | 9,000 | 5,000 | 1.80x | met (>= 1.5x) |" in summary
+    assert "| slow | native | 200 | 150 | 1.33x | 9,000 | 5,000 | 1.80x | missed (< 1.5x) |" in summary
+    assert "| gen | generic | 50.0 | 150 | 0.33x | 5,000 | 5,000 | 1.00x | met (>= 1x at bs 64) |" in summary
