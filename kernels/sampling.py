@@ -27,6 +27,19 @@ def sample_ref(
     q [B, V] Exp(1) noise -> token ids [B]. A token whose logit is -inf is never drawn. `cut` (some
     row has top-k or top-p) and `floor` (some row has min-p) may be given from host-side values, so
     that deciding costs no device sync; they are read from the tensors otherwise."""
+    probs = filtered_probs(logits, temperature, top_k, top_p, min_p, cut, floor)
+    # p = 0 (masked) must never win, even where q drew exactly 0 (0 / 0 is NaN, and argmax takes NaN).
+    scores = (probs / q).masked_fill(probs <= 0, -1.0)
+    return scores.argmax(dim=-1)
+
+
+def filtered_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor, cut: bool | None = None, floor: bool | None = None,
+) -> torch.Tensor:
+    """The distribution sample_ref draws from: [B, V] probabilities after temperature, top-k,
+    top-p and min-p (min-p's dropped mass is not renormalized: the race draws in proportion).
+    Speculative decoding's rejection sampler compares these for target and draft."""
     logits = logits / temperature.unsqueeze(1)
     vocab = logits.shape[-1]
     if cut is None:
@@ -46,9 +59,7 @@ def sample_ref(
     if floor:
         least = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < least, 0.0)
-    # p = 0 (masked) must never win, even where q drew exactly 0 (0 / 0 is NaN, and argmax takes NaN).
-    scores = (probs / q).masked_fill(probs <= 0, -1.0)
-    return scores.argmax(dim=-1)
+    return probs
 
 
 def sample(

@@ -97,6 +97,25 @@ class Config:
     cuda_graph_sizes: tuple[int, ...] = setting(
         (), "decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)", "engine",
         metavar="SIZES", parse=flags.int_list)
+    # Speculative decoding (server/engine/spec_decode): greedy output is unchanged token for token,
+    # sampled output keeps its distribution (rejection sampling). --speculative-model alone means draft.
+    speculative_method: str | None = setting(
+        None, "propose tokens and verify them in one step of the model: ngram looks the last tokens up in "
+        "the prompt and output, draft runs --speculative-model (default: off; draft with --speculative-model)",
+        "engine", choices=("ngram", "draft"))
+    speculative_model: str | None = setting(
+        None, "draft model folder with the model's tokenizer (4-bit or 16-bit, as --load-format loads it)",
+        "engine", metavar="FOLDER")
+    num_speculative_tokens: int = setting(4, "speculative decoding: tokens proposed per step and sequence",
+                                          "engine", metavar="K")
+    # A verify step of 1 + k tokens per sequence stops being almost free once the batch is large
+    # (bench/spec_decode.py measures where on a GPU).
+    speculative_max_batch_size: int = setting(
+        8, "speculative decoding: no sequence speculates in steps with more running sequences than this",
+        "engine", metavar="N")
+    prompt_lookup_min: int = setting(1, "ngram: shortest run of last tokens looked up", "engine", metavar="N")
+    prompt_lookup_max: int = setting(
+        4, "ngram: longest run of last tokens looked up (the longest run found proposes)", "engine", metavar="N")
     # LoRA
     lora_modules: tuple[tuple[str, str], ...] = setting(
         (), "serve a PEFT LoRA adapter as model NAME (repeatable)", "LoRA", names=("--lora",),
@@ -175,6 +194,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_choices(self)
         _check_engine(self)
+        _check_speculative(self)
         _check_http(self)
 
 
@@ -203,6 +223,16 @@ def _check_engine(config: Config) -> None:
     _at_least(config, "max_model_len", 2)
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {config.gpu_memory_utilization}")
+
+
+def _check_speculative(config: Config) -> None:
+    if config.speculative_method == "draft" and not config.speculative_model:
+        raise ValueError("--speculative-method draft needs --speculative-model FOLDER (the draft model)")
+    for name in ("num_speculative_tokens", "speculative_max_batch_size", "prompt_lookup_min"):
+        _at_least(config, name, 1)
+    if config.prompt_lookup_max < config.prompt_lookup_min:
+        raise ValueError(f"--prompt-lookup-max must be at least --prompt-lookup-min ({config.prompt_lookup_min}); "
+                         f"got {config.prompt_lookup_max}")
 
 
 def _check_http(config: Config) -> None:

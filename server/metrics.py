@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from server.engine import stalls
 from server.engine.llm_engine import RequestOutput
 from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.engine.spec_decode.stats import SpecStats
 from server.logs import log_finished_request
 
 # vLLM's buckets, with finer ones below 10 ms for inter-token latency (a GPU step takes a few ms).
@@ -61,6 +62,34 @@ class LoraInfoCollector(Collector):
                                    labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters", "model_name"])
         family.add_metric([str(m.max_loras), m.adapter_names(running), m.adapter_names(waiting), m.label(0)], seen_at)
         yield family
+
+
+class SpecDecodeCollector(Collector):
+    """Speculative decoding's counters under vLLM's names, read at scrape time from the scheduler's
+    running totals (server/engine/spec_decode/stats.py); absent while speculation is off, as in vLLM.
+    Acceptance rate = accepted / draft tokens; mean accepted length = 1 + accepted / drafts."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._metrics.spec_stats
+        if stats is None or not stats.enabled:
+            return
+        model = self._metrics.label(0)
+        for name, doc, value in (
+            ("vllm:spec_decode_num_drafts", "Verify steps of a sequence with draft tokens.", stats.num_drafts),
+            ("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", stats.num_draft_tokens),
+            ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.num_accepted_tokens),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([model], value)
+            yield family
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.", labels=["model_name", "position"])
+        for pos, value in enumerate(list(stats.accepted_per_pos)):
+            per_pos.add_metric([model, str(pos)], value)
+        yield per_pos
 
 
 class _ModelSeries:
@@ -154,6 +183,8 @@ class EngineMetrics:
         self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
         r.register(StallCollector())
         r.register(LoraInfoCollector(self))
+        self.spec_stats: SpecStats | None = None  # the scheduler's, seen at the first step
+        r.register(SpecDecodeCollector(self))
         base = self.label(0)
         self._running, self._waiting = self.running.labels(base), self.waiting.labels(base)
         self._kv_usage, self._gpu_cache_usage = self.kv_usage.labels(base), self.gpu_cache_usage.labels(base)
@@ -214,6 +245,7 @@ class EngineMetrics:
             self.forward_time.observe(forward_seconds)
         self._sync_prefix_counters(bm.num_prefix_queries, bm.num_prefix_hits)
         self.max_loras = scheduler.config.max_loras
+        self.spec_stats = scheduler.spec_stats
         self.lora_state = (frozenset(s.adapter_id for s in scheduler.running),
                            frozenset(s.adapter_id for s in scheduler.waiting), time.time())
         for out in outputs:

@@ -118,6 +118,20 @@ def _take_queued(stream: asyncio.Queue[RequestOutput], outputs: list[RequestOutp
     return outputs
 
 
+def _feed_tokens(detok: IncrementalDetokenizer, stops: StopStringMatcher, token_ids: list[int]) -> tuple[str, int]:
+    """The text of new tokens that may be sent, and how many of the tokens it covers. Several tokens
+    at once (a slow reader, speculative decoding) go one at a time through the stop strings, so that
+    the tokens after the one that completes a stop string are dropped with their text."""
+    if len(token_ids) < 2 or not stops.stop:
+        return stops.feed(detok.add(token_ids)), len(token_ids)
+    text = ""
+    for i, token in enumerate(token_ids):
+        text += stops.feed(detok.add([token]))
+        if stops.matched is not None:
+            return text, i + 1
+    return text, len(token_ids)
+
+
 async def run_choice(
     engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest, deadline: Deadline | None = None
 ) -> AsyncGenerator[ChoiceDelta, None]:
@@ -134,10 +148,13 @@ async def run_choice(
             last = outputs[-1]
             engine_done = last.finished
             token_ids = [t for out in outputs for t in out.new_token_ids]
-            text = stops.feed(detok.add(token_ids))
+            logprobs = [lp for out in outputs for lp in out.new_logprobs]
+            text, kept = _feed_tokens(detok, stops, token_ids)
+            if kept < len(token_ids):  # a stop string ended inside: the tokens after it are not the client's
+                token_ids, logprobs = token_ids[:kept], logprobs[:kept]
             if engine_done:
                 text += stops.feed(detok.flush()) + stops.flush()
-            delta = ChoiceDelta(req.index, text, token_ids, [lp for out in outputs for lp in out.new_logprobs])
+            delta = ChoiceDelta(req.index, text, token_ids, logprobs)
             delta.prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
             if stops.matched is not None:
                 delta.finish_reason = "stop"

@@ -138,10 +138,22 @@ class BlockManager:
                 block.hash = h
                 block.token_ids = tokens
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` tokens' (speculative decoding: blocks that
+        only rejected draft tokens used). Those were never registered: nothing else holds them."""
+        keep = self.num_blocks_for(num_tokens)
+        self._release(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks nobody uses become free (hashed ones stay cached).
         The tail is freed first so that it is evicted before the shared head of the prefix."""
-        for block_id in reversed(seq.block_table):
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
@@ -149,5 +161,3 @@ class BlockManager:
                 self.free_queue[block_id] = None
                 if block.hash is None:
                     self.free_queue.move_to_end(block_id, last=False)
-        seq.block_table = []
-        seq.block_hashes = []

@@ -26,6 +26,8 @@ from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
+from server.engine.spec_decode.draft import DraftRunner
+from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
 from server.logs import startup_phase
@@ -35,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What one step produced for one request: its new tokens (at most one a step) and, when it
-    ended, why. Timestamps are time.monotonic() values."""
+    """What one step produced for one request: its new tokens (one a step, or more where speculative
+    decoding accepted draft tokens) and, when it ended, why. Timestamps are time.monotonic() values."""
 
     request_id: str
     new_token_ids: list[int]
@@ -122,6 +124,8 @@ class LLMEngine:
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
+        with startup_phase("load the draft model", log=bool(config.speculative_model)):
+            self.draft_model = load_draft_model(config, model, self.dtype, self.device)
         num_blocks = self._num_kv_blocks(model)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           long_prompt_threshold(model.config.rope_scaling))
@@ -144,6 +148,9 @@ class LLMEngine:
                 self.max_model_len, buckets,
             )
         self.runner.sampler.use_triton = config.sampler == "triton"
+        self.spec = build_spec_decoder(config, self.block_manager, self.max_model_len, self.draft_model,
+                                       self.dtype, self.device)
+        self.scheduler.spec_stats.enabled = self.spec is not None
         self.seqs: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []  # outputs of aborts, sent with the next step
         self.observer: StepObserver | None = None
@@ -233,6 +240,8 @@ class LLMEngine:
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, self.dtype)  # type: ignore[arg-type]
+        if self.draft_model is not None:  # the draft's cache has a block for every one of the model's
+            per_block += DraftRunner.kv_bytes_per_block(self.draft_model, cfg.block_size, self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - cfg.gpu_memory_utilization) * total
@@ -343,6 +352,8 @@ class LLMEngine:
         outputs = self.pending  # emptied once the step succeeds: a failed step's outputs stay pending
         if self._inflight is not None:
             return self._step_ahead(on_launched, outputs)
+        if self.spec is not None:  # draft tokens for the sequences that speculate this step
+            self.spec.propose(self.scheduler.running, self.runner.sampler, self.runner.draft_probs)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if on_launched is not None:
@@ -466,10 +477,11 @@ class LLMEngine:
 
     def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None],
                      logprobs: list[TokenLogprob | None] | None, outputs: list[RequestOutput]) -> None:
+        before = {seq.request_id: (seq.num_tokens, len(seq.logprobs)) for seq in batch.seqs}
         for seq in self.scheduler.postprocess(batch, sampled, logprobs):
-            new_lp = [seq.logprobs[-1]] if seq.params.logprobs is not None and seq.logprobs else []
-            # No new token: max_tokens 0, the prompt only scored.
-            out = RequestOutput.of(seq, [seq.token_ids[-1]] if seq.num_output_tokens else [], new_lp)
+            num_tokens, num_logprobs = before[seq.request_id]
+            # No new token: max_tokens 0, the prompt only scored. Several: accepted draft tokens.
+            out = RequestOutput.of(seq, seq.token_ids[num_tokens:], seq.logprobs[num_logprobs:])
             if seq.params.prompt_logprobs is not None and seq.num_output_tokens <= 1:
                 out.prompt_logprobs = list(seq.prompt_logprobs)  # a recompute after preemption rewrites it
             outputs.append(out)

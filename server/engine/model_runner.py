@@ -20,6 +20,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
 from server.engine.vision_inputs import VisionInputs
+from server.engine.spec_decode.rejection import sample_with_drafts
 from server.models.layers import StepMetadata, fuse_quantized_projections
 from server.models.per_adapter import AdapterStep
 from server.models.weights import CausalLM
@@ -31,7 +32,9 @@ class StepInputs:
     positions: torch.Tensor
     meta: StepMetadata
     sample_rows: list[int]  # batch index of each sequence that samples this step
-    sample_token_index: torch.Tensor  # its last token's row in the flat batch, then prompt_spans' rows
+    # Its last token's row in the flat batch (a speculating sequence: its last 1 + k rows), then
+    # prompt_spans' rows.
+    sample_token_index: torch.Tensor
     adapters: AdapterStep | None = None  # adapters of the step with their own embed/lm_head/norms
     # (batch index, first prompt token scored, count) of each sequence asking for prompt logprobs:
     # rows of positions whose next token is a prompt token, after the sampled rows in the index.
@@ -87,6 +90,9 @@ class ModelRunner:
         self.sampler = Sampler(device)
         # Image-text models: the vision encoder's cache and each step's M-RoPE positions
         self.vision = VisionInputs(model, device) if getattr(model, "is_vision", False) else None  # type: ignore[arg-type]
+        # Speculative decoding with a draft model: the draft's distribution q over each proposed
+        # token of a sampled request, by request id (spec_decode/draft.py fills it every step).
+        self.draft_probs: dict[str, torch.Tensor] = {}
         self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._cpu_forward_seconds: float | None = None
         # Sampled tokens come back through pinned buffers and events: waiting on an event lets go
@@ -136,6 +142,7 @@ class ModelRunner:
         query_start_loc = [0]
         sample_rows: list[int] = []
         sample_index: list[int] = []
+        sample_adapters: list[int] = []
         adapter_per_token: list[int] = []
         prompt_spans: list[tuple[int, int, int]] = []
         prompt_index: list[int] = []
@@ -146,7 +153,10 @@ class ModelRunner:
             start = seq.num_tokens if ahead else seq.num_computed_tokens
             starts.append(start)
             end = start + n
-            input_ids.extend(seq.token_ids[start:end])  # nothing when ahead: that id is on the device
+            if seq.spec_token_ids and not ahead:  # the step verifies the draft tokens after the last
+                input_ids.extend([*seq.token_ids[start:], *seq.spec_token_ids][:n])
+            else:
+                input_ids.extend(seq.token_ids[start:end])  # nothing when ahead: that id is on the device
             positions.extend(self._rope_rows(seq.num_prompt_tokens, start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -155,7 +165,9 @@ class ModelRunner:
             adapter_per_token.extend([seq.adapter_id] * n)
             if batch.samples(i):
                 sample_rows.append(i)
-                sample_index.append(query_start_loc[-1] - 1)
+                num_rows = 1 + (0 if ahead else len(seq.spec_token_ids))
+                sample_index.extend(range(query_start_loc[-1] - num_rows, query_start_loc[-1]))
+                sample_adapters.extend([seq.adapter_id] * num_rows)
             # Prompt logprobs: position p's logits score prompt token p + 1, for this chunk's p.
             scored_end = min(end, seq.num_prompt_tokens - 1)
             if seq.params.prompt_logprobs is not None and scored_end > start:
@@ -173,8 +185,7 @@ class ModelRunner:
             slot_of = self.lora_manager.assign_slots(adapters)
             meta.lora_slots = self._tensor([slot_of.get(a, -1) for a in adapter_per_token], torch.int32)
             meta.active_lora_slots = sorted(slot_of.values())
-            own_modules = self.slot_modules.step(self.lora_manager, adapter_per_token,
-                                                 [batch.seqs[i].adapter_id for i in sample_rows]
+            own_modules = self.slot_modules.step(self.lora_manager, adapter_per_token, sample_adapters
                                                  + [batch.seqs[i].adapter_id for i, _, n in prompt_spans for _ in range(n)])
         elif self.slot_modules.resident and self.lora_manager is not None:
             self.slot_modules.sync(self.lora_manager)  # a removed adapter's copies go with it
@@ -312,6 +323,14 @@ class ModelRunner:
         if not rows:
             return sampled, None
         seqs = [batch.seqs[i] for i in rows]
+        if any(seq.spec_token_ids for seq in seqs):  # speculative decoding: 1 + k rows per such sequence
+            self._notify(on_launched)
+            spec_tokens, spec_logprobs = sample_with_drafts(self.sampler, logits, seqs, self.draft_probs)
+            for j, row in enumerate(rows):
+                sampled[row] = spec_tokens[j]
+            if spec_logprobs is None:
+                return sampled, None
+            return sampled, [spec_logprobs[rows.index(i)] if i in rows else None for i in range(len(batch.seqs))]
         tokens, raw_logprobs = self.sampler(logits, seqs)
         self._notify(on_launched)  # before gathering logprobs, which waits for the GPU
         logprobs: list[TokenLogprob | None] | None = None
@@ -329,8 +348,9 @@ class ModelRunner:
         Indexed by position, so a step run again (a failed batch, a preempted sequence recomputed)
         overwrites rather than appends."""
         assert inputs.prompt_targets is not None
-        n, index = len(inputs.sample_rows), inputs.sample_token_index
-        num_scored = index.shape[0] - n
+        index = inputs.sample_token_index
+        num_scored = inputs.prompt_targets.shape[0]
+        n = index.shape[0] - num_scored  # sampled rows (1 + k for a speculating sequence)
         if inputs.adapters is None:
             # A slice of scored rows' logits at a time: a long chunk's [rows, vocab] all at once could
             # take gigabytes the KV cache was sized without.

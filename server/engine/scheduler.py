@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from server.engine.spec_decode.stats import SpecStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +46,10 @@ class ScheduledBatch:
         return not self.seqs
 
     def samples(self, i: int) -> bool:
-        """Whether sequence i reaches its last token this step, so its logits give a new token."""
+        """Whether sequence i reaches its last token (and its draft tokens, when it speculates)
+        this step, so its logits give new tokens."""
         seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens + len(seq.spec_token_ids)
 
 
 class Scheduler:
@@ -58,6 +60,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.finished_unscheduled: list[Sequence] = []  # ended by schedule() itself; the engine reports them
+        self.spec_stats = SpecStats()  # speculative decoding: drafts verified and accepted
 
     @property
     def has_work(self) -> bool:
@@ -97,8 +100,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._num_new_running(seq, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
+                if seq.spec_token_ids:  # its draft tokens give way before any sequence does
+                    num_new -= len(seq.spec_token_ids)
+                    seq.spec_token_ids.clear()
+                    continue
                 victim = self.running.pop()  # the newest running sequence gives way
                 self._preempt(victim, batch)
                 preempted = True
@@ -119,6 +126,15 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         return self._decodes_first(batch)
+
+    @staticmethod
+    def _num_new_running(seq: Sequence, budget: int) -> int:
+        """Tokens a running sequence computes: what is left of it plus its draft tokens (trimmed
+        to the step's token budget)."""
+        num_new = min(seq.num_uncomputed_tokens + len(seq.spec_token_ids), budget)
+        if seq.spec_token_ids:
+            del seq.spec_token_ids[max(num_new - seq.num_uncomputed_tokens, 0) :]
+        return num_new
 
     @staticmethod
     def _decodes_first(batch: ScheduledBatch) -> ScheduledBatch:
@@ -173,6 +189,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
+        seq.num_draft_computed = 0  # the draft's KV lived in the freed blocks
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -185,33 +203,58 @@ class Scheduler:
         sampled: list[int | None],
         logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[Sequence]:
-        """Advance every scheduled sequence; append sampled tokens; finish those that stop.
-        Returns the sequences that got a new token (finished ones included), and those with
+        """Advance every scheduled sequence; append sampled tokens (after the draft tokens the step
+        accepted, for a speculating sequence); finish those that stop, at the first token that stops
+        them. Returns the sequences that got new tokens (finished ones included), and those with
         max_tokens 0 whose prompt is done (finished, without a token)."""
         updated: list[Sequence] = []
         now = time.monotonic()
         for i, seq in enumerate(batch.seqs):
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            self.block_manager.register_computed_blocks(seq)
+            num_spec = len(seq.spec_token_ids)
+            accepted, accepted_logprobs = self._settle_drafts(seq, batch.num_new_tokens[i])
             token = sampled[i]
             if token is None or seq.is_finished:
+                self.block_manager.register_computed_blocks(seq)
                 continue
             if seq.params.max_tokens == 0:  # the prompt was only scored (prompt_logprobs)
+                self.block_manager.register_computed_blocks(seq)
                 self.running.remove(seq)
                 self._finish(seq, FinishReason.LENGTH)
                 updated.append(seq)
                 continue
-            seq.append_token(token)
-            if logprobs is not None and logprobs[i] is not None:
-                seq.logprobs.append(logprobs[i])  # type: ignore[arg-type]
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq, reason)
+            lps: list[TokenLogprob | None] = [*accepted_logprobs] if accepted_logprobs else [None] * len(accepted)
+            lps.append(logprobs[i] if logprobs is not None else None)
+            for new_token, lp in zip([*accepted, token], lps, strict=True):
+                seq.append_token(new_token)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                reason = self._stop_reason(seq, new_token)
+                if reason is not None:
+                    self.running.remove(seq)
+                    self._finish(seq, reason)
+                    break
+            else:
+                self.block_manager.register_computed_blocks(seq)
+                if num_spec or len(seq.block_table) > self.block_manager.num_blocks_for(seq.num_tokens):
+                    self.block_manager.trim(seq, seq.num_tokens)  # blocks only rejected drafts used
             updated.append(seq)
         return updated
+
+    def _settle_drafts(self, seq: Sequence, num_new: int) -> tuple[list[int], list[TokenLogprob]]:
+        """Count the computed positions of a step: the rejected draft tokens' positions are not
+        (their KV slots are overwritten later). Returns the accepted drafts and their logprobs."""
+        num_spec = len(seq.spec_token_ids)
+        if not num_spec:
+            seq.num_computed_tokens += num_new
+            return [], []
+        accepted = seq.spec_token_ids[: seq.num_spec_accepted]
+        accepted_logprobs = seq.spec_logprobs[: len(accepted)]
+        seq.num_computed_tokens += num_new - (num_spec - len(accepted))
+        self.spec_stats.observe(num_spec, len(accepted))
+        seq.spec_token_ids, seq.num_spec_accepted, seq.spec_logprobs = [], 0, []
+        return accepted, accepted_logprobs
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

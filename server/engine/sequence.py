@@ -56,6 +56,13 @@ class Sequence:
     # filled chunk by chunk in the prefill.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    # Speculative decoding (server/engine/spec_decode): draft tokens proposed after token_ids, which
+    # the next step computes with the last token and verifies; the runner sets how many it accepted
+    # and the target's logprobs of those accepted. Positions whose draft-model KV is computed.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_spec_accepted: int = 0
+    spec_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_draft_computed: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
