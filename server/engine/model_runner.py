@@ -19,8 +19,8 @@ from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logpro
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
-from server.engine.vision_inputs import VisionInputs
 from server.engine.spec_decode.rejection import sample_with_drafts
+from server.engine.vision_inputs import VisionInputs
 from server.models.layers import StepMetadata, fuse_quantized_projections
 from server.models.per_adapter import AdapterStep
 from server.models.weights import CausalLM
