@@ -108,7 +108,7 @@ def check_model_folder(folder: Path, load_format: str) -> str:
     quant = cfg.get("quantization_config")
     kind = "16-bit"
     if isinstance(quant, dict):
-        kind = check_quantization(folder, quant, load_format)
+        kind = check_quantization(folder, quant, load_format, str(cfg.get("model_type") or ""))
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     arch = archs[0] if isinstance(archs, list) else archs
     try:
@@ -133,8 +133,10 @@ def check_model_folder(folder: Path, load_format: str) -> str:
     return f"{folder}: {arch}{' (generic path)' if route.path == 'generic' else ''}, {kind}"
 
 
-def check_quantization(folder: Path, quant: dict, load_format: str) -> str:
+def check_quantization(folder: Path, quant: dict, load_format: str, model_type: str = "") -> str:
     method = str(quant.get("quant_method", "")).lower()
+    if method == "mxfp4" and model_type == "gpt_oss":  # OpenAI's originals (server/models/mxfp4.py)
+        return "MXFP4 experts, dequantized to 16-bit at load (Unsloth is not used)"
     if not method and not any(quant.get(k) for k in ("load_in_4bit", "_load_in_4bit", "load_in_8bit")):
         return "16-bit"  # an empty or leftover quantization_config quantizes nothing
     if method in ("bitsandbytes", "") and (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):

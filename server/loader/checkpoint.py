@@ -15,6 +15,7 @@ from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
 from server.loader.peft import check_fits, load_lora
 from server.models.families import route_of
+from server.models.mxfp4 import is_mxfp4
 from server.models.weights import CausalLM, load_model
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def load_checkpoint(
         raise FileNotFoundError(f"{folder} holds neither config.json (a model) nor adapter_config.json (an adapter)")
     cfg = read_json_object(folder / "config.json")
     quant = cfg.get("quantization_config")
-    if load_format == "safetensors" and isinstance(quant, dict):
+    mxfp4 = is_mxfp4(cfg)  # gpt-oss's originals: read by our own loader whatever the format
+    if load_format == "safetensors" and isinstance(quant, dict) and not mxfp4:
         raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
                          f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     # The path (native / generic / refused) comes from config.json, before any weight is read.
@@ -83,7 +85,7 @@ def load_checkpoint(
         # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,
         # config) without being one of their classes: typed as them for the engine.
         model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length, path == "vision"))
-    elif load_format == "unsloth":
+    elif load_format == "unsloth" and not mxfp4:
         from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
 
         model = load_and_adopt(folder, max_seq_length, dtype, device)

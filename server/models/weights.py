@@ -20,6 +20,7 @@ from server.models.gpt_oss import GptOssForCausalLM
 from server.models.layers import LoRALinear
 from server.models.llama import LlamaForCausalLM
 from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
+from server.models.mxfp4 import is_mxfp4, mxfp4_dequantized
 
 if TYPE_CHECKING:
     from kernels.nf4_format import NF4Weight
@@ -223,4 +224,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Load full-precision safetensors directly (no Unsloth): the reference path for tests."""
     folder = Path(folder)
-    return build_model(ModelConfig.from_folder(folder), iter_checkpoint(folder), dtype, device)
+    cfg = ModelConfig.from_folder(folder)
+    named: Iterator[tuple[str, torch.Tensor]] = iter_checkpoint(folder)
+    if is_mxfp4(json.loads((folder / "config.json").read_text())):
+        named = mxfp4_dequantized(named, dtype)
+    return build_model(cfg, named, dtype, device)

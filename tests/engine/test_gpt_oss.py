@@ -21,7 +21,7 @@ from server.models.weights import build_model, iter_checkpoint, load_model
 
 WINDOW = 8
 CONFIG = dict(
-    vocab_size=4096, hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+    vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, num_local_experts=6, num_experts_per_tok=2, sliding_window=WINDOW,
     max_position_embeddings=256, initializer_range=0.3, eos_token_id=1,
     rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
@@ -57,7 +57,7 @@ def test_config_reads_layer_types_sinks_and_experts(tmp_path: Path) -> None:
     cfg = ModelConfig.from_folder(folder)
     assert cfg.family == "gpt_oss" and cfg.layer_windows == (WINDOW, None, WINDOW, None)
     assert cfg.attn_sinks and cfg.qkv_bias and cfg.o_bias and cfg.swiglu_limit == 7.0
-    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (6, 2, 48)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (6, 2, 64)
     assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "yarn"
 
 
@@ -216,3 +216,53 @@ def test_attention_lora_hot_swapped_equals_peft(tmp_path: Path) -> None:
     with tuned.disable_adapter():
         assert without == [hf_greedy(tuned, p, 8) for p in prompts]
     assert with_adapter != without  # the adapter mattered
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' [E, in, out] expert weight -> MXFP4 (blocks [E, out, in / 32, 16] uint8, scales
+    [E, out, in / 32] uint8): per 32 values a power-of-two scale, each value the nearest FP4 code."""
+    from server.models.mxfp4 import FP4_VALUES
+
+    groups = w.transpose(1, 2).unflatten(-1, (-1, 32)).float()  # [E, out, G, 32]
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 128)
+    scaled = groups / torch.exp2(exponent).unsqueeze(-1)
+    codes = (scaled.unsqueeze(-1) - torch.tensor(FP4_VALUES)).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def test_mxfp4_original_equals_transformers_dequantizing_it(tmp_path: Path) -> None:
+    """A checkpoint laid out as OpenAI's originals (experts as MXFP4 blocks and scales, the rest
+    16-bit, quant_method mxfp4) loads under either format, experts dequantized as transformers'
+    Mxfp4Config(dequantize=True) does: the same greedy tokens."""
+    import json
+
+    from server import LLM
+
+    folder, _ = make_model(tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = quantize_mxfp4(tensors.pop(name))
+    save_file(tensors, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="eager").eval().float()  # it keeps the dequantized experts in bfloat16: compute in float32
+    prompts = [[5, 17, 99, 200, 3], list(range(10, 40))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for load_format in ("safetensors", "unsloth"):
+        llm = LLM(str(folder), load_format=load_format, num_kv_blocks=64)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        assert got == [hf_greedy(hf, p, 8) for p in prompts], load_format
+
+
+def test_mxfp4_start_up_check_names_it_and_other_models_stay_refused(tmp_path: Path) -> None:
+    from server.preflight import StartupError, check_quantization
+
+    quant = {"quant_method": "mxfp4"}
+    assert "MXFP4" in check_quantization(tmp_path, quant, "unsloth", "gpt_oss")
+    with pytest.raises(StartupError, match="MXFP4"):
+        check_quantization(tmp_path, quant, "unsloth", "llama")
