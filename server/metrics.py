@@ -125,6 +125,8 @@ class EngineMetrics:
         self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc",
                                      "Fraction of KV-cache blocks in use (0-1). DEPRECATED vLLM name, kept for "
                                      "dashboards that query it: use vllm:kv_cache_usage_perc.", m, registry=r)
+        self.state_slots = Gauge("sloth:state_slots_in_use", "Per-sequence state slots held by running requests "
+                                 "(models with recurrent layers, such as LFM2; 0 for others).", m, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
@@ -188,6 +190,7 @@ class EngineMetrics:
         base = self.label(0)
         self._running, self._waiting = self.running.labels(base), self.waiting.labels(base)
         self._kv_usage, self._gpu_cache_usage = self.kv_usage.labels(base), self.gpu_cache_usage.labels(base)
+        self._state_slots = self.state_slots.labels(base)
         self._preemptions, self._step_tokens = self.preemptions.labels(base), self.step_tokens.labels(base)
         self._prefix_queries, self._prefix_hits = self.prefix_queries.labels(base), self.prefix_hits.labels(base)
         self.last_token_time: dict[str, float] = {}
@@ -237,6 +240,7 @@ class EngineMetrics:
         usage = bm.usage
         self._kv_usage.set(usage)
         self._gpu_cache_usage.set(usage)
+        self._state_slots.set(bm.state_slots.num_used if bm.state_slots is not None else 0)
         if batch is not None and not batch.is_empty:
             self._step_tokens.observe(batch.num_tokens)
             if batch.num_preempted:

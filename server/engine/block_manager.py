@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from server.engine.sequence import Sequence
+from server.engine.state_cache import StateSlots
 
 
 @dataclass(slots=True, eq=False)
@@ -36,7 +37,7 @@ def _images_in(seq: Sequence, start: int, end: int) -> tuple[str, ...]:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 long_prompt_from: int | None = None) -> None:
+                 long_prompt_from: int | None = None, state_slots: StateSlots | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks}x{block_size}")
         self.block_size = block_size
@@ -52,6 +53,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, tokens found
+        # Models with recurrent layers: a state slot goes with the blocks of every sequence that has any.
+        self.state_slots = state_slots
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,6 +99,10 @@ class BlockManager:
         num_cached_free = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if num_needed > self.num_free_blocks - num_cached_free:
             return False
+        if self.state_slots is not None:
+            if not self.state_slots.can_allocate(seq):
+                return False
+            self.state_slots.allocate(seq)
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -151,6 +158,8 @@ class BlockManager:
         self._release(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
+        if self.state_slots is not None:
+            self.state_slots.free(seq)
 
     def _release(self, block_ids: list[int]) -> None:
         for block_id in reversed(block_ids):

@@ -27,7 +27,8 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.engine.spec_decode.draft import DraftRunner
-from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model
+from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model, spec_method
+from server.engine.state_cache import StateSlots
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
 from server.logs import startup_phase
@@ -124,11 +125,21 @@ class LLMEngine:
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
+        if model.config.has_state and spec_method(config) is not None:
+            raise ValueError(f"speculative decoding cannot serve {model.config.family}: its recurrent layers' state "
+                             f"cannot be rolled back past rejected draft tokens; leave out --speculative-method / "
+                             f"--speculative-model")
         with startup_phase("load the draft model", log=bool(config.speculative_model)):
             self.draft_model = load_draft_model(config, model, self.dtype, self.device)
-        num_blocks = self._num_kv_blocks(model)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                          long_prompt_threshold(model.config.rope_scaling))
+        if self.draft_model is not None and self.draft_model.config.has_state:
+            raise ValueError(f"--speculative-model is a {self.draft_model.config.family} model, whose recurrent layers' "
+                             f"state the draft runner does not keep: use a draft of attention layers only")
+        # Recurrent layers: a state slot per running sequence, and one for the engine's probe step.
+        num_state_slots = config.max_num_seqs + 1 if model.config.has_state else 0
+        num_blocks = self._num_kv_blocks(model, num_state_slots)
+        self.block_manager = BlockManager(num_blocks, config.block_size, self._prefix_caching(model),
+                                          long_prompt_threshold(model.config.rope_scaling),
+                                          StateSlots(num_state_slots) if num_state_slots else None)
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -145,7 +156,7 @@ class LLMEngine:
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
                 model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
-                self.max_model_len, buckets,
+                self.max_model_len, buckets, num_state_slots,
             )
         self.runner.sampler.use_triton = config.sampler == "triton"
         self.spec = build_spec_decoder(config, self.block_manager, self.max_model_len, self.draft_model,
@@ -235,7 +246,14 @@ class LLMEngine:
             self.block_manager.enable_prefix_caching = caching
         return time.perf_counter() - start
 
-    def _num_kv_blocks(self, model: torch.nn.Module) -> int:
+    def _prefix_caching(self, model: torch.nn.Module) -> bool:
+        if self.config.enable_prefix_caching and model.config.has_state:  # type: ignore[union-attr]
+            logger.info("prefix caching is off for this model: its recurrent layers' state is not snapshotted at "
+                        "block boundaries yet, so a cached prefix could not restore it")
+            return False
+        return self.config.enable_prefix_caching
+
+    def _num_kv_blocks(self, model: torch.nn.Module, num_state_slots: int) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
@@ -247,6 +265,7 @@ class LLMEngine:
             budget = free - (1 - cfg.gpu_memory_utilization) * total
         else:
             budget = cfg.kv_cache_memory_gb * 2**30
+        budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]
         return max(int(budget // per_block), 1)
 
     @property

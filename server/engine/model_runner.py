@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from kernels.attention import AttnMetadata
 from kernels.rope_scaling import long_prompt_threshold, rope_rows
+from kernels.state_batch import StateBatch
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.lora_manager import LoRAManager
@@ -21,7 +23,7 @@ from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
 from server.engine.spec_decode.rejection import sample_with_drafts
 from server.engine.vision_inputs import VisionInputs
-from server.models.layers import StepMetadata, fuse_quantized_projections
+from server.models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
 from server.models.per_adapter import AdapterStep
 from server.models.weights import CausalLM
 
@@ -65,6 +67,7 @@ class ModelRunner:
         lora_manager: LoRAManager | None = None,
         max_model_len: int = 2048,
         cuda_graph_buckets: list[int] | None = None,
+        num_state_slots: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -82,8 +85,10 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
+            for _ in cfg.kv_layers  # a hybrid model's recurrent layers keep a state instead
         ]
+        if cfg.has_state:  # one row more: the scratch row, as for the KV cache
+            cast(StatefulModel, model).allocate_state(num_state_slots + 1, dtype, device)
         self.lora_manager = lora_manager
         # Adapters' own embed_tokens / lm_head / norms (modules_to_save), on the device while in a slot
         self.slot_modules = SlotModuleTable(model, dtype, device)
@@ -129,7 +134,14 @@ class ModelRunner:
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return 2 * len(cfg.kv_layers) * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+    @staticmethod
+    def state_bytes(model: CausalLM, num_slots: int, dtype: torch.dtype) -> int:
+        """What the state cache of `num_slots` slots (and the scratch row) takes; 0 without recurrent layers."""
+        if not model.config.has_state:
+            return 0
+        return (num_slots + 1) * cast(StatefulModel, model).state_bytes_per_slot(dtype)
 
     def prepare(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> StepInputs:
         """The step's flat inputs. With `lookahead_ids` (a decode batch, on the device) each
@@ -178,6 +190,12 @@ class ModelRunner:
         meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
         if self.vision is not None:
             meta.vision = self.vision.step(batch.seqs, starts, batch.num_new_tokens)
+        if self.model.config.has_state:  # a sequence at its first token starts from an empty state
+            state_slots = [seq.state_slot for seq in batch.seqs]
+            assert None not in state_slots, "a sequence of a model with recurrent layers runs without a state slot"
+            meta.state = StateBatch.build(query_start_loc, state_slots,  # type: ignore[arg-type]
+                                          [end > n for end, n in zip(seq_lens, batch.num_new_tokens, strict=True)],
+                                          self.device)
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         own_modules = None
         if adapters:

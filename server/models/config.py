@@ -9,6 +9,7 @@ from typing import Any
 
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.gpt_oss_config import gpt_oss_fields
+from server.models.lfm2_config import lfm2_fields
 from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
 from server.models.rope_config import parse_rope
@@ -26,6 +27,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
     "MixtralForCausalLM": "mixtral",
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
+    "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
 }
 
 
@@ -70,6 +72,22 @@ class ModelConfig:
     o_bias: bool = False  # o_proj has a bias
     attn_sinks: bool = False  # a learned per-head logit joins each softmax's denominator (`self_attn.sinks`)
     swiglu_limit: float = 0.0  # gpt-oss experts clamp gate (above) and up (both sides) to this (0: not gpt-oss)
+    # Hybrid models (server/models/lfm2_config.py): each layer's kind; only attention layers have a KV cache.
+    layer_types: tuple[str, ...] | None = None
+    conv_kernel: int = 0  # LFM2's short convolution width (conv_L_cache); its state keeps conv_kernel - 1 inputs
+    conv_bias: bool = False
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """The layers that read and write the paged KV cache, in order (every layer but for hybrids)."""
+        if self.layer_types is None:
+            return list(range(self.num_layers))
+        return [i for i, kind in enumerate(self.layer_types) if kind.endswith("attention")]
+
+    @property
+    def has_state(self) -> bool:
+        """Whether some layers keep a per-sequence state (a slot of the state cache)."""
+        return len(self.kv_layers) < self.num_layers
 
     @property
     def rotary_dim(self) -> int:
@@ -100,6 +118,8 @@ class ModelConfig:
             return cls(**phi3_fields(cfg))
         if family == "gpt_oss":
             return cls(**gpt_oss_fields(cfg))
+        if family == "lfm2":
+            return cls(**lfm2_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family in ("mistral", "mixtral") or cfg.get("use_sliding_window") else None

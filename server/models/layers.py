@@ -4,13 +4,14 @@ per-step metadata that attention and LoRA read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from kernels.attention import AttnMetadata
 from kernels.lora import add_lora
+from kernels.state_batch import StateBatch
 
 if TYPE_CHECKING:
     from kernels.nf4_format import NF4Weight
@@ -25,6 +26,16 @@ class StepMetadata:
     lora_slots: torch.Tensor | None = None  # [T] int32 adapter slot per token, -1 for none
     active_lora_slots: list[int] | None = None  # the distinct slots used this step (host)
     vision: VisionStep | None = None  # image-text models: image embeddings to splice, M-RoPE positions
+    state: StateBatch | None = None  # models with recurrent layers: each sequence's state slot
+
+
+class StatefulModel(Protocol):
+    """A model with recurrent layers (config.has_state): it holds one state row per slot of the
+    engine's state cache (server/engine/state_cache.py) in tensors the runner has it allocate."""
+
+    def state_bytes_per_slot(self, dtype: torch.dtype) -> int: ...
+
+    def allocate_state(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None: ...
 
 
 def fuse_quantized_projections(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
 from server.models.gpt_oss import GptOssForCausalLM
 from server.models.layers import LoRALinear
+from server.models.lfm2 import Lfm2ForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 from server.models.mxfp4 import is_mxfp4, mxfp4_dequantized
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CausalLM = LlamaForCausalLM | GemmaForCausalLM
+CausalLM = LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM
 
 # HF projection name -> (our fused module, slice index)
 FUSED = {
@@ -206,8 +207,14 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
                 dtype: torch.dtype, device: torch.device) -> CausalLM:
     model: CausalLM
     with torch.device("meta"):
-        model = (GemmaForCausalLM(cfg) if cfg.family in GEMMA_FAMILIES
-                 else GptOssForCausalLM(cfg) if cfg.family == "gpt_oss" else LlamaForCausalLM(cfg))
+        if cfg.family in GEMMA_FAMILIES:
+            model = GemmaForCausalLM(cfg)
+        elif cfg.family == "gpt_oss":
+            model = GptOssForCausalLM(cfg)
+        elif cfg.family == "lfm2":
+            model = Lfm2ForCausalLM(cfg)
+        else:
+            model = LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)
     # Buffers built on the meta device hold nothing: recompute the rotary tables (kept in float32).
     if isinstance(model, GemmaForCausalLM):

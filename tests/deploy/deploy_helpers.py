@@ -57,6 +57,7 @@ EXPORTED_METRICS = {
     "sloth:gpu_memory_reserved_bytes": "gauge",
     "sloth:kernel_compiles_while_serving": "counter",
     "sloth:slow_gc_pauses": "counter",
+    "sloth:state_slots_in_use": "gauge",
 }
 
 

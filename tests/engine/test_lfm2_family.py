@@ -1,0 +1,114 @@
+"""LFM2 (`Lfm2ForCausalLM`: gated short convolutions + attention) served natively with a state slot
+per running sequence: our greedy tokens equal transformers' on a tiny random model through chunked
+prefill (the convolution state carried across chunks), continuous batching, and preemption under a
+tiny KV cache (the slot freed and the state rebuilt by re-prefill); slots go back when requests end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.models.config import ModelConfig
+from server.models.lfm2_config import lfm2_ff_dim
+
+VOCAB = 256
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "conv"], conv_L_cache=3,
+    max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=2, initializer_range=0.3,
+    block_multiple_of=16,
+)
+
+
+def make_lfm2(folder: Path, **overrides: Any) -> torch.nn.Module:
+    """A random Lfm2ForCausalLM saved to `folder` (random norms too, so their code paths matter)."""
+    torch.manual_seed(0)
+    cfg = transformers.Lfm2Config(**{**COMMON, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_greedy(hf: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def lfm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, list[list[int]], list[list[int]]]:
+    folder = tmp_path_factory.mktemp("lfm2")
+    hf = make_lfm2(folder)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 40, 1, 9)]
+    return folder, hf, prompts, [hf_greedy(hf, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)],
+                         ids=["one-pass", "chunked-prefill", "preemption"])
+def test_greedy_matches_transformers(lfm2: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
+    folder, _, prompts, want = lfm2
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
+                              max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
+                              cuda_graph_sizes=(1, 2, 4)))
+    assert run_engine(engine, prompts, 12) == want
+    if blocks == 9:
+        assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
+    slots = engine.block_manager.state_slots
+    assert slots is not None and slots.num_used == 0 and engine.block_manager.num_free_blocks == blocks
+    assert not engine.block_manager.enable_prefix_caching  # no state snapshots yet: a hit could not restore it
+    assert len(engine.runner.kv_caches) == 1  # the one attention layer; the convolution layers keep a state
+
+
+def test_state_slot_is_reused_by_a_new_request(lfm2: tuple) -> None:
+    """One slot serving requests one after another: each new prompt starts from an empty state."""
+    folder, _, prompts, want = lfm2
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_seqs=1, device="cpu", dtype="float32"))
+    for prompt, expected in zip(prompts, want, strict=True):
+        assert run_engine(engine, [prompt], 12) == [expected]
+
+
+def test_config_read_as_transformers_reads_it() -> None:
+    """LFM2-1.2B's published config (block_ff_dim, full_attn_idxs, tie_embedding) gives transformers' shapes."""
+    raw = {"architectures": ["Lfm2ForCausalLM"], "model_type": "lfm2", "block_ff_dim": 12288, "hidden_size": 2048,
+           "block_auto_adjust_ff_dim": True, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+           "conv_L_cache": 3, "full_attn_idxs": [2, 5, 8, 10, 12, 14], "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "norm_eps": 1e-5, "rope_theta": 1000000.0,
+           "tie_embedding": True, "vocab_size": 65536, "max_position_embeddings": 128000}
+    ours = ModelConfig.from_dict(raw)
+    theirs = transformers.Lfm2Config(**{k: v for k, v in raw.items() if k != "architectures"})
+    mlp = transformers.models.lfm2.modeling_lfm2.Lfm2MLP(theirs)
+    assert ours.intermediate_size == mlp.w1.out_features == lfm2_ff_dim(raw) == 8192
+    assert list(ours.layer_types or ()) == theirs.layer_types and ours.kv_layers == [2, 5, 8, 10, 12, 14]
+    assert ours.tie_word_embeddings and ours.rope_theta == 1e6 and ours.conv_kernel == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)])
+def test_triton_kernels_match_transformers(lfm2: tuple, budget: int, blocks: int) -> None:
+    """The same on CUDA in float32 (the Triton convolution, attention and norms)."""
+    test_greedy_matches_transformers(lfm2, budget, blocks, device="cuda")

@@ -1,0 +1,41 @@
+"""State slots (models with recurrent layers) go with a sequence's KV blocks: taken at its first
+allocation, kept while it runs, given back on finish, abort and preemption; no slot, no allocation."""
+
+from __future__ import annotations
+
+from factories import create_seq
+
+from server.engine.block_manager import BlockManager
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import FinishReason
+from server.engine.state_cache import StateSlots
+
+
+def test_slot_taken_with_blocks_and_given_back_with_them() -> None:
+    bm = BlockManager(10, 4, state_slots=StateSlots(2))
+    a, b, c = create_seq(5), create_seq(5), create_seq(5)
+    assert bm.allocate_slots(a, 5) and bm.allocate_slots(b, 5)
+    assert {a.state_slot, b.state_slot} == {0, 1}
+    free_blocks = bm.num_free_blocks
+    assert not bm.allocate_slots(c, 5), "no slot left: the allocation must fail"
+    assert c.state_slot is None and c.block_table == [] and bm.num_free_blocks == free_blocks
+    slot = a.state_slot
+    assert bm.allocate_slots(a, 4) and a.state_slot == slot  # a running sequence keeps its slot
+    bm.free(a)
+    assert a.state_slot is None and bm.state_slots is not None and bm.state_slots.num_used == 1
+    assert bm.allocate_slots(c, 5) and c.state_slot == slot
+
+
+def test_preemption_and_abort_give_slots_back() -> None:
+    bm = BlockManager(3, 4, enable_prefix_caching=False, state_slots=StateSlots(3))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64, max_model_len=64), bm)
+    seqs = [create_seq(4, max_tokens=8) for _ in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    batch = sched.schedule()
+    assert len(batch.seqs) == 2 and bm.state_slots is not None and bm.state_slots.num_used == 2
+    sched.postprocess(batch, [7, 7])
+    batch = sched.schedule()  # each needs a second block, only one is free: the newer is preempted
+    assert batch.num_preempted == 1 and seqs[1].state_slot is None and bm.state_slots.num_used == 1
+    sched.abort(seqs[0].request_id, FinishReason.ABORT)
+    assert bm.state_slots.num_used == 0 and seqs[0].state_slot is None
