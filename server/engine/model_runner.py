@@ -194,8 +194,7 @@ class ModelRunner:
             state_slots = [seq.state_slot for seq in batch.seqs]
             assert None not in state_slots, "a sequence of a model with recurrent layers runs without a state slot"
             meta.state = StateBatch.build(query_start_loc, state_slots,  # type: ignore[arg-type]
-                                          [end > n for end, n in zip(seq_lens, batch.num_new_tokens, strict=True)],
-                                          self.device)
+                                          [start > 0 for start in starts], self.device)
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         own_modules = None
         if adapters:
