@@ -112,3 +112,11 @@ def test_config_read_as_transformers_reads_it() -> None:
 def test_triton_kernels_match_transformers(lfm2: tuple, budget: int, blocks: int) -> None:
     """The same on CUDA in float32 (the Triton convolution, attention and norms)."""
     test_greedy_matches_transformers(lfm2, budget, blocks, device="cuda")
+
+
+def test_speculative_decoding_is_refused_with_the_reason(lfm2: tuple) -> None:
+    """Rejected draft tokens are rolled back by position, which a recurrent state cannot follow."""
+    folder = lfm2[0]
+    with pytest.raises(ValueError, match="speculative decoding cannot serve lfm2"):
+        LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=16, device="cpu",
+                         dtype="float32", speculative_method="ngram"))
