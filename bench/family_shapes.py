@@ -79,10 +79,11 @@ SHAPES: dict[str, FamilyShape] = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0}, embedding_multiplier=12.0,
         residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=16.0, tie_word_embeddings=True,
     ), "ibm-granite/granite-3.3-8b-instruct"),
-    # TODO(gpt-oss): transformers' layout (GptOssExperts: 3-D gate_up_proj [E, H, 2I] with gate/up
-    # interleaved, down_proj, their biases; sinks; 16-bit experts, attention NF4). Unsloth's bnb-4bit
-    # uploads split the experts into per-expert linears; write that layout too once the native gpt-oss
-    # loader (h/gptoss) is on main and reads it. Until then our server refuses gpt-oss at start-up.
+    # gpt-oss in transformers' layout (GptOssExperts: 3-D gate_up_proj [E, H, 2I] with gate/up interleaved,
+    # down_proj, their biases; sinks), experts, router and sinks 16-bit, attention NF4: what transformers +
+    # bitsandbytes write, and what server/models/gpt_oss_experts.py reads. TODO: Unsloth's 4-bit uploads keep
+    # one NF4 linear per expert (gate_up_projs.<e>); write that layout too (--moe-experts nf4) once its names
+    # on disk are pinned by a loader test.
     "gpt-oss-20b": FamilyShape("gpt_oss", "GptOssForCausalLM", dict(
         hidden_size=2880, num_hidden_layers=24, intermediate_size=2880, num_local_experts=32,
         num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,

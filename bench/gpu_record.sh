@@ -18,8 +18,8 @@
 #   bash bench/gpu_record.sh families  # per family (issue 19): random NF4 model of a real shape, engine alone, HTTP
 #                                      # at c1/c8/c64, Unsloth's best and transformers+bnb at bs 1/8/64 (bench/families.py).
 #                                      # The plan is ~12 min: two calls on one warm machine, the second's summary has both:
-#                                      #   FAMILIES=gemma3-4b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
-#                                      #   FAMILIES=qwen3-30b-a3b:12:bf16,olmo2-7b,gpt-oss-20b:4 bash bench/gpu_record.sh families
+#                                      #   FAMILIES=gemma3-4b,qwen3-30b-a3b:12:bf16,gpt-oss-20b:4 bash bench/gpu_record.sh families
+#                                      #   FAMILIES=olmo2-7b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
 #                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family)
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).

@@ -92,21 +92,18 @@ def test_tiny_moe_with_per_expert_nf4_experts_loads(tmp_path: Path) -> None:
     load_and_decode(folder)
 
 
-def test_gpt_oss_shape_follows_transformers_layout(tmp_path: Path) -> None:
-    from server.models.families import UnsupportedModel, route_of
+def test_tiny_gpt_oss_in_transformers_layout_loads_natively(tmp_path: Path) -> None:
+    from server.models.gpt_oss_experts import GptOssExperts
 
     folder = build(tmp_path, "gpt-oss-20b")
     with open(folder / "model.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 64, 128]  # [E, H, 2I]
     assert "model.layers.0.self_attn.sinks" in header and "model.layers.0.self_attn.q_proj.weight.absmax" in header
-    cfg = json.loads((folder / "config.json").read_text())
-    try:
-        route_of(cfg)
-    except UnsupportedModel as exc:  # until the native gpt-oss path lands
-        assert "sinks" in str(exc)
-        return
-    _, tokens = load_and_decode(folder)
+    model, tokens = load_and_decode(folder)
+    experts = [m for m in model.modules() if isinstance(m, GptOssExperts)]
+    assert len(experts) == 2 and not any(m.is_quantized for m in experts)
+    assert sum(getattr(m, "is_quantized", False) for m in model.modules()) == 2 * 2  # qkv and o per layer
     assert len(tokens) == 4
 
 
