@@ -177,6 +177,12 @@ class Config:
         "it) at most", "HTTP server", metavar="PIXELS")
     max_image_bytes: int = setting(20 * 2**20, "image-text models: bytes of one encoded image at most",
                                    "HTTP server", metavar="BYTES")
+    # Empty: only inline (data:) images. Redirects are followed only to listed domains too.
+    allowed_media_domains: tuple[str, ...] = setting(
+        (), "image-text models: fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: "
+        "none, images must be inline base64 data URLs)", "HTTP server", metavar="DOMAIN", repeat=True)
+    media_fetch_timeout: float = setting(10.0, "image-text models: seconds to fetch one image URL at most",
+                                         "HTTP server", metavar="SECONDS")
     # Logging
     log_level: str = setting("info", "least severe level logged; debug adds tracebacks to start-up errors",
                              "logging", choices=LOG_LEVELS)
@@ -243,7 +249,7 @@ def _check_http(config: Config) -> None:
     _at_least(config, "max_request_bytes", 1)
     for name in ("limit_mm_per_prompt", "max_image_pixels", "max_image_bytes"):
         _at_least(config, name, 1)
-    for name in ("header_timeout", "keep_alive_timeout"):
+    for name in ("header_timeout", "keep_alive_timeout", "media_fetch_timeout"):
         if not flags.is_seconds(getattr(config, name)):
             raise ValueError(f"{_flag(name)} must be a positive number of seconds; got {getattr(config, name)}")
     if config.request_timeout is not None and not flags.is_seconds(config.request_timeout):

@@ -20,11 +20,14 @@ class ImageLimits:
     max_images: int = 8  # per prompt (--limit-mm-per-prompt)
     max_pixels: int = 4096 * 4096  # of a decoded image, before the processor resizes it
     max_bytes: int = 20 * 2**20  # of an encoded image
+    allowed_domains: tuple[str, ...] = ()  # http(s) image URLs are fetched from these (and subdomains) only
+    fetch_timeout: float = 10.0  # seconds for one image URL
 
 
 def image_limits(config: Any) -> ImageLimits:
     """The limits a server.config.Config sets."""
-    return ImageLimits(config.limit_mm_per_prompt, config.max_image_pixels, config.max_image_bytes)
+    return ImageLimits(config.limit_mm_per_prompt, config.max_image_pixels, config.max_image_bytes,
+                       tuple(config.allowed_media_domains), config.media_fetch_timeout)
 
 
 class VisionProcessor:

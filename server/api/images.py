@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any
 
 from server.api.errors import invalid_param
@@ -14,8 +17,8 @@ from server.api.protocol import ChatMessage
 from server.engine.mm_inputs import MultiModalInputs
 from server.vision_processor import ImageError, ImageLimits, VisionProcessor, open_image
 
-INLINE_ONLY = ("image URLs are not fetched by this server; send the image inline as a base64 data URL "
-               "(data:image/png;base64,...)")
+INLINE_ONLY = ("image URLs are not fetched by this server (no --allowed-media-domains); send the image inline "
+               "as a base64 data URL (data:image/png;base64,...)")
 
 
 def image_urls(messages: list[ChatMessage]) -> list[tuple[str, Any]]:
@@ -37,7 +40,9 @@ def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
     if not isinstance(url, str) or not url:
         raise invalid_param(param, "an image_url part needs {\"url\": \"data:image/...;base64,...\"}")
     if url.startswith(("http://", "https://")):
-        raise invalid_param(param, INLINE_ONLY)
+        if not limits.allowed_domains:
+            raise invalid_param(param, INLINE_ONLY)
+        return fetch_image(url, param, limits)
     header, sep, payload = url.partition(",")
     mime = header.removeprefix("data:").split(";")[0]
     if not header.startswith("data:") or not sep or not header.endswith(";base64") or not mime.startswith("image/"):
@@ -50,6 +55,40 @@ def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid_param(param, f"the data URL's payload is not valid base64: {exc}") from exc
+
+
+def is_allowed(url: str, domains: tuple[str, ...]) -> bool:
+    host = (urllib.parse.urlsplit(url).hostname or "").lower().rstrip(".")
+    return any(host == d or host.endswith("." + d) for d in (d.lower().strip(".") for d in domains))
+
+
+class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed domain (else the allowlist could be walked around)."""
+
+    def __init__(self, domains: tuple[str, ...]) -> None:
+        self.domains = domains
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if not is_allowed(newurl, self.domains) or not newurl.startswith(("http://", "https://")):
+            raise urllib.error.URLError(f"redirected to {newurl}, outside --allowed-media-domains")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_image(url: str, param: str, limits: ImageLimits) -> bytes:
+    """An image URL's bytes (in a worker thread): only from --allowed-media-domains, at most
+    --max-image-bytes, within --media-fetch-timeout; 400 naming the part otherwise."""
+    if not is_allowed(url, limits.allowed_domains):
+        raise invalid_param(param, f"{urllib.parse.urlsplit(url).hostname!r} is not in --allowed-media-domains "
+                            f"({', '.join(limits.allowed_domains)}); send the image inline as a base64 data URL")
+    opener = urllib.request.build_opener(_AllowedRedirects(limits.allowed_domains))
+    try:
+        with opener.open(urllib.request.Request(url, headers={"Accept": "image/*"}), timeout=limits.fetch_timeout) as r:
+            data = bytes(r.read(limits.max_bytes + 1))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise invalid_param(param, f"the image could not be fetched: {getattr(exc, 'reason', exc)}") from exc
+    if len(data) > limits.max_bytes:
+        raise invalid_param(param, f"the image is over {limits.max_bytes} bytes, the most allowed (--max-image-bytes)")
+    return data
 
 
 def _decode_all(urls: list[tuple[str, Any]], limits: ImageLimits) -> list[Any]:
@@ -69,8 +108,8 @@ async def chat_images(vision: VisionProcessor | None, model: str, messages: list
     if not urls:
         return []
     if vision is None:
-        raise invalid_param(urls[0][0], f"model {model!r} takes text only, so image parts cannot be used; serve "
-                            "an image-text model (such as Qwen2.5-VL) to send images")
+        raise invalid_param(urls[0][0], f"model {model!r} takes text only (served without an image encoder), so "
+                            "image parts cannot be used; serve an image-text model (such as Qwen2.5-VL) to send images")
     limit = vision.limits.max_images
     if len(urls) > limit:
         raise invalid_param("messages", f"the conversation has {len(urls)} images; at most {limit} are allowed "

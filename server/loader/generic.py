@@ -28,6 +28,9 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     """`vision`: an image-text model (server.models.vision): its language model is served as above,
     its vision encoder keeps transformers' attention and 16-bit linears (4-bit ones become ours)."""
     start = time.perf_counter()
+    if load_format == "unsloth" and vision and device.type != "cuda":
+        raise ValueError("Unsloth loads image-text models (FastVisionModel) on CUDA only; on the CPU serve the "
+                         "16-bit folder with --load-format safetensors")
     if load_format == "unsloth":
         from server.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 

@@ -6,6 +6,9 @@ for a text-only model are 400s naming the part, and the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,27 @@ EXTRA = {"ignore_eos": True, "skip_special_tokens": False}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, torch.nn.Module, Path]]:
+def images_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local HTTP server of image files (127.0.0.1, the one domain the served model may fetch from)."""
+    root = tmp_path_factory.mktemp("site")
+    random_image(7).save(root / "seven.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{site.server_address[1]}"
+    finally:
+        site.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory,
+           images_site: str) -> Iterator[tuple[LiveServer, torch.nn.Module, Path]]:
     tmp = tmp_path_factory.mktemp("vision-serving")
     folder, hf = make_qwen2_5_vl(tmp / "qwen-vl")
     server = launch(tmp, "qwen-vl", "--model", str(folder), "--load-format", "safetensors", "--dtype", "float32",
                     "--block-size", "8", "--max-num-batched-tokens", "24", "--limit-mm-per-prompt", "2",
-                    "--no-warmup", demo_adapter=False)
+                    "--allowed-media-domains", "127.0.0.1", "--no-warmup", demo_adapter=False)
     try:
         server.wait_ready()
         yield server, hf, folder
@@ -74,7 +92,7 @@ def test_different_images_give_different_answers(served: tuple[LiveServer, torch
 @pytest.mark.parametrize(("url", "param", "match"), [
     ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "messages[0].content[0].image_url", "could not be decoded"),
     ("data:image/png;base64,@@@", "messages[0].content[0].image_url", "not valid base64"),
-    ("https://example.com/cat.png", "messages[0].content[0].image_url", "not fetched"),
+    ("https://example.com/cat.png", "messages[0].content[0].image_url", "not in --allowed-media-domains"),
     ("data:text/plain;base64,aGk=", "messages[0].content[0].image_url", "data URL of an image"),
 ])
 def test_bad_images_are_400s(served: tuple[LiveServer, torch.nn.Module, Path], url: str, param: str, match: str) -> None:
@@ -101,3 +119,22 @@ def test_text_only_model_refuses_images() -> None:
     with pytest.raises(APIError, match="takes text only") as info:
         asyncio.run(chat_images(None, "demo", messages))
     assert info.value.status_code == 400
+
+
+def test_image_urls_are_fetched_from_allowed_domains_only(served: tuple[LiveServer, torch.nn.Module, Path],
+                                                         images_site: str) -> None:
+    client = served[0].client()
+
+    def answer(url: str) -> str | None:
+        messages: Any = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Describe it."}]}]
+        r = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body=EXTRA)
+        return r.choices[0].message.content
+
+    assert answer(f"http://{images_site}/seven.png") == answer(data_url(random_image(7)))
+    port = images_site.rpartition(":")[2]
+    for url, match in ((f"http://localhost:{port}/seven.png", "not in --allowed-media-domains"),
+                       (f"http://{images_site}/missing.png", "could not be fetched")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            answer(url)
