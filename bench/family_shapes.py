@@ -139,3 +139,9 @@ def hf_config(shape: FamilyShape, layers: int | None = None, vocab: int | None =
                                  for i in range(fields["num_hidden_layers"])]
     cfg = AutoConfig.for_model(shape.model_type, architectures=[shape.architecture], dtype="bfloat16", **fields)
     return cfg
+
+# Hybrid families (bench/hybrid_shapes.py), registered last: their tiny twins are their own.
+from bench.hybrid_shapes import HYBRID_SHAPES, TINY_HYBRID_SHAPES  # noqa: E402
+
+SHAPES.update(HYBRID_SHAPES)
+SHAPES.update(TINY_HYBRID_SHAPES)

@@ -1,0 +1,25 @@
+"""Real shapes of the hybrid families (recurrent or convolution layers beside attention), for the
+random-weight NF4 benchmarks of bench/families.py, registered into bench/family_shapes.SHAPES with a
+tiny twin each: LFM2-1.2B (gated short convolutions + 6 attention layers of 16)."""
+
+from __future__ import annotations
+
+from bench.family_shapes import FamilyShape
+
+HYBRID_SHAPES: dict[str, FamilyShape] = {
+    "lfm2-1.2b": FamilyShape("lfm2", "Lfm2ForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=16, intermediate_size=12288, block_auto_adjust_ff_dim=True,
+        block_ffn_dim_multiplier=1.0, block_multiple_of=256, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=65536, max_position_embeddings=128000, norm_eps=1e-5, conv_L_cache=3, conv_bias=False,
+        full_attn_idxs=[2, 5, 8, 10, 12, 14], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+    ), "LiquidAI/LFM2-1.2B"),
+}
+
+# The tiny twins keep the layer pattern's two kinds (a convolution layer, then an attention layer).
+TINY_HYBRID_SHAPES: dict[str, FamilyShape] = {
+    "tiny-lfm2-1.2b": FamilyShape("lfm2", "Lfm2ForCausalLM", {
+        **HYBRID_SHAPES["lfm2-1.2b"].fields, "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 192,
+        "block_multiple_of": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+        "full_attn_idxs": [1]}, "tiny lfm2-1.2b"),
+}
