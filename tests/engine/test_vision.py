@@ -122,3 +122,26 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
     vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*visual\.blocks.*\.(qkv|proj)")
     with pytest.raises(AdapterError, match="vision encoder"):
         llm.adapters.register("vision", str(vision))
+
+
+def test_qwen2_vl_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
+    folder, hf = make_qwen2_5_vl(tmp_path / "qwen2-vl", qwen2=True)
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=16)
+    images = [random_image(8, 24, 40), random_image(9)]
+    out = llm.generate({"prompt": chat(llm, 2, "Which is brighter?"), "images": images}, GREEDY)[0]
+    assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, images)
+
+
+def test_preempted_image_request_recomputes_the_same_tokens(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    """A KV cache too small for three image requests at once: some are preempted and recomputed
+    (their images' embeddings from the encoder cache, M-RoPE positions from the prompt again)."""
+    llm, hf = served
+    small = LLM(llm.engine.loaded.folder, load_format="safetensors", dtype="float32", num_kv_blocks=10, block_size=8,
+                max_num_batched_tokens=16, enable_prefix_caching=False)
+    prompts: list[Any] = [{"prompt": chat(small, 1, f"Picture {i}?"), "images": [random_image(30 + i)]}
+                          for i in range(3)]
+    outs = small.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert small.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, prompt["images"], 16)

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from server.loader import DEMO_MODEL
@@ -26,25 +32,31 @@ TEMPLATE = (
 MAX_TOKENS = 8
 
 
-def make_qwen2_5_vl(folder: Path) -> tuple[Path, Qwen2_5_VLForConditionalGeneration]:
-    """The folder (weights, tokenizer, template, image processor) and transformers' model (eager)."""
+def make_qwen2_5_vl(folder: Path, qwen2: bool = False) -> tuple[Path, Any]:
+    """The folder (weights, tokenizer, template, image processor) and transformers' model (eager).
+    `qwen2`: a Qwen2-VL (no windowed vision attention, its own vision config fields) instead."""
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.chat_template = TEMPLATE
     start, pad, end = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
-    config = Qwen2_5_VLConfig(
+    vision: dict[str, Any] = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
+                                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
+                                  fullatt_block_indexes=[1], initializer_range=0.3)
+    if qwen2:
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, initializer_range=0.3)
+    config = (Qwen2VLConfig if qwen2 else Qwen2_5_VLConfig)(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                          eos_token_id=2, pad_token_id=0, bos_token_id=1, initializer_range=0.3),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
-                           fullatt_block_indexes=[1], initializer_range=0.3),
+        vision_config=vision,
         image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end, video_token_id=len(tokenizer) + 7,
         eos_token_id=2, pad_token_id=0, bos_token_id=1,
     )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    model_class = Qwen2VLForConditionalGeneration if qwen2 else Qwen2_5_VLForConditionalGeneration
+    model = model_class._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # random biases and norms so that those code paths matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
