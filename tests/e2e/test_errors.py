@@ -80,9 +80,13 @@ def test_unsupported_chat_field_is_400_naming_it(server: LiveServer, field: str,
 
 
 def test_unsupported_content_part_is_400(server: LiveServer) -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    err = error_of(post(server, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [audio]}]}), 400)
+    assert err["param"] == "messages[0].content[0].type"
+    # An image for the demo model, which takes text only: the part is named and why.
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     err = error_of(post(server, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [image]}]}), 400)
-    assert err["param"] == "messages[0].content[0].type"
+    assert err["param"] == "messages[0].content[0].image_url" and "text only" in err["message"]
 
 
 @pytest.mark.parametrize(("field", "value"), [("suffix", "tail"), ("best_of", 3)])
