@@ -20,7 +20,7 @@
 #                                      # The plan is ~12 min: two calls on one warm machine, the second's summary has both:
 #                                      #   FAMILIES=gemma3-4b,qwen3-30b-a3b:12:bf16,gpt-oss-20b:4 bash bench/gpu_record.sh families
 #                                      #   FAMILIES=olmo2-7b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
-#                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family)
+#                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family); FAMILY_PEERS= none
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
@@ -241,7 +241,7 @@ rank)
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/*-base.txt "$RES"/*-lora.txt
     ;;
 families)
-    fam_args=(--work /tmp/fam-models --out "$RES/fam" --time-budget-s 540 --peers "${FAMILY_PEERS:-unsloth-graphs,hf-bnb}")
+    fam_args=(--work /tmp/fam-models --out "$RES/fam" --time-budget-s 540 --peers "${FAMILY_PEERS-unsloth-graphs,hf-bnb}")
     [ -n "${FAMILIES:-}" ] && fam_args+=(--families "$FAMILIES")
     elapsed "families: ${FAMILIES:-the default plan}"
     timeout 575 python bench/families.py "${fam_args[@]}" > "$RES/families.log" 2>&1
