@@ -30,11 +30,14 @@ def load_hf_with_unsloth(folder: Path, max_seq_length: int, vision: bool = False
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from unsloth import FastLanguageModel, FastVisionModel  # imported late: it patches transformers on import
 
+    from server.loader.gpt_oss_layout import unsloth_gpt_oss_classes
+
     fast = FastVisionModel if vision else FastLanguageModel
-    model, _tokenizer = fast.from_pretrained(
-        model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
-        local_files_only=True,
-    )
+    with unsloth_gpt_oss_classes(folder):  # Unsloth's per-expert gpt-oss layout, recognized from the disk
+        model, _tokenizer = fast.from_pretrained(
+            model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
+            local_files_only=True,
+        )
     fast.for_inference(model)
     return model
 

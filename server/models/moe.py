@@ -60,6 +60,10 @@ def expert_target(name: str) -> tuple[str, str, int | None] | None:
 def expert_weight_names(name: str, num_experts: int) -> set[str]:
     """The per-expert names a checkpoint tensor stands for (a fused tensor: every expert's), so that
     names on disk and names read compare whichever layout each side used; other names unchanged."""
+    if _GPT_OSS_PER_EXPERT.match(name) or ".mlp.router.linear." in name:
+        # Unsloth's 4-bit gpt-oss layout: read only by a model of that layout (transformers' own class
+        # leaves these unread and its 3-D experts random), so the name must match as it is.
+        return {name}
     target = expert_target(name)
     if target is None:
         return {moe_checkpoint_name(name)}
