@@ -41,6 +41,20 @@ def test_layers_option_keeps_the_first_layers_and_expert_layouts_hold_the_same_w
         hf_config(SHAPES["qwen3-30b-a3b"], layers=49)
 
 
+def test_every_real_shapes_config_is_served_and_parses(tmp_path: Path) -> None:
+    """The full-size config.json of each shape (not only its tiny twin) passes the start-up checks:
+    a path serves it and, when native, our ModelConfig reads it (longrope factors, layer windows ...)."""
+    from server.models.config import ModelConfig
+    from server.models.families import route_of
+
+    for name in REAL:
+        hf_config(SHAPES[name]).save_pretrained(tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        if route_of(cfg).path == "native":
+            parsed = ModelConfig.from_dict(cfg)
+            assert (parsed.num_layers, parsed.vocab_size) == (SHAPES[name].layers, SHAPES[name].vocab), name
+
+
 def build(tmp: Path, name: str, *extra: str) -> Path:
     out = tmp / name
     rc = make_random_model.main(["--shape", f"tiny-{name}", "--out", str(out), "--device", "cpu", *extra])
