@@ -16,7 +16,7 @@ from kernels.state_batch import StateBatch
 def _conv_kernel(
     x_ptr, w_ptr, b_ptr, state_ptr, out_ptr, qsl_ptr, slot_ptr, init_ptr, seq_ptr,
     num_tokens, dim, stride_x, stride_o, stride_ss, stride_sd,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -39,6 +39,8 @@ def _conv_kernel(
         acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -68,7 +70,7 @@ def _state_kernel(
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         conv_state: torch.Tensor, batch: StateBatch) -> torch.Tensor:
+                         conv_state: torch.Tensor, batch: StateBatch, silu: bool = False) -> torch.Tensor:
     num_tokens, dim = x.shape
     k = weight.shape[1]
     assert x.stride(1) == 1 and weight.is_contiguous() and conv_state.stride(2) == 1
@@ -79,7 +81,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         x, weight, bias if bias is not None else weight, conv_state, out, batch.query_start_loc, batch.slots,
         batch.has_initial, batch.token_seq, num_tokens, dim, x.stride(0), out.stride(0),
         conv_state.stride(0), conv_state.stride(1),
-        K=k, HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     num_seqs = batch.slots.shape[0]
     _state_kernel[(num_seqs, triton.cdiv(dim, block_d))](

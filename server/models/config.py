@@ -12,6 +12,7 @@ from server.models.gpt_oss_config import gpt_oss_fields
 from server.models.lfm2_config import lfm2_fields
 from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
+from server.models.qwen3_5_config import qwen3_5_fields
 from server.models.rope_config import parse_rope
 
 SUPPORTED_ARCHITECTURES = {
@@ -27,6 +28,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
     "MixtralForCausalLM": "mixtral",
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
+    "Qwen3_5ForCausalLM": "qwen3_5",  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
 }
 
@@ -76,13 +78,16 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     conv_kernel: int = 0  # LFM2's short convolution width (conv_L_cache); its state keeps conv_kernel - 1 inputs
     conv_bias: bool = False
+    # Qwen3.5's Gated DeltaNet layers (server/models/qwen3_5_config.py): (key heads, value heads), (key, value) head dims.
+    linear_heads: tuple[int, int] = (0, 0)
+    linear_head_dims: tuple[int, int] = (0, 0)
 
     @property
     def kv_layers(self) -> list[int]:
         """The layers that read and write the paged KV cache, in order (every layer but for hybrids)."""
         if self.layer_types is None:
             return list(range(self.num_layers))
-        return [i for i, kind in enumerate(self.layer_types) if kind.endswith("attention")]
+        return [i for i, kind in enumerate(self.layer_types) if kind in ("full_attention", "sliding_attention")]
 
     @property
     def has_state(self) -> bool:
@@ -120,6 +125,8 @@ class ModelConfig:
             return cls(**gpt_oss_fields(cfg))
         if family == "lfm2":
             return cls(**lfm2_fields(cfg))
+        if family == "qwen3_5":
+            return cls(**qwen3_5_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family in ("mistral", "mixtral") or cfg.get("use_sliding_window") else None

@@ -22,13 +22,14 @@ from server.models.lfm2 import Lfm2ForCausalLM
 from server.models.llama import LlamaForCausalLM
 from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 from server.models.mxfp4 import is_mxfp4, mxfp4_dequantized
+from server.models.qwen3_5 import Qwen3_5ForCausalLM
 
 if TYPE_CHECKING:
     from kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 
-CausalLM = LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM
+CausalLM = LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCausalLM
 
 # HF projection name -> (our fused module, slice index)
 FUSED = {
@@ -213,6 +214,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "lfm2":
             model = Lfm2ForCausalLM(cfg)
+        elif cfg.family == "qwen3_5":
+            model = Qwen3_5ForCausalLM(cfg)
         else:
             model = LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)

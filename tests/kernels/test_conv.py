@@ -26,7 +26,8 @@ def make_batch(lens: list[int], initial: list[bool], num_slots: int, device: str
     return StateBatch.build(qsl, slots, initial, torch.device(device))
 
 
-def conv_case(lens: list[int], initial: list[bool], dim: int, k: int, dtype: str, bias: bool = True) -> Callable:
+def conv_case(lens: list[int], initial: list[bool], dim: int, k: int, dtype: str, bias: bool = True,
+              silu: bool = False) -> Callable:
     def run() -> tuple[float, float]:
         from kernels.triton_conv import causal_conv1d_triton
 
@@ -37,8 +38,8 @@ def conv_case(lens: list[int], initial: list[bool], dim: int, k: int, dtype: str
         b = torch.randn(dim).to(dt) if bias else None
         state = torch.randn(len(lens) + 2, dim, k - 1).to(dt)
         ref_state = state.clone()
-        out = causal_conv1d_triton(x, weight, b, state, batch)
-        ref = causal_conv1d_ref(x, weight, b, ref_state, batch)
+        out = causal_conv1d_triton(x, weight, b, state, batch, silu)
+        ref = causal_conv1d_ref(x, weight, b, ref_state, batch, silu)
         return max(rel_err(out, ref), rel_err(state, ref_state)), BOUND[dtype]
 
     return run
@@ -49,6 +50,7 @@ CASES: dict[str, Callable] = {
     "mixed_fp32": conv_case([1, 1, 7, 2, 19], [True, True, False, True, True], 72, 3, "fp32"),
     "short_chunks_k4_bf16": conv_case([1, 2, 3, 33], [True, True, False, True], 300, 4, "bf16"),
     "new_prompts_fp16_no_bias": conv_case([5, 17], [False, False], 64, 3, "fp16", bias=False),
+    "silu_k4_fp32": conv_case([1, 6, 2], [True, False, True], 96, 4, "fp32", bias=False, silu=True),
 }
 
 

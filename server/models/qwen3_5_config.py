@@ -1,0 +1,48 @@
+"""config.json fields of Qwen3.5's text model (Qwen3_5ForCausalLM): Gated DeltaNet (linear attention)
+layers and gated full-attention layers in the order `layer_types` gives (default: every fourth layer
+full attention), with transformers' defaults where a config leaves one out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.models.rope_config import parse_rope, partial_rotary_factor
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def qwen3_5_layer_types(cfg: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        interval = int(cfg.get("full_attention_interval", 4))
+        kinds = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers)]
+    if not isinstance(kinds, list) or len(kinds) != num_layers or not set(kinds) <= {LINEAR, FULL}:
+        raise ValueError(f"config.json layer_types: expected {num_layers} entries, each {LINEAR!r} or {FULL!r}; "
+                         f"got {kinds!r:.120}")
+    return tuple(kinds)
+
+
+def qwen3_5_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    num_layers = int(cfg.get("num_hidden_layers", 32))
+    num_heads = int(cfg.get("num_attention_heads", 16))
+    head_dim = int(cfg.get("head_dim") or 256)
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported for Qwen3.5 (silu only)")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "partial_rotary_factor" not in rope and "partial_rotary_factor" not in cfg:
+        cfg = {**cfg, "partial_rotary_factor": 0.25}  # transformers' default for this family
+    rope_theta, rope_scaling, max_positions = parse_rope(cfg, head_dim, allow_partial=True)
+    return dict(
+        family="qwen3_5", vocab_size=int(cfg.get("vocab_size", 248320)), hidden_size=int(cfg.get("hidden_size", 4096)),
+        intermediate_size=int(cfg.get("intermediate_size", 12288)), num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or 4), head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        max_position_embeddings=max_positions, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=True,
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        partial_rotary_factor=partial_rotary_factor(cfg), layer_types=qwen3_5_layer_types(cfg, num_layers),
+        conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
+        linear_heads=(int(cfg.get("linear_num_key_heads", 16)), int(cfg.get("linear_num_value_heads", 32))),
+        linear_head_dims=(int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))),
+    )

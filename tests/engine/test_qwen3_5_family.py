@@ -1,0 +1,82 @@
+"""Qwen3.5's text model (`Qwen3_5ForCausalLM`: Gated DeltaNet + gated attention) served natively with
+a state slot per running sequence: our greedy tokens equal transformers' (its torch fallback for the
+gated delta rule) on a tiny random model through one-pass and chunked prefill, continuous batching
+and preemption under a tiny KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from test_lfm2_family import hf_greedy, run_engine
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.models.config import ModelConfig
+
+VOCAB = 256
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=8, linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention",
+                                                                    "linear_attention", "linear_attention"],
+    max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=2, initializer_range=0.3,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+)
+
+
+def make_qwen3_5(folder: Path) -> torch.nn.Module:
+    """A random Qwen3_5ForCausalLM saved to `folder` (random norms, gates and decays, so their paths matter)."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3_5TextConfig(**COMMON)
+    cfg.architectures = ["Qwen3_5ForCausalLM"]
+    model = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "dt_bias" in name or "A_log" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    hf = make_qwen3_5(folder)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 70, 1)]
+    return folder, prompts, [hf_greedy(hf, p, 10) for p in prompts]
+
+
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (9, 64), (24, 12)],
+                         ids=["one-pass", "chunked-prefill", "preemption"])
+def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
+    folder, prompts, want = qwen
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
+                              max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
+                              max_model_len=128))
+    assert run_engine(engine, prompts, 10) == want
+    if blocks == 12:
+        assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
+    slots = engine.block_manager.state_slots
+    assert slots is not None and slots.num_used == 0 and len(engine.runner.kv_caches) == 1
+
+
+def test_config_reads_transformers_defaults() -> None:
+    """A config.json that leaves layer_types and the rotary share out: every fourth layer full attention,
+    a quarter of each head rotated (transformers' defaults)."""
+    ours = ModelConfig.from_dict({"architectures": ["Qwen3_5ForCausalLM"], "num_hidden_layers": 8,
+                                  "rope_parameters": {"rope_type": "default", "rope_theta": 1e7}})
+    theirs = transformers.Qwen3_5TextConfig(num_hidden_layers=8)
+    assert list(ours.layer_types or ()) == theirs.layer_types and ours.kv_layers == [3, 7]
+    assert ours.rotary_dim == 64 and ours.linear_heads == (16, 32) and ours.has_state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (9, 64), (24, 12)])
+def test_triton_kernels_match_transformers(qwen: tuple, budget: int, blocks: int) -> None:
+    test_greedy_matches_transformers(qwen, budget, blocks, device="cuda")
