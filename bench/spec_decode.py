@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.engine import SHAPES, random_nf4_model
 from server.config import Config
+from server.engine.cuda_graphs import default_buckets
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.engine.spec_decode.draft import DraftRunner
@@ -133,7 +134,7 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = make_engine(random_nf4_model(target_shape, DEVICE), max(ks), max(batches))
     draft = DraftRunner(random_nf4_model(draft_shape, DEVICE).model, engine.block_manager.num_blocks,
-                        engine.config.block_size, engine.device, engine.dtype)
+                        engine.config.block_size, engine.device, engine.dtype, 2048, default_buckets(max(batches)))
     built = time.perf_counter() - t0
     plain: dict[int, float] = {}
     verify: dict[tuple[int, int], float] = {}

@@ -4,6 +4,7 @@ new tokens to the host once."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logpro
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
 from server.engine.slot_modules import SlotModuleTable
+from server.engine.spec_decode.decode_rows import decode_rows, token_at
 from server.engine.spec_decode.rejection import sample_with_drafts
 from server.engine.vision_inputs import VisionInputs
 from server.models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
@@ -244,11 +246,14 @@ class ModelRunner:
         return to_device(data, self.device, dtype)
 
     def _replay_decode(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits from a CUDA graph when every sequence computes exactly one token, else None. With
-        `lookahead_ids` (device) each sequence computes the position after its last host-side token,
-        whose id the previous step sampled and has not handed to the host yet."""
+        """Logits from a CUDA graph when every sequence computes exactly one token (or verifies draft
+        tokens: one row per position, spec_decode/decode_rows.py), else None. With `lookahead_ids`
+        (device) each sequence computes the position after its last host-side token, whose id the
+        previous step sampled and has not handed to the host yet."""
         graphs = self.graphs
-        if graphs is None or len(batch.seqs) > graphs.max_batch or any(n != 1 for n in batch.num_new_tokens):
+        ahead = lookahead_ids is not None
+        rows = decode_rows(batch, ahead) if graphs is not None else None
+        if graphs is None or rows is None or len(rows) > graphs.max_batch:
             return None
         if any(s.params.prompt_logprobs is not None and s.num_computed_tokens + 1 < s.num_prompt_tokens
                for s in batch.seqs):
@@ -259,23 +264,22 @@ class ModelRunner:
         if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
         bs = self.block_size
-        ahead = lookahead_ids is not None
-        positions = [seq.num_tokens if ahead else seq.num_computed_tokens for seq in batch.seqs]
+        positions = [p for _, p in rows]
         lora_slots = None
         if adapters:
             assert self.lora_manager is not None
             slot_of = self.lora_manager.assign_slots(adapters)
-            lora_slots = [slot_of.get(seq.adapter_id, -1) for seq in batch.seqs]
+            lora_slots = [slot_of.get(seq.adapter_id, -1) for seq, _ in rows]
         # A batch without adapters replays the base graphs (captured first, kept beside the LoRA
         # ones): no shrink / expand launches for slots nobody uses.
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         logits = graphs.run(
-            input_ids=[0] * len(positions) if ahead else [seq.token_ids[p] for seq, p in zip(batch.seqs, positions, strict=True)],
+            input_ids=[0] * len(positions) if ahead else [token_at(seq, p) for seq, p in rows],
             input_ids_device=lookahead_ids,
             positions=positions if self.long_prompt_from is None else [
-                self._rope_rows(seq.num_prompt_tokens, p, p + 1)[0] for seq, p in zip(batch.seqs, positions, strict=True)],
-            slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in zip(batch.seqs, positions, strict=True)],
-            block_tables=[seq.block_table for seq in batch.seqs],
+                self._rope_rows(seq.num_prompt_tokens, p, p + 1)[0] for seq, p in rows],
+            slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in rows],
+            block_tables=[seq.block_table for seq, _ in rows],
             seq_lens=[p + 1 for p in positions],
             lora_slots=lora_slots,
             start_event=events[0],
@@ -322,8 +326,9 @@ class ModelRunner:
         logits = self._replay_decode(batch)
         if logits is not None:
             rows = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-            if len(rows) < len(batch.seqs):
-                logits = logits[rows]
+            if len(rows) < len(batch.seqs):  # one-token prompt chunks sample nothing
+                starts = [0, *itertools.accumulate(batch.num_new_tokens)]  # verify steps: 1 + k rows each
+                logits = logits[[r for i in rows for r in range(starts[i], starts[i + 1])]]
         else:
             # An eager step spends a while launching kernels: whatever waits for "launched" should
             # not wait that long (a graph replay is queued at once, so there it runs below).

@@ -8,14 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from kernels.attention import AttnMetadata
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from server.engine.spec_decode.decode_rows import decode_rows, token_at
 from server.loader import DEMO_ADAPTER, DEMO_MODEL
 from server.loader.peft import load_lora
 from server.loader.truncate import truncate_model
+from server.models.layers import StepMetadata
 
 TEXTS = ["Return the", "If the file does not exist, raise an error and", "x",
          "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add("]
@@ -123,3 +127,50 @@ def test_speculation_is_off_above_the_batch_size(requests: list, plain: list) ->
     check_same(plain, got)
     # Requests arrive one a step and most run together: only the first steps may speculate.
     assert engine.scheduler.spec_stats.num_drafts < 5
+
+
+def test_verified_positions_as_decode_rows_give_the_eager_logits() -> None:
+    """What a CUDA graph replays for a verify step (spec_decode/decode_rows.py: one decode row per
+    verified position) computes the eager verify step's logits, on the CPU's reference kernels."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=32,
+                              speculative_method="ngram"))
+    engine.spec = None  # drafts set by hand below
+    engine.add_request("a", list(range(40, 60)), SamplingParams(max_tokens=8, temperature=0))
+    engine.add_request("b", list(range(70, 75)), SamplingParams(max_tokens=8, temperature=0))
+    engine.step()
+    a, b = engine.scheduler.running
+    a.spec_token_ids = [61, 62, 63]  # b decodes one token beside it
+    batch = engine.scheduler.schedule()
+    runner, model = engine.runner, engine.loaded.model
+    with torch.inference_mode():
+        inputs = runner.prepare(batch)
+        eager = model.compute_logits(runner._forward(inputs)[inputs.sample_token_index])
+        rows = decode_rows(batch)
+        assert rows is not None and len(rows) == 5
+        bs = engine.config.block_size
+        width = max(len(s.block_table) for s in batch.seqs)
+        seq_lens = [p + 1 for _, p in rows]
+        attn = AttnMetadata(
+            slot_mapping=torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in rows]),
+            block_tables=torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in rows],
+                                      dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+            seq_lens_host=seq_lens, query_start_loc_host=list(range(len(rows) + 1)), max_query_len=1,
+            max_seq_len=max(seq_lens), num_decodes=len(rows))
+        ids = torch.tensor([token_at(s, p) for s, p in rows])
+        flat = model.compute_logits(model(ids, torch.tensor([p for _, p in rows]), StepMetadata(attn), runner.kv_caches))
+    assert batch.seqs == [b, a] and eager.shape[0] == 5  # the decode first; a's 1 + 3 rows after it
+    torch.testing.assert_close(flat, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("eager", [False, True])
+def test_on_gpu_speculation_gives_the_plain_greedy_tokens(requests: list, draft_folder: Path, eager: bool) -> None:
+    """On CUDA verify steps replay the decode graphs (one row per verified position) and the draft
+    model's single-token steps replay its own; fp32 so that greedy choices are stable."""
+    common = dict(device="cuda", dtype="float32", enforce_eager=eager)
+    want = generate(requests, num_kv_blocks=128, **common)[0]
+    check_same(want, generate(requests, num_kv_blocks=128, speculative_method="ngram", **common)[0])
+    check_same(want, generate(requests, num_kv_blocks=128, speculative_model=str(draft_folder), **common)[0])

@@ -5,7 +5,9 @@ the same slot in both caches, so the draft needs no block bookkeeping of its own
 rollback (trimmed blocks, preemption) is the draft's too. `Sequence.num_draft_computed` counts the
 positions whose draft KV is valid; each proposal first catches up from there to the sequence's last
 token (a prompt the first time, the tokens accepted since otherwise), then feeds its own proposals
-one at a time. It runs without adapters: one draft serves every request.
+one at a time. It runs without adapters: one draft serves every request. On CUDA its single-token
+steps (all but a catch-up of several tokens) replay CUDA graphs of their own, as the target's
+decode steps do.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import AttnMetadata
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.sampler import Sampler
 from server.engine.sequence import Sequence
@@ -23,7 +26,7 @@ from server.models.weights import CausalLM
 
 class DraftRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, max_model_len: int = 2048, graph_buckets: list[int] | None = None) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -35,6 +38,15 @@ class DraftRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
+        if graph_buckets and device.type == "cuda":
+            self.graphs = DecodeGraphs(self._forward_logits, graph_buckets, -(-max_model_len // block_size),
+                                       num_blocks, block_size, device)
+            with torch.inference_mode():
+                self.graphs.capture_all(with_lora=False)
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
 
     @staticmethod
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -88,9 +100,13 @@ class DraftRunner:
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + len(chunk))
+        lens = [len(c) for c in chunks]
+        if self.graphs is not None and max(lens) == 1 and len(seqs) <= self.graphs.max_batch:
+            replayed = self.graphs.run(ids, positions, slots, [seq.block_table for seq in seqs], seq_lens, None)
+            if replayed is not None:
+                return replayed  # the graph's own output buffer: read before the next replay
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        lens = [len(c) for c in chunks]
         attn = AttnMetadata(
             slot_mapping=self._tensor(slots), block_tables=self._tensor(tables, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(query_start_loc, torch.int32),

@@ -9,6 +9,7 @@ import torch
 
 from server.config import Config
 from server.engine.block_manager import BlockManager
+from server.engine.cuda_graphs import default_buckets
 from server.engine.spec_decode.draft import DraftRunner
 from server.engine.spec_decode.proposer import SpecConfig, SpecDecoder
 from server.loader.checkpoint import load_checkpoint
@@ -46,7 +47,12 @@ def build_spec_decoder(config: Config, block_manager: BlockManager, max_model_le
                       config.prompt_lookup_min, config.prompt_lookup_max)
     runner = None
     if draft is not None:
-        runner = DraftRunner(draft, block_manager.num_blocks, block_manager.block_size, device, dtype)
+        buckets = None
+        if device.type == "cuda" and not config.enforce_eager and getattr(draft, "supports_cuda_graphs", True):
+            # Sized to the cap: no larger batch speculates.
+            buckets = default_buckets(min(config.max_num_seqs, config.speculative_max_batch_size))
+        runner = DraftRunner(draft, block_manager.num_blocks, block_manager.block_size, device, dtype, max_model_len,
+                             buckets)
     if method == "ngram":
         logger.info("speculative decoding: n-gram lookup (%d-%d tokens), %d tokens per step",
                     spec.ngram_min, spec.ngram_max, spec.num_tokens)
