@@ -19,6 +19,7 @@ from server.loader.chat_template import (
     check_template,
     read_folder_template,
     read_json,
+    read_processor_template,
     template_hash,
 )
 
@@ -127,6 +128,9 @@ def base_entry(folder: Path, eos_token_ids: frozenset[int], adapter_folder: Path
     tokenizer = load_tokenizer(folder)
     source = "base" if tokenizer.chat_template else "none"
     entry = ModelTokenizer(tokenizer, TokenTexts(tokenizer), eos_token_ids, source, "base")
+    processor_template = None if tokenizer.chat_template else read_processor_template(folder)
+    if processor_template is not None:  # an image-text model whose template only its processor holds
+        entry = with_template(entry, processor_template, "base", f"{folder / 'chat_template.json'}")
     if adapter_folder is not None:
         entry = overlay(entry, adapter_folder, "--model")
     if flag_template is not None:

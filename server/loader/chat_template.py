@@ -86,6 +86,16 @@ def read_folder_template(folder: Path) -> Template | None:
     return None if value is None else _normalize(value, config)
 
 
+def read_processor_template(folder: Path) -> Template | None:
+    """The template an image-text model's processor saved in chat_template.json (transformers'
+    processors read it; its tokenizer alone does not), or None."""
+    path = folder / "chat_template.json"
+    if not path.is_file():
+        return None
+    value = read_json(path).get("chat_template")
+    return None if value is None else _normalize(value, path)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

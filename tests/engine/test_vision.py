@@ -6,6 +6,8 @@ image is served from the encoder cache and the prefix cache, a different image n
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image
 
+from server.api.tokenizers import base_entry
 from server.engine.sampling_params import SamplingParams
 from server.llm import LLM
 from server.loader.adapter_config import AdapterError
@@ -145,3 +148,16 @@ def test_preempted_image_request_recomputes_the_same_tokens(served: tuple[LLM, A
     assert small.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, prompt["images"], 16)
+
+
+def test_template_only_in_the_processors_file_is_used(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    """A folder whose chat template only its processor saved (chat_template.json) renders image parts."""
+    llm, _ = served
+    folder = llm.engine.loaded.folder
+    copy_folder = tmp_path / "processor-template"
+    shutil.copytree(folder, copy_folder)
+    jinja = copy_folder / "chat_template.jinja"  # where the tokenizer saved it: moved to the processor's file
+    (copy_folder / "chat_template.json").write_text(json.dumps({"chat_template": jinja.read_text()}))
+    jinja.unlink()
+    entry = base_entry(copy_folder, frozenset({2}))
+    assert entry.tokenizer.chat_template == llm.tokenizer.chat_template
