@@ -5,7 +5,7 @@ off first, then the content is searched for calls."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +16,7 @@ from server.api.reasoning import END, START, ThinkSplitter, prompt_opens
 from server.api.tool_calls import Reading, ToolCallReader
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, TOOL_FORMATS, ToolFormat
 from server.api.tools import ToolPlan
+from server.engine.sampling_params import StructuredSpec
 
 PROMPT_TAIL_TOKENS = 16  # of the prompt, decoded to see whether its template opened the reasoning
 
@@ -27,6 +28,7 @@ class OutputFormat:
 
     reasoning: str | None  # "qwen3", "deepseek_r1", "harmony" or None (no reasoning section)
     tools: ToolFormat | None  # None: harmony (its reader finds the calls)
+    native_tools: bool = False  # the template (or the flag) teaches the tool format: forced calls use it
 
     @property
     def is_harmony(self) -> bool:
@@ -65,7 +67,8 @@ def output_format(template: str | None, reasoning_parser: str = "auto", tool_cal
         tools = LLAMA3_JSON
     else:
         tools = HERMES  # also reads a reply of bare JSON calls, what the generic tool prompt asks for
-    return OutputFormat(reasoning, tools)
+    native = tool_call_parser != "auto" or (tools is not None and tools.opens in text)
+    return OutputFormat(reasoning, tools, native)
 
 
 class OutputReader:
@@ -73,12 +76,13 @@ class OutputReader:
     `prompt_tail`: the end of the rendered prompt (a template may open the reasoning there);
     `constrained`: a grammar shapes the output from its first token, so it has no reasoning."""
 
-    def __init__(self, fmt: OutputFormat, plan: ToolPlan | None, prompt_tail: str = "", constrained: bool = False) -> None:
+    def __init__(self, fmt: OutputFormat, plan: ToolPlan | None, prompt_tail: str = "", constrained: bool = False,
+                 calls_in_format: bool = False) -> None:
         self.harmony = HarmonyReader() if fmt.is_harmony and not constrained else None
         self.think: ThinkSplitter | None = None
         if fmt.reasoning in ("qwen3", "deepseek_r1") and not constrained:
             self.think = ThinkSplitter(prompt_opens(prompt_tail), implicit=fmt.reasoning == "deepseek_r1")
-        self.tools = ToolCallReader(plan, fmt.tools or HERMES) if plan is not None else None
+        self.tools = ToolCallReader(plan, fmt.tools or HERMES, calls_in_format) if plan is not None else None
         self.num_calls = 0
 
     @property
@@ -145,14 +149,38 @@ class OutputPlan:
     fmt: OutputFormat
     tools: ToolPlan | None
     prompt_tail: str = ""
-    constrained: bool = False  # a grammar (response_format, forced call) shapes the whole output
     keep_special_ids: frozenset[int] = frozenset()
+    constrained: bool = False  # a JSON grammar shapes the output from its first token: no reasoning
+    calls_in_format: bool = False  # forced calls are constrained to the family's format (tool_grammar.py)
 
     @classmethod
-    def of(cls, fmt: OutputFormat, tools: ToolPlan | None, tokenizer: Any, prompt_ids: list[int],
-           constrained: bool) -> OutputPlan:
+    def of(cls, fmt: OutputFormat, tools: ToolPlan | None, tokenizer: Any, prompt_ids: list[int]) -> OutputPlan:
         tail = str(tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
-        return cls(fmt, tools, tail, constrained, marker_token_ids(tokenizer, fmt))
+        return cls(fmt, tools, tail, marker_token_ids(tokenizer, fmt))
+
+    @property
+    def think(self) -> str | None:
+        """How a grammar must leave room for `<think>` reasoning: "open" (the prompt opened it),
+        "optional", or None (no such reasoning, or the prompt closed it: thinking switched off)."""
+        if self.fmt.reasoning not in ("qwen3", "deepseek_r1"):
+            return None
+        if prompt_opens(self.prompt_tail):
+            return "open"
+        return None if END in self.prompt_tail else "optional"
+
+    @property
+    def hermes_calls(self) -> bool:
+        """Forced calls are written as the model's `<tool_call>` blocks (its template teaches them)."""
+        return self.fmt.tools is HERMES and self.fmt.native_tools
+
+    def constrained_by(self, spec: StructuredSpec | None) -> OutputPlan:
+        """This plan once the output's grammar is known: a JSON-schema grammar leaves no reasoning; a
+        shaped one (Lark, from tool_grammar.shape) writes forced calls in the family's format."""
+        if spec is None:
+            return self
+        forced = self.tools is not None and self.tools.is_forced
+        return replace(self, constrained=spec.kind == "json",
+                       calls_in_format=forced and spec.kind == "lark" and self.hermes_calls)
 
     @property
     def has_reasoning(self) -> bool:
@@ -162,4 +190,4 @@ class OutputPlan:
         """A choice's reader; None when its text is all content."""
         if self.tools is None and not self.has_reasoning:
             return None
-        return OutputReader(self.fmt, self.tools, self.prompt_tail, self.constrained)
+        return OutputReader(self.fmt, self.tools, self.prompt_tail, self.constrained, self.calls_in_format)

@@ -31,6 +31,7 @@ from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.api.tool_calls import merge_deltas
+from server.api.tool_grammar import shape
 from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
 from server.engine.async_engine import AsyncEngine
 from server.engine.sampling_params import StructuredSpec
@@ -55,7 +56,9 @@ async def create_chat_completion(
         max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
         runtime.check_fits_cache(len(prompt_ids), "messages")
         ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
-        structured = await structured_spec(runtime, body, plan)
+        output = output_plan(runtime, tokens, plan, prompt_ids)
+        structured = await structured_spec(runtime, body, plan, output=output)
+        output = output.constrained_by(structured)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(
             body, response_id, [(prompt_ids, max_tokens)], body.num_logprobs, adapter_id, runtime.vocab_size,
@@ -63,7 +66,6 @@ async def create_chat_completion(
         )
         if mm is not None:
             reqs = [replace(r, mm=mm) for r in reqs]
-        output = output_plan(runtime, tokens, plan, prompt_ids, structured)
         reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
     except BaseException:
         ticket.release()
@@ -78,8 +80,10 @@ async def create_chat_completion(
 
 async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None,
                           tool_param: str = "tools[{}].function.parameters",
-                          format_param: str = "response_format.json_schema.schema") -> StructuredSpec | None:
-    """The grammar of the output, compiled: a forced tool call's, else the response format's. Every
+                          format_param: str = "response_format.json_schema.schema",
+                          output: OutputPlan | None = None) -> StructuredSpec | None:
+    """The grammar of the output, compiled: a forced tool call's, else the response format's, in the
+    model's own format (`output`: after its reasoning, forced calls as its family writes them). Every
     tool's parameters are compiled too (cached), so that a bad one is a 400 whatever tool_choice.
     `tool_param` / `format_param` name those fields in errors (the Responses API names them its way)."""
     for i, tool in enumerate(body.tools or ()):
@@ -90,6 +94,8 @@ async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: T
             await compile_spec(runtime, spec, tool_param.format(i))
     spec = call_spec(plan) if plan is not None else None
     if spec is not None:
+        if output is not None:
+            spec = shape(spec, plan, output.hermes_calls, output.think)
         return await compile_spec(runtime, spec, "tools")
     shaped = body.structured_outputs
     if shaped is not None and shaped.regex is not None:
@@ -97,17 +103,15 @@ async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: T
     if shaped is not None and shaped.grammar is not None:
         return await compile_spec(runtime, StructuredSpec(shaped.grammar, kind="lark"), "structured_outputs.grammar")
     spec = response_format_spec(body.response_format)
+    if spec is not None and output is not None:
+        spec = shape(spec, None, False, output.think)
     return None if spec is None else await compile_spec(runtime, spec, format_param)
 
 
-def output_plan(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, prompt_ids: list[int],
-                structured: StructuredSpec | None) -> OutputPlan:
+def output_plan(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, prompt_ids: list[int]) -> OutputPlan:
     """How this request's output is read: its model's reasoning and tool-call formats."""
     fmt = output_format(tokens.tokenizer.chat_template, runtime.reasoning_parser, runtime.tool_call_parser)
-    # A JSON grammar shapes the output from its first token: no reasoning section. A regex or Lark
-    # grammar is the client's to write, reasoning included.
-    constrained = structured is not None and structured.kind == "json"
-    return OutputPlan.of(fmt, plan, tokens.tokenizer, prompt_ids, constrained)
+    return OutputPlan.of(fmt, plan, tokens.tokenizer, prompt_ids)
 
 
 def _message(text: str, finish_reason: str | None, output: OutputPlan) -> tuple[ChatResponseMessage, str | None]:

@@ -51,11 +51,12 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
         runtime.check_fits_cache(len(prompt_ids), "input")
         ticket.reserve_tokens(len(prompt_ids), "input")
-        structured = await structured_spec(runtime, chat, plan, "tools[{}].parameters", "text.format.schema")
+        output = output_plan(runtime, tokens, plan, prompt_ids)
+        structured = await structured_spec(runtime, chat, plan, "tools[{}].parameters", "text.format.schema", output)
+        output = output.constrained_by(structured)
         response_id = f"resp_{uuid.uuid4().hex}"
         reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
                                structured, tokens.eos_token_ids)
-        output = output_plan(runtime, tokens, plan, prompt_ids, structured)
         reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
     except APIError as exc:
         ticket.release()

@@ -39,9 +39,10 @@ class Reading:
 
 
 class ToolCallReader:
-    def __init__(self, plan: ToolPlan, fmt: ToolFormat = HERMES) -> None:
+    def __init__(self, plan: ToolPlan, fmt: ToolFormat = HERMES, in_format: bool = False) -> None:
+        """`in_format`: forced calls were constrained to the family's format, not bare JSON."""
         self.plan = plan
-        self.auto = None if plan.is_forced else AutoToolReader(fmt, plan.names)
+        self.auto = AutoToolReader(fmt, plan.names) if in_format or not plan.is_forced else None
         self.buf = ""
         self.pos = 0
         self.state = "open" if plan.mode == "required" else "call"  # forced: a list or one object

@@ -171,3 +171,39 @@ def test_bad_template_kwargs_are_400(thinking: LiveServer) -> None:
     r = httpx.post(f"{thinking.base_url}/chat/completions", timeout=30,
                    json={"messages": ASK, "structured_outputs": {"regex": "("}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_call_is_written_in_the_templates_format(client: OpenAI, stream: bool) -> None:
+    # The template teaches <tool_call> blocks: the grammar forces one there (after any reasoning).
+    choice: Any = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=BASE_MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=120,
+                                       temperature=0, stream=stream)
+    if stream:
+        reasoning = content = ""
+        arguments, name, finish = "", "", None
+        for chunk in r:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            content += delta.content or ""
+            for c in delta.tool_calls or ():
+                name += c.function.name or ""
+                arguments += c.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+    else:
+        message = r.choices[0].message
+        content, finish = message.content or "", r.choices[0].finish_reason
+        name, arguments = message.tool_calls[0].function.name, message.tool_calls[0].function.arguments
+    assert finish == "tool_calls" and name == "get_weather" and content == ""
+    assert isinstance(json.loads(arguments)["city"], str)
+
+
+def test_response_format_applies_after_the_reasoning(client: OpenAI) -> None:
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "w", "schema": {**WEATHER, "properties": {
+        "city": {"type": "string", "maxLength": 8}}}}}
+    # Thinking switched off by the template: the JSON starts at once.
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = client.chat.completions.create(model=BASE_MODEL, messages=ASK, response_format=fmt, max_tokens=120,
+                                       temperature=0, extra_body=off)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content or "")["city"], str)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.api.output_reader import OutputFormat, OutputReader, output_format
+from server.api.output_reader import OutputFormat, OutputPlan, OutputReader, output_format
 from server.api.tool_calls import merge_deltas
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
 from server.api.tools import ToolPlan
@@ -90,15 +90,23 @@ def test_content_streams_and_only_a_possible_marker_is_held_back() -> None:
 
 
 def test_template_picks_the_formats_and_flags_override_it() -> None:
-    assert output_format("{{ '<think>' }}<tool_call>") == OutputFormat("qwen3", HERMES)
-    assert output_format("<|start_header_id|> <|python_tag|>") == OutputFormat(None, LLAMA3_JSON)
-    assert output_format("[TOOL_CALLS] [ARGS]") == OutputFormat(None, MISTRAL)
+    assert output_format("{{ '<think>' }}<tool_call>") == OutputFormat("qwen3", HERMES, native_tools=True)
+    assert output_format("<|start_header_id|> <|python_tag|>") == OutputFormat(None, LLAMA3_JSON, native_tools=True)
+    assert output_format("[TOOL_CALLS] [ARGS]") == OutputFormat(None, MISTRAL, native_tools=True)
     assert output_format("<|start|>{{ x }}<|channel|>").is_harmony
-    assert output_format(None) == OutputFormat(None, HERMES)
-    assert output_format("<think>", "none", "mistral") == OutputFormat(None, MISTRAL)
+    assert output_format(None) == OutputFormat(None, HERMES)  # the generic prompt's bare JSON: not native
+    assert output_format("<think>", "none", "mistral") == OutputFormat(None, MISTRAL, native_tools=True)
     assert output_format("", "deepseek_r1") == OutputFormat("deepseek_r1", HERMES)
 
 
 def test_without_tools_calls_stay_content() -> None:
     text = '<think>a</think><tool_call>{"name": "add", "arguments": {}}</tool_call>'
     assert read(QWEN3, [text], plan=None) == ("a", '<tool_call>{"name": "add", "arguments": {}}</tool_call>', [], "stop")
+
+
+def test_grammars_leave_room_for_reasoning_only_where_the_prompt_allows_it() -> None:
+    assert OutputPlan(QWEN3, None, "<|im_start|>assistant\n").think == "optional"
+    assert OutputPlan(QWEN3, None, "assistant\n<think>\n").think == "open"
+    assert OutputPlan(QWEN3, None, "assistant\n<think>\n\n</think>\n\n").think is None  # enable_thinking false
+    assert OutputPlan(OutputFormat(None, HERMES), None, "assistant\n").think is None
+    assert OutputPlan(HARMONY, None, "").think is None
