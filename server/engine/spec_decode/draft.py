@@ -36,7 +36,7 @@ class DraftRunner:
         shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)  # + the target's scratch block
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
+            for _ in cfg.kv_layers
         ]
         self.graphs: DecodeGraphs | None = None
         if graph_buckets and device.type == "cuda":
@@ -52,7 +52,7 @@ class DraftRunner:
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return 2 * len(cfg.kv_layers) * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_tokens: list[int], sampler: Sampler,
