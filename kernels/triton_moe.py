@@ -39,12 +39,28 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 @triton.jit
-def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, N, K: tl.constexpr, num_rows, a_row_div,
-                  stride_am, stride_we, stride_wn, stride_cm,
+def _clamped_swiglu(gate, up, out_dtype, limit, ALPHA: tl.constexpr):
+    """gpt-oss: (clamp(up, -limit, limit) + 1) * g * sigmoid(ALPHA * g), g = min(gate, limit), rounded
+    to the activation dtype after each operation as transformers computes it."""
+    g = tl.minimum(gate, limit)
+    u = tl.minimum(tl.maximum(up, -limit), limit)
+    sig = (1.0 / (1.0 + tl.exp(-(g * ALPHA).to(out_dtype).to(tl.float32)))).to(out_dtype).to(tl.float32)
+    glu = (g * sig).to(out_dtype).to(tl.float32)
+    return ((u + 1.0).to(out_dtype).to(tl.float32) * glu).to(out_dtype).to(tl.float32)
+
+
+@triton.jit
+def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, bias_ptr, N, K: tl.constexpr,
+                  num_rows, a_row_div, stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_cm,
+                  gate_step, up_offset, limit,
                   GATED: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[row] = A[row // a_row_div] @ W[e].T for the rows of one expert's block. GATED: W[e] is
-    [2N, K] (gate rows, then up rows) and C = silu(gate) * up; SCALED: C *= scale[row]."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False):
+    """C[row] = A[row // a_row_div] @ W[e].T for the rows of one expert's block (W[e][n, k] at
+    n * stride_wn + k * stride_wk). GATED: gate output j is W[e] row j * gate_step, up output j row
+    j * gate_step + up_offset (gate rows then up rows: 1, N; gpt-oss's interleaved columns: 2, 1) and
+    C = silu(gate) * up, or with CLAMPED gpt-oss's clamped SwiGLU; BIAS: bias[e] (indexed like W's
+    rows) is added after the product is rounded; SCALED: C *= scale[row]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -64,17 +80,29 @@ def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, N,
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+        k_off = offs_k[:, None] * stride_wk
+        w = tl.load(w_base + (offs_n * gate_step)[None, :] * stride_wn + k_off, mask=w_mask, other=0.0)
         acc += tl.dot(a, w, input_precision=PRECISION)
         if GATED:
-            wu = tl.load(w_base + (offs_n + N)[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+            wu = tl.load(w_base + (offs_n * gate_step + up_offset)[None, :] * stride_wn + k_off, mask=w_mask,
+                         other=0.0)
             acc_up += tl.dot(a, wu, input_precision=PRECISION)
     out_dtype = c_ptr.dtype.element_ty
     # Round where the reference (16-bit matmuls, then the activation in 16-bit) rounds.
     y = acc.to(out_dtype).to(tl.float32)
+    b_base = bias_ptr + expert.to(tl.int64) * stride_be
+    if BIAS:
+        y = (y + tl.load(b_base + offs_n * gate_step, mask=n_ok, other=0.0).to(tl.float32)[None, :])
+        y = y.to(out_dtype).to(tl.float32)
     if GATED:
         up = acc_up.to(out_dtype).to(tl.float32)
-        y = (y / (1.0 + tl.exp(-y))).to(out_dtype).to(tl.float32) * up
+        if BIAS:
+            up = up + tl.load(b_base + offs_n * gate_step + up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            up = up.to(out_dtype).to(tl.float32)
+        if CLAMPED:
+            y = _clamped_swiglu(y, up, out_dtype, limit, 1.702)
+        else:
+            y = (y / (1.0 + tl.exp(-y))).to(out_dtype).to(tl.float32) * up
     if SCALED:
         y = y * tl.load(scale_ptr + tl.where(row_ok, rows, 0), mask=row_ok, other=0.0).to(tl.float32)[:, None]
     c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -102,14 +130,49 @@ def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_
     block_n, block_k = 64, 64
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 models: no TF32 rounding
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))
-    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, inter, hidden, n, top_k,
-                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
+    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, weights, inter, hidden, n, top_k,
+                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), 1, 0, h.stride(0), 1, inter, 0.0,
                         GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     scale = weights.reshape(-1).contiguous()
     grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
-    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, hidden, inter, n, 1,
-                        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, scale, hidden, inter, n, 1,
+                        h.stride(0), w_down.stride(0), w_down.stride(1), 1, 0, y.stride(0), 1, 0, 0.0,
                         GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     # Each token's top_k results summed in float32 and rounded once.
+    return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def fused_moe_gpt_oss(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
+                      b_gate_up: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, limit: float,
+                      block_m: int | None = None) -> torch.Tensor:
+    """gpt-oss's experts in transformers' layout: w_gate_up [E, hidden, 2 inter] (gate, up columns
+    interleaved) + b_gate_up [E, 2 inter], the clamped SwiGLU, w_down [E, inter, hidden] + b_down
+    [E, hidden]; weighted by the routing weights and summed per token. Two launches, no host sync."""
+    num_tokens, hidden = x.shape
+    top_k = ids.shape[1]
+    num_experts, _, two_inter = w_gate_up.shape
+    inter = two_inter // 2
+    n = num_tokens * top_k
+    block_m = block_m or _block_m(n, num_experts)
+    rows, block_expert = align_by_expert(ids, num_experts, block_m)
+    x = x.contiguous()
+    h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
+    block_n, block_k = 64, 64
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    # W[e][n, k] = w_gate_up[e, k, n]: rows of W are columns here (stride 1), k strides by 2 inter.
+    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, b_gate_up, inter, hidden, n, top_k,
+                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1),
+                        b_gate_up.stride(0), h.stride(0), 2, 1, limit,
+                        GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k, BIAS=True, CLAMPED=True)
+    y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+    scale = weights.reshape(-1).contiguous()
+    grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
+    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, b_down, hidden, inter, n, 1,
+                        h.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1),
+                        b_down.stride(0), y.stride(0), 1, 0, 0.0,
+                        GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k, BIAS=True)
     return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

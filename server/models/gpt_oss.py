@@ -88,7 +88,6 @@ class GptOssForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM's embedding, rotary tables, LoRA and logits with gpt-oss's layers and norms."""
 
     layer_class = GptOssDecoderLayer
-    supports_cuda_graphs = False  # the experts run one by one, reading the routing on the host (LLMEngine)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)

@@ -33,7 +33,8 @@ class GptOssExperts(Experts):
     """16-bit: gate_up_proj [E, hidden, 2 inter], down_proj [E, inter, hidden] (transformers' layout,
     so x @ w + b is its very product); 4-bit: one NF4 weight per expert and projection ([2 inter,
     hidden] / [hidden, inter], as bitsandbytes quantized Unsloth's per-expert linears). The biases
-    stay 16-bit. Run expert by expert (kernels.moe.moe_experts_ref: transformers' order)."""
+    stay 16-bit. On a GPU 16-bit experts run as two grouped Triton GEMMs (kernels.triton_moe), else
+    expert by expert (kernels.moe.moe_experts_ref: transformers' order)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, limit: float) -> None:
         nn.Module.__init__(self)  # not Experts.__init__: other shapes (its loading and bookkeeping are reused)
@@ -115,5 +116,13 @@ class GptOssExperts(Experts):
         return clamped_swiglu(gate_up, self.limit) @ self.down_proj[e] + self.down_proj_bias[e]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # Expert by expert (host-synchronizing, so no CUDA graphs); a grouped kernel with biases is to come.
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if x.is_cuda and x.shape[0] > 0 and gate_up is not None and down is not None:
+            from kernels.triton_moe import fused_moe_gpt_oss, supports
+
+            if supports(x, gate_up, down) and self.gate_up_proj_bias.dtype == self.down_proj_bias.dtype == x.dtype:
+                # Two grouped launches, no host sync: captured in CUDA graphs.
+                return fused_moe_gpt_oss(x, ids, weights, gate_up, self.gate_up_proj_bias, down,
+                                         self.down_proj_bias, self.limit)
+        # Expert by expert (host-synchronizing): the CPU reference, and NF4 experts.
         return moe_experts_ref(x, ids, weights, self.num_experts, self._expert)

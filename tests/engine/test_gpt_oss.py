@@ -64,6 +64,18 @@ def test_config_reads_layer_types_sinks_and_experts(tmp_path: Path) -> None:
 def test_greedy_matches_transformers(tmp_path: Path) -> None:
     """Prompts shorter and much longer than the sliding window, prefilled in chunks of 24 tokens
     beside decodes, then decoded past the window."""
+    check_greedy(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_matches_transformers_on_gpu(tmp_path: Path) -> None:
+    """The same through the Triton kernels (attention with sinks, the grouped gpt-oss experts) and
+    CUDA graphs for decode, in float32 so that greedy choices are stable."""
+    check_greedy(tmp_path, device="cuda", dtype="float32", cuda_graph_sizes=(1, 2, 4))
+
+
+def check_greedy(tmp_path: Path, **config: object) -> None:
     from server.config import Config
     from server.engine.llm_engine import LLMEngine
 
@@ -71,7 +83,7 @@ def test_greedy_matches_transformers(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 384, (n,), generator=gen).tolist() for n in (3, 19, 45, 8)]
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
-                              max_num_batched_tokens=24))
+                              max_num_batched_tokens=24, **config))  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
