@@ -10,6 +10,7 @@ from typing import Any
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.gpt_oss_config import gpt_oss_fields
 from server.models.lfm2_config import lfm2_fields
+from server.models.mamba2_config import Mamba2Config, Multipliers, falcon_h1_fields, granite_hybrid_fields
 from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
 from server.models.qwen3_5_config import qwen3_5_fields
@@ -30,6 +31,9 @@ SUPPORTED_ARCHITECTURES = {
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
+    # Mamba-2 hybrids (server/models/granite_hybrid.py, falcon_h1.py): an SSM state per sequence too
+    "GraniteMoeHybridForCausalLM": "granitemoehybrid",
+    "FalconH1ForCausalLM": "falcon_h1",
 }
 
 
@@ -81,6 +85,12 @@ class ModelConfig:
     # Qwen3.5's Gated DeltaNet layers (server/models/qwen3_5_config.py): (key heads, value heads), (key, value) head dims.
     linear_heads: tuple[int, int] = (0, 0)
     linear_head_dims: tuple[int, int] = (0, 0)
+    # Mamba-2 hybrids (server/models/mamba2_config.py): the mixer's shapes (its layers keep a state),
+    # the families' multipliers, whether attention rotates (Granite-4.0-H: no), Falcon-H1's MLP bias.
+    mamba: Mamba2Config | None = None
+    multipliers: Multipliers | None = None
+    rope_enabled: bool = True
+    mlp_bias: bool = False
 
     @property
     def kv_layers(self) -> list[int]:
@@ -91,8 +101,9 @@ class ModelConfig:
 
     @property
     def has_state(self) -> bool:
-        """Whether some layers keep a per-sequence state (a slot of the state cache)."""
-        return len(self.kv_layers) < self.num_layers
+        """Whether some layers keep a per-sequence state (a slot of the state cache); Falcon-H1's
+        layers have attention and a Mamba-2 mixer both."""
+        return len(self.kv_layers) < self.num_layers or self.mamba is not None
 
     @property
     def rotary_dim(self) -> int:
@@ -127,6 +138,10 @@ class ModelConfig:
             return cls(**lfm2_fields(cfg))
         if family == "qwen3_5":
             return cls(**qwen3_5_fields(cfg))
+        if family == "granitemoehybrid":
+            return cls(**granite_hybrid_fields(cfg))
+        if family == "falcon_h1":
+            return cls(**falcon_h1_fields(cfg))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         window = cfg.get("sliding_window") if family in ("mistral", "mixtral") or cfg.get("use_sliding_window") else None

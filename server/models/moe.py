@@ -32,10 +32,19 @@ _GPT_OSS_PER_EXPERT = re.compile(r"^(.*\.experts)\.(gate_up|down)_projs\.(\d+)\.
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
+# GraniteMoe's own checkpoint names (transformers 5 renames them at load): experts as input / output
+# linears of 3-D weights, the router in a `layer` submodule.
+_GRANITE_MOE = ((".mlp.input_linear.weight", ".mlp.experts.gate_up_proj"),
+                (".mlp.output_linear.weight", ".mlp.experts.down_proj"), (".mlp.router.layer.", ".mlp.router."))
+
+
 def moe_checkpoint_name(name: str) -> str:
-    """Mixtral's checkpoints call the sparse MLP `block_sparse_moe`; transformers and we call it `mlp`.
-    Unsloth's gpt-oss keeps the router's weight and bias in a `router.linear` submodule."""
-    return name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.linear.", ".mlp.router.")
+    """Mixtral's (and Granite's) checkpoints call the sparse MLP `block_sparse_moe`; transformers and we
+    call it `mlp`. Unsloth's gpt-oss keeps the router's weight and bias in a `router.linear` submodule."""
+    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.linear.", ".mlp.router.")
+    for old, new in _GRANITE_MOE:
+        name = name.replace(old, new)
+    return name
 
 
 def expert_target(name: str) -> tuple[str, str, int | None] | None:

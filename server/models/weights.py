@@ -14,9 +14,11 @@ from safetensors import safe_open
 
 from kernels.rope import rope_tables
 from server.models.config import ModelConfig
+from server.models.falcon_h1 import FalconH1ForCausalLM
 from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
 from server.models.gpt_oss import GptOssForCausalLM
+from server.models.granite_hybrid import GraniteMoeHybridForCausalLM
 from server.models.layers import LoRALinear
 from server.models.lfm2 import Lfm2ForCausalLM
 from server.models.llama import LlamaForCausalLM
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CausalLM = LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCausalLM
+CausalLM = (LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCausalLM
+            | GraniteMoeHybridForCausalLM | FalconH1ForCausalLM)
 
 # HF projection name -> (our fused module, slice index)
 FUSED = {
@@ -216,6 +219,10 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = Lfm2ForCausalLM(cfg)
         elif cfg.family == "qwen3_5":
             model = Qwen3_5ForCausalLM(cfg)
+        elif cfg.family == "granitemoehybrid":
+            model = GraniteMoeHybridForCausalLM(cfg)
+        elif cfg.family == "falcon_h1":
+            model = FalconH1ForCausalLM(cfg)
         else:
             model = LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)

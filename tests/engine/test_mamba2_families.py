@@ -1,0 +1,135 @@
+"""Granite 4 hybrid (GraniteMoeHybridForCausalLM) and Falcon-H1 (FalconH1ForCausalLM), Mamba-2 + attention,
+served natively with a conv and an SSM state per running sequence: our greedy tokens equal transformers'
+on tiny random models (every multiplier, gate option, RoPE or none, MoE or dense) through one-pass
+prefill, chunked prefill (both states carried across chunks) and preemption (the slot freed, the state
+rebuilt by re-prefill); published configs read as transformers reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.models.config import ModelConfig
+
+VOCAB = 256
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mamba_n_groups=2,
+    mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, max_position_embeddings=256, eos_token_id=1,
+    pad_token_id=0, bos_token_id=2, initializer_range=0.3,
+)
+GRANITE: dict[str, Any] = dict(
+    intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=4, mamba_n_heads=8,
+    layer_types=["mamba", "attention", "mamba", "mamba"], num_local_experts=4, num_experts_per_tok=2,
+    embedding_multiplier=2.0, residual_multiplier=0.7, attention_multiplier=0.2, logits_scaling=1.5,
+)
+FALCON: dict[str, Any] = dict(
+    intermediate_size=96, num_hidden_layers=3, head_dim=8, mamba_d_ssm=96, mamba_n_heads=6,
+    ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9], mlp_multipliers=[0.7, 1.3], key_multiplier=0.6,
+    attention_in_multiplier=0.9, attention_out_multiplier=1.1, ssm_in_multiplier=1.2, ssm_out_multiplier=0.8,
+    embedding_multiplier=1.5, lm_head_multiplier=0.9,
+)
+VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
+    "granite-moe-nope": (transformers.GraniteMoeHybridConfig, GRANITE),  # Granite-4.0-H: no RoPE
+    "granite-dense-rope": (transformers.GraniteMoeHybridConfig,
+                           {**GRANITE, "num_local_experts": 0, "position_embedding_type": "rope"}),
+    "falcon-h1-gate": (transformers.FalconH1Config, FALCON),  # y * silu(z), no norm (the config default)
+    "falcon-h1-norm-first": (transformers.FalconH1Config, {**FALCON, "mamba_rms_norm": True}),
+    "falcon-h1-gate-first": (transformers.FalconH1Config,
+                             {**FALCON, "mamba_rms_norm": True, "mamba_norm_before_gate": False}),
+}
+
+
+def make_model(folder: Path, variant: str) -> torch.nn.Module:
+    """A random model saved to `folder`; its norms, A_log, D and dt_bias randomized too."""
+    torch.manual_seed(0)
+    config_class, fields = VARIANTS[variant]
+    hf = transformers.AutoModelForCausalLM.from_config(config_class(**{**COMMON, **fields}),
+                                                       attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith(("A_log", ".D", "dt_bias")):
+                p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list]:
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = make_model(folder, request.param)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 40, 1, 9)]
+    want = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return folder, prompts, want
+
+
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)],
+                         ids=["one-pass", "chunked-prefill", "preemption"])
+def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
+    folder, prompts, want = model
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
+                              max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32"))
+    assert run_engine(engine, prompts, 12) == want
+    if blocks == 9:
+        assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
+    slots = engine.block_manager.state_slots
+    assert slots is not None and slots.num_used == 0 and engine.block_manager.num_free_blocks == blocks
+    cfg = engine.runner.model.config
+    assert len(engine.runner.kv_caches) == len(cfg.kv_layers) == (1 if cfg.family == "granitemoehybrid" else 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)])
+def test_triton_kernels_match_transformers(model: tuple, budget: int, blocks: int) -> None:
+    """The same on CUDA in float32 (Triton SSD, conv, gated norm, attention)."""
+    test_greedy_matches_transformers(model, budget, blocks, device="cuda")
+
+
+GRANITE_4_H_TINY = {  # ibm-granite/granite-4.0-h-tiny's config.json (the fields that shape the model)
+    "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid", "hidden_size": 1536,
+    "intermediate_size": 512, "shared_intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 12,
+    "num_key_value_heads": 4, "num_local_experts": 64, "num_experts_per_tok": 6, "vocab_size": 100352,
+    "layer_types": ["mamba", "mamba", "mamba", "attention"], "mamba_n_heads": 48, "mamba_d_head": 64,
+    "mamba_n_groups": 1, "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256,
+    "position_embedding_type": "nope", "attention_multiplier": 0.0078125, "embedding_multiplier": 12,
+    "logits_scaling": 6, "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+    "time_step_limit": [0.0, float("inf")], "max_position_embeddings": 131072, "rope_theta": 10000,
+}
+
+
+def test_granite_4_config_read_as_transformers_reads_it() -> None:
+    ours = ModelConfig.from_dict(GRANITE_4_H_TINY)
+    theirs = transformers.GraniteMoeHybridConfig(**{k: v for k, v in GRANITE_4_H_TINY.items() if k != "architectures"})
+    mixer = transformers.models.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer(theirs, 0)
+    assert ours.mamba is not None and ours.multipliers is not None
+    assert ours.mamba.conv_dim == mixer.conv_dim and ours.mamba.intermediate_size == mixer.intermediate_size
+    assert ours.kv_layers == [3] and ours.has_state and not ours.rope_enabled
+    assert ours.num_experts == 64 and ours.moe_intermediate_size == 512 and ours.intermediate_size == 1024
+    assert ours.attn_scale == 0.0078125 and ours.multipliers.logits == 1 / 6 and ours.mamba.dt_max == float("inf")
+
+
+def test_falcon_h1_every_layer_keeps_kv_and_state() -> None:
+    raw = {"architectures": ["FalconH1ForCausalLM"], "model_type": "falcon_h1", **COMMON, **FALCON}
+    ours = ModelConfig.from_dict(raw)
+    assert ours.kv_layers == [0, 1, 2] and ours.has_state and ours.head_dim == 8
+    assert ours.mamba is not None and ours.mamba.head_dim == 16 and ours.mamba.zxbcdt_multipliers[1] == 1.5
