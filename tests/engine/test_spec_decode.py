@@ -174,3 +174,15 @@ def test_on_gpu_speculation_gives_the_plain_greedy_tokens(requests: list, draft_
     want = generate(requests, num_kv_blocks=128, **common)[0]
     check_same(want, generate(requests, num_kv_blocks=128, speculative_method="ngram", **common)[0])
     check_same(want, generate(requests, num_kv_blocks=128, speculative_model=str(draft_folder), **common)[0])
+
+
+def test_sampled_requests_accept_every_draft_of_an_identical_draft_model(requests: list) -> None:
+    """With the model as its own draft, q equals p at every row (same weights, same temperature /
+    top-k / top-p), so rejection sampling accepts min(1, p/q) = 1: nearly every draft token, wherever
+    the rows, probabilities and drafts are matched up right."""
+    sampled = [(prompt, SamplingParams(max_tokens=24, temperature=0.8, top_k=40, top_p=0.95, seed=i, ignore_eos=True),
+                0) for i, (prompt, _, _) in enumerate(requests[:4])]
+    got, engine = generate(sampled, num_kv_blocks=128, speculative_model=str(DEMO_MODEL), num_speculative_tokens=3)
+    stats = engine.scheduler.spec_stats
+    assert all(len(tokens) == 24 for tokens, _, _ in got)
+    assert stats.num_draft_tokens > 30 and stats.acceptance_rate > 0.95
