@@ -27,7 +27,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.engine.spec_decode.draft import DraftRunner
-from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model, spec_method
+from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model, spec_graph_rows, spec_method
 from server.engine.state_cache import StateSlots
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
@@ -152,7 +152,8 @@ class LLMEngine:
         )
         buckets = None
         if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
-            buckets = list(config.cuda_graph_sizes) or default_buckets(config.max_num_seqs)
+            # Verify steps replay them too, with 1 + k rows per speculating sequence.
+            buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
                 model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,

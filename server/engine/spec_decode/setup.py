@@ -23,6 +23,14 @@ def spec_method(config: Config) -> str | None:
     return config.speculative_method or ("draft" if config.speculative_model else None)
 
 
+def spec_graph_rows(config: Config) -> int:
+    """Rows of the largest verify step (0 without speculation): the decode graphs go up to it, so that
+    verify steps replay a graph even where --max-num-seqs is small."""
+    if spec_method(config) is None:
+        return 0
+    return min(config.max_num_seqs, config.speculative_max_batch_size) * (1 + config.num_speculative_tokens)
+
+
 def load_draft_model(config: Config, target: CausalLM, dtype: torch.dtype, device: torch.device) -> CausalLM | None:
     """The draft model of --speculative-model (4-bit or 16-bit, as --load-format says), or None."""
     if spec_method(config) != "draft":
