@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from server.api.errors import invalid_param
+from server.api.images import chat_images, expand_images
 from server.api.prompts import check_prompt_chars, check_token_ids, encode_chat, encode_text, message_chars
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.serving_adapters import resolve_adapter
@@ -26,7 +27,12 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     check_prompt_chars(num_chars, runtime.tokenizer, runtime.max_model_len, "prompt" if body.messages is None else "messages")
     tokenizer = runtime.tokenizers.of(adapter_id).tokenizer  # the model's own template and added tokens
     if body.messages is not None:
+        # Images are counted as the engine would see them (400 for a text-only model, as in chat).
+        images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
         tokens = await encode_chat(tokenizer, body.conversation(), body.add_generation_prompt)
+        if images:
+            assert runtime.vision is not None
+            tokens = (await expand_images(runtime.vision, tokens, images))[0]
     else:
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.max_model_len}

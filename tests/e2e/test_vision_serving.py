@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import torch
@@ -76,6 +77,16 @@ def test_chat_with_images_equals_transformers(served: tuple[LiveServer, torch.nn
         stream = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS,
                                                 temperature=0, extra_body=EXTRA, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_tokenize_counts_image_tokens(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    server, _, folder = served
+    images = [random_image(2, 17, 33)]
+    body = {"model": "qwen-vl", "messages": ask("What is in the picture?", *images)}
+    r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    expected = reference_prompt(AutoTokenizer.from_pretrained(str(folder)), "What is in the picture?", images)
+    assert r.json()["tokens"] == expected
 
 
 def test_different_images_give_different_answers(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
