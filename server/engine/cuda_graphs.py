@@ -3,7 +3,8 @@
 A decode step (one new token per sequence) has the same shapes every time for a given batch size,
 so its whole forward pass and the logits are captured once and replayed: the kernel launches cost
 nothing on the CPU. Inputs live in static buffers sized for the largest bucket; a smaller batch is
-padded to its bucket with rows that write their KV into a scratch block nobody reads.
+padded to its bucket with rows that write their KV into a scratch block nobody reads. Models with
+recurrent layers also take each row's state slot (padded rows: the scratch state row).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from kernels.attention import AttnMetadata
+from kernels.state_batch import StateBatch
 from server.models.layers import StepMetadata
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class DecodeGraphs:
         scratch_block: int,
         block_size: int,
         device: torch.device,
+        scratch_state: int | None = None,
     ) -> None:
         self.forward = forward  # (input_ids, positions, meta) -> logits
         self.buckets = sorted(buckets)
@@ -51,6 +54,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
         self.lora_slots = torch.full((n,), -1, dtype=i32, device=device)
+        # Models with recurrent layers (scratch_state: the state row padded rows use): each row's slot.
+        self.scratch_state = scratch_state
+        self.state_slots = torch.full((n,), scratch_state or 0, dtype=i64, device=device)
+        self.state_initial = torch.ones(n, dtype=torch.bool, device=device)  # a decode continues its state
+        self.segments = 6 if scratch_state is not None else 5  # staged per-row inputs before the block tables
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Pinned staging buffers for the replays' inputs (pinned allocation per step is slow), written
         # through numpy views, then copied to the device in one transfer. Two, alternating: with
@@ -58,7 +66,8 @@ class DecodeGraphs:
         # prepared. Each has an event recorded after its upload: a step that samples nothing (a
         # one-token prompt chunk) is never waited on, so the buffer's next user checks it first.
         self.width = max_blocks_per_seq
-        self.staging = [torch.zeros(n * (5 + max_blocks_per_seq), dtype=i64, pin_memory=True) for _ in range(2)]
+        self.staging = [torch.zeros(n * (self.segments + max_blocks_per_seq), dtype=i64, pin_memory=True)
+                        for _ in range(2)]
         self.staging_np = [t.numpy() for t in self.staging]
         self._uploaded: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
@@ -84,7 +93,11 @@ class DecodeGraphs:
             max_seq_len=self.block_tables.shape[1] * self.block_size,
             num_decodes=n,
         )
-        return StepMetadata(attn, self.lora_slots[:n] if with_lora else None, None)
+        meta = StepMetadata(attn, self.lora_slots[:n] if with_lora else None, None)
+        if self.scratch_state is not None:  # static tensors only: a replay reads them where they were captured
+            meta.state = StateBatch(self.query_start_loc[: n + 1], self.state_slots[:n], self.state_initial[:n],
+                                    self.query_start_loc[:n], list(range(n + 1)), [], [])
+        return meta
 
     def capture_all(self, with_lora: bool) -> None:
         start = time.perf_counter()
@@ -96,6 +109,8 @@ class DecodeGraphs:
     def _capture(self, n: int, with_lora: bool) -> None:
         self.slot_mapping[:n] = self.scratch_block * self.block_size
         self.block_tables[:n] = self.scratch_block
+        if self.scratch_state is not None:
+            self.state_slots[:n] = self.scratch_state
         meta = self._meta(n, with_lora)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -123,9 +138,11 @@ class DecodeGraphs:
         lora_slots: list[int] | None,
         start_event: torch.cuda.Event | None = None,
         input_ids_device: torch.Tensor | None = None,
+        state_slots: list[int] | None = None,
     ) -> torch.Tensor | None:
         """Replay the bucket's graph for this decode batch; returns logits [batch, vocab], or None
         when the batch is larger than every bucket. `start_event` is recorded just before the replay.
+        `state_slots`: each row's state slot (models with recurrent layers; every row continues its state).
         `input_ids_device` (on the device) replaces `input_ids`: ids sampled by a step whose tokens
         the host has not read yet (async scheduling)."""
         b = len(input_ids)
@@ -153,11 +170,16 @@ class DecodeGraphs:
         h[4 * n : 5 * n] = -1
         if lora_slots is not None:
             h[4 * n : 4 * n + b] = lora_slots
-        tables = h[5 * n : 5 * n + n * width].reshape(n, width)
+        seg = self.segments
+        if self.scratch_state is not None:
+            assert state_slots is not None, "a model with recurrent layers replays with its rows' state slots"
+            h[5 * n : 6 * n] = self.scratch_state
+            h[5 * n : 5 * n + b] = state_slots
+        tables = h[seg * n : seg * n + n * width].reshape(n, width)
         tables[:] = scratch
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        dev = host[: 5 * n + n * width].to(self.device, non_blocking=True)
+        dev = host[: seg * n + n * width].to(self.device, non_blocking=True)
         if uploaded is None:
             uploaded = self._uploaded[self._turn] = torch.cuda.Event()
         uploaded.record()
@@ -168,7 +190,9 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(dev[2 * n : 3 * n])
         self.seq_lens[:n].copy_(dev[3 * n : 4 * n])
         self.lora_slots[:n].copy_(dev[4 * n : 5 * n])
-        self.block_tables[:n].copy_(dev[5 * n :].view(n, width))
+        if self.scratch_state is not None:
+            self.state_slots[:n].copy_(dev[5 * n : 6 * n])
+        self.block_tables[:n].copy_(dev[seg * n :].view(n, width))
         graph, logits = self.graphs[(n, with_lora)]
         if start_event is not None:
             start_event.record()  # device time from here: the replay, not the host's preparation

@@ -111,7 +111,7 @@ class ModelRunner:
         if cuda_graph_buckets and device.type == "cuda":
             self.graphs = DecodeGraphs(
                 self._forward_logits, cuda_graph_buckets, -(-max_model_len // block_size),
-                self.scratch_block, block_size, device,
+                self.scratch_block, block_size, device, num_state_slots if cfg.has_state else None,
             )
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
@@ -258,6 +258,9 @@ class ModelRunner:
         if any(s.params.prompt_logprobs is not None and s.num_computed_tokens + 1 < s.num_prompt_tokens
                for s in batch.seqs):
             return None  # a one-token prompt chunk that is scored: its logits come from the eager path
+        has_state = self.model.config.has_state
+        if has_state and (len(rows) != len(batch.seqs) or any(p == 0 for _, p in rows)):
+            return None  # the graphs continue every row's state: a first token starts from none (eager)
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         # Adapters with their own embed_tokens / lm_head / norms run eagerly: the graphs hold only the
         # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
@@ -283,6 +286,7 @@ class ModelRunner:
             seq_lens=[p + 1 for p in positions],
             lora_slots=lora_slots,
             start_event=events[0],
+            state_slots=[seq.state_slot for seq, _ in rows] if has_state else None,  # type: ignore[misc]
         )
         events[1].record()
         self._timing = events

@@ -125,7 +125,6 @@ class Lfm2Backbone(nn.Module):
 
 
 class Lfm2ForCausalLM(nn.Module):
-    supports_cuda_graphs = False  # decode graphs do not hold the state slots yet
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -128,7 +128,6 @@ class Qwen3_5Backbone(nn.Module):
 
 
 class Qwen3_5ForCausalLM(nn.Module):
-    supports_cuda_graphs = False  # decode graphs do not hold the state slots yet
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -74,6 +74,8 @@ def test_greedy_matches_transformers(lfm2: tuple, budget: int, blocks: int, devi
                               max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
                               cuda_graph_sizes=(1, 2, 4)))
     assert run_engine(engine, prompts, 12) == want
+    if device == "cuda":  # decode steps replayed CUDA graphs holding each row's state slot
+        assert engine.runner.graphs is not None and engine.runner.graphs.scratch_state is not None
     if blocks == 9:
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
     slots = engine.block_manager.state_slots
@@ -110,7 +112,7 @@ def test_config_read_as_transformers_reads_it() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)])
 def test_triton_kernels_match_transformers(lfm2: tuple, budget: int, blocks: int) -> None:
-    """The same on CUDA in float32 (the Triton convolution, attention and norms)."""
+    """The same on CUDA in float32 (the Triton convolution, attention and norms; decode in CUDA graphs)."""
     test_greedy_matches_transformers(lfm2, budget, blocks, device="cuda")
 
 

@@ -59,6 +59,8 @@ def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, devi
                               max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
                               max_model_len=128))
     assert run_engine(engine, prompts, 10) == want
+    if device == "cuda":  # decode steps replayed CUDA graphs holding each row's state slot
+        assert engine.runner.graphs is not None and engine.runner.graphs.scratch_state is not None
     if blocks == 12:
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
     slots = engine.block_manager.state_slots
