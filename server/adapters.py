@@ -13,16 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.llm_engine import LLMEngine
-from server.loader.peft import LoRAWeights, check_fits, load_lora
-
 
 @dataclass(slots=True)
 class Adapter:
     name: str
     path: str
     adapter_id: int
-    rank: int
+    rank: int  # 0 until the engine has loaded it
     pinned: bool = False  # from --lora: never evicted
     signature: tuple[float, ...] = ()  # mtimes of its files when loaded (to notice a new checkpoint)
     last_used: float = field(default_factory=time.monotonic)
@@ -48,46 +45,31 @@ def confined_adapter_dir(root: Path, name: str) -> Path | None:
 
 
 class AdapterRegistry:
-    def __init__(self, engine: LLMEngine, lora_dirs: tuple[str, ...] = (), max_cpu_loras: int = 0) -> None:
-        self.engine = engine
+    """Names to adapter ids only: the engine holds the weights (an EngineClient's add_lora, or
+    `LocalAdapters` for the offline LLM, whose engine is at hand)."""
+
+    def __init__(self, lora_dirs: tuple[str, ...] = (), max_cpu_loras: int = 0) -> None:
         self.lora_dirs = tuple(Path(d) for d in lora_dirs)
         self.max_cpu_loras = max_cpu_loras  # 0: no limit
         self.by_name: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
 
-    # Two halves, so a server can read files off the event loop and touch the engine on its thread.
-    def prepare(self, name: str, path: str | Path, pinned: bool = False) -> tuple[Adapter, LoRAWeights]:
-        """Read and check the adapter's files (host only; no engine state touched)."""
+    def prepare(self, name: str, path: str | Path, pinned: bool = False) -> Adapter:
+        """A new adapter id for the folder (nothing read but its files' times); not servable yet."""
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
-        folder = Path(path)
-        weights = load_lora(name, folder, self.engine.lora_manager.max_rank)  # the slots' rank
-        check_fits(weights, self.engine.lora_manager.layers)  # refused here, before the engine sees it
-        adapter = Adapter(name, str(path), next(self._ids), weights.rank, pinned, file_signature(folder))
-        return adapter, weights
+        return Adapter(name, str(path), next(self._ids), 0, pinned, file_signature(Path(path)))
 
-    def commit(self, adapter: Adapter, weights: LoRAWeights) -> Adapter | None:
-        """Make the adapter servable (engine thread). Returns the adapter it replaced, whose engine
-        weights stay until its running requests finish."""
-        self.engine.add_lora(adapter.adapter_id, weights)
+    def commit(self, adapter: Adapter) -> Adapter | None:
+        """Make the adapter servable once the engine holds its weights. Returns the adapter it
+        replaced, whose weights the caller drops from the engine."""
         old = self.by_name.get(adapter.name)
         self.by_name[adapter.name] = adapter
-        if old is not None:
-            self.engine.remove_lora(old.adapter_id)
         return old
 
-    def register(self, name: str, path: str | Path, pinned: bool = True) -> Adapter:
-        if name in self.by_name:
-            raise ValueError(f"an adapter named {name!r} is already loaded")
-        adapter, weights = self.prepare(name, path, pinned)
-        self.commit(adapter, weights)
-        return adapter
-
     def unregister(self, name: str) -> Adapter:
-        """Forget the name now; the engine drops the weights once no request uses them."""
-        adapter = self.by_name.pop(name)
-        self.engine.remove_lora(adapter.adapter_id)
-        return adapter
+        """Forget the name now; the caller drops its weights from the engine."""
+        return self.by_name.pop(name)
 
     def get(self, name: str) -> Adapter | None:
         adapter = self.by_name.get(name)

@@ -91,6 +91,11 @@ class Config:
     sampler: str = setting(
         "torch", "CUDA: sampling by PyTorch ops (default) or by the Triton kernel (no sort; checked against "
         "torch at startup; slower than torch where top-k / top-p are set)", "engine", choices=("torch", "triton"))
+    # process: the engine (GPU owner) in its own process, so the HTTP front end never shares its GIL;
+    # thread: the engine in a thread of the server's process (the fallback; the offline LLM's way)
+    engine_mode: str = setting(
+        "process", "process: the engine in its own process, behind a ZeroMQ socket (the HTTP side never shares "
+        "its GIL); thread: in a thread of the server's process", "engine", choices=("process", "thread"))
     warmup: bool = setting(  # LLMEngine.warmup
         True, "CUDA: skip compiling the prefill kernels at startup (first requests then compile them)",
         "engine", names=("--no-warmup",))

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-from server.adapters import AdapterRegistry
+from server.adapters import Adapter, AdapterRegistry
 from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
+from server.engine.loras import load_adapter
 from server.engine.mm_inputs import MultiModalInputs
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, TokenLogprob
@@ -40,6 +41,24 @@ class GenerationOutput:
     num_cached_tokens: int = 0
 
 
+class LocalAdapters(AdapterRegistry):
+    """Adapters of an engine in this thread: loaded and added at once."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def register(self, name: str, path: str | Path, pinned: bool = True) -> Adapter:
+        if name in self.by_name:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        adapter = self.prepare(name, path, pinned)
+        weights = load_adapter(self.engine, name, path)
+        self.engine.add_lora(adapter.adapter_id, weights)
+        adapter.rank = weights.rank
+        self.commit(adapter)
+        return adapter
+
+
 class LLM:
     def __init__(self, model: str | Path = DEMO_MODEL, lora: dict[str, str] | None = None, **settings: Any) -> None:
         config = Config(model=str(model), **settings)
@@ -52,7 +71,7 @@ class LLM:
         self.engine.runner.sampler.set_tokenizer(
             self.tokenizer, self.engine.loaded.model.config.vocab_size, self.engine.eos_token_ids
         )
-        self.adapters = AdapterRegistry(self.engine)
+        self.adapters = LocalAdapters(self.engine)
         # Each adapter's own tokenizer, chat template and EOS where its folder holds them (as served).
         self.tokenizers = TokenizerRegistry(base, self.adapters)
         for name, path in config.lora_modules:

@@ -1,8 +1,8 @@
 """Prometheus metrics, named and bucketed as vLLM's where vLLM has them (`vllm:*`), so existing
 dashboards, autoscalers and routers work unchanged; figures vLLM lacks are `sloth:*`.
 
-The engine thread calls `on_step` once a step with what the step did; nothing here blocks on the
-GPU (the forward time comes from CUDA events of the previous step)."""
+The engine client calls `on_step` on the event loop with each step's StepStats and outputs, whichever
+process the engine runs in; nothing here waits on the GPU (the forward time comes from CUDA events)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine import stalls
-from server.engine.llm_engine import RequestOutput
-from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.engine.client import RequestOutput, StepStats
 from server.engine.spec_decode.stats import SpecStats
+from server.engine.stalls import GC_REPORT_S
 from server.logs import log_finished_request
 
 # vLLM's buckets, with finer ones below 10 ms for inter-token latency (a GPU step takes a few ms).
@@ -34,15 +33,19 @@ SERVER_STATUSES = ("loading", "ok", "draining", "dead", "failed")  # ServerState
 
 
 class StallCollector(Collector):
-    """What stopped every request at once while serving (server/engine/stalls.py), read at scrape time."""
+    """What stopped every request at once while serving (server/engine/stalls.py), read at scrape
+    time: `counts()` gives (kernel compiles, slow garbage collections) of every process serving."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
+        compiles, collections = self._counts()
         yield CounterMetricFamily("sloth:kernel_compiles_while_serving",
-                                  "Kernel variants compiled after the warmup; each held up its step.",
-                                  value=stalls.compiles_while_serving)
+                                  "Kernel variants compiled after the warmup; each held up its step.", value=compiles)
         yield CounterMetricFamily("sloth:slow_gc_pauses",
-                                  f"Garbage collections of {stalls.GC_REPORT_S}s or longer while serving "
-                                  "(every thread waited).", value=stalls.slow_collections)
+                                  f"Garbage collections of {GC_REPORT_S}s or longer while serving (every thread "
+                                  "of their process waited).", value=collections)
 
 
 class LoraInfoCollector(Collector):
@@ -108,7 +111,8 @@ class _ModelSeries:
 
 
 class EngineMetrics:
-    def __init__(self, registry: CollectorRegistry, model_name_of: Callable[[int], str], max_loras: int = 0) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name_of: Callable[[int], str], max_loras: int = 0,
+                 stall_counts: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         self.registry = registry
         self._model_name_of = model_name_of
         self._labels: dict[int, str] = {}
@@ -169,7 +173,7 @@ class EngineMetrics:
         self.forward_time = Histogram("sloth:step_forward_time_seconds",
                                       "Device time of one forward pass (CUDA events; wall time on CPU).",
                                       buckets=STEP_BUCKETS, registry=r)
-        self.gpu_used = Gauge("sloth:gpu_memory_used_bytes", "GPU memory allocated by tensors.", registry=r)
+        self.gpu_used = Gauge("sloth:gpu_memory_used_bytes", "GPU memory allocated by tensors (the engine's, at its last step).", registry=r)
         self.gpu_reserved = Gauge("sloth:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
                                   registry=r)
         self.adapters = Gauge("sloth:loaded_adapters", "LoRA adapters registered.", registry=r)
@@ -183,7 +187,7 @@ class EngineMetrics:
         self.in_flight = Gauge("sloth:num_requests_in_flight",
                                "Admitted requests not finished, as --max-queued-requests counts them.", registry=r)
         self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
-        r.register(StallCollector())
+        r.register(StallCollector(stall_counts))
         r.register(LoraInfoCollector(self))
         self.spec_stats: SpecStats | None = None  # the scheduler's, seen at the first step
         r.register(SpecDecodeCollector(self))
@@ -209,9 +213,6 @@ class EngineMetrics:
     def adapter_names(self, adapter_ids: Iterable[int]) -> str:
         return ",".join(sorted({self.label(i) for i in adapter_ids if i}))
 
-    def forget_adapter(self, adapter_id: int) -> None:
-        self._labels.pop(adapter_id, None)
-
     def series(self, model: str) -> _ModelSeries:
         found = self._series.get(model)
         if found is None:
@@ -225,35 +226,28 @@ class EngineMetrics:
         self.in_flight.set(in_flight)
         self.in_flight_limit.set(limit)
 
-    def on_step(
-        self,
-        scheduler: Scheduler,
-        batch: ScheduledBatch | None,
-        outputs: list[RequestOutput],
-        forward_seconds: float | None,
-        now: float | None = None,
-    ) -> None:
-        now = time.monotonic() if now is None else now  # the step's end: observation may come later
-        bm = scheduler.block_manager
-        self._running.set(len(scheduler.running))
-        self._waiting.set(len(scheduler.waiting))
-        usage = bm.usage
+    def on_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        """One engine step: its record, and the outputs it produced (observed at the step's end time)."""
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        usage = stats.kv_cache_usage
         self._kv_usage.set(usage)
         self._gpu_cache_usage.set(usage)
-        self._state_slots.set(bm.state_slots.num_used if bm.state_slots is not None else 0)
-        if batch is not None and not batch.is_empty:
-            self._step_tokens.observe(batch.num_tokens)
-            if batch.num_preempted:
-                self._preemptions.inc(batch.num_preempted)
-        if forward_seconds is not None:
-            self.forward_time.observe(forward_seconds)
-        self._sync_prefix_counters(bm.num_prefix_queries, bm.num_prefix_hits)
-        self.max_loras = scheduler.config.max_loras
-        self.spec_stats = scheduler.spec_stats
-        self.lora_state = (frozenset(s.adapter_id for s in scheduler.running),
-                           frozenset(s.adapter_id for s in scheduler.waiting), time.time())
+        self._state_slots.set(stats.num_state_slots_used)
+        if stats.num_step_tokens:
+            self._step_tokens.observe(stats.num_step_tokens)
+        if stats.num_preempted:
+            self._preemptions.inc(stats.num_preempted)
+        if stats.forward_seconds is not None:
+            self.forward_time.observe(stats.forward_seconds)
+        self._sync_prefix_counters(stats.num_prefix_queries, stats.num_prefix_hits)
+        self.max_loras = stats.max_loras
+        self.gpu_used.set(stats.gpu_memory_allocated)
+        self.gpu_reserved.set(stats.gpu_memory_reserved)
+        self.lora_state = (stats.running_adapters, stats.waiting_adapters, time.time())
+        self.spec_stats = stats.spec
         for out in outputs:
-            self._observe_output(out, self.label(out.adapter_id), now)
+            self._observe_output(out, self.label(out.adapter_id), stats.time)
 
     def _sync_prefix_counters(self, queries: int, hits: int) -> None:
         # The block manager keeps running totals; counters move forward by the difference.
@@ -300,13 +294,3 @@ class EngineMetrics:
             if out.first_token_time is not None:
                 series.prefill.observe(out.first_token_time - out.first_scheduled_time)
                 series.decode.observe(now - out.first_token_time)
-
-    def sample_gpu_memory(self) -> None:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                self.gpu_used.set(torch.cuda.memory_allocated())
-                self.gpu_reserved.set(torch.cuda.memory_reserved())
-        except Exception:  # metrics never take the server down
-            pass

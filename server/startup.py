@@ -45,8 +45,8 @@ def report_startup_error(exc: BaseException, log_level: str, log_format: str) ->
 
 
 def serve(config: Config) -> int:
-    """Check, then serve until a signal: 0 after a drain, 1 when the model failed to load, 2 when a
-    start-up check failed, 128 + the signal when stopped while loading."""
+    """Check, then serve until a signal: 0 after a drain, 1 when the model failed to load or the
+    engine process died, 2 when a start-up check failed, 128 + the signal when stopped while loading."""
     json_lines = config.log_format == "json"
     if json_lines:
         quiet_progress_bars()
@@ -94,7 +94,7 @@ def serve(config: Config) -> int:
                        timeout_graceful_shutdown=5, log_config=None, access_log=config.access_log,
                        **uvicorn_options(config.header_timeout, config.keep_alive_timeout))
     )
-    state.on_fatal = lambda: setattr(server, "should_exit", True)  # a failed load stops the server
+    state.on_fatal = lambda: setattr(server, "should_exit", True)  # a failed load or a dead engine process
     server.run()
     if stopped_by and state.runtime is None:
         # The loader thread may be deep in Unsloth or torch (and their thread pools would hold up
@@ -103,4 +103,4 @@ def serve(config: Config) -> int:
         logging.shutdown()
         release_output()
         os._exit(128 + stopped_by[0])
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine_dead is not None else 0

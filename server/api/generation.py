@@ -16,11 +16,14 @@ from typing import Any
 from server.api.detokenizer import IncrementalDetokenizer
 from server.api.errors import APIError
 from server.api.stop_strings import StopStringMatcher
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import RequestOutput
-from server.engine.mm_inputs import MultiModalInputs
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason, TokenLogprob
+from server.engine.client import (
+    EngineClient,
+    FinishReason,
+    MultiModalInputs,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
@@ -133,7 +136,7 @@ def _feed_tokens(detok: IncrementalDetokenizer, stops: StopStringMatcher, token_
 
 
 async def run_choice(
-    engine: AsyncEngine, tokenizer: Any, req: ChoiceRequest, deadline: Deadline | None = None
+    engine: EngineClient, tokenizer: Any, req: ChoiceRequest, deadline: Deadline | None = None
 ) -> AsyncGenerator[ChoiceDelta, None]:
     if deadline is not None and deadline.expired:  # spent before generation began: never start it
         raise DeadlineExceeded(deadline)
@@ -172,7 +175,7 @@ async def run_choice(
 
 
 async def stream_choices(
-    engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
+    engine: EngineClient, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
 ) -> AsyncGenerator[ChoiceDelta, None]:
     """Deltas of all choices as they come; each choice ends with one delta where `is_last`. Past
     the deadline, DeadlineExceeded is raised and every choice's engine request is aborted."""
@@ -222,7 +225,7 @@ class ChoiceResult:
 
 
 async def collect_choices(
-    engine: AsyncEngine, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
+    engine: EngineClient, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
 ) -> list[ChoiceResult]:
     """Run every choice to the end; an engine error becomes a 500 with the engine's message, a
     passed deadline a 408 (DeadlineExceeded): no partial result."""

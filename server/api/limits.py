@@ -56,9 +56,8 @@ def fit_limits(state: ServerState) -> None:
     derived limits logged."""
     runtime = state.runtime
     assert runtime is not None
-    blocks = runtime.engine.block_manager
     if state.config.max_queued_tokens is None:
-        state.admission.max_tokens = default_token_budget(blocks.num_blocks * blocks.block_size)
+        state.admission.max_tokens = default_token_budget(runtime.info.num_cache_tokens)
     logger.info("limits: prompts of at most %d characters; bodies of at most %d bytes; %s prompt tokens in flight",
                 max_prompt_chars(runtime.tokenizer, runtime.max_model_len), request_bytes_limit(state),
                 state.admission.max_tokens or "unlimited")

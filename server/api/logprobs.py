@@ -16,7 +16,7 @@ from server.api.responses import (
     PromptLogprobs,
     TopLogprob,
 )
-from server.engine.sequence import TokenLogprob
+from server.engine.client import TokenLogprob
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

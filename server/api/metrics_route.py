@@ -13,7 +13,6 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    state.metrics.sample_gpu_memory()
     runtime = state.runtime
     state.metrics.adapters.set(0 if runtime is None else len(runtime.adapters.by_name))
     state.metrics.set_server(state.status, state.admission.num_in_flight, state.admission.limit)

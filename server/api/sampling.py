@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from server.api.errors import APIError, invalid_param
 from server.api.generation import ChoiceRequest
 from server.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
-from server.engine.grammar import GrammarCompiler, GrammarError
-from server.engine.sampling_params import SamplingParams, StructuredSpec
+from server.engine.client import SamplingParams, StructuredSpec
+from server.engine.grammar import GrammarError
 
 if TYPE_CHECKING:
     from server.api.state import Runtime
@@ -134,23 +134,13 @@ def close_objects(schema: Any) -> Any:
     return out
 
 
-async def grammar_compiler(runtime: Runtime) -> GrammarCompiler:
-    """The engine sampler's compiler; made here on first use when startup did not make it."""
-    sampler = runtime.engine.runner.sampler
-    if sampler.grammar is None and sampler.grammar_error is None:
-        await asyncio.to_thread(
-            sampler.set_tokenizer, runtime.tokenizer, runtime.vocab_size, runtime.engine.eos_token_ids
-        )
-    if sampler.grammar is None:
-        raise GrammarError(sampler.grammar_error or "no grammar compiler")
-    return sampler.grammar
-
-
 async def compile_spec(runtime: Runtime, spec: StructuredSpec, param: str) -> StructuredSpec:
-    """`spec` with its grammar compiled (in a worker thread); a 400 naming `param` if it cannot be."""
+    """`spec` with its grammar compiled (in a worker thread); a 400 naming `param` if it cannot be.
+    An engine in a thread uses this compiled grammar; an engine process compiles its own."""
     try:
-        compiler = await grammar_compiler(runtime)
-        compiled = await asyncio.to_thread(compiler.compile, spec)
+        if runtime.grammar is None:
+            raise GrammarError(runtime.grammar_error or "no grammar compiler")
+        compiled = await asyncio.to_thread(runtime.grammar.compile, spec)
     except GrammarError as exc:
         raise invalid_param(param, f"{param} cannot be used for constrained decoding: {exc}") from None
     return replace(spec, compiled=compiled)

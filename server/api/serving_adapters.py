@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict
 from server.adapters import Adapter
 from server.api.errors import APIError
 from server.api.state import Runtime, ServerState, StateDep
-from server.engine.llm_engine import LLMEngine
 
 router = APIRouter()  # registered only with --allow-runtime-lora
 
@@ -45,26 +44,10 @@ async def resolve_adapter(state: ServerState, runtime: Runtime, model: str | Non
 
 
 async def load_adapter(runtime: Runtime, name: str, path: str, pinned: bool) -> Adapter:
-    registry = runtime.adapters
     try:
-        adapter, weights = await asyncio.to_thread(registry.prepare, name, path, pinned)
-        # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
-        tokenizer = await asyncio.to_thread(runtime.tokenizers.prepare, path, name)
-    except (ValueError, FileNotFoundError) as exc:
+        return await runtime.load_adapter(name, path, pinned)
+    except (ValueError, FileNotFoundError) as exc:  # unreadable, or does not fit this model
         raise APIError(f"adapter {name!r} could not be loaded: {exc}", 400, param="lora_path") from exc
-
-    def apply(engine: LLMEngine) -> None:
-        runtime.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
-        registry.commit(adapter, weights)
-        for victim in registry.evictable():
-            if victim.name != name:
-                registry.unregister(victim.name)
-
-    try:
-        await runtime.async_engine.call(apply)
-    except ValueError as exc:  # the adapter does not fit this model
-        raise APIError(f"adapter {name!r} could not be loaded: {exc}", 400, param="lora_path") from exc
-    return adapter
 
 
 class LoadLoRARequest(BaseModel):
@@ -96,5 +79,5 @@ async def unload_lora_adapter(body: UnloadLoRARequest, state: StateDep) -> dict[
     runtime = state.ready()
     if runtime.adapters.get(body.lora_name) is None:
         raise not_found(runtime, body.lora_name)
-    await runtime.async_engine.call(lambda engine: runtime.adapters.unregister(body.lora_name))
+    await runtime.unload_adapter(body.lora_name)
     return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded; running requests finish on it"}

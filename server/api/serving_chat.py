@@ -33,8 +33,7 @@ from server.api.tokenizers import ModelTokenizer
 from server.api.tool_calls import merge_deltas
 from server.api.tool_grammar import shape
 from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
-from server.engine.async_engine import AsyncEngine
-from server.engine.sampling_params import StructuredSpec
+from server.engine.client import EngineClient, StructuredSpec
 
 router = APIRouter()
 
@@ -72,9 +71,9 @@ async def create_chat_completion(
         raise
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _chat_events(runtime.async_engine, tokens, body, output, reqs, response_id, model, deadline)
+        events = _chat_events(runtime.engine, tokens, body, output, reqs, response_id, model, deadline)
         return sse_response(guarded_events(events, ticket, f"chat stream {response_id}"), ticket)
-    work = _chat_response(runtime.async_engine, tokens, body, output, reqs, response_id, model, deadline)
+    work = _chat_response(runtime.engine, tokens, body, output, reqs, response_id, model, deadline)
     return await whole_response(request, work, ticket)
 
 
@@ -130,7 +129,7 @@ def _message(text: str, finish_reason: str | None, output: OutputPlan) -> tuple[
 
 
 async def _chat_response(
-    engine: AsyncEngine, tokens: ModelTokenizer, body: ChatCompletionRequest, output: OutputPlan,
+    engine: EngineClient, tokens: ModelTokenizer, body: ChatCompletionRequest, output: OutputPlan,
     reqs: list[ChoiceRequest], response_id: str, model: str, deadline: Deadline | None,
 ) -> ChatCompletionResponse:
     results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
@@ -150,7 +149,7 @@ async def _chat_response(
 
 
 async def _chat_events(
-    engine: AsyncEngine,
+    engine: EngineClient,
     tokens: ModelTokenizer,
     body: ChatCompletionRequest,
     output: OutputPlan,

@@ -21,8 +21,7 @@ from server.api.sampling import choice_requests
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
-from server.engine.async_engine import AsyncEngine
-from server.engine.sequence import TokenLogprob
+from server.engine.client import EngineClient, TokenLogprob
 
 router = APIRouter()
 
@@ -47,10 +46,10 @@ async def create_completion(
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
     model = body.model or runtime.base_model_id
     if body.stream:
-        events = _completion_events(runtime.async_engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
+        events = _completion_events(runtime.engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
                                     model, deadline)
         return sse_response(guarded_events(events, ticket, f"completion stream {response_id}"), ticket)
-    work = _completion_response(runtime.async_engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
+    work = _completion_response(runtime.engine, tokens, body, reqs, echoes, num_prompt_tokens, response_id,
                                 model, deadline)
     return await whole_response(request, work, ticket)
 
@@ -80,7 +79,7 @@ async def _encode_prompts(
 
 
 async def _completion_response(
-    engine: AsyncEngine,
+    engine: EngineClient,
     tokens: ModelTokenizer,
     body: CompletionRequest,
     reqs: list[ChoiceRequest],
@@ -105,7 +104,7 @@ async def _completion_response(
 
 
 async def _completion_events(
-    engine: AsyncEngine,
+    engine: EngineClient,
     tokens: ModelTokenizer,
     body: CompletionRequest,
     reqs: list[ChoiceRequest],

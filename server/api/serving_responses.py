@@ -99,7 +99,7 @@ def _read(output: OutputPlan, text: str, finish_reason: str | None) -> tuple[str
 
 async def _whole(runtime: Runtime, tokens: ModelTokenizer, output: OutputPlan, req: ChoiceRequest,
                  header: ResponseHeader, deadline: Deadline | None) -> dict:
-    [result] = await collect_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)
+    [result] = await collect_choices(runtime.engine, tokens.tokenizer, [req], deadline)
     reasoning, content, calls, finish_reason = _read(output, result.text, result.finish_reason)
     status = status_of(finish_reason)
     items = output_items(content, calls, status, reasoning)
@@ -114,7 +114,7 @@ async def _events(runtime: Runtime, tokens: ModelTokenizer, output: OutputPlan, 
         yield event
     reader = output.reader()
     num_tokens = num_reasoning_tokens = 0
-    async with aclosing(stream_choices(runtime.async_engine, tokens.tokenizer, [req], deadline)) as deltas:
+    async with aclosing(stream_choices(runtime.engine, tokens.tokenizer, [req], deadline)) as deltas:
         async for d in deltas:
             num_tokens += len(d.token_ids)
             if reader is not None and reader.in_reasoning:

@@ -1,11 +1,11 @@
-"""The server's runtime: loads the model in a background thread (so /health can answer 503 while
-it loads), then holds the engine, tokenizer and adapters for the request handlers."""
+"""The server's runtime: starts the engine (its own process, or a thread) in the background, so /health
+can answer 503 while the model loads, then holds the engine client, tokenizers and adapters for the
+request handlers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
-from server.adapters import AdapterRegistry
+from server.adapters import Adapter, AdapterRegistry
 from server.api.admission import Admission
 from server.api.errors import APIError
 from server.api.limits import fit_limits
@@ -23,8 +23,9 @@ from server.api.logprobs import TokenTexts
 from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine import stalls
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import LLMEngine
+from server.engine.client import EngineClient, EngineInfo
+from server.engine.grammar import GrammarCompiler
+from server.engine.launch import engine_client
 from server.metrics import EngineMetrics
 from server.vision_processor import VisionProcessor, image_limits
 
@@ -35,29 +36,30 @@ logger = logging.getLogger(__name__)
 class Runtime:
     """Everything a request needs once the model is loaded."""
 
-    engine: LLMEngine
-    async_engine: AsyncEngine
+    engine: EngineClient
+    info: EngineInfo
     tokenizer: Any
     adapters: AdapterRegistry
     token_texts: TokenTexts
     base_model_id: str
     tokenizers: TokenizerRegistry  # per model: the tokenizer, chat template and EOS ids its requests use
+    grammar: GrammarCompiler | None = None  # compiles structured-output specs here (a bad one is a 400)
+    grammar_error: str | None = None  # why there is none (a tokenizer the grammar engine cannot read)
     vision: VisionProcessor | None = None  # image-text models: images in chat messages become engine inputs
     reasoning_parser: str = "auto"  # --reasoning-parser / --tool-call-parser (server/api/output_reader.py)
     tool_call_parser: str = "auto"
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.info.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return int(self.engine.loaded.model.config.vocab_size)
+        return self.info.vocab_size
 
     def check_fits_cache(self, num_prompt_tokens: int, param: str) -> None:
         """400 for a prompt the whole KV cache could not hold (the engine would fail it)."""
-        blocks = self.engine.block_manager
-        capacity = blocks.num_blocks * blocks.block_size
+        capacity = self.info.num_cache_tokens
         if num_prompt_tokens + 1 > capacity:
             raise APIError(
                 f"the prompt has {num_prompt_tokens} tokens but the KV cache holds only {capacity} "
@@ -65,6 +67,25 @@ class Runtime:
                 400,
                 param=param,
             )
+
+    async def load_adapter(self, name: str, path: str, pinned: bool) -> Adapter:
+        """Read the adapter into the engine, then make its name servable (evicting beyond
+        --max-cpu-loras). ValueError when it cannot be loaded."""
+        registry = self.adapters
+        adapter = registry.prepare(name, path, pinned)
+        # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
+        tokenizer = await asyncio.to_thread(self.tokenizers.prepare, path, name)
+        adapter.rank = await self.engine.add_lora(adapter.adapter_id, name, path)
+        self.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
+        dropped = [old] if (old := registry.commit(adapter)) is not None else []
+        dropped += [registry.unregister(v.name) for v in registry.evictable() if v.name != name]
+        for gone in dropped:
+            await self.engine.remove_lora(gone.adapter_id)
+        return adapter
+
+    async def unload_adapter(self, name: str) -> None:
+        adapter = self.adapters.unregister(name)
+        await self.engine.remove_lora(adapter.adapter_id)
 
 
 def base_model_id(config: Config) -> str:
@@ -76,17 +97,17 @@ class ServerState:
         self.config = config
         self.base_model_id = base_model_id(config)
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
+        self.engine: EngineClient | None = None  # from the start of loading (to stop it at shutdown)
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loader: threading.Thread | None = None
+        self._loading: asyncio.Task[None] | None = None
         self._closed = False
         self.draining = False  # SIGTERM received: finish what runs, admit nothing new
         self.drain_deadline = 0.0
         self.adapter_locks: dict[str, asyncio.Lock] = {}
         self.registry = CollectorRegistry()  # per app, so several servers can live in one process
-        self.metrics = EngineMetrics(self.registry, self._model_name_of, config.max_loras)
+        self.metrics = EngineMetrics(self.registry, self._model_name_of, config.max_loras, self._stall_counts)
         self.admission.export(self.registry)
 
     def _model_name_of(self, adapter_id: int) -> str:
@@ -97,6 +118,14 @@ class ServerState:
                 if adapter.adapter_id == adapter_id:
                     return adapter.name
         return self.base_model_id if not adapter_id else f"adapter-{adapter_id}"
+
+    def _stall_counts(self) -> tuple[int, int]:
+        """Kernel compiles and slow collections: this process's, and the engine process's if it has one."""
+        compiles, collections = stalls.compiles_while_serving, stalls.slow_collections
+        stats = self.engine.stats if self.engine is not None and self.config.engine_mode == "process" else None
+        if stats is not None:
+            compiles, collections = compiles + stats.kernel_compiles, collections + stats.slow_gc_pauses
+        return compiles, collections
 
     def begin_drain(self, timeout: float) -> None:
         if not self.draining:
@@ -109,74 +138,80 @@ class ServerState:
         return self.draining and (self.admission.num_in_flight == 0 or time.monotonic() >= self.drain_deadline)
 
     @property
+    def engine_dead(self) -> str | None:
+        """Why the engine stopped while serving, or None."""
+        return self.engine.dead_reason if self.runtime is not None and self.engine is not None else None
+
+    @property
     def status(self) -> str:
         if self.load_error is not None:
             return "failed"
+        if self.engine_dead is not None:
+            return "dead"
         if self.draining:
             return "draining"
         if self.runtime is None:
             return "loading"
-        if self.runtime.async_engine.dead_reason is not None:
-            return "dead"
         return "ok"
 
     def start_loading(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loader = threading.Thread(target=self._load, name="sloth-loader", daemon=True)
-        self._loader.start()
+        self._loading = asyncio.create_task(self._load(), name="sloth-load")
 
-    def _load(self) -> None:
+    async def _load(self) -> None:
+        config = self.config
+        engine = self.engine = engine_client(config)
+        engine.on_step = self.metrics.on_step
         try:
-            engine = LLMEngine(self.config)
-            engine.observer = self.metrics
-            # The base's tokenizer, or an adapter folder's given as --model; --chat-template over it.
-            loaded = engine.loaded
-            base = base_entry(loaded.folder, engine.eos_token_ids, loaded.adapter_folder, self.config.chat_template)
-            tokenizer = base.tokenizer
-            # The grammar compiler needs the vocabulary: give it now, not on the first constrained request.
-            engine.runner.sampler.set_tokenizer(tokenizer, engine.loaded.model.config.vocab_size, engine.eos_token_ids)
-            adapters = AdapterRegistry(engine, self.config.lora_dirs, self.config.max_cpu_loras)
-            tokenizers = TokenizerRegistry(base, adapters)
-            vision = VisionProcessor.from_folder(loaded.folder, image_limits(self.config))
-            for name, path in self.config.lora_modules:
+            info = await engine.start()
+            runtime = await asyncio.to_thread(self._runtime, engine, info)
+            self.runtime = runtime  # set before the adapters: their ids are read by the metrics' labels
+            for name, path in config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
-                adapter = adapters.register(name, path)
-                tokenizers.put(adapter.adapter_id, tokenizers.prepare(path, name))
+                await runtime.load_adapter(name, path, pinned=True)
             # What start-up made stays for the life of the process: out of the collector's reach,
             # a full collection no longer stops every thread for most of a second under load.
             stalls.watch_gc()
             logger.info("start-up heap frozen: %d objects left out of garbage collection", stalls.freeze_heap())
             stalls.serving()
         except Exception as exc:
+            self.runtime = None
             # One line; the traceback at --log-level debug (start-up errors read like the CLI's).
-            logger.error("loading %s failed: %s: %s", self.config.model, type(exc).__name__, exc,
+            logger.error("loading %s failed: %s: %s", config.model, type(exc).__name__, exc,
                          exc_info=logger.isEnabledFor(logging.DEBUG))
-            self._call_on_loop(self._fail, f"{type(exc).__name__}: {exc}")
+            self._fail(f"{type(exc).__name__}: {exc}")
             return
-        self._call_on_loop(self._ready, engine, tokenizers, adapters, vision)
-
-    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._loop is None:
-            return
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the server stopped while the model was loading
-            logger.info("server stopped before the model finished loading")
-
-    def _ready(self, engine: LLMEngine, tokenizers: TokenizerRegistry, adapters: AdapterRegistry,
-               vision: VisionProcessor | None = None) -> None:
         if self._closed:
             return
-        async_engine = AsyncEngine(engine)
-        async_engine.start()  # needs the running loop: that is why this runs on it
-        names = [self.base_model_id, *(a.name for a in adapters)]
-        base = tokenizers.base
-        self.runtime = Runtime(engine, async_engine, base.tokenizer, adapters, base.token_texts, self.base_model_id,
-                               tokenizers, vision, self.config.reasoning_parser,
-                               self.config.tool_call_parser)
+        engine.on_death = self._engine_died
         fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
-        logger.info("ready to serve: %s", ", ".join(names))
+        logger.info("ready to serve: %s (engine in a %s)", ", ".join([self.base_model_id, *(a.name for a in runtime.adapters)]),
+                    config.engine_mode)
+
+    def _runtime(self, engine: EngineClient, info: EngineInfo) -> Runtime:
+        """The front end's half of loading (a worker thread): tokenizers and the grammar compiler."""
+        # The base's tokenizer, or an adapter folder's given as --model; --chat-template over it.
+        adapter_folder = Path(info.adapter_folder) if info.adapter_folder is not None else None
+        base = base_entry(Path(info.folder), info.eos_token_ids, adapter_folder,
+                          self.config.chat_template)
+        adapters = AdapterRegistry(self.config.lora_dirs, self.config.max_cpu_loras)
+        grammar, grammar_error = None, None
+        try:  # the vocabulary, now rather than on the first constrained request
+            grammar = GrammarCompiler(base.tokenizer, info.vocab_size, info.eos_token_ids)
+        except Exception as exc:  # a tokenizer the grammar engine cannot read: structured outputs off
+            grammar_error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
+            logger.warning("structured outputs disabled: %s", grammar_error)
+        vision = VisionProcessor.from_folder(Path(info.folder), image_limits(self.config))
+        return Runtime(engine, info, base.tokenizer, adapters, base.token_texts, self.base_model_id,
+                       TokenizerRegistry(base, adapters), grammar, grammar_error, vision, self.config.reasoning_parser,
+                       self.config.tool_call_parser)
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine process died while serving: 503s from now on, and the server exits non-zero so
+        an orchestrator restarts it. A thread engine's fatal error keeps the server up, answering 503."""
+        if self.config.engine_mode == "process" and self.on_fatal is not None:
+            # A moment for the streams just ended to send their error events, then stop.
+            asyncio.get_running_loop().call_later(0.5, self.on_fatal)
 
     def _fail(self, message: str) -> None:
         self.load_error = message
@@ -185,15 +220,16 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self._closed = True
-        if self.load_error is not None and self._loader is not None:
-            # A failed load's thread may still be freeing its tensors: the process exiting under it
-            # aborted (SIGABRT, "terminate called without an active exception").
-            await asyncio.to_thread(self._loader.join, 30)
-        if self.runtime is not None:
-            await asyncio.to_thread(self.runtime.async_engine.shutdown)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
 
     def ready(self) -> Runtime:
         """The runtime, or a 503 the client can retry."""
+        dead = self.engine_dead
+        if dead is not None:
+            raise APIError(f"the engine has stopped: {dead}", 503)
         if self.draining:
             raise APIError("the server is shutting down; retry on another replica", 503,
                            headers={"Retry-After": "1"})
@@ -202,29 +238,24 @@ class ServerState:
             if self.load_error is not None:
                 raise APIError(f"the model failed to load: {self.load_error}", 503)
             raise APIError("the model is still loading; retry shortly", 503, headers={"Retry-After": "5"})
-        if runtime.async_engine.dead_reason is not None:
-            raise APIError(f"the engine has stopped: {runtime.async_engine.dead_reason}", 503)
         return runtime
 
     def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self.status, "model": self.base_model_id}
         if self.load_error is not None:
             body["reason"] = self.load_error
-        runtime = self.runtime
-        if runtime is not None:
-            # Plain int reads of engine-thread state: racy by a step at most, fine for monitoring.
-            scheduler = runtime.engine.scheduler
-            blocks = runtime.engine.block_manager
+        stats = self.engine.stats if self.runtime is not None and self.engine is not None else None
+        if stats is not None:  # the newest step's record: a step behind at most
             body.update(
-                kv_cache_usage=blocks.usage,
-                num_free_blocks=blocks.num_free_blocks,
-                num_blocks=blocks.num_blocks,
-                num_running=len(scheduler.running),
-                num_waiting=len(scheduler.waiting),
+                kv_cache_usage=stats.kv_cache_usage,
+                num_free_blocks=stats.num_free_blocks,
+                num_blocks=stats.num_blocks,
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
                 num_requests_in_flight=self.admission.num_in_flight,
             )
-            if runtime.async_engine.dead_reason is not None:
-                body["reason"] = runtime.async_engine.dead_reason
+        if self.engine_dead is not None:
+            body["reason"] = self.engine_dead
         return body
 
 

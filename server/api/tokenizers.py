@@ -22,14 +22,12 @@ from server.loader.chat_template import (
     read_processor_template,
     template_hash,
 )
+from server.loader.tokenizer import has_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from server.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-# Any of these makes a folder's tokenizer its own (not only a template over the base's).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,20 +44,6 @@ class ModelTokenizer:
     def template_hash(self) -> str | None:
         template = self.tokenizer.chat_template
         return template_hash(template) if template else None
-
-
-def load_tokenizer(folder: Path) -> Any:
-    # Imported late: Unsloth (imported by the loader) wants to be imported before transformers.
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:  # transformers raises many kinds for a broken folder
-        raise ValueError(f"the tokenizer in {folder} could not be loaded: {type(exc).__name__}: {exc}") from exc
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def with_template(entry: ModelTokenizer, template: Template, source: str, where: str) -> ModelTokenizer:

@@ -36,7 +36,7 @@ from server.api.errors import invalid_param
 from server.api.prompts import encode_chat
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
 from server.api.sampling import close_objects
-from server.engine.sampling_params import StructuredSpec
+from server.engine.client import StructuredSpec
 
 ToolMode = Literal["auto", "required", "named"]
 

@@ -8,7 +8,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from server.engine.failures import SequenceError, describe, is_device_fault, is_
 from server.engine.lora_manager import LoRAManager
 from server.engine.mm_inputs import MultiModalInputs, check_images
 from server.engine.model_runner import LaunchedDecode, ModelRunner
+from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -33,48 +34,9 @@ from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_devic
 from server.loader.peft import LoRAWeights, startup_lora_rank
 from server.logs import startup_phase
 
+__all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step produced for one request: its new tokens (one a step, or more where speculative
-    decoding accepted draft tokens) and, when it ended, why. Timestamps are time.monotonic() values."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: FinishReason | None = None
-    stop_token_id: int | None = None
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # On a request's first output when it asked for them: prompt token j + 1's log-probability at j.
-    prompt_logprobs: list[TokenLogprob] | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    arrival_time: float = 0.0
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    error: str | None = None
-    adapter_id: int = 0
-
-    @classmethod
-    def of(cls, seq: Sequence, new_token_ids: list[int], new_logprobs: list[TokenLogprob]) -> RequestOutput:
-        return cls(
-            request_id=seq.request_id,
-            new_token_ids=new_token_ids,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            stop_token_id=seq.stop_token_id,
-            new_logprobs=new_logprobs,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            arrival_time=seq.arrival_time,
-            first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time,
-            adapter_id=seq.adapter_id,
-        )
 
 
 # Prompt lengths the warmup runs: odd and multiple-of-16 sizes in each NF4 product regime

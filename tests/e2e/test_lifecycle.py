@@ -1,7 +1,7 @@
 """The server's life: 503 while the model loads, then 200; when the engine dies, requests in flight
 get a 500 (or an SSE error event then [DONE]) and /health says 503. Runs `create_app` under
-uvicorn in a thread so the test can hold the loader back and break the engine on purpose. Also:
-the CLI exits non-zero when the model cannot load."""
+uvicorn in a thread, its engine in a thread too (--engine-mode thread), so the test can hold the
+loader back and break the engine on purpose. Also: the CLI exits non-zero when the model cannot load."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import uvicorn
 from live_server import BASE_MODEL, REPO, free_port
 from sse_client import read_events
 
-import server.api.state as state_module
+import server.engine.launch as launch_module
 from server.api import create_app
 from server.config import Config
 from server.loader import DEMO_MODEL
@@ -58,19 +58,20 @@ class ThreadedServer:
 def gated_loader(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Model loading waits until the test sets the returned event."""
     gate = threading.Event()
-    real_engine = state_module.LLMEngine
+    real_engine = launch_module.LLMEngine
 
     def slow_engine(config: Config) -> object:
         gate.wait(timeout=60)
         return real_engine(config)
 
-    monkeypatch.setattr(state_module, "LLMEngine", slow_engine)
+    monkeypatch.setattr(launch_module, "LLMEngine", slow_engine)
     yield gate
     gate.set()
 
 
 def demo_config() -> Config:
-    return Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=256, port=free_port())
+    return Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=256, port=free_port(),
+                  engine_mode="thread")
 
 
 def test_health_is_503_while_loading_then_200(gated_loader: threading.Event) -> None:
@@ -86,7 +87,8 @@ def test_health_is_503_while_loading_then_200(gated_loader: threading.Event) -> 
 
 
 def test_prompt_larger_than_the_kv_cache_is_400() -> None:
-    config = Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=4, block_size=16, port=free_port())
+    config = Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=4, block_size=16, port=free_port(),
+                    engine_mode="thread")
     with ThreadedServer(config) as srv:
         srv.wait_ready()
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": BASE_MODEL, "prompt": [5] * 100, "max_tokens": 1})
@@ -98,7 +100,7 @@ def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:
     with ThreadedServer(demo_config()) as srv:
         srv.wait_ready()
         runtime = srv.app.state.server.runtime
-        async_engine = runtime.async_engine
+        async_engine = runtime.engine  # the engine client (a thread's: --engine-mode thread)
 
         def broken_step(on_launched=None) -> list:  # type: ignore[no-untyped-def]
             deadline = time.monotonic() + 10  # fail once both requests are in: each sees the death
@@ -106,7 +108,7 @@ def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:
                 time.sleep(0.01)
             raise RuntimeError("simulated device failure")
 
-        runtime.engine.step = broken_step
+        async_engine.engine.step = broken_step
 
         def streamed() -> list[str]:
             with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:

@@ -25,17 +25,18 @@ def engine() -> LLMEngine:
 
 async def collect(async_engine: AsyncEngine, request_id: str, prompt: list[int]) -> tuple[list[int], object]:
     tokens: list[int] = []
-    last = None
-    async for out in async_engine.generate(request_id, prompt, PARAMS):
-        tokens += out.new_token_ids
-        last = out
-    return tokens, last
+    stream = async_engine.add_request(request_id, prompt, PARAMS)
+    while True:
+        last = await stream.get()
+        tokens += last.new_token_ids
+        if last.finished:
+            return tokens, last
 
 
 def test_streams_get_their_own_tokens_and_aborts_free_blocks(engine: LLMEngine) -> None:
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             results = await asyncio.gather(*(collect(ae, f"r{i}", [10 + i, 20, 30]) for i in range(4)))
             assert all(len(tokens) == 8 for tokens, _ in results)
@@ -50,7 +51,7 @@ def test_streams_get_their_own_tokens_and_aborts_free_blocks(engine: LLMEngine) 
             await asyncio.sleep(0.05)
             assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
 
@@ -69,7 +70,7 @@ def test_out_of_memory_fails_that_steps_requests_and_the_engine_goes_on(engine: 
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             _, last = await collect(ae, "victim", [1, 2, 3])
             assert last.finish_reason is FinishReason.ERROR and "out of device memory" in last.error
@@ -77,7 +78,7 @@ def test_out_of_memory_fails_that_steps_requests_and_the_engine_goes_on(engine: 
             assert len(tokens) == 8 and last.finish_reason is FinishReason.LENGTH
             assert ae.dead_reason is None
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
 
@@ -90,13 +91,13 @@ def test_other_failures_end_every_stream_and_mark_the_engine_dead(engine: LLMEng
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             outs = await asyncio.gather(*(collect(ae, f"r{i}", [1, 2, 3]) for i in range(3)))
             assert all(last.finish_reason is FinishReason.ERROR for _, last in outs)
             assert ae.dead_reason is not None
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
 
@@ -134,7 +135,7 @@ def test_a_steps_outputs_are_handed_over_when_the_next_step_is_launched(engine: 
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             stream = ae.add_request("b", [4, 5, 6], PARAMS)
             while True:
@@ -143,7 +144,7 @@ def test_a_steps_outputs_are_handed_over_when_the_next_step_is_launched(engine: 
                 if out.finished:
                     break
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
     assert sum(outputs_seen) == 8  # every token arrived, the last output too (handed over when idle)
@@ -168,12 +169,12 @@ def test_the_observer_sees_every_step_once_with_its_end_time(engine: LLMEngine) 
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             results = await asyncio.gather(*(collect(ae, f"o{i}", [3 + i, 4, 5]) for i in range(3)))
             assert all(len(tokens) == 8 for tokens, _ in results)
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
     assert engine.defer_observation and not engine._unobserved
@@ -191,11 +192,11 @@ def test_a_failing_metrics_call_costs_no_request_its_outputs(engine: LLMEngine) 
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(collect(ae, f"m{i}", [6 + i, 7]) for i in range(3))), 30)
             assert all(len(tokens) == 8 and last.finish_reason is FinishReason.LENGTH for tokens, last in results)
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())

@@ -263,22 +263,23 @@ def test_out_of_memory_in_a_step_run_ahead_fails_its_requests_and_the_engine_goe
 
     async def collect(ae: AsyncEngine, rid: str) -> tuple[list[int], object]:
         tokens: list[int] = []
-        last = None
-        async for out in ae.generate(rid, [3, 4, 5], params):
-            tokens += out.new_token_ids
-            last = out
-        return tokens, last
+        stream = ae.add_request(rid, [3, 4, 5], params)
+        while True:
+            last = await stream.get()
+            tokens += last.new_token_ids
+            if last.finished:
+                return tokens, last
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             _, last = await asyncio.wait_for(collect(ae, "victim"), 30)
             assert last.finish_reason is FinishReason.ERROR and "out of device memory" in last.error  # type: ignore[attr-defined]
             tokens, last = await asyncio.wait_for(collect(ae, "after"), 30)
             assert len(tokens) == 8 and last.finish_reason is FinishReason.LENGTH  # type: ignore[attr-defined]
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

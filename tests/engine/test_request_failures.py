@@ -130,14 +130,14 @@ def test_a_failure_even_a_probe_step_hits_stops_the_engine(engine: LLMEngine) ->
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             stream = ae.add_request("r", [1, 2, 3], GREEDY)
             out = await asyncio.wait_for(stream.get(), 30)
             assert out.finished and out.finish_reason is FinishReason.ERROR
             assert ae.dead_reason is not None and "RuntimeError" in ae.dead_reason
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     try:
         asyncio.run(main())
@@ -166,7 +166,7 @@ def test_through_the_async_engine_the_others_stream_on(alone: list[int]) -> None
 
     async def main() -> None:
         ae = AsyncEngine(engine)
-        ae.start()
+        await ae.start()
         try:
             good = ae.add_request("good", GOOD_PROMPT, SEEDED)
             doomed = ae.add_request("bad", [40, 41, 42], SEEDED)
@@ -176,6 +176,6 @@ def test_through_the_async_engine_the_others_stream_on(alone: list[int]) -> None
             assert ae.dead_reason is None
             assert (await drain(ae.add_request("after", GOOD_PROMPT, SEEDED)))[0] == alone
         finally:
-            ae.shutdown()
+            await ae.stop()
 
     asyncio.run(main())

@@ -1,0 +1,112 @@
+"""The engine process: the GPU owner. It loads the model, then runs the engine loop on its main thread
+while a second thread receives the front end's commands (ZeroMQ) and compiles their grammars; every
+event goes back on one socket. It ignores SIGTERM and SIGINT (the front end drains, then sends
+Shutdown) and exits by itself if the front end is gone, so it never outlives it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from server.config import Config
+from server.engine.engine_loop import EngineLoop, engine_info
+from server.engine.grammar import GrammarError
+from server.engine.llm_engine import LLMEngine
+from server.engine.wire import AddLora, AddRequest, Event, LoadFailed, Ready, command_codec, event_codec
+from server.loader.tokenizer import base_tokenizer_folder, load_tokenizer
+from server.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+PARENT_POLL_S = 0.5
+
+
+class EventSender:
+    """The one socket events leave by; the engine thread, the command thread and adapter readers share it."""
+
+    def __init__(self, socket: zmq.Socket) -> None:  # type: ignore[type-arg]
+        self.socket = socket
+        self.codec = event_codec()
+        self.lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        with self.lock:
+            self.socket.send(self.codec.encode(event), copy=False)
+
+
+def main(config: Config, commands_address: str, events_address: str, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # JSON lines come from the front end's output pump (fd 2 is its pipe): text here, one record a line.
+    configure_logging(config.log_level, "text", access_log=False, log_requests=False)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="sloth-parent-watch", daemon=True).start()
+    context = zmq.Context()
+    events = context.socket(zmq.PUSH)
+    events.setsockopt(zmq.LINGER, 5000)  # at exit, what is queued (the last outputs, Dead) still goes
+    events.connect(events_address)
+    commands = context.socket(zmq.PULL)
+    commands.connect(commands_address)
+    send = EventSender(events)
+    try:
+        engine = LLMEngine(config)
+        info = engine_info(engine)
+        folder = base_tokenizer_folder(Path(info.folder), engine.loaded.adapter_folder)
+        engine.runner.sampler.set_tokenizer(load_tokenizer(folder), info.vocab_size, info.eos_token_ids)
+    except Exception as exc:
+        logger.error("loading %s failed: %s: %s", config.model, type(exc).__name__, exc,
+                     exc_info=logger.isEnabledFor(logging.DEBUG))
+        send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+        _close(context, events, commands)
+        os._exit(1)
+    core = EngineLoop(engine, send, stop_on_death=True)
+    done = threading.Event()
+    receiver = threading.Thread(target=_receive, args=(core, commands, done), name="sloth-commands", daemon=True)
+    receiver.start()
+    send(Ready(info))
+    core.run()
+    done.set()
+    receiver.join(timeout=5)
+    _close(context, events, commands)
+    # os._exit: no interpreter teardown (CUDA, thread pools) that could hang a dying engine.
+    os._exit(1 if core.dead_reason is not None else 0)
+
+
+def _receive(core: EngineLoop, socket: zmq.Socket, done: threading.Event) -> None:  # type: ignore[type-arg]
+    """Commands to the engine loop until it has stopped. Grammars are compiled here, off the engine
+    thread; adapter files are read in a thread of their own, so requests do not wait behind them."""
+    codec = command_codec()
+    compiler = core.engine.runner.sampler.grammar
+    while not done.is_set():
+        if not socket.poll(100):  # a timeout, to see `done` (this socket is this thread's alone)
+            continue
+        command = codec.decode(socket.recv(copy=False).buffer)
+        if isinstance(command, AddRequest) and command.params.structured is not None and compiler is not None:
+            try:
+                spec = replace(command.params.structured, compiled=compiler.compile(command.params.structured))
+                command = msgspec.structs.replace(command, params=replace(command.params, structured=spec))
+            except GrammarError:
+                pass  # the sampler fails this request with the grammar's message at its first token
+        if isinstance(command, AddLora):
+            threading.Thread(target=core.load_lora, args=(command,), name="sloth-adapter", daemon=True).start()
+        else:
+            core.put(command)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    logger.error("the front end (pid %d) is gone; the engine process exits", parent_pid)
+    os._exit(1)
+
+
+def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:  # type: ignore[type-arg]
+    for socket in sockets:
+        socket.close()
+    context.term()

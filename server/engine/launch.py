@@ -1,0 +1,16 @@
+"""The engine client a server runs, by --engine-mode: the engine in its own process (the default)
+or in a thread of the server's."""
+
+from __future__ import annotations
+
+from server.config import Config
+from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineClient
+from server.engine.llm_engine import LLMEngine
+from server.engine.process_client import ProcessEngineClient
+
+
+def engine_client(config: Config) -> EngineClient:
+    if config.engine_mode == "thread":
+        return AsyncEngine(lambda: LLMEngine(config))
+    return ProcessEngineClient(config)

@@ -1,0 +1,215 @@
+"""The front end's side of the engine process (server/engine/engine_process.py): spawns it, sends it
+commands and receives its events over ZeroMQ (msgpack by msgspec; bench/engine_transport.py has the
+measurements behind the choice), and watches it: if it dies, every open stream ends with an error,
+`on_death` is called, and the process is reaped (no zombie)."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from server.config import Config
+from server.engine import engine_process
+from server.engine.async_engine import fail_calls, resolve_call
+from server.engine.client import EngineClient, EngineDeadError
+from server.engine.mm_inputs import MultiModalInputs
+from server.engine.outputs import EngineInfo
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import FinishReason
+from server.engine.wire import (
+    Abort,
+    AddLora,
+    AddRequest,
+    Command,
+    Dead,
+    LoadFailed,
+    Ready,
+    RemoveLora,
+    Reply,
+    Shutdown,
+    StepOutputs,
+    command_codec,
+    event_codec,
+    for_wire,
+)
+
+logger = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 10.0  # Shutdown sent: how long the engine may take to exit before it is killed
+
+
+class EngineLoadError(RuntimeError):
+    """The engine process could not load the model (the message says why)."""
+
+
+class ProcessEngineClient(EngineClient):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.process: BaseProcess | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._dir = tempfile.mkdtemp(prefix="sloth-engine-")
+        self._sync = zmq.Context()
+        self._async = zmq.asyncio.Context()
+        self._commands = self._sync.socket(zmq.PUSH)
+        self._commands.setsockopt(zmq.SNDHWM, 0)  # never drop or block: the engine reads everything
+        self._events = self._async.socket(zmq.PULL)
+        self._events.setsockopt(zmq.RCVHWM, 0)
+        self._command_codec = command_codec()
+        self._event_codec = event_codec()
+        self._calls: dict[int, asyncio.Future[int | None]] = {}
+        self._call_ids = itertools.count()
+        self._receiver: asyncio.Task[None] | None = None
+        self._exited: asyncio.Future[int] | None = None
+        self._stopping = False
+
+    async def start(self) -> EngineInfo:
+        loop = self.loop = asyncio.get_running_loop()
+        commands, events = f"ipc://{self._dir}/commands", f"ipc://{self._dir}/events"
+        self._commands.bind(commands)
+        self._events.bind(events)
+        # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(target=engine_process.main, name="sloth-engine",
+                                       args=(self.config, commands, events, os.getpid()))
+        self.process.start()
+        atexit.register(self._kill)  # whatever way this process ends, the engine does not outlive it
+        self._exited = loop.create_future()
+        loop.add_reader(self.process.sentinel, self._on_exit)
+        logger.info("engine process %d started", self.process.pid)
+        first: asyncio.Future[Any] = asyncio.ensure_future(self._events.recv(copy=False))
+        waits: list[asyncio.Future[Any]] = [first, self._exited]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            first.cancel()
+            raise EngineLoadError(f"the engine process exited while loading ({self._exit_reason()})")
+        event = self._event_codec.decode(first.result().buffer)
+        if isinstance(event, LoadFailed):
+            raise EngineLoadError(event.message)
+        assert isinstance(event, Ready)
+        self.stats = event.info.initial_stats(loop.time())
+        self._receiver = asyncio.create_task(self._receive(), name="sloth-engine-events")
+        return event.info
+
+    async def stop(self) -> None:
+        self._stopping = True
+        process = self.process
+        if process is not None and process.exitcode is None:
+            self._send(Shutdown())
+            if self._exited is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._exited), STOP_TIMEOUT_S)
+            if process.exitcode is None:
+                logger.warning("the engine process did not stop within %.0fs; killing it", STOP_TIMEOUT_S)
+                self._kill()
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._close()
+
+    def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int,
+                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None) -> None:
+        self._send(AddRequest(request_id, prompt_token_ids, for_wire(params), adapter_id, eos_token_ids, mm))
+
+    def _send_abort(self, request_id: str, reason: FinishReason) -> None:
+        self._send(Abort(request_id, reason))
+
+    async def add_lora(self, adapter_id: int, name: str, path: str) -> int:
+        rank = await self._call(lambda call_id: AddLora(call_id, adapter_id, name, str(path)))
+        assert rank is not None
+        return rank
+
+    async def remove_lora(self, adapter_id: int) -> None:
+        await self._call(lambda call_id: RemoveLora(call_id, adapter_id))
+
+    async def _call(self, make: Callable[[int], Command]) -> int | None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        assert self.loop is not None
+        call_id = next(self._call_ids)
+        future = self._calls[call_id] = self.loop.create_future()
+        self._send(make(call_id))
+        return await future
+
+    def _send(self, command: Command) -> None:
+        self._commands.send(self._command_codec.encode(command), copy=False)
+
+    async def _receive(self) -> None:
+        while True:
+            frame = await self._events.recv(copy=False)
+            self._dispatch(self._event_codec.decode(frame.buffer))
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, StepOutputs):
+            self._on_outputs(event)
+        elif isinstance(event, Reply):
+            resolve_call(self._calls, event)
+        elif isinstance(event, Dead):
+            logger.error("the engine stopped: %s", event.reason)
+            self._die(event.reason, event.outputs)
+            fail_calls(self._calls, event.reason)
+
+    # --- the process's end ------------------------------------------------------------------------
+
+    def _on_exit(self) -> None:
+        """The process ended (the sentinel became readable): reap it, and unless it was told to
+        stop, treat it as the engine's death once its last events are read."""
+        assert self.loop is not None and self.process is not None and self._exited is not None
+        self.loop.remove_reader(self.process.sentinel)
+        self.process.join(0)  # reaps it: no zombie
+        if not self._exited.done():
+            self._exited.set_result(self.process.exitcode or 0)
+        if not self._stopping and self._receiver is not None:
+            self._receiver.cancel()
+            self._read_last_words()
+            reason = f"the engine process exited unexpectedly ({self._exit_reason()})"
+            if self.dead_reason is None:
+                logger.error("%s; ending every request", reason)
+            self._die(reason)
+            fail_calls(self._calls, reason)
+
+    def _read_last_words(self) -> None:
+        """The events it sent before it ended and not yet read (its outputs, Dead): read them now."""
+        socket: zmq.Socket[bytes] = zmq.Socket.shadow(self._events.underlying)  # the same socket, no waiting
+        while True:
+            try:
+                frame = socket.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._dispatch(self._event_codec.decode(frame.buffer))
+
+    def _exit_reason(self) -> str:
+        code = self.process.exitcode if self.process is not None else None
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def _kill(self) -> None:
+        process = self.process
+        if process is not None and process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.join(5)
+
+    def _close(self) -> None:
+        if self.loop is not None and self.process is not None and not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.process.sentinel)
+        self._commands.close(linger=0)
+        self._events.close(linger=0)
+        self._sync.term()
+        self._async.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        atexit.unregister(self._kill)
