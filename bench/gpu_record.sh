@@ -119,15 +119,15 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
             --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     fi
     ;;
-ab)  # serving variants on one machine and model, c64 / c8 / c1: the default, --async-scheduling, and
-    # SLOTH_DELIVER_AT_NEXT_LAUNCH=0 (outputs handed over as each step ends, the pre-session-3 way)
+ab)  # serving variants on one machine and model, c64 / c8 / c1: the default (engine process),
+    # --async-scheduling, and --engine-mode thread (the engine in the HTTP process, sharing its GIL)
     ensure_model
-    for variant in default async deliver0; do
-        flags=""; envs=""
+    for variant in default async thread; do
+        flags=""
         [ "$variant" = async ] && flags="--async-scheduling"
-        [ "$variant" = deliver0 ] && envs="SLOTH_DELIVER_AT_NEXT_LAUNCH=0"
+        [ "$variant" = thread ] && flags="--engine-mode thread"
         elapsed "server: $variant"
-        env $envs timeout 200 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8124 \
+        timeout 200 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8124 \
             --max-num-seqs 64 --max-model-len 1024 $flags > "$RES/server-$variant.log" 2>&1 &
         pid=$!
         python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8124/health', 150)"
