@@ -211,7 +211,7 @@ class ServerState:
         an orchestrator restarts it. A thread engine's fatal error keeps the server up, answering 503."""
         if self.config.engine_mode == "process" and self.on_fatal is not None:
             # A moment for the streams just ended to send their error events, then stop.
-            asyncio.get_running_loop().call_later(0.5, self.on_fatal)
+            asyncio.get_running_loop().call_later(1.0, self.on_fatal)
 
     def _fail(self, message: str) -> None:
         self.load_error = message

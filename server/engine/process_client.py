@@ -168,7 +168,8 @@ class ProcessEngineClient(EngineClient):
         stop, treat it as the engine's death once its last events are read."""
         assert self.loop is not None and self.process is not None and self._exited is not None
         self.loop.remove_reader(self.process.sentinel)
-        self.process.join(0)  # reaps it: no zombie
+        # Reaps it (no zombie). Its pipe closes a moment before it can be reaped: wait that moment.
+        self.process.join(2)
         if not self._exited.done():
             self._exited.set_result(self.process.exitcode or 0)
         if not self._stopping and self._receiver is not None:

@@ -55,6 +55,23 @@ def start_stream(server: LiveServer, max_tokens: int) -> tuple[threading.Thread,
     return thread, events, errors
 
 
+def answers_after_death(server: LiveServer) -> list[httpx.Response]:
+    """Requests sent until one gets 503 or the server is gone (it stays up a moment after the death,
+    so that its streams' last events go out)."""
+    answers: list[httpx.Response] = []
+    deadline = time.monotonic() + EXIT_WITHIN_S
+    while time.monotonic() < deadline and server.process.poll() is None:
+        try:
+            answers.append(httpx.post(f"{server.base_url}/completions", timeout=5,
+                                      json={"model": BASE_MODEL, "prompt": "Hi", "max_tokens": 2}))
+        except httpx.TransportError:
+            break
+        if answers[-1].status_code == 503:
+            break
+        time.sleep(0.01)
+    return answers
+
+
 def test_killed_engine_ends_open_streams_with_an_error_and_the_server_exits_nonzero(tmp_path: Path) -> None:
     server = launch(tmp_path, "engine-killed", demo_adapter=False)
     try:
@@ -63,45 +80,22 @@ def test_killed_engine_ends_open_streams_with_an_error_and_the_server_exits_nonz
         thread, events, errors = start_stream(server, 1900)
         os.kill(engine, signal.SIGKILL)
         killed_at = time.monotonic()
+        answers = answers_after_death(server)
         thread.join(timeout=30)
         assert not errors, errors
         assert events[-1] == "[DONE]" and events.count("[DONE]") == 1, events[-3:]
         error = json.loads(events[-2])["error"]
         assert "engine process exited unexpectedly (killed by SIGKILL)" in error["message"]
         assert error["type"] == "server_error"
+        # Whatever it answered meanwhile: a 503 naming the death at the end, never a hang or a 200.
+        assert answers and answers[-1].status_code == 503, [a.text for a in answers]
+        assert "engine has stopped" in answers[-1].json()["error"]["message"]
+        assert all(a.status_code != 200 for a in answers)
         assert server.process.wait(timeout=EXIT_WITHIN_S) == 1
         assert time.monotonic() - killed_at < EXIT_WITHIN_S
         assert is_gone(engine)
         log = server.log_path.read_text()
         assert "the engine process exited unexpectedly (killed by SIGKILL); ending every request" in log
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-
-
-def test_a_request_after_the_engine_died_gets_503(tmp_path: Path) -> None:
-    server = launch(tmp_path, "engine-dead", "--shutdown-timeout", "5", demo_adapter=False)
-    try:
-        server.wait_ready()
-        engine = engine_pid(server)
-        os.kill(engine, signal.SIGKILL)
-        # The server stays up for a moment after the death (its streams' last events go out first):
-        # whatever it answers in that moment is a 503 naming the death, never a hang or a 200.
-        deadline = time.monotonic() + 10
-        answers: list[httpx.Response] = []
-        while time.monotonic() < deadline and server.process.poll() is None:
-            try:
-                answers.append(httpx.post(f"{server.base_url}/completions", timeout=5,
-                                          json={"model": BASE_MODEL, "prompt": "Hi", "max_tokens": 2}))
-            except httpx.TransportError:
-                break
-            if answers[-1].status_code == 503:
-                break
-            time.sleep(0.01)
-        assert answers and answers[-1].status_code == 503, [a.text for a in answers]
-        assert "engine has stopped" in answers[-1].json()["error"]["message"]
-        assert server.process.wait(timeout=EXIT_WITHIN_S) == 1
-        assert is_gone(engine)
     finally:
         if server.process.poll() is None:
             server.process.kill()
