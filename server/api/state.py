@@ -24,7 +24,7 @@ from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine import stalls
 from server.engine.client import EngineClient, EngineInfo
-from server.engine.grammar import GrammarCompiler
+from server.engine.grammar import GrammarCompiler, make_compiler
 from server.engine.launch import engine_client
 from server.metrics import EngineMetrics
 from server.vision_processor import VisionProcessor, image_limits
@@ -195,12 +195,8 @@ class ServerState:
         base = base_entry(Path(info.folder), info.eos_token_ids, adapter_folder,
                           self.config.chat_template)
         adapters = AdapterRegistry(self.config.lora_dirs, self.config.max_cpu_loras)
-        grammar, grammar_error = None, None
-        try:  # the vocabulary, now rather than on the first constrained request
-            grammar = GrammarCompiler(base.tokenizer, info.vocab_size, info.eos_token_ids)
-        except Exception as exc:  # a tokenizer the grammar engine cannot read: structured outputs off
-            grammar_error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
-            logger.warning("structured outputs disabled: %s", grammar_error)
+        # The vocabulary, now rather than on the first constrained request.
+        grammar, grammar_error = make_compiler(base.tokenizer, info.vocab_size, info.eos_token_ids)
         vision = VisionProcessor.from_folder(Path(info.folder), image_limits(self.config))
         return Runtime(engine, info, base.tokenizer, adapters, base.token_texts, self.base_model_id,
                        TokenizerRegistry(base, adapters), grammar, grammar_error, vision, self.config.reasoning_parser,

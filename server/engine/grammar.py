@@ -104,6 +104,17 @@ class GrammarCompiler:
         return template
 
 
+def make_compiler(tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> tuple[GrammarCompiler | None, str | None]:
+    """The tokenizer's compiler, or None and why: a tokenizer the grammar engine cannot read leaves
+    structured outputs off, not the server down."""
+    try:
+        return GrammarCompiler(tokenizer, vocab_size, eos_token_ids), None
+    except Exception as exc:  # llguidance raises ValueError / RuntimeError on tokenizers it cannot map
+        error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
+        logger.warning("structured outputs disabled: %s", error)
+        return None, error
+
+
 @dataclass(slots=True)
 class _Match:
     matcher: llguidance.LLMatcher | None  # None: no grammar could be made (failed)

@@ -25,7 +25,7 @@ import torch
 from kernels.sampling import sample
 from server.engine.device import to_device
 from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
-from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens
+from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens, make_compiler
 from server.engine.sequence import Sequence, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,7 @@ class Sampler:
     def set_tokenizer(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
         """Give the grammar compiler the vocabulary (the model's vocab_size: the mask's width). A
         tokenizer the grammar engine cannot read leaves structured outputs off, not the server down."""
-        try:
-            self.grammar = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
-        except Exception as exc:  # llguidance raises ValueError / RuntimeError on tokenizers it cannot map
-            self.grammar_error = f"the model's tokenizer is not supported by the grammar engine ({exc})"
-            logger.warning("structured outputs disabled: %s", self.grammar_error)
+        self.grammar, self.grammar_error = make_compiler(tokenizer, vocab_size, eos_token_ids)
 
     def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
         return to_device(values, self.device, dtype)

@@ -11,9 +11,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from server.api.sampling import grammar_compiler
-from server.engine.grammar import GrammarError
+from server.api.errors import APIError
+from server.api.sampling import compile_spec
+from server.engine.grammar import make_compiler
 from server.engine.sampler import Sampler
+from server.engine.sampling_params import StructuredSpec
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -30,12 +32,10 @@ def test_unsupported_tokenizer_disables_grammar_without_raising() -> None:
     assert sampler.grammar_error is not None and "grammar engine" in sampler.grammar_error
 
 
-def test_constrained_request_gets_grammar_error_naming_the_reason() -> None:
-    sampler = Sampler(torch.device("cpu"))
-    runtime = SimpleNamespace(engine=SimpleNamespace(runner=SimpleNamespace(sampler=sampler), eos_token_ids=[0]),
-                              tokenizer=word_tokenizer(), vocab_size=32)
-    with pytest.raises(GrammarError, match="not supported by the grammar engine"):
-        asyncio.run(grammar_compiler(runtime))  # type: ignore[arg-type]
-    assert sampler.grammar_error is not None  # tried once; later requests get the same answer at once
-    with pytest.raises(GrammarError):
-        asyncio.run(grammar_compiler(runtime))  # type: ignore[arg-type]
+def test_constrained_request_gets_a_400_naming_the_reason() -> None:
+    compiler, error = make_compiler(word_tokenizer(), 32, [0])  # what the front end makes at start-up
+    runtime = SimpleNamespace(grammar=compiler, grammar_error=error)
+    for _ in range(2):  # tried once at start-up; every request gets the same answer at once
+        with pytest.raises(APIError, match="not supported by the grammar engine") as raised:
+            asyncio.run(compile_spec(runtime, StructuredSpec.json_object(), "response_format"))  # type: ignore[arg-type]
+        assert raised.value.status_code == 400 and raised.value.param == "response_format"
