@@ -107,7 +107,9 @@ class ProcessEngineClient(EngineClient):
     async def stop(self) -> None:
         self._stopping = True
         process = self.process
-        if process is not None and process.exitcode is None:
+        if process is not None and process.exitcode is None and self._receiver is None:
+            self._kill()  # still loading: it reads no command until it is done, and nothing is lost
+        elif process is not None and process.exitcode is None:
             self._send(Shutdown())
             if self._exited is not None:
                 with contextlib.suppress(TimeoutError):
