@@ -22,10 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine.outputs import RequestOutput, StepStats  # noqa: E402
-from server.engine.sampling_params import SamplingParams  # noqa: E402
-from server.engine.sequence import FinishReason  # noqa: E402
-from server.engine.wire import AddRequest, StepOutputs, command_codec, event_codec  # noqa: E402
+from server.engine.outputs import RequestOutput, StepStats
+from server.engine.sampling_params import SamplingParams
+from server.engine.wire import AddRequest, StepOutputs, command_codec, event_codec
 
 
 def step(batch: int, i: int) -> StepOutputs:
