@@ -61,9 +61,10 @@ def max_prompt_chars(tokenizer: Any, max_model_len: int) -> int:
 def message_chars(message: ChatMessage) -> int:
     """The characters of a message's text, as the chat template will get it (its text parts)."""
     content = message.content
+    thought = len(message.reasoning_content or message.reasoning or "")  # past reasoning the template renders
     if isinstance(content, str):
-        return len(content)
-    return sum(len(p["text"]) for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return len(content) + thought
+    return thought + sum(len(p["text"]) for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
 def check_prompt_chars(num_chars: int, tokenizer: Any, max_model_len: int, what: str) -> None:

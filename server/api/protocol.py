@@ -124,6 +124,10 @@ class ChatMessage(BaseModel):
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
+    # An earlier assistant turn's reasoning (vLLM's field; `reasoning` is its newer name): templates
+    # that render past reasoning (Qwen3, gpt-oss) read `reasoning_content`.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDefinition(BaseModel):
@@ -397,6 +401,9 @@ def message_for_template(i: int, m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": message_content(i, m.content)}
     if m.name is not None:
         out["name"] = m.name
+    thought = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+    if thought is not None and m.role == "assistant":
+        out["reasoning_content"] = thought
     if m.tool_calls:
         out["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}

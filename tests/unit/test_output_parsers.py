@@ -110,3 +110,26 @@ def test_grammars_leave_room_for_reasoning_only_where_the_prompt_allows_it() -> 
     assert OutputPlan(QWEN3, None, "assistant\n<think>\n\n</think>\n\n").think is None  # enable_thinking false
     assert OutputPlan(OutputFormat(None, HERMES), None, "assistant\n").think is None
     assert OutputPlan(HARMONY, None, "").think is None
+
+
+def test_harmony_markers_survive_detokenization_token_by_token() -> None:
+    from transformers import AutoTokenizer
+
+    from server.api.detokenizer import IncrementalDetokenizer
+    from server.api.output_reader import marker_token_ids
+    from server.loader import DEMO_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    markers = ["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    text = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Lima"}<|call|>')
+    ids = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    keep = marker_token_ids(tokenizer, HARMONY)
+    assert len(keep) == len(markers)
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, keep=keep)
+    streamed = "".join(detok.add([t]) for t in ids) + detok.flush()
+    assert streamed == text  # markers kept, <|endoftext|> (special, not a marker) dropped
+    plain = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    assert "<|channel|>" not in "".join(plain.add([t]) for t in ids) + plain.flush()
+    assert read(HARMONY, [streamed]) == ("Need the weather.", "", [("get_weather", {"city": "Lima"})], "tool_calls")
