@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
 from server.models.qwen3_5_config import qwen3_5_fields
 from server.models.rope_config import parse_rope
+from server.models.smollm3_config import smollm3_fields
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -28,6 +29,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
     "MixtralForCausalLM": "mixtral",
+    "SmolLM3ForCausalLM": "smollm3",  # Llama with NoPE layers (server/models/smollm3_config.py)
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
@@ -76,6 +78,7 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
     # gpt-oss (server/models/gpt_oss_config.py):
     o_bias: bool = False  # o_proj has a bias
+    rope_layers: tuple[bool, ...] | None = None  # SmolLM3: which layers rotate q and k (None: every layer)
     attn_sinks: bool = False  # a learned per-head logit joins each softmax's denominator (`self_attn.sinks`)
     swiglu_limit: float = 0.0  # gpt-oss experts clamp gate (above) and up (both sides) to this (0: not gpt-oss)
     # Hybrid models (server/models/lfm2_config.py): each layer's kind; only attention layers have a KV cache.
@@ -134,6 +137,9 @@ class ModelConfig:
             return cls(**phi3_fields(cfg))
         if family == "gpt_oss":
             return cls(**gpt_oss_fields(cfg))
+        if family == "smollm3":  # Llama's fields, then its NoPE layers and their windows
+            llama = cls.from_dict({**cfg, "architectures": ["LlamaForCausalLM"], "use_sliding_window": False})
+            return replace(llama, **smollm3_fields(cfg, llama.num_layers))
         if family == "lfm2":
             return cls(**lfm2_fields(cfg))
         if family == "qwen3_5":

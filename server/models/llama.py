@@ -32,6 +32,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.layer_windows[index] if cfg.layer_windows is not None else cfg.sliding_window
+        self.use_rope = cfg.rope_layers is None or cfg.rope_layers[index]  # SmolLM3's NoPE layers: False
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = LoRALinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias)
         self.o_proj = LoRALinear(q_size, [cfg.hidden_size], bias=cfg.o_bias)
@@ -63,7 +64,8 @@ class Attention(nn.Module):
             if adapters is not None:
                 q = adapters.renorm(f"{self.prefix}.q_norm", q, q_in, self.eps)
                 k = adapters.renorm(f"{self.prefix}.k_norm", k, k_in, self.eps)
-        q, k = apply_rope(q, k, positions, *rope)
+        if self.use_rope:
+            q, k = apply_rope(q, k, positions, *rope)
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.attn.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta.attn, self.scale, self.sliding_window, sinks=self.sinks)

@@ -25,6 +25,9 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(sliding_window=8)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=24)),
+    # NoPE on layer 2 of 2, which attends through a sliding window; q/k/v/o biases
+    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8,
+                                                 attention_bias=True, pad_token_id=None, bos_token_id=None)),
 }
 
 

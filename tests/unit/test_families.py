@@ -29,7 +29,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("StableLmForCausalLM", "stablelm", "generic"),
     ("GraniteForCausalLM", "granite", "generic"),
     ("Olmo2ForCausalLM", "olmo2", "generic"),
-    ("SmolLM3ForCausalLM", "smollm3", "generic"),
+    ("SmolLM3ForCausalLM", "smollm3", "native"),
     ("Exaone4ForCausalLM", "exaone4", "generic"),
     ("GPT2LMHeadModel", "gpt2", "generic"),
 ])
