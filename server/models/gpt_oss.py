@@ -93,6 +93,13 @@ class GptOssForCausalLM(LlamaForCausalLM):
         super().__init__(cfg)
         self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # type: ignore[assignment]
 
+    def post_load(self) -> None:
+        """After the weights are in: every norm's float32 scale now, not in the first step, which may
+        be a CUDA-graph capture (where a tensor made for the cache would hold nothing outside it)."""
+        for m in self.modules():
+            if isinstance(m, GptOssRMSNorm):
+                m.scale  # noqa: B018 (computes and caches)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:
         embed = self.model.embed_tokens

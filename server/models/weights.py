@@ -235,6 +235,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
         return model
     cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if isinstance(model, GptOssForCausalLM):
+        model.post_load()
     return model
 
 

@@ -278,3 +278,14 @@ def test_mxfp4_start_up_check_names_it_and_other_models_stay_refused(tmp_path: P
     assert "MXFP4" in check_quantization(tmp_path, quant, "unsloth", "gpt_oss")
     with pytest.raises(StartupError, match="MXFP4"):
         check_quantization(tmp_path, quant, "unsloth", "llama")
+
+
+def test_norm_scales_are_ready_after_load(tmp_path: Path) -> None:
+    """Every RMSNorm's float32 scale is computed at load, before any step (a first step may be a CUDA
+    graph capture, in which a tensor made for the cache would hold nothing once outside it)."""
+    from server.models.gpt_oss import GptOssRMSNorm
+
+    folder, _ = make_model(tmp_path)
+    model = load_model(folder, torch.float32, CPU)
+    norms = [m for m in model.modules() if isinstance(m, GptOssRMSNorm)]
+    assert len(norms) == 2 * 4 + 1 and all(m._scale is not None and m._scale[0] is m.weight for m in norms)
