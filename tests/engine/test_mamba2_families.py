@@ -6,6 +6,7 @@ rebuilt by re-prefill); published configs read as transformers reads them."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import transformers
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from server.loader import DEMO_MODEL
 from server.models.config import ModelConfig
 
 VOCAB = 256
@@ -133,3 +135,38 @@ def test_falcon_h1_every_layer_keeps_kv_and_state() -> None:
     ours = ModelConfig.from_dict(raw)
     assert ours.kv_layers == [0, 1, 2] and ours.has_state and ours.head_dim == 8
     assert ours.mamba is not None and ours.mamba.head_dim == 16 and ours.mamba.zxbcdt_multipliers[1] == 1.5
+
+
+@pytest.mark.parametrize("variant", ["falcon-h1-norm-first", "granite-moe-nope"])
+def test_lora_on_mixer_attention_and_mlp_equals_peft(tmp_path: Path, variant: str) -> None:
+    """LoRA on in_proj (under Falcon-H1's input and section multipliers), q / k / v (its key multiplier),
+    the MLPs (PEFT refuses the mixer's out_proj): our greedy tokens with the adapter equal PEFT's and
+    differ from the base's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from server import LLM
+
+    hf = make_model(tmp_path / "base", variant)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # LLM loads a tokenizer; prompts are token ids
+        shutil.copy(DEMO_MODEL / name, tmp_path / "base" / name)
+    targets = ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+    targets += ["gate_proj", "down_proj"] if variant.startswith("falcon") else ["input_linear", "output_linear"]
+    torch.manual_seed(3)
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
+    tuned = PeftModel.from_pretrained(base.eval(), str(tmp_path / "adapter")).eval()
+    llm = LLM(str(tmp_path / "base"), load_format="safetensors", num_kv_blocks=64, max_num_batched_tokens=16,
+              lora={"a": str(tmp_path / "adapter")})
+    prompts = [[5, 17, 99, 200, 3], list(range(10, 40))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with_adapter = [o.token_ids for o in llm.generate(prompts, params, adapter="a")]
+    for p, got in zip(prompts, with_adapter, strict=True):
+        ref = tuned.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+    assert with_adapter != [o.token_ids for o in llm.generate(prompts, params)]  # the adapter mattered
