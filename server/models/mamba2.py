@@ -94,7 +94,8 @@ class Mamba2Mixer(nn.Module):
 
 
 def _all_decodes(batch: StateBatch) -> bool:
-    """One token per sequence, each continuing its state: the one-step update (no scan)."""
+    """One token per sequence, each continuing its state: the one-step update (no scan). A decode
+    CUDA graph's batch (server/engine/cuda_graphs.py) is one: one token a row, no host flags."""
     qsl = batch.query_start_loc_host
     return all(qsl[i + 1] - qsl[i] == 1 for i in range(len(qsl) - 1)) and all(batch.has_initial_host)
 
@@ -149,8 +150,6 @@ class HybridBackbone(nn.Module):
 class Mamba2HybridLM(nn.Module):
     """What both families' models share: the state tensors per Mamba-2 layer, the rotary tables, the
     embedding and logits multipliers. Subclasses build `self.model` and `forward`."""
-
-    supports_cuda_graphs = False  # decode graphs do not hold the state slots yet
 
     def __init__(self, cfg: ModelConfig, backbone: HybridBackbone, num_mamba_layers: int) -> None:
         super().__init__()

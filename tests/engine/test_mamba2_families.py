@@ -89,12 +89,15 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
     folder, prompts, want = model
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
-                              max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32"))
+                              max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
+                              cuda_graph_sizes=(1, 2, 4)))
     assert run_engine(engine, prompts, 12) == want
     if blocks == 9:
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
     slots = engine.block_manager.state_slots
     assert slots is not None and slots.num_used == 0 and engine.block_manager.num_free_blocks == blocks
+    if device == "cuda":  # decode steps replayed CUDA graphs holding each row's state slots
+        assert engine.runner.graphs is not None and engine.runner.graphs.scratch_state is not None
     cfg = engine.runner.model.config
     assert len(engine.runner.kv_caches) == len(cfg.kv_layers) == (1 if cfg.family == "granitemoehybrid" else 3)
 
@@ -103,7 +106,7 @@ def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, dev
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)])
 def test_triton_kernels_match_transformers(model: tuple, budget: int, blocks: int) -> None:
-    """The same on CUDA in float32 (Triton SSD, conv, gated norm, attention)."""
+    """The same on CUDA in float32 (Triton SSD, conv, gated norm, attention; decode in CUDA graphs)."""
     test_greedy_matches_transformers(model, budget, blocks, device="cuda")
 
 
