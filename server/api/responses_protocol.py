@@ -192,23 +192,42 @@ def _message(i: int, item: dict[str, Any]) -> dict[str, Any]:
     if role not in _ROLES:
         raise invalid_param(f"input[{i}].role", f"role {role!r} is not supported; use one of {', '.join(_ROLES)}")
     content = item.get("content")
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "input_image" for p in content):
+        return {"role": role, "content": _parts_with_images(f"input[{i}].content", content)}
     text = content if isinstance(content, str) else _parts_text(f"input[{i}].content", content)
     return {"role": role, "content": text}
+
+
+def _parts_with_images(where: str, parts: list[Any]) -> list[dict[str, Any]]:
+    """Text and input_image parts as chat content parts (the chat endpoint's image_url parts, whose
+    images server/api/images.py checks; only image-text models take them)."""
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise invalid_param(f"{where}[{j}].image_url", "an input_image part needs an image_url (a base64 data "
+                                    "URL, data:image/png;base64,...); file_id is not supported")
+            out.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            out.append({"type": "text", "text": _part_text(where, j, part)})
+    return out
 
 
 def _parts_text(where: str, parts: Any) -> str:
     if not isinstance(parts, list):
         raise invalid_param(where, f"{where} must be a string or a list of input_text parts")
-    texts = []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS:
-            raise invalid_param(f"{where}[{j}].type", f"content part type {kind!r} is not supported; only text "
-                                "parts (input_text, output_text) are")
-        if not isinstance(part.get("text"), str):
-            raise invalid_param(f"{where}[{j}].text", "a text part needs a string 'text'")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    return "\n".join(_part_text(where, j, part) for j, part in enumerate(parts))
+
+
+def _part_text(where: str, j: int, part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in _TEXT_PARTS:
+        raise invalid_param(f"{where}[{j}].type", f"content part type {kind!r} is not supported; only text "
+                            "parts (input_text, output_text) and input_image are")
+    if not isinstance(part.get("text"), str):
+        raise invalid_param(f"{where}[{j}].text", "a text part needs a string 'text'")
+    return str(part["text"])
 
 
 def _string(item: dict[str, Any], key: str, i: int) -> str:

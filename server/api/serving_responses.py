@@ -18,6 +18,7 @@ from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.api.endpoint import admit_generation
 from server.api.errors import APIError
 from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
+from server.api.images import chat_images, expand_images
 from server.api.output_reader import OutputPlan
 from server.api.prompts import resolve_max_tokens
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
@@ -47,7 +48,12 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(chat)
+        images = await chat_images(runtime.vision, body.model or runtime.base_model_id, chat.messages)
         prompt_ids = await encode_tool_chat(tokens.tokenizer, chat.conversation(), plan, chat.template_kwargs())
+        mm = None
+        if images:
+            assert runtime.vision is not None
+            prompt_ids, mm = await expand_images(runtime.vision, prompt_ids, images)
         max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
         runtime.check_fits_cache(len(prompt_ids), "input")
         ticket.reserve_tokens(len(prompt_ids), "input")
@@ -57,7 +63,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         response_id = f"resp_{uuid.uuid4().hex}"
         reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
                                structured, tokens.eos_token_ids)
-        reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
+        reqs = [replace(r, keep_special_ids=output.keep_special_ids, mm=mm) for r in reqs]
     except APIError as exc:
         ticket.release()
         raise as_responses_error(exc) from None

@@ -89,6 +89,18 @@ def test_tokenize_counts_image_tokens(served: tuple[LiveServer, torch.nn.Module,
     assert r.json()["tokens"] == expected
 
 
+def test_responses_api_takes_input_images(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    client = served[0].client()
+    image = random_image(12)
+    chat: Any = client.chat.completions.create(model="qwen-vl", messages=ask("Describe it.", image),  # type: ignore[arg-type]
+                                               max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
+    r = client.responses.create(model="qwen-vl", max_output_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA,
+                                input=[{"role": "user", "content": [  # type: ignore[list-item]
+                                    {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                                    {"type": "input_text", "text": "Describe it."}]}])
+    assert r.output_text == chat.choices[0].message.content
+
+
 def test_different_images_give_different_answers(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
     client = served[0].client()
     answers = []
