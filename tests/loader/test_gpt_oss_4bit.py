@@ -101,3 +101,19 @@ def test_unsloth_layout_without_its_classes_is_refused_not_served_random(tmp_pat
     with mock.patch("server.loader.gpt_oss_layout.is_unsloth_gpt_oss_layout", return_value=False), \
             pytest.raises(ValueError, match=r"tensor\(s\) on disk were not loaded.*experts\.down_projs\.0"):
         LLM(str(folder), num_kv_blocks=64)
+
+
+def test_3d_layout_turns_unsloths_per_expert_switch_off_for_the_load(tmp_path: Path) -> None:
+    """A folder with transformers' 3-D experts is loaded with Unsloth's per-expert gpt-oss classes
+    switched off (they would leave the 3-D tensors unread), and the switch is as before afterwards."""
+    import os
+
+    from server.loader.gpt_oss_layout import DISABLE, unsloth_gpt_oss_classes
+
+    folder, _ = make_model(tmp_path)
+    os.environ.pop(DISABLE, None)
+    with unsloth_gpt_oss_classes(folder):
+        assert os.environ.get(DISABLE) == "1"
+    assert DISABLE not in os.environ
+    with unsloth_gpt_oss_classes(DEMO_MODEL):  # not gpt-oss: nothing changes
+        assert DISABLE not in os.environ
