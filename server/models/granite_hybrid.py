@@ -53,10 +53,11 @@ class GraniteMoe(nn.Module):
 class GraniteHybridLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        assert cfg.layer_types is not None and cfg.mamba is not None and cfg.multipliers is not None
+        assert cfg.layer_types is not None and cfg.multipliers is not None
         self.prefix = f"model.layers.{index}"
         self.is_mamba = cfg.layer_types[index] == MAMBA
         if self.is_mamba:
+            assert cfg.mamba is not None
             self.mamba = Mamba2Mixer(cfg.mamba, cfg.hidden_size, cfg.rms_norm_eps)
         else:
             self.self_attn = HybridAttention(cfg)

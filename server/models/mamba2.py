@@ -153,7 +153,6 @@ class Mamba2HybridLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backbone: HybridBackbone, num_mamba_layers: int) -> None:
         super().__init__()
-        assert cfg.mamba is not None
         self.config, self.model, self.num_mamba_layers = cfg, backbone, num_mamba_layers
         self.multipliers = cfg.multipliers or Multipliers()
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

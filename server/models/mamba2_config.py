@@ -114,15 +114,17 @@ def granite_hybrid_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     head_dim = hidden // int(cfg.get("num_attention_heads", 32))
     fields = _common(cfg, "granitemoehybrid", head_dim)
     experts = int(cfg.get("num_local_experts", 8) or 0)
+    layer_kinds = tuple(_LAYER_KINDS[k] for k in kinds)
     fields.update(
         intermediate_size=int(cfg.get("shared_intermediate_size", 1024)),  # the shared MLP's width
-        layer_types=tuple(_LAYER_KINDS[k] for k in kinds),
+        layer_types=layer_kinds,
         num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)) if experts else 0,
         moe_intermediate_size=int(cfg.get("intermediate_size", 11008)) if experts else 0, norm_topk_prob=True,
         attn_scale=float(cfg.get("attention_multiplier", 1.0)),
         rope_enabled=cfg.get("position_embedding_type") == "rope",
+        # none for an all-attention Granite 4 (granite-4.0-micro): no state, prefix caching as usual
         mamba=_mamba(cfg, int(cfg.get("mamba_expand", 2)) * hidden, out_bias=bool(cfg.get("mamba_proj_bias", False)),
-                     gated_norm=True, norm_before_gate=False, norm_groups=1),
+                     gated_norm=True, norm_before_gate=False, norm_groups=1) if MAMBA in layer_kinds else None,
         multipliers=Multipliers(embedding=float(cfg.get("embedding_multiplier", 1.0)),
                                 residual=float(cfg.get("residual_multiplier", 1.0)),
                                 logits=1.0 / float(cfg.get("logits_scaling", 1.0))),

@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
     "granite-moe-nope": (transformers.GraniteMoeHybridConfig, GRANITE),  # Granite-4.0-H: no RoPE
     "granite-dense-rope": (transformers.GraniteMoeHybridConfig,
                            {**GRANITE, "num_local_experts": 0, "position_embedding_type": "rope"}),
+    "granite-attention-only": (transformers.GraniteMoeHybridConfig,  # granite-4.0-micro's kind: no state
+                               {**GRANITE, "layer_types": ["attention"] * 4, "position_embedding_type": "rope"}),
     "falcon-h1-gate": (transformers.FalconH1Config, FALCON),  # y * silu(z), no norm (the config default)
     "falcon-h1-norm-first": (transformers.FalconH1Config, {**FALCON, "mamba_rms_norm": True}),
     "falcon-h1-gate-first": (transformers.FalconH1Config,
@@ -94,12 +96,15 @@ def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, dev
     assert run_engine(engine, prompts, 12) == want
     if blocks == 9:
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
-    slots = engine.block_manager.state_slots
-    assert slots is not None and slots.num_used == 0 and engine.block_manager.num_free_blocks == blocks
-    if device == "cuda":  # decode steps replayed CUDA graphs holding each row's state slots
-        assert engine.runner.graphs is not None and engine.runner.graphs.scratch_state is not None
     cfg = engine.runner.model.config
-    assert len(engine.runner.kv_caches) == len(cfg.kv_layers) == (1 if cfg.family == "granitemoehybrid" else 3)
+    slots = engine.block_manager.state_slots
+    assert (slots is not None) == cfg.has_state and engine.block_manager.num_free_blocks == blocks
+    assert slots is None or slots.num_used == 0
+    if device == "cuda" and cfg.has_state:  # decode steps replayed CUDA graphs holding each row's state slots
+        assert engine.runner.graphs is not None and engine.runner.graphs.scratch_state is not None
+    # Granite: its one attention layer (all four without Mamba layers); Falcon-H1: every layer
+    assert len(engine.runner.kv_caches) == len(cfg.kv_layers) == (3 if cfg.family == "falcon_h1" else
+                                                                  1 if cfg.has_state else 4)
 
 
 @pytest.mark.gpu
@@ -131,6 +136,14 @@ def test_granite_4_config_read_as_transformers_reads_it() -> None:
     assert ours.kv_layers == [3] and ours.has_state and not ours.rope_enabled
     assert ours.num_experts == 64 and ours.moe_intermediate_size == 512 and ours.intermediate_size == 1024
     assert ours.attn_scale == 0.0078125 and ours.multipliers.logits == 1 / 6 and ours.mamba.dt_max == float("inf")
+
+
+def test_all_attention_granite_4_keeps_no_state() -> None:
+    """granite-4.0-micro's kind: GraniteMoeHybrid with attention layers only, dense, RoPE."""
+    raw = {**GRANITE_4_H_TINY, "layer_types": ["attention"] * 4, "num_local_experts": 0,
+           "position_embedding_type": "rope"}
+    ours = ModelConfig.from_dict(raw)
+    assert ours.mamba is None and not ours.has_state and ours.kv_layers == [0, 1, 2, 3] and ours.rope_enabled
 
 
 def test_falcon_h1_every_layer_keeps_kv_and_state() -> None:
