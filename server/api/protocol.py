@@ -216,6 +216,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     structured_outputs: StructuredOutputs | None = None
+    include_reasoning: bool = True  # vLLM's extra: false leaves the reasoning out (it is still not content)
     # Declared only so that check() can name them; see CHAT_UNSUPPORTED.
     functions: Any = None
     function_call: Any = None

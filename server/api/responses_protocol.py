@@ -157,8 +157,8 @@ class ResponsesRequest(BaseModel):
 
     def messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: function_call items become the assistant's
-        tool_calls, function_call_output items tool messages; reasoning items are dropped (the
-        chat template has no place for them)."""
+        tool_calls, function_call_output items tool messages, and a reasoning item's text the next
+        assistant turn's reasoning_content (templates that render past reasoning read it)."""
         out: list[dict[str, Any]] = []
         if self.instructions:
             out.append({"role": "system", "content": self.instructions})
@@ -166,6 +166,7 @@ class ResponsesRequest(BaseModel):
             return [*out, {"role": "user", "content": self.input}]
         if not self.input:
             raise invalid_param("input", "input must not be empty")
+        thought: str | None = None  # a reasoning item's text, for the assistant turn it precedes
         for i, item in enumerate(self.input):
             kind = item.get("type", "message")
             if kind == "message":
@@ -173,7 +174,7 @@ class ResponsesRequest(BaseModel):
             elif kind == "function_call":
                 call = {"id": _string(item, "call_id", i), "type": "function",
                         "function": {"name": _string(item, "name", i), "arguments": _string(item, "arguments", i)}}
-                if out and out[-1]["role"] == "assistant":
+                if out and out[-1]["role"] == "assistant" and thought is None:
                     out[-1].setdefault("tool_calls", []).append(call)
                 else:
                     out.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -181,9 +182,15 @@ class ResponsesRequest(BaseModel):
                 output = item.get("output")
                 text = output if isinstance(output, str) else _parts_text(f"input[{i}].output", output)
                 out.append({"role": "tool", "tool_call_id": _string(item, "call_id", i), "content": text})
-            elif kind != "reasoning":
+            elif kind == "reasoning":
+                parts = item.get("content") or item.get("summary") or []
+                thought = "\n".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+                continue
+            else:
                 raise invalid_param(f"input[{i}].type", f"input item type {kind!r} is not supported; use 'message', "
-                                    "'function_call' or 'function_call_output'")
+                                    "'function_call', 'function_call_output' or 'reasoning'")
+            if thought is not None and out[-1]["role"] == "assistant":
+                out[-1]["reasoning_content"], thought = thought, None
         return out
 
 

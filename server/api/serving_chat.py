@@ -113,19 +113,22 @@ def output_plan(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None,
     return OutputPlan.of(fmt, plan, tokens.tokenizer, prompt_ids)
 
 
-def _message(text: str, finish_reason: str | None, output: OutputPlan) -> tuple[ChatResponseMessage, str | None]:
-    """The assistant message of a whole choice, read by the same reader as a stream."""
+def _message(text: str, finish_reason: str | None, output: OutputPlan,
+             show_reasoning: bool = True) -> tuple[ChatResponseMessage, str | None, str]:
+    """The assistant message of a whole choice, read by the same reader as a stream, its finish
+    reason and its reasoning (left out of the message when `show_reasoning` is false)."""
     reader = output.reader()
     if reader is None:
-        return ChatResponseMessage(content=text), finish_reason
+        return ChatResponseMessage(content=text), finish_reason, ""
     first, last = reader.feed(text), reader.finish(finish_reason)
     calls = merge_deltas(first.tool_calls + last.tool_calls)
     content = first.content + last.content
-    thought = (first.reasoning + last.reasoning) if output.has_reasoning else None
+    thought = first.reasoning + last.reasoning
+    shown = thought if output.has_reasoning and show_reasoning else None
     tool_calls = [ResponseToolCall.model_validate(c) for c in calls] or None
     message = ChatResponseMessage(content=content or (None if calls else ""), tool_calls=tool_calls,
-                                  reasoning_content=thought, reasoning=thought)
-    return message, last.finish_reason
+                                  reasoning_content=shown, reasoning=shown)
+    return message, last.finish_reason, thought
 
 
 async def _chat_response(
@@ -134,11 +137,12 @@ async def _chat_response(
 ) -> ChatCompletionResponse:
     results = await collect_choices(engine, tokens.tokenizer, reqs, deadline)
     choices = []
+    thinking = 0
     for i, r in enumerate(results):
-        message, finish_reason = _message(r.text, r.finish_reason, output)
+        message, finish_reason, thought = _message(r.text, r.finish_reason, output, body.include_reasoning)
+        thinking += reasoning_tokens(tokens.tokenizer, thought)
         logprobs = chat_logprobs(tokens.token_texts, r.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish_reason))
-    thinking = sum(reasoning_tokens(tokens.tokenizer, c.message.reasoning_content) for c in choices)
     usage = Usage.of(len(reqs[0].prompt_token_ids), sum(r.num_tokens for r in results),
                      thinking if output.has_reasoning else None)
     scored = results[0].prompt_logprobs  # every choice has the same prompt
@@ -177,6 +181,9 @@ async def _chat_events(
             if d.prompt_logprobs is not None and body.prompt_logprobs is not None:
                 yield chunks.prompt(d.index, prompt_logprobs(tokens.token_texts, d.prompt_logprobs, body.prompt_logprobs))
             delta, finish_reason = _delta(reader, d.text, d.finish_reason if d.is_last else None)
+            if not body.include_reasoning:
+                for key in ("reasoning_content", "reasoning"):
+                    delta.pop(key, None)
             if not (delta or d.logprobs or d.is_last):
                 continue  # held back (a partial character, stop string or call): nothing to send yet
             logprobs = chat_logprobs(tokens.token_texts, d.logprobs) if d.logprobs else None

@@ -109,6 +109,8 @@ def test_reasoning_is_split_from_the_content(client: OpenAI) -> None:
     assert message.model_extra["reasoning"] == "Two and two."
     assert r.usage.completion_tokens_details.reasoning_tokens > 0
     assert streamed(client, text) == ("Two and two.", "It is 4.", [], "stop")
+    hidden = chat(client, text, extra_body={"include_reasoning": False}).choices[0].message  # vLLM's extra
+    assert hidden.content == "It is 4." and "reasoning_content" not in hidden.model_dump(exclude_none=True)
 
 
 def test_template_kwargs_and_reasoning_effort_reach_the_template(client: OpenAI) -> None:
