@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from server.engine.sequence import Sequence
 from server.engine.state_cache import StateSlots
+from server.engine.state_snapshots import StateSnapshots
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +56,8 @@ class BlockManager:
         self.num_prefix_hits = 0  # of those, tokens found
         # Models with recurrent layers: a state slot goes with the blocks of every sequence that has any.
         self.state_slots = state_slots
+        # ... and a prefix hit restores the state saved where a prompt's last full block ended.
+        self.snapshots: StateSnapshots | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,6 +89,9 @@ class BlockManager:
                 break
             found.append(block_id)
             parent = h
+        if self.snapshots is not None:  # a recurrent state comes back with the blocks: end at a snapshot
+            while found and self.blocks[found[-1]].hash not in self.snapshots.by_hash:
+                found.pop()
         self.num_prefix_queries += seq.num_tokens
         self.num_prefix_hits += len(found) * bs
         return found
@@ -103,6 +109,10 @@ class BlockManager:
             if not self.state_slots.can_allocate(seq):
                 return False
             self.state_slots.allocate(seq)
+            last_hash = self.blocks[cached_blocks[-1]].hash if cached_blocks else None
+            if last_hash is not None and self.snapshots is not None and seq.state_slot is not None:
+                restored = self.snapshots.restore(last_hash, seq.state_slot)
+                assert restored, "find_cached_blocks ends a hit at a block with a state snapshot"
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -144,6 +154,10 @@ class BlockManager:
                 self.cached[h] = block.block_id
                 block.hash = h
                 block.token_ids = tokens
+        snaps = self.snapshots
+        if snaps is not None and seq.state_slot is not None and seq.block_hashes and \
+                seq.num_computed_tokens == len(seq.block_hashes) * bs == snaps.boundary(seq):
+            snaps.take(seq.block_hashes[-1], seq.state_slot)  # the state right where the prompt's blocks end
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Free the blocks past the first `num_tokens` tokens' (speculative decoding: blocks that

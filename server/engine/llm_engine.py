@@ -30,6 +30,7 @@ from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.engine.spec_decode.draft import DraftRunner
 from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model, spec_graph_rows, spec_method
 from server.engine.state_cache import StateSlots
+from server.engine.state_snapshots import StateSnapshots
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
 from server.logs import startup_phase
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 # Prompt lengths the warmup runs: odd and multiple-of-16 sizes in each NF4 product regime
 # (GEMV up to 64 rows, fused GEMM up to 255, decode-to-scratch + cuBLAS from 256).
+# Prefix caching for models with recurrent layers: state snapshots kept (each as large as a running
+# sequence's state: about 50 MB at Qwen3.5-9B's shape).
+MAX_STATE_SNAPSHOTS = 16
+
 WARMUP_PROMPT_LENS = (5, 16, 100, 160, 300, 512, 700)
 
 
@@ -96,12 +101,17 @@ class LLMEngine:
         if self.draft_model is not None and self.draft_model.config.has_state:
             raise ValueError(f"--speculative-model is a {self.draft_model.config.family} model, whose recurrent layers' "
                              f"state the draft runner does not keep: use a draft of attention layers only")
-        # Recurrent layers: a state slot per running sequence, and one for the engine's probe step.
+        # Recurrent layers: a state slot per running sequence (and one for the engine's probe step);
+        # with prefix caching, rows for state snapshots too (server/engine/state_snapshots.py).
         num_state_slots = config.max_num_seqs + 1 if model.config.has_state else 0
-        num_blocks = self._num_kv_blocks(model, num_state_slots)
-        self.block_manager = BlockManager(num_blocks, config.block_size, self._prefix_caching(model),
+        caching = self._prefix_caching(model)
+        num_snapshots = min(config.max_num_seqs, MAX_STATE_SNAPSHOTS) if caching and num_state_slots else 0
+        num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots)
+        self.block_manager = BlockManager(num_blocks, config.block_size, caching,
                                           long_prompt_threshold(model.config.rope_scaling),
                                           StateSlots(num_state_slots) if num_state_slots else None)
+        if num_snapshots:  # rows after the running slots and the scratch row
+            self.block_manager.snapshots = StateSnapshots(num_state_slots + 1, num_snapshots, config.block_size)
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -119,7 +129,7 @@ class LLMEngine:
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
                 model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
-                self.max_model_len, buckets, num_state_slots,
+                self.max_model_len, buckets, num_state_slots, num_snapshots,
             )
         self.runner.sampler.use_triton = config.sampler == "triton"
         self.spec = build_spec_decoder(config, self.block_manager, self.max_model_len, self.draft_model,
@@ -211,6 +221,11 @@ class LLMEngine:
 
     def _prefix_caching(self, model: torch.nn.Module) -> bool:
         if self.config.enable_prefix_caching and model.config.has_state:  # type: ignore[union-attr]
+            if hasattr(model, "state_tensors"):
+                logger.info("prefix caching: a hit restores the recurrent layers' state snapshotted where the "
+                            "cached prompt's last full block ended (up to %d snapshots kept)",
+                            min(self.config.max_num_seqs, MAX_STATE_SNAPSHOTS))
+                return True
             logger.info("prefix caching is off for this model: its recurrent layers' state is not snapshotted at "
                         "block boundaries yet, so a cached prefix could not restore it")
             return False
@@ -337,6 +352,7 @@ class LLMEngine:
         if self.spec is not None:  # draft tokens for the sequences that speculate this step
             self.spec.propose(self.scheduler.running, self.runner.sampler, self.runner.draft_probs)
         batch = self.scheduler.schedule()
+        self._copy_states()
         if batch.is_empty:
             if on_launched is not None:
                 on_launched()
@@ -521,6 +537,7 @@ class LLMEngine:
                     outputs: list[RequestOutput]) -> tuple[list[RequestOutput], ScheduledBatch | None]:
         prev = self._inflight
         assert prev is not None
+        self._copy_states()
         self._inflight = None
         ahead = self._ahead_batch(prev.batch)
         if ahead is not None:
@@ -538,6 +555,11 @@ class LLMEngine:
         batch = ScheduledBatch([prev.batch.seqs[i] for i in live], [1] * len(live))
         self._postprocess(batch, [sampled[i] for i in live], None, outputs)
         return outputs, prev.batch
+
+    def _copy_states(self) -> None:
+        """State snapshots taken by the last step and restored by this schedule, before the forward."""
+        if self.block_manager.snapshots is not None and self.block_manager.snapshots.pending:
+            self.runner.copy_states(self.block_manager.snapshots.drain())
 
     def _drain_finished_waiting(self) -> list[RequestOutput]:
         """Sequences the scheduler ended without running them (too large for the whole cache); the

@@ -70,6 +70,7 @@ class ModelRunner:
         max_model_len: int = 2048,
         cuda_graph_buckets: list[int] | None = None,
         num_state_slots: int = 0,
+        num_state_snapshots: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -90,7 +91,7 @@ class ModelRunner:
             for _ in cfg.kv_layers  # a hybrid model's recurrent layers keep a state instead
         ]
         if cfg.has_state:  # one row more: the scratch row, as for the KV cache
-            cast(StatefulModel, model).allocate_state(num_state_slots + 1, dtype, device)
+            cast(StatefulModel, model).allocate_state(num_state_slots + 1 + num_state_snapshots, dtype, device)
         self.lora_manager = lora_manager
         # Adapters' own embed_tokens / lm_head / norms (modules_to_save), on the device while in a slot
         self.slot_modules = SlotModuleTable(model, dtype, device)
@@ -144,6 +145,15 @@ class ModelRunner:
         if not model.config.has_state:
             return 0
         return (num_slots + 1) * cast(StatefulModel, model).state_bytes_per_slot(dtype)
+
+    @torch.inference_mode()
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy rows of every state tensor (prefix-cache snapshots taken and restored), in order: a
+        snapshot taken last step may be restored into another slot by this one."""
+        tensors: list[torch.Tensor] = self.model.state_tensors()  # type: ignore[union-attr, operator]
+        for t in tensors:
+            for src, dst in copies:
+                t[dst].copy_(t[src])
 
     def prepare(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> StepInputs:
         """The step's flat inputs. With `lookahead_ids` (a decode batch, on the device) each

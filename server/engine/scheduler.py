@@ -101,6 +101,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = self._num_new_running(seq, budget)
+            num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens, num_new)
             while not self.block_manager.allocate_slots(seq, num_new):
                 if seq.spec_token_ids:  # its draft tokens give way before any sequence does
                     num_new -= len(seq.spec_token_ids)
@@ -136,6 +137,13 @@ class Scheduler:
             del seq.spec_token_ids[max(num_new - seq.num_uncomputed_tokens, 0) :]
         return num_new
 
+    def _cap_at_snapshot(self, seq: Sequence, start: int, num_new: int) -> int:
+        """Models with recurrent layers: a prompt chunk stops where the state is snapshotted."""
+        snaps = self.block_manager.snapshots
+        if snaps is None or not self.block_manager.enable_prefix_caching:
+            return num_new
+        return snaps.cap(seq, start, num_new)
+
     @staticmethod
     def _decodes_first(batch: ScheduledBatch) -> ScheduledBatch:
         """Put single-token sequences first: attention runs them through its decode kernel."""
@@ -166,6 +174,7 @@ class Scheduler:
             wants_all = seq.params.prompt_logprobs is not None
             cached = bm.find_cached_blocks(seq) if not seq.block_table and not wants_all else []
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
+            num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens + len(cached) * bm.block_size, num_new)
             if not bm.allocate_slots(seq, num_new, cached):
                 if not self.running and not batch.seqs:
                     # Alone and still too big for the whole cache: it can never run.

@@ -149,6 +149,10 @@ class Lfm2ForCausalLM(nn.Module):
         self.conv_states = [torch.zeros(shape, dtype=dtype, device=device)
                             for _ in range(cfg.num_layers - len(cfg.kv_layers))]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, one row per slot (prefix-cache snapshots copy rows of each)."""
+        return self.conv_states
+
     def lora_layers(self) -> dict[str, LoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
 

@@ -158,6 +158,10 @@ class Qwen3_5ForCausalLM(nn.Module):
                         torch.zeros(num_slots, *recurrent, dtype=torch.float32, device=device))
                        for _ in range(self.config.num_layers - len(self.config.kv_layers))]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, one row per slot (prefix-cache snapshots copy rows of each)."""
+        return [t for pair in self.states for t in pair]
+
     def lora_layers(self) -> dict[str, LoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
 

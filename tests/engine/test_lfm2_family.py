@@ -57,6 +57,32 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     return [got[str(i)] for i in range(len(prompts))]
 
 
+def check_prefix_hits(folder: Path, hf: torch.nn.Module, vocab: int, budget: int) -> None:
+    """Prompts sharing a prefix with one served before: a hit restores KV blocks and the state snapshot
+    taken where that prompt's last full block ended, and the tokens still equal transformers'."""
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=budget, device="cpu", dtype="float32"))
+    gen = torch.Generator().manual_seed(4)
+    first = torch.randint(3, vocab, (40,), generator=gen).tolist()  # its snapshot: after 32 tokens (4 blocks)
+    tail = torch.randint(3, vocab, (9,), generator=gen).tolist()
+    cases = [(first, 0), (first, 32), (first[:35] + tail, 32), (first[:20] + tail, 0), (first[:20] + tail, 24)]
+    for prompt, cached in cases:  # the fourth shares blocks 0-1, which have no snapshot: no hit
+        engine.add_request("r", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        got: list[int] = []
+        while engine.has_unfinished_requests:
+            for out in engine.step():
+                got += out.new_token_ids
+                num_cached = out.num_cached_tokens
+        assert (got, num_cached) == (hf_greedy(hf, prompt, 6), cached), (len(prompt), cached)
+    snaps = engine.block_manager.snapshots
+    assert snaps is not None and len(snaps.by_hash) == 3 and not snaps.pending
+
+
+def test_prefix_cache_hit_restores_the_state(lfm2: tuple) -> None:
+    folder, hf, _, _ = lfm2
+    check_prefix_hits(folder, hf, VOCAB, budget=13)
+
+
 @pytest.fixture(scope="module")
 def lfm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, list[list[int]], list[list[int]]]:
     folder = tmp_path_factory.mktemp("lfm2")
@@ -80,7 +106,6 @@ def test_greedy_matches_transformers(lfm2: tuple, budget: int, blocks: int, devi
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
     slots = engine.block_manager.state_slots
     assert slots is not None and slots.num_used == 0 and engine.block_manager.num_free_blocks == blocks
-    assert not engine.block_manager.enable_prefix_caching  # no state snapshots yet: a hit could not restore it
     assert len(engine.runner.kv_caches) == 1  # the one attention layer; the convolution layers keep a state
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from test_lfm2_family import hf_greedy, run_engine
+from test_lfm2_family import check_prefix_hits, hf_greedy, run_engine
 
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
@@ -43,18 +43,18 @@ def make_qwen3_5(folder: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]], torch.nn.Module]:
     folder = tmp_path_factory.mktemp("qwen3_5")
     hf = make_qwen3_5(folder)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 70, 1)]
-    return folder, prompts, [hf_greedy(hf, p, 10) for p in prompts]
+    return folder, prompts, [hf_greedy(hf, p, 10) for p in prompts], hf
 
 
 @pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (9, 64), (24, 12)],
                          ids=["one-pass", "chunked-prefill", "preemption"])
 def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
-    folder, prompts, want = qwen
+    folder, prompts, want, _ = qwen
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
                               max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
                               max_model_len=128))
@@ -65,6 +65,10 @@ def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, devi
         assert engine.scheduler.num_preemptions > 0, "the tiny cache was meant to preempt"
     slots = engine.block_manager.state_slots
     assert slots is not None and slots.num_used == 0 and len(engine.runner.kv_caches) == 1
+
+
+def test_prefix_cache_hit_restores_the_state(qwen: tuple) -> None:
+    check_prefix_hits(qwen[0], qwen[3], VOCAB, budget=512)
 
 
 def test_config_reads_transformers_defaults() -> None:

@@ -39,3 +39,19 @@ def test_preemption_and_abort_give_slots_back() -> None:
     assert batch.num_preempted == 1 and seqs[1].state_slot is None and bm.state_slots.num_used == 1
     sched.abort(seqs[0].request_id, FinishReason.ABORT)
     assert bm.state_slots.num_used == 0 and seqs[0].state_slot is None
+
+
+def test_snapshots_cap_chunks_at_the_prompt_boundary_and_reuse_rows_lru() -> None:
+    from server.engine.state_snapshots import StateSnapshots
+
+    snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
+    seq = create_seq(11)  # boundary: the last full block a later prompt can hit ends at 8
+    assert snaps.boundary(seq) == 8
+    assert snaps.cap(seq, 0, 64) == 8 and snaps.cap(seq, 8, 64) == 64 and snaps.cap(seq, 2, 3) == 3
+    snaps.take(101, slot=0)
+    snaps.take(102, slot=1)
+    snaps.take(101, slot=3)  # already kept: no second copy
+    assert snaps.drain() == [(0, 5), (1, 6)]
+    assert snaps.restore(101, slot=2) and not snaps.restore(999, slot=2)  # 101 is now the most recent
+    snaps.take(103, slot=4)  # evicts 102, the least recently used
+    assert snaps.drain() == [(5, 2), (4, 6)] and set(snaps.by_hash) == {101, 103}
