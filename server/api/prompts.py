@@ -15,6 +15,8 @@ from typing import Any
 
 from server.api.errors import APIError, invalid_param
 from server.api.protocol import ChatMessage
+from server.engine.client import EngineInfo
+from server.engine.request_fit import cache_message, exceeds_cache, exceeds_context
 
 LONG_PROMPT_CHARS = 4096  # above this, tokenize in a worker thread
 # A fast tokenizer holds ~150 bytes per character of its input while it works (4 concurrent 10 MB
@@ -130,11 +132,14 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str = "prompt"
         raise invalid_param(param, f"token ids must be in [0, {vocab_size}); got {bad[:3]}")
 
 
-def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, what: str) -> int:
-    """Completion budget: the request's, or all the room left; 400 if it does not fit.
-    `what` names the prompt in the message ("messages" or "prompt")."""
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, info: EngineInfo, what: str,
+                       param: str | None = None) -> int:
+    """Completion budget: the request's, or all the room left; 400 if the request could never run
+    (server/engine/request_fit.py). `what` names the prompt in the message ("messages" or "prompt");
+    `param` the field a cache overflow names (default: `what`)."""
+    max_model_len = info.max_model_len
     wanted = max_tokens if max_tokens is not None else max(max_model_len - num_prompt_tokens, 1)
-    if num_prompt_tokens + wanted > max_model_len:
+    if exceeds_context(num_prompt_tokens, wanted, max_model_len):
         raise APIError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + wanted} tokens ({num_prompt_tokens} in the {what}, {wanted} in the "
@@ -143,4 +148,6 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model
             param=what,
             code="context_length_exceeded",
         )
+    if exceeds_cache(num_prompt_tokens, info.num_cache_tokens):
+        raise APIError(cache_message(num_prompt_tokens, info.num_cache_tokens), 400, param=param or what)
     return wanted

@@ -52,8 +52,7 @@ async def create_chat_completion(
         if images:
             assert runtime.vision is not None
             prompt_ids, mm = await expand_images(runtime.vision, prompt_ids, images)
-        max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.max_model_len, "messages")
-        runtime.check_fits_cache(len(prompt_ids), "messages")
+        max_tokens = resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, runtime.info, "messages")
         ticket.reserve_tokens(len(prompt_ids) * body.n, "messages")
         output = output_plan(runtime, tokens, plan, prompt_ids)
         structured = await structured_spec(runtime, body, plan, output=output)

@@ -72,8 +72,7 @@ async def _encode_prompts(
             texts.append(prompt)
         else:
             texts.append(tokenizer.decode(token_ids) if body.echo else "")
-        max_tokens = resolve_max_tokens(len(token_ids), body.max_tokens, runtime.max_model_len, "prompt")
-        runtime.check_fits_cache(len(token_ids), param)
+        max_tokens = resolve_max_tokens(len(token_ids), body.max_tokens, runtime.info, "prompt", param)
         prompts.append((token_ids, max_tokens))
     return prompts, texts
 

@@ -54,8 +54,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         if images:
             assert runtime.vision is not None
             prompt_ids, mm = await expand_images(runtime.vision, prompt_ids, images)
-        max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.max_model_len, "input")
-        runtime.check_fits_cache(len(prompt_ids), "input")
+        max_tokens = resolve_max_tokens(len(prompt_ids), chat.requested_max_tokens, runtime.info, "input")
         ticket.reserve_tokens(len(prompt_ids), "input")
         output = output_plan(runtime, tokens, plan, prompt_ids)
         structured = await structured_spec(runtime, chat, plan, "tools[{}].parameters", "text.format.schema", output)

@@ -57,17 +57,6 @@ class Runtime:
     def vocab_size(self) -> int:
         return self.info.vocab_size
 
-    def check_fits_cache(self, num_prompt_tokens: int, param: str) -> None:
-        """400 for a prompt the whole KV cache could not hold (the engine would fail it)."""
-        capacity = self.info.num_cache_tokens
-        if num_prompt_tokens + 1 > capacity:
-            raise APIError(
-                f"the prompt has {num_prompt_tokens} tokens but the KV cache holds only {capacity} "
-                "(--num-kv-blocks x --block-size); shorten the prompt or give the server a larger cache",
-                400,
-                param=param,
-            )
-
     async def load_adapter(self, name: str, path: str, pinned: bool) -> Adapter:
         """Read the adapter into the engine, then make its name servable (evicting beyond
         --max-cpu-loras). ValueError when it cannot be loaded."""

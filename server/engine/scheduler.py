@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
+from server.engine.request_fit import fit_error
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from server.engine.spec_decode.stats import SpecStats
 
@@ -68,14 +69,10 @@ class Scheduler:
 
     def check_fits(self, seq: Sequence) -> None:
         """Reject at admission what could never run, with a message the caller can act on."""
-        limit = self.config.max_model_len
-        if seq.num_tokens >= limit:
-            raise ValueError(f"prompt has {seq.num_tokens} tokens but max_model_len is {limit}")
-        needed = self.block_manager.num_blocks_for(seq.num_tokens + 1)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}"
-            )
+        bm = self.block_manager  # at least one new token: the engine ends a longer one at max_model_len
+        why = fit_error(seq.num_tokens, 1, self.config.max_model_len, bm.num_blocks * bm.block_size)
+        if why is not None:
+            raise ValueError(why)
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)

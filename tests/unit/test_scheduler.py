@@ -152,7 +152,7 @@ def test_batch_holds_at_most_max_loras_adapters() -> None:
 
 def test_prompt_larger_than_whole_cache_is_rejected() -> None:
     sched = create_scheduler(num_blocks=2, block_size=4)
-    with pytest.raises(ValueError, match="KV blocks"):
+    with pytest.raises(ValueError, match="KV cache holds only 8"):
         sched.add(create_seq(9))
 
 
