@@ -150,6 +150,17 @@ def output_lines(raw: bytes) -> Iterator[str]:
             yield text
 
 
+def is_record(line: str) -> bool:
+    """Whether a line of captured output is one of our JSON log records."""
+    if not line.startswith('{"time"'):
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"level", "logger", "message"} <= record.keys()
+
+
 def pump(stdout_fd: int, stderr_fd: int) -> None:
     """The pump process: lines from the two pipes become JSON records on its stdout until both close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when the server's pipes close, not before
@@ -172,7 +183,10 @@ def pump(stdout_fd: int, stderr_fd: int) -> None:
                 complete, pending[fd] = complete + b"\n" + pending[fd], b""
             logger, level = loggers[fd]
             for text in output_lines(complete):
-                logger.log(level, text)
+                if is_record(text):  # a JSON record already (the engine process logs its own): as it is
+                    print(text, file=sys.stderr, flush=True)
+                else:
+                    logger.log(level, text)
             if not chunk:
                 selector.unregister(fd)
 

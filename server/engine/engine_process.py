@@ -44,8 +44,8 @@ class EventSender:
 def main(config: Config, commands_address: str, events_address: str, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # JSON lines come from the front end's output pump (fd 2 is its pipe): text here, one record a line.
-    configure_logging(config.log_level, "text", access_log=False, log_requests=False)
+    # With --log-format json, fd 2 is the front end's output pump, which passes JSON records through.
+    configure_logging(config.log_level, config.log_format, access_log=False, log_requests=False)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="sloth-parent-watch", daemon=True).start()
     context = zmq.Context()
     events = context.socket(zmq.PUSH)
