@@ -13,6 +13,7 @@ import torch
 
 from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
+from server.loader.nf4_disk import is_bnb_4bit
 from server.loader.peft import check_fits, load_lora
 from server.models.families import route_of
 from server.models.mxfp4 import is_mxfp4
@@ -74,11 +75,14 @@ def load_checkpoint(
     cfg = read_json_object(folder / "config.json")
     quant = cfg.get("quantization_config")
     mxfp4 = is_mxfp4(cfg)  # gpt-oss's originals: read by our own loader whatever the format
-    if load_format == "safetensors" and isinstance(quant, dict) and not mxfp4:
-        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
-                         f"--load-format safetensors reads 16-bit checkpoints only: use --load-format unsloth")
     # The path (native / generic / refused) comes from config.json, before any weight is read.
     path = route_of(cfg).path
+    # Native models read bitsandbytes 4-bit folders as stored (server/loader/nf4_disk.py).
+    readable = mxfp4 or (path == "native" and is_bnb_4bit(cfg))
+    if load_format == "safetensors" and isinstance(quant, dict) and not readable:
+        raise ValueError(f"{folder} is quantized ({quant.get('quant_method', 'unknown method')}); "
+                         f"--load-format safetensors reads 16-bit and bitsandbytes 4-bit checkpoints of natively "
+                         f"served models only: use --load-format unsloth")
     if path in ("generic", "vision"):
         from server.loader.generic import load_generic
 

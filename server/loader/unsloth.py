@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 
 from kernels.nf4_format import NF4Weight
+from server.loader.nf4_disk import with_4bit_from_disk
 from server.models.config import ModelConfig
 from server.models.moe import expert_weight_names
 from server.models.weights import CausalLM, build_model, text_model_name
@@ -67,7 +68,9 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     hf_bytes = _gpu_bytes(device)
     cfg = ModelConfig.from_folder(folder)
     adopted: set[str] = set()
-    model = build_model(cfg, _recorded(hf_weights(hf_model), adopted), dtype, device)
+    # 4-bit weights transformers 5 could not load in 4-bit (per-expert MoE experts) are read from the disk.
+    named = with_4bit_from_disk(folder, hf_weights(hf_model), cfg.num_experts)
+    model = build_model(cfg, _recorded(named, adopted), dtype, device)
     check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts)
     del hf_model
     gc.collect()

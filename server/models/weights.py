@@ -241,10 +241,16 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Load full-precision safetensors directly (no Unsloth): the reference path for tests."""
+    """Load safetensors directly (no Unsloth): 16-bit weights, or a bitsandbytes 4-bit folder's
+    weights as stored (NF4 kept packed)."""
+    from server.loader.nf4_disk import grouped_4bit, is_bnb_4bit
+
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
-    named: Iterator[tuple[str, torch.Tensor]] = iter_checkpoint(folder)
-    if is_mxfp4(json.loads((folder / "config.json").read_text())):
-        named = mxfp4_dequantized(named, dtype)
+    raw = json.loads((folder / "config.json").read_text())
+    named: Iterator[tuple[str, torch.Tensor | NF4Weight]] = iter_checkpoint(folder)
+    if is_mxfp4(raw):
+        named = mxfp4_dequantized(iter_checkpoint(folder), dtype)
+    elif is_bnb_4bit(raw):
+        named = grouped_4bit(iter_checkpoint(folder))
     return build_model(cfg, named, dtype, device)

@@ -97,10 +97,18 @@ def test_a_tensor_the_model_class_ignores_stops_the_load(root: Path) -> None:
         LLM(folder, num_kv_blocks=64)
 
 
-def test_reading_a_4bit_folder_as_16bit_safetensors_says_which_format_to_use(root: Path) -> None:
+def test_a_4bit_folder_read_as_safetensors_keeps_nf4_and_equals_the_unsloth_load(root: Path) -> None:
+    """--load-format safetensors reads a bitsandbytes 4-bit folder's bytes as stored (no Unsloth):
+    the same NF4 layers, the same greedy tokens as adopting them from Unsloth's model."""
     folder = write_quantized(QuantFormat("as-safetensors"), root)
-    with pytest.raises(ValueError, match=r"quantized \(bitsandbytes\).*--load-format unsloth"):
-        LLM(folder, load_format="safetensors", num_kv_blocks=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for load_format in ("safetensors", "unsloth"):
+        llm = LLM(folder, load_format=load_format, num_kv_blocks=64)
+        assert sum(getattr(m, "is_quantized", False) for m in llm.engine.loaded.model.modules()) == 4 * 4
+        tokens[load_format] = [o.token_ids for o in llm.generate([[5, 17, 99, 200, 3]], params)]
+        del llm
+    assert tokens["safetensors"] == tokens["unsloth"]
 
 
 def test_an_8bit_checkpoint_is_refused_naming_the_tensor(root: Path) -> None:
