@@ -75,21 +75,34 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     return [got[str(i)] for i in range(len(prompts))]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list]:
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = make_model(folder, request.param)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 40, 1, 9)]
-    want = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    return folder, prompts, want
+_made: dict[str, tuple[Path, list[list[int]], list[list[int]]]] = {}
 
 
-@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)],
-                         ids=["one-pass", "chunked-prefill", "preemption"])
-def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, device: str = "cpu") -> None:
-    folder, prompts, want = model
+def made(variant: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """The variant's folder, prompts and transformers' greedy tokens, made once per session."""
+    if variant not in _made:
+        folder = tmp_path_factory.mktemp(variant)
+        hf = make_model(folder, variant)
+        gen = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 40, 1, 9)]
+        want = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        _made[variant] = folder, prompts, want
+    return _made[variant]
+
+
+# Every schedule on one model of each family; the other variants (gating, RoPE, dense, no Mamba) through
+# chunked prefill, which runs every path of one pass too.
+RUNS = [(v, run) for v in ("granite-moe-nope", "falcon-h1-norm-first") for run in ("one-pass", "chunked", "preempt")]
+RUNS += [(v, "chunked") for v in VARIANTS if v not in ("granite-moe-nope", "falcon-h1-norm-first")]
+SCHEDULES = {"one-pass": (512, 64), "chunked": (7, 64), "preempt": (16, 9)}  # token budget, KV blocks
+
+
+@pytest.mark.parametrize(("variant", "schedule"), RUNS, ids=[f"{v}-{r}" for v, r in RUNS])
+def test_greedy_matches_transformers(tmp_path_factory: pytest.TempPathFactory, variant: str, schedule: str,
+                                     device: str = "cpu") -> None:
+    folder, prompts, want = made(variant, tmp_path_factory)
+    budget, blocks = SCHEDULES[schedule]
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=blocks, block_size=8,
                               max_num_batched_tokens=budget, max_num_seqs=8, device=device, dtype="float32",
                               cuda_graph_sizes=(1, 2, 4)))
@@ -109,10 +122,12 @@ def test_greedy_matches_transformers(model: tuple, budget: int, blocks: int, dev
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("budget", "blocks"), [(512, 64), (7, 64), (16, 9)])
-def test_triton_kernels_match_transformers(model: tuple, budget: int, blocks: int) -> None:
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_triton_kernels_match_transformers(tmp_path_factory: pytest.TempPathFactory, variant: str,
+                                           schedule: str) -> None:
     """The same on CUDA in float32 (Triton SSD, conv, gated norm, attention; decode in CUDA graphs)."""
-    test_greedy_matches_transformers(model, budget, blocks, device="cuda")
+    test_greedy_matches_transformers(tmp_path_factory, variant, schedule, device="cuda")
 
 
 GRANITE_4_H_TINY = {  # ibm-granite/granite-4.0-h-tiny's config.json (the fields that shape the model)
