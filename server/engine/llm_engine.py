@@ -388,14 +388,35 @@ class LLMEngine:
             except Exception as exc:
                 if is_out_of_memory(exc) or is_device_fault(exc):
                     raise
-                return self._run_alone(batch, exc, outputs)
+                return self._run_alone(self._rewound(batch), exc, outputs)
             on_launched = None  # ModelRunner.run calls it once, whatever happens
             kept = self._fail_requests(batch, failures, outputs)
-            if len(kept.seqs) == len(batch.seqs):  # it named none of them: find them one by one
+            named_none = len(kept.seqs) == len(batch.seqs)
+            kept = self._rewound(kept)
+            if named_none:  # it named none of them: find them one by one
                 return self._run_alone(kept, None, outputs)
             if not kept.seqs:
                 return kept, [], None
             batch = kept
+
+    def _rewound(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """A model with recurrent layers: the failed forward may have advanced its sequences' states,
+        and running them again would advance them twice. Each starts over from its first token (its
+        prefill recomputed, as after a preemption); one that no longer fits waits, preempted."""
+        if not self.loaded.model.config.has_state:
+            return batch
+        kept = ScheduledBatch(num_preempted=batch.num_preempted)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            end = seq.num_computed_tokens + n
+            self.block_manager.free(seq)  # its blocks and state slot
+            seq.num_computed_tokens = 0
+            if self.block_manager.allocate_slots(seq, end):
+                kept.seqs.append(seq)
+                kept.num_new_tokens.append(end)
+            else:
+                self.scheduler.running.remove(seq)
+                self.scheduler._preempt(seq, kept)  # back to the waiting queue's head
+        return kept
 
     def _run_alone(self, batch: ScheduledBatch, error: Exception | None, outputs: list[RequestOutput],
                    ) -> tuple[ScheduledBatch, list[int | None], list[TokenLogprob | None] | None]:

@@ -5,6 +5,7 @@ tiny KV cache (the slot freed and the state rebuilt by re-prefill); slots go bac
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,33 @@ def test_state_slot_is_reused_by_a_new_request(lfm2: tuple) -> None:
                               max_num_seqs=1, device="cpu", dtype="float32"))
     for prompt, expected in zip(prompts, want, strict=True):
         assert run_engine(engine, [prompt], 12) == [expected]
+
+
+def test_a_failing_request_does_not_advance_the_others_state_twice(lfm2: tuple) -> None:
+    """A request whose sampling fails after the batch's forward fails alone; the step runs again for
+    the others, from their first token (their states had already moved): they still get transformers'
+    tokens."""
+    folder, _, prompts, want = lfm2
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              device="cpu", dtype="float32"))
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for i in (1, 2):
+        engine.add_request(str(i), prompts[i], greedy)
+    got: dict[str, list[int]] = {"1": [], "2": []}
+    for _ in range(3):  # prefill and two decode steps, then a request joins whose seed no generator takes
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    engine.add_request("bad", prompts[0], dataclasses.replace(greedy, temperature=1.0))
+    engine.seqs["bad"].params = dataclasses.replace(greedy, temperature=1.0, seed=2**64)  # past admission checks
+    errors = []
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            if out.request_id == "bad":
+                errors.append(out.error)
+            else:
+                got[out.request_id] += out.new_token_ids
+    assert errors and errors[-1] is not None
+    assert [got["1"], got["2"]] == want[1:3]
 
 
 def test_config_read_as_transformers_reads_it() -> None:
