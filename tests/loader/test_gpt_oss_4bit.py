@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from unittest import mock
 
+import pytest
 import torch
 from test_moe_4bit import dequantized_in_place
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -88,16 +90,8 @@ def test_unsloth_bnb_4bit_layout_keeps_experts_in_nf4_and_equals_unsloth(tmp_pat
         ref = exact.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, len(p):].tolist()
         assert o == ref
-
-
-def test_unsloth_layout_without_its_classes_is_refused_not_served_random(tmp_path: Path) -> None:
-    """transformers' own class would leave the per-expert tensors unread (its 3-D experts random):
-    the load counts the tensors on disk and stops, whatever names the layouts share."""
-    from unittest import mock
-
-    import pytest
-
-    folder = write_unsloth_4bit(tmp_path)
+    # Without Unsloth's classes, transformers' own would leave the per-expert tensors unread (its 3-D
+    # experts random): the load counts the tensors on disk and stops, whatever names the layouts share.
     with mock.patch("server.loader.gpt_oss_layout.is_unsloth_gpt_oss_layout", return_value=False), \
             pytest.raises(ValueError, match=r"tensor\(s\) on disk were not loaded.*experts\.down_projs\.0"):
         LLM(str(folder), num_kv_blocks=64)
