@@ -198,6 +198,9 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -
         if weight is None or tuple(weight.shape) != tuple(w.shape):
             have = "no such module" if weight is None else f"shape {tuple(weight.shape)}"
             raise ValueError(f"adapter {name!r} saves {norm} of shape {tuple(w.shape)}; this model has {have}")
+        if norm.endswith("linear_attn.norm"):  # Qwen3.5's gated norm: only the base's is applied
+            raise ValueError(f"adapter {name!r} saves its own {norm} (a Gated DeltaNet's gated norm), which sloth-serve "
+                             f"does not apply per adapter: merge it into the base with PEFT and serve that folder")
     return modules
 
 

@@ -16,6 +16,7 @@ from kernels.gated_delta import gated_delta_rule
 from kernels.norm import gemma_add_rms_norm, gemma_rms_norm
 from kernels.rope import apply_rope, rope_tables
 from server.models.config import ModelConfig
+from server.models.gemma import renorm
 from server.models.layers import LoRALinear, StepMetadata
 from server.models.lfm2 import DepthwiseConv
 from server.models.llama import MLP, RMSNorm
@@ -28,8 +29,9 @@ def scale_of(norm: RMSNorm) -> torch.Tensor:
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, prefix: str) -> None:
         super().__init__()
+        self.prefix = prefix  # adapters' own q_norm / k_norm weights go by it
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -41,13 +43,15 @@ class GatedAttention(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: StepMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
+                adapters: AdapterStep | None) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qg, k, v = self.qkv_proj(x, meta).split([2 * q_size, kv_size, kv_size], dim=-1)
         qg = qg.view(-1, self.num_heads, 2 * self.head_dim)
-        q, gate = qg[..., : self.head_dim], qg[..., self.head_dim :]
-        q = gemma_rms_norm(q, scale_of(self.q_norm), self.eps)
-        k = gemma_rms_norm(k.view(-1, self.num_kv_heads, self.head_dim), scale_of(self.k_norm), self.eps)
+        q_in, gate = qg[..., : self.head_dim], qg[..., self.head_dim :]
+        k_in = k.view(-1, self.num_kv_heads, self.head_dim)
+        q = renorm(adapters, f"{self.prefix}.q_norm", gemma_rms_norm(q_in, scale_of(self.q_norm), self.eps), q_in, self.eps)
+        k = renorm(adapters, f"{self.prefix}.k_norm", gemma_rms_norm(k_in, scale_of(self.k_norm), self.eps), k_in, self.eps)
         q, k = apply_rope(q, k, positions, *rope)
         write_kv(k, v.view(-1, self.num_kv_heads, self.head_dim), *kv_cache, meta.attn.slot_mapping)
         o = paged_attention(q, *kv_cache, meta.attn, self.scale, None)
@@ -99,9 +103,10 @@ class Qwen3_5Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         assert cfg.layer_types is not None
+        self.prefix = f"model.layers.{index}"
         self.is_attention = cfg.layer_types[index] == "full_attention"
         if self.is_attention:
-            self.self_attn = GatedAttention(cfg)
+            self.self_attn = GatedAttention(cfg, f"{self.prefix}.self_attn")
         else:
             self.linear_attn = GatedDeltaNet(cfg)
         self.mlp = MLP(cfg)
@@ -111,10 +116,15 @@ class Qwen3_5Layer(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, meta: StepMetadata,
                 cache: tuple[torch.Tensor, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                adapters: AdapterStep | None) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = gemma_add_rms_norm(h, residual, scale_of(self.input_layernorm), self.eps)
-        h = self.self_attn(positions, h, meta, cache, rope) if self.is_attention else self.linear_attn(h, meta, cache)
+        h = renorm(adapters, f"{self.prefix}.input_layernorm", h, residual, self.eps)
+        if self.is_attention:
+            h = self.self_attn(positions, h, meta, cache, rope, adapters)
+        else:
+            h = self.linear_attn(h, meta, cache)
         h, residual = gemma_add_rms_norm(h, residual, scale_of(self.post_attention_layernorm), self.eps)
+        h = renorm(adapters, f"{self.prefix}.post_attention_layernorm", h, residual, self.eps)
         return self.mlp(h, meta), residual
 
 
@@ -170,15 +180,18 @@ class Qwen3_5ForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None,
     ) -> torch.Tensor:
         """Final hidden states; `kv_caches` holds the attention layers' caches only, in order.
-        `adapters`: their own embed_tokens (and lm_head, in compute_logits)."""
+        `adapters`: their own embed_tokens, norms (1 + w, as the base's) and lm_head (in compute_logits);
+        the Gated DeltaNet's gated norm is the base's for every request."""
         h = self.model.embed_tokens(input_ids) if adapters is None else adapters.embed(self.model.embed_tokens, input_ids)
         residual: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
         kv, states = iter(kv_caches), iter(self.states)
         for layer in self.model.layers:
-            h, residual = layer(positions, h, residual, meta, next(kv) if layer.is_attention else next(states), rope)
-        h, _ = gemma_add_rms_norm(h, residual, scale_of(self.model.norm), self.config.rms_norm_eps)
-        return h
+            h, residual = layer(positions, h, residual, meta, next(kv) if layer.is_attention else next(states), rope,
+                                adapters)
+        eps = self.config.rms_norm_eps
+        h, residual = gemma_add_rms_norm(h, residual, scale_of(self.model.norm), eps)
+        return renorm(adapters, "model.norm", h, residual, eps)
 
     def compute_logits(self, hidden: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

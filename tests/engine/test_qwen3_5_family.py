@@ -5,6 +5,7 @@ and preemption under a tiny KV cache."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from test_lfm2_family import check_prefix_hits, hf_greedy, run_engine
 
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.loader.adapter_modules import AdapterModules
+from server.loader.peft import LoRAWeights
 from server.models.config import ModelConfig
 
 VOCAB = 256
@@ -69,6 +73,34 @@ def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, devi
 
 def test_prefix_cache_hit_restores_the_state(qwen: tuple) -> None:
     check_prefix_hits(qwen[0], qwen[3], VOCAB, budget=512)
+
+
+def test_adapter_with_its_own_norms_equals_transformers_with_them(qwen: tuple) -> None:
+    """An adapter saving its own norms (1 + w, as the base's): its requests get the tokens of the model
+    with those norms, the base's requests in the same batch the base's tokens; a Gated DeltaNet gated
+    norm of its own is refused."""
+    folder, prompts, want, hf = qwen
+    torch.manual_seed(5)
+    own = {name: torch.randn(64) * 0.5 for name in ("model.norm", "model.layers.1.input_layernorm")}
+    own["model.layers.1.self_attn.q_norm"] = torch.randn(16) * 0.5
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              device="cpu", dtype="float32", max_model_len=128))
+    engine.add_lora(1, LoRAWeights("norms", "-", 8, None, {}, modules=AdapterModules(norms=own)))
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine.add_request("base", prompts[1], greedy)
+    engine.add_request("own", prompts[1], greedy, adapter_id=1)
+    got: dict[str, list[int]] = {"base": [], "own": []}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    tuned = copy.deepcopy(hf)
+    with torch.no_grad():
+        for name, w in own.items():
+            tuned.get_submodule(name).weight.copy_(w)
+    assert got == {"base": want[1], "own": hf_greedy(tuned, prompts[1], 10)} and got["own"] != want[1]
+    gated = {"model.layers.0.linear_attn.norm": torch.ones(8)}
+    with pytest.raises(ValueError, match="gated norm"):
+        engine.add_lora(2, LoRAWeights("gated", "-", 8, None, {}, modules=AdapterModules(norms=gated)))
 
 
 def test_config_reads_transformers_defaults() -> None:
