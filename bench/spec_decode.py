@@ -93,8 +93,8 @@ def draft_ms(engine: LLMEngine, draft: DraftRunner, batch: int, k: int, steps: i
     params = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", [(5 * i + j) % vocab for j in range(PROMPT_LEN)], params)
-    engine.step()
-    engine.step()
+    while not engine.scheduler.running or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+        engine.step()  # every prompt prefilled: each proposal below is k single-token draft steps
     seqs = list(engine.scheduler.running)
     for seq in seqs:
         assert engine.block_manager.allocate_slots(seq, 1 + k)
