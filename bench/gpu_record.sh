@@ -15,6 +15,8 @@
 #   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
 #   bash bench/gpu_record.sh rank      # the server with 8 adapters at c64: default slot rank vs --max-lora-rank 64
 #   bash bench/gpu_record.sh fidelity  # checkpoint formats / adapter kinds vs Unsloth and PEFT, GPU tests, mixed layers
+#   bash bench/gpu_record.sh spec      # speculative decoding: its GPU tests, bench/spec_decode.py (verify / draft step
+#                                      # costs on the 8B shape, tokens/s at 50/70/90% and the demo model's acceptance)
 #   bash bench/gpu_record.sh families  # per family (issue 19): random NF4 model of a real shape, engine alone, HTTP
 #                                      # at c1/c8/c64, Unsloth's best and transformers+bnb at bs 1/8/64 (bench/families.py).
 #                                      # The plan is ~12 min: two calls on one warm machine, the second's summary has both:
@@ -247,6 +249,17 @@ families)
     timeout 575 python bench/families.py "${fam_args[@]}" > "$RES/families.log" 2>&1
     grep -h "^== " "$RES/families.log" | grep -E "rc |: [0-9]+s$" | cut -c1-200
     cp "$RES/fam/families.md" "$RES/families.md" 2>/dev/null
+    ;;
+spec)  # speculative decoding (issue 24): its GPU tests (graph-replayed verify and draft steps give the
+    # plain greedy tokens), then what a verify step and a 1B-shape draft proposal cost on the 8B shape
+    elapsed "spec gpu tests"
+    timeout 240 python -m pytest -q -m gpu tests/engine/test_spec_decode.py -p no:cacheprovider > "$RES/spec-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/spec-tests.txt"
+    save
+    elapsed "spec_decode bench"
+    timeout 300 python bench/spec_decode.py --out "$RES/spec-decode-h200.md" \
+        --measured "${SPEC_MEASURED:-ngram=0.20,ngram-adapter=0.32,draft=0.13}" > "$RES/spec-decode.log" 2>&1
+    cat "$RES/spec-decode-h200.md" 2>/dev/null
     ;;
 checks)
     elapsed "gpu tests"
