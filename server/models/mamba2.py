@@ -171,12 +171,15 @@ class Mamba2HybridLM(nn.Module):
 
     def state_bytes_per_slot(self, dtype: torch.dtype) -> int:
         conv, ssm = self._state_shapes(1)
-        per_layer = torch.Size(conv).numel() + torch.Size(ssm).numel()
-        return self.num_mamba_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+        conv_bytes = torch.Size(conv).numel() * torch.empty((), dtype=dtype).element_size()
+        return self.num_mamba_layers * (conv_bytes + 4 * torch.Size(ssm).numel())  # the SSM state is float32
 
     def allocate_state(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        """The conv state holds inputs (the activation dtype); the SSM state accumulates over the whole
+        sequence, so it stays float32 (as transformers' scan leaves it) instead of rounding every step."""
         conv, ssm = self._state_shapes(num_slots)
-        self.mamba_states = [(torch.zeros(conv, dtype=dtype, device=device), torch.zeros(ssm, dtype=dtype, device=device))
+        self.mamba_states = [(torch.zeros(conv, dtype=dtype, device=device),
+                              torch.zeros(ssm, dtype=torch.float32, device=device))
                              for _ in range(self.num_mamba_layers)]
 
     def lora_layers(self) -> dict[str, LoRALinear]:

@@ -1,6 +1,6 @@
 """The Mamba-2 hybrids (Granite 4 hybrid, Falcon-H1) through the 4-bit Unsloth path: the mixers'
-in_proj / out_proj, attention and MLP projections are adopted in NF4 (never made dense) and our greedy
-tokens equal Unsloth's `for_inference` model's."""
+in_proj / out_proj, attention and MLP projections are adopted in NF4 (never made dense), the SSM state
+is float32 beside 16-bit activations, and our greedy tokens equal Unsloth's `for_inference` model's."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def test_4bit_greedy_equals_unsloth_for_inference(tmp_path: Path, family: str) -
                     else [layer0.feed_forward.gate_up_proj, layer1.self_attn.o_proj])
     for proj in projections:
         assert isinstance(proj, LoRALinear) and proj.is_quantized
+    for conv, ssm in llm.engine.loaded.model.mamba_states:  # inputs in the activation dtype, the SSM state float32
+        assert conv.dtype == llm.engine.dtype and ssm.dtype == torch.float32
     del llm
     reference = load_hf_with_unsloth(folder, 512)
     verdicts = [compare_greedy(reference, p, o, 0.25) for p, o in zip(prompts, ours, strict=True)]
