@@ -60,13 +60,19 @@ def serve(config: Config) -> int:
     logger.info("model %s", summary)
     if json_lines:
         capture_output()  # print(), tqdm, C libraries: every line on stderr is JSON from here on
+    engine = None
+    if config.engine_mode == "process":  # the engine process loads the model while we import
+        from server.engine.process_client import ProcessEngineClient
+
+        engine = ProcessEngineClient(config)
+        engine.spawn()
     with startup_phase("import torch and the server"):
         import uvicorn
 
         from server.api import create_app
         from server.api.connections import uvicorn_options
 
-    app = create_app(config)
+    app = create_app(config, engine)
     state = app.state.server
     stopped_by: list[int] = []
 

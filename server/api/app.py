@@ -28,10 +28,12 @@ from server.api.limits import BodySizeLimitMiddleware, request_bytes_limit
 from server.api.request_id import RequestIdMiddleware
 from server.api.state import ServerState
 from server.config import Config
+from server.engine.client import EngineClient
 
 
-def create_app(config: Config) -> FastAPI:
-    state = ServerState(config)
+def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:
+    """`engine`: a client already started (the CLI spawns the engine process early); default: made at start-up."""
+    state = ServerState(config, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -82,11 +82,11 @@ def base_model_id(config: Config) -> str:
 
 
 class ServerState:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, engine: EngineClient | None = None) -> None:
         self.config = config
         self.base_model_id = base_model_id(config)
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
-        self.engine: EngineClient | None = None  # from the start of loading (to stop it at shutdown)
+        self.engine = engine  # made when loading starts unless given (to stop it at shutdown)
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.on_fatal: Callable[[], None] | None = None  # set by the CLI: stop the server
@@ -148,7 +148,7 @@ class ServerState:
 
     async def _load(self) -> None:
         config = self.config
-        engine = self.engine = engine_client(config)
+        engine = self.engine = self.engine or engine_client(config)
         engine.on_step = self.metrics.on_step
         try:
             info = await engine.start()

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from server.engine.client import EngineClient, EngineDeadError
+from server.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
 from server.engine.engine_loop import EngineLoop, engine_info
 from server.engine.llm_engine import LLMEngine
 from server.engine.mm_inputs import MultiModalInputs
@@ -117,20 +117,3 @@ class AsyncEngine(EngineClient):
         elif isinstance(event, Dead):
             self._die(event.reason, event.outputs)
             fail_calls(self._calls, event.reason)
-
-
-def resolve_call(calls: dict[int, asyncio.Future[int | None]], reply: Reply) -> None:
-    future = calls.pop(reply.call_id, None)
-    if future is None or future.done():  # the caller gave up waiting
-        return
-    if reply.error is None:
-        future.set_result(reply.result)
-    else:
-        future.set_exception(ValueError(reply.error) if reply.is_value_error else RuntimeError(reply.error))
-
-
-def fail_calls(calls: dict[int, asyncio.Future[int | None]], reason: str) -> None:
-    for future in calls.values():
-        if not future.done():
-            future.set_exception(EngineDeadError(reason))
-    calls.clear()

@@ -15,7 +15,7 @@ from server.engine.mm_inputs import MultiModalInputs
 from server.engine.outputs import EngineInfo, RequestOutput, StepStats
 from server.engine.sampling_params import SamplingParams, StructuredSpec
 from server.engine.sequence import FinishReason, TokenLogprob
-from server.engine.wire import StepOutputs
+from server.engine.wire import Reply, StepOutputs
 
 __all__ = [
     "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",
@@ -118,3 +118,20 @@ class EngineClient(ABC):
             stream.put_nowait(RequestOutput(request_id, [], True, FinishReason.ERROR, error=reason))
         if self.on_death is not None:
             self.on_death(reason)
+
+
+def resolve_call(calls: dict[int, asyncio.Future[int | None]], reply: Reply) -> None:
+    future = calls.pop(reply.call_id, None)
+    if future is None or future.done():  # the caller gave up waiting
+        return
+    if reply.error is None:
+        future.set_result(reply.result)
+    else:
+        future.set_exception(ValueError(reply.error) if reply.is_value_error else RuntimeError(reply.error))
+
+
+def fail_calls(calls: dict[int, asyncio.Future[int | None]], reason: str) -> None:
+    for future in calls.values():
+        if not future.done():
+            future.set_exception(EngineDeadError(reason))
+    calls.clear()

@@ -23,9 +23,7 @@ import zmq
 import zmq.asyncio
 
 from server.config import Config
-from server.engine import engine_process
-from server.engine.async_engine import fail_calls, resolve_call
-from server.engine.client import EngineClient, EngineDeadError
+from server.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
 from server.engine.mm_inputs import MultiModalInputs
 from server.engine.outputs import EngineInfo
 from server.engine.sampling_params import SamplingParams
@@ -49,6 +47,14 @@ from server.engine.wire import (
 
 logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 10.0  # Shutdown sent: how long the engine may take to exit before it is killed
+
+
+def _engine_main(config: Config, commands: str, events: str, parent_pid: int) -> None:
+    """The child's entry point; imported there by name, so this module stays light (no torch) and the
+    engine can be spawned before the front end imports its own heavy modules."""
+    from server.engine.engine_process import main
+
+    main(config, commands, events, parent_pid)
 
 
 class EngineLoadError(RuntimeError):
@@ -76,17 +82,25 @@ class ProcessEngineClient(EngineClient):
         self._exited: asyncio.Future[int] | None = None
         self._stopping = False
 
-    async def start(self) -> EngineInfo:
-        loop = self.loop = asyncio.get_running_loop()
+    def spawn(self) -> None:
+        """Start the engine process (it loads the model meanwhile); `start` then waits for it. Called
+        early by the CLI, so the model loads while this process imports the web stack."""
+        if self.process is not None:
+            return
         commands, events = f"ipc://{self._dir}/commands", f"ipc://{self._dir}/events"
         self._commands.bind(commands)
         self._events.bind(events)
         # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
         context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=engine_process.main, name="sloth-engine",
+        self.process = context.Process(target=_engine_main, name="sloth-engine",
                                        args=(self.config, commands, events, os.getpid()))
         self.process.start()
         atexit.register(self._kill)  # whatever way this process ends, the engine does not outlive it
+
+    async def start(self) -> EngineInfo:
+        loop = self.loop = asyncio.get_running_loop()
+        self.spawn()
+        assert self.process is not None
         self._exited = loop.create_future()
         loop.add_reader(self.process.sentinel, self._on_exit)
         logger.info("engine process %d started", self.process.pid)
