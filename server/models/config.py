@@ -31,7 +31,8 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "SmolLM3ForCausalLM": "smollm3",  # Llama with NoPE layers (server/models/smollm3_config.py)
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
-    "Qwen3_5ForCausalLM": "qwen3_5",  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # the same with sparse MLPs and a shared expert  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
     # Mamba-2 hybrids (server/models/granite_hybrid.py, falcon_h1.py): an SSM state per sequence too
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
@@ -142,8 +143,8 @@ class ModelConfig:
             return replace(llama, **smollm3_fields(cfg, llama.num_layers))
         if family == "lfm2":
             return cls(**lfm2_fields(cfg))
-        if family == "qwen3_5":
-            return cls(**qwen3_5_fields(cfg))
+        if family in ("qwen3_5", "qwen3_5_moe"):
+            return cls(**qwen3_5_fields(cfg, family))
         if family == "granitemoehybrid":
             return cls(**granite_hybrid_fields(cfg))
         if family == "falcon_h1":

@@ -20,6 +20,7 @@ from server.models.gemma import renorm
 from server.models.layers import LoRALinear, StepMetadata
 from server.models.lfm2 import DepthwiseConv
 from server.models.llama import MLP, RMSNorm
+from server.models.moe import SparseMoeBlock
 from server.models.per_adapter import AdapterStep
 
 
@@ -109,7 +110,7 @@ class Qwen3_5Layer(nn.Module):
             self.self_attn = GatedAttention(cfg, f"{self.prefix}.self_attn")
         else:
             self.linear_attn = GatedDeltaNet(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | SparseMoeBlock = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps

@@ -22,7 +22,19 @@ def qwen3_5_layer_types(cfg: dict[str, Any], num_layers: int) -> tuple[str, ...]
     return tuple(kinds)
 
 
-def qwen3_5_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+def qwen3_5_moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3.5-MoE: every layer's MLP sparse (top-k always renormalized, weights rounded to the
+    dtype as Qwen's), beside a shared expert behind a sigmoid gate, as Qwen2-MoE's (server/models/moe.py)."""
+    num_experts, top_k = int(cfg.get("num_experts", 256)), int(cfg.get("num_experts_per_tok", 8))
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok must be between 1 and num_experts ({num_experts}), got {top_k}")
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size", 512)),
+                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 512)),
+                norm_topk_prob=True)
+
+
+def qwen3_5_fields(cfg: dict[str, Any], family: str = "qwen3_5") -> dict[str, Any]:
     num_layers = int(cfg.get("num_hidden_layers", 32))
     num_heads = int(cfg.get("num_attention_heads", 16))
     head_dim = int(cfg.get("head_dim") or 256)
@@ -34,8 +46,8 @@ def qwen3_5_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg = {**cfg, "partial_rotary_factor": 0.25}  # transformers' default for this family
     rope_theta, rope_scaling, max_positions = parse_rope(cfg, head_dim, allow_partial=True)
     return dict(
-        family="qwen3_5", vocab_size=int(cfg.get("vocab_size", 248320)), hidden_size=int(cfg.get("hidden_size", 4096)),
-        intermediate_size=int(cfg.get("intermediate_size", 12288)), num_layers=num_layers, num_heads=num_heads,
+        family=family, vocab_size=int(cfg.get("vocab_size", 248320)), hidden_size=int(cfg.get("hidden_size", 4096)),
+        intermediate_size=int(cfg.get("intermediate_size", 0 if family == "qwen3_5_moe" else 12288)), num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or 4), head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
         max_position_embeddings=max_positions, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -45,4 +57,5 @@ def qwen3_5_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
         linear_heads=(int(cfg.get("linear_num_key_heads", 16)), int(cfg.get("linear_num_value_heads", 32))),
         linear_head_dims=(int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))),
+        **(qwen3_5_moe_fields(cfg) if family == "qwen3_5_moe" else {}),
     )

@@ -217,7 +217,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "lfm2":
             model = Lfm2ForCausalLM(cfg)
-        elif cfg.family == "qwen3_5":
+        elif cfg.family in ("qwen3_5", "qwen3_5_moe"):
             model = Qwen3_5ForCausalLM(cfg)
         elif cfg.family == "granitemoehybrid":
             model = GraniteMoeHybridForCausalLM(cfg)

@@ -103,6 +103,30 @@ def test_adapter_with_its_own_norms_equals_transformers_with_them(qwen: tuple) -
         engine.add_lora(2, LoRAWeights("gated", "-", 8, None, {}, modules=AdapterModules(norms=gated)))
 
 
+def test_moe_variant_greedy_matches_transformers(tmp_path: Path) -> None:
+    """Qwen3_5MoeForCausalLM: the same layers with every MLP sparse (3-D experts, a shared expert behind
+    a sigmoid gate), through chunked prefill."""
+    torch.manual_seed(0)
+    fields = {k: v for k, v in COMMON.items() if k != "intermediate_size"}
+    cfg = transformers.Qwen3_5MoeTextConfig(**fields, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=48)
+    cfg.architectures = ["Qwen3_5MoeForCausalLM"]
+    hf = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "dt_bias" in name or "A_log" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "mlp.gate.weight" in name or "experts" in name:
+                p.normal_(0.0, 0.3)  # transformers initializes the router and experts small / empty
+    hf.save_pretrained(tmp_path)
+    engine = LLMEngine(Config(model=str(tmp_path), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=9, device="cpu", dtype="float32", max_model_len=128))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21)]
+    assert run_engine(engine, prompts, 8) == [hf_greedy(hf, p, 8) for p in prompts]
+    assert engine.runner.model.config.num_experts == 6
+
+
 def test_config_reads_transformers_defaults() -> None:
     """A config.json that leaves layer_types and the rotary share out: every fourth layer full attention,
     a quarter of each head rotated (transformers' defaults)."""

@@ -23,6 +23,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("GptOssForCausalLM", "gpt_oss", "native"),  # attention sinks: our kernels, not the generic path's
     ("Lfm2ForCausalLM", "lfm2", "native"),  # recurrent (short convolutions), with a state slot per sequence
     ("Qwen3_5ForCausalLM", "qwen3_5_text", "native"),  # Gated DeltaNet, with a state slot per sequence
+    ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", "native"),
     ("GraniteMoeHybridForCausalLM", "granitemoehybrid", "native"),  # Mamba-2 + attention
     ("FalconH1ForCausalLM", "falcon_h1", "native"),
     ("CohereForCausalLM", "cohere", "generic"),
@@ -41,7 +42,6 @@ def test_route(arch: str, model_type: str, path: str) -> None:
     (cfg("Qwen3NextForCausalLM", "qwen3_next"), "recurrent or linear-attention state"),
     (cfg("MambaForCausalLM", "mamba"), "recurrent or linear-attention state"),
     (cfg("Lfm2MoeForCausalLM", "lfm2_moe"), "recurrent or linear-attention state"),
-    (cfg("Qwen3_5MoeForCausalLM", "qwen3_5_moe"), "recurrent or linear-attention state"),
     (cfg("BambaForCausalLM", "bamba"), "recurrent or linear-attention state"),
     (cfg("SomeNewForCausalLM", "somenew", layer_types=["full_attention", "linear_attention"]),
      "linear_attention layers"),
