@@ -186,3 +186,13 @@ def test_sampled_requests_accept_every_draft_of_an_identical_draft_model(request
     stats = engine.scheduler.spec_stats
     assert all(len(tokens) == 24 for tokens, _, _ in got)
     assert stats.num_draft_tokens > 30 and stats.acceptance_rate > 0.95
+
+
+def test_draft_warmup_leaves_the_cache_as_it_was(draft_folder: Path) -> None:
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=16,
+                              speculative_model=str(draft_folder)))
+    assert engine.spec is not None and engine.spec.draft is not None
+    draft = engine.spec.draft
+    draft.warmup((5, 40))
+    for k_cache, v_cache in draft.kv_caches:  # only the scratch block (the last) was written
+        assert not k_cache[:-1].any() and not v_cache[:-1].any() and k_cache[-1].any()

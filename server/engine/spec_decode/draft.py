@@ -18,6 +18,7 @@ from kernels.attention import AttnMetadata
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.engine.spec_decode.rejection import target_probs
 from server.models.layers import StepMetadata, fuse_quantized_projections
@@ -47,6 +48,17 @@ class DraftRunner:
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
+
+    @torch.inference_mode()
+    def warmup(self, prompt_lens: tuple[int, ...] = (5, 16, 100, 160, 300, 512)) -> None:
+        """Run catch-up steps of these lengths once, so that the eager kernels for the draft's shapes
+        compile at start-up rather than during the first requests. Every position writes into the
+        scratch block (nobody reads it), so the cache holds nothing of it."""
+        scratch = self.kv_caches[0][0].shape[0] - 1
+        for n in prompt_lens:
+            seq = Sequence("draft-warmup", [0] * n, SamplingParams(max_tokens=1, temperature=0))
+            seq.block_table = [scratch] * -(-n // self.block_size)
+            self._forward([seq], [0], [seq.token_ids])
 
     @staticmethod
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

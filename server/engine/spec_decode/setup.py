@@ -61,6 +61,8 @@ def build_spec_decoder(config: Config, block_manager: BlockManager, max_model_le
             buckets = default_buckets(min(config.max_num_seqs, config.speculative_max_batch_size))
         runner = DraftRunner(draft, block_manager.num_blocks, block_manager.block_size, device, dtype, max_model_len,
                              buckets)
+        if device.type == "cuda" and config.warmup:
+            runner.warmup(tuple(n for n in (5, 16, 100, 160, 300, 512) if n < max_model_len))
     if method == "ngram":
         logger.info("speculative decoding: n-gram lookup (%d-%d tokens), %d tokens per step",
                     spec.ngram_min, spec.ngram_max, spec.num_tokens)
