@@ -16,6 +16,7 @@ from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
+    from kernels.moe_nf4 import GroupedNF4
     from kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class Experts(nn.Module):
     """Every expert's SwiGLU MLP: gate|up as [E, 2 * inter, hidden] (gate rows first), down as
     [E, hidden, inter], or, from a 4-bit checkpoint, one NF4 weight per expert and part."""
 
+    # The NF4 gate, up and down weights stacked for the grouped kernels (set by settle; a class
+    # attribute, so subclasses with their own layout have it as None).
+    grouped: tuple[GroupedNF4, GroupedNF4, GroupedNF4] | None = None
+
     def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
         super().__init__()
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
@@ -138,6 +143,7 @@ class Experts(nn.Module):
             return
         if len(self.quant) == 3 * self.num_experts:
             self.gate_up_proj = self.down_proj = None
+            self._stack()
             return
         from kernels.nf4 import dequantize_nf4
 
@@ -145,6 +151,18 @@ class Experts(nn.Module):
             dense = dequantize_nf4(w).to(device, dtype)
             self.load(part, expert, dense, dtype, device, f"expert {expert} {part}")
         self.quant = {}
+
+    def _stack(self) -> None:
+        """Every expert's gate, up and down weights stacked (GroupedNF4) for the grouped kernels; the
+        per-expert weights become views of the stacks, so the bytes are held once."""
+        from kernels.moe_nf4 import stack_nf4
+
+        gate, up, down = (stack_nf4([self.quant[(e, p)] for e in range(self.num_experts)]) for p in PARTS)
+        if gate is None or up is None or down is None:
+            return  # experts quantized differently from one another: run one by one
+        self.grouped = (gate, up, down)
+        self.quant = {(e, p): s.expert(e) for p, s in zip(PARTS, self.grouped, strict=True)
+                      for e in range(self.num_experts)}
 
     @property
     def is_quantized(self) -> bool:
@@ -157,8 +175,12 @@ class Experts(nn.Module):
         return nf4_linear(nn.functional.silu(gate) * up, self.quant[(e, "down")])
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.grouped is not None:
+            from kernels.moe_nf4 import moe_experts_nf4
+
+            return moe_experts_nf4(x, ids, weights, *self.grouped)
         if self.gate_up_proj is None or self.down_proj is None:
-            # Expert by expert (host-synchronizing): correct first, the grouped NF4 kernel is to come.
+            # Experts quantized differently from one another: one by one (host-synchronizing).
             return moe_experts_ref(x, ids, weights, self.num_experts, self._nf4_expert)
         return moe_experts(x, ids, weights, self.gate_up_proj, self.down_proj)
 
@@ -230,15 +252,15 @@ def settle_experts(model: nn.Module, dtype: torch.dtype, device: torch.device) -
     """After loading: the expert weights the checkpoint did not hold (by per-expert name); every
     Experts module settled (see Experts.settle)."""
     missing: list[str] = []
-    quantized = 0
+    one_by_one = 0
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             missing += module.missing(name)
             module.settle(dtype, device)
-            quantized += module.is_quantized
-    if quantized and not missing:
-        # The 4-bit experts run one by one, which reads the routing on the host: no CUDA graphs.
+            one_by_one += module.is_quantized and module.grouped is None
+    if one_by_one and not missing:
+        # Experts run one by one read the routing on the host: no CUDA graphs.
         object.__setattr__(model, "supports_cuda_graphs", False)  # a plain attribute, read by LLMEngine
-        logger.warning("%d MoE layers keep their experts in 4-bit (per-expert bitsandbytes layers): they run "
-                       "expert by expert (correct, not yet fast) and decode runs without CUDA graphs", quantized)
+        logger.warning("%d MoE layers run their 4-bit experts one by one (no grouped NF4 kernel for their layout "
+                       "or quantization): correct, not fast, and decode runs without CUDA graphs", one_by_one)
     return missing

@@ -166,7 +166,8 @@ def test_lora_on_experts_is_refused_naming_the_module(tmp_path: Path) -> None:
 
 def test_4bit_experts_compute_like_their_dequantized_weights(tmp_path: Path) -> None:
     """Experts a 4-bit checkpoint keeps as per-expert NF4 layers are adopted packed (no dense 3-D
-    copy) and compute what their dequantized weights do; decode then runs without CUDA graphs."""
+    copy), stacked for the grouped NF4 kernels (so decode keeps its CUDA graphs), and compute what
+    their dequantized weights do."""
     from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
     from server.models.moe import Experts
     from server.models.weights import build_model, iter_checkpoint
@@ -180,7 +181,8 @@ def test_4bit_experts_compute_like_their_dequantized_weights(tmp_path: Path) -> 
     dense = build_model(cfg, iter(dequantized.items()), torch.float32, cpu)
     experts = [m for m in ours.modules() if isinstance(m, Experts)]
     assert len(experts) == 2 and all(e.is_quantized and e.gate_up_proj is None for e in experts)
-    assert getattr(ours, "supports_cuda_graphs", True) is False and getattr(dense, "supports_cuda_graphs", True)
+    assert all(e.grouped is not None for e in experts)
+    assert getattr(ours, "supports_cuda_graphs", True) and getattr(dense, "supports_cuda_graphs", True)
     x = torch.randn(9, 64)
     for layer_q, layer_d in zip(ours.model.layers, dense.model.layers, strict=True):
         torch.testing.assert_close(layer_q.mlp(x, None), layer_d.mlp(x, None), rtol=1e-5, atol=1e-5)

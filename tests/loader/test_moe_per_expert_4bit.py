@@ -3,7 +3,8 @@ MoE uploads, written by transformers 4, store them; Mixtral's as `block_sparse_m
 load with every expert kept in NF4 as on disk, through Unsloth (transformers 5 loses the experts'
 quantization state: they are read from the files) and through `--load-format safetensors`; every tensor
 on disk is read, and the greedy tokens equal transformers computing in float32 with exactly the
-dequantized weights."""
+dequantized weights. The experts are stacked for the grouped NF4 kernels (kernels/moe_nf4.py), so
+decode keeps its CUDA graphs on a GPU."""
 
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ def test_per_expert_4bit_experts_stay_nf4_and_equal_transformers(tmp_path: Path,
     experts = [m for m in llm.engine.loaded.model.modules() if isinstance(m, Experts)]
     num = FAMILIES[family][1].get("num_experts") or FAMILIES[family][1]["num_local_experts"]
     assert experts and all(m.is_quantized and len(m.quant) == 3 * num for m in experts)
+    # Stacked once for the grouped NF4 kernels (two launches per layer, no host sync): CUDA graphs stay on.
+    assert all(m.grouped is not None and m.grouped[0].data.data_ptr() == m.quant[(0, "gate")].data.data_ptr()
+               for m in experts)
+    assert getattr(llm.engine.loaded.model, "supports_cuda_graphs", True)
     ours = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))]
     del llm
     reference = dequantized_reference(folder, tmp_path / "dense")
