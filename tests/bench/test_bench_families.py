@@ -18,7 +18,7 @@ from bench.nf4_checkpoint import tensor_specs
 # Published sizes (billions of parameters, a tied output projection counted once).
 PUBLISHED = {"gemma3-4b": 3.88, "gemma3-12b": 11.77, "phi4-mini": 3.84, "qwen3-8b": 8.19, "qwen3-30b-a3b": 30.53,
              "olmo2-7b": 7.30, "granite3-8b": 8.17, "gpt-oss-20b": 20.91, "lfm2-1.2b": 1.17,
-             "qwen3.5-9b": 8.95}  # Qwen3.5: transformers' default text config (bench/hybrid_shapes.py)
+             "qwen3.5-9b": 8.95, "qwen3.5-35b-a3b": 34.66}  # Qwen3.5: transformers' default text configs
 REAL = [name for name in SHAPES if not name.startswith("tiny-")]
 
 
@@ -73,7 +73,7 @@ def load_and_decode(folder: Path) -> tuple[torch.nn.Module, list[int]]:
 
 NATIVE = {"gemma3-4b": "GemmaForCausalLM", "phi4-mini": "LlamaForCausalLM", "qwen3-8b": "LlamaForCausalLM",
           "olmo2-7b": "GenericCausalLM", "granite3-8b": "GenericCausalLM", "lfm2-1.2b": "Lfm2ForCausalLM",
-          "qwen3.5-9b": "Qwen3_5ForCausalLM"}
+          "qwen3.5-9b": "Qwen3_5ForCausalLM", "qwen3.5-35b-a3b": "Qwen3_5ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", sorted(NATIVE))
