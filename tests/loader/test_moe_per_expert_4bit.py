@@ -99,3 +99,19 @@ def test_per_expert_4bit_folder_missing_an_experts_state_is_refused(tmp_path: Pa
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight: its 4-bit quantization state is incomplete"):
         LLM(str(folder), num_kv_blocks=64, load_format="safetensors")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("load_format", ["unsloth", "safetensors"])
+def test_per_expert_4bit_on_the_gpu_decodes_in_cuda_graphs_like_transformers(tmp_path: Path, load_format: str) -> None:
+    """The grouped NF4 expert kernels inside the whole model, decode replayed in CUDA graphs, in float32
+    so that greedy choices are stable: transformers' tokens on the dequantized weights."""
+    folder = write_per_expert_4bit(tmp_path, "qwen3_moe")
+    llm = LLM(str(folder), num_kv_blocks=64, load_format=load_format, device="cuda", dtype="float32",
+              cuda_graph_sizes=(1, 2, 4))
+    assert llm.engine.runner.graphs is not None
+    ours = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))]
+    del llm
+    reference = dequantized_reference(folder, tmp_path / "dense")
+    assert [greedy(reference, p) for p in PROMPTS] == ours
