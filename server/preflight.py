@@ -108,7 +108,7 @@ def check_model_folder(folder: Path, load_format: str) -> str:
     quant = cfg.get("quantization_config")
     kind = "16-bit"
     if isinstance(quant, dict):
-        kind = check_quantization(folder, quant, load_format, str(cfg.get("model_type") or ""))
+        kind = check_quantization(folder, quant, load_format, str(cfg.get("model_type") or ""), _is_native(cfg))
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     arch = archs[0] if isinstance(archs, list) else archs
     try:
@@ -133,16 +133,26 @@ def check_model_folder(folder: Path, load_format: str) -> str:
     return f"{folder}: {arch}{' (generic path)' if route.path == 'generic' else ''}, {kind}"
 
 
-def check_quantization(folder: Path, quant: dict, load_format: str, model_type: str = "") -> str:
+def _is_native(cfg: dict) -> bool:
+    try:
+        return route_of(cfg).path == "native"
+    except UnsupportedModel:
+        return False  # reported once the quantization is checked
+
+
+def check_quantization(folder: Path, quant: dict, load_format: str, model_type: str = "", native: bool = False) -> str:
     method = str(quant.get("quant_method", "")).lower()
     if method == "mxfp4" and model_type == "gpt_oss":  # OpenAI's originals (server/models/mxfp4.py)
         return "MXFP4 experts, dequantized to 16-bit at load (Unsloth is not used)"
     if not method and not any(quant.get(k) for k in ("load_in_4bit", "_load_in_4bit", "load_in_8bit")):
         return "16-bit"  # an empty or leftover quantization_config quantizes nothing
     if method in ("bitsandbytes", "") and (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
+        if load_format == "safetensors" and native:  # read as stored (server/loader/nf4_disk.py)
+            return "bitsandbytes 4-bit, read from the files as stored"
         if load_format == "safetensors":
-            raise StartupError(f"--model {folder} is a bitsandbytes 4-bit checkpoint; --load-format safetensors "
-                               "reads 16-bit weights only: drop it (the default, unsloth, loads 4-bit ones)")
+            raise StartupError(f"--model {folder} is a bitsandbytes 4-bit checkpoint of a model served through the "
+                               "generic path; --load-format safetensors reads its 16-bit weights only: drop it (the "
+                               "default, unsloth, loads 4-bit ones)")
         return "bitsandbytes 4-bit"
     if method == "bitsandbytes":
         raise StartupError(f"--model {folder} is a bitsandbytes 8-bit checkpoint; sloth-serve serves 4-bit: "

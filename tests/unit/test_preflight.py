@@ -90,11 +90,14 @@ def test_foreign_quantization_is_named_with_what_to_pass(tmp_path: Path, method:
     assert f"quantized with {name}" in message and "16-bit checkpoint" in message
 
 
-def test_bitsandbytes_4bit_loads_through_unsloth_only(tmp_path: Path) -> None:
+def test_bitsandbytes_4bit_reads_as_stored_for_native_models_only(tmp_path: Path) -> None:
     quant = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     folder = model_folder(tmp_path, quantization_config=quant)
     assert check_model(str(folder), "unsloth").endswith("bitsandbytes 4-bit")
-    assert "--load-format safetensors" in error_of(check_model, str(folder), "safetensors")
+    assert check_model(str(folder), "safetensors").endswith("bitsandbytes 4-bit, read from the files as stored")
+    generic = model_folder(tmp_path, "generic", quantization_config=quant, architectures=["CohereForCausalLM"],
+                           model_type="cohere")
+    assert "--load-format safetensors" in error_of(check_model, str(generic), "safetensors")
 
 
 def test_bitsandbytes_8bit_is_refused(tmp_path: Path) -> None:
