@@ -85,7 +85,8 @@ def moe_experts_nf4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                     up: GroupedNF4, down: GroupedNF4) -> torch.Tensor:
     """The experts' weighted sum per token: two grouped Triton launches on CUDA, the reference elsewhere."""
     if x.is_cuda and x.shape[0] > 0:
-        from kernels.triton_moe_nf4 import fused_moe_nf4
+        from kernels.triton_moe_nf4 import fused_moe_nf4, supports
 
-        return fused_moe_nf4(x, ids, weights, gate, up, down)
+        if supports(x, gate, up, down):
+            return fused_moe_nf4(x, ids, weights, gate, up, down)
     return moe_experts_nf4_ref(x, ids, weights, gate, up, down)

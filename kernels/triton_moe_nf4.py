@@ -16,6 +16,11 @@ from kernels.triton_moe import _block_m, align_by_expert
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+def supports(x: torch.Tensor, *ws: GroupedNF4) -> bool:
+    """Activations of a 16/32-bit float dtype, each expert's weight indexable in int32."""
+    return x.dtype in _TL_DTYPE and all(w.dtype in _TL_DTYPE and w.shape[0] * w.shape[1] < 2**31 for w in ws)
+
+
 @triton.jit
 def _nf4_tile(data_ptr, absmax_ptr, s2_ptr, off_ptr, code_ptr, code2_ptr, expert, offs_n, offs_k, mask,
               K: tl.constexpr, stride_de, stride_ae, stride_se, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -23,7 +28,7 @@ def _nf4_tile(data_ptr, absmax_ptr, s2_ptr, off_ptr, code_ptr, code2_ptr, expert
     """W[e][n, k] for the tile [BLOCK_K, BLOCK_N]: code[nibble] * absmax[block], rounded to the
     weight's dtype as bitsandbytes dequantizes (high nibble first), then to the activations' dtype."""
     e = expert.to(tl.int64)
-    idx = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    idx = offs_n[None, :] * K + offs_k[:, None]  # int32 within one expert's weight (see supports)
     byte = tl.load(data_ptr + e * stride_de + idx // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)
     value = tl.load(code_ptr + nibble)
