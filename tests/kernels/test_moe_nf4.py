@@ -6,6 +6,7 @@ replayed in a CUDA graph (`-m gpu`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -100,12 +101,19 @@ def test_grouped_nf4_triton_matches_reference_in_interpreter(interpreted: dict[s
     assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.1g}"
 
 
+@functools.cache
+def qwen3_30b_a3b_experts() -> tuple[torch.Tensor, ...]:
+    return make_case(1, 2048, 768, 128, 8, torch.bfloat16, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t", [1, 8, 64, 512])
 def test_grouped_nf4_matches_reference_on_gpu(t: int) -> None:
+    _, _, _, gate, up, down = qwen3_30b_a3b_experts()  # quantized once for every t
     torch.manual_seed(t)
-    x, ids, weights, gate, up, down = make_case(t, 2048, 768, 128, 8, torch.bfloat16, device="cuda")
+    x = torch.randn(t, 2048, dtype=torch.bfloat16, device="cuda")
+    ids, weights = route(x, torch.randn(128, 2048, dtype=torch.bfloat16, device="cuda") / 2048**0.5, 8, True, False)
     got = moe_experts_nf4(x, ids, weights, gate, up, down).float()
     ref = moe_experts_nf4_ref(x, ids, weights, gate, up, down).float()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
