@@ -16,7 +16,7 @@ from typing import Any
 from server.api.errors import APIError, invalid_param
 from server.api.protocol import ChatMessage
 from server.engine.client import EngineInfo
-from server.engine.request_fit import cache_message, exceeds_cache, exceeds_context
+from server.engine.request_fit import cache_message, exceeds_cache, exceeds_context, out_of_vocab
 
 LONG_PROMPT_CHARS = 4096  # above this, tokenize in a worker thread
 # A fast tokenizer holds ~150 bytes per character of its input while it works (4 concurrent 10 MB
@@ -127,7 +127,7 @@ async def encode_chat(
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str = "prompt") -> None:
     if not token_ids:
         raise invalid_param(param, "the prompt is empty")
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    bad = out_of_vocab(token_ids, vocab_size)
     if bad:
         raise invalid_param(param, f"token ids must be in [0, {vocab_size}); got {bad[:3]}")
 

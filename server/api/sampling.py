@@ -14,6 +14,7 @@ from server.api.generation import ChoiceRequest
 from server.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
 from server.engine.client import SamplingParams, StructuredSpec
 from server.engine.grammar import GrammarError
+from server.engine.request_fit import out_of_vocab
 
 if TYPE_CHECKING:
     from server.api.state import Runtime
@@ -46,7 +47,7 @@ def build_params(
     """SamplingParams for choice number `choice` of the request: seeds differ per choice so that
     n > 1 with a seed gives n different (but reproducible) samples; they wrap at 2**63, so a seed
     near the top of its range still names a valid one for every choice."""
-    bad_stop_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
+    bad_stop_ids = out_of_vocab(req.stop_token_ids or (), vocab_size)
     if bad_stop_ids:
         raise invalid_param("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}); got {bad_stop_ids[:3]}")
     try:

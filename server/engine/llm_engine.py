@@ -24,6 +24,7 @@ from server.engine.lora_manager import LoRAManager
 from server.engine.mm_inputs import MultiModalInputs, check_images
 from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.outputs import RequestOutput
+from server.engine.request_fit import out_of_vocab
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -300,7 +301,7 @@ class LLMEngine:
         if adapter_id and adapter_id not in self.lora_manager.adapters:
             raise ValueError(f"adapter id {adapter_id} is not loaded")
         vocab = self.vocab_size(adapter_id)
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        bad = out_of_vocab(prompt_token_ids, vocab)
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
         check_params(params, vocab)
@@ -621,6 +622,6 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
     if bad_bias:
         raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}) and its values finite; "
                          f"got {bad_bias[:3]}")
-    bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    bad_stops = out_of_vocab(params.stop_token_ids, vocab_size)
     if bad_stops:
         raise ValueError(f"stop_token_ids must be in [0, {vocab_size}); got {bad_stops[:3]}")

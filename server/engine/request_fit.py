@@ -1,9 +1,16 @@
-"""Whether a request can ever run: its prompt and new tokens within the context, its prompt (plus the
-token it computes first) within the whole KV cache. One rule for the front end, which answers a 400
+"""Whether a request can ever run: its token ids in the vocabulary, its prompt and new tokens within
+the context, its prompt (plus the token it computes first) within the whole KV cache. One rule for the front end, which answers a 400
 before anything is queued, and for the scheduler, which refuses what reaches it anyway (the offline
 LLM). No torch, no engine state: the caller gives the limits."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def out_of_vocab(token_ids: Iterable[int], vocab_size: int) -> list[int]:
+    """The token ids not in [0, vocab_size), in order (the front end's 400 and the engine's refusal)."""
+    return [t for t in token_ids if not 0 <= t < vocab_size]
 
 
 def exceeds_context(num_prompt_tokens: int, num_new_tokens: int, max_model_len: int) -> bool:
