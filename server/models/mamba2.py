@@ -182,6 +182,11 @@ class Mamba2HybridLM(nn.Module):
                               torch.zeros(ssm, dtype=torch.float32, device=device))
                              for _ in range(self.num_mamba_layers)]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, one row per slot (prefix-cache snapshots copy rows of each): the conv
+        state and the float32 SSM state of each Mamba-2 layer."""
+        return [t for pair in self.mamba_states for t in pair]
+
     def lora_layers(self) -> dict[str, LoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, LoRALinear)}
 

@@ -2,7 +2,8 @@
 served natively with a conv and an SSM state per running sequence: our greedy tokens equal transformers'
 on tiny random models (every multiplier, gate option, RoPE or none, MoE or dense) through one-pass
 prefill, chunked prefill (both states carried across chunks) and preemption (the slot freed, the state
-rebuilt by re-prefill); published configs read as transformers reads them."""
+rebuilt by re-prefill) and a prefix-cache hit (the state snapshot restored); published configs read as
+transformers reads them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from test_lfm2_family import check_prefix_hits
 
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
@@ -76,6 +78,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
 
 
 _made: dict[str, tuple[Path, list[list[int]], list[list[int]]]] = {}
+_hf: dict[str, torch.nn.Module] = {}
 
 
 def made(variant: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
@@ -87,7 +90,7 @@ def made(variant: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
         prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 40, 1, 9)]
         want = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-        _made[variant] = folder, prompts, want
+        _made[variant], _hf[variant] = (folder, prompts, want), hf
     return _made[variant]
 
 
@@ -118,6 +121,16 @@ def test_greedy_matches_transformers(tmp_path_factory: pytest.TempPathFactory, v
     # Granite: its one attention layer (all four without Mamba layers); Falcon-H1: every layer
     assert len(engine.runner.kv_caches) == len(cfg.kv_layers) == (3 if cfg.family == "falcon_h1" else
                                                                   1 if cfg.has_state else 4)
+
+
+@pytest.mark.parametrize(("variant", "budget"), [("granite-moe-nope", 13), ("falcon-h1-norm-first", 512)])
+def test_prefix_cache_hit_restores_the_state(tmp_path_factory: pytest.TempPathFactory, variant: str,
+                                             budget: int) -> None:
+    """A hit restores the KV blocks and a snapshot of every Mamba-2 layer's conv and SSM state taken
+    where the cached prompt's last full block ended; the tokens still equal transformers' (as without
+    the cache), in a chunked prefill (Granite) and one pass (Falcon-H1)."""
+    folder = made(variant, tmp_path_factory)[0]
+    check_prefix_hits(folder, _hf[variant], VOCAB, budget)
 
 
 @pytest.mark.gpu
