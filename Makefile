@@ -32,8 +32,12 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# Test files are spread over TEST_JOBS processes (pytest-xdist), a file's tests kept together so its
+# server fixtures start once; CI's machine has 2 cores.
+TEST_JOBS ?= 2
+
 test: venv lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
