@@ -7,7 +7,7 @@ streamed call reassembles into exactly the call the whole response has.
   server/api/tools.py, so they are read incrementally: each call is sent as soon as its name is
   known, its arguments as they come;
 - with tool_choice "auto" the model may write text and calls in its family's format, anywhere:
-  server/api/tool_formats.py reads them.
+  server/api/tool_formats.py reads them, streaming each call's arguments once its start is certain.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.api.call_stream import Part
 from server.api.tool_formats import HERMES, AutoToolReader, ToolFormat
 from server.api.tools import ToolPlan
 
@@ -65,16 +66,22 @@ class ToolCallReader:
             whole = self.state == "done"
             return Reading(finish_reason="tool_calls" if whole and finish_reason == "stop" else finish_reason)
         content, calls = self.auto.finish()
-        made = bool(self.auto.calls) and finish_reason == "stop"
+        made = self.auto.num_calls > 0 and finish_reason == "stop"
         return Reading(content=content, tool_calls=self._numbered(calls),
                        finish_reason="tool_calls" if made else finish_reason)
 
-    def _numbered(self, calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        out = []
-        for name, arguments in calls:
-            out.append({"index": self.num_calls, "id": new_call_id(), "type": "function",
-                        "function": {"name": name, "arguments": arguments}})
-            self.num_calls += 1
+    def _numbered(self, parts: list[Part]) -> list[dict[str, Any]]:
+        """`delta.tool_calls` entries of call parts: a named part opens a call, the others continue it."""
+        out: list[dict[str, Any]] = []
+        for name, arguments in parts:
+            if name is not None:
+                out.append({"index": self.num_calls, "id": new_call_id(), "type": "function",
+                            "function": {"name": name, "arguments": arguments}})
+                self.num_calls += 1
+            elif out and out[-1]["index"] == self.num_calls - 1:
+                out[-1]["function"]["arguments"] += arguments
+            else:
+                out.append({"index": self.num_calls - 1, "function": {"arguments": arguments}})
         return out
 
     # --- forced calls, read as they stream ----------------------------------------------------------

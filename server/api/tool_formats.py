@@ -11,7 +11,8 @@ Formats (`--tool-call-parser`, else detected from the chat template by server/ap
 Every format also takes a reply that is only a JSON call or list of calls (what this server's own tool
 prompt asks of templates without tools). A region that does not parse as calls of offered functions
 is sent as the text it is. Content streams as it comes; only what may be the start of a marker (or
-a reply that starts as JSON) is held back. Calls are sent whole, as soon as each is complete.
+a reply that starts as JSON) is held back. A call is streamed (name, then fragments of its arguments)
+once its start is certain (server/api/call_stream.py); one written otherwise is sent whole once complete.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from server.api.call_stream import CallStream, Part
 from server.api.reasoning import partial_tail
 
 
@@ -102,35 +104,34 @@ def mistral_calls(text: str, names: list[str]) -> list[Call] | None:
 
 
 class AutoToolReader:
-    """Content and calls of a model's free text, as it streams (`feed`), and at its end (`finish`)."""
+    """Content and calls of a model's free text, as it streams (`feed`), and at its end (`finish`).
+    Calls come as parts (server/api/call_stream.py): streamed once their start is certain, else whole."""
 
     def __init__(self, fmt: ToolFormat, names: list[str]) -> None:
         self.fmt, self.names = fmt, names
         self.buf = ""
         self.state = "start"  # start (nothing but blanks yet) | text | region (in a call) | json (a JSON reply)
-        self.calls: list[Call] = []
+        self.stream = CallStream(names)  # the calls of the open region (or JSON reply)
+        self.num_calls = 0
         self.after_call = False  # blanks right after a call are not content
 
-    def feed(self, text: str) -> tuple[str, list[Call]]:
+    def feed(self, text: str) -> tuple[str, list[Part]]:
         self.buf += text
         content: list[str] = []
-        found: list[Call] = []
+        found: list[Part] = []
         while self._step(content, found):
             pass
         return "".join(content), found
 
-    def finish(self) -> tuple[str, list[Call]]:
+    def finish(self) -> tuple[str, list[Part]]:
         content, found = self.feed("")
         rest, self.buf = self.buf, ""
         if self.state == "text":
             content += rest.lstrip() if self.after_call else rest
         elif self.state in ("region", "json"):
-            calls = self._parse(rest)
-            if calls is None:
-                content += (self.fmt.opens if self.state == "region" else "") + rest
-            else:
-                found += calls
-                self.calls += calls
+            parts: list[str] = []
+            self._end_region(rest, parts, found, "")
+            content += "".join(parts)
         else:
             content += rest  # blanks only
         return content, found
@@ -140,13 +141,33 @@ class AutoToolReader:
             return mistral_calls(region, self.names)
         return json_calls(region, self.names)
 
-    def _step(self, content: list[str], found: list[Call]) -> bool:
+    def _open(self, state: str) -> None:
+        self.state, self.stream = state, CallStream(self.names)
+
+    def _end_region(self, tail: str, content: list[str], found: list[Part], closes: str) -> None:
+        """The region's last text, then what of it was not streamed, read whole (or content if not calls)."""
+        found += self.stream.feed(tail)
+        rest = self.stream.close()
+        made = self.stream.streamed
+        if rest.strip():
+            calls = self._parse(rest)
+            if calls is None:
+                opens = self.fmt.opens if not made and self.state == "region" else ""
+                content.append(opens + rest + ("" if made else closes))  # not calls: text, as written
+            else:
+                found += calls
+                made += len(calls)
+        self.num_calls += made
+        self.after_call = self.after_call or made > 0
+
+    def _step(self, content: list[str], found: list[Part]) -> bool:
         buf, opens = self.buf, self.fmt.opens
         if self.state == "start":
             head = buf.lstrip()
             if head.startswith(("{", "[")) and not opens.startswith(head[:len(opens)]):
-                self.state, self.buf = "json", head
-                return False
+                self._open("json")
+                self.buf = head
+                return True
             if not head or opens.startswith(head):
                 return False
             self.state = "text"
@@ -160,24 +181,25 @@ class AutoToolReader:
             at = buf.find(opens)
             if at >= 0:
                 content.append(buf[:at])
-                self.buf, self.state = buf[at + len(opens):], "region"
+                self.buf = buf[at + len(opens):]
+                self._open("region")
                 return True
             keep = len(buf) - partial_tail(buf, opens)
             content.append(buf[:keep])
             self.buf = buf[keep:]
             return False
-        if self.state == "region" and self.fmt.closes is not None:
-            at = buf.find(self.fmt.closes)
-            if at < 0:
-                return False
-            region, self.buf = buf[:at], buf[at + len(self.fmt.closes):]
-            calls = self._parse(region)
-            if calls is None:
-                content.append(opens + region + self.fmt.closes)
-            else:
-                found += calls
-                self.calls += calls
-                self.after_call = True
-            self.state = "text"
-            return True
-        return False  # a region that runs to the end, or a JSON reply: read at the finish
+        closes = self.fmt.closes if self.state == "region" else None
+        if closes is None:  # a region that runs to the end, or a JSON reply: streamed as it comes
+            found += self.stream.feed(buf)
+            self.buf = ""
+            return False
+        at = buf.find(closes)
+        if at < 0:
+            keep = len(buf) - partial_tail(buf, closes)
+            found += self.stream.feed(buf[:keep])
+            self.buf = buf[keep:]
+            return False
+        self.buf = buf[at + len(closes):]
+        self._end_region(buf[:at], content, found, closes)
+        self.state = "text"
+        return True
