@@ -173,6 +173,14 @@ class OutputPlan:
         """Forced calls are written as the model's `<tool_call>` blocks (its template teaches them)."""
         return self.fmt.tools is HERMES and self.fmt.native_tools
 
+    @property
+    def native_calls(self) -> str | None:
+        """The format forced calls are written in when the template teaches it (hermes or llama3_json;
+        None: the generic prompt's bare JSON)."""
+        if self.fmt.tools in (HERMES, LLAMA3_JSON) and self.fmt.native_tools:
+            return self.fmt.tools.name
+        return None
+
     def constrained_by(self, spec: StructuredSpec | None) -> OutputPlan:
         """This plan once the output's grammar is known: a JSON-schema grammar leaves no reasoning; a
         shaped one (Lark, from tool_grammar.shape) writes forced calls in the family's format."""
@@ -180,7 +188,7 @@ class OutputPlan:
             return self
         forced = self.tools is not None and self.tools.is_forced
         return replace(self, constrained=spec.kind == "json",
-                       calls_in_format=forced and spec.kind == "lark" and self.hermes_calls)
+                       calls_in_format=forced and spec.kind == "lark" and self.native_calls is not None)
 
     @property
     def has_reasoning(self) -> bool:

@@ -2,7 +2,9 @@
 
 - a forced tool call (tool_choice "required" or a named function) of a model whose chat template
   teaches Hermes-style calls is written as `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
-  blocks, the way it was trained to call, instead of the bare JSON of the generic tool prompt;
+  blocks, the way it was trained to call, instead of the bare JSON of the generic tool prompt; one
+  whose template teaches Llama 3's JSON calls writes `{"name": ..., "parameters": {...}}` objects
+  separated by `; `, as that template asks;
 - for a thinking model (`<think>` reasoning), the JSON grammar (forced call or response_format) starts
   after the reasoning section, which stays free text: optional when the model opens it itself,
   required to close when the template opened it in the prompt.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.api.tool_formats import HERMES
+from server.api.tool_formats import HERMES, LLAMA3_JSON
 from server.api.tools import ToolPlan
 from server.engine.sampling_params import StructuredSpec
 
@@ -42,15 +44,40 @@ def hermes_calls(plan: ToolPlan, schema: dict[str, Any]) -> str:
     return "\n".join(rules)
 
 
-def shape(spec: StructuredSpec, plan: ToolPlan | None, hermes: bool, think: str | None) -> StructuredSpec:
+def _with_parameters(call: dict[str, Any]) -> dict[str, Any]:
+    """A call object's schema with Llama 3's key for the arguments."""
+    if "anyOf" in call:
+        return {**call, "anyOf": [_with_parameters(c) for c in call["anyOf"]]}
+    props = {("parameters" if k == "arguments" else k): v for k, v in call["properties"].items()}
+    required = ["parameters" if k == "arguments" else k for k in call["required"]]
+    return {**call, "properties": props, "required": required}
+
+
+def llama3_calls(plan: ToolPlan, schema: dict[str, Any]) -> str:
+    """Lark rules `calls` of forced calls as Llama 3 JSON objects, `; `-separated."""
+    if plan.mode == "named":
+        one, many = _with_parameters(schema), False
+    else:
+        one, many = {**_with_parameters(schema["items"]), "$defs": schema["$defs"]}, plan.parallel
+    return "\n".join([
+        "calls: call" + (" (/\\s*;\\s*/ call)*" if many else ""),
+        f"call: %json {json.dumps(one)}",
+    ])
+
+
+def shape(spec: StructuredSpec, plan: ToolPlan | None, hermes: bool, think: str | None,
+          family: str | None = None) -> StructuredSpec:
     """`spec` (a JSON-schema grammar) in the model's format. `hermes`: forced calls as `<tool_call>`
-    blocks; `think`: None (no reasoning), "open" (the prompt opened `<think>`) or "optional"."""
-    forced_hermes = hermes and plan is not None and plan.is_forced
-    if spec.kind != "json" or not (forced_hermes or think):
+    blocks; `family`: the forced calls' format by name (hermes, llama3_json), None: bare JSON;
+    `think`: None (no reasoning), "open" (the prompt opened `<think>`) or "optional"."""
+    family = HERMES.name if hermes else family
+    native = family in (HERMES.name, LLAMA3_JSON.name) and plan is not None and plan.is_forced
+    if spec.kind != "json" or not (native or think):
         return spec
-    if forced_hermes:
+    if native:
         assert plan is not None
-        body = hermes_calls(plan, json.loads(spec.json_schema))
+        schema = json.loads(spec.json_schema)
+        body = hermes_calls(plan, schema) if family == HERMES.name else llama3_calls(plan, schema)
     else:
         body = f"calls: %json {spec.json_schema}"
     if think == "open":

@@ -11,6 +11,9 @@ import llguidance
 import pytest
 from transformers import AutoTokenizer
 
+from server.api.output_reader import OutputFormat, OutputPlan
+from server.api.tool_calls import merge_deltas
+from server.api.tool_formats import HERMES, LLAMA3_JSON
 from server.api.tool_grammar import shape
 from server.api.tools import ToolPlan, call_spec
 from server.engine.grammar import GrammarCompiler
@@ -69,3 +72,40 @@ def test_plain_json_grammar_is_kept_without_reasoning_or_native_format() -> None
     assert shape(spec, None, hermes=True, think=None) is spec
     required = ToolPlan(TOOLS, "required")
     assert shape(call_spec(required), required, hermes=False, think=None).kind == "json"
+
+
+def test_forced_calls_of_a_llama3_template_are_its_json_calls(accepts: Any) -> None:
+    paris = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    add = '{"name": "add", "parameters": {}}'
+    required = ToolPlan(TOOLS, "required")
+    spec = shape(call_spec(required), required, hermes=False, think=None, family="llama3_json")
+    assert spec.kind == "lark"
+    assert accepts(spec, paris) and accepts(spec, f"{paris}; {add}")
+    assert not accepts(spec, '[{"name": "add", "arguments": {}}]')  # the generic prompt's form is not this model's
+    assert not accepts(spec, paris.replace("Paris", "Paris\", \"x\": \"1"))  # arguments follow the schema
+    single = ToolPlan(TOOLS, "required", parallel=False)
+    assert not accepts(shape(call_spec(single), single, False, None, "llama3_json"), f"{paris}; {add}")
+    named = ToolPlan(TOOLS, "named", "add")
+    assert accepts(shape(call_spec(named), named, False, None, "llama3_json"), add)
+    assert not accepts(shape(call_spec(named), named, False, None, "llama3_json"), paris)
+
+
+def test_what_a_family_grammar_forces_reads_back_as_the_calls() -> None:
+    # the template teaches the family's format; the grammar's output (as accepted above) is read whole
+    # and streamed character by character into the same calls
+    cases = [(OutputFormat(None, HERMES, native_tools=True), f"{PARIS}\n{ADD}"),
+             (OutputFormat(None, LLAMA3_JSON, native_tools=True),
+              '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "add", "parameters": {}}')]
+    required = ToolPlan(TOOLS, "required")
+    for fmt, text in cases:
+        plan = OutputPlan(fmt, required).constrained_by(shape(call_spec(required), required, False, None,
+                                                              OutputPlan(fmt, required).native_calls))
+        assert plan.calls_in_format
+        for pieces in ([text], list(text)):
+            reader = plan.reader()
+            assert reader is not None
+            readings = [reader.feed(p) for p in pieces] + [reader.finish("stop")]
+            calls = merge_deltas([d for r in readings for d in r.tool_calls])
+            assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+                ("get_weather", {"city": "Paris"}), ("add", {})]
+            assert "".join(r.content for r in readings) == "" and readings[-1].finish_reason == "tool_calls"
