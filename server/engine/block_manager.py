@@ -90,8 +90,11 @@ class BlockManager:
             found.append(block_id)
             parent = h
         if self.snapshots is not None:  # a recurrent state comes back with the blocks: end at a snapshot
+            num_shared = len(found)
             while found and self.blocks[found[-1]].hash not in self.snapshots.by_hash:
                 found.pop()
+            if len(found) < num_shared:  # snapshot where the shared blocks end, for the next prompt
+                seq.shared_prefix_end = num_shared * bs
         self.num_prefix_queries += seq.num_tokens
         self.num_prefix_hits += len(found) * bs
         return found
@@ -156,8 +159,8 @@ class BlockManager:
                 block.token_ids = tokens
         snaps = self.snapshots
         if snaps is not None and seq.state_slot is not None and seq.block_hashes and \
-                seq.num_computed_tokens == len(seq.block_hashes) * bs == snaps.boundary(seq):
-            snaps.take(seq.block_hashes[-1], seq.state_slot)  # the state right where the prompt's blocks end
+                seq.num_computed_tokens == len(seq.block_hashes) * bs and seq.num_computed_tokens in snaps.points(seq):
+            snaps.take(seq.block_hashes[-1], seq.state_slot)  # the state right where the block ends
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Free the blocks past the first `num_tokens` tokens' (speculative decoding: blocks that

@@ -49,6 +49,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hash of each full, computed block
     state_slot: int | None = None  # models with recurrent layers: its row of the state cache
+    # ... and where the prompt's KV blocks already cached end, when no state snapshot is kept there
+    # (a shared system prompt): a second snapshot point (server/engine/state_snapshots.py).
+    shared_prefix_end: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None

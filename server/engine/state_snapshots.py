@@ -1,6 +1,9 @@
 """Prefix caching for models with recurrent layers: copies of a sequence's state taken where its
 prompt's last full KV block ends, kept under that block's hash, so that a later prompt with the same
 prefix restores the state together with the cached KV blocks (exactly what recomputing would give).
+A second point: where the prompt's KV blocks found in the cache end when no snapshot is kept there
+(`Sequence.shared_prefix_end`): the second prompt after a common system prompt snapshots the state
+at the end of the blocks they share, so that every later one restores it.
 
 Snapshots live in rows of the model's state tensors after the running slots and the scratch row,
 reused least recently used first. This holds ids only: the copies to make (source row, destination
@@ -27,10 +30,18 @@ class StateSnapshots:
         prompt can hit (the last token always runs, as in BlockManager.find_cached_blocks); 0: none."""
         return (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
 
-    def cap(self, seq: Sequence, start: int, num_new: int) -> int:
-        """A prompt chunk ends at the boundary when it would cross it, so the state there can be copied."""
+    def points(self, seq: Sequence) -> list[int]:
+        """Every point where the sequence's state is snapshotted, in order (0: none)."""
         end = self.boundary(seq)
-        return end - start if start < end < start + num_new else num_new
+        shared = seq.shared_prefix_end
+        return [shared, end] if 0 < shared < end else [end]
+
+    def cap(self, seq: Sequence, start: int, num_new: int) -> int:
+        """A prompt chunk ends at a snapshot point when it would cross it, so the state there can be copied."""
+        for end in self.points(seq):
+            if start < end < start + num_new:
+                return end - start
+        return num_new
 
     def row_of(self, block_hash: int) -> int | None:
         row = self.by_hash.get(block_hash)

@@ -60,14 +60,20 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
 
 def check_prefix_hits(folder: Path, hf: torch.nn.Module, vocab: int, budget: int) -> None:
     """Prompts sharing a prefix with one served before: a hit restores KV blocks and the state snapshot
-    taken where that prompt's last full block ended, and the tokens still equal transformers'."""
+    taken where that prompt's last full block ended, or where the blocks it shared with an earlier prompt
+    ended (a common system prompt: the third user message after it hits), and the tokens still equal
+    transformers'."""
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
                               max_num_batched_tokens=budget, device="cpu", dtype="float32"))
     gen = torch.Generator().manual_seed(4)
     first = torch.randint(3, vocab, (40,), generator=gen).tolist()  # its snapshot: after 32 tokens (4 blocks)
     tail = torch.randint(3, vocab, (9,), generator=gen).tolist()
     cases = [(first, 0), (first, 32), (first[:35] + tail, 32), (first[:20] + tail, 0), (first[:20] + tail, 24)]
-    for prompt, cached in cases:  # the fourth shares blocks 0-1, which have no snapshot: no hit
+    # the fourth shares blocks 0-1, which have no snapshot: no hit, but a snapshot at 16 for the sixth
+    cases.append((first[:20] + tail[::-1], 16))
+    system = torch.randint(3, vocab, (27,), generator=gen).tolist()  # blocks 0-2 shared, then the users differ
+    cases += [([*system, 3 + i, *tail], cached) for i, cached in enumerate((0, 0, 24, 24))]
+    for prompt, cached in cases:
         engine.add_request("r", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
         got: list[int] = []
         while engine.has_unfinished_requests:
@@ -76,7 +82,9 @@ def check_prefix_hits(folder: Path, hf: torch.nn.Module, vocab: int, budget: int
                 num_cached = out.num_cached_tokens
         assert (got, num_cached) == (hf_greedy(hf, prompt, 6), cached), (len(prompt), cached)
     snaps = engine.block_manager.snapshots
-    assert snaps is not None and len(snaps.by_hash) == 3 and not snaps.pending
+    # each prompt's end (32, 40, 24, 24 after the reversed tail, 32 for each of the 4 users) and the shared
+    # blocks' ends (16, 24 after the system prompt)
+    assert snaps is not None and len(snaps.by_hash) == 10 and not snaps.pending
 
 
 def test_prefix_cache_hit_restores_the_state(lfm2: tuple) -> None:

@@ -55,3 +55,15 @@ def test_snapshots_cap_chunks_at_the_prompt_boundary_and_reuse_rows_lru() -> Non
     assert snaps.restore(101, slot=2) and not snaps.restore(999, slot=2)  # 101 is now the most recent
     snaps.take(103, slot=4)  # evicts 102, the least recently used
     assert snaps.drain() == [(5, 2), (4, 6)] and set(snaps.by_hash) == {101, 103}
+
+
+def test_snapshots_also_cap_chunks_where_the_shared_blocks_end() -> None:
+    from server.engine.state_snapshots import StateSnapshots
+
+    snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
+    seq = create_seq(19)  # its own point at 16
+    seq.shared_prefix_end = 8  # its first two blocks were cached without a snapshot (a shared system prompt)
+    assert snaps.points(seq) == [8, 16]
+    assert snaps.cap(seq, 0, 64) == 8 and snaps.cap(seq, 8, 64) == 8 and snaps.cap(seq, 16, 64) == 64
+    seq.shared_prefix_end = 16  # the same point as its own: one snapshot
+    assert snaps.points(seq) == [16]
