@@ -175,8 +175,10 @@ class OutputPlan:
 
     @property
     def native_calls(self) -> str | None:
-        """The format forced calls are written in when the template teaches it (hermes or llama3_json;
-        None: the generic prompt's bare JSON)."""
+        """The format forced calls are written in when the template teaches it (hermes, llama3_json or
+        harmony; None: the generic prompt's bare JSON)."""
+        if self.fmt.is_harmony:  # only where the tokenizer has every marker as a special token
+            return "harmony" if len(self.keep_special_ids) == len(HARMONY_MARKERS) else None
         if self.fmt.tools in (HERMES, LLAMA3_JSON) and self.fmt.native_tools:
             return self.fmt.tools.name
         return None

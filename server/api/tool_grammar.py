@@ -4,7 +4,9 @@
   teaches Hermes-style calls is written as `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
   blocks, the way it was trained to call, instead of the bare JSON of the generic tool prompt; one
   whose template teaches Llama 3's JSON calls writes `{"name": ..., "parameters": {...}}` objects
-  separated by `; `, as that template asks;
+  separated by `; `, as that template asks; gpt-oss (harmony) writes its analysis (optional, free)
+  then one `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>`
+  message, the markers as its special tokens (`<|call|>` ends its turn: one call per turn);
 - for a thinking model (`<think>` reasoning), the JSON grammar (forced call or response_format) starts
   after the reasoning section, which stays free text: optional when the model opens it itself,
   required to close when the template opened it in the prompt.
@@ -65,19 +67,35 @@ def llama3_calls(plan: ToolPlan, schema: dict[str, Any]) -> str:
     ])
 
 
+def harmony_calls(plan: ToolPlan, schema: dict[str, Any]) -> str:
+    """Lark rules `calls` of a forced harmony call: the analysis, then one call of an allowed function."""
+    names = [plan.name] if plan.mode == "named" and plan.name is not None else plan.names
+    rules = [
+        'calls: (<|channel|> "analysis" <|message|> analysis <|end|> <|start|> "assistant")? call',
+        "analysis: /(?s:.*)/",  # free text: the markers are special tokens, never part of it
+        "call: " + " | ".join(f"call_{i}" for i in range(len(names))),
+    ]
+    for i, name in enumerate(names):
+        args = {"$ref": f"#/$defs/fn_{name}", "$defs": schema["$defs"]}
+        rules += [f'call_{i}: <|channel|> {_literal(f"commentary to=functions.{name} ")} <|constrain|> "json" '
+                  f"<|message|> args_{i} <|call|>", f"args_{i}: %json {json.dumps(args)}"]
+    return "\n".join(rules)
+
+
 def shape(spec: StructuredSpec, plan: ToolPlan | None, hermes: bool, think: str | None,
           family: str | None = None) -> StructuredSpec:
     """`spec` (a JSON-schema grammar) in the model's format. `hermes`: forced calls as `<tool_call>`
-    blocks; `family`: the forced calls' format by name (hermes, llama3_json), None: bare JSON;
+    blocks; `family`: the forced calls' format by name (hermes, llama3_json, harmony), None: bare JSON;
     `think`: None (no reasoning), "open" (the prompt opened `<think>`) or "optional"."""
     family = HERMES.name if hermes else family
-    native = family in (HERMES.name, LLAMA3_JSON.name) and plan is not None and plan.is_forced
+    native = family in (HERMES.name, LLAMA3_JSON.name, "harmony") and plan is not None and plan.is_forced
     if spec.kind != "json" or not (native or think):
         return spec
     if native:
         assert plan is not None
         schema = json.loads(spec.json_schema)
-        body = hermes_calls(plan, schema) if family == HERMES.name else llama3_calls(plan, schema)
+        build = {HERMES.name: hermes_calls, LLAMA3_JSON.name: llama3_calls}.get(family or "", harmony_calls)
+        body = build(plan, schema)
     else:
         body = f"calls: %json {spec.json_schema}"
     if think == "open":

@@ -109,3 +109,47 @@ def test_what_a_family_grammar_forces_reads_back_as_the_calls() -> None:
             assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
                 ("get_weather", {"city": "Paris"}), ("add", {})]
             assert "".join(r.content for r in readings) == "" and readings[-1].finish_reason == "tool_calls"
+
+
+HARMONY_MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>"]
+LIMA = ("<|channel|>analysis<|message|>Need the <weather>.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Lima"}<|call|>')
+
+
+def test_forced_harmony_call_is_a_commentary_message_read_back_as_the_call() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_MARKERS})
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    fmt = OutputFormat("harmony", None)
+    required = ToolPlan(TOOLS, "required")
+    plan = OutputPlan.of(fmt, required, tokenizer, tokenizer.encode("<|start|>assistant", add_special_tokens=False))
+    assert plan.native_calls == "harmony"
+    assert OutputPlan(fmt, required).native_calls is None  # a tokenizer without the markers: bare JSON
+
+    def accepts(spec: StructuredSpec, text: str) -> bool:
+        matcher: llguidance.LLMatcher = compiler.compile(spec).deep_copy()
+        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        return ok and matcher.is_accepting()
+
+    spec = shape(call_spec(required), required, False, None, "harmony")
+    call_only = LIMA[LIMA.index("<|channel|>commentary"):]
+    assert accepts(spec, LIMA) and accepts(spec, call_only)
+    assert not accepts(spec, LIMA.replace("city", "town"))  # arguments follow the schema
+    assert not accepts(spec, "<|channel|>final<|message|>It is sunny.<|return|>")  # a call is forced
+    assert not accepts(spec, LIMA.replace("Need the", "Need<|call|> the"))  # a marker ends the analysis only as <|end|>
+    named = ToolPlan(TOOLS, "named", "add")
+    assert not accepts(shape(call_spec(named), named, False, None, "harmony"), LIMA)
+    assert accepts(shape(call_spec(named), named, False, None, "harmony"), call_only.replace(
+        "get_weather", "add").replace('{"city": "Lima"}', "{}"))
+    # what the grammar forces reads back as reasoning and the call, streamed or whole
+    constrained = plan.constrained_by(spec)
+    assert constrained.has_reasoning
+    for pieces in ([LIMA], list(LIMA)):
+        reader = constrained.reader()
+        assert reader is not None
+        readings = [reader.feed(p) for p in pieces] + [reader.finish("stop")]
+        calls = merge_deltas([d for r in readings for d in r.tool_calls])
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Lima"})]
+        assert "".join(r.reasoning for r in readings) == "Need the <weather>."
+        assert "".join(r.content for r in readings) == "" and readings[-1].finish_reason == "tool_calls"
