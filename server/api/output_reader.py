@@ -131,15 +131,20 @@ class OutputReader:
         return out
 
 
-def marker_token_ids(tokenizer: Any, fmt: OutputFormat) -> frozenset[int]:
-    """The special tokens of `tokenizer` that spell the format's markers (kept in the text)."""
+def marker_ids(tokenizer: Any, fmt: OutputFormat) -> dict[str, int]:
+    """The format's markers that `tokenizer` spells as one special token, with its id."""
     specials = special_token_ids(tokenizer)
-    ids = set()
+    ids = {}
     for marker in fmt.markers:
         token_id = tokenizer.convert_tokens_to_ids(marker)
         if isinstance(token_id, int) and token_id in specials and tokenizer.convert_ids_to_tokens(token_id) == marker:
-            ids.add(token_id)
-    return frozenset(ids)
+            ids[marker] = token_id
+    return ids
+
+
+def marker_token_ids(tokenizer: Any, fmt: OutputFormat) -> frozenset[int]:
+    """The special tokens of `tokenizer` that spell the format's markers (kept in the text)."""
+    return frozenset(marker_ids(tokenizer, fmt).values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +157,13 @@ class OutputPlan:
     keep_special_ids: frozenset[int] = frozenset()
     constrained: bool = False  # a JSON grammar shapes the output from its first token: no reasoning
     calls_in_format: bool = False  # forced calls are constrained to the family's format (tool_grammar.py)
+    marker_tokens: tuple[tuple[str, int], ...] = ()  # (marker, its special token id): grammars name them by id
 
     @classmethod
     def of(cls, fmt: OutputFormat, tools: ToolPlan | None, tokenizer: Any, prompt_ids: list[int]) -> OutputPlan:
         tail = str(tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
-        return cls(fmt, tools, tail, marker_token_ids(tokenizer, fmt))
+        markers = marker_ids(tokenizer, fmt)
+        return cls(fmt, tools, tail, frozenset(markers.values()), marker_tokens=tuple(markers.items()))
 
     @property
     def think(self) -> str | None:
@@ -175,10 +182,12 @@ class OutputPlan:
 
     @property
     def native_calls(self) -> str | None:
-        """The format forced calls are written in when the template teaches it (hermes, llama3_json or
-        harmony; None: the generic prompt's bare JSON)."""
+        """The format forced calls are written in when the template teaches it (hermes, llama3_json,
+        mistral or harmony; None: the generic prompt's bare JSON)."""
         if self.fmt.is_harmony:  # only where the tokenizer has every marker as a special token
             return "harmony" if len(self.keep_special_ids) == len(HARMONY_MARKERS) else None
+        if self.fmt.tools is MISTRAL and self.fmt.native_tools:  # its marker must be a special token
+            return MISTRAL.name if MISTRAL.opens in dict(self.marker_tokens) else None
         if self.fmt.tools in (HERMES, LLAMA3_JSON) and self.fmt.native_tools:
             return self.fmt.tools.name
         return None

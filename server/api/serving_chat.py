@@ -93,7 +93,7 @@ async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: T
     spec = call_spec(plan) if plan is not None else None
     if spec is not None:
         if output is not None:
-            spec = shape(spec, plan, output.hermes_calls, output.think, output.native_calls)
+            spec = shape(spec, plan, output.hermes_calls, output.think, output.native_calls, dict(output.marker_tokens))
         return await compile_spec(runtime, spec, "tools")
     shaped = body.structured_outputs
     if shaped is not None and shaped.regex is not None:

@@ -6,7 +6,9 @@
   whose template teaches Llama 3's JSON calls writes `{"name": ..., "parameters": {...}}` objects
   separated by `; `, as that template asks; gpt-oss (harmony) writes its analysis (optional, free)
   then one `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>`
-  message, the markers as its special tokens (`<|call|>` ends its turn: one call per turn);
+  message, the markers as its special tokens (`<|call|>` ends its turn: one call per turn); Mistral
+  writes `[TOOL_CALLS]name[ARGS]{...}` per call where its tokenizer has `[ARGS]`, else
+  `[TOOL_CALLS]` and a JSON list of calls (its markers named by token id: `<[id]>`);
 - for a thinking model (`<think>` reasoning), the JSON grammar (forced call or response_format) starts
   after the reasoning section, which stays free text: optional when the model opens it itself,
   required to close when the template opened it in the prompt.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.api.tool_formats import HERMES, LLAMA3_JSON
+from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
 from server.api.tools import ToolPlan
 from server.engine.sampling_params import StructuredSpec
 
@@ -82,20 +84,44 @@ def harmony_calls(plan: ToolPlan, schema: dict[str, Any]) -> str:
     return "\n".join(rules)
 
 
+def mistral_calls(plan: ToolPlan, schema: dict[str, Any], tokens: dict[str, int]) -> str:
+    """Lark rules `calls` of forced Mistral calls; `tokens`: its markers' special token ids."""
+    opens = f"<[{tokens[MISTRAL.opens]}]>"
+    if "[ARGS]" in tokens:
+        names = [plan.name] if plan.mode == "named" and plan.name is not None else plan.names
+        many = plan.mode == "required" and plan.parallel
+        rules = ["calls: call" + ("+" if many else ""), "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+        for i, name in enumerate(names):
+            args = {"$ref": f"#/$defs/fn_{name}", "$defs": schema["$defs"]}
+            rules += [f"call_{i}: {opens} {_literal(name)} <[{tokens['[ARGS]']}]> args_{i}",
+                      f"args_{i}: %json {json.dumps(args)}"]
+        return "\n".join(rules)
+    if plan.mode == "named":  # one call, as the list the format has
+        one = {k: v for k, v in schema.items() if k != "$defs"}
+        schema = {"type": "array", "items": one, "minItems": 1, "maxItems": 1, "$defs": schema["$defs"]}
+    return f"calls: {opens} call_list\ncall_list: %json {json.dumps(schema)}"
+
+
 def shape(spec: StructuredSpec, plan: ToolPlan | None, hermes: bool, think: str | None,
-          family: str | None = None) -> StructuredSpec:
+          family: str | None = None, tokens: dict[str, int] | None = None) -> StructuredSpec:
     """`spec` (a JSON-schema grammar) in the model's format. `hermes`: forced calls as `<tool_call>`
-    blocks; `family`: the forced calls' format by name (hermes, llama3_json, harmony), None: bare JSON;
+    blocks; `family`: the forced calls' format by name (hermes, llama3_json, mistral, harmony), None: bare
+    JSON; `tokens`: the format's markers that are special tokens, with their ids;
     `think`: None (no reasoning), "open" (the prompt opened `<think>`) or "optional"."""
     family = HERMES.name if hermes else family
-    native = family in (HERMES.name, LLAMA3_JSON.name, "harmony") and plan is not None and plan.is_forced
+    native = family in (HERMES.name, LLAMA3_JSON.name, MISTRAL.name, "harmony") and plan is not None and plan.is_forced
+    if family == MISTRAL.name and MISTRAL.opens not in (tokens or {}):
+        native = False  # its marker must be named by token id
     if spec.kind != "json" or not (native or think):
         return spec
     if native:
         assert plan is not None
         schema = json.loads(spec.json_schema)
-        build = {HERMES.name: hermes_calls, LLAMA3_JSON.name: llama3_calls}.get(family or "", harmony_calls)
-        body = build(plan, schema)
+        if family == MISTRAL.name:
+            body = mistral_calls(plan, schema, tokens or {})
+        else:
+            build = {HERMES.name: hermes_calls, LLAMA3_JSON.name: llama3_calls}.get(family or "", harmony_calls)
+            body = build(plan, schema)
     else:
         body = f"calls: %json {spec.json_schema}"
     if think == "open":

@@ -11,9 +11,10 @@ import llguidance
 import pytest
 from transformers import AutoTokenizer
 
+from server.api.detokenizer import IncrementalDetokenizer
 from server.api.output_reader import OutputFormat, OutputPlan
 from server.api.tool_calls import merge_deltas
-from server.api.tool_formats import HERMES, LLAMA3_JSON
+from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
 from server.api.tool_grammar import shape
 from server.api.tools import ToolPlan, call_spec
 from server.engine.grammar import GrammarCompiler
@@ -153,3 +154,47 @@ def test_forced_harmony_call_is_a_commentary_message_read_back_as_the_call() -> 
             ("get_weather", {"city": "Lima"})]
         assert "".join(r.reasoning for r in readings) == "Need the <weather>."
         assert "".join(r.content for r in readings) == "" and readings[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("markers", [["[TOOL_CALLS]"], ["[TOOL_CALLS]", "[ARGS]"]])
+def test_forced_mistral_calls_use_its_marker_tokens_and_read_back(markers: list[str]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    fmt = OutputFormat(None, MISTRAL, native_tools=True)
+    required = ToolPlan(TOOLS, "required")
+    plan = OutputPlan.of(fmt, required, tokenizer, tokenizer.encode("[INST]hi[/INST]", add_special_tokens=False))
+    assert plan.native_calls == "mistral"
+    spec = shape(call_spec(required), required, False, None, plan.native_calls, dict(plan.marker_tokens))
+
+    def accepts(spec: StructuredSpec, text: str) -> bool:
+        matcher: llguidance.LLMatcher = compiler.compile(spec).deep_copy()
+        ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        return ok and matcher.is_accepting()
+
+    if "[ARGS]" in markers:  # the newer form: a marker and name[ARGS]{...} per call
+        text = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]add[ARGS]{}'
+        assert not accepts(spec, '[TOOL_CALLS][{"name": "add", "arguments": {}}]')
+    else:
+        text = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {}}]'
+    assert accepts(spec, text)
+    assert not accepts(spec, text.replace("city", "town"))  # arguments follow the schema
+    assert not accepts(spec, '[{"name": "add", "arguments": {}}]')  # the marker is required
+    named = ToolPlan(TOOLS, "named", "add")
+    named_spec = shape(call_spec(named), named, False, None, "mistral", dict(plan.marker_tokens))
+    assert not accepts(named_spec, text)
+    one = "[TOOL_CALLS]add[ARGS]{}" if "[ARGS]" in markers else '[TOOL_CALLS][{"name": "add", "arguments": {}}]'
+    assert accepts(named_spec, one)
+    constrained = plan.constrained_by(spec)
+    assert constrained.calls_in_format
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, keep=constrained.keep_special_ids)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [detok.add([t]) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text  # the markers stay in the text the reader reads
+    reader = constrained.reader()
+    assert reader is not None
+    readings = [reader.feed(p) for p in pieces] + [reader.finish("stop")]
+    calls = merge_deltas([d for r in readings for d in r.tool_calls])
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("add", {})]
+    assert "".join(r.content for r in readings) == "" and readings[-1].finish_reason == "tool_calls"
