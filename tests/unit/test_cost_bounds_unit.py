@@ -89,8 +89,8 @@ def test_each_prompt_counts_once_per_choice_against_the_queue() -> None:
 
 def state_of(config: Config, *, loaded: bool = True) -> SimpleNamespace:
     tokenizer = FakeTokenizer("a" * 10)  # 10 characters a token at most
-    engine = SimpleNamespace(block_manager=SimpleNamespace(num_blocks=100, block_size=16))
-    runtime = SimpleNamespace(engine=engine, tokenizer=tokenizer, max_model_len=1000) if loaded else None
+    info = SimpleNamespace(num_cache_tokens=100 * 16)  # the engine's EngineInfo: 100 blocks of 16 tokens
+    runtime = SimpleNamespace(info=info, tokenizer=tokenizer, max_model_len=1000, vision=None) if loaded else None
     return SimpleNamespace(config=config, runtime=runtime,
                            admission=Admission(config.max_queued_requests, config.max_queued_tokens))
 
