@@ -54,6 +54,38 @@ def call_header(buf: str, i: int, names: list[str]) -> tuple[str, int] | str | N
     return (name, i) if buf[i] == "{" else None
 
 
+class JsonEnd:
+    """Finds where a JSON value that has already opened ends, fed its text in pieces: the nesting
+    depth and whether the scan is inside a string (or just after a backslash in one) carry over."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def scan(self, buf: str, pos: int) -> tuple[int, bool]:
+        """Move through buf from pos: (where the scan stopped, True once the closing bracket is passed)."""
+        while pos < len(buf):
+            c = buf[pos]
+            pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return pos, True
+        return pos, False
+
+
 class CallStream:
     """One region of calls: `feed` its text as it comes, `close` at the region's end for the text
     that was not streamed (to be read whole by the caller)."""
@@ -64,9 +96,7 @@ class CallStream:
         self.pos = 0
         self.mark = 0  # where the text after the last streamed call begins
         self.state = "head"  # head (between calls) | args | tail (the call's closing brace) | off
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
+        self.json = JsonEnd()
         self.streamed = 0  # calls started in this region
 
     def feed(self, text: str) -> list[Part]:
@@ -109,32 +139,10 @@ class CallStream:
             self.state = "args"
             return True
         start = self.pos
-        complete = self._scan()
+        self.pos, complete = self.json.scan(self.buf, self.pos)
         if self.pos > start:
             parts.append((None, buf[start:self.pos]))
         if complete:
             self.state = "tail"
         return complete
 
-    def _scan(self) -> bool:
-        """Move through the arguments' JSON; True once its closing brace is passed."""
-        buf = self.buf
-        while self.pos < len(buf):
-            c = buf[self.pos]
-            self.pos += 1
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return True
-        return False

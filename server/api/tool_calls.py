@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.api.call_stream import Part
+from server.api.call_stream import JsonEnd, Part
 from server.api.tool_formats import HERMES, AutoToolReader, ToolFormat
 from server.api.tools import ToolPlan
 
@@ -49,9 +49,7 @@ class ToolCallReader:
         self.state = "open" if plan.mode == "required" else "call"  # forced: a list or one object
         self.num_calls = 0
         self.args_from = 0  # where the arguments not sent yet begin
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
+        self.json = JsonEnd()
 
     def feed(self, text: str) -> Reading:
         if self.auto is None:
@@ -117,7 +115,7 @@ class ToolCallReader:
             self.pos = self.args_from = m.end()
             self.state = "args"
         elif self.state == "args":
-            complete = self._scan_arguments()
+            self.pos, complete = self.json.scan(buf, self.pos)
             if self.pos > self.args_from:
                 fragment = buf[self.args_from : self.pos]
                 self.args_from = self.pos
@@ -133,28 +131,6 @@ class ToolCallReader:
             self.state = "call" if self.plan.mode == "required" else "done"
         return self.state != "done"
 
-    def _scan_arguments(self) -> bool:
-        """Move through the arguments' JSON; True once its closing bracket is passed."""
-        buf = self.buf
-        while self.pos < len(buf):
-            c = buf[self.pos]
-            self.pos += 1
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return True
-        return False
 
 
 def merge_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
