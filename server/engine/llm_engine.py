@@ -116,6 +116,7 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
             max_model_len=self.max_model_len,
             max_loras=config.max_loras,
         )

@@ -24,9 +24,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     max_loras: int = 4  # distinct adapters in one step
+    # Prompt tokens (prefill chunks) in one step while some sequence decodes: every decoding stream
+    # waits for the whole step, so a 2,048-token chunk stalls each of them by a long prefill's time.
+    # A step with no sequence decoding takes prompts up to max_num_batched_tokens.
+    max_prefill_tokens_while_decoding: int = 512
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+        if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2
+                or self.max_prefill_tokens_while_decoding < 1):
             raise ValueError(f"invalid scheduler limits: {self}")
 
 
@@ -92,12 +97,20 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        # Prompt tokens this step may take: bounded while a sequence decodes (it waits for the step).
+        prefill_budget = budget
+        if any(self._is_decoding(seq) for seq in self.running):
+            prefill_budget = min(budget, self.config.max_prefill_tokens_while_decoding)
         adapters: set[int] = set()
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = self._num_new_running(seq, budget)
+            prefilling = not self._is_decoding(seq)
+            if prefilling and prefill_budget <= 0:
+                i += 1  # its next chunk waits for a step with prompt budget left; the decodes go on
+                continue
+            num_new = self._num_new_running(seq, min(budget, prefill_budget) if prefilling else budget)
             num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens, num_new)
             while not self.block_manager.allocate_slots(seq, num_new):
                 if seq.spec_token_ids:  # its draft tokens give way before any sequence does
@@ -114,16 +127,24 @@ class Scheduler:
                 batch.num_new_tokens.append(num_new)
                 adapters.add(seq.adapter_id)
                 budget -= num_new
+                if prefilling:
+                    prefill_budget -= num_new
                 i += 1
                 continue
             break  # `seq` itself was preempted: nothing after it is running any more
         if not preempted:
-            self._admit_waiting(batch, budget, adapters)
+            self._admit_waiting(batch, min(budget, prefill_budget), adapters)
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         return self._decodes_first(batch)
+
+    @staticmethod
+    def _is_decoding(seq: Sequence) -> bool:
+        """Whether the sequence's prompt is computed (it samples a token, or verifies drafts, every
+        step): a prompt chunk, or a preempted sequence recomputing its tokens, is a prefill."""
+        return seq.num_uncomputed_tokens <= 1 and seq.num_output_tokens > 0
 
     @staticmethod
     def _num_new_running(seq: Sequence, budget: int) -> int:
@@ -152,12 +173,17 @@ class Scheduler:
     def could_admit(self) -> bool:
         """Whether the next schedule() might start the first waiting sequence beside the running
         decodes. False only where it certainly could not: no sequence slot, no token budget left
-        after one token per running sequence, or no adapter slot for it (free KV blocks are not
+        after one token per running sequence, no prompt budget left beside the decodes after the
+        running prompts' chunks, or no adapter slot for it (free KV blocks are not
         judged here: a prefix-cache hit can make room)."""
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return False
         if self.config.max_num_batched_tokens <= len(self.running):
             return False
+        if any(self._is_decoding(seq) for seq in self.running):  # the prompt budget beside decodes
+            prompts = sum(seq.num_uncomputed_tokens for seq in self.running if not self._is_decoding(seq))
+            if prompts >= self.config.max_prefill_tokens_while_decoding:
+                return False
         return not self._needs_adapter_slot(self.waiting[0], {s.adapter_id for s in self.running})
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:

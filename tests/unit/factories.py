@@ -20,9 +20,11 @@ def create_scheduler(
     max_model_len: int = 256,
     max_loras: int = 4,
     prefix_caching: bool = True,
+    max_prefill_tokens_while_decoding: int = 512,
 ) -> Scheduler:
     bm = BlockManager(num_blocks, block_size, prefix_caching)
-    cfg = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras)
+    cfg = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras,
+                          max_prefill_tokens_while_decoding)
     return Scheduler(cfg, bm)
 
 
