@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.reasoning import partial_tail
-from server.api.tool_calls import new_call_id
+from server.api.tool_call_reader import new_call_id
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")

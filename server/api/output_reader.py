@@ -13,9 +13,9 @@ from server.api.detokenizer import special_token_ids
 from server.api.harmony import MARKERS as HARMONY_MARKERS
 from server.api.harmony import HarmonyReader
 from server.api.reasoning import END, START, ThinkSplitter, prompt_opens
-from server.api.tool_calls import Reading, ToolCallReader
+from server.api.tool_call_reader import Reading, ToolCallReader
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, TOOL_FORMATS, ToolFormat
-from server.api.tools import ToolPlan
+from server.api.tool_request import ToolPlan
 from server.engine.sampling_params import StructuredSpec
 
 PROMPT_TAIL_TOKENS = 16  # of the prompt, decoded to see whether its template opened the reasoning

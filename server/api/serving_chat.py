@@ -10,9 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.chunks import ChatChunks
-from server.api.endpoint import admit_generation, guarded_events, whole_response
-from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
+from server.api.endpoint_common import admit_generation, guarded_events, whole_response
+from server.api.engine_params import choice_requests, compile_spec, response_format_spec
 from server.api.images import chat_images, expand_images
 from server.api.logprobs import chat_logprobs, prompt_logprobs
 from server.api.output_reader import OutputPlan, OutputReader, output_format
@@ -26,13 +27,12 @@ from server.api.responses import (
     Usage,
     now,
 )
-from server.api.sampling import choice_requests, compile_spec, response_format_spec
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
-from server.api.tool_calls import merge_deltas
+from server.api.tool_call_reader import merge_deltas
 from server.api.tool_grammar import shape
-from server.api.tools import ToolPlan, call_spec, encode_tool_chat, plan_tools
+from server.api.tool_request import ToolPlan, call_spec, encode_tool_chat, plan_tools
 from server.engine.client import EngineClient, StructuredSpec
 
 router = APIRouter()

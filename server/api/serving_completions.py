@@ -9,15 +9,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.chunks import CompletionChunks
-from server.api.endpoint import admit_generation, guarded_events, whole_response
+from server.api.endpoint_common import admit_generation, guarded_events, whole_response
+from server.api.engine_params import choice_requests
 from server.api.fim import encode_fim
-from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
 from server.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
-from server.api.sampling import choice_requests
 from server.api.sse import DONE, error_event, sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer

@@ -14,22 +14,22 @@ from dataclasses import replace
 from fastapi import APIRouter, Request, Response
 
 from server.api.admission import Ticket
+from server.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.endpoint import admit_generation
+from server.api.endpoint_common import admit_generation
+from server.api.engine_params import choice_requests
 from server.api.errors import APIError
-from server.api.generation import ChoiceRequest, Deadline, collect_choices, stream_choices
 from server.api.images import chat_images, expand_images
 from server.api.output_reader import OutputPlan
 from server.api.prompts import resolve_max_tokens
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
 from server.api.responses_protocol import ResponsesRequest, as_responses_error
-from server.api.sampling import choice_requests
 from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec
 from server.api.sse import sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
-from server.api.tool_calls import Reading, merge_deltas
-from server.api.tools import encode_tool_chat, plan_tools
+from server.api.tool_call_reader import Reading, merge_deltas
+from server.api.tool_request import encode_tool_chat, plan_tools
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -1,7 +1,7 @@
 """Tool calls a model writes on its own (tool_choice "auto"), per model family, found anywhere in its
 text: before them, between them and after them is content.
 
-Formats (`--tool-call-parser`, else detected from the chat template by server/api/output_formats.py):
+Formats (`--tool-call-parser`, else detected from the chat template by server/api/output_reader.py):
 - hermes (Qwen2.5/3, Hermes, most ChatML tool templates): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
   one block per call;
 - llama3_json (Llama 3.1-3.3): `<|python_tag|>` then JSON calls `{"name": ..., "parameters": {...}}`

@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tools import ToolPlan
+from server.api.tool_request import ToolPlan
 from server.engine.sampling_params import StructuredSpec
 
 # The reasoning: any text up to the first `</think>` (lazy: it ends there).

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.api.admission import Admission
+from server.api.choice_stream import Deadline
 from server.api.errors import APIError
-from server.api.generation import Deadline
 from server.cli import build_parser, config_from_args
 from server.config import Config
 

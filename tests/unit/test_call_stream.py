@@ -10,9 +10,9 @@ import pytest
 
 from server.api.call_stream import MORE, call_header
 from server.api.output_reader import OutputFormat, OutputReader
-from server.api.tool_calls import merge_deltas
+from server.api.tool_call_reader import merge_deltas
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tools import ToolPlan
+from server.api.tool_request import ToolPlan
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("get_weather", "add")]
 AUTO = ToolPlan(TOOLS, "auto")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.api.generation import Deadline, DeadlineExceeded, _next_outputs
+from server.api.choice_stream import Deadline, DeadlineExceeded, _next_outputs
 from server.engine.llm_engine import RequestOutput
 from server.engine.sequence import FinishReason
 

@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from server.api.engine_params import compile_spec
 from server.api.errors import APIError
-from server.api.sampling import compile_spec
 from server.engine.grammar import make_compiler
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import StructuredSpec

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from server.api.engine_params import choice_requests
 from server.api.errors import APIError, error_body
 from server.api.protocol import (
     MAX_SCHEMA_CHARS,
@@ -17,7 +18,6 @@ from server.api.protocol import (
     check_text,
     schema_depth,
 )
-from server.api.sampling import choice_requests
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 
 from server.api.detokenizer import IncrementalDetokenizer
 from server.api.output_reader import OutputFormat, OutputPlan
-from server.api.tool_calls import merge_deltas
+from server.api.tool_call_reader import merge_deltas
 from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
 from server.api.tool_grammar import shape
-from server.api.tools import ToolPlan, call_spec
+from server.api.tool_request import ToolPlan, call_spec
 from server.engine.grammar import GrammarCompiler
 from server.engine.sampling_params import StructuredSpec
 from server.loader import DEMO_MODEL

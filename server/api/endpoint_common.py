@@ -15,9 +15,9 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from server.api.admission import MAX_PROMPTS, Ticket
+from server.api.choice_stream import Deadline
 from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.api.errors import APIError, error_json, invalid_param
-from server.api.generation import Deadline
 from server.api.prompts import check_prompt_chars, message_chars
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import json_response

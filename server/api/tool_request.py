@@ -6,7 +6,7 @@ Output format. A forced call is the JSON object `{"name": "<function>", "argumen
 most when parallel_tool_calls is false); the grammar makes the arguments valid against the
 function's parameters. With tool_choice "auto" the model may answer in text or write calls in that
 format, bare or inside Hermes-style `<tool_call>...</tool_call>` blocks (what tool-aware ChatML
-templates teach); server/api/tool_calls.py reads them. tool_choice "none" hides the tools.
+templates teach); server/api/tool_call_reader.py reads them. tool_choice "none" hides the tools.
 
 Prompt. A chat template that knows tools (its source mentions `tools`) gets them as it expects
 (`apply_chat_template(..., tools=...)`). Any other template gets a system message, first in the
@@ -32,10 +32,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.api.engine_params import close_objects
 from server.api.errors import invalid_param
 from server.api.prompts import encode_chat
 from server.api.protocol import ChatCompletionRequest, NamedToolChoice
-from server.api.sampling import close_objects
 from server.engine.client import StructuredSpec
 
 ToolMode = Literal["auto", "required", "named"]

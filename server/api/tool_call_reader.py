@@ -4,7 +4,7 @@ OpenAI's `delta.tool_calls` (index, id and name first, then fragments of the arg
 A whole (non-streamed) response is read by the same reader fed the whole text at once, so a
 streamed call reassembles into exactly the call the whole response has.
 - forced calls (tool_choice "required" or a named function) follow the grammar of
-  server/api/tools.py, so they are read incrementally: each call is sent as soon as its name is
+  server/api/tool_request.py, so they are read incrementally: each call is sent as soon as its name is
   known, its arguments as they come;
 - with tool_choice "auto" the model may write text and calls in its family's format, anywhere:
   server/api/tool_formats.py reads them, streaming each call's arguments once its start is certain.
@@ -19,7 +19,7 @@ from typing import Any
 
 from server.api.call_stream import JsonEnd, Part
 from server.api.tool_formats import HERMES, AutoToolReader, ToolFormat
-from server.api.tools import ToolPlan
+from server.api.tool_request import ToolPlan
 
 # The start of a forced call, up to the first character of its arguments.
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*(?=\S)')

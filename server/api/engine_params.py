@@ -9,8 +9,8 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from server.api.choice_stream import ChoiceRequest
 from server.api.errors import APIError, invalid_param
-from server.api.generation import ChoiceRequest
 from server.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
 from server.engine.client import SamplingParams, StructuredSpec
 from server.engine.grammar import GrammarError
