@@ -8,7 +8,8 @@
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
-#   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels
+#   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels,
+#                                      # gated delta prefill (chunked vs token by token, bench/kernels_gated_delta.py)
 #   bash bench/gpu_record.sh diag      # batch-64 step profiles with 8 adapters (rank-64 and rank-16 slots) and
 #                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
 #   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
@@ -276,6 +277,10 @@ checks)
     save
     elapsed "nf4 kernels"
     timeout 100 python bench/kernels_nf4.py --precompile 14 --out "$RES/kernels-nf4.md" --json "$RES/kernels-nf4.json" > "$RES/kernels-nf4.log" 2>&1
+    save
+    elapsed "gated delta prefill kernels"
+    timeout 120 python bench/kernels_gated_delta.py --out "$RES/kernels-gated-delta.md" > "$RES/kernels-gated-delta.log" 2>&1
+    cat "$RES/kernels-gated-delta.md" 2>/dev/null
     ;;
 esac
 elapsed "done"

@@ -3,9 +3,10 @@ each with its recurrent state S [heads, k_dim, v_dim] (float32) in a row of the 
 Per token: S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T q, with q and k L2-normalized and q
 scaled by k_dim^-0.5. A prompt chunk continues from the state its previous chunk left.
 
-References: `gated_delta_rule_ref` (token by token) and `chunked_gated_delta_ref` (the same rule over
-chunks of C tokens in a few matrix products, for long prompts). Dispatch: the Triton kernel
-(`triton_gated_delta`) on CUDA tensors, the references elsewhere."""
+References: `gated_delta_rule_ref` (token by token) and `chunked_span` (the same rule over
+chunks of C tokens in a few matrix products, for long prompts). Dispatch: the Triton kernels
+(`triton_gated_delta`: token by token, and chunked for prompts of CHUNK tokens or more) on CUDA
+tensors, the references elsewhere."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from kernels.state_batch import StateBatch
 
-CHUNK = 64  # prompts at least this long take the chunked form on the CPU
+CHUNK = 64  # prompts at least this long take the chunked form (CPU and GPU)
 
 
 def normalize_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,17 +67,17 @@ def chunked_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
 
 def gated_delta_rule_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                         state: torch.Tensor, batch: StateBatch) -> torch.Tensor:
+                         state: torch.Tensor, batch: StateBatch, chunked_from: int = CHUNK) -> torch.Tensor:
     """q, k [T, H, dk] (raw: normalized here), v [T, H, dv], g and beta [T, H]; state [S, H, dk, dv]
-    float32, updated in place. Returns [T, H, dv] in v's dtype. Prompts of CHUNK tokens or more take
-    the chunked form, the rest go token by token."""
+    float32, updated in place. Returns [T, H, dv] in v's dtype. Prompts of `chunked_from` tokens or
+    more take the chunked form, the rest go token by token (tests pass a huge one: all of them)."""
     qn, kn = normalize_qk(q, k)
     vf, gf, bf = v.float(), g.float(), beta.float()
     out = torch.empty_like(vf)
     qsl = batch.query_start_loc_host
     for i, (slot, initial) in enumerate(zip(batch.slots_host, batch.has_initial_host, strict=True)):
         a, b = qsl[i], qsl[i + 1]
-        span = chunked_span if b - a >= CHUNK else recurrent_span
+        span = chunked_span if b - a >= chunked_from else recurrent_span
         out[a:b], final = span(qn[a:b], kn[a:b], vf[a:b], gf[a:b], bf[a:b], _initial(state, slot, initial))
         state[slot] = final
     return out.to(v.dtype)
