@@ -6,6 +6,7 @@
 #   bash bench/gpu_record.sh peers     # Unsloth (default, CUDA graphs, + LoRA), transformers+bnb; report; structured
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses);
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
+#   bash bench/gpu_record.sh roofline  # issue 23: engine alone, ready time, HTTP c1/c64/8 adapters, TTFT 64/512/3000, 16 x 3,000-token prompts
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels,
@@ -121,6 +122,39 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
         timeout "$left" python bench/profile_eager.py --model "$WORK/model-bnb-4bit" --prompt-lens 64,512 \
             --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     fi
+    ;;
+roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/8/64), the server's ready
+    # time, HTTP c1 / c64 / c64 with 8 adapters, idle TTFT at 64 / 512 / 3,000 prompt tokens, and 16
+    # streams of 3,000-token prompts (inter-token p50 / p99, prompt tok/s)
+    ensure_model
+    save
+    elapsed "engine"
+    compare_stage engine 160
+    save
+    elapsed "server with 8 adapters"
+    started=$(date +%s.%N)
+    adapter_server 8125 "$RES/server.log" 400 200 --max-model-len 4096
+    python -c "print(f'ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" | tee "$RES/ready.txt"
+    grep -h "start-up\|ready in" "$RES/server.log" | tail -20 >> "$RES/ready.txt"
+    serve() {  # serve NAME CONCURRENCY PROMPTS INPUT OUTPUT [flags]
+        local name=$1 c=$2 n=$3 in=$4 outl=$5
+        shift 5
+        timeout 100 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
+            --input-len "$in" --output-len "$outl" --max-concurrency "$c" --num-prompts "$n" "$@" \
+            --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
+        grep -E "Output token throughput|Mean TTFT|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Input token" "$RES/$name.txt" \
+            | sed "s/^/$name: /"
+    }
+    serve c1 1 16 64 128
+    serve c64 64 192 64 128
+    serve c64-8lora 64 192 64 128 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7
+    save
+    serve ttft64 1 12 64 1
+    serve ttft512 1 12 512 1
+    serve ttft3000 1 8 3000 1
+    serve long16 16 48 3000 128
+    save
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     ;;
 ab)  # serving variants on one machine and model, c64 / c8 / c1: the default (engine process),
     # --async-scheduling, and --engine-mode thread (the engine in the HTTP process, sharing its GIL)
