@@ -75,6 +75,11 @@ COPY --from=build /opt/venv /opt/venv
 
 # Nothing is downloaded at run time: weights come from /model (and LoRA adapters from /adapters),
 # every cache (Hugging Face, Triton, TorchInductor, Unsloth's generated code) lives in /cache.
+# Mount a volume there: the kernels compiled at the first start are read back at the next ones
+# (sloth-serve keeps these variables; --compile-cache-dir would move them all). To fill it before the
+# first real start, run once with the serving flags plus --precompile-only (it needs the GPU, so not
+# at `docker build`):
+#   docker run --gpus all -v sloth-cache:/cache -v "$PWD/model:/model:ro" sloth-serve --model /model --precompile-only
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \

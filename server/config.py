@@ -104,6 +104,17 @@ class Config:
     warmup: bool = setting(  # LLMEngine.warmup
         True, "CUDA: skip compiling the prefill kernels at startup (first requests then compile them)",
         "engine", names=("--no-warmup",))
+    # server/compile_cache.py: Triton's, TorchInductor's and Unsloth's caches under one root, kept
+    # across restarts (a volume in a container) so a warm start compiles nothing.
+    compile_cache_dir: str | None = setting(
+        None, "keep compiled kernels (Triton, TorchInductor, Unsloth) under DIR across restarts (default: "
+        "$TRITON_CACHE_DIR etc. where set, else $XDG_CACHE_HOME/sloth-serve or ~/.cache/sloth-serve)", "engine",
+        metavar="DIR", env="SLOTH_COMPILE_CACHE_DIR")
+    # server/precompile.py: an init container's or an image build's step, with the serving flags.
+    precompile_only: bool = setting(
+        False, "load the model, compile the kernels the warmup meets (with the --lora adapters' too) into the "
+        "compile cache, and exit 0; give the flags the server runs with (shapes decide the kernels). On the CPU "
+        "there is nothing to compile: it says so and exits 0", "engine")
     cuda_graph_sizes: tuple[int, ...] = setting(
         (), "decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)", "engine",
         metavar="SIZES", parse=flags.int_list)
@@ -237,6 +248,8 @@ def _check_engine(config: Config) -> None:
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras", "max_lora_rank", "max_cpu_loras"):
         _at_least(config, name, 1)
     _at_least(config, "max_model_len", 2)
+    if config.precompile_only and not config.warmup:
+        raise ValueError("--precompile-only compiles what the warmup runs: leave out --no-warmup")
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {config.gpu_memory_utilization}")
 

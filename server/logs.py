@@ -1,5 +1,5 @@
 """Logging set-up: plain text or one JSON object a line (`--log-format json`, where library output
-is routed through logging too), the access-log filter, start-up phase timings, and the one line
+is routed through logging too), the access-log filter, and the one line
 written for every finished request."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from server.startup_clock import STARTUP_LOGGER  # noqa: F401 (start-up messages log under it)
+
 REQUEST_LOGGER = "sloth_serve.requests"
-STARTUP_LOGGER = "sloth_serve.startup"
 # Paths that load balancers and Prometheus poll every few seconds: left out of the access log.
 PROBE_PATHS = ("/health", "/metrics")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -189,19 +189,6 @@ def pump(stdout_fd: int, stderr_fd: int) -> None:
                     logger.log(level, text)
             if not chunk:
                 selector.unregister(fd)
-
-
-@contextmanager
-def startup_phase(name: str, log: bool = True) -> Iterator[None]:
-    """Logs how long one start-up phase took (not when it raises: the error says that; nor where
-    `log` is false: a phase with nothing to do here)."""
-    start = time.perf_counter()
-    yield
-    seconds = time.perf_counter() - start
-    if not log:
-        return
-    logging.getLogger(STARTUP_LOGGER).info("start-up: %s took %.2fs", name, seconds,
-                                           extra={"fields": {"phase": name, "seconds": round(seconds, 3)}})
 
 
 def log_finished_request(fields: dict[str, Any]) -> None:

@@ -187,6 +187,10 @@ class EngineMetrics:
         self.in_flight = Gauge("sloth:num_requests_in_flight",
                                "Admitted requests not finished, as --max-queued-requests counts them.", registry=r)
         self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
+        self.startup = Gauge("sloth:startup_seconds",
+                             "Seconds the start-up took to ready (phase=total) and by kind: load, convert "
+                             "(quantize / adopt / merge), warmup (kernel compiles), graphs (CUDA graph "
+                             "capture), other. Set once, when the model is ready.", ["phase"], registry=r)
         r.register(StallCollector(stall_counts))
         r.register(LoraInfoCollector(self))
         self.spec_stats: SpecStats | None = None  # the scheduler's, seen at the first step
@@ -225,6 +229,10 @@ class EngineMetrics:
             self.server_status.labels(name).set(1 if name == status else 0)
         self.in_flight.set(in_flight)
         self.in_flight_limit.set(limit)
+
+    def set_startup(self, totals: dict[str, float]) -> None:
+        for phase, seconds in totals.items():
+            self.startup.labels(phase).set(round(seconds, 3))
 
     def on_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """One engine step: its record, and the outputs it produced (observed at the step's end time)."""

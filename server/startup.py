@@ -10,17 +10,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from server import compile_cache, startup_clock
 from server.config import Config
-from server.logs import (
-    STARTUP_LOGGER,
-    JsonFormatter,
-    capture_output,
-    configure_logging,
-    quiet_progress_bars,
-    release_output,
-    startup_phase,
-)
+from server.logs import JsonFormatter, capture_output, configure_logging, quiet_progress_bars, release_output
 from server.preflight import StartupError, run_checks
+from server.startup_clock import STARTUP_LOGGER, startup_phase
 
 logger = logging.getLogger(STARTUP_LOGGER)
 EXIT_USAGE = 2  # as argparse: the server cannot start as configured
@@ -46,7 +40,9 @@ def report_startup_error(exc: BaseException, log_level: str, log_format: str) ->
 
 def serve(config: Config) -> int:
     """Check, then serve until a signal: 0 after a drain, 1 when the model failed to load or the
-    engine process died, 2 when a start-up check failed, 128 + the signal when stopped while loading."""
+    engine process died, 2 when a start-up check failed, 128 + the signal when stopped while loading.
+    With --precompile-only: check, compile the kernels into the cache, and exit."""
+    startup_clock.begin()  # from the process's start: the summary line counts the interpreter's too
     json_lines = config.log_format == "json"
     if json_lines:
         quiet_progress_bars()
@@ -55,9 +51,18 @@ def serve(config: Config) -> int:
     try:
         with startup_phase("checks (model folder, adapters, device, port)"):
             summary = run_checks(config, config.served_model_name or Path(config.model).name)
-    except StartupError as exc:
+            # Before the engine process is spawned (it inherits the variables) and Triton is imported.
+            caches, warnings = compile_cache.prepare(config.compile_cache_dir)
+    except (StartupError, ValueError) as exc:
         return report_startup_error(exc, config.log_level, config.log_format)
     logger.info("model %s", summary)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    logger.info("%s", compile_cache.describe(caches))
+    if config.precompile_only:
+        from server.precompile import precompile
+
+        return precompile(config, caches)
     if json_lines:
         capture_output()  # print(), tqdm, C libraries: every line on stderr is JSON from here on
     engine = None
@@ -66,7 +71,7 @@ def serve(config: Config) -> int:
 
         engine = ProcessEngineClient(config)
         engine.spawn()
-    with startup_phase("import torch and the server"):
+    with startup_phase("import torch and the server", "other"):
         import uvicorn
 
         from server.api import create_app

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
+from server import startup_clock
 from server.adapters import Adapter, AdapterRegistry
 from server.api.admission import Admission
 from server.api.errors import APIError
@@ -96,6 +97,7 @@ class ServerState:
         self.drain_deadline = 0.0
         self.adapter_locks: dict[str, asyncio.Lock] = {}
         self.registry = CollectorRegistry()  # per app, so several servers can live in one process
+        self.clock = startup_clock.claim()  # the CLI's (from the process's start), or a new one
         self.metrics = EngineMetrics(self.registry, self._model_name_of, config.max_loras, self._stall_counts)
         self.admission.export(self.registry)
 
@@ -152,7 +154,8 @@ class ServerState:
         engine.on_step = self.metrics.on_step
         try:
             info = await engine.start()
-            runtime = await asyncio.to_thread(self._runtime, engine, info)
+            with startup_clock.startup_phase("front end: tokenizer, chat template, grammar vocabulary", "other"):
+                runtime = await asyncio.to_thread(self._runtime, engine, info)
             self.runtime = runtime  # set before the adapters: their ids are read by the metrics' labels
             for name, path in config.lora_modules:
                 if name == self.base_model_id:
@@ -176,6 +179,15 @@ class ServerState:
         fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
         logger.info("ready to serve: %s (engine in a %s)", ", ".join([self.base_model_id, *(a.name for a in runtime.adapters)]),
                     config.engine_mode)
+        self._report_startup()
+
+    def _report_startup(self) -> None:
+        """The start-up's summary line (`start-up: ready in ...`, grep-able with the phase lines) and gauge."""
+        totals = self.clock.totals(self.clock.elapsed())
+        self.metrics.set_startup(totals)
+        logging.getLogger(startup_clock.STARTUP_LOGGER).info(
+            "start-up: %s", startup_clock.summary_line(totals),
+            extra={"fields": {"startup_seconds": {k: round(v, 3) for k, v in totals.items()}}})
 
     def _runtime(self, engine: EngineClient, info: EngineInfo) -> Runtime:
         """The front end's half of loading (a worker thread): tokenizers and the grammar compiler."""

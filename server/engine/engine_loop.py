@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server import startup_clock
 from server.engine import stalls
 from server.engine.failures import describe, is_out_of_memory
 from server.engine.llm_engine import LLMEngine, StepObserver
@@ -53,6 +54,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         eos_token_ids=frozenset(engine.eos_token_ids), vocab_size=int(loaded.model.config.vocab_size),
         max_model_len=engine.max_model_len, num_blocks=engine.block_manager.num_blocks,
         block_size=engine.block_manager.block_size, max_lora_rank=engine.lora_manager.max_rank,
+        startup_phases=engine.startup_phases,
     )
 
 
@@ -206,6 +208,7 @@ class EngineLoop:
             self.load_lora(cmd)
 
     def _adapter_call(self, cmd: LoadedLora | RemoveLora) -> None:
+        mark = startup_clock.current().mark()
         try:
             if isinstance(cmd, LoadedLora):
                 self.engine.add_lora(cmd.adapter_id, cmd.weights)
@@ -219,7 +222,7 @@ class EngineLoop:
             logger.exception("an adapter call failed")
             self.send(Reply(cmd.call_id, error=describe(exc)))
         else:
-            self.send(Reply(cmd.call_id, result=result))
+            self.send(Reply(cmd.call_id, result=result, startup_phases=startup_clock.current().since(mark)))
 
     def _send_rejected(self, rejected: list[RequestOutput]) -> None:
         if rejected:

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from server import startup_clock
 from server.config import Config
 from server.engine.engine_loop import EngineLoop, engine_info
 from server.engine.grammar import GrammarError
@@ -23,6 +24,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.wire import AddLora, AddRequest, Event, LoadFailed, Ready, command_codec, event_codec
 from server.loader.tokenizer import base_tokenizer_folder, load_tokenizer
 from server.logs import configure_logging
+from server.startup_clock import Phase
 
 logger = logging.getLogger(__name__)
 PARENT_POLL_S = 0.5
@@ -46,6 +48,9 @@ def main(config: Config, commands_address: str, events_address: str, parent_pid:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # With --log-format json, fd 2 is the front end's output pump, which passes JSON records through.
     configure_logging(config.log_level, config.log_format, access_log=False, log_requests=False)
+    # The interpreter's start and the imports (torch, the engine), before anything could log.
+    clock = startup_clock.current()
+    startup_clock.record_phase(Phase("engine process: start, import torch and the engine", "other", clock.elapsed()))
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="sloth-parent-watch", daemon=True).start()
     context = zmq.Context()
     events = context.socket(zmq.PUSH)

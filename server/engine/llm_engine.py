@@ -34,7 +34,7 @@ from server.engine.state_cache import StateSlots
 from server.engine.state_snapshots import StateSnapshots
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
-from server.logs import startup_phase
+from server.startup_clock import Phase, current, startup_phase
 
 __all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
 
@@ -84,11 +84,12 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
-        with startup_phase("load weights", log=loaded is None):
-            self.loaded = loaded or load_checkpoint(
-                config.model, self.dtype, self.device, config.load_format, config.max_model_len or 2048,
-                config.merge_lora, config.max_lora_rank,
-            )
+        clock_mark = current().mark()
+        # load_checkpoint times its own phases: reading, and converting to our layers
+        self.loaded = loaded or load_checkpoint(
+            config.model, self.dtype, self.device, config.load_format, config.max_model_len or 2048,
+            config.merge_lora, config.max_lora_rank,
+        )
         model = self.loaded.model
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
@@ -97,8 +98,7 @@ class LLMEngine:
             raise ValueError(f"speculative decoding cannot serve {model.config.family}: its recurrent layers' state "
                              f"cannot be rolled back past rejected draft tokens; leave out --speculative-method / "
                              f"--speculative-model")
-        with startup_phase("load the draft model", log=bool(config.speculative_model)):
-            self.draft_model = load_draft_model(config, model, self.dtype, self.device)
+        self.draft_model = load_draft_model(config, model, self.dtype, self.device)  # timed as the model's load
         if self.draft_model is not None and self.draft_model.config.has_state:
             raise ValueError(f"--speculative-model is a {self.draft_model.config.family} model, whose recurrent layers' "
                              f"state the draft runner does not keep: use a draft of attention layers only")
@@ -144,16 +144,19 @@ class LLMEngine:
         self.defer_observation = False  # step() keeps its observer record for observe_deferred()
         self._inflight: LaunchedDecode | None = None  # async scheduling: a decode step not read yet
         self._unobserved: list[tuple[ScheduledBatch | None, list[RequestOutput], float | None, float]] = []
-        with startup_phase("capture CUDA graphs", log=self.runner.graphs is not None):
+        with startup_phase("capture CUDA graphs", "graphs", log=self.runner.graphs is not None):
             self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
             try:
-                logger.info("warmup: prefill and sampling kernels compiled in %.1fs", self.warmup())
+                with startup_phase("warmup: prefill and sampling kernels compiled or read from the cache", "warmup"):
+                    self.warmup()
             except Exception as exc:  # the same path every request takes: better to stop here, saying so
                 raise RuntimeError(f"engine warmup failed ({type(exc).__name__}: {exc}); requests would fail the "
                                    "same way (--no-warmup skips the warmup)") from exc
         if self.device.type == "cuda" and stalls.watch_compiles():
             stalls.serving()  # from here a kernel compile stalls requests: each one is logged
+        # What this start-up timed here (the engine process sends them to the front end's summary).
+        self.startup_phases: tuple[Phase, ...] = current().since(clock_mark)
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.loaded.folder, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -263,16 +266,19 @@ class LLMEngine:
                 self._first_adapter_loaded(adapter_id, weights)
 
     def _first_adapter_loaded(self, adapter_id: int, weights: LoRAWeights) -> None:
-        self.runner.capture_graphs()  # decode graphs that include the LoRA kernels
+        # Decode graphs that include the LoRA kernels.
+        with startup_phase("capture CUDA graphs with the LoRA kernels", "graphs", log=self.runner.graphs is not None):
+            self.runner.capture_graphs()
         # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
         # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
         if self.config.warmup and self.device.type == "cuda" and not self.has_unfinished_requests:
             observer, self.observer = self.observer, None  # warmup requests are not traffic
             try:
-                seconds = self.warmup(adapter_id)
+                with startup_phase(f"warmup with adapter {weights.name}: LoRA kernels compiled or read from the "
+                                   "cache", "warmup"):
+                    self.warmup(adapter_id)
             finally:
                 self.observer = observer
-            logger.info("warmup with adapter %s: LoRA kernels compiled in %.1fs", weights.name, seconds)
 
     def remove_lora(self, adapter_id: int) -> None:
         """Unload an adapter once no request uses it: running requests finish on its weights."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from server.engine.sequence import FinishReason, TokenLogprob
 from server.engine.spec_decode.stats import SpecStats
+from server.startup_clock import Phase
 
 if TYPE_CHECKING:
     from server.engine.sequence import Sequence
@@ -97,6 +98,9 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     max_lora_rank: int
+    # The engine's timed start-up phases (load, conversion, graphs, warmup): the front end's summary
+    # line and gauge add those of an engine process to its own.
+    startup_phases: tuple[Phase, ...] = ()
 
     @property
     def num_cache_tokens(self) -> int:

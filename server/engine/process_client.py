@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from server import startup_clock
 from server.config import Config
 from server.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
 from server.engine.mm_inputs import MultiModalInputs
@@ -114,6 +115,7 @@ class ProcessEngineClient(EngineClient):
         if isinstance(event, LoadFailed):
             raise EngineLoadError(event.message)
         assert isinstance(event, Ready)
+        startup_clock.current().extend(event.info.startup_phases)  # timed in the engine process
         self.stats = event.info.initial_stats(loop.time())
         self._receiver = asyncio.create_task(self._receive(), name="sloth-engine-events")
         return event.info
@@ -171,6 +173,7 @@ class ProcessEngineClient(EngineClient):
         if isinstance(event, StepOutputs):
             self._on_outputs(event)
         elif isinstance(event, Reply):
+            startup_clock.current().extend(event.startup_phases)  # an adapter's first load (graphs, kernels)
             resolve_call(self._calls, event)
         elif isinstance(event, Dead):
             logger.error("the engine stopped: %s", event.reason)

@@ -16,6 +16,7 @@ from server.engine.mm_inputs import MultiModalInputs
 from server.engine.outputs import EngineInfo, RequestOutput, StepStats
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
+from server.startup_clock import Phase
 
 # --- front end -> engine ------------------------------------------------------------------------
 
@@ -68,6 +69,9 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     result: int | None = None
     error: str | None = None
     is_value_error: bool = False  # the caller's mistake (a 400), not the engine's
+    # What the call timed: the first adapter's load recaptures the CUDA graphs and compiles the LoRA
+    # kernels (an engine process's, for the front end's start-up summary).
+    startup_phases: tuple[Phase, ...] = ()
 
 
 class Dead(msgspec.Struct, tag=True, array_like=True):

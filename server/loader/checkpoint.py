@@ -18,6 +18,7 @@ from server.loader.peft import check_fits, load_lora
 from server.models.families import route_of
 from server.models.mxfp4 import is_mxfp4
 from server.models.weights import CausalLM, load_model
+from server.startup_clock import startup_phase
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +89,21 @@ def load_checkpoint(
 
         # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,
         # config) without being one of their classes: typed as them for the engine.
-        model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length, path == "vision"))
+        # Through Unsloth its reading is timed inside (as load): what is left here is the conversion.
+        with startup_phase(f"load {folder.name} (transformers' modules, our NF4 linears)",
+                           "convert" if load_format == "unsloth" else "load"):
+            model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length, path == "vision"))
     elif load_format == "unsloth" and not mxfp4:
         from server.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
 
-        model = load_and_adopt(folder, max_seq_length, dtype, device)
+        model = load_and_adopt(folder, max_seq_length, dtype, device)  # times its reading and its adoption
     else:
-        model = load_model(folder, dtype, device)
+        # Read and placed tensor by tensor (fused projections filled as they come): one phase.
+        with startup_phase(f"read {folder.name}'s safetensors into the model", "load"):
+            model = load_model(folder, dtype, device)
     if merge_lora:
-        merge_adapter(model, Path(merge_lora), max_lora_rank, dtype)
+        with startup_phase(f"merge adapter {Path(merge_lora).name} into the base", "convert"):
+            merge_adapter(model, Path(merge_lora), max_lora_rank, dtype)
     return LoadedModel(model, folder, read_eos_token_ids(folder), adapter_folder)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from server.loader.nf4_disk import with_4bit_from_disk
 from server.models.config import ModelConfig
 from server.models.moe import expert_weight_names
 from server.models.weights import CausalLM, build_model, text_model_name
+from server.startup_clock import startup_phase
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,17 +31,21 @@ def load_hf_with_unsloth(folder: Path, max_seq_length: int, vision: bool = False
     """`vision`: an image-text model, loaded as Unsloth's vision notebooks do (FastVisionModel)."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from unsloth import FastLanguageModel, FastVisionModel  # imported late: it patches transformers on import
+    # Imported late (it patches transformers on import): a phase of its own, seconds on a GPU machine.
+    with startup_phase("import Unsloth", "load", log="unsloth" not in sys.modules):
+        from unsloth import FastLanguageModel, FastVisionModel
 
     from server.loader.gpt_oss_layout import unsloth_gpt_oss_classes
 
     fast = FastVisionModel if vision else FastLanguageModel
-    with unsloth_gpt_oss_classes(folder):  # Unsloth's per-expert gpt-oss layout, recognized from the disk
-        model, _tokenizer = fast.from_pretrained(
-            model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
-            local_files_only=True,
-        )
-    fast.for_inference(model)
+    # A 16-bit checkpoint is quantized to NF4 here, as bitsandbytes loads it: inseparable from the read.
+    with startup_phase(f"read {folder.name} through Unsloth (from_pretrained, for_inference)", "load"):
+        with unsloth_gpt_oss_classes(folder):  # Unsloth's per-expert gpt-oss layout, recognized from the disk
+            model, _tokenizer = fast.from_pretrained(
+                model_name=str(folder), max_seq_length=max_seq_length, load_in_4bit=True, dtype=None,
+                local_files_only=True,
+            )
+        fast.for_inference(model)
     return model
 
 
@@ -70,12 +76,14 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     adopted: set[str] = set()
     # 4-bit weights transformers 5 could not load in 4-bit (per-expert MoE experts) are read from the disk.
     named = with_4bit_from_disk(folder, hf_weights(hf_model), cfg.num_experts)
-    model = build_model(cfg, _recorded(named, adopted), dtype, device)
-    check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts)
-    del hf_model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    with startup_phase("adopt the weights into the engine's layers (NF4 bytes shared, projections fused)",
+                       "convert"):
+        model = build_model(cfg, _recorded(named, adopted), dtype, device)
+        check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts)
+        del hf_model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     num_4bit = sum(1 for m in model.modules() if getattr(m, "is_quantized", False))
     logger.info("loaded %s through Unsloth in %.1fs (adoption %.1fs): %d linear layers kept in 4-bit", folder,
                 time.perf_counter() - start, time.perf_counter() - loaded, num_4bit)
