@@ -164,6 +164,7 @@ def test_json_log_is_all_json_with_phases_and_no_probe_lines(tmp_path: Path) -> 
         wait_for(lambda: health_status(url) == "ok", "ready server", process, log, 300)
         for path in ("/health", "/health?probe=1", "/metrics", "/v1/models"):
             assert httpx.get(url + path, timeout=10).status_code == 200
+        metrics = httpx.get(url + "/metrics", timeout=10).text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
@@ -181,7 +182,15 @@ def test_json_log_is_all_json_with_phases_and_no_probe_lines(tmp_path: Path) -> 
     # Library output (Unsloth's print() banner, warnings) arrives as records, not raw text.
     assert loggers & {"sloth_serve.stdout", "sloth_serve.stderr", "py.warnings"}, loggers
     phases = {r.get("phase") for r in records}
-    assert {"load weights", "import torch and the server"} <= phases, phases
+    assert "import torch and the server" in phases, phases
+    # The engine process's phases (Unsloth's read, the adoption) as records of their own, by kind.
+    assert {"load", "convert", "other"} <= {r.get("kind") for r in records}
+    (summary,) = [r for r in records if "startup_seconds" in r]
+    assert summary["message"].startswith("start-up: ready in "), summary
+    totals = summary["startup_seconds"]
+    assert totals["load"] > 0 and totals["convert"] > 0
+    assert abs(sum(v for k, v in totals.items() if k != "total") - totals["total"]) < 0.01, totals
+    assert f'sloth:startup_seconds{{phase="total"}} {totals["total"]}' in metrics
     access = [r["message"] for r in records if r["logger"] == "uvicorn.access"]
     assert any("GET /v1/models" in m for m in access), access
     assert not any("/health" in m or "/metrics" in m for m in access), access
