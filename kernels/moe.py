@@ -7,7 +7,7 @@ elsewhere."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,15 @@ def moe_experts_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n
     (ordered by top-k position, then token, as transformers orders them) and index-added into a
     zeroed output in expert order. Host-synchronizing (it loops over the experts in use)."""
     out = torch.zeros_like(x)
+    for e, slot, token in expert_groups(ids, num_experts):
+        y = expert(e, x[token]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def expert_groups(ids: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, top-k position [n], token [n]) for each expert in use, in expert order, its tokens
+    ordered by top-k position, then token (transformers' order). Host-synchronizing."""
     num_tokens = ids.shape[0]
     flat = ids.t().reshape(-1)  # assignment a = slot * T + token
     order = torch.argsort(flat, stable=True)
@@ -51,10 +60,7 @@ def moe_experts_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n
             continue
         assignment = order[start : start + n]
         start += n
-        slot, token = assignment // num_tokens, assignment % num_tokens
-        y = expert(e, x[token]) * weights[token, slot, None]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
+        yield e, assignment // num_tokens, assignment % num_tokens
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,

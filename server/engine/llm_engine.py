@@ -34,6 +34,7 @@ from server.engine.state_cache import StateSlots
 from server.engine.state_snapshots import StateSnapshots
 from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from server.loader.peft import LoRAWeights, startup_lora_rank
+from server.models.moe import expert_modules
 from server.startup_clock import Phase, current, startup_phase
 
 __all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
@@ -122,7 +123,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         self.lora_manager = LoRAManager(
-            model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device
+            model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
+            expert_modules(model),
         )
         buckets = None
         if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager

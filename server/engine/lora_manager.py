@@ -5,18 +5,24 @@ used evicted first."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 
 from server.loader.peft import LoRAWeights, check_fits
 from server.models.layers import LoRALinear
+from server.models.moe import Experts
 
 
 class LoRAManager:
     def __init__(
-        self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device
+        self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+        experts: dict[str, Experts] | None = None,
     ) -> None:
         self.layers = layers
+        # MoE experts modules: an adapter's LoRA on them goes into their own per-slot tables
+        # (server/models/expert_lora.py), written with the slot
+        self.experts = experts or {}
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.dtype = dtype
@@ -33,7 +39,7 @@ class LoRAManager:
     def add(self, adapter_id: int, weights: LoRAWeights) -> None:
         # Checked here, not only at load: a slot write that fails mid-step would stop the engine for
         # every request, where a refusal now fails only this adapter's load.
-        check_fits(weights, self.layers)
+        check_fits(weights, self.layers, self.experts)
         for (module, _), (a, b) in weights.tensors.items():
             if not a.shape[0] == b.shape[1] <= self.max_rank:
                 raise ValueError(f"adapter {weights.name!r}: {module} has rank {a.shape[0]} (A) / {b.shape[1]} (B); "
@@ -45,6 +51,10 @@ class LoRAManager:
             self.has_slots = True
         self.remove(adapter_id)
         self.adapters[adapter_id] = weights
+
+    def has_expert_lora(self, adapter_ids: Iterable[int]) -> bool:
+        """Whether an adapter of these trains MoE experts (its steps run eagerly: see expert_lora.py)."""
+        return any(self.adapters[a].experts for a in adapter_ids if a in self.adapters)
 
     def remove(self, adapter_id: int) -> None:
         self.adapters.pop(adapter_id, None)
@@ -81,5 +91,7 @@ class LoRAManager:
             r = a.shape[0]
             layer.lora_a[index][slot, :r].copy_(a)
             layer.lora_b[index][slot, :, :r].copy_(b)
+        for name, experts in self.experts.items():
+            experts.lora.write(slot, weights.experts.get(name), self.dtype, self.device)
         assert self.slot_ranks is not None
         self.slot_ranks[slot] = max((a.shape[0] for a, _ in weights.tensors.values()), default=0)

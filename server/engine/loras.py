@@ -12,5 +12,6 @@ from server.loader.peft import LoRAWeights, check_fits, load_lora
 def load_adapter(engine: LLMEngine, name: str, path: str | Path) -> LoRAWeights:
     """The adapter's weights, padded to the slots' rank; ValueError when they do not fit the model."""
     weights = load_lora(name, Path(path), engine.lora_manager.max_rank)
-    check_fits(weights, engine.lora_manager.layers)  # refused here, before the engine sees it
+    manager = engine.lora_manager
+    check_fits(weights, manager.layers, manager.experts)  # refused here, before the engine sees it
     return weights

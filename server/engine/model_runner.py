@@ -276,6 +276,9 @@ class ModelRunner:
         # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
         if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
+        # So do adapters with LoRA on MoE experts (their experts run one by one, host-synchronizing).
+        if adapters and self.lora_manager is not None and self.lora_manager.has_expert_lora(adapters):
+            return None
         bs = self.block_size
         positions = [p for _, p in rows]
         lora_slots = None

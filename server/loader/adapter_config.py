@@ -34,8 +34,6 @@ UNSERVED_FIELDS = {
     "alora_invocation_tokens": "an activated LoRA (aLoRA: active only after its invocation tokens), which "
                                "sloth-serve does not serve",
     "layer_replication": "an adapter on a model with replicated layers, which sloth-serve does not build",
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts), which sloth-serve does "
-                         "not serve",
     "use_bdlora": "a block-diagonal LoRA (BD-LoRA), which sloth-serve does not serve",
     "arrow_config": "an Arrow routing adapter, which sloth-serve does not serve",
     "kasa_config": "a KaSA adapter, which sloth-serve does not serve",
@@ -120,6 +118,8 @@ class AdapterConfig:
     bias: str
     base_model: str | None
     raw: dict[str, Any]  # the whole file (modules_to_save and trainable tokens are read from it)
+    # PEFT's LoRA on parameters (`module.param`, matched on the name's end): MoE experts' 3-D weights.
+    target_parameters: tuple[str, ...] = ()
 
     def rank_for(self, module: str) -> int:
         """The rank PEFT gives `module` (its name in the model, e.g. model.layers.0.self_attn.q_proj):
@@ -135,6 +135,12 @@ class AdapterConfig:
         """What B A x is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA (use_rslora)."""
         r = self.rank_for(module)
         return self.alpha_for(module) / (math.sqrt(r) if self.use_rslora else r)
+
+    def targets_parameter(self, module: str, param: str) -> bool:
+        """Whether target_parameters names `module`'s parameter `param`, as PEFT matches them
+        (the whole name, or its end after a dot)."""
+        key = f"{module}.{param}"
+        return any(key == t or key.endswith("." + t) for t in self.target_parameters)
 
     def targets(self, module: str) -> bool:
         """Whether PEFT puts a LoRA on `module` under this config (target_modules, exclude_modules,
@@ -222,6 +228,12 @@ def parse_adapter_config(raw: object, where: str) -> AdapterConfig:
     _field_number(where, raw, "lora_dropout", 0.0)  # training only, but a wrong type means a broken file
     _flag(where, raw, "fan_in_fan_out")  # PEFT turns it off for nn.Linear targets: nothing to do here
     base = raw.get("base_model_name_or_path")
+    target_parameters = raw.get("target_parameters") or []
+    if not (isinstance(target_parameters, list) and all(isinstance(t, str) and t for t in target_parameters)):
+        raise _refuse(where, "target_parameters", target_parameters, "not a list of parameter names")
+    if target_parameters and _field_number(where, raw, "lora_dropout", 0.0):
+        raise _refuse(where, "lora_dropout", raw["lora_dropout"],
+                      "not 0 with target_parameters, which PEFT does not train or apply either")
     return AdapterConfig(
         r=_rank(where, "r", raw["r"]),
         lora_alpha=_field_number(where, raw, "lora_alpha", 8.0),  # PEFT's LoraConfig default
@@ -235,6 +247,7 @@ def parse_adapter_config(raw: object, where: str) -> AdapterConfig:
         bias=bias,
         base_model=base if isinstance(base, str) else None,
         raw=raw,
+        target_parameters=tuple(target_parameters),
     )
 
 

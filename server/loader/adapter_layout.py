@@ -35,6 +35,9 @@ class LoRAPair:
     a_key: str  # the keys on disk
     b_key: str
     rank: int
+    # LoRA on a parameter (PEFT's target_parameters): the names it may be (the model's shapes decide
+    # which; an empty tuple: LoRA on a module). A is [rank * experts, in], B [out, rank * experts].
+    parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,9 @@ def _check_pair(cfg: AdapterConfig, module: str, keys: dict[str, str], specs: di
                                f"({', '.join(FLOAT_DTYPES)})")
         if len(spec.shape) != 2 or 0 in spec.shape:
             raise AdapterError(f"{where}: {key} has shape {list(spec.shape)}; a LoRA factor is a 2-D matrix")
+    parameters = _wrapped_parameters(cfg, module)
+    if parameters:
+        return _parameter_pair(cfg, module, keys, (a, b), parameters, where)
     if not cfg.targets(module):
         raise AdapterError(f"{where} holds LoRA weights for {module}, which target_modules "
                            f"{json.dumps(cfg.raw.get('target_modules'))} does not select (PEFT would ignore them); "
@@ -167,6 +173,39 @@ def _check_pair(cfg: AdapterConfig, module: str, keys: dict[str, str], specs: di
         raise AdapterError(f"{where}: {module}'s LoRA has rank {rank_a} but adapter_config.json says {want} "
                            f"({source}); the config does not belong to these weights")
     return LoRAPair(module, keys["A"], keys["B"], rank_a)
+
+
+def unwrapped(module: str) -> str:
+    """The module PEFT's parameter wrappers (nested as `.base_layer`) sit on."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module
+
+
+def _wrapped_parameters(cfg: AdapterConfig, module: str) -> tuple[str, ...]:
+    """The parameters of `module` that target_parameters names. PEFT wraps each targeted parameter
+    of a module in the wrapper of the one before (`experts.base_layer.lora_A` is the inner one):
+    the wrapping order is not the names', so every candidate is kept for the shapes to decide."""
+    base = unwrapped(module)
+    names = [t.rpartition(".")[2] for t in cfg.target_parameters]
+    return tuple(dict.fromkeys(p for p in names if cfg.targets_parameter(base, p)))
+
+
+def _parameter_pair(cfg: AdapterConfig, module: str, keys: dict[str, str], specs: tuple[TensorSpec, TensorSpec],
+                    parameters: tuple[str, ...], where: str) -> LoRAPair:
+    """A target_parameters LoRA: one A and B for every expert at once (rank r per expert)."""
+    base = unwrapped(module)
+    width_a, width_b = specs[0].shape[0], specs[1].shape[1]
+    if width_a != width_b:
+        raise AdapterError(f"{where}: {keys['A']} has {width_a} rows but {keys['B']} has {width_b} columns; "
+                           f"they must agree: save the adapter again")
+    ranks = [cfg.rank_for(f"{base}.{p}") for p in parameters]
+    rank = next((r for r in ranks if width_a % r == 0), None)
+    if rank is None:
+        raise AdapterError(f"{where}: {keys['A']} has {width_a} rows, not a multiple of the rank {ranks[0]} "
+                           f"adapter_config.json gives {base}.{parameters[0]}; the config does not belong to "
+                           f"these weights")
+    return LoRAPair(base, keys["A"], keys["B"], rank, parameters)
 
 
 def weights_file(folder: Path) -> Path:

@@ -15,7 +15,9 @@ from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
 from server.loader.nf4_disk import is_bnb_4bit
 from server.loader.peft import check_fits, load_lora
+from server.models.expert_lora import merge_expert_update
 from server.models.families import route_of
+from server.models.moe import expert_modules
 from server.models.mxfp4 import is_mxfp4
 from server.models.weights import CausalLM, load_model
 from server.startup_clock import startup_phase
@@ -113,8 +115,9 @@ def merge_adapter(model: CausalLM, adapter: Path, max_rank: int, dtype: torch.dt
     dense (its NF4 bytes are dequantized first), which costs memory: logged."""
     weights = load_lora(adapter.name, adapter, max_rank)
     layers = model.lora_layers()
-    check_fits(weights, layers)  # every part checked before the first layer changes
-    added = 0
+    experts = expert_modules(model)
+    check_fits(weights, layers, experts)  # every part checked before the first layer changes
+    added = sum(merge_expert_update(experts[m], update, dtype) for m, update in weights.experts.items())
     by_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for (module, index), (a, b) in weights.tensors.items():
         by_module.setdefault(module, []).append((index, a, b))

@@ -14,9 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from server.loader.adapter_config import AdapterError, read_adapter_config
+from server.loader.adapter_config import AdapterConfig, AdapterError, read_adapter_config
 from server.loader.adapter_layout import (
     SAFETENSORS,
+    LoRAPair,
     TensorSpec,
     check_adapter_folder,
     plan_layout,
@@ -25,10 +26,13 @@ from server.loader.adapter_layout import (
     where,
 )
 from server.loader.adapter_modules import AdapterModules, read_adapter_modules
+from server.loader.expert_adapter import ExpertUpdate, ParameterLoRA, PendingExpertLoRA, resolve_expert_lora
+from server.models.moe import expert_target, moe_checkpoint_name
 from server.models.weights import FUSED, fused_target, text_model_name
 
 if TYPE_CHECKING:
     from server.models.layers import LoRALinear
+    from server.models.moe import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ class LoRAWeights:
     # Tensors that are not LoRA factors (modules_to_save copies, trainable tokens), keys as saved
     full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     modules: AdapterModules | None = None  # those tensors sorted by module (server.loader.adapter_modules)
+    # LoRA on MoE experts: as read, until check_fits resolves it against the model's experts into
+    # `experts` (experts module -> projection -> (A [E, R, in], B * scale [E, out, R]))
+    expert_pending: PendingExpertLoRA = field(default_factory=PendingExpertLoRA)
+    experts: dict[str, ExpertUpdate] = field(default_factory=dict)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +126,10 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
                            f"(set at start-up from the adapters given then); restart with --max-lora-rank "
                            f"{layout.rank} or more")
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    pending = PendingExpertLoRA()
     for pair in layout.pairs:
+        if _read_expert_pair(pair, raw, cfg, pending):
+            continue
         ours, index = fused_target(pair.module + ".weight")
         ours = ours.removesuffix(".weight")
         if index is None:
@@ -128,19 +139,46 @@ def load_lora(name: str, folder: str | Path, max_rank: int) -> LoRAWeights:
     # Whole-module tensors (modules_to_save, trainable tokens): their reader serves or refuses each.
     full_tensors = {key: raw[key] for key in layout.other_keys}
     modules = read_adapter_modules(name, cfg.raw, full_tensors)
-    if not tensors and modules is None:
+    if not tensors and modules is None and not pending:
         raise AdapterError(f"adapter {name!r} ({folder.name}) holds no LoRA weights")
-    return LoRAWeights(name, str(folder), layout.rank, cfg.base_model, tensors, full_tensors, modules)
+    return LoRAWeights(name, str(folder), layout.rank, cfg.base_model, tensors, full_tensors, modules, pending)
+
+
+def _read_expert_pair(pair: LoRAPair, raw: Mapping[str, torch.Tensor], cfg: AdapterConfig,
+                      pending: PendingExpertLoRA) -> bool:
+    """Keep a LoRA on experts (a target_parameters one, or one expert's module) for check_fits to
+    resolve against the model; False for any other LoRA."""
+    a, b = raw[pair.a_key].float(), raw[pair.b_key].float()
+    if pair.parameters:
+        module = moe_checkpoint_name(pair.module + ".").removesuffix(".")
+        scales = {p: cfg.scale_for(f"{pair.module}.{p}") for p in pair.parameters}
+        pending.parameters.append(ParameterLoRA(module, a, b, scales))
+        return True
+    target = expert_target(pair.module + ".weight")
+    if target is None:
+        return False
+    module, part, expert = target
+    if expert is None or part.endswith("bias"):
+        raise AdapterError(f"{pair.a_key}: a LoRA on {pair.module} as one linear over every expert, which "
+                           f"sloth-serve does not serve; train the experts with target_parameters (or per expert)")
+    pending.per_expert[(module, part, expert)] = (a, b * cfg.scale_for(pair.module))
+    return True
 
 
 # Module names of image-text models' vision encoders and projectors.
 _VISION_MODULES = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
 
 
-def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
+def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear],
+               experts: Mapping[str, Experts] | None = None) -> None:
     """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
     copying it into a slot (or merging it) safe. A LoRA on a whole fused projection becomes one per
-    slice, each with the module's A and its rows of B (exact: every slice computes B_i A x)."""
+    slice, each with the module's A and its rows of B (exact: every slice computes B_i A x). LoRA on
+    MoE experts is resolved against `experts` (the model's, by name; None: a model without expert
+    LoRA) into one update per experts module (server/loader/expert_adapter.py)."""
+    if weights.expert_pending:
+        weights.experts.update(resolve_expert_lora(weights.name, weights.expert_pending, experts or {}))
+        weights.expert_pending = PendingExpertLoRA()
     text_model_names(weights, layers)
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
@@ -149,8 +187,8 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
             raise AdapterError(f"adapter {weights.name!r} trains the vision encoder ({module}): LoRA on vision layers "
                                f"is not served yet (on the language layers it is); merge it into the base and serve that")
         if layer is None and ".experts." in f"{module}.":
-            raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}): LoRA on experts is not "
-                               f"served yet (attention and shared-expert LoRA is); merge it into the base and serve that")
+            raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}) in a layout sloth-serve "
+                               f"does not read; merge it into the base and serve that")
         if layer is None or index >= len(layer.out_slices):
             raise AdapterError(f"adapter {weights.name!r} targets {module}, which the model lacks (LoRA is served "
                                f"on the attention and MLP projections of its layers); trained for another base?")

@@ -55,7 +55,7 @@ class GptOssMoeBlock(nn.Module):
         logits = nn.functional.linear(x, self.router.weight, self.router.bias)
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1, dtype=top.dtype)
-        return self.experts(x, ids, weights)
+        return self.experts(x, ids, weights, meta)
 
 
 class GptOssDecoderLayer(nn.Module):

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from kernels.moe import moe_experts_ref
+from server.models.expert_lora import ExpertLoRASlots, moe_experts_lora
+from server.models.layers import StepMetadata
 from server.models.moe import Experts
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ class GptOssExperts(Experts):
     stay 16-bit. On a GPU 16-bit experts run as two grouped Triton GEMMs (kernels.triton_moe), else
     expert by expert (kernels.moe.moe_experts_ref: transformers' order)."""
 
+    interleaved = transposed = True
+
     def __init__(self, num_experts: int, hidden: int, inter: int, limit: float) -> None:
         nn.Module.__init__(self)  # not Experts.__init__: other shapes (its loading and bookkeeping are reused)
         self.num_experts, self.hidden, self.inter, self.limit = num_experts, hidden, inter, limit
@@ -47,6 +51,11 @@ class GptOssExperts(Experts):
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
         self.quant: dict[tuple[int, str], NF4Weight] = {}
         self.filled: set[tuple[int, str]] = set()
+        self.lora = ExpertLoRASlots()
+
+    def param_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {"gate_up_proj": (self.num_experts, self.hidden, 2 * self.inter),
+                "down_proj": (self.num_experts, self.inter, self.hidden)}
 
     def load(self, part: str, expert: int | None, value: torch.Tensor | NF4Weight, dtype: torch.dtype,
              device: torch.device, name: str) -> None:
@@ -107,15 +116,27 @@ class GptOssExperts(Experts):
         self.quant = {}
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None or self.down_proj is None:
-            from kernels.nf4 import nf4_linear
+        return self.project(e, "down", self.activate(self.project(e, "gate_up", x)))
 
-            gate_up = nf4_linear(x, self.quant[(e, "gate_up")]) + self.gate_up_proj_bias[e]
-            return nf4_linear(clamped_swiglu(gate_up, self.limit), self.quant[(e, "down")]) + self.down_proj_bias[e]
-        gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
-        return clamped_swiglu(gate_up, self.limit) @ self.down_proj[e] + self.down_proj_bias[e]
+    def project(self, e: int, proj: str, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e's biased gate|up (interleaved) or down projection of rows, without LoRA."""
+        bias = self.gate_up_proj_bias[e] if proj == "gate_up" else self.down_proj_bias[e]
+        weight = self.gate_up_proj if proj == "gate_up" else self.down_proj
+        if weight is not None:
+            return rows @ weight[e] + bias
+        from kernels.nf4 import nf4_linear
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(rows, self.quant[(e, proj)]) + bias
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu(gate_up, self.limit)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                meta: StepMetadata | None = None) -> torch.Tensor:
+        slots = self.lora.active(meta)
+        if slots and meta is not None:  # a hot-swapped adapter with LoRA on these experts
+            return moe_experts_lora(x, ids, weights, self.num_experts, self.project, self.activate, self.lora,
+                                    meta, slots)
         gate_up, down = self.gate_up_proj, self.down_proj
         if x.is_cuda and x.shape[0] > 0 and gate_up is not None and down is not None:
             from kernels.triton_moe import fused_moe_gpt_oss, supports

@@ -13,6 +13,7 @@ from torch import nn
 
 from kernels.moe import moe_experts, moe_experts_ref, route
 from server.models.config import ModelConfig
+from server.models.expert_lora import ExpertLoRASlots, moe_experts_lora
 from server.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class Experts(nn.Module):
     # The NF4 gate, up and down weights stacked for the grouped kernels (set by settle; a class
     # attribute, so subclasses with their own layout have it as None).
     grouped: tuple[GroupedNF4, GroupedNF4, GroupedNF4] | None = None
+    interleaved = False  # gate|up outputs alternate (gpt-oss) rather than gate's first
+    transposed = False  # weights stored [E, in, out] (gpt-oss) rather than [E, out, in]
 
     def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
         super().__init__()
@@ -99,6 +102,11 @@ class Experts(nn.Module):
         self.down_proj: nn.Parameter | None = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
         self.quant: dict[tuple[int, str], NF4Weight] = {}
         self.filled: set[tuple[int, str]] = set()
+        self.lora = ExpertLoRASlots()  # hot-swapped adapters' updates (server/models/expert_lora.py)
+
+    def param_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {"gate_up_proj": (self.num_experts, 2 * self.inter, self.hidden),
+                "down_proj": (self.num_experts, self.hidden, self.inter)}
 
     def load(self, part: str, expert: int | None, value: torch.Tensor | NF4Weight, dtype: torch.dtype,
              device: torch.device, name: str) -> None:
@@ -174,7 +182,26 @@ class Experts(nn.Module):
         gate, up = nf4_linear(x, self.quant[(e, "gate")]), nf4_linear(x, self.quant[(e, "up")])
         return nf4_linear(nn.functional.silu(gate) * up, self.quant[(e, "down")])
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def project(self, e: int, proj: str, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e's gate|up ([n, 2 inter], gate first) or down projection of rows, without LoRA."""
+        if self.gate_up_proj is not None and self.down_proj is not None:
+            return nn.functional.linear(rows, self.gate_up_proj[e] if proj == "gate_up" else self.down_proj[e])
+        from kernels.nf4 import nf4_linear
+
+        if proj == "down":
+            return nf4_linear(rows, self.quant[(e, "down")])
+        return torch.cat([nf4_linear(rows, self.quant[(e, "gate")]), nf4_linear(rows, self.quant[(e, "up")])], -1)
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                meta: StepMetadata | None = None) -> torch.Tensor:
+        slots = self.lora.active(meta)
+        if slots and meta is not None:  # a hot-swapped adapter with LoRA on these experts
+            return moe_experts_lora(x, ids, weights, self.num_experts, self.project, self.activate, self.lora,
+                                    meta, slots)
         if self.grouped is not None:
             from kernels.moe_nf4 import moe_experts_nf4
 
@@ -223,7 +250,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         ids, weights = route(x, self.gate.weight, self.top_k, self.normalize, self.weights_fp32)
-        out = self.experts(x, ids, weights)
+        out = self.experts(x, ids, weights, meta)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             shared = self.shared_expert(x, meta)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
@@ -246,6 +273,11 @@ def load_expert_weight(model: nn.Module, name: str, value: torch.Tensor | NF4Wei
                          f"check mlp_only_layers and decoder_sparse_step in config.json)")
     module.load(part, expert, value, dtype, device, name)
     return True
+
+
+def expert_modules(model: nn.Module) -> dict[str, Experts]:
+    """The model's experts modules by name (the names adapters use for them)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
 
 
 def settle_experts(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[str]:

@@ -142,28 +142,6 @@ def test_attention_and_shared_expert_lora_equals_peft(tmp_path: Path) -> None:
     assert with_adapter != [o.token_ids for o in llm.generate(prompts, params)]  # the adapter mattered
 
 
-def test_lora_on_experts_is_refused_naming_the_module(tmp_path: Path) -> None:
-    """An adapter whose LoRA sits on individual experts (per-expert modules, as earlier transformers
-    releases laid them out) is refused with the module named, not served without it."""
-    import json
-
-    from server.loader.peft import AdapterError, check_fits, load_lora
-
-    folder, _ = make_model(tmp_path, "qwen3_moe")
-    model = load_model(folder, torch.float32, torch.device("cpu"))
-    adapter = tmp_path / "experts-adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["gate_proj"],
-        "base_model_name_or_path": str(folder), "task_type": "CAUSAL_LM"}))
-    key = "base_model.model.model.layers.1.mlp.experts.3.gate_proj"
-    save_file({f"{key}.lora_A.weight": torch.randn(2, 64), f"{key}.lora_B.weight": torch.randn(40, 2)},
-              str(adapter / "adapter_model.safetensors"))
-    weights = load_lora("experts", adapter, max_rank=8)
-    with pytest.raises(AdapterError, match=r"MoE experts \(model.layers.1.mlp.experts.3.gate_up_proj\)"):
-        check_fits(weights, model.lora_layers())
-
-
 def test_4bit_experts_compute_like_their_dequantized_weights(tmp_path: Path) -> None:
     """Experts a 4-bit checkpoint keeps as per-expert NF4 layers are adopted packed (no dense 3-D
     copy), stacked for the grouped NF4 kernels (so decode keeps its CUDA graphs), and compute what

@@ -1,0 +1,237 @@
+"""LoRA on MoE experts equals PEFT: adapters trained with PEFT's `target_parameters` on gpt-oss's and
+Qwen3-MoE's 3-D expert weights (as Unsloth trains gpt-oss), hot-swapped per request (beside the base
+in one batch) and merged at load (--merge-lora); and adapters with one LoRA module per expert
+(transformers 4's layout, Mixtral's w1/w3/w2) equal the base with each expert's B A merged in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from server.config import Config
+from server.engine.llm_engine import LLMEngine
+from server.engine.loras import load_adapter
+from server.engine.sampling_params import SamplingParams
+from server.loader.peft import AdapterError, check_fits, load_lora
+from server.models.moe import expert_modules
+from server.models.weights import load_model
+
+peft = pytest.importorskip("peft")
+
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+    eos_token_id=1,
+)
+FAMILIES = {
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        dict(intermediate_size=48, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            intermediate_size=96,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    ),
+}
+PROMPTS = [[5, 17, 99, 200, 3], list(range(10, 40))]
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def make_model(tmp: Path, family: str) -> tuple[Path, torch.nn.Module]:
+    config_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config_cls(**COMMON, **extra), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.endswith("sinks"):
+                p.add_(torch.randn_like(p) * 0.3)
+    folder = tmp / family
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=PARAMS.max_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def peft_adapter(tmp: Path, hf: torch.nn.Module, **lora: object) -> Path:
+    """A PEFT adapter with random B (PEFT starts B at zero) saved under tmp/adapter."""
+    torch.manual_seed(3)
+    tuned = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, **lora))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    tuned.save_pretrained(str(tmp / "adapter"))
+    return tmp / "adapter"
+
+
+def peft_greedy(folder: Path, adapter: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """PEFT's greedy tokens for PROMPTS with the adapter, and the base's."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    tuned = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    with_adapter = [greedy(tuned, p) for p in PROMPTS]
+    with tuned.disable_adapter():
+        return with_adapter, [greedy(tuned, p) for p in PROMPTS]
+
+
+def engine_greedy(folder: Path, adapter: Path | None, merge: bool = False) -> dict[str, list[int]]:
+    """Every prompt with the adapter and without it, all in one continuous batch (chunked prefill
+    beside decodes); with `merge`, the adapter merged into the base and the prompts run on it."""
+    engine = LLMEngine(
+        Config(
+            model=str(folder),
+            load_format="safetensors",
+            num_kv_blocks=64,
+            block_size=8,
+            max_num_batched_tokens=24,
+            merge_lora=str(adapter) if merge and adapter else None,
+        )
+    )
+    if adapter is not None and not merge:
+        engine.add_lora(1, load_adapter(engine, "a", adapter))
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"base{i}", p, PARAMS)
+        if adapter is not None and not merge:
+            engine.add_request(f"lora{i}", p, PARAMS, adapter_id=1)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return got
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_target_parameters_lora_hot_swapped_equals_peft(tmp_path: Path, family: str) -> None:
+    """LoRA on both expert parameters and on q_proj, served per request beside the base: the
+    adapter's requests give PEFT's tokens, the base's requests (same batch) transformers'."""
+    folder, hf = make_model(tmp_path, family)
+    adapter = peft_adapter(
+        tmp_path,
+        hf,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    want, base = peft_greedy(folder, adapter)
+    got = engine_greedy(folder, adapter)
+    assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want
+    assert [got[f"base{i}"] for i in range(len(PROMPTS))] == base
+    assert want != base
+
+
+def test_target_parameters_lora_merged_equals_peft(tmp_path: Path) -> None:
+    """--merge-lora of a gpt-oss experts-only adapter (one parameter: the wrapper is not nested)."""
+    folder, hf = make_model(tmp_path, "gpt_oss")
+    adapter = peft_adapter(tmp_path, hf, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    want, base = peft_greedy(folder, adapter)
+    got = engine_greedy(folder, adapter, merge=True)
+    assert [got[f"base{i}"] for i in range(len(PROMPTS))] == want != base
+
+
+def per_expert_adapter(tmp: Path, family: str, hf: torch.nn.Module) -> Path:
+    """A LoRA per expert on gate / up / down (Mixtral: w1 / w3 / w2) of layer 1's experts 0 and 2,
+    keyed as PEFT saved it for transformers 4's per-expert modules; the same B A is added into
+    `hf`'s 3-D expert weights (gate rows, then up rows, of gate_up_proj)."""
+    names = (
+        {"gate": "w1", "up": "w3", "down": "w2"}
+        if family == "mixtral"
+        else {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    )
+    sparse = "block_sparse_moe" if family == "mixtral" else "mlp"
+    experts = hf.model.layers[1].mlp.experts
+    inter = experts.down_proj.shape[2]
+    hidden = experts.down_proj.shape[1]
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for e in (0, 2):
+        for part, name in names.items():
+            dim_in, dim_out = (inter, hidden) if part == "down" else (hidden, inter)
+            a, b = torch.randn(2, dim_in, generator=gen) * 0.3, torch.randn(dim_out, 2, generator=gen) * 0.3
+            key = f"base_model.model.model.layers.1.{sparse}.experts.{e}.{name}"
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+            with torch.no_grad():  # scale alpha / r = 2
+                if part == "down":
+                    experts.down_proj[e] += 2 * b @ a
+                else:
+                    rows = slice(0, inter) if part == "gate" else slice(inter, 2 * inter)
+                    experts.gate_up_proj[e, rows] += 2 * b @ a
+    adapter = tmp / "per-expert"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": list(names.values()),
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    return adapter
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_expert_lora_equals_its_merged_weights(tmp_path: Path, family: str) -> None:
+    folder, hf = make_model(tmp_path, family)
+    base = [greedy(hf, p) for p in PROMPTS]
+    adapter = per_expert_adapter(tmp_path, family, hf)
+    want = [greedy(hf, p) for p in PROMPTS]
+    got = engine_greedy(folder, adapter)
+    assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want != base
+    assert [got[f"base{i}"] for i in range(len(PROMPTS))] == base
+
+
+def test_expert_lora_of_another_shape_is_refused(tmp_path: Path) -> None:
+    """An adapter trained on other expert shapes is refused naming the module, before any slot."""
+    _, hf = make_model(tmp_path, "qwen3_moe")
+    adapter = peft_adapter(tmp_path, hf, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    other, _ = make_model(tmp_path / "other", "gpt_oss")
+    model = load_model(other, torch.float32, torch.device("cpu"))
+    weights = load_lora("a", adapter, max_rank=16)
+    with pytest.raises(
+        AdapterError, match=r"does not fit this model: its LoRA on model.layers.0.mlp.experts \(down_proj\)"
+    ):
+        check_fits(weights, model.lora_layers(), expert_modules(model))
+    with pytest.raises(AdapterError, match=r"trains MoE experts at model.layers.0.mlp.experts"):
+        check_fits(load_lora("a", adapter, max_rank=16), model.lora_layers(), {})
+
+
+def test_target_parameters_with_dropout_is_refused(tmp_path: Path) -> None:
+    _, hf = make_model(tmp_path, "qwen3_moe")
+    adapter = peft_adapter(tmp_path, hf, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 0.1}))
+    with pytest.raises(AdapterError, match=r"lora_dropout=0.1 is not 0 with target_parameters"):
+        load_lora("a", adapter, max_rank=16)
