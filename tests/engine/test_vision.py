@@ -136,6 +136,28 @@ def test_qwen2_vl_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
     assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, images)
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["qwen3-vl", "qwen3-vl-moe"])
+def test_qwen3_vl_gives_transformers_greedy_tokens(tmp_path: Path, moe: bool) -> None:
+    """Qwen3-VL and Qwen3-VL-MoE: DeepStack features ride with the image embeddings, also across
+    prefill chunks (16 tokens a step) and from the encoder cache; a text-only request in the same
+    batch has none."""
+    folder, hf = make_qwen2_5_vl(tmp_path / "qwen3-vl", qwen3=True, moe=moe)
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=16)
+    images = [random_image(8, 24, 40), random_image(9)]
+    prompts: list[Any] = [{"prompt": chat(llm, 2, "Which is brighter?"), "images": images},
+                          chat(llm, 0, "No picture here.")]
+    outs = llm.generate(prompts, GREEDY)
+    assert outs[0].token_ids == hf_greedy(hf, outs[0].prompt_token_ids, images)
+    assert outs[1].token_ids == hf_greedy(hf, outs[1].prompt_token_ids, [])
+    again = llm.generate({"prompt": chat(llm, 1, "And this?"), "images": [images[1]]}, GREEDY)[0]
+    assert again.token_ids == hf_greedy(hf, again.prompt_token_ids, [images[1]])
+    # Without DeepStack the answer differs: the features are not a no-op on this model.
+    hf.config.vision_config.deepstack_visual_indexes = []
+    hf.model.visual.deepstack_visual_indexes = []
+    assert outs[0].token_ids != hf_greedy(hf, outs[0].prompt_token_ids, images)
+
+
 def test_preempted_image_request_recomputes_the_same_tokens(served: tuple[LLM, Any], tmp_path: Path) -> None:
     """A KV cache too small for three image requests at once: some are preempted and recomputed
     (their images' embeddings from the encoder cache, M-RoPE positions from the prompt again)."""

@@ -16,6 +16,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -32,9 +36,12 @@ TEMPLATE = (
 MAX_TOKENS = 8
 
 
-def make_qwen2_5_vl(folder: Path, qwen2: bool = False) -> tuple[Path, Any]:
+def make_qwen2_5_vl(folder: Path, qwen2: bool = False, qwen3: bool = False, moe: bool = False) -> tuple[Path, Any]:
     """The folder (weights, tokenizer, template, image processor) and transformers' model (eager).
-    `qwen2`: a Qwen2-VL (no windowed vision attention, its own vision config fields) instead."""
+    `qwen2`: a Qwen2-VL (no windowed vision attention, its own vision config fields) instead;
+    `qwen3`: a Qwen3-VL (q/k norms, interleaved M-RoPE, learned vision positions, DeepStack features
+    from both encoder blocks added after the first two decoder layers); with `moe`, Qwen3-VL-MoE (4
+    experts, 2 a token, in every layer)."""
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.chat_template = TEMPLATE
@@ -45,17 +52,31 @@ def make_qwen2_5_vl(folder: Path, qwen2: bool = False) -> tuple[Path, Any]:
     if qwen2:
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=4, spatial_merge_size=2,
                       temporal_patch_size=2, initializer_range=0.3)
-    config = (Qwen2VLConfig if qwen2 else Qwen2_5_VLConfig)(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         eos_token_id=2, pad_token_id=0, bos_token_id=1, initializer_range=0.3),
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text: dict[str, Any] = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                rope_parameters=rope, eos_token_id=2, pad_token_id=0, bos_token_id=1,
+                                initializer_range=0.3)
+    config_class: Any = Qwen2VLConfig if qwen2 else Qwen2_5_VLConfig
+    if qwen3:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1], initializer_range=0.3)
+        text.update(head_dim=16, rope_parameters={**rope, "mrope_interleaved": True})
+        config_class = Qwen3VLConfig
+        if moe:
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+            config_class = Qwen3VLMoeConfig
+    config = config_class(
+        text_config=text,
         vision_config=vision,
         image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end, video_token_id=len(tokenizer) + 7,
         eos_token_id=2, pad_token_id=0, bos_token_id=1,
     )
     torch.manual_seed(0)
-    model_class = Qwen2VLForConditionalGeneration if qwen2 else Qwen2_5_VLForConditionalGeneration
+    model_class: Any = Qwen2VLForConditionalGeneration if qwen2 else Qwen2_5_VLForConditionalGeneration
+    if qwen3:
+        model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
     model = model_class._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # random biases and norms so that those code paths matter
         for name, p in model.named_parameters():
