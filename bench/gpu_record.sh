@@ -8,6 +8,7 @@
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh roofline  # issue 23: engine alone, ready time, HTTP c1/c64/8 adapters, TTFT 64/512/3000, 16 x 3,000-token prompts
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
+#   bash bench/gpu_record.sh startup   # the 8B server's ready time with 8 adapters: empty compile cache, then warm
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels,
 #                                      # gated delta prefill (chunked vs token by token, bench/kernels_gated_delta.py)
@@ -122,6 +123,23 @@ all)  # every figure of the comparison from one call: model, engine, HTTP, peers
         timeout "$left" python bench/profile_eager.py --model "$WORK/model-bnb-4bit" --prompt-lens 64,512 \
             --no-profile > "$RES/profile-eager-unsloth.txt" 2>&1
     fi
+    ;;
+startup)  # issue 23: the 8B server's ready time (8 adapters), with an empty compile cache, then again
+    # with the cache it filled (the log's `start-up:` lines: each phase, then the summary)
+    ensure_model
+    cache=/tmp/compile-cache-startup
+    rm -rf "$cache"
+    for run in cold warm; do
+        elapsed "server start, $run compile cache"
+        started=$(date +%s.%N)
+        adapter_server 8126 "$RES/server-$run.log" 300 280 --max-model-len 4096 --compile-cache-dir "$cache"
+        python -c "print(f'$run: ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" \
+            | tee -a "$RES/ready.txt"
+        kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+        grep -h "start-up:" "$RES/server-$run.log" | sed "s/^/$run: /" >> "$RES/ready.txt"
+        save
+    done
+    grep -h "ready" "$RES/ready.txt"
     ;;
 roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/8/64), the server's ready
     # time, HTTP c1 / c64 / c64 with 8 adapters, idle TTFT at 64 / 512 / 3,000 prompt tokens, and 16
