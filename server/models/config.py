@@ -33,11 +33,24 @@ SUPPORTED_ARCHITECTURES = {
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # the same with sparse MLPs and a shared expert  # Gated DeltaNet + gated attention, a per-sequence state (server/models/qwen3_5.py)
+    # Qwen3.5's image-text checkpoints (as Qwen publishes them and Unsloth saves them): their text model
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
     # Mamba-2 hybrids (server/models/granite_hybrid.py, falcon_h1.py): an SSM state per sequence too
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
     "FalconH1ForCausalLM": "falcon_h1",
 }
+
+
+def multimodal_text_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The text model's config.json fields of an image-text checkpoint: its `text_config`, with the
+    checkpoint-level fields that decide the text model's head (tied embeddings) and dtype."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config.json text_config: {arch} needs the text model's config as an object, got {text!r:.80}")
+    top = {k: cfg[k] for k in ("tie_word_embeddings", "torch_dtype", "dtype") if k in cfg}
+    return {**text, **top}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +79,7 @@ class ModelConfig:
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
-    multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration)
+    multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration, Qwen3.5's)
     # Mixture of experts (server/models/moe_config.py); num_experts 0: a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -144,6 +157,8 @@ class ModelConfig:
         if family == "lfm2":
             return cls(**lfm2_fields(cfg))
         if family in ("qwen3_5", "qwen3_5_moe"):
+            if archs[0].endswith("ForConditionalGeneration"):
+                return cls(**qwen3_5_fields(multimodal_text_config(cfg, archs[0]), family), multimodal=True)
             return cls(**qwen3_5_fields(cfg, family))
         if family == "granitemoehybrid":
             return cls(**granite_hybrid_fields(cfg))

@@ -62,7 +62,8 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # earlier releases (language_model.model.*), and the parts of it a text-only server does not load.
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                   ("language_model.lm_head.", "lm_head."))
-VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
+                   "visual.", "model.visual.")  # the last two: Qwen3.5's vision encoder and merger
 
 
 def text_model_name(name: str, multimodal: bool) -> str | None:

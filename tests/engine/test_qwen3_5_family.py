@@ -127,6 +127,31 @@ def test_moe_variant_greedy_matches_transformers(tmp_path: Path) -> None:
     assert engine.runner.model.config.num_experts == 6
 
 
+def test_image_text_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
+    """A Qwen3_5ForConditionalGeneration folder (how Qwen publishes Qwen3.5 and Unsloth saves its
+    fine-tunes): its text model is served natively (the vision encoder's tensors are left on disk) and
+    gives the image-text model's own greedy tokens for text prompts, across chunked prefill."""
+    torch.manual_seed(0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+    rope = {**COMMON["rope_parameters"], "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    cfg = transformers.Qwen3_5Config(text_config={**COMMON, "rope_parameters": rope}, vision_config=vision,
+                                     image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, tie_word_embeddings=False)
+    hf = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "dt_bias" in name or "A_log" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(tmp_path)
+    ours = ModelConfig.from_folder(tmp_path)
+    assert ours.multimodal and ours.family == "qwen3_5" and ours.kv_layers == [1] and not ours.tie_word_embeddings
+    engine = LLMEngine(Config(model=str(tmp_path), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=9, device="cpu", dtype="float32", max_model_len=128))
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB - 2, (n,), generator=gen).tolist() for n in (5, 30)]
+    assert run_engine(engine, prompts, 8) == [hf_greedy(hf, p, 8) for p in prompts]
+
+
 def test_config_reads_transformers_defaults() -> None:
     """A config.json that leaves layer_types and the rotary share out: every fourth layer full attention,
     a quarter of each head rotated (transformers' defaults)."""
