@@ -63,7 +63,8 @@ def main(config: Config, commands_address: str, events_address: str, parent_pid:
         engine = LLMEngine(config)
         info = engine_info(engine)
         folder = base_tokenizer_folder(Path(info.folder), engine.loaded.adapter_folder)
-        engine.runner.sampler.set_tokenizer(load_tokenizer(folder), info.vocab_size, info.eos_token_ids)
+        with startup_clock.startup_phase("engine process: tokenizer and grammar vocabulary", "other"):
+            engine.runner.sampler.set_tokenizer(load_tokenizer(folder), info.vocab_size, info.eos_token_ids)
     except Exception as exc:
         logger.error("loading %s failed: %s: %s", config.model, type(exc).__name__, exc,
                      exc_info=logger.isEnabledFor(logging.DEBUG))

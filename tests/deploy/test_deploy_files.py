@@ -254,6 +254,12 @@ def test_compose_server_gets_a_gpu_volumes_and_time_to_drain(compose: dict[str, 
     assert int(server["stop_grace_period"].rstrip("s")) > 60, "must exceed --shutdown-timeout"
 
 
+def test_compose_keeps_compiled_kernels_in_a_named_volume(compose: dict[str, Any]) -> None:
+    # /cache (Triton's kernels among the caches) outlives the container: a restart compiles nothing.
+    sources = {volume_parts(v)[1]: volume_parts(v)[0] for v in compose["services"]["sloth-serve"]["volumes"]}
+    assert sources["/cache"] in compose["volumes"], "a named volume, not the container's own layer"
+
+
 def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:
     for name in ("prometheus", "grafana"):
         for volume in compose["services"][name]["volumes"]:

@@ -158,6 +158,21 @@ def test_pod_runs_as_the_image_user_on_a_read_only_root(k8s: dict[str, Any]) -> 
     assert {"/cache", "/tmp", workdir} <= writable
 
 
+def test_compiled_kernels_persist_on_a_volume_every_replica_shares(k8s: dict[str, Any], k8s_docs: list[Any]) -> None:
+    # Triton's cache (the image's TRITON_CACHE_DIR) on a claim: a restarted or added pod reads the
+    # kernels the first one compiled instead of compiling them again (issue 23).
+    env = " ".join(e.args for e in parse_dockerfile((ROOT / "Dockerfile").read_text()).final.all("ENV"))
+    triton_dir = env.split("TRITON_CACHE_DIR=", 1)[1].split()[0]
+    mounts = {m["mountPath"]: m for m in server_container(k8s)["volumeMounts"]}
+    mount = mounts[triton_dir]
+    assert not mount.get("readOnly")
+    volume = next(v for v in pod_spec(k8s)["volumes"] if v["name"] == mount["name"])
+    claims = {doc["metadata"]["name"]: doc for _, doc in k8s_docs if doc["kind"] == "PersistentVolumeClaim"}
+    claim = claims[volume["persistentVolumeClaim"]["claimName"]]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"], "every replica writes and reads it"
+    assert "pvc.yaml" in (K8S / "kustomization.yaml").read_text()
+
+
 def test_service_monitor_and_pdb_select_the_server_pods(k8s: dict[str, Any]) -> None:
     pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
     service = k8s["Service"]
