@@ -8,7 +8,8 @@
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh roofline  # issue 23: engine alone, ready time, HTTP c1/c64/8 adapters, TTFT 64/512/3000, 16 x 3,000-token prompts
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
-#   bash bench/gpu_record.sh startup   # the 8B server's ready time with 8 adapters: empty compile cache, then warm
+#   bash bench/gpu_record.sh startup   # the 8B server's ready time with 8 adapters: empty compile cache, then warm,
+#                                      # then warm with --load-format safetensors (no Unsloth)
 #   bash bench/gpu_record.sh verify    # all GPU tests; the server at c64 greedy, sampled, with 8 adapters
 #   bash bench/gpu_record.sh checks    # GPU kernel tests, eager-step profile, fine-tune example on CUDA, NF4 kernels,
 #                                      # gated delta prefill (chunked vs token by token, bench/kernels_gated_delta.py)
@@ -129,10 +130,14 @@ startup)  # issue 23: the 8B server's ready time (8 adapters), with an empty com
     ensure_model
     cache=/tmp/compile-cache-startup
     rm -rf "$cache"
-    for run in cold warm; do
+    # warm-native: the same folder read by our own bitsandbytes 4-bit reader (server/loader/nf4_disk.py,
+    # the NF4 bytes as stored) instead of through Unsloth, to see what Unsloth's import and load cost.
+    for run in cold warm warm-native; do
         elapsed "server start, $run compile cache"
+        flags=""
+        [ "$run" = warm-native ] && flags="--load-format safetensors"
         started=$(date +%s.%N)
-        adapter_server 8126 "$RES/server-$run.log" 300 280 --max-model-len 4096 --compile-cache-dir "$cache"
+        adapter_server 8126 "$RES/server-$run.log" 300 280 --max-model-len 4096 --compile-cache-dir "$cache" $flags
         python -c "print(f'$run: ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" \
             | tee -a "$RES/ready.txt"
         kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
