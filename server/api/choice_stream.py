@@ -40,6 +40,7 @@ class ChoiceRequest:
     eos_token_ids: frozenset[int] | None = None  # its model's (an adapter's own); None: the engine's
     mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
     keep_special_ids: frozenset[int] = frozenset()  # special tokens the output's reader needs as text
+    system_prompt_end: int = 0  # where the prompt's system part ends (recurrent state snapshots); 0: unknown
 
 
 @dataclass(slots=True)
@@ -143,7 +144,7 @@ async def run_choice(
     detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens, req.keep_special_ids)
     stops = StopStringMatcher(list(req.stop))
     stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids,
-                                req.mm)
+                                req.mm, req.system_prompt_end)
     engine_done = False
     try:
         while not engine_done:

@@ -14,6 +14,7 @@ from server.api.choice_stream import ChoiceRequest, Deadline, collect_choices, s
 from server.api.chunks import ChatChunks
 from server.api.endpoint_common import admit_generation, guarded_events, whole_response
 from server.api.engine_params import choice_requests, compile_spec, response_format_spec
+from server.api.errors import APIError
 from server.api.images import chat_images, expand_images
 from server.api.logprobs import chat_logprobs, prompt_logprobs
 from server.api.output_reader import OutputPlan, OutputReader, output_format
@@ -48,6 +49,7 @@ async def create_chat_completion(
         plan = plan_tools(body)
         images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
         prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan, body.template_kwargs())
+        system_end = 0 if images else await system_prompt_end(runtime, tokens, body, plan, prompt_ids)
         mm = None
         if images:
             assert runtime.vision is not None
@@ -64,7 +66,7 @@ async def create_chat_completion(
         )
         if mm is not None:
             reqs = [replace(r, mm=mm) for r in reqs]
-        reqs = [replace(r, keep_special_ids=output.keep_special_ids) for r in reqs]
+        reqs = [replace(r, keep_special_ids=output.keep_special_ids, system_prompt_end=system_end) for r in reqs]
     except BaseException:
         ticket.release()
         raise
@@ -74,6 +76,31 @@ async def create_chat_completion(
         return sse_response(guarded_events(events, ticket, f"chat stream {response_id}"), ticket)
     work = _chat_response(runtime.engine, tokens, body, output, reqs, response_id, model, deadline)
     return await whole_response(request, work, ticket)
+
+
+async def system_prompt_end(runtime: Runtime, tokens: ModelTokenizer, body: ChatCompletionRequest,
+                            plan: ToolPlan | None, prompt_ids: list[int]) -> int:
+    """Where the prompt's leading system messages end, for an engine that snapshots its model's
+    recurrent state there (0: it does not, there are none, or nothing follows them): the prompt's
+    common prefix with those messages rendered alone, tools and template variables as in the prompt."""
+    if not runtime.info.state_snapshots:
+        return 0
+    conversation = body.conversation()
+    n = 0
+    while n < len(conversation) and conversation[n]["role"] in ("system", "developer"):
+        n += 1
+    if n == 0 or n == len(conversation):
+        return 0
+    try:
+        head = await encode_tool_chat(tokens.tokenizer, conversation[:n], plan, body.template_kwargs())
+    except APIError:  # a template that will not render a system prompt alone: no point, no error
+        return 0
+    same = 0
+    for a, b in zip(head, prompt_ids, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same
 
 
 async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None,

@@ -73,9 +73,9 @@ class AsyncEngine(EngineClient):
             await asyncio.to_thread(self.thread.join, 10)
 
     def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int,
-                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None) -> None:
+                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None, system_prompt_end: int) -> None:
         assert self.core is not None
-        self.core.put(AddRequest(request_id, prompt_token_ids, params, adapter_id, eos_token_ids, mm))
+        self.core.put(AddRequest(request_id, prompt_token_ids, params, adapter_id, eos_token_ids, mm, system_prompt_end))
 
     def _send_abort(self, request_id: str, reason: FinishReason) -> None:
         assert self.core is not None

@@ -53,7 +53,8 @@ class EngineClient(ABC):
 
     @abstractmethod
     def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int,
-                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None) -> None: ...
+                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None,
+                  system_prompt_end: int) -> None: ...
 
     @abstractmethod
     def _send_abort(self, request_id: str, reason: FinishReason) -> None: ...
@@ -70,16 +71,18 @@ class EngineClient(ABC):
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
         eos_token_ids: frozenset[int] | None = None, mm: MultiModalInputs | None = None,
+        system_prompt_end: int = 0,
     ) -> asyncio.Queue[RequestOutput]:
         """Call on the event loop. The queue receives the request's outputs; the last has finished=True.
-        `eos_token_ids`: the request's own (an adapter's), None: the model's; `mm`: the prompt's images."""
+        `eos_token_ids`: the request's own (an adapter's), None: the model's; `mm`: the prompt's images;
+        `system_prompt_end`: where the prompt's system part ends (LLMEngine.add_request)."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         if request_id in self.streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.streams[request_id] = stream
-        self._send_add(request_id, prompt_token_ids, params, adapter_id, eos_token_ids, mm)
+        self._send_add(request_id, prompt_token_ids, params, adapter_id, eos_token_ids, mm, system_prompt_end)
         return stream
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:

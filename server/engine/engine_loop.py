@@ -55,6 +55,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         max_model_len=engine.max_model_len, num_blocks=engine.block_manager.num_blocks,
         block_size=engine.block_manager.block_size, max_lora_rank=engine.lora_manager.max_rank,
         startup_phases=engine.startup_phases,
+        state_snapshots=engine.block_manager.snapshots is not None,
     )
 
 
@@ -192,7 +193,7 @@ class EngineLoop:
         if isinstance(cmd, AddRequest):
             try:
                 engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id, cmd.eos_token_ids,
-                                   cmd.mm)
+                                   cmd.mm, cmd.system_prompt_end)
             except Exception as exc:  # this request's failure, whatever it is: never the engine thread's end
                 if not isinstance(exc, ValueError):
                     logger.exception("adding request %s failed", cmd.request_id)

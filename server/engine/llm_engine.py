@@ -302,9 +302,12 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int = 0,
         eos_token_ids: frozenset[int] | None = None, mm: MultiModalInputs | None = None,
+        system_prompt_end: int = 0,
     ) -> None:
         """`eos_token_ids`: the request's own (an adapter trained with another EOS); None: the model's.
-        `mm`: the prompt's images, whose placeholder tokens it holds (image-text models)."""
+        `mm`: the prompt's images, whose placeholder tokens it holds (image-text models).
+        `system_prompt_end`: where the prompt's system part ends (a chat's first user turn starts; 0:
+        unknown), a point where models with recurrent layers snapshot their state for later prompts."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if adapter_id and adapter_id not in self.lora_manager.adapters:
@@ -317,7 +320,11 @@ class LLMEngine:
         eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         if mm is not None:
             check_images(self.loaded.model, mm, prompt_token_ids)
-        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos, mm=mm)
+        if not 0 <= system_prompt_end <= len(prompt_token_ids):
+            raise ValueError(f"system_prompt_end must be in [0, {len(prompt_token_ids)}] (the prompt's length); "
+                             f"got {system_prompt_end}")
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id, eos, mm=mm,
+                       system_prompt_end=system_prompt_end)
         self.scheduler.add(seq)
         self.seqs[request_id] = seq
 

@@ -101,6 +101,9 @@ class EngineInfo:
     # The engine's timed start-up phases (load, conversion, graphs, warmup): the front end's summary
     # line and gauge add those of an engine process to its own.
     startup_phases: tuple[Phase, ...] = ()
+    # The model's recurrent state is snapshotted at prefix points: chat requests say where their
+    # system prompt ends (server/engine/state_snapshots.py).
+    state_snapshots: bool = False
 
     @property
     def num_cache_tokens(self) -> int:

@@ -138,8 +138,9 @@ class ProcessEngineClient(EngineClient):
         self._close()
 
     def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int,
-                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None) -> None:
-        self._send(AddRequest(request_id, prompt_token_ids, for_wire(params), adapter_id, eos_token_ids, mm))
+                  eos_token_ids: frozenset[int] | None, mm: MultiModalInputs | None, system_prompt_end: int) -> None:
+        self._send(AddRequest(request_id, prompt_token_ids, for_wire(params), adapter_id, eos_token_ids, mm,
+                              system_prompt_end))
 
     def _send_abort(self, request_id: str, reason: FinishReason) -> None:
         self._send(Abort(request_id, reason))

@@ -52,6 +52,9 @@ class Sequence:
     # ... and where the prompt's KV blocks already cached end, when no state snapshot is kept there
     # (a shared system prompt): a second snapshot point (server/engine/state_snapshots.py).
     shared_prefix_end: int = 0
+    # ... and where the front end says the prompt's system part ends (a chat's first user turn starts):
+    # snapshotted on the first request already, so the next one with that system prompt hits (0: none).
+    system_prompt_end: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None

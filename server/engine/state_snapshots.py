@@ -1,9 +1,11 @@
 """Prefix caching for models with recurrent layers: copies of a sequence's state taken where its
 prompt's last full KV block ends, kept under that block's hash, so that a later prompt with the same
 prefix restores the state together with the cached KV blocks (exactly what recomputing would give).
-A second point: where the prompt's KV blocks found in the cache end when no snapshot is kept there
-(`Sequence.shared_prefix_end`): the second prompt after a common system prompt snapshots the state
-at the end of the blocks they share, so that every later one restores it.
+Two more points: the last full block at or below where the front end says the system prompt ends
+(`Sequence.system_prompt_end`: a chat's first request already leaves a snapshot there, so the second
+with that system prompt and another user turn hits), and where the prompt's KV blocks found in the
+cache end when no snapshot is kept there (`Sequence.shared_prefix_end`: a shared prefix nobody
+announced, snapshotted by the second prompt that shares it, so that every later one restores it).
 
 Snapshots live in rows of the model's state tensors after the running slots and the scratch row,
 reused least recently used first. This holds ids only: the copies to make (source row, destination
@@ -31,10 +33,10 @@ class StateSnapshots:
         return (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
 
     def points(self, seq: Sequence) -> list[int]:
-        """Every point where the sequence's state is snapshotted, in order (0: none)."""
+        """Every point where the sequence's state is snapshotted, in increasing order (none: empty)."""
         end = self.boundary(seq)
-        shared = seq.shared_prefix_end
-        return [shared, end] if 0 < shared < end else [end]
+        system = seq.system_prompt_end // self.block_size * self.block_size
+        return sorted({p for p in (system, seq.shared_prefix_end) if 0 < p < end} | ({end} if end else set()))
 
     def cap(self, seq: Sequence, start: int, num_new: int) -> int:
         """A prompt chunk ends at a snapshot point when it would cross it, so the state there can be copied."""

@@ -28,6 +28,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     adapter_id: int = 0
     eos_token_ids: frozenset[int] | None = None  # the request's own (an adapter's); None: the model's
     mm: MultiModalInputs | None = None  # the prompt's images (their pixels cross as raw tensor bytes)
+    system_prompt_end: int = 0  # where the prompt's system part ends (state snapshots); 0: unknown
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

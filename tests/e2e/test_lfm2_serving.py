@@ -121,3 +121,34 @@ def test_chat_streamed_equals_transformers_and_slots_go_back(served: tuple[LiveS
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     line = next(ln for ln in metrics.splitlines() if ln.startswith("sloth:state_slots_in_use{"))
     assert float(line.rsplit(" ", 1)[1]) == 0.0  # every request has ended: its slot is free
+
+
+def prefix_hits(server: LiveServer) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+               if ln.startswith("vllm:prefix_cache_hits_total{"))
+
+
+def test_second_chat_with_a_system_prompt_hits_its_snapshot(served: tuple[LiveServer, Path, Path]) -> None:
+    """The front end tells the engine where the system prompt ends, so the first chat already leaves a
+    state snapshot there: the second, with that system prompt and another user turn, restores KV and
+    state from a block boundary at or past the system part (the hit counter grows by as many tokens)
+    and still gets transformers' tokens."""
+    server, folder, _ = served
+    client = server.client()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    system = {"role": "system", "content": "You are a terse assistant. Answer questions about Python's standard "
+                                           "library in one sentence, with an example when it helps."}
+    system_len = len(tok.apply_chat_template([system], tokenize=True, return_dict=False))
+    prompts, hits = [], []
+    for question in ("What does json.dumps do with a tuple?", "How does heapq order equal priorities?"):
+        messages = [system, {"role": "user", "content": question}]
+        prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        before = prefix_hits(server)
+        r = client.chat.completions.create(model="lfm2", messages=messages, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == tok.decode(reference(folder, None, prompt), skip_special_tokens=True)
+        prompts.append(prompt)
+        hits.append(prefix_hits(server) - before)
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
+    assert hits[0] == 0 and hits[1] % 8 == 0 and system_len // 8 * 8 <= hits[1] <= shared, (hits, system_len, shared)

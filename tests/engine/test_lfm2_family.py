@@ -87,9 +87,43 @@ def check_prefix_hits(folder: Path, hf: torch.nn.Module, vocab: int, budget: int
     assert snaps is not None and len(snaps.by_hash) == 10 and not snaps.pending
 
 
+def check_system_prompt_hit(folder: Path, hf: torch.nn.Module, vocab: int, budget: int) -> None:
+    """A chat's first request says where its system prompt ends (27 tokens: the state is snapshotted at
+    24, the end of its last full block), so the second with that system prompt and another user turn
+    restores KV and state from there: transformers' tokens, the hit counted in the metrics' running
+    totals. Without the hint, the second request of another system prompt hits nothing."""
+    from server.engine.engine_loop import step_stats
+
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=budget, device="cpu", dtype="float32"))
+    gen = torch.Generator().manual_seed(5)
+    users = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (13, 10)]
+    for hinted, want_cached in ((True, 24), (False, 0)):
+        system = torch.randint(3, vocab, (27,), generator=gen).tolist()
+        for i, (user, cached) in enumerate(zip(users, (0, want_cached), strict=True)):
+            prompt = system + user
+            hits = step_stats(engine.scheduler, None, None, 0.0).num_prefix_hits
+            engine.add_request(f"{hinted}-{i}", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                               system_prompt_end=len(system) if hinted else 0)
+            got: list[int] = []
+            while engine.has_unfinished_requests:
+                for out in engine.step():
+                    got += out.new_token_ids
+                    num_cached = out.num_cached_tokens
+            assert (got, num_cached) == (hf_greedy(hf, prompt, 6), cached), (hinted, i)
+            assert step_stats(engine.scheduler, None, None, 0.0).num_prefix_hits - hits == cached
+    with pytest.raises(ValueError, match="system_prompt_end"):
+        engine.add_request("bad", [5, 6, 7], SamplingParams(), system_prompt_end=4)
+
+
 def test_prefix_cache_hit_restores_the_state(lfm2: tuple) -> None:
     folder, hf, _, _ = lfm2
     check_prefix_hits(folder, hf, VOCAB, budget=13)
+
+
+def test_system_prompt_snapshot_on_the_first_request(lfm2: tuple) -> None:
+    folder, hf, _, _ = lfm2
+    check_system_prompt_hit(folder, hf, VOCAB, budget=13)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from test_lfm2_family import check_prefix_hits, hf_greedy, run_engine
+from test_lfm2_family import check_prefix_hits, check_system_prompt_hit, hf_greedy, run_engine
 
 from server.config import Config
 from server.engine.llm_engine import LLMEngine
@@ -73,6 +73,10 @@ def test_greedy_matches_transformers(qwen: tuple, budget: int, blocks: int, devi
 
 def test_prefix_cache_hit_restores_the_state(qwen: tuple) -> None:
     check_prefix_hits(qwen[0], qwen[3], VOCAB, budget=512)
+
+
+def test_system_prompt_snapshot_on_the_first_request(qwen: tuple) -> None:
+    check_system_prompt_hit(qwen[0], qwen[3], VOCAB, budget=512)
 
 
 def test_adapter_with_its_own_norms_equals_transformers_with_them(qwen: tuple) -> None:

@@ -67,3 +67,20 @@ def test_snapshots_also_cap_chunks_where_the_shared_blocks_end() -> None:
     assert snaps.cap(seq, 0, 64) == 8 and snaps.cap(seq, 8, 64) == 8 and snaps.cap(seq, 16, 64) == 64
     seq.shared_prefix_end = 16  # the same point as its own: one snapshot
     assert snaps.points(seq) == [16]
+
+
+def test_snapshots_also_cap_chunks_where_the_system_prompt_ends() -> None:
+    """The front end's system prompt end, floored to a block: a point of the first request already,
+    beside the shared blocks' end and the prompt's own; none past the prompt's own point."""
+    from server.engine.state_snapshots import StateSnapshots
+
+    snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
+    seq = create_seq(19)  # its own point at 16
+    seq.system_prompt_end = 7  # the user turn starts in the second block: the first one is the system's
+    assert snaps.points(seq) == [4, 16]
+    assert snaps.cap(seq, 0, 64) == 4 and snaps.cap(seq, 4, 64) == 12
+    seq.shared_prefix_end = 12
+    assert snaps.points(seq) == [4, 12, 16]
+    for end, points in ((3, [12, 16]), (16, [12, 16]), (19, [12, 16]), (8, [8, 12, 16])):
+        seq.system_prompt_end = end  # inside the first block, at or past the prompt's own point, on a block
+        assert snaps.points(seq) == points, end
