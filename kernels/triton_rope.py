@@ -1,5 +1,5 @@
-"""Triton rotary embedding (neox layout: rotate halves of the rotary dims), in place on q and k, one
-program per token.
+"""Triton rotary embedding (neox layout: rotate halves of the rotary dims; or interleaved, GPT-J's:
+rotate neighbouring pairs), in place on q and k, one program per token.
 Rounds like `rope.apply_rope_ref` (products and sums in the activation dtype, as transformers does)."""
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, num_heads, c, s, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(x_ptr, stride_h, num_heads, c, s, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads < num_heads)[:, None] & (cols < half)[None, :]
-    p1 = x_ptr + heads[:, None] * stride_h + cols[None, :]
+    if INTERLEAVED:  # pair i is dims (2i, 2i + 1)
+        p1 = x_ptr + heads[:, None] * stride_h + 2 * cols[None, :]
+        p2 = p1 + 1
+    else:  # pair i is dims (i, half + i)
+        p1 = x_ptr + heads[:, None] * stride_h + cols[None, :]
+        p2 = p1 + half
     x1 = tl.load(p1, mask=mask, other=0.0)
-    x2 = tl.load(p1 + half, mask=mask, other=0.0)
+    x2 = tl.load(p2, mask=mask, other=0.0)
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
@@ -48,7 +54,7 @@ def _rotate_heads(x_ptr, stride_h, num_heads, c, s, half, BLOCK_H: tl.constexpr,
     a2 = _rounded(x2 * c, dtype)
     b2 = _rounded(x1 * s, dtype)
     tl.store(p1, (a1 - b1).to(dtype), mask=mask)
-    tl.store(p1 + half, (a2 + b2).to(dtype), mask=mask)
+    tl.store(p2, (a2 + b2).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -56,7 +62,7 @@ def _rope_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
     num_q_heads, num_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -65,15 +71,19 @@ def _rope_kernel(
     dtype = q_ptr.dtype.element_ty
     c = tl.load(cos_ptr + pos * stride_cos + cols, mask=col_ok, other=0.0).to(dtype).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_cos + cols, mask=col_ok, other=0.0).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, c[None, :], s[None, :], half, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, c[None, :], s[None, :], half, BLOCK_HK, BLOCK_HALF)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, c[None, :], s[None, :], half, BLOCK_HQ, BLOCK_HALF,
+                  INTERLEAVED)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, c[None, :], s[None, :], half, BLOCK_HK, BLOCK_HALF,
+                  INTERLEAVED)
 
 
 def apply_rope_triton(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place (strided views allowed) and returns them. Tables
-    [rows, R / 2] rotate each head's first R dims; the others (partial rotary) are left as they are."""
+    [rows, R / 2] rotate each head's first R dims; the others (partial rotary) are left as they are.
+    `interleaved`: GPT-J's pairs (2i, 2i + 1) rather than neox's (i, R / 2 + i)."""
     assert q.dtype == k.dtype, f"q is {q.dtype} but k is {k.dtype}"
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "q and k need a unit stride in head_dim"
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1, "cos and sin tables must share a layout"
@@ -89,7 +99,7 @@ def apply_rope_triton(
         q, k, positions, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         num_q_heads, k.shape[1], half,
-        BLOCK_HQ=block_hq, BLOCK_HK=_pow2(k.shape[1]), BLOCK_HALF=block_half,
+        BLOCK_HQ=block_hq, BLOCK_HK=_pow2(k.shape[1]), BLOCK_HALF=block_half, INTERLEAVED=interleaved,
         num_warps=num_warps,
     )
     return q, k

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
+from server.models.glm_config import glm_fields
 from server.models.gpt_oss_config import gpt_oss_fields
 from server.models.lfm2_config import lfm2_fields
 from server.models.mamba2_config import Mamba2Config, Multipliers, falcon_h1_fields, granite_hybrid_fields
@@ -29,6 +30,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
     "MixtralForCausalLM": "mixtral",
+    "GlmForCausalLM": "glm",  # GPT-J (interleaved) RoPE on half of each head, q/k/v biases (server/models/glm.py)
+    "Glm4ForCausalLM": "glm4",  # the same with norms after attention and MLP
     "SmolLM3ForCausalLM": "smollm3",  # Llama with NoPE layers (server/models/smollm3_config.py)
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",
@@ -90,6 +93,8 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
+    rope_interleaved: bool = False  # GLM: RoPE rotates pairs of neighbouring dims (GPT-J), not halves (neox)
+    post_norms: bool = False  # GLM-4: RMSNorms of the attention and MLP outputs before the residual adds
     # gpt-oss (server/models/gpt_oss_config.py):
     o_bias: bool = False  # o_proj has a bias
     rope_layers: tuple[bool, ...] | None = None  # SmolLM3: which layers rotate q and k (None: every layer)
@@ -151,6 +156,8 @@ class ModelConfig:
             return cls(**phi3_fields(cfg))
         if family == "gpt_oss":
             return cls(**gpt_oss_fields(cfg))
+        if family in ("glm", "glm4"):
+            return cls(**glm_fields(cfg, family))
         if family == "smollm3":  # Llama's fields, then its NoPE layers and their windows
             llama = cls.from_dict({**cfg, "architectures": ["LlamaForCausalLM"], "use_sliding_window": False})
             return replace(llama, **smollm3_fields(cfg, llama.num_layers))

@@ -17,6 +17,7 @@ from server.models.config import ModelConfig
 from server.models.falcon_h1 import FalconH1ForCausalLM
 from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
+from server.models.glm import Glm4ForCausalLM
 from server.models.gpt_oss import GptOssForCausalLM
 from server.models.granite_hybrid import GraniteMoeHybridForCausalLM
 from server.models.layers import LoRALinear
@@ -216,6 +217,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GemmaForCausalLM(cfg)
         elif cfg.family == "gpt_oss":
             model = GptOssForCausalLM(cfg)
+        elif cfg.family == "glm4":
+            model = Glm4ForCausalLM(cfg)
         elif cfg.family == "lfm2":
             model = Lfm2ForCausalLM(cfg)
         elif cfg.family in ("qwen3_5", "qwen3_5_moe"):

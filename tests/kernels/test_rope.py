@@ -25,8 +25,9 @@ def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torc
 
 
 def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str, scaled: bool = False,
-              rotary_dim: int | None = None) -> Callable:
-    """`rotary_dim` < head_dim: partial rotary (Phi-4-mini), the tables that narrow."""
+              rotary_dim: int | None = None, interleaved: bool = False) -> Callable:
+    """`rotary_dim` < head_dim: partial rotary (Phi-4-mini), the tables that narrow; `interleaved`:
+    GPT-J's pairs (GLM)."""
     rot = rotary_dim or head_dim
 
     def run() -> tuple[float, float]:
@@ -36,11 +37,11 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
         cos, sin = rope_cos_sin(rope_inv_freq(rot, 500000.0, LLAMA3 if scaled else None), 300)
         qkv, q, k = qkv_views(tokens, heads, kv_heads, head_dim, dt)
         positions = torch.randint(0, 300, (tokens,), dtype=torch.int64)
-        ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin)
+        ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin, interleaved)
         assert torch.equal(ref_q[..., rot:], q[..., rot:]), "the reference rotated past the rotary dims"
         v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
         q_pass, k_pass = q[..., rot:].clone(), k[..., rot:].clone()
-        out_q, out_k = apply_rope_triton(q, k, positions, cos, sin)
+        out_q, out_k = apply_rope_triton(q, k, positions, cos, sin, interleaved)
         assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
         assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before), "wrote outside q and k"
         assert torch.equal(q[..., rot:], q_pass) and torch.equal(k[..., rot:], k_pass), "rotated the pass-through dims"
@@ -57,6 +58,8 @@ CASES: dict[str, Callable] = {
     "one_token_d96_fp32": rope_case(1, 5, 1, 96, "fp32"),
     "partial_d32_r24_bf16": rope_case(6, 4, 2, 32, "bf16", rotary_dim=24),  # Phi-4-mini's 0.75
     "partial_d128_r96_fp32": rope_case(4, 3, 1, 128, "fp32", rotary_dim=96),
+    "interleaved_d32_r16_bf16": rope_case(6, 4, 2, 32, "bf16", rotary_dim=16, interleaved=True),  # GLM's half
+    "interleaved_d64_fp32": rope_case(5, 2, 2, 64, "fp32", interleaved=True),
 }
 
 
@@ -98,6 +101,23 @@ def test_rope_gpu_partial_rotary_phi4_mini_shapes() -> None:
     out_q, out_k = apply_rope(q, k, positions, cos, sin)
     assert rel_err(out_q, ref_q) < BOUND and rel_err(out_k, ref_k) < BOUND
     assert torch.equal(out_q[..., 96:], ref_q[..., 96:]) and torch.equal(out_k[..., 96:], ref_k[..., 96:])
+
+
+def test_interleaved_rope_is_glms() -> None:
+    """The interleaved reference equals transformers' GLM apply_rotary_pos_emb (half the head rotated)."""
+    from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(rope_inv_freq(16, 10000.0), 50)
+    _, q, k = qkv_views(7, 4, 2, 32, torch.float32)
+    positions = torch.randint(0, 50, (7,))
+    got_q, got_k = apply_rope_ref(q, k, positions, cos, sin, interleaved=True)
+    full_cos, full_sin = torch.cat((cos, cos), -1)[positions], torch.cat((sin, sin), -1)[positions]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], full_cos[None],
+                                          full_sin[None])
+    assert torch.equal(got_q, want_q[0].transpose(0, 1)) and torch.equal(got_k, want_k[0].transpose(0, 1))
+    neox_q, _ = apply_rope_ref(q, k, positions, cos, sin)
+    assert not torch.allclose(neox_q, got_q)
 
 
 if __name__ == "__main__":
