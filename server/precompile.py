@@ -15,6 +15,7 @@ from pathlib import Path
 from server import compile_cache, startup_clock
 from server.compile_cache import CacheDir
 from server.config import Config
+from server.loader.prefetch import prefetch_weights
 from server.preflight import cuda_device_count, torch_cuda_build
 from server.startup_clock import startup_phase
 
@@ -59,6 +60,7 @@ def precompile(config: Config, caches: list[CacheDir]) -> int:
             "precompile: %s, where the Triton kernels run in the interpreter: nothing to compile", why
         )
         return 0
+    prefetch_weights(config.model)  # read into the page cache while torch is imported
     with startup_phase("import torch and the engine", "other"):
         from server.engine.llm_engine import LLMEngine
         from server.engine.loras import load_adapter

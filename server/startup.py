@@ -12,6 +12,7 @@ from pathlib import Path
 
 from server import compile_cache, startup_clock
 from server.config import Config
+from server.loader.prefetch import prefetch_weights
 from server.logs import JsonFormatter, capture_output, configure_logging, quiet_progress_bars, release_output
 from server.preflight import StartupError, run_checks
 from server.startup_clock import STARTUP_LOGGER, startup_phase
@@ -65,6 +66,8 @@ def serve(config: Config) -> int:
         return precompile(config, caches)
     if json_lines:
         capture_output()  # print(), tqdm, C libraries: every line on stderr is JSON from here on
+    # The disk reads the weights into the page cache while torch and Unsloth are imported.
+    prefetch_weights(config.model)
     engine = None
     if config.engine_mode == "process":  # the engine process loads the model while we import
         from server.engine.process_client import ProcessEngineClient
