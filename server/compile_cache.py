@@ -86,10 +86,13 @@ def prepare(root: str | None, env: MutableMapping[str, str] = os.environ) -> tup
 
 
 def describe(used: list[CacheDir]) -> str:
-    """One log line: where each cache is and how full (files, MB)."""
+    """One log line: where each cache is and how many entries it holds (one listing each, no walk: the
+    cache may sit on a network volume, where a stat per file adds up)."""
     parts = []
     for cache in used:
-        files = [p for p in cache.path.rglob("*") if p.is_file()] if cache.path.is_dir() else []
-        size = sum(p.stat().st_size for p in files) / 1e6
-        parts.append(f"{CACHE_VARS[cache.var]} {cache.path} ({len(files)} files, {size:.1f} MB)")
+        try:
+            entries = sum(1 for _ in os.scandir(cache.path))
+        except OSError:
+            entries = 0
+        parts.append(f"{CACHE_VARS[cache.var]} {cache.path} ({entries} entries)")
     return "compile caches: " + "; ".join(parts)
