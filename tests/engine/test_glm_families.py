@@ -5,6 +5,7 @@ equals PEFT; the config is read with transformers' defaults."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.loras import load_adapter
 from server.engine.sampling_params import SamplingParams
+from server.loader import DEMO_MODEL
 from server.models.config import ModelConfig
 from server.models.families import route_of
 from server.models.glm import Glm4DecoderLayer
@@ -37,18 +39,48 @@ CONFIGS = {"glm": transformers.GlmConfig, "glm4": transformers.Glm4Config}
 PROMPT_LENGTHS = (3, 19, 45, 8)
 
 
-def make_model(tmp: Path, family: str) -> tuple[Path, torch.nn.Module]:
+def make_model(tmp: Path, family: str, tokenizer: bool = False) -> tuple[Path, torch.nn.Module]:
+    """`tokenizer`: the demo model's vocabulary size and tokenizer files too (for LLM / HTTP)."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        CONFIGS[family](**COMMON), attn_implementation="eager"
-    ).eval()
+    config = CONFIGS[family](**{**COMMON, "vocab_size": 4096 if tokenizer else 384})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # random biases and norms so that those code paths matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     folder = tmp / family
     model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if tokenizer else ():
+        if (DEMO_MODEL / name).is_file():
+            shutil.copy(DEMO_MODEL / name, folder / name)
     return folder, model
+
+
+def write_adapter(hf: torch.nn.Module, folder: Path) -> Path:
+    """A PEFT LoRA on q/v/o and the fused gate_up_proj / down_proj (what PEFT targets on GLM-4), B random."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    tuned = get_peft_model(
+        hf,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+        ),
+    )
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    tuned.save_pretrained(str(folder))
+    tuned.unload()  # hf as it was, for the base's tokens
+    return folder
+
+
+def peft_greedy(folder: Path, adapter: Path, prompt: list[int], max_tokens: int = 10) -> list[int]:
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    return hf_greedy(PeftModel.from_pretrained(base, str(adapter)).eval(), prompt, max_tokens)
 
 
 def engine_greedy(
@@ -82,9 +114,9 @@ def engine_greedy(
     return [got[str(i)] for i in range(len(prompts))]
 
 
-def hf_greedy(hf: torch.nn.Module, prompt: list[int]) -> list[int]:
+def hf_greedy(hf: torch.nn.Module, prompt: list[int], max_tokens: int = 10) -> list[int]:
     out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     return out[0, len(prompt) :].tolist()
 
@@ -118,29 +150,12 @@ def test_triton_kernels_and_cuda_graphs_match_transformers(tmp_path: Path, famil
 
 
 def test_glm4_lora_hot_swapped_equals_peft(tmp_path: Path) -> None:
-    """LoRA on q/k/v, o and the fused gate_up_proj / down_proj (what PEFT targets on GLM-4): PEFT's tokens."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     folder, hf = make_model(tmp_path, "glm4")
-    torch.manual_seed(3)
-    tuned = get_peft_model(
-        hf,
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-        ),
-    )
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    tuned.save_pretrained(str(tmp_path / "adapter"))
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
-    want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    adapter = write_adapter(hf, tmp_path / "adapter")
     ps = prompts()[:2]
-    got = engine_greedy(folder, ps, adapter=tmp_path / "adapter")
-    assert got == [hf_greedy(want, p) for p in ps]
-    with want.disable_adapter():
-        assert got != [hf_greedy(want, p) for p in ps]
+    got = engine_greedy(folder, ps, adapter=adapter)
+    assert got == [peft_greedy(folder, adapter, p) for p in ps]
+    assert got != [hf_greedy(hf, p) for p in ps]
 
 
 def test_config_defaults_are_transformers(tmp_path: Path) -> None:
