@@ -235,3 +235,46 @@ def test_target_parameters_with_dropout_is_refused(tmp_path: Path) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 0.1}))
     with pytest.raises(AdapterError, match=r"lora_dropout=0.1 is not 0 with target_parameters"):
         load_lora("a", adapter, max_rank=16)
+
+
+def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: Path) -> None:
+    """Per-expert NF4 experts (a 4-bit checkpoint's, kept packed): the hot-swapped LoRA adds what it
+    adds on their dequantized 16-bit weights, to its slot's tokens only; merging it makes the
+    experts 16-bit and computes the same."""
+    from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
+    from server.models.config import ModelConfig
+    from server.models.expert_lora import merge_expert_update
+    from server.models.layers import StepMetadata
+    from server.models.weights import build_model, iter_checkpoint
+
+    folder, hf = make_model(tmp_path, "mixtral")
+    adapter = per_expert_adapter(tmp_path, "mixtral", hf)
+    cfg = ModelConfig.from_folder(folder)
+    quantized = {k: quantize_nf4_ref(v) if ".experts." in k else v for k, v in iter_checkpoint(folder)}
+    dequantized = {
+        k: v if isinstance(v, torch.Tensor) else dequantize_nf4_ref(v) for k, v in quantized.items()
+    }
+    cpu = torch.device("cpu")
+    ours = build_model(cfg, iter(quantized.items()), torch.float32, cpu)
+    dense = build_model(cfg, iter(dequantized.items()), torch.float32, cpu)
+    weights = load_lora("a", adapter, max_rank=16)
+    check_fits(weights, ours.lora_layers(), expert_modules(ours))
+    assert set(weights.experts) == {"model.layers.1.mlp.experts"}
+    for model in (ours, dense):
+        for name, experts in expert_modules(model).items():
+            experts.lora.write(2, weights.experts.get(name), torch.float32, cpu)
+    meta = StepMetadata(
+        attn=None,
+        lora_slots=torch.tensor([2] * 5 + [-1] * 4, dtype=torch.int32),  # type: ignore[arg-type]
+        active_lora_slots=[2],
+    )
+    x = torch.randn(9, 64)
+    block_q, block_d = ours.model.layers[1].mlp, dense.model.layers[1].mlp
+    with_lora = block_d(x, meta)
+    torch.testing.assert_close(block_q(x, meta), with_lora, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_lora[5:], block_d(x, None)[5:], rtol=0, atol=0)  # other tokens: the base
+    assert not torch.allclose(with_lora[:5], block_d(x, None)[:5], atol=1e-3)
+    experts = expert_modules(ours)["model.layers.1.mlp.experts"]
+    assert merge_expert_update(experts, weights.experts["model.layers.1.mlp.experts"], torch.float32) > 0
+    assert not experts.is_quantized and not experts.quant
+    torch.testing.assert_close(block_q(x, None)[:5], with_lora[:5], rtol=1e-5, atol=1e-5)
