@@ -32,7 +32,8 @@ class AttnMetadata:
     max_seq_len: int
     # Sequences at the front of the batch that have exactly one query token (decodes). With
     # 0 < num_decodes < batch, CUDA runs them through the decode kernel and the rest through the
-    # prefill kernel; 0 (unknown) sends a mixed batch through the prefill kernel alone.
+    # prefill kernel; 0 (unknown) sends a mixed batch through the prefill kernel alone; -1 (known on
+    # the device only: a CUDA graph's step) runs both kernels, each over the sequences that are its own.
     num_decodes: int = 0
 
 

@@ -7,7 +7,9 @@ steps (one query per sequence) may split the keys over programs (flash-decoding)
 partial results in a second kernel. Grids depend on host ints and tensor shapes only. Gemma 2's
 score soft-capping is a constexpr variant (SOFTCAP), and so are gpt-oss's attention sinks (SINKS: a
 per-head logit added to the softmax's denominator once, after the last key tile or in the merge of the
-splits): the others compile exactly as without them.
+splits): the others compile exactly as without them. A batch whose decodes the host does not know
+(a CUDA graph of mixed steps: num_decodes -1) runs both kernels over every sequence, each program
+returning at once where the sequence is the other kernel's (BY_LEN).
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+    SOFTCAP: tl.constexpr, SINKS: tl.constexpr, BY_LEN: tl.constexpr = False,
 ):
     q_block = tl.program_id(0)
     if not DECODE:  # the last q blocks of a sequence see the most keys: start them first
@@ -157,6 +159,12 @@ def _paged_attention_kernel(
         first_tok = (q_block - ((q_start - q_base) // BLOCK_Q + seq)) * BLOCK_Q
     if first_tok >= q_len:  # the grid is an upper bound on the number of q blocks
         return
+    if BY_LEN:  # a query of one token is the decode kernel's, longer ones the prefill kernel's
+        if DECODE:
+            if q_len != 1:
+                return
+        elif q_len == 1:
+            return
     last_tok = tl.minimum(q_len, first_tok + BLOCK_Q) - 1
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
@@ -292,7 +300,9 @@ def paged_attention_triton(
 ) -> torch.Tensor:
     """q [T, Hq, D] (strided view allowed) -> [T, Hq, D]. `max_query_len` == 1 takes the decode
     path. With 0 < num_decodes < batch, the first num_decodes sequences (one query token each) take
-    the decode kernel and the rest the prefill kernel. `softcap`: scores become softcap *
+    the decode kernel and the rest the prefill kernel; with num_decodes -1 (which sequences have one
+    query token is known on the device only), both kernels run over every sequence, and each takes
+    its own (the decode kernel then does not split keys: the merge pass would write every row). `softcap`: scores become softcap *
     tanh(scores / softcap) (Gemma 2). `sinks` [Hq]: each head's sink logit (gpt-oss). `tiles`
     overrides tile choices (block_m, block_n, num_warps, num_stages, num_splits, programs_per_sm) for
     benchmarks and tests."""
@@ -304,6 +314,10 @@ def paged_attention_triton(
     args = (q, k_cache, v_cache, out, scale, sliding_window, softcap, sinks)
     if max_query_len == 1:
         _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles)
+    elif num_decodes < 0:
+        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles, by_len=True)
+        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, max_query_len, tiles,
+                by_len=True)
     elif 0 < num_decodes < batch:
         _launch(*args, block_tables, seq_lens, query_start_loc, num_decodes, num_decodes, 0, 1, tiles)
         _launch(*args, block_tables[num_decodes:], seq_lens[num_decodes:], query_start_loc[num_decodes:],
@@ -318,9 +332,10 @@ def _launch(
     sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None, block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
-    batch: int, num_tokens: int, q_base: int, max_query_len: int, tiles: dict[str, int],
+    batch: int, num_tokens: int, q_base: int, max_query_len: int, tiles: dict[str, int], by_len: bool = False,
 ) -> None:
-    """Attention for `batch` sequences whose `num_tokens` queries start at token q_base."""
+    """Attention for `batch` sequences whose `num_tokens` queries start at token q_base. `by_len`:
+    only the sequences of one query token (decode) or only the others (prefill)."""
     if num_tokens == 0:
         return
     _, num_heads, head_dim = q.shape
@@ -342,8 +357,8 @@ def _launch(
         # for q, k and v over the pipeline's stages, past the H200's 227 KiB.
         block_m, block_n = max(group_rows, min(block_m, 64)), min(block_n, 32)
     block_q = 1 if decode else block_m // group
-    num_splits = tiles.get("num_splits", 1) if decode else 1  # only decode splits its keys
-    if decode and "num_splits" not in tiles:
+    num_splits = tiles.get("num_splits", 1) if decode and not by_len else 1  # only decode splits its keys
+    if decode and not by_len and "num_splits" not in tiles:
         max_keys = block_tables.shape[1] * block_size
         max_keys = max_keys if sliding_window is None else min(max_keys, sliding_window)
         num_splits = decode_num_splits(batch, num_kv_heads, max_keys, block_n, q.device,
@@ -370,7 +385,7 @@ def _launch(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DECODE=decode, SPLIT=split, SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32)
-        SOFTCAP=softcap is not None, SINKS=sinks is not None,
+        SOFTCAP=softcap is not None, SINKS=sinks is not None, BY_LEN=by_len,
         num_warps=tiles.get("num_warps", 8 if block_m >= 128 else 4), **extra,
     )
     if split:

@@ -75,11 +75,13 @@ class Config:
     max_num_seqs: int = setting(64, "sequences in one engine step at most", "engine")
     max_num_batched_tokens: int = setting(
         2048, "tokens in one engine step at most (longer prompts are prefilled in chunks)", "engine")
-    # Every decoding stream waits for its step: a 2,048-token prompt chunk beside them is a stall of
-    # about 40 ms (8B, H200). 512 tokens cost about 10-12 ms there, within 3x a decode step's time.
-    max_prefill_tokens_while_decoding: int = setting(
-        512, "prompt tokens in one engine step at most while some sequence decodes (bounds the pause "
-        "a long prompt puts into running streams; steps without decodes take --max-num-batched-tokens)", "engine")
+    # Every decoding stream waits for its step: a 2,048-token prompt chunk beside 16 decoding streams
+    # made their inter-token p99 61 ms (8B, H200), chunks of 448 in the 512-token graph 25.5 ms.
+    max_prefill_tokens_while_decoding: int | None = setting(
+        None, "prompt tokens in one engine step at most while some sequence decodes (bounds the pause a long "
+        "prompt puts into running streams; steps without decodes take --max-num-batched-tokens); default: the "
+        "prefill CUDA-graph size of 384 tokens less --max-num-seqs, at least half of it, so that such a step "
+        "replays a graph", "engine", metavar="N")
     block_size: int = setting(16, "tokens per KV-cache block", "engine", choices=(8, 16, 32, 64, 128))
     num_kv_blocks: int | None = setting(
         None, "KV-cache blocks (default: sized from --kv-cache-memory-gb or --gpu-memory-utilization)", "engine")
@@ -87,7 +89,7 @@ class Config:
     gpu_memory_utilization: float = setting(
         0.90, "CUDA: share of the GPU's memory the weights, activations and KV cache may take", "engine")
     enable_prefix_caching: bool = setting(True, "disable prefix caching", "engine", names=("--no-prefix-caching",))
-    enforce_eager: bool = setting(False, "CUDA: run decode steps without CUDA graphs", "engine")
+    enforce_eager: bool = setting(False, "CUDA: run every step without CUDA graphs", "engine")
     # LLMEngine: decode step N+1 is queued before step N's tokens are read.
     async_scheduling: bool = setting(
         False, "queue each decode step before the host has read the previous step's tokens (it is fed them "
@@ -118,6 +120,11 @@ class Config:
     cuda_graph_sizes: tuple[int, ...] = setting(
         (), "decode batch sizes to capture, comma-separated (default 1,2,4,8,16,32,...)", "engine",
         metavar="SIZES", parse=flags.int_list)
+    # Prompt steps replayed from CUDA graphs per token-count bucket (server/engine/prefill_graphs.py).
+    prefill_cuda_graph_sizes: tuple[int, ...] = setting(
+        (), "CUDA: token counts of prompt steps to capture, comma-separated (default "
+        "16,32,64,128,256,384,512,768,1024 up to --max-num-batched-tokens; 0: none); larger steps, and some "
+        "models' (recurrent layers, images, experts), run eagerly", "engine", metavar="SIZES", parse=flags.int_list)
     # Speculative decoding (server/engine/spec_decode): greedy output is unchanged token for token,
     # sampled output keeps its distribution (rejection sampling). --speculative-model alone means draft.
     speculative_method: str | None = setting(
@@ -245,11 +252,15 @@ def _at_least(config: Config, name: str, low: int, note: str = "") -> None:
 
 
 def _check_engine(config: Config) -> None:
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras", "max_lora_rank", "max_cpu_loras"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras",
+                 "max_lora_rank", "max_cpu_loras"):
         _at_least(config, name, 1)
     _at_least(config, "max_model_len", 2)
     if config.precompile_only and not config.warmup:
         raise ValueError("--precompile-only compiles what the warmup runs: leave out --no-warmup")
+    if any(t < 0 or t == 1 for t in config.prefill_cuda_graph_sizes):
+        raise ValueError(f"--prefill-cuda-graph-sizes takes token counts of at least 2 (or 0: none); "
+                         f"got {','.join(map(str, config.prefill_cuda_graph_sizes))}")
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {config.gpu_memory_utilization}")
 

@@ -24,6 +24,7 @@ from server.engine.lora_manager import LoRAManager
 from server.engine.mm_inputs import MultiModalInputs, check_images
 from server.engine.model_runner import LaunchedDecode, ModelRunner
 from server.engine.outputs import RequestOutput
+from server.engine.prefill_graphs import default_prefill_buckets, prefill_bound_while_decoding
 from server.engine.request_fit import out_of_vocab
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -114,10 +115,17 @@ class LLMEngine:
                                           StateSlots(num_state_slots) if num_state_slots else None)
         if num_snapshots:  # rows after the running slots and the scratch row
             self.block_manager.snapshots = StateSnapshots(num_state_slots + 1, num_snapshots, config.block_size)
+        buckets = prefill_buckets = None
+        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
+            # Verify steps replay them too, with 1 + k rows per speculating sequence.
+            buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
+            prefill_buckets = [t for t in config.prefill_cuda_graph_sizes if t > 0] if config.prefill_cuda_graph_sizes \
+                else default_prefill_buckets(config.max_num_batched_tokens)
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
+            max_prefill_tokens_while_decoding=prefill_bound_while_decoding(
+                config.max_prefill_tokens_while_decoding, prefill_buckets, config.max_num_seqs),
             max_model_len=self.max_model_len,
             max_loras=config.max_loras,
         )
@@ -126,14 +134,10 @@ class LLMEngine:
             model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
             expert_modules(model),
         )
-        buckets = None
-        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
-            # Verify steps replay them too, with 1 + k rows per speculating sequence.
-            buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
                 model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,
-                self.max_model_len, buckets, num_state_slots, num_snapshots,
+                self.max_model_len, buckets, num_state_slots, num_snapshots, prefill_buckets, config.max_num_seqs,
             )
         self.runner.sampler.use_triton = config.sampler == "triton"
         self.spec = build_spec_decoder(config, self.block_manager, self.max_model_len, self.draft_model,
@@ -146,7 +150,8 @@ class LLMEngine:
         self.defer_observation = False  # step() keeps its observer record for observe_deferred()
         self._inflight: LaunchedDecode | None = None  # async scheduling: a decode step not read yet
         self._unobserved: list[tuple[ScheduledBatch | None, list[RequestOutput], float | None, float]] = []
-        with startup_phase("capture CUDA graphs", "graphs", log=self.runner.graphs is not None):
+        captures = self.runner.graphs is not None or self.runner.prefill_graphs is not None
+        with startup_phase("capture CUDA graphs", "graphs", log=captures):
             self.runner.capture_graphs()
         if config.warmup and self.device.type == "cuda":
             try:
@@ -180,6 +185,9 @@ class LLMEngine:
         # Together: sampled with every cut-off (with --sampler triton, this compiles and checks its kernel).
         sampled = SamplingParams(max_tokens=2, temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, ignore_eos=True)
         caching, self.block_manager.enable_prefix_caching = self.block_manager.enable_prefix_caching, False
+        # Eagerly: the prompt steps' graphs were compiled when captured, but a step outside them (a
+        # larger one, prompt logprobs) runs the eager kernels, which should not compile while serving.
+        prefill_graphs, self.runner.prefill_graphs = self.runner.prefill_graphs, None
 
         def add(name: str, n: int, params: SamplingParams) -> None:
             self.add_request(f"warmup-{name}", [rng.randrange(vocab) for _ in range(n)], params, adapter_id)
@@ -224,6 +232,7 @@ class LLMEngine:
                 finish()
         finally:
             self.block_manager.enable_prefix_caching = caching
+            self.runner.prefill_graphs = prefill_graphs
         return time.perf_counter() - start
 
     def _prefix_caching(self, model: torch.nn.Module) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+import numpy as np
 import torch
 
 from kernels.attention import AttnMetadata
@@ -18,6 +19,7 @@ from kernels.state_batch import StateBatch
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.device import to_device
 from server.engine.lora_manager import LoRAManager
+from server.engine.prefill_graphs import PrefillGraphs
 from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logprobs
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import TokenLogprob
@@ -71,6 +73,8 @@ class ModelRunner:
         cuda_graph_buckets: list[int] | None = None,
         num_state_slots: int = 0,
         num_state_snapshots: int = 0,
+        prefill_graph_buckets: list[int] | None = None,
+        max_num_seqs: int = 64,
     ) -> None:
         self.model = model
         self.device = device
@@ -114,14 +118,31 @@ class ModelRunner:
                 self._forward_logits, cuda_graph_buckets, -(-max_model_len // block_size),
                 self.scratch_block, block_size, device, num_state_slots if cfg.has_state else None,
             )
+        # Prompt steps from graphs too, where the model's step has nothing but token ids, positions,
+        # KV slots and LoRA slots (prefill_graphs.py says what stays eager and why).
+        self.prefill_graphs: PrefillGraphs | None = None
+        # (No step holds more tokens than max_num_seqs sequences of max_model_len.)
+        prefill_graph_buckets = [t for t in prefill_graph_buckets or () if t <= max_num_seqs * max_model_len]
+        if (prefill_graph_buckets and device.type == "cuda" and not cfg.has_state and self.vision is None
+                and not cfg.num_experts):
+            self.prefill_graphs = PrefillGraphs(self._forward_logits_at, prefill_graph_buckets, max_num_seqs,
+                                                -(-max_model_len // block_size), block_size, device)
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))
 
+    def _forward_logits_at(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                           sample_index: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[sample_index])
+
     def capture_graphs(self) -> None:
-        if self.graphs is not None:
-            with torch.inference_mode():
-                self.graphs.capture_all(with_lora=self.lora_manager is not None and self.lora_manager.has_slots)
+        with_lora = self.lora_manager is not None and self.lora_manager.has_slots
+        with torch.inference_mode():
+            if self.graphs is not None:
+                self.graphs.capture_all(with_lora=with_lora)
+            if self.prefill_graphs is not None:  # in the decode graphs' pool: steps never overlap
+                self.prefill_graphs.capture_all(with_lora, self.graphs.pool if self.graphs is not None else None)
 
     @property
     def last_forward_seconds(self) -> float | None:
@@ -305,6 +326,54 @@ class ModelRunner:
         self._timing = events
         return logits
 
+    def _replay_prefill(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor] | None:
+        """The sampling rows and their logits from a prefill CUDA graph (a step with prompt chunks,
+        decodes beside them or not), or None where the step runs eagerly: larger than every bucket,
+        speculative verify rows, prompt logprobs, or adapters with their own modules."""
+        graphs = self.prefill_graphs
+        if graphs is None or any(s.spec_token_ids or s.params.prompt_logprobs is not None for s in batch.seqs):
+            return None
+        adapters = {seq.adapter_id for seq in batch.seqs} - {0}
+        if not graphs.has(sum(batch.num_new_tokens), len(batch.seqs), bool(adapters)):
+            return None
+        if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
+            return None
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(self._rope_rows(seq.num_prompt_tokens, start, end))
+            table = seq.block_table
+            slots.extend([table[start // bs] * bs + start % bs] if n == 1 else
+                         [table[p // bs] * bs + p % bs for p in range(start, end)])
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + n)
+            if batch.samples(i):
+                rows.append(i)
+        lora_slots = None
+        if adapters:
+            assert self.lora_manager is not None
+            slot_of = self.lora_manager.assign_slots(adapters)
+            lora_slots = np.repeat([slot_of.get(seq.adapter_id, -1) for seq in batch.seqs], batch.num_new_tokens)
+        cuda = self.device.type == "cuda"  # (the CPU tests replay a stand-in graph)
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        logits = graphs.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), query_start_loc, seq_lens,
+                            [seq.block_table for seq in batch.seqs], [query_start_loc[i + 1] - 1 for i in rows],
+                            lora_slots, events[0] if events is not None else None)
+        if logits is None:
+            return None
+        if events is not None:
+            events[1].record()
+            self._timing = events
+        return rows, logits
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.device.type != "cuda":
             start = time.perf_counter()
@@ -346,6 +415,10 @@ class ModelRunner:
             if len(rows) < len(batch.seqs):  # one-token prompt chunks sample nothing
                 starts = [0, *itertools.accumulate(batch.num_new_tokens)]  # verify steps: 1 + k rows each
                 logits = logits[[r for i in rows for r in range(starts[i], starts[i + 1])]]
+        elif (replayed := self._replay_prefill(batch)) is not None:
+            rows, logits = replayed
+            if not rows:
+                return sampled, None
         else:
             # An eager step spends a while launching kernels: whatever waits for "launched" should
             # not wait that long (a graph replay is queued at once, so there it runs below).

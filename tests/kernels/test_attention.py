@@ -237,6 +237,12 @@ CASES: dict[str, Callable[[], tuple[float, float]]] = {
                                              64, 8, "fp32", num_decodes=9, programs_per_sm=64, block_m=16),
     "mixed_two_kernels_sliding": attention_case([1, 5, 1, 26], [70, 37, 12, 44], (4, 2), 64, 16, "fp32", window=9,
                                                 num_decodes=1, block_m=16, block_n=16, num_splits=3),
+    # decodes anywhere, known on the device only (a CUDA graph's step): both kernels over every
+    # sequence, each taking its own; empty sequences after the last (a bucket's unused ones)
+    "mixed_by_length_gqa2": attention_case([1, 13, 1, 30, 1, 0, 0], [40, 29, 9, 30, 70, 0, 0], (4, 2), 64, 8,
+                                           "fp32", num_decodes=-1, block_m=16, block_n=16),
+    "mixed_by_length_sliding_bf16": attention_case([5, 1, 26, 1], [37, 12, 44, 90], (4, 1), 64, 16, "bf16",
+                                                   window=9, num_decodes=-1),
     "chunked_mixed_gqa2_bf16": attention_case([1, 13, 1, 30], [40, 29, 9, 30], (4, 2), 64, 8, "bf16"),
     "chunked_mixed_gqa4_fp16": attention_case([9, 1, 21], [50, 17, 60], (8, 2), 64, 16, "fp16"),
     # Gemma 2's score soft-capping: decode (split and not), prefill, chunked + sliding, two kernels
