@@ -125,7 +125,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_tokens_while_decoding=prefill_bound_while_decoding(
-                config.max_prefill_tokens_while_decoding, prefill_buckets, config.max_num_seqs),
+                config.max_prefill_tokens_while_decoding, config.max_num_seqs),
             max_model_len=self.max_model_len,
             max_loras=config.max_loras,
         )

@@ -48,16 +48,15 @@ def default_prefill_buckets(max_num_batched_tokens: int) -> list[int]:
     return [t for t in DEFAULT_PREFILL_BUCKETS if t <= max_num_batched_tokens]
 
 
-def prefill_bound_while_decoding(setting: int | None, buckets: list[int] | None, max_num_seqs: int) -> int:
+def prefill_bound_while_decoding(setting: int | None, max_num_seqs: int) -> int:
     """The prompt tokens of a step beside decodes (the scheduler's bound), unless set: what leaves
-    room in the largest bucket up to STEP_TOKENS_BESIDE_DECODES for a token of every sequence, so
-    that the step replays a graph rather than running eagerly (launch-bound: 44 ms for 512 tokens of
-    the 8B shape on the H200, 18 ms replayed), but at least half the bucket, where very many
+    room in a step of STEP_TOKENS_BESIDE_DECODES (a default bucket) for a token of every sequence,
+    so that the step replays a graph rather than running eagerly (launch-bound: 39 ms for 512
+    tokens of the 8B shape on the H200, 19 ms replayed), but at least half of it, where very many
     sequences would leave prompts little."""
     if setting is not None:
         return setting
-    top = max((t for t in buckets or () if t <= STEP_TOKENS_BESIDE_DECODES), default=STEP_TOKENS_BESIDE_DECODES)
-    return max(top - max_num_seqs, top // 2)
+    return max(STEP_TOKENS_BESIDE_DECODES - max_num_seqs, STEP_TOKENS_BESIDE_DECODES // 2)
 
 
 class PrefillGraphs:

@@ -117,9 +117,7 @@ def test_packing_into_buckets_gives_the_eager_tokens_on_cpu() -> None:
 def test_prompt_bound_beside_decodes_leaves_room_in_the_largest_bucket() -> None:
     from server.engine.prefill_graphs import prefill_bound_while_decoding
 
-    assert prefill_bound_while_decoding(None, [16, 64, 384], 64) == 320  # 64 decodes + 320 fill 384
-    assert prefill_bound_while_decoding(None, [16, 384, 512, 1024], 64) == 320  # larger steps take too long
-    assert prefill_bound_while_decoding(None, [16, 256], 8) == 248
-    assert prefill_bound_while_decoding(None, [384], 300) == 192  # never under half the bucket
-    assert prefill_bound_while_decoding(None, None, 64) == 320  # eager: as with the default buckets
-    assert prefill_bound_while_decoding(100, [512], 64) == 100  # set: as set
+    assert prefill_bound_while_decoding(None, 64) == 320  # 64 decodes + 320 fill the 384 bucket
+    assert prefill_bound_while_decoding(None, 8) == 376
+    assert prefill_bound_while_decoding(None, 300) == 192  # never under half the bucket
+    assert prefill_bound_while_decoding(100, 64) == 100  # set: as set
