@@ -1,5 +1,5 @@
-"""Mixture-of-experts compute: the router (softmax, top-k, optional renormalization, as transformers
-does it) and the experts' SwiGLU MLPs for a flat batch of tokens. `moe_experts_ref` is the plain
+"""Mixture-of-experts compute: the routers (softmax, top-k, optional renormalization; or LFM2-MoE's
+sigmoid with biased picks, as transformers does them) and the experts' SwiGLU MLPs for a flat batch of tokens. `moe_experts_ref` is the plain
 PyTorch reference (tokens grouped by expert, results index-added back, in transformers' order, so on
 one device it is bit-exact to transformers); `moe_experts` runs the grouped Triton GEMMs of
 `kernels.triton_moe` on CUDA (no host sync, so it is captured in CUDA graphs) and the reference
@@ -27,6 +27,19 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return ids, weights if weights_fp32 else weights.to(logits.dtype)
+
+
+def route_sigmoid(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                  normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LFM2-MoE's router: sigmoid scores in x's dtype; the top-k experts by score + bias (float32,
+    a load-balancing correction that picks, never weighs); their scores as weights, renormalized to
+    sum to 1 (+1e-6) with `normalize`, then times `scale`."""
+    scores = F.linear(x, gate_weight).sigmoid()
+    ids = torch.topk(scores if bias is None else scores + bias, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    return ids, weights * scale
 
 
 def swiglu_expert(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.glm_config import glm_fields
 from server.models.gpt_oss_config import gpt_oss_fields
-from server.models.lfm2_config import lfm2_fields
+from server.models.lfm2_config import lfm2_fields, lfm2_moe_fields
 from server.models.mamba2_config import Mamba2Config, Multipliers, falcon_h1_fields, granite_hybrid_fields
 from server.models.moe_config import moe_fields
 from server.models.phi3_config import phi3_fields
@@ -40,6 +40,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": "qwen3_5",
     "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
     "Lfm2ForCausalLM": "lfm2",  # short convolutions + attention, with a per-sequence state (server/models/lfm2.py)
+    "Lfm2MoeForCausalLM": "lfm2_moe",  # the same with sparse feed-forwards (a sigmoid router, biased picks)
     # Mamba-2 hybrids (server/models/granite_hybrid.py, falcon_h1.py): an SSM state per sequence too
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
     "FalconH1ForCausalLM": "falcon_h1",
@@ -92,6 +93,11 @@ class ModelConfig:
     router_weights_fp32: bool = False  # Mixtral keeps routing weights in float32 (Qwen rounds them to the dtype)
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here
+    # LFM2-MoE's router (server/models/lfm2.py): sigmoid scores, picks by score + a learned per-expert
+    # bias, weights scaled after any renormalization ("softmax": the other families' router).
+    router_scoring: str = "softmax"
+    expert_bias: bool = False
+    routed_scaling_factor: float = 1.0
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
     rope_interleaved: bool = False  # GLM: RoPE rotates pairs of neighbouring dims (GPT-J), not halves (neox)
     post_norms: bool = False  # GLM-4: RMSNorms of the attention and MLP outputs before the residual adds
@@ -163,6 +169,8 @@ class ModelConfig:
             return replace(llama, **smollm3_fields(cfg, llama.num_layers))
         if family == "lfm2":
             return cls(**lfm2_fields(cfg))
+        if family == "lfm2_moe":
+            return cls(**lfm2_moe_fields(cfg))
         if family in ("qwen3_5", "qwen3_5_moe"):
             if archs[0].endswith("ForConditionalGeneration"):
                 return cls(**qwen3_5_fields(multimodal_text_config(cfg, archs[0]), family), multimodal=True)

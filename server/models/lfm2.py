@@ -1,6 +1,7 @@
 """Our forward pass for LFM2 (Lfm2ForCausalLM): gated short-convolution layers (in_proj to B, C, x;
 y = C * conv(B * x); out_proj) and grouped-query attention layers with per-head q/k norms, in the
-order of the config's layer_types. Attention layers read and write the paged KV cache; each
+order of the config's layer_types; LFM2-MoE (Lfm2MoeForCausalLM) swaps the feed-forward of every
+layer after the first num_dense_layers for experts (server/models/moe.py) behind a sigmoid router. Attention layers read and write the paged KV cache; each
 convolution layer keeps the last conv_kernel - 1 inputs of every running sequence in its state
 tensor, one row per state slot (server/engine/state_cache.py)."""
 
@@ -11,11 +12,13 @@ from torch import nn
 
 from kernels.attention import paged_attention, write_kv
 from kernels.conv import causal_conv1d
+from kernels.moe import route_sigmoid
 from kernels.norm import add_rms_norm, rms_norm
 from kernels.rope import apply_rope, rope_tables
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata
 from server.models.llama import RMSNorm
+from server.models.moe import Experts, Router
 from server.models.per_adapter import AdapterStep
 
 
@@ -84,6 +87,24 @@ class FeedForward(nn.Module):
         return self.w2(nn.functional.silu(self.w1(x, meta)) * self.w3(x, meta), meta)
 
 
+class SigmoidMoe(nn.Module):
+    """LFM2-MoE's sparse feed-forward: `gate` (the router), `expert_bias` (float32: it only shifts
+    which experts are picked) and the SwiGLU experts, under the checkpoint's names."""
+
+    fp32_params = frozenset({"expert_bias"})  # weights.py loads these in float32, whatever the dtype
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.normalize, self.scale = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.gate = Router(cfg.num_experts, cfg.hidden_size)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
+
+    def forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        ids, weights = route_sigmoid(x, self.gate.weight, self.expert_bias, self.top_k, self.normalize, self.scale)
+        return self.experts(x, ids, weights, meta)
+
+
 class Lfm2Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -94,7 +115,7 @@ class Lfm2Layer(nn.Module):
             self.self_attn = Lfm2Attention(cfg, f"{self.prefix}.self_attn")
         else:
             self.conv = ShortConv(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward: FeedForward | SigmoidMoe = SigmoidMoe(cfg) if cfg.is_moe_layer(index) else FeedForward(cfg)
         self.operator_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps

@@ -1,6 +1,7 @@
 """config.json fields of LFM2 (Liquid AI's Lfm2ForCausalLM): gated short-convolution layers and
 attention layers in the order `layer_types` (or `full_attn_idxs`) gives, with transformers' defaults
-and its feed-forward width adjustment."""
+and its feed-forward width adjustment; and of LFM2-MoE (Lfm2MoeForCausalLM): the same layers with
+sparse feed-forwards after the first `num_dense_layers`."""
 
 from __future__ import annotations
 
@@ -54,4 +55,27 @@ def lfm2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         qk_norm=True, torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         layer_types=lfm2_layer_types(cfg, num_layers), conv_kernel=int(cfg.get("conv_L_cache", 3)),
         conv_bias=bool(cfg.get("conv_bias", False)),
+    )
+
+
+def lfm2_moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """LFM2's fields, the dense layers' feed-forward as wide as configured (no adjustment), then the
+    experts: a sigmoid router whose top-k picks add a per-expert bias (`use_expert_bias`), weights
+    renormalized (`norm_topk_prob`) and scaled by `routed_scaling_factor` (server/models/lfm2.py)."""
+    num_layers = int(cfg.get("num_hidden_layers", 32))
+    num_experts = cfg.get("num_experts", 32)
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a whole number >= 1, got {num_experts!r}")
+    top_k = cfg.get("num_experts_per_tok", 4)
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok must be between 1 and num_experts ({num_experts}), got {top_k!r}")
+    dense = int(cfg.get("num_dense_layers", 2))
+    if not 0 <= dense <= num_layers:
+        raise ValueError(f"num_dense_layers must be between 0 and num_hidden_layers ({num_layers}), got {dense}")
+    return dict(
+        lfm2_fields({**cfg, "block_auto_adjust_ff_dim": False, "intermediate_size": cfg.get("intermediate_size", 7168)}),
+        family="lfm2_moe", num_experts=num_experts, num_experts_per_tok=top_k,
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 1792)), norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        mlp_only_layers=tuple(range(dense)), router_scoring="sigmoid", expert_bias=bool(cfg.get("use_expert_bias", True)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
     )

@@ -178,6 +178,8 @@ def _load_dense(
                          f"version of the model instead")
     param = module._parameters[pname]
     assert param is not None
+    if pname in getattr(module, "fp32_params", ()):  # a router's bias: 16-bit would change its picks
+        dtype = torch.float32
     if index is None:
         if tuple(param.shape) != tuple(value.shape):
             raise ValueError(f"{hf_name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
@@ -219,7 +221,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "glm4":
             model = Glm4ForCausalLM(cfg)
-        elif cfg.family == "lfm2":
+        elif cfg.family in ("lfm2", "lfm2_moe"):
             model = Lfm2ForCausalLM(cfg)
         elif cfg.family in ("qwen3_5", "qwen3_5_moe"):
             model = Qwen3_5ForCausalLM(cfg)

@@ -217,3 +217,63 @@ def test_speculative_decoding_is_refused_with_the_reason(lfm2: tuple) -> None:
     with pytest.raises(ValueError, match="speculative decoding cannot serve lfm2"):
         LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=16, device="cpu",
                          dtype="float32", speculative_method="ngram"))
+
+
+def make_lfm2_moe(folder: Path) -> torch.nn.Module:
+    """A random Lfm2MoeForCausalLM saved to `folder`: one dense layer, then experts behind a sigmoid
+    router whose picks add an expert bias (random, so that it changes picks), weights renormalized
+    and scaled."""
+    torch.manual_seed(0)
+    fields = {k: v for k, v in COMMON.items() if k != "block_multiple_of"}
+    cfg = transformers.Lfm2MoeConfig(**fields, moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
+                                     num_dense_layers=1, routed_scaling_factor=1.5)
+    hf = transformers.Lfm2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "feed_forward.gate.weight" in name or "experts" in name:
+                p.normal_(0.0, 0.3)  # transformers initializes the router and experts small
+        for name, b in hf.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0.0, 0.2)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_moe_variant_greedy_matches_transformers(tmp_path: Path) -> None:
+    """Lfm2MoeForCausalLM through chunked prefill and continuous batching: transformers' tokens."""
+    hf = make_lfm2_moe(tmp_path)
+    engine = LLMEngine(Config(model=str(tmp_path), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              max_num_batched_tokens=9, device="cpu", dtype="float32"))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 12)]
+    assert run_engine(engine, prompts, 8) == [hf_greedy(hf, p, 8) for p in prompts]
+    cfg = engine.runner.model.config
+    assert (cfg.num_experts, cfg.mlp_only_layers, cfg.intermediate_size) == (6, (0,), 96)
+    layer = engine.runner.model.model.layers[1]
+    assert layer.feed_forward.expert_bias.dtype == torch.float32 and layer.feed_forward.expert_bias.abs().sum() > 0
+
+
+def test_moe_router_bias_picks_but_does_not_weigh() -> None:
+    """route_sigmoid equals transformers' Lfm2MoeTopKRouter (bias and no bias), and a bias that moves the
+    picks leaves the picked experts' weights their own sigmoid scores."""
+    from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeTopKRouter
+
+    from kernels.moe import route_sigmoid
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 16)
+    for use_bias in (True, False):
+        cfg = transformers.Lfm2MoeConfig(hidden_size=16, num_experts=5, num_experts_per_tok=2, use_expert_bias=use_bias,
+                                         routed_scaling_factor=2.0)
+        router = Lfm2MoeTopKRouter(cfg)
+        router.weight.data.normal_()
+        bias = torch.randn(5) if use_bias else None
+        _, want_w, want_ids = router(x, bias)
+        ids, weights = route_sigmoid(x, router.weight, bias, 2, True, 2.0)
+        assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w)
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])  # expert 4 always picked, weighed by its own score
+    ids, weights = route_sigmoid(x, router.weight, bias, 2, False, 1.0)
+    assert (ids[:, 0] == 4).all()
+    assert torch.allclose(weights[:, 0], (x @ router.weight.t()).sigmoid()[:, 4])

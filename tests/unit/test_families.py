@@ -22,6 +22,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("LlamaForCausalLM", "exaone", "native"),  # the architecture decides, not the model type
     ("GptOssForCausalLM", "gpt_oss", "native"),  # attention sinks: our kernels, not the generic path's
     ("Lfm2ForCausalLM", "lfm2", "native"),  # recurrent (short convolutions), with a state slot per sequence
+    ("Lfm2MoeForCausalLM", "lfm2_moe", "native"),  # the same with experts
     ("Qwen3_5ForCausalLM", "qwen3_5_text", "native"),  # Gated DeltaNet, with a state slot per sequence
     ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", "native"),
     ("GraniteMoeHybridForCausalLM", "granitemoehybrid", "native"),  # Mamba-2 + attention
@@ -41,7 +42,7 @@ def test_route(arch: str, model_type: str, path: str) -> None:
 @pytest.mark.parametrize("config, reason", [
     (cfg("Qwen3NextForCausalLM", "qwen3_next"), "recurrent or linear-attention state"),
     (cfg("MambaForCausalLM", "mamba"), "recurrent or linear-attention state"),
-    (cfg("Lfm2MoeForCausalLM", "lfm2_moe"), "recurrent or linear-attention state"),
+    (cfg("JambaForCausalLM", "jamba"), "recurrent or linear-attention state"),
     (cfg("BambaForCausalLM", "bamba"), "recurrent or linear-attention state"),
     (cfg("SomeNewForCausalLM", "somenew", layer_types=["full_attention", "linear_attention"]),
      "linear_attention layers"),
