@@ -278,3 +278,32 @@ def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: P
     assert merge_expert_update(experts, weights.experts["model.layers.1.mlp.experts"], torch.float32) > 0
     assert not experts.is_quantized and not experts.quant
     torch.testing.assert_close(block_q(x, None)[:5], with_lora[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_unsloth_per_expert_gpt_oss_lora_equals_its_merged_weights(tmp_path: Path) -> None:
+    """gpt-oss LoRA on Unsloth's per-expert linears (`experts.gate_up_projs.N` [2 inter, hidden] with
+    gate|up rows interleaved, `experts.down_projs.N`): each expert's B A, transposed into transformers'
+    [in, out] layout, is what the adapter adds."""
+    folder, hf = make_model(tmp_path, "gpt_oss")
+    base = [greedy(hf, p) for p in PROMPTS]
+    experts = hf.model.layers[0].mlp.experts
+    hidden, inter = experts.down_proj.shape[2], experts.down_proj.shape[1]
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for e in (1, 3):
+        for part, (dim_in, dim_out) in {"gate_up_projs": (hidden, 2 * inter), "down_projs": (inter, hidden)}.items():
+            a, b = torch.randn(4, dim_in, generator=gen) * 0.3, torch.randn(dim_out, 4, generator=gen) * 0.3
+            key = f"base_model.model.model.layers.0.mlp.experts.{part}.{e}"
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+            with torch.no_grad():  # scale alpha / r = 2
+                getattr(experts, part.removesuffix("s"))[e] += 2 * (b @ a).t()
+    adapter = tmp_path / "unsloth-gpt-oss"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": r".*experts\.(gate_up|down)_projs\.\d+",
+        "task_type": "CAUSAL_LM"}))
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    want = [greedy(hf, p) for p in PROMPTS]
+    got = engine_greedy(folder, adapter)
+    assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want != base
+    assert [got[f"base{i}"] for i in range(len(PROMPTS))] == base
