@@ -1,0 +1,200 @@
+"""The CUDA NF4 GEMV / skinny GEMM (1-64 rows; source and design in kernels.cuda_nf4_source): which
+calls it takes, its launch shape, and the NVRTC compile (once per process and variant, cached).
+
+kernels.nf4.nf4_linear prefers it on CUDA for up to MAX_ROWS rows and falls back to the Triton kernels
+when it does not apply, when NVRTC is missing or fails, or when SLOTH_NF4_CUDA=0. Launches go on
+torch's current stream (torch's NVRTC launcher), so a CUDA graph captures them like any kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.cuda_nf4_source import SOURCE
+from kernels.nf4_format import NF4Weight
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "SLOTH_NF4_CUDA"  # "0": never use the CUDA kernel (the Triton kernels run instead)
+MAX_ROWS = 64
+K_STEP = 128  # K a warp consumes per loop step (64 code bytes of a row): K must be a multiple
+TABLE_BYTES = 32768 + 1024  # code-pair table + the nested absmax code book
+SMEM_LIMIT = 48 * 1024  # no opt-in needed below this
+WARPS_PER_SM = 32  # the launch aims for this many warps per SM in total
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+_FAILED: list[str] = []  # a compile error disables the kernel for the process (logged once)
+
+
+@dataclass(frozen=True, slots=True)
+class CudaGemvConfig:
+    """rs: 16-row strips per CTA (one warp holds all of them); warps: warps per CTA, splitting K."""
+
+    rs: int = 1
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.rs not in (1, 2) or not 1 <= self.warps <= 16:
+            raise ValueError(f"CudaGemvConfig needs rs in (1, 2) and 1..16 warps, got {self}")
+
+
+# (out_features, in_features, n-tiles) -> config measured fastest (bench/kernels_nf4.py --sweep-cuda).
+TUNED: dict[tuple[int, int, int], CudaGemvConfig] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0" and not _FAILED
+
+
+def n_tiles(m: int) -> int:
+    """8-token mma tiles the kernel is compiled for: 1, 2, 4 or 8 (rows padded up)."""
+    tiles = 1
+    while tiles * 8 < m:
+        tiles *= 2
+    return tiles
+
+
+def supports(x: torch.Tensor, w: NF4Weight) -> bool:
+    """Whether the CUDA kernel takes x [M, K] @ W.T: 1..MAX_ROWS rows of bf16/fp16 on a GPU with
+    bf16 mma (sm_80+), K a multiple of K_STEP and of the blocksize, aligned 16-byte loads, and a
+    weight quantized in x's dtype or fp32 (so the kernel's single rounding is the reference's)."""
+    if not (enabled() and x.is_cuda and x.dim() == 2 and x.dtype in DTYPES and x.device == w.device):
+        return False
+    m, k = x.shape
+    bs = w.blocksize
+    return (1 <= m <= MAX_ROWS and k == w.shape[1] and k % K_STEP == 0 and bs in (32, 64, 128, 256)
+            and k % bs == 0 and w.dtype in (x.dtype, torch.float32) and x.stride(1) == 1
+            and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0 and w.data.data_ptr() % 16 == 0
+            and w.data.is_contiguous() and w.absmax.is_contiguous()
+            and (not w.nested or (w.state2_blocksize > 0 and w.state2_code is not None
+                                  and w.state2_code.numel() == 256))
+            and w.code.dtype == torch.float32 and w.code.numel() == 16
+            and _capability(_index(x.device))[0] >= 8)
+
+
+def config_for(m: int, n: int, k: int, num_sms: int) -> CudaGemvConfig:
+    """TUNED if measured, else one strip per CTA and enough warps (a power of two, splitting K) for
+    about WARPS_PER_SM warps per SM, within the steps K has and the 48 KB of shared memory."""
+    tiles = n_tiles(m)
+    tuned = TUNED.get((n, k, tiles))
+    if tuned is not None:
+        return tuned
+    strips = -(-n // 16)
+    warps = 1
+    while warps < 16 and strips * warps < num_sms * WARPS_PER_SM and warps * 2 <= k // K_STEP:
+        warps *= 2
+    while warps > 1 and smem_bytes(CudaGemvConfig(1, warps), tiles) > SMEM_LIMIT:
+        warps //= 2
+    return CudaGemvConfig(rs=1, warps=warps)
+
+
+def smem_bytes(cfg: CudaGemvConfig, tiles: int) -> int:
+    """The table (reused at the end for the warps' fp32 partials: warps x strips x tiles x 512 B)."""
+    return max(TABLE_BYTES, cfg.warps * cfg.rs * tiles * 512)
+
+
+def source_name(dtype: torch.dtype, rs: int, tiles: int) -> str:
+    return f"nf4_gemv<{DTYPES[dtype]}, {rs}, {tiles}>"
+
+
+def _nvrtc() -> Any:
+    from torch.cuda import _utils
+
+    get = getattr(_utils, "_get_nvrtc_library", None) or _utils._get_gpu_rtc_library
+    return get()
+
+
+def _compile(name: str, arch: str) -> tuple[bytes, str]:
+    """NVRTC: SOURCE -> cubin for `arch` and the lowered name of the template instance `name`. The
+    source includes no header, so no CUDA toolkit is needed beside torch's libnvrtc."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            log_size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(log_size))
+            text = ctypes.create_string_buffer(log_size.value)
+            lib.nvrtcGetProgramLog(prog, text)
+            raise RuntimeError(f"NVRTC {what} failed ({result}): {text.value.decode(errors='replace')}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"nf4_gemv.cu", 0, None, None), "create")
+    try:
+        check(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--fmad=false"]
+        check(lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)), "compile")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
+        assert lowered.value is not None
+        return cubin.raw, lowered.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@functools.cache
+def kernel(name: str, device_index: int) -> Any:
+    """The compiled kernel (torch's launcher, current stream), once per process, variant and device."""
+    from torch.cuda._utils import _cuda_load_module
+
+    major, minor = _capability(device_index)
+    with torch.cuda.device(device_index):
+        cubin, lowered = _compile(name, f"{major}{minor}")
+        fn = _cuda_load_module(cubin, [lowered])
+        return fn[lowered] if isinstance(fn, dict) else getattr(fn, lowered)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             config: CudaGemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) -> [M, N] in x.dtype (into `out`, a [M, N] view with unit column
+    stride, if given). The caller checked supports(x, w)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"out must be a [{m}, {n}] {x.dtype} view with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    device = _index(x.device)
+    tiles = n_tiles(m)
+    cfg = config or config_for(m, n, k, _num_sms(device))
+    fn = kernel(source_name(x.dtype, cfg.rs, tiles), device)
+    nested = 0 if not w.nested else (2 if w.group_offsets else 1)
+    stats = [w.state2_absmax, w.state2_code, w.offset] if w.nested else [w.absmax, w.absmax, w.absmax]
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    args = [x, w.data, w.absmax, *stats, w.code, out if bias is None else bias, out,
+            m, n, k, x.stride(0), out.stride(0), nested, w.blocksize.bit_length() - 1,
+            w.state2_blocksize, int(bias is not None)]
+    fn(grid=(-(-n // (16 * cfg.rs)), 1, 1), block=(32 * cfg.warps, 1, 1), args=args,
+       shared_mem=smem_bytes(cfg, tiles))
+    return out
+
+
+def disable(reason: str) -> None:
+    """Turn the kernel off for this process (a compile or load error), logged once."""
+    if not _FAILED:
+        log.warning("CUDA NF4 GEMV disabled, the Triton kernels run instead: %s", reason)
+    _FAILED.append(reason)

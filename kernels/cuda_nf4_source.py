@@ -1,0 +1,241 @@
+"""CUDA C++ source of the NF4 GEMV / skinny GEMM (1-64 rows) that kernels.cuda_nf4 compiles with NVRTC.
+
+Why CUDA and not Triton: decoding NF4 is a table lookup per weight. In registers (the Triton kernel's
+`prmt` lookup) it costs ~2.8 integer instructions per weight, which caps the GEMV at about a quarter of
+the HBM read rate (bench/results/kernels-nf4.md). Here one shared-memory load decodes two weights: a
+256-entry table maps a code byte to its two fp32 code values, replicated 16 times so that the 16 lanes
+of a half-warp always hit distinct banks (FLUTE's idea). The pair is scaled by the block's fp32 absmax
+and rounded once to bf16/fp16 (`cvt.rn`), so each weight is exactly bitsandbytes' dequantized value,
+and the products go through the tensor cores (`mma.m16n8k16`, fp32 accumulation) with the weight as
+the 16-row A operand and up to 8 tokens per n-tile as B.
+
+Work split: a CTA owns RS strips of 16 weight rows; its warps split K and add their fp32 partials in a
+fixed order through shared memory (deterministic, one launch, no workspace). Lane (g, t) of a warp
+(g = lane / 4, t = lane % 4) holds rows g and g + 8 of a strip, and per 128-wide K step the 16 code
+bytes [16 t, 16 t + 16) of each row: K is permuted inside the step so that a lane's A pairs are
+consecutive bytes of one 128-bit load and its B pairs (x) consecutive words of another; the mma only
+needs lanes with the same t to agree on which k they hold.
+"""
+
+from __future__ import annotations
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+/* Own vector types and PTX for loads and rounded arithmetic: the source needs no CUDA header. */
+struct alignas(16) U4 { u32 x, y, z, w; };
+struct alignas(8) F2 { float x, y; };
+struct alignas(16) F4 { float x, y, z, w; };
+
+__device__ __forceinline__ U4 ldg128(const void* p) {
+    U4 v;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float ldg_f32(const float* p) {
+    float v; asm("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+}
+__device__ __forceinline__ u32 ldg_u8(const unsigned char* p) {
+    u32 v; asm("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(p)); return v;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+    float d; asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b)); return d;
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+    float d; asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b)); return d;
+}
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+#define TABLE_BYTES 32768  /* 256 code bytes x 16 replicas x float2 */
+
+template <int DT> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<0>(float lo, float hi) {
+    u32 d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+template <> __device__ __forceinline__ u32 pack2<1>(float lo, float hi) {
+    u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+template <int DT> __device__ __forceinline__ u16 round16(float v);
+template <> __device__ __forceinline__ u16 round16<0>(float v) {
+    u16 d; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v)); return d;
+}
+template <> __device__ __forceinline__ u16 round16<1>(float v) {
+    u16 d; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(v)); return d;
+}
+template <int DT> __device__ __forceinline__ float widen16(u16 v);
+template <> __device__ __forceinline__ float widen16<0>(u16 v) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)v) << 16)); return f; }
+template <> __device__ __forceinline__ float widen16<1>(u16 v) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+}
+
+template <int DT> __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                                           u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma16816<0>(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                                        u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<1>(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                                        u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Byte B (0..3) of a code word as the table's byte offset: byte * 128 + this lane's replica. */
+template <int B> __device__ __forceinline__ u32 entry_offset(u32 word, u32 replica) {
+    u32 shifted = B == 0 ? (word << 7) : (word >> (8 * B - 7));
+    return (shifted & 0x7F80u) | replica;
+}
+
+/* Two weights (one code byte) times their block's absmax, rounded once: a 16-bit pair for the mma. */
+template <int DT, int B> __device__ __forceinline__ u32 decode_pair(const unsigned char* table, u32 word,
+                                                                  u32 replica, float scale) {
+    F2 c = *reinterpret_cast<const F2*>(table + entry_offset<B>(word, replica));
+    return pack2<DT>(mul_rn(c.x, scale), mul_rn(c.y, scale));
+}
+
+__device__ __forceinline__ u32 word_of(const U4& v, int q) {
+    return q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
+}
+
+/* fp32 absmax of block `blk`: plain, or nested code2[q] * absmax2 + offset with two roundings as the
+   reference (no FMA contraction). */
+__device__ __forceinline__ float block_scale(const void* absmax, const float* absmax2, const float* code2s,
+                                             const float* offset, int nested, int bs2, u64 blk) {
+    if (nested == 0) return ldg_f32(reinterpret_cast<const float*>(absmax) + blk);
+    u32 q = ldg_u8(reinterpret_cast<const unsigned char*>(absmax) + blk);
+    u64 grp = blk / (u64)bs2;
+    float off = nested == 2 ? ldg_f32(offset + grp) : ldg_f32(offset);
+    return add_rn(mul_rn(code2s[q], ldg_f32(absmax2 + grp)), off);
+}
+
+template <int DT, int RS, int MT>
+__global__ void __launch_bounds__(512) nf4_gemv(
+    const u16* __restrict__ x, const unsigned char* __restrict__ w, const void* __restrict__ absmax,
+    const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
+    const float* __restrict__ code, const u16* __restrict__ bias, u16* __restrict__ out,
+    int M, int N, int K, int stride_xm, int stride_om, int nested, int bs_shift, int bs2, int has_bias) {
+    extern __shared__ U4 smem_u4[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
+    float* code2s = reinterpret_cast<float*>(smem + TABLE_BYTES);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const u32 replica = (lane & 15) * 8;
+    const int row0 = blockIdx.x * 16 * RS;
+    const int iters = K >> 7;  /* 128 k (64 code bytes of a row) per step */
+    const int it0 = (int)((long long)warp * iters / kw), it1 = (int)((long long)(warp + 1) * iters / kw);
+    const u64 row_bytes = (u64)(K >> 1);
+
+    const U4* wp[RS][2];
+    u64 blk0[RS][2];
+    #pragma unroll
+    for (int r = 0; r < RS; ++r)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int row = imin(row0 + r * 16 + g + 8 * h, N - 1);
+            wp[r][h] = reinterpret_cast<const U4*>(w + (u64)row * row_bytes) + t;
+            blk0[r][h] = ((u64)row * (u64)K + 32 * t) >> bs_shift;
+        }
+    const u16* xp[MT];
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) xp[m] = x + (u64)imin(m * 8 + g, M - 1) * stride_xm + 32 * t;
+
+    /* First step's loads go out before the table is built, so they are in flight meanwhile. */
+    U4 cur[RS][2];
+    if (it0 < it1) {
+        #pragma unroll
+        for (int r = 0; r < RS; ++r)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) cur[r][h] = ldg128(wp[r][h] + 4 * it0);
+    }
+    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {  /* a float4 = two replicas of an entry */
+        int e = i >> 3;
+        float hi = ldg_f32(code + (e >> 4)), lo = ldg_f32(code + (e & 15));
+        reinterpret_cast<F4*>(smem)[i] = F4{hi, lo, hi, lo};
+    }
+    if (nested)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code2s[i] = ldg_f32(code2 + i);
+    __syncthreads();
+
+    float acc[RS][MT][4];
+    #pragma unroll
+    for (int r = 0; r < RS; ++r)
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
+
+    for (int it = it0; it < it1; ++it) {
+        U4 nxt[RS][2];
+        if (it + 1 < it1) {
+            #pragma unroll
+            for (int r = 0; r < RS; ++r)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) nxt[r][h] = ldg128(wp[r][h] + 4 * (it + 1));
+        }
+        float s[RS][2];
+        #pragma unroll
+        for (int r = 0; r < RS; ++r)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h)
+                s[r][h] = block_scale(absmax, absmax2, code2s, offset, nested, bs2,
+                                      blk0[r][h] + (((u64)it << 7) >> bs_shift));
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            U4 xv[MT];
+            #pragma unroll
+            for (int m = 0; m < MT; ++m) xv[m] = ldg128(reinterpret_cast<const U4*>(xp[m] + (it << 7)) + q);
+            #pragma unroll
+            for (int r = 0; r < RS; ++r) {
+                u32 w0 = word_of(cur[r][0], q), w1 = word_of(cur[r][1], q);
+                /* mma j = 2q: bytes 0, 1 of word q; j = 2q + 1: bytes 2, 3. */
+                u32 a0 = decode_pair<DT, 0>(smem, w0, replica, s[r][0]);
+                u32 a1 = decode_pair<DT, 0>(smem, w1, replica, s[r][1]);
+                u32 a2 = decode_pair<DT, 1>(smem, w0, replica, s[r][0]);
+                u32 a3 = decode_pair<DT, 1>(smem, w1, replica, s[r][1]);
+                #pragma unroll
+                for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].x, xv[m].y);
+                a0 = decode_pair<DT, 2>(smem, w0, replica, s[r][0]);
+                a1 = decode_pair<DT, 2>(smem, w1, replica, s[r][1]);
+                a2 = decode_pair<DT, 3>(smem, w0, replica, s[r][0]);
+                a3 = decode_pair<DT, 3>(smem, w1, replica, s[r][1]);
+                #pragma unroll
+                for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].z, xv[m].w);
+            }
+        }
+        if (it + 1 < it1) {
+            #pragma unroll
+            for (int r = 0; r < RS; ++r)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) cur[r][h] = nxt[r][h];
+        }
+    }
+
+    /* The warps' partials, summed in warp order (deterministic) through the table's shared memory. */
+    __syncthreads();
+    F4* red = reinterpret_cast<F4*>(smem);
+    #pragma unroll
+    for (int r = 0; r < RS; ++r)
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            red[((warp * RS + r) * MT + m) * 32 + lane] =
+                F4{acc[r][m][0], acc[r][m][1], acc[r][m][2], acc[r][m][3]};
+    __syncthreads();
+    const float* redf = reinterpret_cast<const float*>(smem);
+    const int per_warp = RS * MT * 128;
+    for (int e = threadIdx.x; e < per_warp; e += blockDim.x) {
+        float sum = 0.f;
+        for (int k = 0; k < kw; ++k) sum += redf[k * per_warp + e];
+        int i = e & 3, ln = (e >> 2) & 31, m = (e >> 7) % MT, r = (e >> 7) / MT;
+        int row = row0 + r * 16 + (ln >> 2) + 8 * (i >> 1);
+        int tok = m * 8 + 2 * (ln & 3) + (i & 1);
+        if (row < N && tok < M) {
+            if (has_bias) sum += widen16<DT>(bias[row]);
+            out[(u64)tok * stride_om + row] = round16<DT>(sum);
+        }
+    }
+}
+"""
