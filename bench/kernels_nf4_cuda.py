@@ -98,19 +98,30 @@ def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:
         x = torch.randn(m, case.k, device="cuda", dtype=DTYPE)
         default = cuda_nf4.config_for(m, case.n, case.k, sms)
         impls: dict[str, tuple] = {
-            f"cuda nf4_gemv (default rs={default.rs} warps={default.warps})":
-                (lambda i, x=x: cuda_nf4.nf4_gemv(x, case.weights[i]), case.weights, case.nf4_bytes),
-            "triton nf4_matmul": (lambda i, x=x: triton_nf4.nf4_matmul(x, case.weights[i]), case.weights,
-                                  case.nf4_bytes),
-            "torch bf16 F.linear (cuBLAS)": (lambda i, x=x: F.linear(x, case.dense[i]), case.dense,
-                                             case.dense[0].numel() * 2),
+            f"cuda nf4_gemv (default rs={default.rs} warps={default.warps})": (
+                lambda i, x=x: cuda_nf4.nf4_gemv(x, case.weights[i]),
+                case.weights,
+                case.nf4_bytes,
+            ),
+            "triton nf4_matmul": (
+                lambda i, x=x: triton_nf4.nf4_matmul(x, case.weights[i]),
+                case.weights,
+                case.nf4_bytes,
+            ),
+            "torch bf16 F.linear (cuBLAS)": (
+                lambda i, x=x: F.linear(x, case.dense[i]),
+                case.dense,
+                case.dense[0].numel() * 2,
+            ),
         }
         if sweep:
             for cfg in sweep_configs(m):
                 if cfg != default:
                     impls[f"cuda sweep rs={cfg.rs} warps={cfg.warps}"] = (
-                        lambda i, x=x, cfg=cfg: cuda_nf4.nf4_gemv(x, case.weights[i], config=cfg), case.weights,
-                        case.nf4_bytes)
+                        lambda i, x=x, cfg=cfg: cuda_nf4.nf4_gemv(x, case.weights[i], config=cfg),
+                        case.weights,
+                        case.nf4_bytes,
+                    )
         for impl, (fn, copies, nbytes) in impls.items():
             row: dict = {"shape": name, "rows": m, "impl": impl}
             try:
@@ -130,35 +141,57 @@ def markdown(env: dict, results: list[dict]) -> str:
     for r in results:
         if "check" in r:
             rest = {k: v for k, v in r.items() if k not in ("check", "shape", "rows")}
-            lines.append(f"| {r['check']} | {r.get('shape', '')} | {r.get('rows', '')} | {json.dumps(rest)} |")
-    lines += ["", "| shape | rows | implementation | µs | GB/s | % of cuBLAS bf16 read rate |", "|---|---|---|---|---|---|"]
-    cublas = {(r["shape"], r["rows"]): r["gb_s"] for r in results
-              if r.get("impl", "").startswith("torch bf16") and "gb_s" in r}
+            lines.append(
+                f"| {r['check']} | {r.get('shape', '')} | {r.get('rows', '')} | {json.dumps(rest)} |"
+            )
+    lines += [
+        "",
+        "| shape | rows | implementation | µs | GB/s | % of cuBLAS bf16 read rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    cublas = {
+        (r["shape"], r["rows"]): r["gb_s"]
+        for r in results
+        if r.get("impl", "").startswith("torch bf16") and "gb_s" in r
+    }
     for r in results:
         if "impl" not in r:
             continue
         if "us" not in r:
-            lines.append(f"| {r['shape']} | {r['rows']} | {r['impl']} | error: {r.get('error', '')[:120]} | | |")
+            lines.append(
+                f"| {r['shape']} | {r['rows']} | {r['impl']} | error: {r.get('error', '')[:120]} | | |"
+            )
             continue
         ref = cublas.get((r["shape"], r["rows"]))
         pct = f"{100 * r['gb_s'] / ref:.0f}%" if ref else ""
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['impl']} | {r['us']:.1f} | {r['gb_s']:.0f} | {pct} |")
+        lines.append(
+            f"| {r['shape']} | {r['rows']} | {r['impl']} | {r['us']:.1f} | {r['gb_s']:.0f} | {pct} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--json")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--precompile", type=int, default=0, help="Triton kernels compiled first in N processes")
+    parser.add_argument(
+        "--precompile", type=int, default=0, help="Triton kernels compiled first in N processes"
+    )
     args = parser.parse_args()
     started = time.time()
     if args.precompile:
         precompile(SHAPES, ROWS, False, args.precompile)
     props = torch.cuda.get_device_properties(0)
-    env = {"date": time.strftime("%Y-%m-%d"), "gpu": f"{props.name}, {props.multi_processor_count} SMs",
-           "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": f"{props.name}, {props.multi_processor_count} SMs",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+    }
     results: list[dict] = []
 
     def save() -> None:

@@ -67,14 +67,27 @@ def supports(x: torch.Tensor, w: NF4Weight) -> bool:
         return False
     m, k = x.shape
     bs = w.blocksize
-    return (1 <= m <= MAX_ROWS and k == w.shape[1] and k % K_STEP == 0 and bs in (32, 64, 128, 256)
-            and k % bs == 0 and w.dtype in (x.dtype, torch.float32) and x.stride(1) == 1
-            and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0 and w.data.data_ptr() % 16 == 0
-            and w.data.is_contiguous() and w.absmax.is_contiguous()
-            and (not w.nested or (w.state2_blocksize > 0 and w.state2_code is not None
-                                  and w.state2_code.numel() == 256))
-            and w.code.dtype == torch.float32 and w.code.numel() == 16
-            and _capability(_index(x.device))[0] >= 8)
+    return (
+        1 <= m <= MAX_ROWS
+        and k == w.shape[1]
+        and k % K_STEP == 0
+        and bs in (32, 64, 128, 256)
+        and k % bs == 0
+        and w.dtype in (x.dtype, torch.float32)
+        and x.stride(1) == 1
+        and (x.stride(0) * 2) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and w.data.data_ptr() % 16 == 0
+        and w.data.is_contiguous()
+        and w.absmax.is_contiguous()
+        and (
+            not w.nested
+            or (w.state2_blocksize > 0 and w.state2_code is not None and w.state2_code.numel() == 256)
+        )
+        and w.code.dtype == torch.float32
+        and w.code.numel() == 16
+        and _capability(_index(x.device))[0] >= 8
+    )
 
 
 def config_for(m: int, n: int, k: int, num_sms: int) -> CudaGemvConfig:
@@ -123,7 +136,9 @@ def _compile(name: str, arch: str) -> tuple[bytes, str]:
             lib.nvrtcGetProgramLog(prog, text)
             raise RuntimeError(f"NVRTC {what} failed ({result}): {text.value.decode(errors='replace')}")
 
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"nf4_gemv.cu", 0, None, None), "create")
+    check(
+        lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"nf4_gemv.cu", 0, None, None), "create"
+    )
     try:
         check(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--fmad=false"]
@@ -166,8 +181,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-             config: CudaGemvConfig | None = None) -> torch.Tensor:
+def nf4_gemv(
+    x: torch.Tensor,
+    w: NF4Weight,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: CudaGemvConfig | None = None,
+) -> torch.Tensor:
     """x [M, K] @ W.T (+ bias) -> [M, N] in x.dtype (into `out`, a [M, N] view with unit column
     stride, if given). The caller checked supports(x, w)."""
     m, k = x.shape
@@ -175,8 +195,10 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, ou
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
-        raise ValueError(f"out must be a [{m}, {n}] {x.dtype} view with unit column stride, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        raise ValueError(
+            f"out must be a [{m}, {n}] {x.dtype} view with unit column stride, got "
+            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
     device = _index(x.device)
     tiles = n_tiles(m)
     cfg = config or config_for(m, n, k, _num_sms(device))
@@ -185,11 +207,30 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, ou
     stats = [w.state2_absmax, w.state2_code, w.offset] if w.nested else [w.absmax, w.absmax, w.absmax]
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    args = [x, w.data, w.absmax, *stats, w.code, out if bias is None else bias, out,
-            m, n, k, x.stride(0), out.stride(0), nested, w.blocksize.bit_length() - 1,
-            w.state2_blocksize, int(bias is not None)]
-    fn(grid=(-(-n // (16 * cfg.rs)), 1, 1), block=(32 * cfg.warps, 1, 1), args=args,
-       shared_mem=smem_bytes(cfg, tiles))
+    args = [
+        x,
+        w.data,
+        w.absmax,
+        *stats,
+        w.code,
+        out if bias is None else bias,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        nested,
+        w.blocksize.bit_length() - 1,
+        w.state2_blocksize,
+        int(bias is not None),
+    ]
+    fn(
+        grid=(-(-n // (16 * cfg.rs)), 1, 1),
+        block=(32 * cfg.warps, 1, 1),
+        args=args,
+        shared_mem=smem_bytes(cfg, tiles),
+    )
     return out
 
 

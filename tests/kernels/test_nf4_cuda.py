@@ -34,8 +34,12 @@ def test_default_launch_fits_shared_memory_and_k(n: int, k: int, m: int) -> None
     assert cfg.warps & (cfg.warps - 1) == 0 and cfg.warps <= max(1, k // cuda_nf4.K_STEP)
     # enough warps in flight on a big GPU unless K or shared memory stops the split
     strips = -(-n // 16)
-    assert strips * cfg.warps >= 132 * cuda_nf4.WARPS_PER_SM or cfg.warps * 2 > k // cuda_nf4.K_STEP \
-        or cfg.warps == 16 or cuda_nf4.smem_bytes(cuda_nf4.CudaGemvConfig(1, cfg.warps * 2), tiles) > 48 * 1024
+    assert (
+        strips * cfg.warps >= 132 * cuda_nf4.WARPS_PER_SM
+        or cfg.warps * 2 > k // cuda_nf4.K_STEP
+        or cfg.warps == 16
+        or cuda_nf4.smem_bytes(cuda_nf4.CudaGemvConfig(1, cfg.warps * 2), tiles) > 48 * 1024
+    )
 
 
 def test_tuned_config_wins_over_the_default() -> None:
@@ -97,7 +101,9 @@ def _onehot_matches(w, dtype: torch.dtype, m: int, bias: torch.Tensor | None = N
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
 def test_onehot_rows_give_the_reference_weights_bit_for_bit(dtype: torch.dtype, nested: bool, m: int) -> None:
     torch.manual_seed(m)
-    w = quantize_nf4_ref(torch.randn(1000, 2048, device="cuda", dtype=dtype) * 0.02, compress_statistics=nested)
+    w = quantize_nf4_ref(
+        torch.randn(1000, 2048, device="cuda", dtype=dtype) * 0.02, compress_statistics=nested
+    )
     _onehot_matches(w, dtype, m)
     _onehot_matches(w, dtype, m, bias=torch.randn(1000, device="cuda", dtype=dtype))
 
@@ -106,7 +112,9 @@ def test_onehot_rows_give_the_reference_weights_bit_for_bit(dtype: torch.dtype, 
 @gpu
 def test_fused_projection_offsets_are_exact() -> None:
     """concat_nf4 (an offset per state2 block) and blocksize 128."""
-    parts = [quantize_nf4_ref(torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) * 0.02) for n in (512, 256)]
+    parts = [
+        quantize_nf4_ref(torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) * 0.02) for n in (512, 256)
+    ]
     fused = concat_nf4(parts)
     assert fused is not None and fused.group_offsets
     _onehot_matches(fused, torch.bfloat16, 9)
