@@ -85,11 +85,20 @@ def graph_check(case: Case, results: list[dict]) -> None:
 
 
 def sweep_configs(m: int) -> list[cuda_nf4.CudaGemvConfig]:
+    """Launch shapes (rs, K-split warps, row warps) worth timing for m rows."""
+    c = cuda_nf4.CudaGemvConfig
+    if cuda_nf4.n_tiles(m) == 1:
+        out = [c(1, 4), c(1, 8), c(1, 16), c(2, 8), c(1, 8, 2), c(1, 4, 2), c(1, 4, 4)]
+    else:
+        out = [c(1, 16), c(1, 8, 2), c(1, 4, 4), c(1, 2, 8), c(1, 1, 16), c(1, 4, 2), c(1, 2, 4), c(1, 2, 2)]
+        if cuda_nf4.n_tiles(m) == 2:
+            out += [c(2, 4, 2), c(2, 2, 4)]
     tiles = cuda_nf4.n_tiles(m)
-    out = [cuda_nf4.CudaGemvConfig(rs=1, warps=wp) for wp in (2, 4, 8, 16)]
-    if tiles <= 2:
-        out += [cuda_nf4.CudaGemvConfig(rs=2, warps=wp) for wp in (4, 8, 16)]
-    return [c for c in out if cuda_nf4.smem_bytes(c, tiles) <= cuda_nf4.SMEM_LIMIT]
+    return [cfg for cfg in out if cuda_nf4.smem_bytes(cfg, tiles) <= cuda_nf4.SMEM_LIMIT]
+
+
+def label(cfg: cuda_nf4.CudaGemvConfig) -> str:
+    return f"rs={cfg.rs} warps={cfg.warps}x{cfg.row_warps}"
 
 
 def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:
@@ -98,7 +107,7 @@ def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:
         x = torch.randn(m, case.k, device="cuda", dtype=DTYPE)
         default = cuda_nf4.config_for(m, case.n, case.k, sms)
         impls: dict[str, tuple] = {
-            f"cuda nf4_gemv (default rs={default.rs} warps={default.warps})": (
+            f"cuda nf4_gemv (default {label(default)})": (
                 lambda i, x=x: cuda_nf4.nf4_gemv(x, case.weights[i]),
                 case.weights,
                 case.nf4_bytes,
@@ -117,7 +126,7 @@ def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:
         if sweep:
             for cfg in sweep_configs(m):
                 if cfg != default:
-                    impls[f"cuda sweep rs={cfg.rs} warps={cfg.warps}"] = (
+                    impls[f"cuda sweep {label(cfg)}"] = (
                         lambda i, x=x, cfg=cfg: cuda_nf4.nf4_gemv(x, case.weights[i], config=cfg),
                         case.weights,
                         case.nf4_bytes,
@@ -133,6 +142,17 @@ def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:
                 torch.cuda.synchronize()
             results.append(row)
             print(json.dumps(row), flush=True)
+
+
+def fastest(results: list[dict]) -> dict[str, str]:
+    """The quickest CUDA launch shape per (shape, rows), to fill cuda_nf4.TUNED from."""
+    best: dict[str, tuple[float, str]] = {}
+    for r in results:
+        if r.get("impl", "").startswith("cuda") and "us" in r:
+            key = f"{r['shape']} rows={r['rows']}"
+            if key not in best or r["us"] < best[key][0]:
+                best[key] = (r["us"], r["impl"])
+    return {key: f"{impl} {us:.1f} us" for key, (us, impl) in best.items()}
 
 
 def markdown(env: dict, results: list[dict]) -> str:
@@ -212,6 +232,7 @@ def main() -> None:
         timing(case, name, not args.no_sweep, results)
         save()
     env["wall (s)"] = round(time.time() - started)
+    env["fastest launch per (shape, rows)"] = fastest(results)
     save()
     print(f"done in {time.time() - started:.0f} s", flush=True)
 

@@ -33,14 +33,25 @@ _FAILED: list[str] = []  # a compile error disables the kernel for the process (
 
 @dataclass(frozen=True, slots=True)
 class CudaGemvConfig:
-    """rs: 16-row strips per CTA (one warp holds all of them); warps: warps per CTA, splitting K."""
+    """A CTA has warps x row_warps warps: `warps` split K, `row_warps` take different rows (and share
+    the x they read through L1); each warp holds rs strips of 16 rows."""
 
     rs: int = 1
     warps: int = 8
+    row_warps: int = 1
 
     def __post_init__(self) -> None:
-        if self.rs not in (1, 2) or not 1 <= self.warps <= 16:
-            raise ValueError(f"CudaGemvConfig needs rs in (1, 2) and 1..16 warps, got {self}")
+        if (
+            self.rs not in (1, 2)
+            or not 1 <= self.warps * self.row_warps <= 16
+            or min(self.warps, self.row_warps) < 1
+        ):
+            raise ValueError(f"CudaGemvConfig needs rs in (1, 2) and 1..16 warps in all, got {self}")
+
+    @property
+    def rows(self) -> int:
+        """Weight rows a CTA computes."""
+        return 16 * self.rs * self.row_warps
 
 
 # (out_features, in_features, n-tiles) -> config measured fastest (bench/kernels_nf4.py --sweep-cuda).
@@ -82,7 +93,12 @@ def supports(x: torch.Tensor, w: NF4Weight) -> bool:
         and w.absmax.is_contiguous()
         and (
             not w.nested
-            or (w.state2_blocksize > 0 and w.state2_code is not None and w.state2_code.numel() == 256)
+            or (
+                w.state2_blocksize > 0
+                and w.state2_blocksize & (w.state2_blocksize - 1) == 0
+                and w.state2_code is not None
+                and w.state2_code.numel() == 256
+            )
         )
         and w.code.dtype == torch.float32
         and w.code.numel() == 16
@@ -91,24 +107,30 @@ def supports(x: torch.Tensor, w: NF4Weight) -> bool:
 
 
 def config_for(m: int, n: int, k: int, num_sms: int) -> CudaGemvConfig:
-    """TUNED if measured, else one strip per CTA and enough warps (a power of two, splitting K) for
-    about WARPS_PER_SM warps per SM, within the steps K has and the 48 KB of shared memory."""
+    """TUNED if measured, else: with more than 8 tokens, as many row warps as n-tiles (up to 4) so
+    that x is read once per CTA from L2; then K split over a power of two of warps until about
+    WARPS_PER_SM warps per SM run, within the steps K has, 16 warps a CTA and 48 KB of shared memory."""
     tiles = n_tiles(m)
     tuned = TUNED.get((n, k, tiles))
     if tuned is not None:
         return tuned
-    strips = -(-n // 16)
+    row_warps = min(tiles, 4)
+    ctas = -(-n // (16 * row_warps))
     warps = 1
-    while warps < 16 and strips * warps < num_sms * WARPS_PER_SM and warps * 2 <= k // K_STEP:
+    while (
+        warps * 2 * row_warps <= 16
+        and ctas * warps * row_warps < num_sms * WARPS_PER_SM
+        and warps * 2 <= k // K_STEP
+    ):
         warps *= 2
-    while warps > 1 and smem_bytes(CudaGemvConfig(1, warps), tiles) > SMEM_LIMIT:
+    while warps > 1 and smem_bytes(CudaGemvConfig(1, warps, row_warps), tiles) > SMEM_LIMIT:
         warps //= 2
-    return CudaGemvConfig(rs=1, warps=warps)
+    return CudaGemvConfig(rs=1, warps=warps, row_warps=row_warps)
 
 
 def smem_bytes(cfg: CudaGemvConfig, tiles: int) -> int:
     """The table (reused at the end for the warps' fp32 partials: warps x strips x tiles x 512 B)."""
-    return max(TABLE_BYTES, cfg.warps * cfg.rs * tiles * 512)
+    return max(TABLE_BYTES, cfg.warps * cfg.row_warps * cfg.rs * tiles * 512)
 
 
 def source_name(dtype: torch.dtype, rs: int, tiles: int) -> str:
@@ -222,12 +244,13 @@ def nf4_gemv(
         out.stride(0),
         nested,
         w.blocksize.bit_length() - 1,
-        w.state2_blocksize,
+        w.state2_blocksize.bit_length() - 1,
         int(bias is not None),
+        cfg.row_warps,
     ]
     fn(
-        grid=(-(-n // (16 * cfg.rs)), 1, 1),
-        block=(32 * cfg.warps, 1, 1),
+        grid=(-(-n // cfg.rows), 1, 1),
+        block=(32 * cfg.warps * cfg.row_warps, 1, 1),
         args=args,
         shared_mem=smem_bytes(cfg, tiles),
     )

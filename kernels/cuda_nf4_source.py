@@ -36,6 +36,12 @@ __device__ __forceinline__ U4 ldg128(const void* p) {
 __device__ __forceinline__ float ldg_f32(const float* p) {
     float v; asm("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
+__device__ __forceinline__ u32 ldg_u32(const void* p) {
+    u32 v; asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p)); return v;
+}
+__device__ __forceinline__ float as_float(u32 v) {
+    float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v)); return f;
+}
 __device__ __forceinline__ u32 ldg_u8(const unsigned char* p) {
     u32 v; asm("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(p)); return v;
 }
@@ -64,7 +70,7 @@ template <> __device__ __forceinline__ u16 round16<1>(float v) {
     u16 d; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(v)); return d;
 }
 template <int DT> __device__ __forceinline__ float widen16(u16 v);
-template <> __device__ __forceinline__ float widen16<0>(u16 v) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)v) << 16)); return f; }
+template <> __device__ __forceinline__ float widen16<0>(u16 v) { return as_float(((u32)v) << 16); }
 template <> __device__ __forceinline__ float widen16<1>(u16 v) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
 }
@@ -101,15 +107,85 @@ __device__ __forceinline__ u32 word_of(const U4& v, int q) {
     return q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
 }
 
-/* fp32 absmax of block `blk`: plain, or nested code2[q] * absmax2 + offset with two roundings as the
-   reference (no FMA contraction). */
-__device__ __forceinline__ float block_scale(const void* absmax, const float* absmax2, const float* code2s,
-                                             const float* offset, int nested, int bs2, u64 blk) {
-    if (nested == 0) return ldg_f32(reinterpret_cast<const float*>(absmax) + blk);
-    u32 q = ldg_u8(reinterpret_cast<const unsigned char*>(absmax) + blk);
-    u64 grp = blk / (u64)bs2;
-    float off = nested == 2 ? ldg_f32(offset + grp) : ldg_f32(offset);
-    return add_rn(mul_rn(code2s[q], ldg_f32(absmax2 + grp)), off);
+/* What one K step of a warp reads, loaded STAGES steps ahead of its use (the loop is latency-bound
+   otherwise: the block scale of a step depends on a load). XS: x is staged too (one n-tile). */
+template <int RS, int MT, bool XS> struct Stage {
+    U4 w[RS][2];
+    u32 q[RS][2];      /* nested: the absmax code; plain: the fp32 absmax's bits */
+    float a2[RS][2];   /* nested: the state2 absmax of the block's group */
+    float off[RS][2];  /* nested with an offset per group: that offset */
+    U4 x[XS ? MT : 1][4];
+};
+
+struct Args {
+    const u16* x; const void* absmax; const float* absmax2; const float* offset;
+    int nested, bs_shift, bs2_shift;
+};
+
+template <int RS, int MT, bool XS>
+__device__ __forceinline__ void load_stage(Stage<RS, MT, XS>& st, int it, const Args& a, const U4* const (&wp)[RS][2],
+                                           const u64 (&blk0)[RS][2], const u16* const (&xp)[MT]) {
+    #pragma unroll
+    for (int r = 0; r < RS; ++r)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            st.w[r][h] = ldg128(wp[r][h] + 4 * it);
+            u64 blk = blk0[r][h] + (((u64)it << 7) >> a.bs_shift);
+            if (a.nested == 0) {
+                st.q[r][h] = ldg_u32(reinterpret_cast<const float*>(a.absmax) + blk);
+            } else {
+                st.q[r][h] = ldg_u8(reinterpret_cast<const unsigned char*>(a.absmax) + blk);
+                u64 grp = blk >> a.bs2_shift;
+                st.a2[r][h] = ldg_f32(a.absmax2 + grp);
+                if (a.nested == 2) st.off[r][h] = ldg_f32(a.offset + grp);
+            }
+        }
+    if (XS) {
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) st.x[XS ? m : 0][q] = ldg128(reinterpret_cast<const U4*>(xp[m] + (it << 7)) + q);
+    }
+}
+
+template <int DT, int RS, int MT, bool XS>
+__device__ __forceinline__ void compute_stage(float (&acc)[RS][MT][4], const Stage<RS, MT, XS>& st, int it,
+                                              const Args& a, const unsigned char* smem, const float* code2s,
+                                              float offset0, u32 replica, const u16* const (&xp)[MT]) {
+    float s[RS][2];
+    #pragma unroll
+    for (int r = 0; r < RS; ++r)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            /* code2[q] * absmax2 + offset with two roundings, as the reference (no FMA contraction) */
+            float off = a.nested == 2 ? st.off[r][h] : offset0;
+            s[r][h] = a.nested == 0 ? as_float(st.q[r][h])
+                                    : add_rn(mul_rn(code2s[st.q[r][h]], st.a2[r][h]), off);
+        }
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        U4 xv[MT];
+        #pragma unroll
+        for (int m = 0; m < MT; ++m)
+            xv[m] = XS ? st.x[XS ? m : 0][q] : ldg128(reinterpret_cast<const U4*>(xp[m] + (it << 7)) + q);
+        #pragma unroll
+        for (int r = 0; r < RS; ++r) {
+            u32 w0 = word_of(st.w[r][0], q), w1 = word_of(st.w[r][1], q);
+            /* mma j = 2q: bytes 0, 1 of word q; j = 2q + 1: bytes 2, 3. */
+            u32 a0 = decode_pair<DT, 0>(smem, w0, replica, s[r][0]);
+            u32 a1 = decode_pair<DT, 0>(smem, w1, replica, s[r][1]);
+            u32 a2 = decode_pair<DT, 1>(smem, w0, replica, s[r][0]);
+            u32 a3 = decode_pair<DT, 1>(smem, w1, replica, s[r][1]);
+            #pragma unroll
+            for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].x, xv[m].y);
+            a0 = decode_pair<DT, 2>(smem, w0, replica, s[r][0]);
+            a1 = decode_pair<DT, 2>(smem, w1, replica, s[r][1]);
+            a2 = decode_pair<DT, 3>(smem, w0, replica, s[r][0]);
+            a3 = decode_pair<DT, 3>(smem, w1, replica, s[r][1]);
+            #pragma unroll
+            for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].z, xv[m].w);
+        }
+    }
 }
 
 template <int DT, int RS, int MT>
@@ -117,17 +193,22 @@ __global__ void __launch_bounds__(512) nf4_gemv(
     const u16* __restrict__ x, const unsigned char* __restrict__ w, const void* __restrict__ absmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     const float* __restrict__ code, const u16* __restrict__ bias, u16* __restrict__ out,
-    int M, int N, int K, int stride_xm, int stride_om, int nested, int bs_shift, int bs2, int has_bias) {
+    int M, int N, int K, int stride_xm, int stride_om, int nested, int bs_shift, int bs2_shift, int has_bias,
+    int row_warps) {
+    constexpr bool XS = MT == 1;
     extern __shared__ U4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
     float* code2s = reinterpret_cast<float*>(smem + TABLE_BYTES);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
+    /* warp = (K slice kw_i, strip group wr): the row_warps warps of a K slice read the same x (L1 hits). */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = (blockDim.x >> 5) / row_warps;
+    const int wr = warp % row_warps, kw_i = warp / row_warps;
     const int g = lane >> 2, t = lane & 3;
     const u32 replica = (lane & 15) * 8;
-    const int row0 = blockIdx.x * 16 * RS;
+    const int row0 = (blockIdx.x * row_warps + wr) * 16 * RS;
     const int iters = K >> 7;  /* 128 k (64 code bytes of a row) per step */
-    const int it0 = (int)((long long)warp * iters / kw), it1 = (int)((long long)(warp + 1) * iters / kw);
+    const int it0 = (int)((long long)kw_i * iters / kw), it1 = (int)((long long)(kw_i + 1) * iters / kw);
     const u64 row_bytes = (u64)(K >> 1);
+    const Args a{x, absmax, absmax2, offset, nested, bs_shift, bs2_shift};
 
     const U4* wp[RS][2];
     u64 blk0[RS][2];
@@ -143,13 +224,13 @@ __global__ void __launch_bounds__(512) nf4_gemv(
     #pragma unroll
     for (int m = 0; m < MT; ++m) xp[m] = x + (u64)imin(m * 8 + g, M - 1) * stride_xm + 32 * t;
 
-    /* First step's loads go out before the table is built, so they are in flight meanwhile. */
-    U4 cur[RS][2];
+    /* The first two steps' loads go out before the table is built, so they are in flight meanwhile.
+       Past the warp's last step the loads repeat it (cached, never used): no branch in the loop. */
+    const int last = it1 > it0 ? it1 - 1 : it0;
+    Stage<RS, MT, XS> s0, s1;
     if (it0 < it1) {
-        #pragma unroll
-        for (int r = 0; r < RS; ++r)
-            #pragma unroll
-            for (int h = 0; h < 2; ++h) cur[r][h] = ldg128(wp[r][h] + 4 * it0);
+        load_stage(s0, it0, a, wp, blk0, xp);
+        load_stage(s1, imin(it0 + 1, last), a, wp, blk0, xp);
     }
     for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {  /* a float4 = two replicas of an entry */
         int e = i >> 3;
@@ -158,6 +239,7 @@ __global__ void __launch_bounds__(512) nf4_gemv(
     }
     if (nested)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code2s[i] = ldg_f32(code2 + i);
+    const float offset0 = nested == 1 ? ldg_f32(offset) : 0.f;
     __syncthreads();
 
     float acc[RS][MT][4];
@@ -168,50 +250,15 @@ __global__ void __launch_bounds__(512) nf4_gemv(
             #pragma unroll
             for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
 
-    for (int it = it0; it < it1; ++it) {
-        U4 nxt[RS][2];
-        if (it + 1 < it1) {
-            #pragma unroll
-            for (int r = 0; r < RS; ++r)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) nxt[r][h] = ldg128(wp[r][h] + 4 * (it + 1));
-        }
-        float s[RS][2];
-        #pragma unroll
-        for (int r = 0; r < RS; ++r)
-            #pragma unroll
-            for (int h = 0; h < 2; ++h)
-                s[r][h] = block_scale(absmax, absmax2, code2s, offset, nested, bs2,
-                                      blk0[r][h] + (((u64)it << 7) >> bs_shift));
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            U4 xv[MT];
-            #pragma unroll
-            for (int m = 0; m < MT; ++m) xv[m] = ldg128(reinterpret_cast<const U4*>(xp[m] + (it << 7)) + q);
-            #pragma unroll
-            for (int r = 0; r < RS; ++r) {
-                u32 w0 = word_of(cur[r][0], q), w1 = word_of(cur[r][1], q);
-                /* mma j = 2q: bytes 0, 1 of word q; j = 2q + 1: bytes 2, 3. */
-                u32 a0 = decode_pair<DT, 0>(smem, w0, replica, s[r][0]);
-                u32 a1 = decode_pair<DT, 0>(smem, w1, replica, s[r][1]);
-                u32 a2 = decode_pair<DT, 1>(smem, w0, replica, s[r][0]);
-                u32 a3 = decode_pair<DT, 1>(smem, w1, replica, s[r][1]);
-                #pragma unroll
-                for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].x, xv[m].y);
-                a0 = decode_pair<DT, 2>(smem, w0, replica, s[r][0]);
-                a1 = decode_pair<DT, 2>(smem, w1, replica, s[r][1]);
-                a2 = decode_pair<DT, 3>(smem, w0, replica, s[r][0]);
-                a3 = decode_pair<DT, 3>(smem, w1, replica, s[r][1]);
-                #pragma unroll
-                for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].z, xv[m].w);
-            }
-        }
-        if (it + 1 < it1) {
-            #pragma unroll
-            for (int r = 0; r < RS; ++r)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) cur[r][h] = nxt[r][h];
-        }
+    for (int it = it0; it < it1; it += 2) {
+        Stage<RS, MT, XS> s2;
+        load_stage(s2, imin(it + 2, last), a, wp, blk0, xp);
+        compute_stage<DT>(acc, s0, it, a, smem, code2s, offset0, replica, xp);
+        Stage<RS, MT, XS> s3;
+        load_stage(s3, imin(it + 3, last), a, wp, blk0, xp);
+        if (it + 1 < it1) compute_stage<DT>(acc, s1, it + 1, a, smem, code2s, offset0, replica, xp);
+        s0 = s2;
+        s1 = s3;
     }
 
     /* The warps' partials, summed in warp order (deterministic) through the table's shared memory. */
@@ -225,12 +272,13 @@ __global__ void __launch_bounds__(512) nf4_gemv(
                 F4{acc[r][m][0], acc[r][m][1], acc[r][m][2], acc[r][m][3]};
     __syncthreads();
     const float* redf = reinterpret_cast<const float*>(smem);
-    const int per_warp = RS * MT * 128;
-    for (int e = threadIdx.x; e < per_warp; e += blockDim.x) {
+    const int per_warp = RS * MT * 128, per_slice = per_warp * row_warps;
+    const int cta_row0 = blockIdx.x * row_warps * 16 * RS;
+    for (int e = threadIdx.x; e < per_slice; e += blockDim.x) {
         float sum = 0.f;
-        for (int k = 0; k < kw; ++k) sum += redf[k * per_warp + e];
-        int i = e & 3, ln = (e >> 2) & 31, m = (e >> 7) % MT, r = (e >> 7) / MT;
-        int row = row0 + r * 16 + (ln >> 2) + 8 * (i >> 1);
+        for (int k = 0; k < kw; ++k) sum += redf[k * per_slice + e];
+        int i = e & 3, ln = (e >> 2) & 31, m = (e >> 7) % MT, r = ((e >> 7) / MT) % RS, er = e / per_warp;
+        int row = cta_row0 + (er * RS + r) * 16 + (ln >> 2) + 8 * (i >> 1);
         int tok = m * 8 + 2 * (ln & 3) + (i & 1);
         if (row < N && tok < M) {
             if (has_bias) sum += widen16<DT>(bias[row]);

@@ -32,13 +32,14 @@ def test_default_launch_fits_shared_memory_and_k(n: int, k: int, m: int) -> None
     tiles = cuda_nf4.n_tiles(m)
     assert cuda_nf4.smem_bytes(cfg, tiles) <= cuda_nf4.SMEM_LIMIT
     assert cfg.warps & (cfg.warps - 1) == 0 and cfg.warps <= max(1, k // cuda_nf4.K_STEP)
-    # enough warps in flight on a big GPU unless K or shared memory stops the split
-    strips = -(-n // 16)
+    assert cfg.warps * cfg.row_warps <= 16
+    # enough warps in flight on a big GPU unless K, the CTA size or shared memory stops the split
+    doubled = cuda_nf4.CudaGemvConfig(1, min(16 // cfg.row_warps, cfg.warps * 2), cfg.row_warps)
     assert (
-        strips * cfg.warps >= 132 * cuda_nf4.WARPS_PER_SM
+        -(-n // cfg.rows) * cfg.warps * cfg.row_warps >= 132 * cuda_nf4.WARPS_PER_SM
         or cfg.warps * 2 > k // cuda_nf4.K_STEP
-        or cfg.warps == 16
-        or cuda_nf4.smem_bytes(cuda_nf4.CudaGemvConfig(1, cfg.warps * 2), tiles) > 48 * 1024
+        or cfg.warps * cfg.row_warps == 16
+        or cuda_nf4.smem_bytes(doubled, tiles) > cuda_nf4.SMEM_LIMIT
     )
 
 
@@ -56,6 +57,8 @@ def test_bad_config_is_refused() -> None:
         cuda_nf4.CudaGemvConfig(rs=3)
     with pytest.raises(ValueError, match="warps"):
         cuda_nf4.CudaGemvConfig(warps=32)
+    with pytest.raises(ValueError, match="warps"):
+        cuda_nf4.CudaGemvConfig(warps=8, row_warps=4)
 
 
 def test_cpu_tensors_and_the_switch_keep_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +157,26 @@ def test_nf4_linear_takes_it_into_a_column_slice_and_a_cuda_graph() -> None:
     torch.cuda.synchronize()
     assert torch.equal(wide[:, 1000:2024], eager)
     assert wide[:, :1000].isnan().all() and wide[:, 2024:].isnan().all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        cuda_nf4.CudaGemvConfig(*c)
+        for c in ((1, 4, 1), (2, 8, 1), (1, 4, 4), (1, 1, 16), (2, 2, 4), (1, 16, 1))
+    ],
+    ids=lambda c: f"rs{c.rs}-w{c.warps}x{c.row_warps}",
+)
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_every_launch_shape_is_exact(cfg: cuda_nf4.CudaGemvConfig, m: int) -> None:
+    """Strip groups that overhang N (1000 rows), K splits finer than K's steps (640 = 5 steps)."""
+    torch.manual_seed(m)
+    w = quantize_nf4_ref(torch.randn(1000, 640, device="cuda", dtype=torch.bfloat16) * 0.02)
+    deq = dequantize_nf4_ref(w)
+    cols = torch.randperm(640, device="cuda")[:m]
+    x = torch.zeros(m, 640, device="cuda", dtype=torch.bfloat16)
+    x[torch.arange(m), cols] = 1
+    got = cuda_nf4.nf4_gemv(x, w, config=cfg)
+    assert torch.equal(got.view(torch.int16), deq[:, cols].T.contiguous().view(torch.int16))
