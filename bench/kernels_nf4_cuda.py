@@ -89,16 +89,18 @@ def sweep_configs(m: int) -> list[cuda_nf4.CudaGemvConfig]:
     c = cuda_nf4.CudaGemvConfig
     if cuda_nf4.n_tiles(m) == 1:
         out = [c(1, 4), c(1, 8), c(1, 16), c(2, 8), c(1, 8, 2), c(1, 4, 2), c(1, 4, 4)]
+        out += [c(1, 4, 1, 1), c(1, 8, 1, 1), c(1, 4, 2, 1), c(2, 4, 1, 1), c(1, 2, 4, 1)]
     else:
         out = [c(1, 16), c(1, 8, 2), c(1, 4, 4), c(1, 2, 8), c(1, 1, 16), c(1, 4, 2), c(1, 2, 4), c(1, 2, 2)]
+        out += [c(1, 8, 1, 1), c(1, 4, 2, 1), c(1, 2, 4, 1)]
         if cuda_nf4.n_tiles(m) == 2:
-            out += [c(2, 4, 2), c(2, 2, 4)]
+            out += [c(2, 4, 2), c(2, 2, 4), c(2, 4, 1, 1)]
     tiles = cuda_nf4.n_tiles(m)
     return [cfg for cfg in out if cuda_nf4.smem_bytes(cfg, tiles) <= cuda_nf4.SMEM_LIMIT]
 
 
 def label(cfg: cuda_nf4.CudaGemvConfig) -> str:
-    return f"rs={cfg.rs} warps={cfg.warps}x{cfg.row_warps}"
+    return f"rs={cfg.rs} warps={cfg.warps}x{cfg.row_warps} decode={cfg.decode}"
 
 
 def timing(case: Case, name: str, sweep: bool, results: list[dict]) -> None:

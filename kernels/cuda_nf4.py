@@ -22,9 +22,11 @@ from kernels.nf4_format import NF4Weight
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "SLOTH_NF4_CUDA"  # "0": never use the CUDA kernel (the Triton kernels run instead)
-MAX_ROWS = 64
+MAX_ROWS = 64  # what the kernel computes
+# What nf4_linear sends to it: above this the Triton GEMV was faster on the H200 (kernels-nf4-cuda.md).
+PREFERRED_MAX_ROWS = 8
 K_STEP = 128  # K a warp consumes per loop step (64 code bytes of a row): K must be a multiple
-TABLE_BYTES = 32768 + 1024  # code-pair table + the nested absmax code book
+TABLE_BYTES = 32768 + 1024 + 64  # code-pair table, the nested absmax code book, the 16 codes
 SMEM_LIMIT = 48 * 1024  # no opt-in needed below this
 WARPS_PER_SM = 32  # the launch aims for this many warps per SM in total
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
@@ -34,19 +36,26 @@ _FAILED: list[str] = []  # a compile error disables the kernel for the process (
 @dataclass(frozen=True, slots=True)
 class CudaGemvConfig:
     """A CTA has warps x row_warps warps: `warps` split K, `row_warps` take different rows (and share
-    the x they read through L1); each warp holds rs strips of 16 rows."""
+    the x they read through L1); each warp holds rs strips of 16 rows. decode 0 looks code bytes up
+    in the shared-memory pair table, 1 in per-block byte tables in registers (integer pipe)."""
 
     rs: int = 1
     warps: int = 8
     row_warps: int = 1
+    decode: int = 0
 
     def __post_init__(self) -> None:
+        most = 16 if self.decode == 0 else 8  # the kernel's launch bounds: 512 or 256 threads
         if (
             self.rs not in (1, 2)
-            or not 1 <= self.warps * self.row_warps <= 16
+            or self.decode not in (0, 1)
+            or not 1 <= self.warps * self.row_warps <= most
             or min(self.warps, self.row_warps) < 1
         ):
-            raise ValueError(f"CudaGemvConfig needs rs in (1, 2) and 1..16 warps in all, got {self}")
+            raise ValueError(
+                f"CudaGemvConfig needs rs in (1, 2), decode in (0, 1) and 1..16 warps in all (8 with decode 1), "
+                f"got {self}"
+            )
 
     @property
     def rows(self) -> int:
@@ -106,6 +115,12 @@ def supports(x: torch.Tensor, w: NF4Weight) -> bool:
     )
 
 
+def prefers(x: torch.Tensor, w: NF4Weight) -> bool:
+    """Whether nf4_linear should take the CUDA kernel: it supports the call, and the row count is one
+    where it measured faster than the Triton GEMV."""
+    return x.dim() == 2 and x.shape[0] <= PREFERRED_MAX_ROWS and supports(x, w)
+
+
 def config_for(m: int, n: int, k: int, num_sms: int) -> CudaGemvConfig:
     """TUNED if measured, else: with more than 8 tokens, as many row warps as n-tiles (up to 4) so
     that x is read once per CTA from L2; then K split over a power of two of warps until about
@@ -133,8 +148,8 @@ def smem_bytes(cfg: CudaGemvConfig, tiles: int) -> int:
     return max(TABLE_BYTES, cfg.warps * cfg.row_warps * cfg.rs * tiles * 512)
 
 
-def source_name(dtype: torch.dtype, rs: int, tiles: int) -> str:
-    return f"nf4_gemv<{DTYPES[dtype]}, {rs}, {tiles}>"
+def source_name(dtype: torch.dtype, rs: int, tiles: int, decode: int = 0) -> str:
+    return f"nf4_gemv<{DTYPES[dtype]}, {rs}, {tiles}, {decode}>"
 
 
 def _nvrtc() -> Any:
@@ -224,7 +239,7 @@ def nf4_gemv(
     device = _index(x.device)
     tiles = n_tiles(m)
     cfg = config or config_for(m, n, k, _num_sms(device))
-    fn = kernel(source_name(x.dtype, cfg.rs, tiles), device)
+    fn = kernel(source_name(x.dtype, cfg.rs, tiles, cfg.decode), device)
     nested = 0 if not w.nested else (2 if w.group_offsets else 1)
     stats = [w.state2_absmax, w.state2_code, w.offset] if w.nested else [w.absmax, w.absmax, w.absmax]
     if bias is not None:
@@ -248,11 +263,15 @@ def nf4_gemv(
         int(bias is not None),
         cfg.row_warps,
     ]
+    smem = smem_bytes(cfg, tiles)
+    # large explicit configs: opt in to more than 48 KB of shared memory (once per kernel)
+    if smem > SMEM_LIMIT and getattr(fn, "_max_shared_mem_bytes", 0) < smem:
+        fn.set_shared_memory_config(smem)
     fn(
         grid=(-(-n // cfg.rows), 1, 1),
         block=(32 * cfg.warps * cfg.row_warps, 1, 1),
         args=args,
-        shared_mem=smem_bytes(cfg, tiles),
+        shared_mem=smem,
     )
     return out
 

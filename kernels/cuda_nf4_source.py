@@ -107,6 +107,45 @@ __device__ __forceinline__ u32 word_of(const U4& v, int q) {
     return q == 0 ? v.x : (q == 1 ? v.y : (q == 2 ? v.z : v.w));
 }
 
+/* DEC 1: a block's 16 scaled values as bf16/fp16 byte tables in 8 registers (t0..3 low bytes, t4..7
+   high bytes of entries 0-15), each value code * absmax rounded once, as the reference. */
+template <int DT> __device__ __forceinline__ void build_tables(u32 (&tab)[8], const float* codes, float s) {
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        F4 c = reinterpret_cast<const F4*>(codes)[i];  /* entries 4i..4i+3, the same for every lane */
+        u32 p0 = pack2<DT>(mul_rn(c.x, s), mul_rn(c.y, s)), p1 = pack2<DT>(mul_rn(c.z, s), mul_rn(c.w, s));
+        asm("prmt.b32 %0, %1, %2, 0x6420;" : "=r"(tab[i]) : "r"(p0), "r"(p1));
+        asm("prmt.b32 %0, %1, %2, 0x7531;" : "=r"(tab[4 + i]) : "r"(p0), "r"(p1));
+    }
+}
+
+/* DEC 1: the 4 code bytes of a word as 4 16-bit pairs (element 2b low, 2b + 1 high) looked up in the
+   register tables with byte permutes: two `prmt` pick among entries 0-7 and 8-15 by a nibble's low
+   3 bits, a third picks between them by bit 3 (kernels/triton_nf4_decode.py does the same). */
+#define NF4_LOOKUP(dst, t0, t1, t2, t3, sel, pick) \
+    "prmt.b32 lo, " t0 ", " t1 ", " sel ";\n" \
+    "prmt.b32 hi, " t2 ", " t3 ", " sel ";\n" \
+    "prmt.b32 " dst ", lo, hi, " pick ";\n"
+__device__ __forceinline__ void lookup_word(u32 word, const u32 (&t)[8], u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm("{\n.reg .b32 s7, s7h, pk, pkh, lo, hi, l0, l1, h0, h1;\n"
+        "and.b32 s7, %4, 0x77777777;\n"
+        "shr.b32 pk, %4, 1;\n"
+        "and.b32 pk, pk, 0x44444444;\n"
+        "or.b32 pk, pk, 0x32103210;\n"
+        "shr.b32 s7h, s7, 16;\n"
+        "shr.b32 pkh, pk, 16;\n"
+        NF4_LOOKUP("l0", "%5", "%6", "%7", "%8", "s7", "pk")
+        NF4_LOOKUP("l1", "%5", "%6", "%7", "%8", "s7h", "pkh")
+        NF4_LOOKUP("h0", "%9", "%10", "%11", "%12", "s7", "pk")
+        NF4_LOOKUP("h1", "%9", "%10", "%11", "%12", "s7h", "pkh")
+        "prmt.b32 %0, l0, h0, 0x4051;\n"
+        "prmt.b32 %1, l0, h0, 0x6273;\n"
+        "prmt.b32 %2, l1, h1, 0x4051;\n"
+        "prmt.b32 %3, l1, h1, 0x6273;\n}"
+        : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+        : "r"(word), "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]), "r"(t[6]), "r"(t[7]));
+}
+
 /* What one K step of a warp reads, loaded STAGES steps ahead of its use (the loop is latency-bound
    otherwise: the block scale of a step depends on a load). XS: x is staged too (one n-tile). */
 template <int RS, int MT, bool XS> struct Stage {
@@ -148,7 +187,7 @@ __device__ __forceinline__ void load_stage(Stage<RS, MT, XS>& st, int it, const 
     }
 }
 
-template <int DT, int RS, int MT, bool XS>
+template <int DT, int RS, int MT, int DEC, bool XS>
 __device__ __forceinline__ void compute_stage(float (&acc)[RS][MT][4], const Stage<RS, MT, XS>& st, int it,
                                               const Args& a, const unsigned char* smem, const float* code2s,
                                               float offset0, u32 replica, const u16* const (&xp)[MT]) {
@@ -162,6 +201,13 @@ __device__ __forceinline__ void compute_stage(float (&acc)[RS][MT][4], const Sta
             s[r][h] = a.nested == 0 ? as_float(st.q[r][h])
                                     : add_rn(mul_rn(code2s[st.q[r][h]], st.a2[r][h]), off);
         }
+    u32 tab[DEC == 1 ? RS : 1][2][8];
+    if constexpr (DEC == 1) {
+        #pragma unroll
+        for (int r = 0; r < RS; ++r)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) build_tables<DT>(tab[r][h], code2s + 256, s[r][h]);
+    }
     #pragma unroll
     for (int q = 0; q < 4; ++q) {
         U4 xv[MT];
@@ -172,30 +218,36 @@ __device__ __forceinline__ void compute_stage(float (&acc)[RS][MT][4], const Sta
         for (int r = 0; r < RS; ++r) {
             u32 w0 = word_of(st.w[r][0], q), w1 = word_of(st.w[r][1], q);
             /* mma j = 2q: bytes 0, 1 of word q; j = 2q + 1: bytes 2, 3. */
-            u32 a0 = decode_pair<DT, 0>(smem, w0, replica, s[r][0]);
-            u32 a1 = decode_pair<DT, 0>(smem, w1, replica, s[r][1]);
-            u32 a2 = decode_pair<DT, 1>(smem, w0, replica, s[r][0]);
-            u32 a3 = decode_pair<DT, 1>(smem, w1, replica, s[r][1]);
+            u32 a0, a1, a2, a3, b0, b1, b2, b3;
+            if constexpr (DEC == 1) {
+                lookup_word(w0, tab[r][0], a0, a2, b0, b2);
+                lookup_word(w1, tab[r][1], a1, a3, b1, b3);
+            } else {
+                a0 = decode_pair<DT, 0>(smem, w0, replica, s[r][0]);
+                a1 = decode_pair<DT, 0>(smem, w1, replica, s[r][1]);
+                a2 = decode_pair<DT, 1>(smem, w0, replica, s[r][0]);
+                a3 = decode_pair<DT, 1>(smem, w1, replica, s[r][1]);
+                b0 = decode_pair<DT, 2>(smem, w0, replica, s[r][0]);
+                b1 = decode_pair<DT, 2>(smem, w1, replica, s[r][1]);
+                b2 = decode_pair<DT, 3>(smem, w0, replica, s[r][0]);
+                b3 = decode_pair<DT, 3>(smem, w1, replica, s[r][1]);
+            }
             #pragma unroll
             for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].x, xv[m].y);
-            a0 = decode_pair<DT, 2>(smem, w0, replica, s[r][0]);
-            a1 = decode_pair<DT, 2>(smem, w1, replica, s[r][1]);
-            a2 = decode_pair<DT, 3>(smem, w0, replica, s[r][0]);
-            a3 = decode_pair<DT, 3>(smem, w1, replica, s[r][1]);
             #pragma unroll
-            for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], a0, a1, a2, a3, xv[m].z, xv[m].w);
+            for (int m = 0; m < MT; ++m) mma16816<DT>(acc[r][m], b0, b1, b2, b3, xv[m].z, xv[m].w);
         }
     }
 }
 
-template <int DT, int RS, int MT>
-__global__ void __launch_bounds__(512) nf4_gemv(
+template <int DT, int RS, int MT, int DEC>
+__global__ void __launch_bounds__(DEC == 1 ? 256 : 512) nf4_gemv(
     const u16* __restrict__ x, const unsigned char* __restrict__ w, const void* __restrict__ absmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ offset,
     const float* __restrict__ code, const u16* __restrict__ bias, u16* __restrict__ out,
     int M, int N, int K, int stride_xm, int stride_om, int nested, int bs_shift, int bs2_shift, int has_bias,
     int row_warps) {
-    constexpr bool XS = MT == 1;
+    constexpr bool XS = MT == 1 && DEC == 0;
     extern __shared__ U4 smem_u4[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_u4);
     float* code2s = reinterpret_cast<float*>(smem + TABLE_BYTES);
@@ -239,6 +291,7 @@ __global__ void __launch_bounds__(512) nf4_gemv(
     }
     if (nested)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code2s[i] = ldg_f32(code2 + i);
+    if (threadIdx.x < 16) code2s[256 + threadIdx.x] = ldg_f32(code + threadIdx.x);  /* DEC 1 */
     const float offset0 = nested == 1 ? ldg_f32(offset) : 0.f;
     __syncthreads();
 
@@ -253,10 +306,10 @@ __global__ void __launch_bounds__(512) nf4_gemv(
     for (int it = it0; it < it1; it += 2) {
         Stage<RS, MT, XS> s2;
         load_stage(s2, imin(it + 2, last), a, wp, blk0, xp);
-        compute_stage<DT>(acc, s0, it, a, smem, code2s, offset0, replica, xp);
+        compute_stage<DT, RS, MT, DEC>(acc, s0, it, a, smem, code2s, offset0, replica, xp);
         Stage<RS, MT, XS> s3;
         load_stage(s3, imin(it + 3, last), a, wp, blk0, xp);
-        if (it + 1 < it1) compute_stage<DT>(acc, s1, it + 1, a, smem, code2s, offset0, replica, xp);
+        if (it + 1 < it1) compute_stage<DT, RS, MT, DEC>(acc, s1, it + 1, a, smem, code2s, offset0, replica, xp);
         s0 = s2;
         s1 = s3;
     }

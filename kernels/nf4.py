@@ -168,12 +168,11 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
 
 
 def _cuda_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor | None:
-    """The CUDA GEMV's result (kernels.cuda_nf4, up to 64 rows), or None where it does not apply or
-    cannot compile (then it stays off for the process and the Triton kernels run)."""
+    """The CUDA GEMV's result (kernels.cuda_nf4), or None where it is not preferred or cannot compile (then it stays off for the process and the Triton kernels run)."""
     from kernels import cuda_nf4
 
     x2 = x.reshape(-1, w.shape[1])
-    if not cuda_nf4.supports(x2, w):
+    if not cuda_nf4.prefers(x2, w):
         return None
     try:
         y2 = cuda_nf4.nf4_gemv(x2, w, bias, out)
@@ -187,8 +186,8 @@ def nf4_linear(
     x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x[..., in] @ W.T (+ bias) -> [..., out] in x.dtype. On CUDA the Triton kernels dequantize in
-    registers (never writing a dense weight), from 1 to 64 rows preferably the CUDA kernel of
-    kernels.cuda_nf4; elsewhere the reference runs. `out`, if given, is a 2-D
+    registers (never writing a dense weight), or, for the few rows where it is faster, the CUDA
+    kernel of kernels.cuda_nf4; elsewhere the reference runs. `out`, if given, is a 2-D
     [tokens, out_features] view (a column slice of a wider tensor is fine) that receives the result."""
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weight is {w.shape}")
@@ -218,7 +217,7 @@ def nf4_linear_stacked(x: torch.Tensor, ws: list[NF4Weight]) -> torch.Tensor:
         from kernels.triton_nf4 import nf4_matmul_stacked, supports
 
         x2 = x.reshape(-1, x.shape[-1])
-        if not all(cuda_nf4.supports(x2, w) for w in ws) and all(supports(x, w) for w in ws):
+        if not all(cuda_nf4.prefers(x2, w) for w in ws) and all(supports(x, w) for w in ws):
             return nf4_matmul_stacked(x.reshape(-1, x.shape[-1]), ws)
     y = x.new_empty(x.reshape(-1, x.shape[-1]).shape[0], sum(w.shape[0] for w in ws))
     offset = 0

@@ -59,6 +59,8 @@ def test_bad_config_is_refused() -> None:
         cuda_nf4.CudaGemvConfig(warps=32)
     with pytest.raises(ValueError, match="warps"):
         cuda_nf4.CudaGemvConfig(warps=8, row_warps=4)
+    with pytest.raises(ValueError, match="decode"):
+        cuda_nf4.CudaGemvConfig(warps=16, decode=1)
 
 
 def test_cpu_tensors_and_the_switch_keep_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,9 +74,9 @@ def test_cpu_tensors_and_the_switch_keep_it_off(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_source_names_every_compiled_variant() -> None:
-    assert "template <int DT, int RS, int MT>" in SOURCE and "__global__" in SOURCE
-    assert cuda_nf4.source_name(torch.bfloat16, 2, 4) == "nf4_gemv<0, 2, 4>"
-    assert cuda_nf4.source_name(torch.float16, 1, 8) == "nf4_gemv<1, 1, 8>"
+    assert "template <int DT, int RS, int MT, int DEC>" in SOURCE and "__global__" in SOURCE
+    assert cuda_nf4.source_name(torch.bfloat16, 2, 4) == "nf4_gemv<0, 2, 4, 0>"
+    assert cuda_nf4.source_name(torch.float16, 1, 8, 1) == "nf4_gemv<1, 1, 8, 1>"
     assert "#include" not in SOURCE  # NVRTC compiles it without a CUDA toolkit's headers
 
 
@@ -165,9 +167,18 @@ def test_nf4_linear_takes_it_into_a_column_slice_and_a_cuda_graph() -> None:
     "cfg",
     [
         cuda_nf4.CudaGemvConfig(*c)
-        for c in ((1, 4, 1), (2, 8, 1), (1, 4, 4), (1, 1, 16), (2, 2, 4), (1, 16, 1))
+        for c in (
+            (1, 4, 1),
+            (2, 4, 1),
+            (1, 4, 4),
+            (1, 1, 16),
+            (2, 2, 4),
+            (1, 16, 1),
+            (1, 8, 1, 1),
+            (2, 2, 2, 1),
+        )
     ],
-    ids=lambda c: f"rs{c.rs}-w{c.warps}x{c.row_warps}",
+    ids=lambda c: f"rs{c.rs}-w{c.warps}x{c.row_warps}-dec{c.decode}",
 )
 @pytest.mark.parametrize("m", [1, 12, 40])
 def test_every_launch_shape_is_exact(cfg: cuda_nf4.CudaGemvConfig, m: int) -> None:
