@@ -191,3 +191,19 @@ def test_every_launch_shape_is_exact(cfg: cuda_nf4.CudaGemvConfig, m: int) -> No
     x[torch.arange(m), cols] = 1
     got = cuda_nf4.nf4_gemv(x, w, config=cfg)
     assert torch.equal(got.view(torch.int16), deq[:, cols].T.contiguous().view(torch.int16))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+def test_register_table_decode_is_exact_in_fp16(nested: bool) -> None:
+    torch.manual_seed(5)
+    w = quantize_nf4_ref(
+        torch.randn(300, 1024, device="cuda", dtype=torch.float16), compress_statistics=nested
+    )
+    deq = dequantize_nf4_ref(w)
+    x = torch.zeros(5, 1024, device="cuda", dtype=torch.float16)
+    cols = torch.randperm(1024, device="cuda")[:5]
+    x[torch.arange(5), cols] = 1
+    got = cuda_nf4.nf4_gemv(x, w, config=cuda_nf4.CudaGemvConfig(1, 4, 2, decode=1))
+    assert torch.equal(got.view(torch.int16), deq[:, cols].T.contiguous().view(torch.int16))
