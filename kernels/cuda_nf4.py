@@ -28,7 +28,9 @@ PREFERRED_MAX_ROWS = 8
 K_STEP = 128  # K a warp consumes per loop step (64 code bytes of a row): K must be a multiple
 TABLE_BYTES = 32768 + 1024 + 64  # code-pair table, the nested absmax code book, the 16 codes
 SMEM_LIMIT = 48 * 1024  # no opt-in needed below this
-WARPS_PER_SM = 32  # the launch aims for this many warps per SM in total
+# The K split stops before the grid exceeds this many warps per SM: on the H200 ~12-16 warps an SM,
+# each over a longer K range, beat 32 (kernels-nf4-cuda.md).
+WARPS_PER_SM = 16
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _FAILED: list[str] = []  # a compile error disables the kernel for the process (logged once)
 
@@ -63,8 +65,16 @@ class CudaGemvConfig:
         return 16 * self.rs * self.row_warps
 
 
-# (out_features, in_features, n-tiles) -> config measured fastest (bench/kernels_nf4.py --sweep-cuda).
-TUNED: dict[tuple[int, int, int], CudaGemvConfig] = {}
+# (out_features, in_features, n-tiles) -> the launch measured fastest on the H200 over 1 and 8 rows
+# (bench/kernels_nf4_cuda.py, 2026-12-04). An entry with more than one n-tile also makes nf4_linear
+# prefer the CUDA kernel at those rows (o at 16 rows: 13.0 us against Triton's 17.3).
+TUNED: dict[tuple[int, int, int], CudaGemvConfig] = {
+    (4096, 4096, 1): CudaGemvConfig(rs=1, warps=8, row_warps=1, decode=1),
+    (4096, 14336, 1): CudaGemvConfig(rs=1, warps=8, row_warps=1, decode=1),
+    (14336, 4096, 1): CudaGemvConfig(rs=1, warps=2, row_warps=4, decode=1),
+    (6144, 4096, 1): CudaGemvConfig(rs=1, warps=4, row_warps=1, decode=1),
+    (4096, 4096, 2): CudaGemvConfig(rs=1, warps=4, row_warps=2, decode=1),
+}
 
 
 def enabled() -> bool:
@@ -117,30 +127,31 @@ def supports(x: torch.Tensor, w: NF4Weight) -> bool:
 
 def prefers(x: torch.Tensor, w: NF4Weight) -> bool:
     """Whether nf4_linear should take the CUDA kernel: it supports the call, and the row count is one
-    where it measured faster than the Triton GEMV."""
-    return x.dim() == 2 and x.shape[0] <= PREFERRED_MAX_ROWS and supports(x, w)
+    where it measured faster than the Triton GEMV (up to PREFERRED_MAX_ROWS, or a TUNED entry)."""
+    if x.dim() != 2:
+        return False
+    m = x.shape[0]
+    return (m <= PREFERRED_MAX_ROWS or (w.shape[0], w.shape[1], n_tiles(m)) in TUNED) and supports(x, w)
 
 
 def config_for(m: int, n: int, k: int, num_sms: int) -> CudaGemvConfig:
-    """TUNED if measured, else: with more than 8 tokens, as many row warps as n-tiles (up to 4) so
-    that x is read once per CTA from L2; then K split over a power of two of warps until about
-    WARPS_PER_SM warps per SM run, within the steps K has, 16 warps a CTA and 48 KB of shared memory."""
+    """TUNED if measured, else the register-table decode (as fast or faster at 1-8 rows, faster above)
+    with, beyond 8 tokens, two row warps sharing x; K split over the largest power of two of warps
+    (8 a CTA at most) that keeps the grid within WARPS_PER_SM warps per SM and the steps K has."""
     tiles = n_tiles(m)
     tuned = TUNED.get((n, k, tiles))
     if tuned is not None:
         return tuned
-    row_warps = min(tiles, 4)
+    row_warps = min(tiles, 2)
     ctas = -(-n // (16 * row_warps))
     warps = 1
     while (
-        warps * 2 * row_warps <= 16
-        and ctas * warps * row_warps < num_sms * WARPS_PER_SM
+        (warps * 2) * row_warps <= 8
+        and ctas * (warps * 2) * row_warps <= num_sms * WARPS_PER_SM
         and warps * 2 <= k // K_STEP
     ):
         warps *= 2
-    while warps > 1 and smem_bytes(CudaGemvConfig(1, warps, row_warps), tiles) > SMEM_LIMIT:
-        warps //= 2
-    return CudaGemvConfig(rs=1, warps=warps, row_warps=row_warps)
+    return CudaGemvConfig(rs=1, warps=warps, row_warps=row_warps, decode=1)
 
 
 def smem_bytes(cfg: CudaGemvConfig, tiles: int) -> int:
