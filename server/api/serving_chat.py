@@ -82,7 +82,8 @@ async def system_prompt_end(runtime: Runtime, tokens: ModelTokenizer, body: Chat
                             plan: ToolPlan | None, prompt_ids: list[int]) -> int:
     """Where the prompt's leading system messages end, for an engine that snapshots its model's
     recurrent state there (0: it does not, there are none, or nothing follows them): the prompt's
-    common prefix with those messages rendered alone, tools and template variables as in the prompt."""
+    common prefix with those messages rendered alone (tools and template variables as in the prompt),
+    or, for a template that wants a user turn, with an empty user message after them."""
     if not runtime.info.state_snapshots:
         return 0
     conversation = body.conversation()
@@ -91,16 +92,18 @@ async def system_prompt_end(runtime: Runtime, tokens: ModelTokenizer, body: Chat
         n += 1
     if n == 0 or n == len(conversation):
         return 0
-    try:
-        head = await encode_tool_chat(tokens.tokenizer, conversation[:n], plan, body.template_kwargs())
-    except APIError:  # a template that will not render a system prompt alone: no point, no error
-        return 0
-    same = 0
-    for a, b in zip(head, prompt_ids, strict=False):
-        if a != b:
-            break
-        same += 1
-    return same
+    for head in (conversation[:n], [*conversation[:n], {"role": "user", "content": ""}]):
+        try:
+            ids = await encode_tool_chat(tokens.tokenizer, head, plan, body.template_kwargs())
+        except APIError:  # the template will not render this conversation: try the next, else no point
+            continue
+        same = 0
+        for a, b in zip(ids, prompt_ids, strict=False):
+            if a != b:
+                break
+            same += 1
+        return same
+    return 0
 
 
 async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: ToolPlan | None,
