@@ -8,6 +8,9 @@ Options per layer: a sliding window (keys less than `sliding_window` positions b
 score soft-capping (`softcap`: scores become softcap * tanh(scores / softcap) before the mask), and
 gpt-oss's attention sinks (`sinks` [Hq]: a learned logit per head that joins the softmax's
 denominator and attends to nothing, so a head may put less than all its weight on the keys).
+Per token, `meta.key_ends` [T] (optional) lets a query see keys past itself: query t sees every key
+before max(its position + 1, key_ends[t]) (Gemma 3's image tokens see their whole image; the
+sliding window still counts back from the query's own position, as transformers masks it).
 Dispatch: Triton (`triton_attention`) on CUDA tensors, the PyTorch references elsewhere.
 """
 
@@ -35,6 +38,9 @@ class AttnMetadata:
     # prefill kernel; 0 (unknown) sends a mixed batch through the prefill kernel alone; -1 (known on
     # the device only: a CUDA graph's step) runs both kernels, each over the sequences that are its own.
     num_decodes: int = 0
+    # [T] int32, or None (causal everywhere): each query sees keys up to (excluding) max(its
+    # position + 1, key_ends[t]). Prefill tokens only: the decode kernel does not read it.
+    key_ends: torch.Tensor | None = None
 
 
 def write_kv_ref(
@@ -79,6 +85,8 @@ def paged_attention_ref(
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
         k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         masked = k_pos > q_pos
+        if meta.key_ends is not None:  # bidirectional spans (Gemma 3's images)
+            masked &= k_pos >= meta.key_ends[start:end].to(q.device).long().unsqueeze(1)
         if sliding_window is not None:
             masked |= k_pos <= q_pos - sliding_window
         scores.masked_fill_(masked, float("-inf"))
@@ -122,5 +130,6 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, scale, sliding_window, meta.num_decodes, softcap=softcap, sinks=sinks,
+            key_ends=meta.key_ends,
         )
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap, sinks)

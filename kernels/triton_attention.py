@@ -9,7 +9,10 @@ score soft-capping is a constexpr variant (SOFTCAP), and so are gpt-oss's attent
 per-head logit added to the softmax's denominator once, after the last key tile or in the merge of the
 splits): the others compile exactly as without them. A batch whose decodes the host does not know
 (a CUDA graph of mixed steps: num_decodes -1) runs both kernels over every sequence, each program
-returning at once where the sequence is the other kernel's (BY_LEN).
+returning at once where the sequence is the other kernel's (BY_LEN). A per-token key end is a
+constexpr variant too (KEY_END: a prefill query sees keys up to max(its position + 1, key_ends[t]),
+Gemma 3's bidirectional image spans): the tile loop runs to the furthest end of its rows and masks
+each row at its own.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _tanh(x):
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, k_base, v_base, table_ptr, start, hi, q_pos, window,
+    acc, m_i, l_i, q, k_base, v_base, table_ptr, start, hi, q_pos, q_lim, window,
     stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -114,7 +117,7 @@ def _attend_tile(
     if SOFTCAP:  # s is score / softcap here (see _launch): softcap * tanh(that), in log2 units
         s = _tanh(s) * softcap_log2
     if MASKED:
-        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        visible = key_ok[None, :] & (keys[None, :] < q_lim[:, None])
         if SLIDING:
             visible &= keys[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
@@ -132,7 +135,7 @@ def _attend_tile(
 # 16-byte aligned, which its vector loads and cp.async pipelining need).
 @triton.jit(do_not_specialize=["num_seqs", "q_base", "num_splits", "window", "stride_bt"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, sinks_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, sinks_ptr, key_ends_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, q_base, num_splits, scale_log2, softcap_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -140,7 +143,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, SINKS: tl.constexpr, BY_LEN: tl.constexpr = False,
+    SOFTCAP: tl.constexpr, SINKS: tl.constexpr, BY_LEN: tl.constexpr = False, KEY_END: tl.constexpr = False,
 ):
     q_block = tl.program_id(0)
     if not DECODE:  # the last q blocks of a sequence see the most keys: start them first
@@ -178,9 +181,13 @@ def _paged_attention_kernel(
     q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     q_pos = context + tok
-
+    q_lim = q_pos + 1  # each row's keys end (exclusive)
     # Keys [lo, hi) are visible to some row; tiles below n_full are visible to every row (no mask).
     hi = context + last_tok + 1
+    if KEY_END:  # rows inside a bidirectional span see keys after themselves, never past the sequence
+        ends = tl.load(key_ends_ptr + q_start + tok, mask=row_ok, other=0)
+        q_lim = tl.minimum(tl.maximum(q_lim, ends), seq_len)
+        hi = tl.maximum(hi, tl.max(tl.where(row_ok, q_lim, 0), axis=0))
     lo = 0
     n_full = (context + first_tok + 1) // BLOCK_N
     if SLIDING:
@@ -205,13 +212,13 @@ def _paged_attention_kernel(
     mid = tl.maximum(tl.minimum(n_full, tile_hi), tile_lo)
     for t in range(tile_lo, mid):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, window,
+            acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, q_lim, window,
             stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
             False, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION, SOFTCAP,
         )
     for t in range(mid, tile_hi):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, window,
+            acc, m_i, l_i, q, k_base, v_base, table_ptr, lo + t * BLOCK_N, hi, q_pos, q_lim, window,
             stride_kb, stride_ko, stride_vb, stride_vo, cols, col_ok, scale_log2, softcap_log2,
             True, SLIDING, BLOCK_SIZE, BLOCK_N, PRECISION, SOFTCAP,
         )
@@ -296,6 +303,7 @@ def paged_attention_triton(
     num_decodes: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    key_ends: torch.Tensor | None = None,
     **tiles: int,
 ) -> torch.Tensor:
     """q [T, Hq, D] (strided view allowed) -> [T, Hq, D]. `max_query_len` == 1 takes the decode
@@ -303,7 +311,9 @@ def paged_attention_triton(
     the decode kernel and the rest the prefill kernel; with num_decodes -1 (which sequences have one
     query token is known on the device only), both kernels run over every sequence, and each takes
     its own (the decode kernel then does not split keys: the merge pass would write every row). `softcap`: scores become softcap *
-    tanh(scores / softcap) (Gemma 2). `sinks` [Hq]: each head's sink logit (gpt-oss). `tiles`
+    tanh(scores / softcap) (Gemma 2). `sinks` [Hq]: each head's sink logit (gpt-oss). `key_ends`
+    [T] int32: query t sees keys before max(its position + 1, key_ends[t]), read by the prefill
+    kernel only (a decode token never sits inside a bidirectional span). `tiles`
     overrides tile choices (block_m, block_n, num_warps, num_stages, num_splits, programs_per_sm) for
     benchmarks and tests."""
     num_tokens, num_heads, head_dim = q.shape
@@ -313,24 +323,25 @@ def paged_attention_triton(
     batch = block_tables.shape[0]
     args = (q, k_cache, v_cache, out, scale, sliding_window, softcap, sinks)
     if max_query_len == 1:
-        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles)
+        _launch(*args, None, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles)
     elif num_decodes < 0:
-        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles, by_len=True)
-        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, max_query_len, tiles,
-                by_len=True)
+        _launch(*args, None, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, 1, tiles, by_len=True)
+        _launch(*args, key_ends, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, max_query_len,
+                tiles, by_len=True)
     elif 0 < num_decodes < batch:
-        _launch(*args, block_tables, seq_lens, query_start_loc, num_decodes, num_decodes, 0, 1, tiles)
-        _launch(*args, block_tables[num_decodes:], seq_lens[num_decodes:], query_start_loc[num_decodes:],
+        _launch(*args, None, block_tables, seq_lens, query_start_loc, num_decodes, num_decodes, 0, 1, tiles)
+        _launch(*args, key_ends, block_tables[num_decodes:], seq_lens[num_decodes:], query_start_loc[num_decodes:],
                 batch - num_decodes, num_tokens - num_decodes, num_decodes, max_query_len, tiles)
     else:
-        _launch(*args, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, max_query_len, tiles)
+        _launch(*args, key_ends, block_tables, seq_lens, query_start_loc, batch, num_tokens, 0, max_query_len,
+                tiles)
     return out
 
 
 def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, scale: float,
-    sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None, key_ends: torch.Tensor | None,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     batch: int, num_tokens: int, q_base: int, max_query_len: int, tiles: dict[str, int], by_len: bool = False,
 ) -> None:
@@ -374,8 +385,10 @@ def _launch(
     scale_log2, softcap_log2 = (scale * LOG2E, 0.0) if softcap is None else (scale / softcap, softcap * LOG2E)
     extra = {"num_stages": tiles["num_stages"]} if "num_stages" in tiles else {}
     sinks_arg = out if sinks is None else sinks  # unread unless SINKS
+    key_end = key_ends is not None and not decode
+    key_ends_arg = key_ends if key_end else seq_lens  # unread unless KEY_END
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, sinks_arg,
+        q, k_cache, v_cache, out, part_acc, part_ml, sinks_arg, key_ends_arg,
         block_tables, seq_lens, query_start_loc,
         batch, q_base, num_splits, scale_log2, softcap_log2, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -385,7 +398,7 @@ def _launch(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DECODE=decode, SPLIT=split, SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32)
-        SOFTCAP=softcap is not None, SINKS=sinks is not None, BY_LEN=by_len,
+        SOFTCAP=softcap is not None, SINKS=sinks is not None, BY_LEN=by_len, KEY_END=key_end,
         num_warps=tiles.get("num_warps", 8 if block_m >= 128 else 4), **extra,
     )
     if split:
@@ -401,26 +414,29 @@ def compile_variants(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    key_ends: bool = False,
 ) -> int:
     """Launch, once, every kernel variant the dispatcher above can pick for these head counts, on one
     sequence whose block table points at `block` (only read). Triton compiles a variant the first
     time a process runs it, and a compile holds up every request of that step (0.5 s for a decode
     variant first met by a mixed step on the H200): decode with each key tile unsplit and split
     (each merge width up to the most splits `decode_num_splits` gives for `max_keys`), and prefill
-    with each query tile. Returns the number of launches."""
+    with each query tile (and, with `key_ends`, each query tile with per-token key ends too: an
+    image-text model whose images attend both ways). Returns the number of launches."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     device, dtype = k_cache.device, k_cache.dtype
     group = num_heads // num_kv_heads
     launches = 0
 
-    def attend(num_tokens: int, **tiles: int) -> None:
+    def attend(num_tokens: int, ends: bool = False, **tiles: int) -> None:
         nonlocal launches
         q = torch.zeros((num_tokens, num_heads, head_dim), dtype=dtype, device=device)
         tables = torch.full((1, _cdiv(num_tokens, block_size)), block, dtype=torch.int32, device=device)
         seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
         starts = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        key_end = torch.full((num_tokens,), num_tokens, dtype=torch.int32, device=device) if ends else None
         paged_attention_triton(q, k_cache, v_cache, tables, seq_lens, starts, num_tokens, 1.0, sliding_window,
-                               softcap=softcap, sinks=sinks, **tiles)
+                               softcap=softcap, sinks=sinks, key_ends=key_end, **tiles)
         launches += 1
 
     most_splits = max(decode_num_splits(1, num_kv_heads, max_keys, n, device) for n in (32, 64, 128))
@@ -433,6 +449,8 @@ def compile_variants(
     query_len = 2
     while True:  # the query tile grows with the longest prompt chunk, up to 128 rows
         attend(query_len)
+        if key_ends:
+            attend(query_len, ends=True)
         if _pow2(query_len * group) >= 128:
             break
         query_len *= 2

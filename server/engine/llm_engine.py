@@ -206,7 +206,7 @@ class LLMEngine:
             sinks = torch.zeros(cfg.num_heads, device=self.device) if cfg.attn_sinks else None  # gpt-oss
             for window, softcap in cfg.attention_variants:  # Gemma: local and global layers, soft cap
                 compile_variants(cfg.num_heads, k_cache, v_cache, self.runner.scratch_block, self.max_model_len,
-                                 window, softcap, sinks)
+                                 window, softcap, sinks, getattr(self.loaded.model, "bidirectional_images", False))
         try:
             for group, params in [([n], greedy) for n in lens] + [(lens, sampled)]:
                 for i, n in enumerate(group):
