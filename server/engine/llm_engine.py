@@ -128,6 +128,7 @@ class LLMEngine:
                 config.max_prefill_tokens_while_decoding, config.max_num_seqs),
             max_model_len=self.max_model_len,
             max_loras=config.max_loras,
+            whole_images=getattr(model, "bidirectional_images", False),
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         self.lora_manager = LoRAManager(

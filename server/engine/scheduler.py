@@ -2,7 +2,8 @@
 
 There is no prefill or decode phase (as in vLLM v1): each scheduled sequence gets a number of new
 tokens to compute, one for a decoding sequence, up to the remaining budget for a prompt (so long
-prompts are prefilled in chunks across steps). When KV blocks run out the newest running sequence
+prompts are prefilled in chunks across steps; with `whole_images`, a chunk never ends inside an
+image, whose tokens attend to each other both ways). When KV blocks run out the newest running sequence
 is preempted, its blocks freed, and it is recomputed later from its tokens.
 """
 
@@ -28,6 +29,9 @@ class SchedulerConfig:
     # waits for the whole step, so a 2,048-token chunk stalls each of them by a long prefill's time.
     # A step with no sequence decoding takes prompts up to max_num_batched_tokens.
     max_prefill_tokens_while_decoding: int = 512
+    # A prompt chunk never ends inside an image (Gemma 3: an image's tokens attend to each other
+    # both ways, so its last token's keys must be computed in the same step as its first query).
+    whole_images: bool = False
 
     def __post_init__(self) -> None:
         if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2
@@ -78,6 +82,11 @@ class Scheduler:
         why = fit_error(seq.num_tokens, 1, self.config.max_model_len, bm.num_blocks * bm.block_size)
         if why is not None:
             raise ValueError(why)
+        budget = self.config.max_num_batched_tokens
+        if self.config.whole_images and seq.mm is not None and any(i.num_tokens > budget for i in seq.mm.images):
+            most = max(i.num_tokens for i in seq.mm.images)
+            raise ValueError(f"an image of {most} tokens does not fit one step of --max-num-batched-tokens {budget}: "
+                             "this model computes each image's tokens in one step; raise it")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)
@@ -112,6 +121,10 @@ class Scheduler:
                 continue
             num_new = self._num_new_running(seq, min(budget, prefill_budget) if prefilling else budget)
             num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens, num_new)
+            num_new = self._cap_at_image(seq, seq.num_computed_tokens, num_new)
+            if num_new == 0:  # its next image does not fit what is left of this step's budget
+                i += 1
+                continue
             while not self.block_manager.allocate_slots(seq, num_new):
                 if seq.spec_token_ids:  # its draft tokens give way before any sequence does
                     num_new -= len(seq.spec_token_ids)
@@ -162,6 +175,18 @@ class Scheduler:
             return num_new
         return snaps.cap(seq, start, num_new)
 
+    def _cap_at_image(self, seq: Sequence, start: int, num_new: int) -> int:
+        """With whole_images: a chunk from `start` that would end inside an image stops before it, or
+        computes nothing this step when it starts at (or in) that image. A chunk may start inside
+        one: the image's first tokens came from the prefix cache, computed whole by another prompt."""
+        if not self.config.whole_images or seq.mm is None:
+            return num_new
+        end = start + num_new
+        for img in seq.mm.images:
+            if img.offset < end < img.offset + img.num_tokens:
+                return max(img.offset - start, 0)
+        return num_new
+
     @staticmethod
     def _decodes_first(batch: ScheduledBatch) -> ScheduledBatch:
         """Put single-token sequences first: attention runs them through its decode kernel."""
@@ -197,7 +222,10 @@ class Scheduler:
             wants_all = seq.params.prompt_logprobs is not None
             cached = bm.find_cached_blocks(seq) if not seq.block_table and not wants_all else []
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
-            num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens + len(cached) * bm.block_size, num_new)
+            start = seq.num_computed_tokens + len(cached) * bm.block_size
+            num_new = self._cap_at_image(seq, start, self._cap_at_snapshot(seq, start, num_new))
+            if num_new == 0:  # its first image does not fit what is left of this step's budget
+                break
             if not bm.allocate_slots(seq, num_new, cached):
                 if not self.running and not batch.seqs:
                     # Alone and still too big for the whole cache: it can never run.
