@@ -1,7 +1,8 @@
 """Images to engine inputs for an image-text model, as its Hugging Face processor does it: the
 image processor of the model's folder (preprocessor_config.json) resizes and patches each image,
 and each image's one placeholder token in the rendered prompt becomes as many tokens as the encoder
-gives it embeddings. Used by the HTTP API and the offline LLM alike."""
+gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py). Used by the
+HTTP API and the offline LLM alike."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 from server.engine.mm_inputs import ImageInput, MultiModalInputs
 from server.models.families import VISION_ARCHITECTURES
+
+GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,10 @@ class VisionProcessor:
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         archs = cfg.get("architectures") or []
+        if archs and archs[0] == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
+            from server.vision_gemma3 import Gemma3VisionProcessor
+
+            return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits or ImageLimits())
         if not archs or archs[0] not in VISION_ARCHITECTURES:
             return None
         if not (folder / "preprocessor_config.json").is_file():

@@ -100,7 +100,7 @@ class ModelRunner:
         # Adapters' own embed_tokens / lm_head / norms (modules_to_save), on the device while in a slot
         self.slot_modules = SlotModuleTable(model, dtype, device)
         self.sampler = Sampler(device)
-        # Image-text models: the vision encoder's cache and each step's M-RoPE positions
+        # Image-text models: the vision encoder's cache, each step's M-RoPE positions or key ends
         self.vision = VisionInputs(model, device) if getattr(model, "is_vision", False) else None  # type: ignore[arg-type]
         # Speculative decoding with a draft model: the draft's distribution q over each proposed
         # token of a sampled request, by request id (spec_decode/draft.py fills it every step).
@@ -223,6 +223,8 @@ class ModelRunner:
         meta = StepMetadata(self._attn_metadata(batch, slots, seq_lens, query_start_loc))
         if self.vision is not None:
             meta.vision = self.vision.step(batch.seqs, starts, batch.num_new_tokens)
+            if meta.vision is not None:  # Gemma 3: an image's tokens attend to each other both ways
+                meta.attn.key_ends = meta.vision.key_ends
         if self.model.config.has_state:  # a sequence at its first token starts from an empty state
             state_slots = [seq.state_slot for seq in batch.seqs]
             assert None not in state_slots, "a sequence of a model with recurrent layers runs without a state slot"

@@ -1,5 +1,6 @@
 """What an image-text model's forward pass needs beyond token ids, built per step: M-RoPE's three
-position rows for every token, and the image embeddings of the placeholder tokens the step computes.
+position rows for every token (Qwen2.5-VL), each token's key end where an image's tokens attend to
+each other both ways (Gemma 3), and the image embeddings of the placeholder tokens the step computes.
 Embeddings come from an LRU cache keyed by image content hash; only missing images are encoded (all
 of a step's at once), so a repeated image, or a prompt chunked over several steps, is encoded once."""
 
@@ -23,9 +24,12 @@ ENCODER_CACHE_BYTES = 512 * 2**20  # image embeddings kept for reuse (about 50 1
 
 @dataclass(slots=True)
 class VisionStep:
-    positions: torch.Tensor  # [3, T] M-RoPE rows (temporal, height, width) of the step's tokens
+    positions: torch.Tensor | None  # [3, T] M-RoPE rows (temporal, height, width); None: one per token
     rows: torch.Tensor | None  # flat-batch rows of the image placeholder tokens computed this step
     embeds: torch.Tensor | None  # their embeddings [len(rows), hidden], in the same order
+    # [T] int32: where a token's visible keys end (its image's end, 0 outside images: causal), for
+    # models whose image tokens attend both ways; None otherwise or with no image token this step.
+    key_ends: torch.Tensor | None = None
 
 
 def mrope_positions(num_prompt_tokens: int, images: tuple[ImageInput, ...], merge: int) -> tuple[torch.Tensor, int]:
@@ -54,6 +58,8 @@ class VisionInputs:
 
     def __init__(self, model: VisionCausalLM, device: torch.device, cache_bytes: int = ENCODER_CACHE_BYTES) -> None:
         self.model = model
+        self.mrope = getattr(model, "uses_mrope", True)
+        self.bidirectional = getattr(model, "bidirectional_images", False)
         self.device = device
         self.cache_bytes = cache_bytes
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # content hash -> embeddings, LRU first
@@ -71,19 +77,32 @@ class VisionInputs:
         spans: list[tuple[ImageInput, int, int, int]] = []  # image, its rows [a, b), first flat-batch row
         flat = 0
         for seq, start, n in zip(seqs, starts, counts, strict=True):
-            rows.append(self._seq_positions(seq, start, start + n))
+            if self.mrope:
+                rows.append(self._seq_positions(seq, start, start + n))
             for img in seq.mm.images if seq.mm is not None else ():
                 lo, hi = max(start, img.offset), min(start + n, img.offset + img.num_tokens)
                 if lo < hi:
                     spans.append((img, lo - img.offset, hi - img.offset, flat + lo - start))
             flat += n
-        positions = torch.cat(rows, dim=1).to(self.device)
+        positions = torch.cat(rows, dim=1).to(self.device) if self.mrope else None
         if not spans:
             return VisionStep(positions, None, None)
         embeds = self._embeddings([img for img, _, _, _ in spans])
         parts = torch.cat([embeds[img.content_hash][a:b] for img, a, b, _ in spans])
         index = torch.cat([torch.arange(row, row + b - a) for _, a, b, row in spans]).to(self.device)
-        return VisionStep(positions, index, parts)
+        key_ends = self._key_ends(spans, flat) if self.bidirectional else None
+        return VisionStep(positions, index, parts, key_ends)
+
+    def _key_ends(self, spans: list[tuple[ImageInput, int, int, int]], num_tokens: int) -> torch.Tensor:
+        """Each token of an image sees up to its image's last token; the scheduler never ends a chunk
+        inside an image, so those keys are computed by this step at the latest."""
+        ends = torch.zeros(num_tokens, dtype=torch.int32)
+        for img, a, b, row in spans:
+            if b != img.num_tokens:
+                raise ValueError(f"a prefill chunk ends inside an image (its tokens {a}..{b} of {img.num_tokens}), "
+                                 "whose tokens attend to each other both ways")
+            ends[row : row + b - a] = img.offset + img.num_tokens
+        return ends.to(self.device)
 
     def _seq_positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         if seq.mm is None:

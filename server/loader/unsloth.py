@@ -79,7 +79,8 @@ def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device
     with startup_phase("adopt the weights into the engine's layers (NF4 bytes shared, projections fused)",
                        "convert"):
         model = build_model(cfg, _recorded(named, adopted), dtype, device)
-        check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts)
+        check_all_tensors_read(folder, adopted, cfg.multimodal, cfg.num_experts,
+                               cfg.vision_config is not None)
         del hf_model
         gc.collect()
         if device.type == "cuda":
@@ -124,19 +125,27 @@ def disk_tensor_names(folder: Path) -> dict[str, str]:
     return names
 
 
-def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = False, num_experts: int = 0) -> None:
+def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = False, num_experts: int = 0,
+                           vision_served: bool = False) -> None:
     """Stop the load when a tensor on disk did not reach our model: transformers drops checkpoint
     keys its model class does not expect (with a warning at most), and serving without them would
     not be the model that was trained. `multimodal`: an image-text checkpoint whose text model is
     served; names compare as the text model's (disk and transformers may use different layouts),
     and the vision tower's tensors are counted in the log, not loaded. `num_experts`: expert weights
-    compare per expert, whether stored one by one or as 3-D tensors of every expert."""
+    compare per expert, whether stored one by one or as 3-D tensors of every expert. `vision_served`:
+    the vision tower and projector are served too (Gemma 3 with images), so theirs must be read."""
+    from server.models.gemma_vision import vision_module_name
+
     read = {n for name in adopted for n in expert_weight_names(text_model_name(name, multimodal) or name, num_experts)}
+    read_vision = {vision_module_name(name) for name in adopted} if vision_served else set()
     unread: dict[str, str] = {}
     vision = 0
     for key, file in disk_tensor_names(folder).items():
         name = text_model_name(key, multimodal)
-        if name is None:
+        if name is None and vision_served:
+            if vision_module_name(key) not in read_vision:
+                unread[key] = file
+        elif name is None:
             vision += 1
         elif not expert_weight_names(name, num_experts) <= read and not key.endswith(_RECOMPUTED):
             unread[key] = file

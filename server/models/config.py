@@ -25,7 +25,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",  # its text model; the vision tower is not loaded
+    "Gemma3ForConditionalGeneration": "gemma3",  # with a vision_config: images too (server/models/gemma_vision.py)
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini: fused q|k|v and gate|up on disk
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
@@ -84,6 +84,11 @@ class ModelConfig:
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
     multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration, Qwen3.5's)
+    # Gemma 3 with images: the SigLIP tower's config.json object (None: text only), the image soft
+    # token that the processor repeats per image, and how many of them one image becomes.
+    vision_config: dict[str, Any] | None = None
+    image_token_id: int | None = None
+    mm_tokens_per_image: int = 0
     # Mixture of experts (server/models/moe_config.py); num_experts 0: a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0

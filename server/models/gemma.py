@@ -180,9 +180,18 @@ class GemmaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:
         """Final hidden states. `adapters`: the step's adapters with their own embed_tokens / norms."""
+        return self.forward_embeds(self.embed(input_ids, adapters), positions, meta, kv_caches, adapters)
+
+    def embed(self, input_ids: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
+        """The tokens' embeddings, scaled by sqrt(hidden)."""
         table = self.model.embed_tokens
         h = table(input_ids) if adapters is None else adapters.embed(table, input_ids)
-        h = h * self.embed_scale(table.weight.dtype)
+        return h * self.embed_scale(table.weight.dtype)
+
+    def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       adapters: AdapterStep | None = None) -> torch.Tensor:
+        """Final hidden states from the first layer's input (image-text models splice theirs in)."""
         residual: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
         ropes = (rope, (self.local_rope_cos, self.local_rope_sin) if hasattr(self, "local_rope_cos") else rope)

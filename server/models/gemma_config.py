@@ -87,7 +87,26 @@ def gemma_fields(cfg: dict[str, Any], family: str, arch: str) -> dict[str, Any]:
         local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
         multimodal=multimodal,
+        **_vision_fields(cfg, multimodal),
     )
+
+
+def _vision_fields(cfg: dict[str, Any], multimodal: bool) -> dict[str, Any]:
+    """Gemma 3's image-text checkpoints: the vision tower's config and the image token's facts, with
+    transformers' Gemma3Config defaults for what config.json leaves out."""
+    vision = cfg.get("vision_config") if multimodal else None
+    if vision is None:
+        return {}
+    if not isinstance(vision, dict):
+        raise _fail("vision_config", f"expected the SigLIP vision tower's config as an object, got {vision!r:.80}")
+    tokens = int(cfg.get("mm_tokens_per_image") or 256)
+    image_size, patch_size = int(vision.get("image_size", 224)), int(vision.get("patch_size", 16))
+    patches, side = image_size // patch_size, round(tokens**0.5)
+    if side * side != tokens or side < 1 or patches % side:
+        raise _fail("mm_tokens_per_image", f"{tokens} is not a square whose side divides the vision tower's "
+                    f"{patches}x{patches} patches (image_size {image_size} / patch_size {patch_size})")
+    image_token = cfg.get("image_token_id", cfg.get("image_token_index", 262_144))
+    return dict(vision_config=dict(vision), image_token_id=int(image_token), mm_tokens_per_image=tokens)
 
 
 def _layer_types(t: dict[str, Any], family: str, num_layers: int) -> list[str]:

@@ -56,7 +56,8 @@ class VisionCausalLM(GenericCausalLM):
                 extra = dict(visual_pos_masks=mask, deepstack_visual_embeds=[
                     images[order, h * (i + 1) : h * (i + 2)] for i in range(self.num_deepstack)])
         # Text-only tokens have the same position in all three rows.
-        rows = vision.positions if vision is not None else positions.unsqueeze(0).expand(3, -1)
+        rows = vision.positions if vision is not None and vision.positions is not None else (
+            positions.unsqueeze(0).expand(3, -1))
         step = self.step
         step.meta, step.kv_caches = meta, kv_caches
         step.layers_called.clear()

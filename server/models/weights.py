@@ -17,6 +17,7 @@ from server.models.config import ModelConfig
 from server.models.falcon_h1 import FalconH1ForCausalLM
 from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
+from server.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
 from server.models.glm import Glm4ForCausalLM
 from server.models.gpt_oss import GptOssForCausalLM
 from server.models.granite_hybrid import GraniteMoeHybridForCausalLM
@@ -102,7 +103,8 @@ def load_weights(
     for disk_name, value in named:
         hf_name = text_model_name(disk_name, model.config.multimodal)
         if hf_name is None:
-            vision.append(disk_name)
+            if not _load_vision(model, disk_name, value, dtype, device, loaded, densified):
+                vision.append(disk_name)
             continue
         if hf_name == "lm_head.weight" and model.lm_head is None:
             continue  # tied: the embedding serves as lm_head
@@ -149,6 +151,27 @@ def load_weights(
     if densified:
         logger.info("%d 4-bit weights are served dequantized to 16-bit (exactly bitsandbytes' values): %s%s",
                     len(densified), ", ".join(densified[:4]), " ..." if len(densified) > 4 else "")
+
+
+def _load_vision(model: CausalLM, disk_name: str, value: torch.Tensor | NF4Weight, dtype: torch.dtype,
+                 device: torch.device, loaded: set[tuple[str, int | None]], densified: list[str]) -> bool:
+    """A tensor of an image-text model's vision tower or projector into ours (16-bit: a 4-bit one is
+    dequantized); False when the model serves text only."""
+    name = vision_module_name(disk_name) if isinstance(model, GemmaVisionForCausalLM) else None
+    if name is None:
+        return False
+    if not isinstance(value, torch.Tensor):
+        value = _dense_from_4bit(name, value, densified)
+    module_name, _, pname = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or pname not in module._parameters:
+        raise ValueError(f"checkpoint has {disk_name!r}, which this model's vision tower and projector lack")
+    _load_dense(module, pname, None, value, dtype, device, disk_name)
+    loaded.add((name, None))
+    return True
 
 
 def _adopt_in_4bit(module: torch.nn.Module, pname: str, w: NF4Weight) -> bool:
@@ -216,7 +239,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
     model: CausalLM
     with torch.device("meta"):
         if cfg.family in GEMMA_FAMILIES:
-            model = GemmaForCausalLM(cfg)
+            model = GemmaVisionForCausalLM(cfg) if cfg.vision_config is not None else GemmaForCausalLM(cfg)
         elif cfg.family == "gpt_oss":
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "glm4":

@@ -22,6 +22,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.loader import DEMO_MODEL
 from server.models.config import ModelConfig
+from server.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
 
 VOCAB = 4096  # the demo tokenizer's, so that the folders can be served over HTTP too
 TEXT = dict(
@@ -160,10 +161,13 @@ def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest
         assert got[i][1] == pytest.approx(logprobs, abs=1e-4), f"{family} prompt {i}"
     assert engine.block_manager.num_free_blocks == 64
     if family in ("gemma3-multimodal", "gemma3-new-key-layout"):
-        # every vision tensor on disk is named in the log's count, none silently dropped
-        on_disk = [k for k in load_file(str(folder / "model.safetensors")) if "language_model" not in k
-                   and not k.startswith("lm_head")]
-        assert any(f"{len(on_disk)} tensors of the vision tower" in r.getMessage() for r in caplog.records)
+        # with a vision_config, the vision tower and projector are served too: every tensor of theirs loaded
+        model = engine.loaded.model
+        assert isinstance(model, GemmaVisionForCausalLM)
+        on_disk = {vision_module_name(k): v for k, v in load_file(str(folder / "model.safetensors")).items()
+                   if vision_module_name(k) is not None}
+        ours = {n: p for n, p in model.named_parameters() if n.startswith(("vision_tower.", "multi_modal_projector."))}
+        assert ours.keys() == on_disk.keys() and all(torch.equal(ours[n], on_disk[n]) for n in ours)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,132 @@
+"""Gemma 3 with images through the offline LLM: a tiny random Gemma3ForConditionalGeneration gives
+transformers' greedy tokens (its processor's prompt ids, its bidirectional attention among an image's
+tokens) for prompts with one and two images and for text only, in one batch, whether the prefill is
+chunked around the images or runs in one pass; different images give different outputs, a repeated
+one is served from the encoder and prefix caches; LoRA on the language layers (FastVisionModel's
+get_peft_model) per request equals PEFT, one on the vision tower is refused."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gemma3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_gemma3_vl, reference
+from peft import LoraConfig, PeftModel, get_peft_model
+from vision_models import random_image
+
+from server.engine.sampling_params import SamplingParams
+from server.llm import LLM
+from server.loader.adapter_config import AdapterError
+from server.models.gemma_vision import GemmaVisionForCausalLM
+
+LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return make_gemma3_vl(tmp_path_factory.mktemp("gemma3_vl") / "model")
+
+
+@pytest.fixture(scope="module")
+def served(folder: tuple[Path, Any]) -> tuple[LLM, Any]:
+    # 24 tokens a step: a prompt is chunked, each chunk stopping before an image (16 tokens) it cannot hold
+    llm = LLM(folder[0], load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=24, max_loras=2, max_lora_rank=8)
+    return llm, folder[1]
+
+
+def prompts(llm: LLM) -> list[Any]:
+    tok = llm.tokenizer
+    return [
+        {"prompt": chat_text(tok, 2, "Compare the two pictures."), "images": [random_image(1), random_image(2, 17, 33)]},
+        chat_text(tok, 0, "No picture here."),
+        {"prompt": chat_text(tok, 1, "What is this?"), "images": [random_image(3, 32, 32)]},
+    ]
+
+
+def test_images_give_transformers_greedy_tokens_chunked_or_not(served: tuple[LLM, Any], folder: tuple[Path, Any]) -> None:
+    llm, hf = served
+    assert isinstance(llm.engine.loaded.model, GemmaVisionForCausalLM)
+    batch = prompts(llm)
+    outs = llm.generate(batch, GREEDY)
+    ids, mm = llm.encode_prompt(batch[0])
+    assert ids == reference(llm.tokenizer, batch[0]["prompt"], batch[0]["images"])["input_ids"][0].tolist()
+    assert mm is not None and [img.num_tokens for img in mm.images] == [16, 16]
+    expected = [hf_greedy(hf, llm.tokenizer, p["prompt"], p["images"]) if isinstance(p, dict)
+                else hf_greedy(hf, llm.tokenizer, p, []) for p in batch]
+    assert [o.token_ids for o in outs] == expected
+    whole = LLM(folder[0], load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+                max_num_batched_tokens=512)  # every prompt in one pass
+    assert [o.token_ids for o in whole.generate(batch, GREEDY)] == expected
+
+
+def test_image_tokens_attend_both_ways(served: tuple[LLM, Any]) -> None:
+    """Causal attention over the image tokens (key ends left out) gives other tokens than transformers'."""
+    llm, hf = served
+    small = LLM(llm.engine.loaded.folder, load_format="safetensors", dtype="float32", num_kv_blocks=96,
+                block_size=8, enable_prefix_caching=False)
+    vision = small.engine.runner.vision
+    assert vision is not None
+    batch = [{"prompt": chat_text(llm.tokenizer, 1, "What is it?"), "images": [random_image(s)]} for s in (40, 41)]
+    vision.bidirectional = False
+    causal = small.generate(batch, GREEDY)
+    expected = [hf_greedy(hf, llm.tokenizer, p["prompt"], p["images"]) for p in batch]
+    assert [o.token_ids for o in causal] != expected
+
+
+def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    vision = llm.engine.runner.vision
+    assert vision is not None
+    text = chat_text(llm.tokenizer, 1, "Describe the colours in this image, please, in some detail.")
+    first = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    encoded = vision.num_encoded
+    other = llm.generate({"prompt": text, "images": [random_image(11)]}, GREEDY)[0]
+    assert other.prompt_token_ids == first.prompt_token_ids and other.token_ids != first.token_ids
+    offset = llm.encode_prompt({"prompt": text, "images": [random_image(11)]})[1].images[0].offset  # type: ignore[union-attr]
+    assert other.num_cached_tokens <= offset  # nothing of the other image's blocks reused
+    assert vision.num_encoded == encoded + 1
+    again = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    assert again.token_ids == first.token_ids
+    assert again.num_cached_tokens > offset and vision.num_encoded == encoded + 1
+
+
+def write_adapter(hf: Any, folder: Path, target: str) -> Path:
+    torch.manual_seed(3)
+    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=target))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    llm, hf = served
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "tuned", LANGUAGE_LAYERS)
+    llm.adapters.register("tuned", str(adapter))
+    images = [random_image(5)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    tuned, plain = llm.generate([{"prompt": text, "images": images}] * 2, GREEDY, adapter=["tuned", None])
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    assert tuned.token_ids == hf_greedy(peft, llm.tokenizer, text, images)
+    assert plain.token_ids == hf_greedy(hf, llm.tokenizer, text, images) != tuned.token_ids
+    vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*vision_tower.*\.(q_proj|k_proj|v_proj)")
+    with pytest.raises(AdapterError, match="vision encoder"):
+        llm.adapters.register("vision", str(vision))
+
+
+def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        llm.generate({"prompt": text, "images": [random_image(1), random_image(2)]}, GREEDY)
+    small = LLM(llm.engine.loaded.folder, load_format="safetensors", dtype="float32", num_kv_blocks=32, block_size=8,
+                max_num_batched_tokens=12)
+    with pytest.raises(ValueError, match="image of 16 tokens does not fit one step"):
+        small.generate({"prompt": text, "images": [random_image(1)]}, GREEDY)
