@@ -7,6 +7,7 @@
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses);
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh roofline  # issue 23: engine alone, ready time, HTTP c1/c64/8 adapters, TTFT 64/512/3000, 16 x 3,000-token prompts
+#   bash bench/gpu_record.sh vision    # issue 21: Qwen2.5-VL-7B shape, TTFT with a 1024x1024 image, tok/s at 1/8/32, vs Unsloth FastVisionModel
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh startup   # the 8B server's ready time with 8 adapters: empty compile cache, then warm,
 #                                      # then warm with --load-format safetensors (no Unsloth)
@@ -178,6 +179,15 @@ roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/
     serve long16 16 48 3000 128
     save
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    ;;
+vision)  # issue 21: a real-shape random Qwen2.5-VL-7B, ours (4-bit through Unsloth) against Unsloth's
+    # FastVisionModel: TTFT with one 1024x1024 image, output tok/s at 1 / 8 / 32 image requests
+    elapsed "vision bench"
+    timeout "${VISION_TIMEOUT:-560}" python bench/vision.py --folder /tmp/qwen-vl-7b --out "$RES/vision.md" \
+        --repeats "${VISION_REPEATS:-1}" --new-tokens "${VISION_NEW_TOKENS:-64}" > "$RES/vision.log" 2>&1
+    echo "rc $?" >> "$RES/vision.log"
+    cp "$RES/vision.jsonl" "$RES/vision-rows.jsonl" 2>/dev/null
+    cat "$RES/vision.md" 2>/dev/null || tail -5 "$RES/vision.jsonl" 2>/dev/null
     ;;
 ab)  # serving variants on one machine and model, c64 / c8 / c1: the default (engine process),
     # --async-scheduling, and --engine-mode thread (the engine in the HTTP process, sharing its GIL)
