@@ -340,6 +340,8 @@ class ModelRunner:
             return None
         if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
+        if adapters and self.lora_manager is not None and self.lora_manager.has_expert_lora(adapters):
+            return None  # (models with experts have no prefill graphs; as for the decode graphs, should they)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
