@@ -241,11 +241,11 @@ def make_lfm2_moe(folder: Path) -> torch.nn.Module:
     return hf
 
 
-def test_moe_variant_greedy_matches_transformers(tmp_path: Path) -> None:
+def test_moe_variant_greedy_matches_transformers(tmp_path: Path, device: str = "cpu") -> None:
     """Lfm2MoeForCausalLM through chunked prefill and continuous batching: transformers' tokens."""
     hf = make_lfm2_moe(tmp_path)
     engine = LLMEngine(Config(model=str(tmp_path), load_format="safetensors", num_kv_blocks=64, block_size=8,
-                              max_num_batched_tokens=9, device="cpu", dtype="float32"))
+                              max_num_batched_tokens=9, device=device, dtype="float32"))
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (3, 21, 12)]
     assert run_engine(engine, prompts, 8) == [hf_greedy(hf, p, 8) for p in prompts]
@@ -277,3 +277,10 @@ def test_moe_router_bias_picks_but_does_not_weigh() -> None:
     ids, weights = route_sigmoid(x, router.weight, bias, 2, False, 1.0)
     assert (ids[:, 0] == 4).all()
     assert torch.allclose(weights[:, 0], (x @ router.weight.t()).sigmoid()[:, 4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_variant_on_cuda_matches_transformers(tmp_path: Path) -> None:
+    """The same on CUDA in float32: the grouped Triton experts behind the sigmoid router, decode in graphs."""
+    test_moe_variant_greedy_matches_transformers(tmp_path, device="cuda")
