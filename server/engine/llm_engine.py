@@ -278,8 +278,9 @@ class LLMEngine:
                 self._first_adapter_loaded(adapter_id, weights)
 
     def _first_adapter_loaded(self, adapter_id: int, weights: LoRAWeights) -> None:
-        # Decode graphs that include the LoRA kernels.
-        with startup_phase("capture CUDA graphs with the LoRA kernels", "graphs", log=self.runner.graphs is not None):
+        # Decode (and prompt) graphs that include the LoRA kernels.
+        captures = self.runner.graphs is not None or self.runner.prefill_graphs is not None
+        with startup_phase("capture CUDA graphs with the LoRA kernels", "graphs", log=captures):
             self.runner.capture_graphs()
         # The eager steps' LoRA kernels, compiled now rather than during the first requests (on
         # the H200, steps of over 1 s under load with adapters); only while nothing else runs.
