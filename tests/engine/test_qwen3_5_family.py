@@ -75,6 +75,24 @@ def test_prefix_cache_hit_restores_the_state(qwen: tuple) -> None:
     check_prefix_hits(qwen[0], qwen[3], VOCAB, budget=512)
 
 
+def test_chunked_prefill_leaves_the_state_of_one_pass(qwen: tuple) -> None:
+    """A 150-token prompt prefilled in one step (chunked form: 64 + 64 + 22), in 100 + 50 and in
+    pieces of 40 (token by token) leaves the same convolution and recurrent states in its slot."""
+    folder = qwen[0]
+    prompt = torch.randint(3, VOCAB, (150,), generator=torch.Generator().manual_seed(7)).tolist()
+    states = []
+    for budget in (512, 100, 40):
+        engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                                  max_num_batched_tokens=budget, max_num_seqs=1, device="cpu", dtype="float32",
+                                  max_model_len=256, enable_prefix_caching=False))
+        run_engine(engine, [prompt], 1)  # one token: sampled from the prefill, no decode step after it
+        states.append([t[0].clone() for t in engine.runner.model.state_tensors()])  # slot 0: the only one
+    for other in states[1:]:
+        for ours, theirs in zip(states[0], other, strict=True):
+            torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert any(t.abs().sum() > 0 for t in states[0])
+
+
 def test_system_prompt_snapshot_on_the_first_request(qwen: tuple) -> None:
     check_system_prompt_hit(qwen[0], qwen[3], VOCAB, budget=512)
 
