@@ -21,7 +21,8 @@ from server.vision_processor import VisionProcessor, image_limits, open_image
 
 class ImagePrompt(TypedDict):
     """A prompt with images (image-text models): text or token ids holding one image placeholder
-    (Qwen2.5-VL: <|image_pad|>) per image, in order; images as PIL images or encoded bytes."""
+    (Qwen2.5-VL: <|image_pad|>; Gemma 3: <start_of_image>) per image, in order; images as PIL images
+    or encoded bytes."""
 
     prompt: NotRequired[str]
     prompt_token_ids: NotRequired[list[int]]

@@ -130,3 +130,35 @@ def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
                 max_num_batched_tokens=12)
     with pytest.raises(ValueError, match="image of 16 tokens does not fit one step"):
         small.generate({"prompt": text, "images": [random_image(1)]}, GREEDY)
+
+
+def test_prefix_cache_hit_ending_inside_an_image(served: tuple[LLM, Any]) -> None:
+    """Two questions about one image: the second prompt's cached blocks end inside the image (16-token
+    blocks, the image at tokens 5-20), so its first step starts there, its image tokens seeing the
+    cached ones and each other; transformers' tokens all the same."""
+    llm, hf = served
+    small = LLM(llm.engine.loaded.folder, load_format="safetensors", dtype="float32", num_kv_blocks=32,
+                block_size=16, max_num_batched_tokens=64)
+    image = [random_image(50)]
+    for question in ("What is it?", "Which colours are in it?"):
+        text = chat_text(llm.tokenizer, 1, question)
+        out = small.generate({"prompt": text, "images": image}, GREEDY)[0]
+        assert out.token_ids == hf_greedy(hf, llm.tokenizer, text, image)
+    mm = small.encode_prompt({"prompt": text, "images": image})[1]
+    assert mm is not None and mm.images[0].offset < 16 < mm.images[0].offset + 16
+    assert out.num_cached_tokens == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_on_the_triton_kernels_equals_transformers(folder: tuple[Path, Any]) -> None:
+    """The same prompts on CUDA: Triton prefill attention with key ends, the decode steps replayed
+    from CUDA graphs; transformers' tokens (its model on the CPU)."""
+    llm = LLM(folder[0], load_format="safetensors", dtype="float32", device="cuda", num_kv_blocks=64, block_size=16,
+              max_num_batched_tokens=24)
+    assert llm.engine.runner.graphs is not None
+    batch = prompts(llm)
+    outs = llm.generate(batch, GREEDY)
+    expected = [hf_greedy(folder[1], llm.tokenizer, p["prompt"], p["images"]) if isinstance(p, dict)
+                else hf_greedy(folder[1], llm.tokenizer, p, []) for p in batch]
+    assert [o.token_ids for o in outs] == expected
