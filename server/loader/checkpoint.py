@@ -15,6 +15,7 @@ from server.loader.adapter_modules import merge_adapter_modules
 from server.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
 from server.loader.nf4_disk import is_bnb_4bit
 from server.loader.peft import check_fits, load_lora
+from server.loader.vision_lora import merge_vision_lora
 from server.models.expert_lora import merge_expert_update
 from server.models.families import route_of
 from server.models.moe import expert_modules
@@ -114,6 +115,7 @@ def merge_adapter(model: CausalLM, adapter: Path, max_rank: int, dtype: torch.dt
     """W += scale * B @ A in 16-bit for every projection the adapter targets. A 4-bit layer becomes
     dense (its NF4 bytes are dequantized first), which costs memory: logged."""
     weights = load_lora(adapter.name, adapter, max_rank)
+    vision = merge_vision_lora(model, weights, dtype)  # Gemma 3's vision tower: 16-bit, merged here
     layers = model.lora_layers()
     experts = expert_modules(model)
     check_fits(weights, layers, experts)  # every part checked before the first layer changes
@@ -133,5 +135,6 @@ def merge_adapter(model: CausalLM, adapter: Path, max_rank: int, dtype: torch.dt
             added += dense.numel() * dense.new_empty((), dtype=dtype).element_size()
     if weights.modules is not None:  # its own embed_tokens / lm_head / norms replace the base's
         merge_adapter_modules(adapter.name, weights.modules, model, dtype)
-    logger.warning("merged adapter %s into the base; layers made dense cost %.1f MiB more than 4-bit "
-                   "(re-quantizing would change outputs, so they stay 16-bit)", adapter, added / 2**20)
+    logger.warning("merged adapter %s into the base (%d vision tower layers among them); layers made dense cost "
+                   "%.1f MiB more than 4-bit (re-quantizing would change outputs, so they stay 16-bit)", adapter, vision,
+                   added / 2**20)

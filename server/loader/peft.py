@@ -185,7 +185,8 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear],
         layer = layers.get(module)
         if layer is None and any(part in _VISION_MODULES for part in module.split(".")):
             raise AdapterError(f"adapter {weights.name!r} trains the vision encoder ({module}): LoRA on vision layers "
-                               f"is not served yet (on the language layers it is); merge it into the base and serve that")
+                               f"is not hot-swapped per request (on the language layers it is); serve it merged (--merge-lora "
+                               f"merges a Gemma 3 vision tower's at load), or merge it into the base and serve that")
         if layer is None and ".experts." in f"{module}.":
             raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}) in a layout sloth-serve "
                                f"does not read; merge it into the base and serve that")

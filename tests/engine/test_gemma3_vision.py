@@ -121,6 +121,27 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
         llm.adapters.register("vision", str(vision))
 
 
+def test_vision_lora_merged_at_load_equals_peft(folder: tuple[Path, Any], tmp_path: Path) -> None:
+    """An adapter on the language layers and the vision tower (FastVisionModel's
+    finetune_vision_layers=True), merged with --merge-lora: PEFT's tokens for the same image."""
+    path, hf = folder
+    target = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|out_proj|fc1))"
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", target)
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=64, merge_lora=str(adapter))
+    images = [random_image(6)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    expected = hf_greedy(peft, llm.tokenizer, text, images)
+    assert llm.generate({"prompt": text, "images": images}, GREEDY)[0].token_ids == expected
+    language_only = copy.deepcopy(peft)
+    with torch.no_grad():  # the vision tower's LoRA changes the answer: a merge leaving it out would fail
+        for name, p in language_only.named_parameters():
+            if "vision_tower" in name and "lora_B" in name:
+                p.zero_()
+    assert hf_greedy(language_only, llm.tokenizer, text, images) != expected
+
+
 def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
     llm, _ = served
     text = chat_text(llm.tokenizer, 1, "What is it?")
