@@ -16,6 +16,7 @@ matcher is created, advanced and dropped by the engine thread only.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -146,24 +147,47 @@ class GrammarMatchers:
         match = self.matches.get(request_id)
         return None if match is None else match.error
 
-    def fill(self, seqs: list[Sequence], compiler: GrammarCompiler | None, vocab_size: int) -> torch.Tensor | None:
-        """The batch's bitmask [B, ceil(V / 32)] on the host (rows of free sequences allow every
-        token), or None when no sequence in the batch is constrained."""
+    def fill(self, seqs: list[Sequence], compiler: GrammarCompiler | None, vocab_size: int,
+             with_drafts: bool = False) -> torch.Tensor | None:
+        """The batch's bitmask [rows, ceil(V / 32)] on the host (rows of free sequences allow every
+        token), or None when no sequence in the batch is constrained. A row per sequence; with
+        `with_drafts`, 1 + k rows per sequence with k draft tokens (speculative decoding): row j
+        holds what the grammar allows after the sequence's tokens and its first j drafts."""
+        counts = [1 + len(seq.spec_token_ids) if with_drafts else 1 for seq in seqs]
+        starts = [0, *itertools.accumulate(counts)][:-1]
         rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
         if not rows:
             return None
-        bitmask = torch.full((len(seqs), bitmask_width(vocab_size)), -1, dtype=torch.int32)
+        bitmask = torch.full((sum(counts), bitmask_width(vocab_size)), -1, dtype=torch.int32)
         pairs = [(self._advance(seqs[i], compiler), i) for i in rows]
         live = [(match.matcher, i) for match, i in pairs if match.matcher is not None and not match.failed]
-        if live:
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, live, bitmask)
+        if live and with_drafts:
+            # The library advances each matcher through its drafts and rolls it back (it stays at the
+            # sequence's tokens); it leaves the rows after a forbidden draft unwritten.
+            llguidance.torch.fill_next_token_bitmask_par_with_draft_tokens(
+                self.executor, [(m, starts[i], seqs[i].spec_token_ids) for m, i in live], bitmask)
+            for m, i in live:
+                valid = m.validate_tokens(seqs[i].spec_token_ids)
+                if valid < counts[i] - 1:  # never read (its draft is rejected): a copy, not a mask of nothing
+                    bitmask[starts[i] + valid + 1 : starts[i] + counts[i]] = bitmask[starts[i] + valid]
+        elif live:
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, [(m, starts[i]) for m, i in live], bitmask)
         for match, i in pairs:
             if match.matcher is not None and not match.failed and match.matcher.is_error():  # e.g. a parser limit
                 self._fail(seqs[i], match, "the grammar matcher failed")
             if match.failed:  # end the request: its stop tokens only
                 seq = seqs[i]
-                bitmask[i] = _only(seq.eos_token_ids | set(seq.params.stop_token_ids), bitmask.shape[1])
+                bitmask[starts[i] : starts[i] + counts[i]] = _only(seq.eos_token_ids | set(seq.params.stop_token_ids),
+                                                                   bitmask.shape[1])
         return bitmask
+
+    def num_valid_drafts(self, seq: Sequence, compiler: GrammarCompiler | None) -> int:
+        """How many of the sequence's draft tokens its grammar allows in a row after its tokens (the
+        matcher first fed the tokens it gained, as a step's mask does; it is not advanced past them)."""
+        match = self._advance(seq, compiler)
+        if match.matcher is None or match.failed:
+            return 0
+        return match.matcher.validate_tokens(seq.spec_token_ids)
 
     def _advance(self, seq: Sequence, compiler: GrammarCompiler | None) -> _Match:
         match = self.matches.get(seq.request_id)

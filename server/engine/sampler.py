@@ -95,22 +95,27 @@ class Sampler:
             out.append(gen)
         return out
 
-    def _allowed(self, seqs: list[Sequence], vocab_size: int,
-                 failures: dict[str, str] | None = None) -> torch.Tensor | None:
+    def _allowed(self, seqs: list[Sequence], vocab_size: int, failures: dict[str, str] | None = None,
+                 with_drafts: bool = False) -> torch.Tensor | None:
         """bool [B, V]: the tokens each sequence's grammar allows next; None when none is constrained.
-        Sequences whose grammar failed are added to `failures` (their rows allow their stop tokens)."""
+        Sequences whose grammar failed are added to `failures` (their rows allow their stop tokens).
+        `with_drafts`: 1 + k rows per sequence with k draft tokens, row j after its first j drafts."""
         # Logits wider than the grammar's vocabulary (an adapter's added tokens in the batch): the
         # grammar masks its own width; past it constrained rows allow nothing, free rows everything.
         grammar_vocab = min(vocab_size, self.grammar.vocab_size) if self.grammar is not None else vocab_size
-        bitmask = self.matchers.fill(seqs, self.grammar, grammar_vocab)
+        bitmask = self.matchers.fill(seqs, self.grammar, grammar_vocab, with_drafts)
         if bitmask is None:
             return None
+        if with_drafts:
+            seqs = [seq for seq in seqs for _ in range(1 + len(seq.spec_token_ids))]
         for seq in seqs:
             error = self.matchers.error(seq.request_id) if seq.params.structured is not None else None
             if error is not None and failures is not None:
                 failures[seq.request_id] = error
         if self.device.type == "cuda":
-            bitmask = self._to_device(bitmask)
+            # A verify step's rows are masked after the plain rows of the same step, whose copy may
+            # still read the pinned buffer: they are copied from pageable memory instead.
+            bitmask = bitmask.to(self.device) if with_drafts else self._to_device(bitmask)
         allowed = allowed_tokens(bitmask, grammar_vocab)
         return allowed if grammar_vocab == vocab_size else self._widen(allowed, seqs, vocab_size)
 

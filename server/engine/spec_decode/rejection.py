@@ -9,9 +9,14 @@ target's distribution after temperature / top-k / top-p / min-p and q the draft'
 proposals); the first rejected row draws from norm(max(0, p - q)), and a step whose drafts are all
 accepted draws a bonus token from the last row's p. Each emitted token is then distributed as p.
 
-Requests with grammars, penalties or a pending min_tokens do not speculate (their logits depend on
-the tokens before each row, which the draft tokens would change; see proposer.py): the rows verified
-here get only the logit bias, as one plain row would.
+A constrained request's row j is masked by its grammar after its first j draft tokens (computed by
+advancing its matcher through them and rolling it back): the mask plain decoding would apply had it
+produced those tokens, so greedy outputs stay identical and p stays the constrained distribution. A
+draft token the grammar forbids has p = 0 there and is rejected (the proposer cuts drafts at the
+first such token, keeping it only where it was drawn from a draft model's q, whose rejection step
+the residual needs). Requests with penalties or a pending min_tokens do not speculate (their logits
+depend on the tokens before each row through more than a mask; see proposer.py): the rows verified
+here get the logit bias, as one plain row would.
 """
 
 from __future__ import annotations
@@ -67,12 +72,15 @@ def _verify(
 ) -> list[tuple[int, TokenLogprob | None]]:
     """Accept or reject the drafts of speculating sequences (their rows only, in order)."""
     rows = [seq for seq in seqs for _ in range(1 + len(seq.spec_token_ids))]
+    allowed = sampler._allowed(seqs, logits.shape[-1], failures, with_drafts=True)  # row j: after j drafts
     processed = sampler._process(logits, rows, failures)  # logit bias, as the plain sampler applies it
     generators = sampler._generators(seqs, failures)
     if failures:
         raise SequenceError(failures)
     if not seqs:
         return []
+    if allowed is not None:
+        processed = processed.masked_fill(~allowed, float("-inf"))
     device = logits.device
     drafts = torch.tensor([t for seq in seqs for t in [*seq.spec_token_ids, 0]], device=device)
     greedy_rows = torch.tensor([seq.params.is_greedy for seq in rows], device=device)
