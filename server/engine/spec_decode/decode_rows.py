@@ -17,13 +17,12 @@ def decode_rows(batch: ScheduledBatch, ahead: bool = False) -> list[tuple[Sequen
     """(sequence, position) of each row when every sequence computes one token, or its last token
     and its draft tokens; None otherwise (prompt chunks run eagerly). `ahead`: async scheduling's
     step, one row per sequence at the position after its host-side tokens."""
+    if all(n == 1 for n in batch.num_new_tokens):  # a plain decode step (nobody verifies drafts): a row each
+        return [(seq, seq.num_tokens if ahead else seq.num_computed_tokens) for seq in batch.seqs]
+    if ahead:
+        return None
     rows: list[tuple[Sequence, int]] = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-        if ahead:
-            if n != 1:
-                return None
-            rows.append((seq, seq.num_tokens))
-            continue
         if n != 1 and not (seq.spec_token_ids and n == 1 + len(seq.spec_token_ids)):
             return None
         start = seq.num_computed_tokens
