@@ -33,7 +33,7 @@ def _rounded(x, dtype: tl.constexpr):
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, num_heads, c, s, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  INTERLEAVED: tl.constexpr):
+                  INTERLEAVED: tl.constexpr, FP32: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads < num_heads)[:, None] & (cols < half)[None, :]
@@ -48,11 +48,16 @@ def _rotate_heads(x_ptr, stride_h, num_heads, c, s, half, BLOCK_H: tl.constexpr,
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
-    # Each product and sum is rounded to the activation dtype, as torch does op by op.
-    a1 = _rounded(x1 * c, dtype)
-    b1 = _rounded(x2 * s, dtype)
-    a2 = _rounded(x2 * c, dtype)
-    b2 = _rounded(x1 * s, dtype)
+    if FP32:  # products and sums in float32, rounded once on the store (Cohere)
+        a1 = x1 * c
+        b1 = x2 * s
+        a2 = x2 * c
+        b2 = x1 * s
+    else:  # each product and sum rounded to the activation dtype, as torch does op by op
+        a1 = _rounded(x1 * c, dtype)
+        b1 = _rounded(x2 * s, dtype)
+        a2 = _rounded(x2 * c, dtype)
+        b2 = _rounded(x1 * s, dtype)
     tl.store(p1, (a1 - b1).to(dtype), mask=mask)
     tl.store(p2, (a2 + b2).to(dtype), mask=mask)
 
@@ -63,6 +68,7 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
     num_q_heads, num_k_heads, half,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -72,18 +78,19 @@ def _rope_kernel(
     c = tl.load(cos_ptr + pos * stride_cos + cols, mask=col_ok, other=0.0).to(dtype).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_cos + cols, mask=col_ok, other=0.0).to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, c[None, :], s[None, :], half, BLOCK_HQ, BLOCK_HALF,
-                  INTERLEAVED)
+                  INTERLEAVED, FP32)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, c[None, :], s[None, :], half, BLOCK_HK, BLOCK_HALF,
-                  INTERLEAVED)
+                  INTERLEAVED, FP32)
 
 
 def apply_rope_triton(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    interleaved: bool = False,
+    interleaved: bool = False, fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [T, Hq, D] and k [T, Hk, D] in place (strided views allowed) and returns them. Tables
     [rows, R / 2] rotate each head's first R dims; the others (partial rotary) are left as they are.
-    `interleaved`: GPT-J's pairs (2i, 2i + 1) rather than neox's (i, R / 2 + i)."""
+    `interleaved`: GPT-J's pairs (2i, 2i + 1) rather than neox's (i, R / 2 + i); `fp32`: products and
+    sums kept in float32, rounded once (see rope.apply_rope_ref)."""
     assert q.dtype == k.dtype, f"q is {q.dtype} but k is {k.dtype}"
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "q and k need a unit stride in head_dim"
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1, "cos and sin tables must share a layout"
@@ -100,6 +107,7 @@ def apply_rope_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         num_q_heads, k.shape[1], half,
         BLOCK_HQ=block_hq, BLOCK_HK=_pow2(k.shape[1]), BLOCK_HALF=block_half, INTERLEAVED=interleaved,
+        FP32=fp32,
         num_warps=num_warps,
     )
     return q, k

@@ -191,6 +191,8 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -
             f"adapter {name!r} has a vocabulary of {embed_rows} input and {head_rows} output tokens (its own "
             f"embed_tokens / lm_head against the base's {cfg.vocab_size}); the rows it lacks were never saved. "
             f"Train with modules_to_save=['embed_tokens', 'lm_head'] after resizing, and save again")
+    from server.models.layernorm import LayerNorm
+
     names = dict(model.named_modules())
     for norm, w in modules.norms.items():
         target = names.get(norm)
@@ -198,6 +200,9 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -
         if weight is None or tuple(weight.shape) != tuple(w.shape):
             have = "no such module" if weight is None else f"shape {tuple(weight.shape)}"
             raise ValueError(f"adapter {name!r} saves {norm} of shape {tuple(w.shape)}; this model has {have}")
+        if isinstance(target, LayerNorm):  # Cohere / StableLM: per-adapter norms are RMSNorms only
+            raise ValueError(f"adapter {name!r} saves its own {norm} (a LayerNorm), which sloth-serve does not apply "
+                             f"per adapter: merge it into the base with PEFT and serve that folder")
         if norm.endswith("linear_attn.norm"):  # Qwen3.5's gated norm: only the base's is applied
             raise ValueError(f"adapter {name!r} saves its own {norm} (a Gated DeltaNet's gated norm), which sloth-serve "
                              f"does not apply per adapter: merge it into the base with PEFT and serve that folder")

@@ -10,6 +10,7 @@ from typing import Any
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.glm_config import glm_fields
 from server.models.gpt_oss_config import gpt_oss_fields
+from server.models.layernorm_config import layernorm_fields
 from server.models.lfm2_config import lfm2_fields, lfm2_moe_fields
 from server.models.mamba2_config import Mamba2Config, Multipliers, falcon_h1_fields, granite_hybrid_fields
 from server.models.moe_config import moe_fields
@@ -32,6 +33,8 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "GlmForCausalLM": "glm",  # GPT-J (interleaved) RoPE on half of each head, q/k/v biases (server/models/glm.py)
     "Glm4ForCausalLM": "glm4",  # the same with norms after attention and MLP
+    "CohereForCausalLM": "cohere",  # LayerNorm, parallel attention + MLP, logit scale (server/models/layernorm.py)
+    "StableLmForCausalLM": "stablelm",  # LayerNorm with biases, partial rotary
     "SmolLM3ForCausalLM": "smollm3",  # Llama with NoPE layers (server/models/smollm3_config.py)
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",
@@ -106,6 +109,12 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims
     rope_interleaved: bool = False  # GLM: RoPE rotates pairs of neighbouring dims (GPT-J), not halves (neox)
     post_norms: bool = False  # GLM-4: RMSNorms of the attention and MLP outputs before the residual adds
+    rope_fp32: bool = False  # Cohere: RoPE's products in float32, rounded once
+    # Cohere / StableLM (server/models/layernorm_config.py): the norms are LayerNorms ("layernorm":
+    # torch's, with a bias; "layernorm_fp32": Cohere's, in float32 without one; "rms": RMSNorm)
+    norm_kind: str = "rms"
+    parallel_residual: bool = False  # attention and MLP both read the layer's one normed input
+    logit_scale: float = 1.0  # Cohere: logits multiplied by it
     # gpt-oss (server/models/gpt_oss_config.py):
     o_bias: bool = False  # o_proj has a bias
     rope_layers: tuple[bool, ...] | None = None  # SmolLM3: which layers rotate q and k (None: every layer)
@@ -169,6 +178,8 @@ class ModelConfig:
             return cls(**gpt_oss_fields(cfg))
         if family in ("glm", "glm4"):
             return cls(**glm_fields(cfg, family))
+        if family in ("cohere", "stablelm"):
+            return cls(**layernorm_fields(cfg, family))
         if family == "smollm3":  # Llama's fields, then its NoPE layers and their windows
             llama = cls.from_dict({**cfg, "architectures": ["LlamaForCausalLM"], "use_sliding_window": False})
             return replace(llama, **smollm3_fields(cfg, llama.num_layers))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.config import SUPPORTED_ARCHITECTURES
+from server.models.layernorm_config import generic_only
 
 # Families whose layers keep state beyond a KV cache (SSM, linear attention, gated convolutions).
 RECURRENT_TYPES = frozenset({
@@ -48,7 +49,7 @@ def route_of(cfg: dict[str, Any]) -> Route:
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     arch = str(archs[0] if isinstance(archs, list) else archs)
     model_type = str(cfg.get("model_type") or "")
-    if arch in SUPPORTED_ARCHITECTURES:
+    if arch in SUPPORTED_ARCHITECTURES and generic_only(cfg, arch) is None:
         return Route("native", arch, model_type)
     if arch in VISION_ARCHITECTURES:
         return Route("vision", arch, model_type)

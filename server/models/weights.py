@@ -21,6 +21,7 @@ from server.models.gemma_vision import GemmaVisionForCausalLM, vision_module_nam
 from server.models.glm import Glm4ForCausalLM
 from server.models.gpt_oss import GptOssForCausalLM
 from server.models.granite_hybrid import GraniteMoeHybridForCausalLM
+from server.models.layernorm import LayerNormForCausalLM
 from server.models.layers import LoRALinear
 from server.models.lfm2 import Lfm2ForCausalLM
 from server.models.llama import LlamaForCausalLM
@@ -244,6 +245,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "glm4":
             model = Glm4ForCausalLM(cfg)
+        elif cfg.family in ("cohere", "stablelm"):
+            model = LayerNormForCausalLM(cfg)
         elif cfg.family in ("lfm2", "lfm2_moe"):
             model = Lfm2ForCausalLM(cfg)
         elif cfg.family in ("qwen3_5", "qwen3_5_moe"):

@@ -25,7 +25,7 @@ def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torc
 
 
 def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str, scaled: bool = False,
-              rotary_dim: int | None = None, interleaved: bool = False) -> Callable:
+              rotary_dim: int | None = None, interleaved: bool = False, fp32: bool = False) -> Callable:
     """`rotary_dim` < head_dim: partial rotary (Phi-4-mini), the tables that narrow; `interleaved`:
     GPT-J's pairs (GLM)."""
     rot = rotary_dim or head_dim
@@ -37,11 +37,11 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
         cos, sin = rope_cos_sin(rope_inv_freq(rot, 500000.0, LLAMA3 if scaled else None), 300)
         qkv, q, k = qkv_views(tokens, heads, kv_heads, head_dim, dt)
         positions = torch.randint(0, 300, (tokens,), dtype=torch.int64)
-        ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin, interleaved)
+        ref_q, ref_k = apply_rope_ref(q, k, positions, cos, sin, interleaved, fp32)
         assert torch.equal(ref_q[..., rot:], q[..., rot:]), "the reference rotated past the rotary dims"
         v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
         q_pass, k_pass = q[..., rot:].clone(), k[..., rot:].clone()
-        out_q, out_k = apply_rope_triton(q, k, positions, cos, sin, interleaved)
+        out_q, out_k = apply_rope_triton(q, k, positions, cos, sin, interleaved, fp32)
         assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
         assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before), "wrote outside q and k"
         assert torch.equal(q[..., rot:], q_pass) and torch.equal(k[..., rot:], k_pass), "rotated the pass-through dims"
@@ -60,6 +60,7 @@ CASES: dict[str, Callable] = {
     "partial_d128_r96_fp32": rope_case(4, 3, 1, 128, "fp32", rotary_dim=96),
     "interleaved_d32_r16_bf16": rope_case(6, 4, 2, 32, "bf16", rotary_dim=16, interleaved=True),  # GLM's half
     "interleaved_d64_fp32": rope_case(5, 2, 2, 64, "fp32", interleaved=True),
+    "interleaved_d64_bf16_fp32_math": rope_case(5, 4, 2, 64, "bf16", interleaved=True, fp32=True),  # Cohere
 }
 
 
@@ -118,6 +119,24 @@ def test_interleaved_rope_is_glms() -> None:
     assert torch.equal(got_q, want_q[0].transpose(0, 1)) and torch.equal(got_k, want_k[0].transpose(0, 1))
     neox_q, _ = apply_rope_ref(q, k, positions, cos, sin)
     assert not torch.allclose(neox_q, got_q)
+
+
+def test_fp32_interleaved_rope_is_coheres() -> None:
+    """In bf16 with fp32 math the reference equals transformers' Cohere rotation bit for bit (and
+    differs from rounding each product)."""
+    from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(rope_inv_freq(32, 10000.0), 50)
+    _, q, k = qkv_views(9, 4, 2, 32, torch.bfloat16)
+    positions = torch.randint(0, 50, (9,))
+    got_q, got_k = apply_rope_ref(q, k, positions, cos, sin, interleaved=True, fp32=True)
+    full_cos = cos[positions].repeat_interleave(2, -1).to(torch.bfloat16)[None]
+    full_sin = sin[positions].repeat_interleave(2, -1).to(torch.bfloat16)[None]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], full_cos, full_sin)
+    assert torch.equal(got_q, want_q[0].transpose(0, 1)) and torch.equal(got_k, want_k[0].transpose(0, 1))
+    rounded_q, _ = apply_rope_ref(q, k, positions, cos, sin, interleaved=True)
+    assert not torch.equal(rounded_q, got_q)
 
 
 if __name__ == "__main__":

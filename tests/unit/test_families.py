@@ -27,8 +27,10 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", "native"),
     ("GraniteMoeHybridForCausalLM", "granitemoehybrid", "native"),  # Mamba-2 + attention
     ("FalconH1ForCausalLM", "falcon_h1", "native"),
-    ("CohereForCausalLM", "cohere", "generic"),
-    ("StableLmForCausalLM", "stablelm", "generic"),
+    ("CohereForCausalLM", "cohere", "native"),  # LayerNorm families (server/models/layernorm.py)
+    ("StableLmForCausalLM", "stablelm", "native"),
+    ("GlmForCausalLM", "glm", "native"),
+    ("Glm4ForCausalLM", "glm4", "native"),
     ("GraniteForCausalLM", "granite", "generic"),
     ("Olmo2ForCausalLM", "olmo2", "generic"),
     ("SmolLM3ForCausalLM", "smollm3", "native"),
@@ -37,6 +39,14 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
     assert route_of(cfg(arch, model_type)).path == path
+
+
+@pytest.mark.parametrize("arch, model_type, key", [("CohereForCausalLM", "cohere", "use_qk_norm"),
+                                                   ("StableLmForCausalLM", "stablelm", "qk_layernorm")])
+def test_q_k_layernorms_take_the_generic_path(arch: str, model_type: str, key: str) -> None:
+    """What the native LayerNorm families do not build sends the model to the generic path."""
+    assert route_of(cfg(arch, model_type, **{key: True})).path == "generic"
+    assert route_of(cfg(arch, model_type, **{key: False})).path == "native"
 
 
 @pytest.mark.parametrize("config, reason", [
@@ -52,10 +62,10 @@ def test_route(arch: str, model_type: str, path: str) -> None:
     (cfg("BloomForCausalLM", "bloom"), "ALiBi"),
     (cfg("FalconForCausalLM", "falcon", alibi=True), "ALiBi"),
     (cfg("DeepseekV3ForCausalLM", "deepseek_v3", kv_lora_rank=512), "multi-head latent attention"),
-    (cfg("CohereForCausalLM", "cohere", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
+    (cfg("GraniteForCausalLM", "granite", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
     (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
     (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
-    (cfg("CohereForCausalLM", "llama"), "has no CohereForCausalLM for model_type 'llama'"),
+    (cfg("GraniteForCausalLM", "llama"), "has no GraniteForCausalLM for model_type 'llama'"),
 ])
 def test_refusal_names_the_reason(config: dict, reason: str) -> None:
     with pytest.raises(UnsupportedModel) as info:

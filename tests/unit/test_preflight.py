@@ -95,8 +95,8 @@ def test_bitsandbytes_4bit_reads_as_stored_for_native_models_only(tmp_path: Path
     folder = model_folder(tmp_path, quantization_config=quant)
     assert check_model(str(folder), "unsloth").endswith("bitsandbytes 4-bit")
     assert check_model(str(folder), "safetensors").endswith("bitsandbytes 4-bit, read from the files as stored")
-    generic = model_folder(tmp_path, "generic", quantization_config=quant, architectures=["CohereForCausalLM"],
-                           model_type="cohere")
+    generic = model_folder(tmp_path, "generic", quantization_config=quant, architectures=["GraniteForCausalLM"],
+                           model_type="granite")
     assert "--load-format safetensors" in error_of(check_model, str(generic), "safetensors")
 
 
