@@ -24,7 +24,7 @@ from server.api.output_reader import OutputPlan
 from server.api.prompts import resolve_max_tokens
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
 from server.api.responses_protocol import ResponsesRequest, as_responses_error
-from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec
+from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
 from server.api.sse import sse_response
 from server.api.state import Runtime, StateDep
 from server.api.tokenizers import ModelTokenizer
@@ -50,6 +50,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         plan = plan_tools(chat)
         images = await chat_images(runtime.vision, body.model or runtime.base_model_id, chat.messages)
         prompt_ids = await encode_tool_chat(tokens.tokenizer, chat.conversation(), plan, chat.template_kwargs())
+        system_end = 0 if images else await system_prompt_end(runtime, tokens, chat, plan, prompt_ids)
         mm = None
         if images:
             assert runtime.vision is not None
@@ -62,7 +63,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
         response_id = f"resp_{uuid.uuid4().hex}"
         reqs = choice_requests(chat, response_id, [(prompt_ids, max_tokens)], None, adapter_id, runtime.vocab_size,
                                structured, tokens.eos_token_ids)
-        reqs = [replace(r, keep_special_ids=output.keep_special_ids, mm=mm) for r in reqs]
+        reqs = [replace(r, keep_special_ids=output.keep_special_ids, mm=mm, system_prompt_end=system_end) for r in reqs]
     except APIError as exc:
         ticket.release()
         raise as_responses_error(exc) from None

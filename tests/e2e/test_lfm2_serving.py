@@ -152,3 +152,12 @@ def test_second_chat_with_a_system_prompt_hits_its_snapshot(served: tuple[LiveSe
         hits.append(prefix_hits(server) - before)
     shared = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
     assert hits[0] == 0 and hits[1] % 8 == 0 and system_len // 8 * 8 <= hits[1] <= shared, (hits, system_len, shared)
+    # The Responses API's instructions are a system prompt too: its second request hits as well.
+    instructions = "Reply as a pirate would, in under ten words, and never mention the sea."
+    hits = []
+    for question in ("Who are you?", "What time is it?"):
+        before = prefix_hits(server)
+        client.responses.create(model="lfm2", instructions=instructions, input=question, max_output_tokens=4,
+                                temperature=0)
+        hits.append(prefix_hits(server) - before)
+    assert hits[0] == 0 and hits[1] >= 8, hits
