@@ -5,122 +5,57 @@ streamed, from concurrent requests through chunked prefill, and /metrics shows t
 
 from __future__ import annotations
 
-import concurrent.futures
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import transformers
-from live_server import LiveServer, launch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from server.loader import DEMO_MODEL
+from family_serving import (
+    Servers,
+    chat_prompt,
+    check_base_and_adapter,
+    check_chat,
+    metric,
+    reference,
+    write_random_adapter,
+    write_random_model,
+)
+from live_server import LiveServer
+from transformers import AutoTokenizer
 
 MAX_TOKENS = 10
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
-def write_granite(folder: Path) -> Path:
-    """A random Granite 4 hybrid of the demo tokenizer's vocabulary, with that tokenizer beside it."""
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Path, Path]]:
+    tmp = tmp_path_factory.mktemp("granite-serving")
     cfg = transformers.GraniteMoeHybridConfig(
         vocab_size=4096, hidden_size=64, intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8,
         mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, num_local_experts=4, num_experts_per_tok=2,
         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=2.0,
         max_position_embeddings=512, initializer_range=0.1, eos_token_id=2, pad_token_id=0, bos_token_id=1)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (DEMO_MODEL / name).is_file():
-            shutil.copy(DEMO_MODEL / name, folder / name)
-    return folder
-
-
-def write_adapter(base: Path, folder: Path) -> Path:
-    torch.manual_seed(3)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                                LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
-                                           target_modules=["q_proj", "v_proj", "in_proj", "input_linear",
-                                                           "output_linear"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Path, Path]]:
-    tmp = tmp_path_factory.mktemp("granite-serving")
-    folder = write_granite(tmp / "granite")
-    adapter = write_adapter(folder, tmp / "adapter")
-    server = launch(tmp, "granite", "--model", str(folder), "--load-format", "safetensors", "--lora",
-                    f"tuned={adapter}", "--block-size", "8", "--max-num-batched-tokens", "16", "--no-warmup",
-                    "--device", "cpu", "--dtype", "float32", demo_adapter=False)
-    try:
-        for lora in (None, adapter):  # the references load while the server starts
-            reference(folder, lora, [5, 6, 7])
-        server.wait_ready()
+    folder, _ = write_random_model(cfg, tmp / "granite", generation_config=True)
+    adapter = write_random_adapter(folder, tmp / "adapter", ["q_proj", "v_proj", "in_proj", "input_linear",
+                                                             "output_linear"])
+    with Servers(tmp) as servers:
+        server = servers.launch("granite", folder, "--max-num-batched-tokens", "16", "--device", "cpu",
+                                "--dtype", "float32", loras={"tuned": adapter})
+        servers.ready(lambda: [reference(folder, lora, [5, 6, 7], MAX_TOKENS) for lora in (None, adapter)])
         yield server, folder, adapter
-    finally:
-        server.stop()
-
-
-_models: dict[tuple[Path, Path | None], torch.nn.Module] = {}
-
-
-@torch.no_grad()
-def reference(folder: Path, adapter: Path | None, prompt: list[int]) -> list[int]:
-    model = _models.get((folder, adapter))
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                     attn_implementation="eager").eval()
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        _models[(folder, adapter)] = model
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def test_concurrent_completions_equal_transformers_and_peft(served: tuple[LiveServer, Path, Path]) -> None:
     """Base and adapter requests at once, prompts longer than the 16-token budget (chunked prefill)."""
     server, folder, adapter = served
-    client = server.client()
-    tok = AutoTokenizer.from_pretrained(str(folder))
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 4096, (n,), generator=gen).tolist() for n in (6, 37, 2, 23)]
-    jobs = [(model_id, lora, p) for model_id, lora in (("granite", None), ("tuned", adapter)) for p in prompts]
-
-    def complete(job: tuple[str, Path | None, list[int]]) -> str:
-        r = client.completions.create(model=job[0], prompt=job[2], max_tokens=MAX_TOKENS, temperature=0,
-                                      extra_body={"ignore_eos": True, "skip_special_tokens": False})
-        return r.choices[0].text
-
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        texts = list(pool.map(complete, jobs))
-    for (model_id, lora, prompt), text in zip(jobs, texts, strict=True):
-        assert text == tok.decode(reference(folder, lora, prompt), skip_special_tokens=False), (model_id, len(prompt))
-    assert texts[: len(prompts)] != texts[len(prompts) :]  # the adapter changes the output
+    check_base_and_adapter(server, folder, "granite", adapter, prompts, MAX_TOKENS, at_once=True)
 
 
 def test_chat_streamed_equals_transformers_and_slots_go_back(served: tuple[LiveServer, Path, Path]) -> None:
     server, folder, _ = served
-    client = server.client()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    messages = [{"role": "user", "content": "What does json.dumps do with a tuple?"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    expected = tok.decode(reference(folder, None, list(prompt)), skip_special_tokens=True)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-        model="granite", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True}) if chunk.choices)
-    assert streamed == expected
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    line = next(ln for ln in metrics.splitlines() if ln.startswith("sloth:state_slots_in_use{"))
-    assert float(line.rsplit(" ", 1)[1]) == 0.0  # every request has ended: its slot is free
+    check_chat(server.client(), "granite", tok, reference(folder, None, chat_prompt(tok), MAX_TOKENS)[0])
+    assert metric(server, "sloth:state_slots_in_use") == 0.0  # every request has ended: its slot is free
