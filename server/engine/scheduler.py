@@ -121,7 +121,7 @@ class Scheduler:
                 continue
             num_new = self._num_new_running(seq, min(budget, prefill_budget) if prefilling else budget)
             num_new = self._cap_at_snapshot(seq, seq.num_computed_tokens, num_new)
-            num_new = self._cap_at_image(seq, seq.num_computed_tokens, num_new)
+            num_new = self._cap_at_image(seq, seq.num_computed_tokens, num_new, budget)
             if num_new == 0:  # its next image does not fit what is left of this step's budget
                 i += 1
                 continue
@@ -146,7 +146,7 @@ class Scheduler:
                 continue
             break  # `seq` itself was preempted: nothing after it is running any more
         if not preempted:
-            self._admit_waiting(batch, min(budget, prefill_budget), adapters)
+            self._admit_waiting(batch, min(budget, prefill_budget), adapters, budget)
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
@@ -175,16 +175,21 @@ class Scheduler:
             return num_new
         return snaps.cap(seq, start, num_new)
 
-    def _cap_at_image(self, seq: Sequence, start: int, num_new: int) -> int:
-        """With whole_images: a chunk from `start` that would end inside an image stops before it, or
-        computes nothing this step when it starts at (or in) that image. A chunk may start inside
-        one: the image's first tokens came from the prefix cache, computed whole by another prompt."""
+    def _cap_at_image(self, seq: Sequence, start: int, num_new: int, room: int) -> int:
+        """With whole_images: a chunk from `start` that would end inside an image stops before it;
+        one that starts at (or in) that image takes all of it when the step has `room` for it (even
+        past the prompt bound beside decodes, which could otherwise be smaller than an image and
+        hold it back for good), else computes nothing this step. A chunk may start inside an image:
+        its first tokens came from the prefix cache, computed whole by another prompt."""
         if not self.config.whole_images or seq.mm is None:
             return num_new
         end = start + num_new
         for img in seq.mm.images:
-            if img.offset < end < img.offset + img.num_tokens:
-                return max(img.offset - start, 0)
+            image_end = img.offset + img.num_tokens
+            if img.offset < end < image_end:
+                if img.offset > start:
+                    return img.offset - start
+                return image_end - start if image_end - start <= room else 0
         return num_new
 
     @staticmethod
@@ -211,7 +216,9 @@ class Scheduler:
                 return False
         return not self._needs_adapter_slot(self.waiting[0], {s.adapter_id for s in self.running})
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int]) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, adapters: set[int], room: int) -> None:
+        """`budget`: prompt tokens the step may still take; `room`: tokens at all (an image may
+        exceed the former, see _cap_at_image)."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -223,7 +230,7 @@ class Scheduler:
             cached = bm.find_cached_blocks(seq) if not seq.block_table and not wants_all else []
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
             start = seq.num_computed_tokens + len(cached) * bm.block_size
-            num_new = self._cap_at_image(seq, start, self._cap_at_snapshot(seq, start, num_new))
+            num_new = self._cap_at_image(seq, start, self._cap_at_snapshot(seq, start, num_new), room)
             if num_new == 0:  # its first image does not fit what is left of this step's budget
                 break
             if not bm.allocate_slots(seq, num_new, cached):
@@ -241,6 +248,7 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             adapters.add(seq.adapter_id)
             budget -= num_new
+            room -= num_new
 
     def _needs_adapter_slot(self, seq: Sequence, adapters: set[int]) -> bool:
         """Whether seq's adapter is not among the step's `adapters` and every LoRA slot is taken."""

@@ -63,3 +63,18 @@ def test_an_image_larger_than_a_step_is_refused() -> None:
     with pytest.raises(ValueError, match="image of 12 tokens does not fit one step of --max-num-batched-tokens 8"):
         sched.add(with_images(create_seq(20), (2, 12)))
     scheduler(8, whole_images=False).add(with_images(create_seq(20), (2, 12)))  # split across chunks there
+
+
+def test_an_image_may_pass_the_prompt_bound_beside_decodes() -> None:
+    """Beside decoding streams prompts get at most 6 tokens a step here; an image of 10 takes one
+    step of 10 (the step budget allows it) instead of waiting for the decodes to end."""
+    sched = Scheduler(SchedulerConfig(8, 64, 256, max_prefill_tokens_while_decoding=6, whole_images=True),
+                      BlockManager(64, 4, True))
+    d = create_seq(3, max_tokens=50)
+    sched.add(d)
+    run_step(sched)  # d's prompt; it decodes from now on
+    p = with_images(create_seq(20, first_token=300), (2, 10))
+    sched.add(p)
+    assert run_step(sched) == ([d, p], [1, 2])  # the text before the image
+    assert run_step(sched) == ([d, p], [1, 10])  # the whole image, past the bound of 6
+    assert run_step(sched) == ([d, p], [1, 6])  # text again: the bound holds
