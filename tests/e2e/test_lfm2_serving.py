@@ -58,6 +58,10 @@ def test_chat_streamed_equals_transformers_and_slots_go_back(served: tuple[LiveS
     assert metric(server, "sloth:state_slots_in_use") == 0.0  # every request has ended: its slot is free
 
 
+def prefix_hits(server: LiveServer) -> float:
+    return metric(server, "vllm:prefix_cache_hits_total")
+
+
 def test_second_chat_with_a_system_prompt_hits_its_snapshot(served: tuple[LiveServer, Path, Path]) -> None:
     """The front end tells the engine where the system prompt ends, so the first chat already leaves a
     state snapshot there: the second, with that system prompt and another user turn, restores KV and
@@ -73,13 +77,13 @@ def test_second_chat_with_a_system_prompt_hits_its_snapshot(served: tuple[LiveSe
     for question in ("What does json.dumps do with a tuple?", "How does heapq order equal priorities?"):
         messages = [system, {"role": "user", "content": question}]
         prompt = chat_prompt(tok, messages)
-        before = metric(server, "vllm:prefix_cache_hits_total")
+        before = prefix_hits(server)
         r = client.chat.completions.create(model="lfm2", messages=messages, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
                                            temperature=0, extra_body={"ignore_eos": True})
         expected = tok.decode(reference(folder, None, prompt, MAX_TOKENS)[0], skip_special_tokens=True)
         assert r.choices[0].message.content == expected
         prompts.append(prompt)
-        hits.append(metric(server, "vllm:prefix_cache_hits_total") - before)
+        hits.append(prefix_hits(server) - before)
     shared = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
     assert hits[0] == 0 and hits[1] % 8 == 0 and system_len // 8 * 8 <= hits[1] <= shared, (hits, system_len, shared)
     # The Responses API's instructions are a system prompt too: its second request hits as well.
