@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from server.models.exaone4_config import exaone4_fields
 from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
 from server.models.glm_config import glm_fields
 from server.models.gpt_oss_config import gpt_oss_fields
@@ -35,6 +36,7 @@ SUPPORTED_ARCHITECTURES = {
     "Glm4ForCausalLM": "glm4",  # the same with norms after attention and MLP
     "CohereForCausalLM": "cohere",  # LayerNorm, parallel attention + MLP, logit scale (server/models/layernorm.py)
     "StableLmForCausalLM": "stablelm",  # LayerNorm with biases, partial rotary
+    "Exaone4ForCausalLM": "exaone4",  # q/k norm, norms after attention and MLP, global NoPE (server/models/exaone4.py)
     "SmolLM3ForCausalLM": "smollm3",  # Llama with NoPE layers (server/models/smollm3_config.py)
     "GptOssForCausalLM": "gpt_oss",  # sinks, alternating sliding layers, biased experts (server/models/gpt_oss.py)
     "Qwen3_5ForCausalLM": "qwen3_5",
@@ -178,6 +180,8 @@ class ModelConfig:
             return cls(**gpt_oss_fields(cfg))
         if family in ("glm", "glm4"):
             return cls(**glm_fields(cfg, family))
+        if family == "exaone4":
+            return cls(**exaone4_fields(cfg))
         if family in ("cohere", "stablelm"):
             return cls(**layernorm_fields(cfg, family))
         if family == "smollm3":  # Llama's fields, then its NoPE layers and their windows

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from kernels.rope import rope_tables
 from server.models.config import ModelConfig
+from server.models.exaone4 import Exaone4ForCausalLM
 from server.models.falcon_h1 import FalconH1ForCausalLM
 from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
 from server.models.gemma_config import GEMMA_FAMILIES
@@ -245,6 +246,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GptOssForCausalLM(cfg)
         elif cfg.family == "glm4":
             model = Glm4ForCausalLM(cfg)
+        elif cfg.family == "exaone4":
+            model = Exaone4ForCausalLM(cfg)
         elif cfg.family in ("cohere", "stablelm"):
             model = LayerNormForCausalLM(cfg)
         elif cfg.family in ("lfm2", "lfm2_moe"):

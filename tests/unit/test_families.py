@@ -34,7 +34,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("GraniteForCausalLM", "granite", "generic"),
     ("Olmo2ForCausalLM", "olmo2", "generic"),
     ("SmolLM3ForCausalLM", "smollm3", "native"),
-    ("Exaone4ForCausalLM", "exaone4", "generic"),
+    ("Exaone4ForCausalLM", "exaone4", "native"),
     ("GPT2LMHeadModel", "gpt2", "generic"),
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
