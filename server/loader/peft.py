@@ -149,6 +149,8 @@ def _read_expert_pair(pair: LoRAPair, raw: Mapping[str, torch.Tensor], cfg: Adap
     """Keep a LoRA on experts (a target_parameters one, or one expert's module) for check_fits to
     resolve against the model; False for any other LoRA."""
     a, b = raw[pair.a_key].float(), raw[pair.b_key].float()
+    if pair.parameters == ("weight",):  # a linear's 2-D weight: PEFT's LoRA on it is the module's LoRA
+        return False
     if pair.parameters:
         module = moe_checkpoint_name(pair.module + ".").removesuffix(".")
         scales = {p: cfg.scale_for(f"{pair.module}.{p}") for p in pair.parameters}

@@ -291,7 +291,10 @@ def test_unsloth_per_expert_gpt_oss_lora_equals_its_merged_weights(tmp_path: Pat
     gen = torch.Generator().manual_seed(7)
     tensors = {}
     for e in (1, 3):
-        for part, (dim_in, dim_out) in {"gate_up_projs": (hidden, 2 * inter), "down_projs": (inter, hidden)}.items():
+        for part, (dim_in, dim_out) in {
+            "gate_up_projs": (hidden, 2 * inter),
+            "down_projs": (inter, hidden),
+        }.items():
             a, b = torch.randn(4, dim_in, generator=gen) * 0.3, torch.randn(dim_out, 4, generator=gen) * 0.3
             key = f"base_model.model.model.layers.0.mlp.experts.{part}.{e}"
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
@@ -299,11 +302,34 @@ def test_unsloth_per_expert_gpt_oss_lora_equals_its_merged_weights(tmp_path: Pat
                 getattr(experts, part.removesuffix("s"))[e] += 2 * (b @ a).t()
     adapter = tmp_path / "unsloth-gpt-oss"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": r".*experts\.(gate_up|down)_projs\.\d+",
-        "task_type": "CAUSAL_LM"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": r".*experts\.(gate_up|down)_projs\.\d+",
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     want = [greedy(hf, p) for p in PROMPTS]
     got = engine_greedy(folder, adapter)
     assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want != base
     assert [got[f"base{i}"] for i in range(len(PROMPTS))] == base
+
+
+def test_target_parameters_on_a_linear_weight_is_its_module_lora(tmp_path: Path) -> None:
+    """target_parameters naming a linear's 2-D weight (`self_attn.q_proj.weight`) is served as a LoRA on
+    that projection, next to expert LoRA on the same adapter: PEFT's tokens."""
+    folder, hf = make_model(tmp_path, "qwen3_moe")
+    adapter = peft_adapter(
+        tmp_path,
+        hf,
+        target_modules=[],
+        target_parameters=["self_attn.q_proj.weight", "mlp.experts.gate_up_proj"],
+    )
+    want, base = peft_greedy(folder, adapter)
+    got = engine_greedy(folder, adapter)
+    assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want != base
