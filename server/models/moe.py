@@ -17,7 +17,7 @@ from server.models.expert_lora import ExpertLoRASlots, moe_experts_lora
 from server.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
-    from kernels.moe_nf4 import GroupedNF4
+    from kernels.moe_nf4_format import GroupedNF4
     from kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Experts(nn.Module):
     def _stack(self) -> None:
         """Every expert's gate, up and down weights stacked (GroupedNF4) for the grouped kernels; the
         per-expert weights become views of the stacks, so the bytes are held once."""
-        from kernels.moe_nf4 import stack_nf4
+        from kernels.moe_nf4_format import stack_nf4
 
         gate, up, down = (stack_nf4([self.quant[(e, p)] for e in range(self.num_experts)]) for p in PARTS)
         if gate is None or up is None or down is None:

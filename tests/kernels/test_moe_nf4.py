@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
 from kernels.moe import moe_experts_ref, route, swiglu_expert  # noqa: E402
-from kernels.moe_nf4 import GroupedNF4, moe_experts_nf4, moe_experts_nf4_ref, stack_nf4  # noqa: E402
+from kernels.moe_nf4 import moe_experts_nf4, moe_experts_nf4_ref  # noqa: E402
+from kernels.moe_nf4_format import GroupedNF4, stack_nf4  # noqa: E402
 from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref  # noqa: E402
 
 
