@@ -7,21 +7,11 @@ leaves its final state, so chunked prefill equals one pass. dt goes through dt_b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True, slots=True)
-class SSMParams:
-    """A Mamba-2 layer's input-independent parameters (per head)."""
-
-    A: torch.Tensor  # [H] float32, negative: -exp(A_log)
-    D: torch.Tensor  # [H] skip connection
-    dt_bias: torch.Tensor  # [H]
-    dt_min: float = 0.0  # config.time_step_limit
-    dt_max: float = math.inf
+from kernels.ssm_params import SSMParams
 
 
 def discretize_dt_ref(dt: torch.Tensor, params: SSMParams) -> torch.Tensor:

@@ -14,7 +14,8 @@ from kernels.conv import causal_conv1d
 from kernels.gated_norm import gated_rms_norm
 from kernels.norm import add_rms_norm
 from kernels.rope import apply_rope, rope_tables
-from kernels.ssd import SSMParams, ssd_chunk_scan, ssd_update
+from kernels.ssd import ssd_chunk_scan, ssd_update
+from kernels.ssm_params import SSMParams
 from kernels.state_batch import StateBatch
 from server.models.config import ModelConfig
 from server.models.layers import LoRALinear, StepMetadata

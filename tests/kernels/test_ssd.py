@@ -15,7 +15,8 @@ import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
 from kernels.gated_norm import gated_rms_norm, gated_rms_norm_ref
-from kernels.ssd import SSMParams, ssd_chunk_scan, ssd_chunk_scan_ref, ssd_update, ssd_update_ref
+from kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref, ssd_update, ssd_update_ref
+from kernels.ssm_params import SSMParams
 
 BOUND = {"fp32": 2e-5, "fp16": 3e-3, "bf16": 1e-2}
 NORM_BOUND = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 5e-3}
