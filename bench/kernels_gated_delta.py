@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.gated_delta import CHUNK, gated_delta_rule_ref
+from kernels.gated_delta import gated_delta_rule_ref
+from kernels.gated_delta_inputs import CHUNK
 from kernels.state_batch import StateBatch
 
 HEADS, DK, DV = 32, 128, 128

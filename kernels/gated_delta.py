@@ -12,16 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.gated_delta_inputs import CHUNK, normalize_qk
 from kernels.state_batch import StateBatch
-
-CHUNK = 64  # prompts at least this long take the chunked form (CPU and GPU)
-
-
-def normalize_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 q and k, L2-normalized over the head dim (eps 1e-6 inside the root), q times k_dim^-0.5."""
-    q, k = q.float(), k.float()
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * q.shape[-1] ** -0.5
-    return q, k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
 
 
 def _initial(state: torch.Tensor, slot: int, initial: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gated_delta import CHUNK, normalize_qk
+from kernels.gated_delta_inputs import CHUNK, normalize_qk
 from kernels.state_batch import StateBatch
 
 

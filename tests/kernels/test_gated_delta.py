@@ -12,7 +12,8 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.gated_delta import CHUNK, gated_delta_rule, gated_delta_rule_ref
+from kernels.gated_delta import gated_delta_rule, gated_delta_rule_ref
+from kernels.gated_delta_inputs import CHUNK
 from kernels.state_batch import StateBatch
 
 
