@@ -4,6 +4,7 @@ used evicted first."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -12,6 +13,8 @@ import torch
 from server.loader.peft import LoRAWeights, check_fits
 from server.models.layers import LoRALinear
 from server.models.moe import Experts
+
+logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
@@ -51,6 +54,10 @@ class LoRAManager:
             self.has_slots = True
         self.remove(adapter_id)
         self.adapters[adapter_id] = weights
+        if weights.experts:
+            logger.warning("adapter %s trains MoE experts (%d layers): steps with its requests run the experts one by "
+                           "one and decode without CUDA graphs (correct, not fast); merge it (--merge-lora) for speed",
+                           weights.name, len(weights.experts))
 
     def has_expert_lora(self, adapter_ids: Iterable[int]) -> bool:
         """Whether an adapter of these trains MoE experts (its steps run eagerly: see expert_lora.py)."""

@@ -105,7 +105,9 @@ def peft_greedy(folder: Path, adapter: Path) -> tuple[list[list[int]], list[list
         return with_adapter, [greedy(tuned, p) for p in PROMPTS]
 
 
-def engine_greedy(folder: Path, adapter: Path | None, merge: bool = False) -> dict[str, list[int]]:
+def engine_greedy(
+    folder: Path, adapter: Path | None, merge: bool = False, device: str = "cpu"
+) -> dict[str, list[int]]:
     """Every prompt with the adapter and without it, all in one continuous batch (chunked prefill
     beside decodes); with `merge`, the adapter merged into the base and the prompts run on it."""
     engine = LLMEngine(
@@ -116,6 +118,9 @@ def engine_greedy(folder: Path, adapter: Path | None, merge: bool = False) -> di
             block_size=8,
             max_num_batched_tokens=24,
             merge_lora=str(adapter) if merge and adapter else None,
+            device=device,
+            dtype="float32",
+            cuda_graph_sizes=(1, 2, 4),
         )
     )
     if adapter is not None and not merge:
@@ -132,7 +137,9 @@ def engine_greedy(folder: Path, adapter: Path | None, merge: bool = False) -> di
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
-def test_target_parameters_lora_hot_swapped_equals_peft(tmp_path: Path, family: str) -> None:
+def test_target_parameters_lora_hot_swapped_equals_peft(
+    tmp_path: Path, family: str, device: str = "cpu"
+) -> None:
     """LoRA on both expert parameters and on q_proj, served per request beside the base: the
     adapter's requests give PEFT's tokens, the base's requests (same batch) transformers'."""
     folder, hf = make_model(tmp_path, family)
@@ -143,10 +150,19 @@ def test_target_parameters_lora_hot_swapped_equals_peft(tmp_path: Path, family: 
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     want, base = peft_greedy(folder, adapter)
-    got = engine_greedy(folder, adapter)
+    got = engine_greedy(folder, adapter, device=device)
     assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want
     assert [got[f"base{i}"] for i in range(len(PROMPTS))] == base
     assert want != base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_target_parameters_lora_hot_swapped_on_gpu(tmp_path: Path, family: str) -> None:
+    """The same on CUDA (not yet run on a GPU): steps holding the adapter run eagerly, not from the
+    decode CUDA graphs, with its expert LoRA beside the base rows."""
+    test_target_parameters_lora_hot_swapped_equals_peft(tmp_path, family, device="cuda")
 
 
 def test_target_parameters_lora_merged_equals_peft(tmp_path: Path) -> None:
