@@ -123,7 +123,10 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
         # (No step holds more tokens than max_num_seqs sequences of max_model_len.)
         prefill_graph_buckets = [t for t in prefill_graph_buckets or () if t <= max_num_seqs * max_model_len]
-        if (prefill_graph_buckets and device.type == "cuda" and not cfg.has_state and self.vision is None
+        # An image-text model with M-RoPE needs its 3-row positions per step: eager; Gemma 3 with images
+        # replays its steps without image tokens (_replay_prefill).
+        text_steps_only = self.vision is None or not self.vision.mrope
+        if (prefill_graph_buckets and device.type == "cuda" and not cfg.has_state and text_steps_only
                 and not cfg.num_experts):
             self.prefill_graphs = PrefillGraphs(self._forward_logits_at, prefill_graph_buckets, max_num_seqs,
                                                 -(-max_model_len // block_size), block_size, device)
@@ -335,6 +338,8 @@ class ModelRunner:
         graphs = self.prefill_graphs
         if graphs is None or any(s.spec_token_ids or s.params.prompt_logprobs is not None for s in batch.seqs):
             return None
+        if self.vision is not None and self.vision.computes_images(batch.seqs, batch.num_new_tokens):
+            return None  # image embeddings spliced and key ends: eager
         adapters = {seq.adapter_id for seq in batch.seqs} - {0}
         if not graphs.has(sum(batch.num_new_tokens), len(batch.seqs), bool(adapters)):
             return None

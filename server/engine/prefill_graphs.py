@@ -11,8 +11,9 @@ those of each sampling sequence's last token, gathered inside the graph through 
 
 What runs eagerly instead (ModelRunner decides): steps larger than the largest bucket, models with
 recurrent layers (each sequence's state slot and its first-chunk flag would need static buffers of
-their own), image-text models (image embeddings spliced per step), prompt logprobs, speculative
-verify rows, and adapters with their own embed_tokens / lm_head / norms.
+their own), steps that compute image tokens (image embeddings spliced per step) and every step of an
+image-text model with M-RoPE positions, prompt logprobs, speculative verify rows, and adapters with
+their own embed_tokens / lm_head / norms.
 """
 
 from __future__ import annotations

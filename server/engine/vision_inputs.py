@@ -93,6 +93,17 @@ class VisionInputs:
         key_ends = self._key_ends(spans, flat) if self.bidirectional else None
         return VisionStep(positions, index, parts, key_ends)
 
+    @staticmethod
+    def computes_images(seqs: list[Sequence], counts: list[int]) -> bool:
+        """Whether a step (each sequence computing counts[i] tokens from its computed ones) holds
+        some image token."""
+        for seq, n in zip(seqs, counts, strict=True):
+            start = seq.num_computed_tokens
+            if seq.mm is not None and any(img.offset < start + n and img.offset + img.num_tokens > start
+                                          for img in seq.mm.images):
+                return True
+        return False
+
     def _key_ends(self, spans: list[tuple[ImageInput, int, int, int]], num_tokens: int) -> torch.Tensor:
         """Each token of an image sees up to its image's last token; the scheduler never ends a chunk
         inside an image, so those keys are computed by this step at the latest."""

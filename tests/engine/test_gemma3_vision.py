@@ -183,3 +183,23 @@ def test_float32_on_the_triton_kernels_equals_transformers(folder: tuple[Path, A
     expected = [hf_greedy(folder[1], llm.tokenizer, p["prompt"], p["images"]) if isinstance(p, dict)
                 else hf_greedy(folder[1], llm.tokenizer, p, []) for p in batch]
     assert [o.token_ids for o in outs] == expected
+
+
+def test_text_steps_replay_prefill_graphs_image_steps_run_eagerly(folder: tuple[Path, Any]) -> None:
+    """Prompt steps from prefill graphs (their packing replayed on the CPU): steps without image
+    tokens replay, steps with some run eagerly (embeddings spliced, key ends); transformers' tokens."""
+    from test_prefill_graphs import ReplayedOnCPU
+
+    path, hf = folder
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8, max_num_seqs=4,
+              max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    graphs = runner.prefill_graphs = ReplayedOnCPU(runner._forward_logits_at, [16, 32, 64], 4,
+                                                   -(-llm.engine.max_model_len // 8), 8, runner.device)
+    runner.capture_graphs()
+    batch = prompts(llm)
+    outs = llm.generate(batch, GREEDY)
+    expected = [hf_greedy(hf, llm.tokenizer, p["prompt"], p["images"]) if isinstance(p, dict)
+                else hf_greedy(hf, llm.tokenizer, p, []) for p in batch]
+    assert [o.token_ids for o in outs] == expected
+    assert graphs.num_replays >= 1
