@@ -68,6 +68,9 @@ _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.",
                   ("language_model.lm_head.", "lm_head."))
 VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
                    "visual.", "model.visual.")  # the last two: Qwen3.5's vision encoder and merger
+# Tensors of heads that serving does not run: Qwen3-Next's and Qwen3.5's multi-token prediction head,
+# published with the model (transformers skips it on load too).
+UNUSED_PREFIXES = ("mtp.",)
 
 
 def text_model_name(name: str, multimodal: bool) -> str | None:
@@ -103,6 +106,8 @@ def load_weights(
     densified: list[str] = []
     vision: list[str] = []
     for disk_name, value in named:
+        if disk_name.startswith(UNUSED_PREFIXES):
+            continue
         hf_name = text_model_name(disk_name, model.config.multimodal)
         if hf_name is None:
             if not _load_vision(model, disk_name, value, dtype, device, loaded, densified):

@@ -174,6 +174,27 @@ def test_image_text_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
     assert run_engine(engine, prompts, 8) == [hf_greedy(hf, p, 8) for p in prompts]
 
 
+def test_multi_token_prediction_head_is_left_on_disk(qwen: tuple, tmp_path: Path) -> None:
+    """Qwen publishes Qwen3.5 with its multi-token prediction head (mtp.*, which transformers skips on
+    load): the checkpoint still serves, with the same tokens, the head's tensors left unread."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, prompts, want, _ = qwen
+    for f in folder.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    weights = load_file(tmp_path / "model.safetensors")
+    hidden = COMMON["hidden_size"]
+    weights["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
+    weights["mtp.norm.weight"] = torch.ones(hidden)
+    weights["mtp.layers.0.self_attn.q_proj.weight"] = torch.randn(2 * hidden, hidden)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    engine = LLMEngine(Config(model=str(tmp_path), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              device="cpu", dtype="float32", max_model_len=128))
+    assert run_engine(engine, prompts, 10) == want
+
+
 def test_config_reads_transformers_defaults() -> None:
     """A config.json that leaves layer_types and the rotary share out: every fourth layer full attention,
     a quarter of each head rotated (transformers' defaults)."""
