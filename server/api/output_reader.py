@@ -5,6 +5,7 @@ off first, then the content is searched for calls."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -131,15 +132,23 @@ class OutputReader:
         return out
 
 
+_marker_ids: weakref.WeakKeyDictionary[Any, dict[OutputFormat, dict[str, int]]] = weakref.WeakKeyDictionary()
+
+
 def marker_ids(tokenizer: Any, fmt: OutputFormat) -> dict[str, int]:
-    """The format's markers that `tokenizer` spells as one special token, with its id."""
-    specials = special_token_ids(tokenizer)
-    ids = {}
-    for marker in fmt.markers:
-        token_id = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(token_id, int) and token_id in specials and tokenizer.convert_ids_to_tokens(token_id) == marker:
-            ids[marker] = token_id
-    return ids
+    """The format's markers that `tokenizer` spells as one special token, with its id; looked up
+    once per tokenizer and format (every chat request asks). A copy: callers may change it."""
+    known = _marker_ids.setdefault(tokenizer, {})
+    ids = known.get(fmt)
+    if ids is None:
+        specials = special_token_ids(tokenizer)
+        ids = {}
+        for marker in fmt.markers:
+            token_id = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token_id, int) and token_id in specials and tokenizer.convert_ids_to_tokens(token_id) == marker:
+                ids[marker] = token_id
+        known[fmt] = ids
+    return dict(ids)
 
 
 def marker_token_ids(tokenizer: Any, fmt: OutputFormat) -> frozenset[int]:

@@ -459,23 +459,27 @@ def _part_text(i: int, j: int, part: dict[str, Any]) -> str:
 
 # Top-level fields that hold token ids (the shape validators make every element of them an int).
 _TOKEN_ID_FIELDS = frozenset({"prompt", "stop_token_ids", "tokens"})
+_TEXTUAL = (str, list, dict, BaseModel)  # values that are or may hold strings
 
 
 def check_text(req: BaseModel) -> None:
     """400 naming the first string of the request, at any depth (dict keys too), that is not valid
     Unicode: a lone UTF-16 surrogate such as "\\ud800", which JSON can spell but no tokenizer can encode."""
     stack: list[tuple[str, Any]] = [
-        (name, getattr(req, name)) for name in reversed(type(req).model_fields)
-        if not (name in _TOKEN_ID_FIELDS and isinstance(getattr(req, name), list)
-                and not isinstance(next(iter(getattr(req, name)), None), str))
+        (name, value) for name in reversed(type(req).model_fields)
+        if isinstance(value := getattr(req, name), _TEXTUAL)
+        and not (name in _TOKEN_ID_FIELDS and isinstance(value, list) and not isinstance(next(iter(value), None), str))
     ]
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
             _check_string(path, value)
         elif isinstance(value, BaseModel):
+            # Only the fields that can hold text get a path (most are numbers or None: every request
+            # walks the whole model).
             fields = type(value).model_fields
-            stack += [(f"{path}.{info.alias or name}", getattr(value, name)) for name, info in reversed(fields.items())]
+            stack += [(f"{path}.{info.alias or name}", item) for name, info in reversed(fields.items())
+                      if isinstance(item := getattr(value, name), _TEXTUAL)]
         elif isinstance(value, dict):
             for key, item in reversed(value.items()):
                 key_path = f"{path}.{_printable(key)}" if isinstance(key, str) else f"{path}[{key}]"

@@ -37,6 +37,12 @@ def data_event(event: str) -> bytes:
     return b"data: " + event.encode() + b"\n\n"
 
 
+async def _released(ticket: Ticket) -> None:
+    """The ticket's release as a coroutine: Starlette runs a plain function background task in its
+    thread pool, a hop there and back for every stream."""
+    ticket.release()
+
+
 class _EventStream(EventSourceResponse):
     """sse-starlette's response with two changes.
 
@@ -47,13 +53,15 @@ class _EventStream(EventSourceResponse):
       just stop: no error, no [DONE], nothing to tell a cut answer from a whole one. Here the
       generator is stopped (which aborts its engine requests) and the stream ends with an error
       event, then [DONE].
+    - The background task (the ticket's release) is a coroutine: a plain function would be run in
+      Starlette's thread pool.
     """
 
     def __init__(self, events: AsyncIterator[bytes], ticket: Ticket) -> None:
-        self._shutdown = anyio.Event()
+        self._body = anyio.CancelScope()  # around the body's sending; cancelled at shutdown
         # ping: a comment line every 15 s keeps idle streams alive through proxies and load balancers.
-        super().__init__(events, sep="\n", ping=15, background=BackgroundTask(ticket.release),
-                         shutdown_event=self._shutdown, shutdown_grace_period=SHUTDOWN_NOTICE_S)
+        super().__init__(events, sep="\n", ping=15, background=BackgroundTask(_released, ticket),
+                         shutdown_grace_period=SHUTDOWN_NOTICE_S)
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is not None:
@@ -62,19 +70,19 @@ class _EventStream(EventSourceResponse):
             await send(message)
 
     async def _stream_response(self, send: Send) -> None:
-        body = anyio.CancelScope()
-
-        async def cut_on_shutdown() -> None:
-            await self._shutdown.wait()
-            body.cancel()
-
-        async with anyio.create_task_group() as watch:
-            watch.start_soon(cut_on_shutdown)
-            with body:
-                await super()._stream_response(send)
-            watch.cancel_scope.cancel()
-        if body.cancelled_caught and getattr(self, "_response_started", True):
+        with self._body:
+            await super()._stream_response(send)
+        if self._body.cancelled_caught and getattr(self, "_response_started", True):
             await self._send_shutdown_notice(send)
+
+    async def _listen_for_exit_signal_with_grace(self) -> None:
+        """sse-starlette's shutdown watch (a task it runs anyway), which here also cuts the body at
+        once, instead of a task of our own per stream waiting for the same moment."""
+        await self._listen_for_exit_signal()
+        self._body.cancel()
+        with anyio.move_on_after(SHUTDOWN_NOTICE_S):  # the notice's time; then the task group ends the rest
+            while self.active:
+                await anyio.sleep(0.1)
 
     async def _send_shutdown_notice(self, send: Send) -> None:
         """The error event and [DONE]; sse-starlette then ends the body. `active = False` tells its

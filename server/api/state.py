@@ -256,7 +256,9 @@ class ServerState:
         return body
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
+    """Async so FastAPI calls it on the loop: a plain function dependency costs every request a hop
+    to its thread pool and back."""
     state: ServerState = request.app.state.server
     return state
 
