@@ -100,7 +100,7 @@ class LLM:
         if not images:
             return ids, None
         if self.vision is None:
-            raise ValueError("this model takes text only; images need an image-text model (such as Qwen2.5-VL)")
+            raise ValueError("this model takes text only; images need an image-text model (such as Qwen2.5-VL or Gemma 3)")
         return self.vision.expand(ids, [open_image(image, self.vision.limits, f"images[{i}]")
                                         for i, image in enumerate(images)])
 

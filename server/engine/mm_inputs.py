@@ -49,5 +49,5 @@ def check_images(model: object, mm: MultiModalInputs, token_ids: list[int]) -> N
     """ValueError unless the model takes images and each one's placeholder tokens are in the prompt."""
     if not getattr(model, "is_vision", False):
         raise ValueError("this model takes text only; a request with images needs an image-text model "
-                         "(such as Qwen2.5-VL)")
+                         "(such as Qwen2.5-VL or Gemma 3)")
     mm.check_prompt(token_ids, getattr(model, "image_token_id", None))
