@@ -5,7 +5,6 @@ equals PEFT; the config is read with transformers' defaults."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.loras import load_adapter
 from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
 from server.models.config import ModelConfig
 from server.models.families import route_of
 from server.models.glm import Glm4DecoderLayer
@@ -39,10 +37,9 @@ CONFIGS = {"glm": transformers.GlmConfig, "glm4": transformers.Glm4Config}
 PROMPT_LENGTHS = (3, 19, 45, 8)
 
 
-def make_model(tmp: Path, family: str, tokenizer: bool = False) -> tuple[Path, torch.nn.Module]:
-    """`tokenizer`: the demo model's vocabulary size and tokenizer files too (for LLM / HTTP)."""
+def make_model(tmp: Path, family: str) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
-    config = CONFIGS[family](**{**COMMON, "vocab_size": 4096 if tokenizer else 384})
+    config = CONFIGS[family](**COMMON)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # random biases and norms so that those code paths matter
         for name, p in model.named_parameters():
@@ -50,9 +47,6 @@ def make_model(tmp: Path, family: str, tokenizer: bool = False) -> tuple[Path, t
                 p.add_(torch.randn_like(p) * 0.3)
     folder = tmp / family
     model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if tokenizer else ():
-        if (DEMO_MODEL / name).is_file():
-            shutil.copy(DEMO_MODEL / name, folder / name)
     return folder, model
 
 
