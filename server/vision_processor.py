@@ -1,7 +1,8 @@
 """Images to engine inputs for an image-text model, as its Hugging Face processor does it: the
 image processor of the model's folder (preprocessor_config.json) resizes and patches each image,
 and each image's one placeholder token in the rendered prompt becomes as many tokens as the encoder
-gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py). Used by the
+gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py; Llama 3.2 Vision,
+whose image token stays one token, in server/vision_mllama.py). Used by the
 HTTP API and the offline LLM alike."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from server.engine.mm_inputs import ImageInput, MultiModalInputs
 from server.models.families import VISION_ARCHITECTURES
 
 GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
+MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,10 @@ class VisionProcessor:
             from server.vision_gemma3 import Gemma3VisionProcessor
 
             return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits or ImageLimits())
+        if archs and archs[0] == MLLAMA_VISION:
+            from server.vision_mllama import MllamaVisionProcessor
+
+            return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits or ImageLimits())
         if not archs or archs[0] not in VISION_ARCHITECTURES:
             return None
         if not (folder / "preprocessor_config.json").is_file():

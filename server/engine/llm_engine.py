@@ -324,7 +324,9 @@ class LLMEngine:
         if adapter_id and adapter_id not in self.lora_manager.adapters:
             raise ValueError(f"adapter id {adapter_id} is not loaded")
         vocab = self.vocab_size(adapter_id)
-        bad = out_of_vocab(prompt_token_ids, vocab)
+        # an image's placeholder may lie past the logits' vocabulary (Llama 3.2 Vision's <|image|>)
+        image_token = getattr(self.loaded.model, "image_token_id", None) if mm is not None else None
+        bad = out_of_vocab((t for t in prompt_token_ids if t != image_token), vocab)
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
         check_params(params, vocab)

@@ -25,6 +25,9 @@ class ImageInput:
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class MultiModalInputs:
     images: tuple[ImageInput, ...]
+    # every prompt token depends on every image (Llama 3.2 Vision: text before an image attends to
+    # all of them), so every KV block's key carries all their hashes
+    every_token: bool = False
 
     def __post_init__(self) -> None:
         ends = [0] + [img.offset + img.num_tokens for img in self.images]
@@ -42,6 +45,8 @@ class MultiModalInputs:
     def salt(self, start: int, end: int) -> tuple[str, ...]:
         """Hashes of the images whose placeholder tokens fall in prompt positions [start, end): what
         a KV block's key adds to its token ids, so that another image never shares its cache."""
+        if self.every_token:
+            return tuple(img.content_hash for img in self.images)
         return tuple(img.content_hash for img in self.images if img.offset < end and img.offset + img.num_tokens > start)
 
 

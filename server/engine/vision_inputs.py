@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.cross_inputs import CrossStep, cross_step
 from server.engine.mm_inputs import ImageInput, MultiModalInputs
 from server.engine.sequence import Sequence
 
@@ -30,6 +31,8 @@ class VisionStep:
     # [T] int32: where a token's visible keys end (its image's end, 0 outside images: causal), for
     # models whose image tokens attend both ways; None otherwise or with no image token this step.
     key_ends: torch.Tensor | None = None
+    # models whose images enter through cross-attention layers (Llama 3.2 Vision): what those attend to
+    cross: CrossStep | None = None
 
 
 def mrope_positions(num_prompt_tokens: int, images: tuple[ImageInput, ...], merge: int) -> tuple[torch.Tensor, int]:
@@ -60,6 +63,7 @@ class VisionInputs:
         self.model = model
         self.mrope = getattr(model, "uses_mrope", True)
         self.bidirectional = getattr(model, "bidirectional_images", False)
+        self.cross = getattr(model, "cross_attention_images", False)
         self.device = device
         self.cache_bytes = cache_bytes
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # content hash -> embeddings, LRU first
@@ -73,6 +77,10 @@ class VisionInputs:
         None when no sequence of the step has images (plain positions then)."""
         if all(seq.mm is None for seq in seqs):
             return None
+        if self.cross:
+            found = cross_step(seqs, starts, counts, self._embeddings, self.model.valid_state_rows,  # type: ignore[attr-defined,arg-type]
+                               self.device)
+            return None if found is None else VisionStep(None, None, None, cross=found)
         rows: list[torch.Tensor] = []
         spans: list[tuple[ImageInput, int, int, int]] = []  # image, its rows [a, b), first flat-batch row
         flat = 0
@@ -145,7 +153,7 @@ class VisionInputs:
             encoded = self.model.encode_images([i.pixel_values for i in todo], [i.grid_thw for i in todo])
             self.num_encoded += len(todo)
             for img, emb in zip(todo, encoded, strict=True):
-                if emb.shape[0] != img.num_tokens:
+                if not self.cross and emb.shape[0] != img.num_tokens:
                     raise ValueError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
                                      f"{img.num_tokens} placeholder tokens")
                 out[img.content_hash] = emb

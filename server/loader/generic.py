@@ -55,10 +55,14 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     # adapters' projections live in the backbone (not lm_head; nor, here, a vision encoder)
     targets = lora_targets({name: m for name, m in linears.items() if name.startswith(inside)})
     vocab = int(hf.get_output_embeddings().weight.shape[0])
-    if vision:
+    if vision and type(hf).__name__ == "MllamaForConditionalGeneration":
+        from server.models.mllama import MllamaCausalLM
+
+        model: GenericCausalLM = MllamaCausalLM(hf, step, targets)
+    elif vision:
         from server.models.vision import VisionCausalLM
 
-        model: GenericCausalLM = VisionCausalLM(hf, step, targets)
+        model = VisionCausalLM(hf, step, targets)
     else:
         model = GenericCausalLM(hf, step, targets)
     cfg = model.config = generic_config(model.head.config, vocab, *model.kv_layout(device))

@@ -30,7 +30,8 @@ INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 
 # Image-text models served with their vision encoder (server/models/vision.py): architecture -> model_type.
 VISION_ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
-                        "Qwen3VLForConditionalGeneration": "qwen3_vl", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
+                        "Qwen3VLForConditionalGeneration": "qwen3_vl", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe",
+                        "MllamaForConditionalGeneration": "mllama"}
 
 
 class UnsupportedModel(ValueError):

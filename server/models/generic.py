@@ -39,6 +39,8 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """One layer's attention over the step: q/k/v [1, heads, T, D] (RoPE applied by the model) ->
     [1, T, heads, D]; k and v are written to the layer's paged cache first."""
+    if getattr(module, "sloth_dense", False):  # cross-attention over a step's image states (server.models.mllama)
+        return dense_attention_forward(query, key, value, attention_mask, scaling)
     step: GenericStep | None = getattr(module, "sloth_step", None)
     if step is None:
         raise UnsupportedModel(f"{type(module).__name__} is not a module of the model being served")
@@ -66,6 +68,21 @@ def paged_attention_forward(
     out = paged_attention(q, k_cache, v_cache, attn, scale, kwargs.get("sliding_window"), kwargs.get("softcap"))
     step.layers_called.append(layer)
     return out.to(query.dtype).unsqueeze(0), None
+
+
+def dense_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Attention of q [1, heads, T, D] over keys and values [1, kv heads, N, D] held by the caller
+    (no cache), under an additive mask [1, 1, T, N] -> [1, T, heads, D]; scores in float32."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, k.transpose(2, 3)).float() * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
 
 
 def _check_supported(module: nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> None:

@@ -1,0 +1,92 @@
+"""Per-step inputs of a model whose images enter through cross-attention layers (Llama 3.2 Vision):
+which flat-batch rows belong to sequences with images, the image states those rows attend to (every
+image of every such sequence, side by side), and which of them each row may see. A prompt's image
+token opens its image to itself and the tokens after it, up to the next image token (consecutive
+image tokens open their images together), as transformers' MllamaProcessor builds its mask;
+generated tokens see what the last prompt token sees. A row that sees no image (text before the
+first image) attends to all of its sequence's image states, and its cross-attention layers' MLP is
+zeroed, as in transformers' MllamaModel; sequences without images skip those layers entirely."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.engine.mm_inputs import ImageInput
+from server.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+@dataclass(slots=True)
+class CrossStep:
+    rows: torch.Tensor  # [R] flat-batch rows of the sequences with images (the others skip cross layers)
+    states: torch.Tensor  # [N, hidden] their images' states (projected encoder outputs), sequence by sequence
+    owners: torch.Tensor  # [N] a flat-batch row of each state's sequence (its adapter slot: LoRA on k/v)
+    allowed: torch.Tensor  # [R, N] bool: state columns each row attends to
+    row_sees_image: torch.Tensor  # [R] 1.0 where the row's token sees an image, else 0.0 (its MLP is zeroed)
+
+
+def image_ranges(offsets: list[int], num_prompt_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) of the prompt positions each image is visible from (transformers'
+    get_cross_attention_token_mask on the image tokens' offsets); the last end covers what follows."""
+    if len(offsets) == 1:
+        return [(offsets[0], 1 << 62)]
+    ends = [*offsets[1:], num_prompt_tokens]
+    last_end = ends[-1]
+    for j in range(len(offsets) - 1, -1, -1):  # consecutive image tokens open their images together
+        if offsets[j] == ends[j] - 1:
+            ends[j] = last_end
+        last_end = ends[j]
+    return list(zip(offsets, ends, strict=True))
+
+
+def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
+               embeddings: Callable[[list[ImageInput]], dict[str, torch.Tensor]],
+               valid_rows: Callable[[ImageInput], int], device: torch.device) -> CrossStep | None:
+    """The step's CrossStep; None when no sequence of it has images. `embeddings` gives each image's
+    states [tiles * patches, hidden] (all of its padded tiles); `valid_rows` how many of them are its
+    real tiles'."""
+    with_images = [i for i, seq in enumerate(seqs) if seq.mm is not None and seq.mm.images]
+    if not with_images:
+        return None
+    embeds = embeddings([img for i in with_images for img in seqs[i].mm.images])  # type: ignore[union-attr]
+    flat_starts = [0]
+    for n in counts:
+        flat_starts.append(flat_starts[-1] + n)
+    rows: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
+    owners: list[torch.Tensor] = []
+    masks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # first column, columns, allowed, sees
+    num_states = 0
+    for i in with_images:
+        seq, start, n = seqs[i], starts[i], counts[i]
+        images = seq.mm.images  # type: ignore[union-attr]
+        blocks = [embeds[img.content_hash] for img in images]
+        col = torch.tensor([0] + [b.shape[0] for b in blocks]).cumsum(0).tolist()
+        valid = torch.zeros(len(images), col[-1], dtype=torch.bool)  # image j's real tiles' columns
+        for j, img in enumerate(images):
+            valid[j, col[j] : col[j] + valid_rows(img)] = True
+        ranges = torch.tensor(image_ranges([img.offset for img in images], seq.num_prompt_tokens))
+        # generated tokens (and draft tokens) see what the last prompt token sees
+        pos = torch.arange(start, start + n).clamp(max=seq.num_prompt_tokens - 1)
+        sees = (pos[:, None] >= ranges[:, 0]) & (pos[:, None] < ranges[:, 1])  # [n, images]
+        allowed = (sees.float() @ valid.float()) > 0
+        seen = sees.any(dim=1)
+        allowed[~seen] = True
+        rows.append(torch.arange(flat_starts[i], flat_starts[i] + n))
+        states.extend(blocks)
+        owners.append(torch.full((col[-1],), flat_starts[i]))
+        masks.append((num_states, col[-1], allowed, seen))
+        num_states += col[-1]
+    full = torch.zeros(sum(m[2].shape[0] for m in masks), num_states, dtype=torch.bool)
+    r = 0
+    for first, width, allowed, _ in masks:
+        full[r : r + allowed.shape[0], first : first + width] = allowed
+        r += allowed.shape[0]
+    sees_image = torch.cat([m[3] for m in masks]).float()
+    return CrossStep(torch.cat(rows).to(device), torch.cat(states), torch.cat(owners).to(device), full.to(device),
+                     sees_image.to(device))

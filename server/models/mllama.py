@@ -1,0 +1,126 @@
+"""Llama 3.2 Vision (MllamaForConditionalGeneration) on the generic path: the text model's self-
+attention layers go to the paged KV cache (their cache index counts self-attention layers only), and
+its gated cross-attention layers attend, densely, to the image states of their rows' sequences
+(server.engine.cross_inputs), recomputed from the encoder cache each step rather than kept per
+sequence. The vision encoder and projector run in 16-bit, transformers' modules as they are."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from server.engine.cross_inputs import CrossStep
+from server.engine.mm_inputs import ImageInput
+from server.models.generic import GenericCausalLM, GenericStep
+from server.models.generic_linear import GenericLinear, SliceGroup
+from server.models.layers import StepMetadata
+from server.models.per_adapter import AdapterStep
+
+
+class _CrossKV:
+    """What MllamaTextCrossAttention reads cached keys and values from (a transformers Cache's
+    interface): the step's image keys and values, computed by MllamaCausalLM."""
+
+    def __init__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.layers = {layer: self}
+        self.keys, self.values = keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys.shape[2])
+
+
+class MllamaCausalLM(GenericCausalLM):
+    """GenericCausalLM over MllamaModel: forward runs the text model's layers itself, cross-attention
+    layers only on the rows of sequences with images (meta.vision.cross)."""
+
+    is_vision = True
+    uses_mrope = False  # one position a token
+    cross_attention_images = True  # server.engine.vision_inputs builds a CrossStep
+
+    def __init__(self, hf: PreTrainedModel, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
+        super().__init__(hf, step, lora)
+        self.text = self.backbone.language_model
+        self.vision_model = self.backbone.vision_model
+        self.projector = self.backbone.multi_modal_projector
+        cfg = hf.config
+        self.image_token_id = int(cfg.image_token_index)
+        self.cross_layers = frozenset(int(i) for i in self.text.config.cross_attention_layers)
+        self.num_patches = int(self.vision_model.num_patches)
+        cache_index = 0
+        for idx, layer in enumerate(self.text.layers):
+            if idx in self.cross_layers:
+                layer.cross_attn.sloth_dense = True  # server.models.generic.dense_attention_forward
+            else:  # the paged KV cache holds self-attention layers only
+                layer.self_attn.layer_idx = cache_index
+                cache_index += 1
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:
+        if adapters is not None:
+            raise ValueError("adapters with their own embed_tokens / lm_head / norms are served on native families only")
+        cross = meta.vision.cross if meta.vision is not None else None
+        step = self.step
+        step.meta, step.kv_caches = meta, kv_caches
+        step.layers_called.clear()
+        try:
+            h = self.text.embed_tokens(input_ids).unsqueeze(0)
+            position_ids = positions.unsqueeze(0)
+            rope = self.text.rotary_emb(h, position_ids=position_ids)
+            for idx, layer in enumerate(self.text.layers):
+                if idx not in self.cross_layers:
+                    h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=rope,
+                              use_cache=False)
+                elif cross is not None:
+                    h = h.index_copy(1, cross.rows, self._cross_layer(idx, layer, h[:, cross.rows], cross, meta))
+            h = self.text.norm(h)
+        finally:
+            step.meta, step.kv_caches = None, None
+        return h[0]
+
+    def _cross_layer(self, idx: int, layer: Any, h: torch.Tensor, cross: CrossStep, meta: StepMetadata) -> torch.Tensor:
+        """The gated cross-attention layer on its rows h [1, R, hidden]; LoRA rows follow each row's
+        (and each image state's) sequence."""
+        attn = layer.cross_attn
+        slots = meta.lora_slots
+        self.step.meta = replace(meta, lora_slots=None if slots is None else slots[cross.owners])
+        try:
+            states = cross.states.to(h.dtype).unsqueeze(0)
+            keys = attn.k_proj(states).view(1, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            values = attn.v_proj(states).view(1, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            keys = attn.k_norm(keys)
+        finally:
+            self.step.meta = meta
+        mask = torch.zeros(cross.allowed.shape, dtype=h.dtype, device=h.device)
+        mask.masked_fill_(~cross.allowed, torch.finfo(h.dtype).min)
+        row_mask = cross.row_sees_image.to(h.dtype).view(1, 1, -1, 1)
+        self.step.meta = replace(meta, lora_slots=None if slots is None else slots[cross.rows])
+        try:
+            out = layer(h, cross_attention_states=None, cross_attention_mask=mask.view(1, 1, *mask.shape),
+                        attention_mask=None, full_text_row_masked_out_mask=row_mask,
+                        past_key_values=_CrossKV(idx, keys, values), use_cache=False)
+        finally:
+            self.step.meta = meta
+        return out  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Each image's states [max tiles * patches, hidden] (its padding tiles' too: rows that see
+        no image attend to them, as in transformers), all images in one encoder pass. An image's
+        grid is (1, aspect ratio id, tiles) (server.vision_mllama)."""
+        device = self.text.embed_tokens.weight.device
+        dtype = next(self.vision_model.parameters()).dtype
+        pixels = torch.stack([p.to(device=device, dtype=dtype) for p in pixel_values]).unsqueeze(0)
+        max_tiles = pixels.shape[2]
+        ratio_ids = torch.tensor([[g[1] for g in grids]], device=device)
+        ratio_mask = (torch.arange(max_tiles, device=device) < torch.tensor([g[2] for g in grids], device=device)[:, None])
+        out = self.vision_model(pixel_values=pixels, aspect_ratio_ids=ratio_ids,
+                                aspect_ratio_mask=ratio_mask.long().unsqueeze(0)).last_hidden_state
+        states = self.projector(out)  # [1, images, tiles, patches, hidden]
+        return list(states[0].flatten(1, 2).unbind(0))
+
+    def valid_state_rows(self, image: ImageInput) -> int:
+        """States of the image's real tiles (the first of its rows)."""
+        return image.grid_thw[2] * self.num_patches
