@@ -6,16 +6,22 @@ encoder and prefix caches, another image never from the latter."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mllama_models import IMAGE_TOKEN, MAX_TOKENS, chat_text, hf_greedy, make_mllama
+from peft import LoraConfig, PeftModel, get_peft_model
 from vision_models import random_image
 
 from server.engine.cross_inputs import image_ranges
 from server.engine.sampling_params import SamplingParams
 from server.llm import LLM
+from server.loader.adapter_config import AdapterError
 
+LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -24,7 +30,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Any]:
     folder, hf = make_mllama(tmp_path_factory.mktemp("mllama") / "model")
     # 8 tokens a step: prompts are prefilled over several steps, images' rows split between them
     llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
-              max_num_batched_tokens=8)
+              max_num_batched_tokens=8, max_loras=2, max_lora_rank=8)
     return llm, hf
 
 
@@ -74,3 +80,35 @@ def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> Non
     assert again.token_ids == first.token_ids == hf_greedy(hf, llm.tokenizer, text, [random_image(10)])[1]
     assert again.num_cached_tokens > 0
     assert vision.num_encoded == encoded + 1
+
+
+def write_adapter(hf: Any, folder: Path, target: str) -> Path:
+    """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=16, target_modules=target))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    """LoRA on every language projection, the cross-attention layers' k/v (which run over image
+    states) included, beside a base request with the same image: each gives its own model's tokens."""
+    llm, hf = served
+    adapter = write_adapter(hf, tmp_path / "tuned", LANGUAGE_LAYERS)
+    llm.adapters.register("tuned", str(adapter))
+    images = [random_image(6, 20, 30)]
+    text = chat_text(llm.tokenizer, ["Look:", IMAGE_TOKEN, "what is it?"])
+    prompt: Any = {"prompt": text, "images": images}
+    tuned, plain, tuned_text = llm.generate([prompt, prompt, chat_text(llm.tokenizer, ["Only text."])], GREEDY,
+                                            adapter=["tuned", None, "tuned"])
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    assert tuned.token_ids == hf_greedy(peft, llm.tokenizer, text, images)[1]
+    assert plain.token_ids == hf_greedy(hf, llm.tokenizer, text, images)[1] != tuned.token_ids
+    assert tuned_text.token_ids == hf_greedy(peft, llm.tokenizer, chat_text(llm.tokenizer, ["Only text."]), [])[1]
+    vision = write_adapter(hf, tmp_path / "vision", r".*vision_model\.transformer.*\.(q_proj|v_proj)")
+    with pytest.raises(AdapterError, match="vision encoder"):
+        llm.adapters.register("vision", str(vision))
