@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Speculative decoding's acceptance on the demo model (CPU is fine: acceptance does not depend on
-the device): n-gram lookup and a draft cut from the demo model (its first 2 of 4 layers), for the
+the device): n-gram lookup, a draft cut from the demo model (its first 2 of 4 layers), and the draft
+trained like it (server/loader/demo/draft: 1 layer, 128 wide; scripts/train_draft_model.py), for the
 base model and its upper-case adapter, on the committed chat dataset (examples/data/upper_chat.jsonl:
 the adapter's training questions) and on a quoting / editing workload (a passage, then its first
 half again: the model continues by copying or rewriting it). Greedy unless --temperature.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from server.config import Config  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
-from server.loader import DEMO_ADAPTER, DEMO_MODEL  # noqa: E402
+from server.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL  # noqa: E402
 from server.loader.peft import load_lora  # noqa: E402
 from server.loader.truncate import truncate_model  # noqa: E402
 
@@ -92,8 +93,10 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         "# Speculative decoding: acceptance on the demo model (CPU)", "",
         f"`python bench/spec_acceptance.py --requests {args.requests} --max-tokens {args.max_tokens} "
         f"-k {args.k}{f' --temperature {args.temperature}' if args.temperature else ''}` "
-        f"({time.strftime('%Y-%m-%d')}). Demo model (4 layers, float32, safetensors); draft: its first 2 "
-        "layers (`python -m server.loader.truncate`), proposing without the adapter. Requests run 8 at a "
+        f"({time.strftime('%Y-%m-%d')}). Demo model (4 layers, float32, safetensors); drafts: its first 2 "
+        "layers (`python -m server.loader.truncate`), and the 1-layer draft trained like it "
+        "(`server/loader/demo/draft`, `scripts/train_draft_model.py`), both proposing without the adapter. "
+        "Requests run 8 at a "
         f"time; {'greedy' if not args.temperature else f'temperature {args.temperature}'}.", "",
         "| workload | model | method | k | acceptance | tokens / verify step | tokens / decode step | "
         "accepted at position 1..k | drafts | tokens | seconds |",
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("-k", type=int, default=4, help="--num-speculative-tokens")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--methods", default="ngram,cut,trained",
+                        help="comma-separated: ngram, cut (the 2-layer cut draft), trained (the trained draft)")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -121,7 +126,10 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         draft = truncate_model(DEMO_MODEL, Path(tmp) / "draft", 2)
-        methods = {"ngram": {"speculative_method": "ngram"}, "draft (2 layers)": {"speculative_model": str(draft)}}
+        every = {"ngram": ("ngram", {"speculative_method": "ngram"}),
+                 "cut": ("draft (2 layers cut)", {"speculative_model": str(draft)}),
+                 "trained": ("draft (1 layer trained)", {"speculative_model": str(DEMO_DRAFT)})}
+        methods = dict(every[m] for m in args.methods.split(","))
         for workload, prompts in workloads(tokenizer, args.requests).items():
             for adapter, model in ((0, "base"), (1, "upper adapter")):
                 for method, spec in methods.items():

@@ -397,12 +397,15 @@ def train_loop(
     tag,
     val_ids=None,
     eval_every=100,
+    extra_loss=None,
 ):
     """AdamW + cosine schedule on windows of a token stream starting at seeded random offsets.
 
     Random starts (rather than fixed chunks) keep the tiny model from memorising tokens by their
     absolute position.  With ``val_ids`` the held-out loss is measured every ``eval_every`` steps and
     the weights of the best evaluation are restored at the end (deterministic early stopping).
+    ``extra_loss(x, logits)`` is added to the training loss (scripts/train_draft_model.py distils
+    the demo model into its draft with it); the held-out loss stays the plain cross-entropy.
     """
     import torch
 
@@ -429,9 +432,12 @@ def train_loop(
     def loss_of(x, y):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(
+        loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
         )
+        if extra_loss is not None and model.training:
+            loss = loss + extra_loss(x, logits)
+        return loss
 
     val_batches = []
     if val_ids is not None:

@@ -16,7 +16,7 @@ from server.config import Config
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.engine.spec_decode.decode_rows import decode_rows, token_at
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
+from server.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL
 from server.loader.peft import load_lora
 from server.loader.truncate import truncate_model
 from server.models.layers import StepMetadata
@@ -111,6 +111,14 @@ def test_draft_model_greedy_equals_plain_decoding(requests: list, plain: list, d
                            num_speculative_tokens=3)
     check_same(plain, got)
     assert engine.draft_model is not None and engine.draft_model.config.num_layers == 2
+    assert engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_trained_draft_greedy_equals_plain_decoding(requests: list, plain: list) -> None:
+    """The committed draft (server/loader/demo/draft: 1 layer, trained like the demo model)."""
+    got, engine = generate(requests, num_kv_blocks=128, speculative_model=str(DEMO_DRAFT), num_speculative_tokens=3)
+    check_same(plain, got)
+    assert engine.draft_model is not None and engine.draft_model.config.num_layers == 1
     assert engine.scheduler.spec_stats.num_accepted_tokens > 0
 
 
