@@ -1,10 +1,12 @@
 """Speculative decoding through the server: `--speculative-model` (a 2-layer draft cut from the demo
 model, both loaded in 4-bit) gives the same greedy text, tokens, logprobs and usage as the plain
-server, for the base model and the adapter, stops at a stop string as it does, and reports its
-acceptance under vLLM's spec_decode metric names."""
+server, for the base model and the adapter, stops at a stop string as it does, answers a JSON-schema
+request (its drafts verified under the grammar) as it does, and reports its acceptance under vLLM's
+spec_decode metric names."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -57,14 +59,37 @@ def test_stop_string_cuts_text_tokens_and_usage_as_without_speculation(client: O
     assert got[0] == want[0] and got[1] == want[1] and got[3] == want[3]
 
 
+def metric(server: LiveServer, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
+    assert found is not None, f"{name} missing from /metrics"
+    return float(found.group(1))
+
+
+def test_json_schema_answer_equals_the_plain_server(client: OpenAI, spec_server: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "doc": {"type": "string", "maxLength": 120}},
+              "required": ["name", "doc"], "additionalProperties": False}
+
+    def ask(c: OpenAI) -> tuple[str | None, int]:
+        r = c.chat.completions.create(
+            model=BASE_MODEL, messages=[{"role": "user", "content": "Describe `json.dumps` as JSON."}], max_tokens=80,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "doc", "schema": schema}})
+        assert r.usage is not None
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    drafts = metric(spec_server, "vllm:spec_decode_num_draft_tokens_total")
+    got = ask(spec_server.client())
+    assert metric(spec_server, "vllm:spec_decode_num_draft_tokens_total") > drafts  # it speculated
+    assert got == ask(client)
+    assert got[0] is not None and set(json.loads(got[0])) == {"name", "doc"}
+
+
 def test_metrics_report_drafts_and_accepted_tokens(spec_server: LiveServer) -> None:
     spec_server.client().completions.create(model=BASE_MODEL, prompt=PROMPT, max_tokens=30, temperature=0)
-    text = httpx.get(f"{spec_server.url}/metrics", timeout=10).text
 
     def value(name: str) -> float:
-        found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
-        assert found is not None, f"{name} missing from /metrics"
-        return float(found.group(1))
+        return metric(spec_server, name)
 
     drafts, draft_tokens = value("vllm:spec_decode_num_drafts_total"), value("vllm:spec_decode_num_draft_tokens_total")
     accepted = value("vllm:spec_decode_num_accepted_tokens_total")
