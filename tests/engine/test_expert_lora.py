@@ -136,7 +136,7 @@ def engine_greedy(
     return got
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "mixtral"])
 def test_target_parameters_lora_hot_swapped_equals_peft(
     tmp_path: Path, family: str, device: str = "cpu"
 ) -> None:
