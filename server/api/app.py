@@ -53,7 +53,7 @@ def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:
     install_error_handlers(app)
     # Starlette runs the last added middleware first: CORS answers preflights before auth, and the
     # size limit sits innermost, so it sees only authenticated requests.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=lambda: request_bytes_limit(state))
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=lambda: request_bytes_limit(state.config, state.runtime))
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=config.api_key)
     if config.allowed_origins:

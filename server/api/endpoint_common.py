@@ -21,9 +21,10 @@ from server.api.errors import APIError, error_json, invalid_param
 from server.api.prompts import check_prompt_chars, message_chars
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.responses import json_response
+from server.api.runtime import Runtime
 from server.api.serving_adapters import resolve_adapter
 from server.api.sse import DONE, data_event, error_event
-from server.api.state import Runtime, ServerState
+from server.api.state import ServerState
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from server.engine.grammar import GrammarError
 from server.engine.request_fit import out_of_vocab
 
 if TYPE_CHECKING:
-    from server.api.state import Runtime
+    from server.api.runtime import Runtime
 
 # Keywords whose values are data, not subschemas: close_objects() leaves them alone.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.admission import default_token_budget
+from server.api.admission import Admission, default_token_budget
 from server.api.errors import error_body
 from server.api.prompts import max_prompt_chars
 
 if TYPE_CHECKING:
-    from server.api.state import ServerState
+    from server.api.runtime import Runtime
+    from server.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ def default_max_request_bytes(max_chars: int) -> int:
     return min(BYTES_PER_PROMPT_CHAR * max_chars + REQUEST_OVERHEAD_BYTES, MAX_DEFAULT_REQUEST_BYTES)
 
 
-def request_bytes_limit(state: ServerState) -> int:
-    """The body limit now: --max-request-bytes, or the default derived from the loaded model."""
-    if state.config.max_request_bytes is not None:
-        return state.config.max_request_bytes
-    runtime = state.runtime
+def request_bytes_limit(config: Config, runtime: Runtime | None) -> int:
+    """The body limit now: --max-request-bytes, or the default derived from the loaded model (None
+    until it is)."""
+    if config.max_request_bytes is not None:
+        return config.max_request_bytes
     if runtime is None:
         return MAX_DEFAULT_REQUEST_BYTES
     text = default_max_request_bytes(max_prompt_chars(runtime.tokenizer, runtime.max_model_len))
@@ -51,16 +52,14 @@ def request_bytes_limit(state: ServerState) -> int:
     return text + limits.max_images * ((limits.max_bytes + 2) // 3 * 4 + 64)
 
 
-def fit_limits(state: ServerState) -> None:
+def fit_limits(config: Config, runtime: Runtime, admission: Admission) -> None:
     """Once the model is loaded: --max-queued-tokens' default from the KV cache's size, and the
     derived limits logged."""
-    runtime = state.runtime
-    assert runtime is not None
-    if state.config.max_queued_tokens is None:
-        state.admission.max_tokens = default_token_budget(runtime.info.num_cache_tokens)
+    if config.max_queued_tokens is None:
+        admission.max_tokens = default_token_budget(runtime.info.num_cache_tokens)
     logger.info("limits: prompts of at most %d characters; bodies of at most %d bytes; %s prompt tokens in flight",
-                max_prompt_chars(runtime.tokenizer, runtime.max_model_len), request_bytes_limit(state),
-                state.admission.max_tokens or "unlimited")
+                max_prompt_chars(runtime.tokenizer, runtime.max_model_len), request_bytes_limit(config, runtime),
+                admission.max_tokens or "unlimited")
 
 
 class BodySizeLimitMiddleware:

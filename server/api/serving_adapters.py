@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from server.adapters import Adapter
 from server.api.errors import APIError
-from server.api.state import Runtime, ServerState, StateDep
+from server.api.runtime import Runtime
+from server.api.state import ServerState, StateDep
 
 router = APIRouter()  # registered only with --allow-runtime-lora
 

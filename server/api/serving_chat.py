@@ -28,8 +28,9 @@ from server.api.responses import (
     Usage,
     now,
 )
+from server.api.runtime import Runtime
 from server.api.sse import DONE, error_event, sse_response
-from server.api.state import Runtime, StateDep
+from server.api.state import StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.api.tool_call_reader import merge_deltas
 from server.api.tool_grammar import shape

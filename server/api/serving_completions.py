@@ -18,8 +18,9 @@ from server.api.logprobs import completion_logprobs, echo_logprobs, prompt_logpr
 from server.api.prompts import check_token_ids, encode_text, resolve_max_tokens
 from server.api.protocol import CompletionRequest
 from server.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
+from server.api.runtime import Runtime
 from server.api.sse import DONE, error_event, sse_response
-from server.api.state import Runtime, StateDep
+from server.api.state import StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.engine.client import EngineClient, TokenLogprob
 

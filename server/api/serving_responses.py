@@ -24,9 +24,10 @@ from server.api.output_reader import OutputPlan
 from server.api.prompts import resolve_max_tokens
 from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
 from server.api.responses_protocol import ResponsesRequest, as_responses_error
+from server.api.runtime import Runtime
 from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
 from server.api.sse import sse_response
-from server.api.state import Runtime, StateDep
+from server.api.state import StateDep
 from server.api.tokenizers import ModelTokenizer
 from server.api.tool_call_reader import Reading, merge_deltas
 from server.api.tool_request import encode_tool_chat, plan_tools

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,66 +15,21 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from server import startup_clock
-from server.adapters import Adapter, AdapterRegistry
+from server.adapters import AdapterRegistry
 from server.api.admission import Admission
 from server.api.errors import APIError
 from server.api.limits import fit_limits
-from server.api.logprobs import TokenTexts
+from server.api.runtime import Runtime
 from server.api.tokenizers import TokenizerRegistry, base_entry
 from server.config import Config
 from server.engine import stalls
 from server.engine.client import EngineClient, EngineInfo
-from server.engine.grammar import GrammarCompiler, make_compiler
+from server.engine.grammar import make_compiler
 from server.engine.launch import engine_client
 from server.metrics import EngineMetrics
 from server.vision_processor import VisionProcessor, image_limits
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Runtime:
-    """Everything a request needs once the model is loaded."""
-
-    engine: EngineClient
-    info: EngineInfo
-    tokenizer: Any
-    adapters: AdapterRegistry
-    token_texts: TokenTexts
-    base_model_id: str
-    tokenizers: TokenizerRegistry  # per model: the tokenizer, chat template and EOS ids its requests use
-    grammar: GrammarCompiler | None = None  # compiles structured-output specs here (a bad one is a 400)
-    grammar_error: str | None = None  # why there is none (a tokenizer the grammar engine cannot read)
-    vision: VisionProcessor | None = None  # image-text models: images in chat messages become engine inputs
-    reasoning_parser: str = "auto"  # --reasoning-parser / --tool-call-parser (server/api/output_reader.py)
-    tool_call_parser: str = "auto"
-
-    @property
-    def max_model_len(self) -> int:
-        return self.info.max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self.info.vocab_size
-
-    async def load_adapter(self, name: str, path: str, pinned: bool) -> Adapter:
-        """Read the adapter into the engine, then make its name servable (evicting beyond
-        --max-cpu-loras). ValueError when it cannot be loaded."""
-        registry = self.adapters
-        adapter = registry.prepare(name, path, pinned)
-        # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
-        tokenizer = await asyncio.to_thread(self.tokenizers.prepare, path, name)
-        adapter.rank = await self.engine.add_lora(adapter.adapter_id, name, path)
-        self.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
-        dropped = [old] if (old := registry.commit(adapter)) is not None else []
-        dropped += [registry.unregister(v.name) for v in registry.evictable() if v.name != name]
-        for gone in dropped:
-            await self.engine.remove_lora(gone.adapter_id)
-        return adapter
-
-    async def unload_adapter(self, name: str) -> None:
-        adapter = self.adapters.unregister(name)
-        await self.engine.remove_lora(adapter.adapter_id)
 
 
 def base_model_id(config: Config) -> str:
@@ -176,7 +130,8 @@ class ServerState:
         if self._closed:
             return
         engine.on_death = self._engine_died
-        fit_limits(self)  # the defaults of --max-queued-tokens and --max-request-bytes need the model
+        # The defaults of --max-queued-tokens and --max-request-bytes need the model.
+        fit_limits(config, runtime, self.admission)
         logger.info("ready to serve: %s (engine in a %s)", ", ".join([self.base_model_id, *(a.name for a in runtime.adapters)]),
                     config.engine_mode)
         self._report_startup()

@@ -87,10 +87,10 @@ def test_each_prompt_counts_once_per_choice_against_the_queue() -> None:
     assert admission.num_in_flight == 0
 
 
-def state_of(config: Config, *, loaded: bool = True) -> SimpleNamespace:
+def state_of(config: Config) -> SimpleNamespace:
     tokenizer = FakeTokenizer("a" * 10)  # 10 characters a token at most
     info = SimpleNamespace(num_cache_tokens=100 * 16)  # the engine's EngineInfo: 100 blocks of 16 tokens
-    runtime = SimpleNamespace(info=info, tokenizer=tokenizer, max_model_len=1000, vision=None) if loaded else None
+    runtime = SimpleNamespace(info=info, tokenizer=tokenizer, max_model_len=1000, vision=None)
     return SimpleNamespace(config=config, runtime=runtime,
                            admission=Admission(config.max_queued_requests, config.max_queued_tokens))
 
@@ -99,22 +99,22 @@ def test_queued_tokens_default_to_twice_the_kv_cache_once_it_is_sized() -> None:
     assert default_token_budget(1600) == 3200
     state = state_of(Config())
     assert state.admission.max_tokens is None  # until the model is loaded
-    fit_limits(state)  # type: ignore[arg-type]
+    fit_limits(state.config, state.runtime, state.admission)  # type: ignore[arg-type]
     assert state.admission.max_tokens == 2 * 100 * 16
     explicit = state_of(Config(max_queued_tokens=500))
-    fit_limits(explicit)  # type: ignore[arg-type]
+    fit_limits(explicit.config, explicit.runtime, explicit.admission)  # type: ignore[arg-type]
     assert explicit.admission.max_tokens == 500
     unlimited = state_of(Config(max_queued_tokens=0))
-    fit_limits(unlimited)  # type: ignore[arg-type]
+    fit_limits(unlimited.config, unlimited.runtime, unlimited.admission)  # type: ignore[arg-type]
     assert unlimited.admission.max_tokens is None
 
 
 def test_body_limit_defaults_to_what_the_longest_prompt_needs() -> None:
     # 1000 tokens x 10 characters, 4 bytes each at most in UTF-8, plus 1 MiB for the rest.
-    assert request_bytes_limit(state_of(Config())) == 40_000 + 2**20  # type: ignore[arg-type]
-    assert request_bytes_limit(state_of(Config(max_request_bytes=5000))) == 5000  # type: ignore[arg-type]
+    assert request_bytes_limit(Config(), state_of(Config()).runtime) == 40_000 + 2**20  # type: ignore[arg-type]
+    assert request_bytes_limit(Config(max_request_bytes=5000), state_of(Config()).runtime) == 5000  # type: ignore[arg-type]
     # Before the model is loaded, the cap: a valid request then gets the route's 503, not a 413.
-    assert request_bytes_limit(state_of(Config(), loaded=False)) == MAX_DEFAULT_REQUEST_BYTES  # type: ignore[arg-type]
+    assert request_bytes_limit(Config(), None) == MAX_DEFAULT_REQUEST_BYTES
     assert default_max_request_bytes(131072 * 32) == MAX_DEFAULT_REQUEST_BYTES == 16 * 2**20
 
 
