@@ -5,6 +5,7 @@ reads and returns; nothing is copied into this process, and pages the kernel nee
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,18 @@ def weight_files(model: str) -> list[Path]:
             folder = resolve_adapter_base(folder)
         except (OSError, ValueError):
             return []  # the load reports it
-    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    # A sharded checkpoint's index names the files the load reads: a folder may hold others it
+    # never opens (Mistral's repositories ship consolidated.safetensors, a second copy of the model).
+    index = folder / "model.safetensors.index.json"
+    try:
+        named = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        named = None  # the load reports a bad index
+    if named is not None:
+        return sorted(p for p in (folder / n for n in named) if p.is_file())
+    return sorted(folder.glob("*.safetensors"))
 
 
 def available_memory() -> int | None:

@@ -43,6 +43,20 @@ def test_an_adapter_folder_prefetches_its_base(advised: list[str], tmp_path: Pat
     assert prefetch.prefetch_weights(str(tmp_path)) > 0 and advised
 
 
+def test_a_sharded_folder_prefetches_the_files_its_index_names(advised: list[str], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mistral's repositories hold consolidated.safetensors beside the shards the load reads: reading
+    it ahead would double the start-up's reads (or skip the prefetch for the doubled size)."""
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 2**40)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "consolidated.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    weight_map = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert [p.name for p in prefetch.weight_files(str(tmp_path))] == sorted(set(weight_map.values()))
+    assert prefetch.prefetch_weights(str(tmp_path)) == 200
+    assert sorted(Path(p).name for p in advised) == sorted(set(weight_map.values()))
+
+
 def test_nothing_is_asked_when_the_weights_would_not_fit(advised: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     size = sum(f.stat().st_size for f in DEMO_MODEL.glob("*.safetensors"))
     monkeypatch.setattr(prefetch, "available_memory", lambda: size)  # more than half of it
