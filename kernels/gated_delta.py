@@ -10,6 +10,8 @@ tensors, the references elsewhere."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels.gated_delta_inputs import CHUNK, normalize_qk
@@ -80,5 +82,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if q.is_cuda:
         from kernels.triton_gated_delta import gated_delta_rule_triton
 
-        return gated_delta_rule_triton(q, k, v, g, beta, state, batch)
+        # The chunked Triton form needs 263 KB of shared memory at Qwen3.5's head sizes (128 x 128), past
+        # the H200's 227 KB: it failed its GPU tests there, so on a GPU every sequence goes token by token
+        # (the kernel the decode graphs use) unless SLOTH_GATED_DELTA_CHUNKED=1 asks for it.
+        chunked = os.environ.get("SLOTH_GATED_DELTA_CHUNKED") == "1"
+        return gated_delta_rule_triton(q, k, v, g, beta, state, batch, chunked_from=CHUNK if chunked else 1 << 30)
     return gated_delta_rule_ref(q, k, v, g, beta, state, batch)
