@@ -82,6 +82,7 @@ def engine_greedy(
     prompts: list[list[int]],
     device: str = "cpu",
     adapter: Path | None = None,
+    model_class: type | None = None,
 ) -> list[list[int]]:
     engine = LLMEngine(
         Config(
@@ -95,6 +96,8 @@ def engine_greedy(
             cuda_graph_sizes=(1, 2, 4),
         )
     )
+    if model_class is not None:
+        assert isinstance(engine.runner.model, model_class)
     if adapter is not None:
         engine.add_lora(1, load_adapter(engine, "a", adapter))
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

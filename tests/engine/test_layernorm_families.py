@@ -6,6 +6,7 @@ generic path; an adapter with its own LayerNorm weights is refused."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,9 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from test_glm_families import engine_greedy as glm_engine_greedy
+from test_glm_families import hf_greedy
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.loras import load_adapter
-from server.engine.sampling_params import SamplingParams
 from server.models.config import ModelConfig
 from server.models.layernorm import LayerNormForCausalLM
 
@@ -60,43 +59,9 @@ def make_model(tmp: Path, name: str) -> tuple[Path, torch.nn.Module]:
     return folder, model
 
 
-def engine_greedy(
-    folder: Path,
-    prompts: list[list[int]],
-    device: str = "cpu",
-    adapter: Path | None = None,
-) -> list[list[int]]:
-    engine = LLMEngine(
-        Config(
-            model=str(folder),
-            load_format="safetensors",
-            num_kv_blocks=64,
-            block_size=8,
-            max_num_batched_tokens=24,
-            device=device,
-            dtype="float32",
-            cuda_graph_sizes=(1, 2, 4),
-        )
-    )
-    assert isinstance(engine.runner.model, LayerNormForCausalLM)
-    if adapter is not None:
-        engine.add_lora(1, load_adapter(engine, "a", adapter))
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params, adapter_id=1 if adapter else 0)
-    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests:
-        for out in engine.step():
-            got[out.request_id].extend(out.new_token_ids)
-    assert engine.block_manager.num_free_blocks == 64
-    return [got[str(i)] for i in range(len(prompts))]
+# The GLM tests' engine run and transformers reference, checking that the family's own model class serves.
+engine_greedy = functools.partial(glm_engine_greedy, model_class=LayerNormForCausalLM)
 
-
-def hf_greedy(hf: torch.nn.Module, prompt: list[int]) -> list[int]:
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def prompts() -> list[list[int]]:
