@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 from gemma3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_gemma3_vl, reference
-from peft import LoraConfig, PeftModel, get_peft_model
-from vision_models import random_image
+from peft import PeftModel
+from vision_models import random_image, write_adapter
 
 from server.engine.sampling_params import SamplingParams
 from server.llm import LLM
@@ -93,17 +93,6 @@ def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> Non
     again = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
     assert again.token_ids == first.token_ids
     assert again.num_cached_tokens > offset and vision.num_encoded == encoded + 1
-
-
-def write_adapter(hf: Any, folder: Path, target: str) -> Path:
-    torch.manual_seed(3)
-    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=target))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-    peft_model.save_pretrained(str(folder))
-    return folder
 
 
 def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:

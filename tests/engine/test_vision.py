@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image
+from peft import PeftModel
+from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image, write_adapter
 
 from server.api.tokenizers import base_entry
 from server.engine.sampling_params import SamplingParams
@@ -97,18 +96,6 @@ def test_text_model_refuses_images(tmp_path: Path) -> None:
     llm = LLM(DEMO_MODEL, load_format="safetensors", dtype="float32", num_kv_blocks=16)
     with pytest.raises(ValueError, match="text only"):
         llm.generate({"prompt": "hi", "images": [random_image(1)]}, GREEDY)
-
-
-def write_adapter(hf: Any, folder: Path, target: str) -> Path:
-    """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
-    torch.manual_seed(3)
-    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=target))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-    peft_model.save_pretrained(str(folder))
-    return folder
 
 
 def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:

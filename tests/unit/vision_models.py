@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -136,3 +137,15 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def write_adapter(hf: Any, folder: Path, target: str) -> Path:
+    """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
+    torch.manual_seed(3)
+    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=target))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
