@@ -28,9 +28,11 @@ serve: venv
 lint: venv
 	$(PY) -m ruff check .
 
-# mypy reads its settings (the checked packages: server, kernels) from pyproject.toml.
+# mypy reads its settings (the checked packages: sloth_serve, sloth_kernels) from pyproject.toml and
+# finds them through links to server/ and kernels/ (it cannot follow the editable install's import hook).
 typecheck: venv
-	$(PY) -m mypy
+	bash scripts/import_names.sh $(VENV)/import-names
+	MYPYPATH=$(VENV)/import-names $(PY) -m mypy
 
 # Test files are spread over TEST_JOBS processes (pytest-xdist), a file's tests kept together so its
 # server fixtures start once; CI's machine has 2 cores.

@@ -62,7 +62,7 @@ def wait_ready(url: str, timeout: float) -> bool:
 
 def serve_stage(args: argparse.Namespace, model: Path, loras: list[Path], log: Path) -> list[dict]:
     port = 8123
-    cmd = [PY, "-m", "server.cli", "--model", str(model), "--port", str(port), "--max-num-seqs", "64",
+    cmd = [PY, "-m", "sloth_serve.cli", "--model", str(model), "--port", str(port), "--max-num-seqs", "64",
            "--max-model-len", "1024", "--max-loras", "8"]
     for i, lora in enumerate(loras):
         cmd += ["--lora", f"lora{i}={lora}"]

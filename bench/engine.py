@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from kernels.nf4 import quantize_nf4_ref
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader.checkpoint import LoadedModel
-from server.loader.peft import LoRAWeights, load_lora, startup_lora_rank
-from server.models.config import ModelConfig
-from server.models.weights import build_model
+from sloth_kernels.nf4 import quantize_nf4_ref
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader.checkpoint import LoadedModel
+from sloth_serve.loader.peft import LoRAWeights, load_lora, startup_lora_rank
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.weights import build_model
 
 SHAPES = {  # random-weight stand-ins for real checkpoints: no download, no disk
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine.outputs import RequestOutput, StepStats
-from server.engine.sampling_params import SamplingParams
-from server.engine.wire import AddRequest, StepOutputs, command_codec, event_codec
+from sloth_serve.engine.outputs import RequestOutput, StepStats
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.wire import AddRequest, StepOutputs, command_codec, event_codec
 
 
 def step(batch: int, i: int) -> StepOutputs:

@@ -61,7 +61,7 @@ class Family:
 
 def route(folder: Path) -> tuple[str, str]:
     """("native" / "generic" / "refused", reason or architecture) from the folder's config.json."""
-    from server.models.families import UnsupportedModel, route_of
+    from sloth_serve.models.families import UnsupportedModel, route_of
 
     cfg = json.loads((folder / "config.json").read_text())
     try:
@@ -92,7 +92,7 @@ def server_ready(proc: subprocess.Popen, url: str, timeout: float) -> bool:
 def serve_runs(args: argparse.Namespace, folder: Path, vocab: int, out: Path, log: Path) -> None:
     """The server on `folder`, bench/serve.py at each concurrency; http-c<N>.json into `out`."""
     port = args.port
-    cmd = [PY, "-m", "server.cli", "--model", str(folder), "--port", str(port), "--max-num-seqs",
+    cmd = [PY, "-m", "sloth_serve.cli", "--model", str(folder), "--port", str(port), "--max-num-seqs",
            str(max(args.sizes)), "--max-model-len", "1024"]
     with log.open("a") as f:
         f.write(f"\n== server: {' '.join(cmd)}\n")

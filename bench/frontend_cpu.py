@@ -67,11 +67,19 @@ def token_source(commands_address: str, events_address: str, parent_pid: int, st
     request (the first `max_batch`), each request finished (LENGTH) at its max_tokens."""
     import zmq
 
-    from server.engine.outputs import EngineInfo, RequestOutput, StepStats
-    from server.engine.sequence import FinishReason
-    from server.engine.wire import Abort, AddRequest, Ready, Shutdown, StepOutputs, command_codec, event_codec
-    from server.loader import DEMO_MODEL
-    from server.loader.tokenizer import load_tokenizer
+    from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
+    from sloth_serve.engine.sequence import FinishReason
+    from sloth_serve.engine.wire import (
+        Abort,
+        AddRequest,
+        Ready,
+        Shutdown,
+        StepOutputs,
+        command_codec,
+        event_codec,
+    )
+    from sloth_serve.loader import DEMO_MODEL
+    from sloth_serve.loader.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(DEMO_MODEL)
     text_ids: list[int] = tokenizer.encode(PASSAGE * 4, add_special_tokens=False)
@@ -131,7 +139,7 @@ def token_source(commands_address: str, events_address: str, parent_pid: int, st
 
 def _source_client(config: Any, step_s: float, max_batch: int, tokens_per_step: int) -> Any:
     """The real ProcessEngineClient, spawning the token source instead of the engine process."""
-    from server.engine.process_client import ProcessEngineClient
+    from sloth_serve.engine.process_client import ProcessEngineClient
 
     class SourceClient(ProcessEngineClient):
         def spawn(self) -> None:
@@ -155,10 +163,10 @@ def serve(args: argparse.Namespace) -> None:
     """The front end's process: the server's own app and uvicorn options, the source as its engine."""
     import uvicorn
 
-    from server.api import create_app
-    from server.api.connections import uvicorn_options
-    from server.config import Config
-    from server.logs import configure_logging
+    from sloth_serve.api import create_app
+    from sloth_serve.api.connections import uvicorn_options
+    from sloth_serve.config import Config
+    from sloth_serve.logs import configure_logging
 
     config = Config(port=args.port, log_level="warning", access_log=False, max_queued_requests=4 * args.streams)
     configure_logging(config.log_level, config.log_format, access_log=False, log_requests=False)

@@ -32,7 +32,7 @@
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
 phase=${1:?phase: compare, peers or checks}
-mkdir -p /tmp/site && tar xzf .gpu-carry/site.tgz -C /tmp/site
+mkdir -p /tmp/site && tar xzf .gpu-carry/site.tgz -C /tmp/site && bash scripts/import_names.sh /tmp/site
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
 SHAPE=${SHAPE:-llama3-8b}  # bench/make_random_model.py SHAPES: llama3-8b (the recorded table) or llama3.2-1b
 WORK=/tmp/cmp-$SHAPE
@@ -61,7 +61,7 @@ adapter_server() {  # adapter_server PORT LOG LIMIT_S READY_S [flags]: the serve
     shift 4
     local loras="" i
     for i in 0 1 2 3 4 5 6 7; do loras="$loras --lora lora$i=$WORK/model-loras/lora-$i"; done
-    timeout "$limit" python -m server.cli --model "$WORK/model-bnb-4bit" --port "$port" --max-num-seqs 64 \
+    timeout "$limit" python -m sloth_serve.cli --model "$WORK/model-bnb-4bit" --port "$port" --max-num-seqs 64 \
         --max-model-len 1024 --max-loras 8 $loras "$@" > "$log" 2>&1 &
     pid=$!
     python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:$port/health', $ready)"
@@ -197,7 +197,7 @@ ab)  # serving variants on one machine and model, c64 / c8 / c1: the default (en
         [ "$variant" = async ] && flags="--async-scheduling"
         [ "$variant" = thread ] && flags="--engine-mode thread"
         elapsed "server: $variant"
-        timeout 200 python -m server.cli --model "$WORK/model-bnb-4bit" --port 8124 \
+        timeout 200 python -m sloth_serve.cli --model "$WORK/model-bnb-4bit" --port 8124 \
             --max-num-seqs 64 --max-model-len 1024 $flags > "$RES/server-$variant.log" 2>&1 &
         pid=$!
         python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:8124/health', 150)"

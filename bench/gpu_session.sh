@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the engine benchmark on a random-weight Llama-3-8B NF4 model.
 # Usage (device tool, carry .gpu-carry): bash bench/gpu_session.sh   (writes under $OUT)
 set -u
-mkdir -p /tmp/site && tar xzf .gpu-carry/site.tgz -C /tmp/site
+mkdir -p /tmp/site && tar xzf .gpu-carry/site.tgz -C /tmp/site && bash scripts/import_names.sh /tmp/site
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/gpu.txt" 2>&1

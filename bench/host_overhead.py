@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from server import cli
-from server.engine.model_runner import ModelRunner, StepInputs
+from sloth_serve import cli
+from sloth_serve.engine.model_runner import ModelRunner, StepInputs
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.attention import AttnMetadata, paged_attention
-from kernels.norm import add_rms_norm, add_rms_norm_ref
-from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
-from kernels.triton_attention import paged_attention_triton, write_kv_triton
+from sloth_kernels.attention import AttnMetadata, paged_attention
+from sloth_kernels.norm import add_rms_norm, add_rms_norm_ref
+from sloth_kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
+from sloth_kernels.triton_attention import paged_attention_triton, write_kv_triton
 
 HQ, HK, D, HIDDEN, DT = 32, 8, 128, 4096, torch.bfloat16
 ROTATE_BYTES = 400 << 20

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.gated_delta import gated_delta_rule_ref
-from kernels.gated_delta_inputs import CHUNK
-from kernels.state_batch import StateBatch
+from sloth_kernels.gated_delta import gated_delta_rule_ref
+from sloth_kernels.gated_delta_inputs import CHUNK
+from sloth_kernels.state_batch import StateBatch
 
 HEADS, DK, DV = 32, 128, 128
 NEVER = 1 << 30  # chunked_from that keeps every sequence token by token
@@ -67,7 +67,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench(lens: list[int], heads: int, dk: int, dv: int, dev: str, with_torch: bool) -> None:
-    from kernels.triton_gated_delta import gated_delta_rule_triton
+    from sloth_kernels.triton_gated_delta import gated_delta_rule_triton
 
     q, k, v, g, beta = inputs(lens, heads, dk, dv, dev)
     qsl = [0]

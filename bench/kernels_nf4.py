@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import triton_nf4
-from kernels.lora import add_lora
-from kernels.nf4 import dequantize_nf4_ref, nf4_linear, quantize_nf4_ref
-from kernels.nf4_format import NF4Weight
+from sloth_kernels import triton_nf4
+from sloth_kernels.lora import add_lora
+from sloth_kernels.nf4 import dequantize_nf4_ref, nf4_linear, quantize_nf4_ref
+from sloth_kernels.nf4_format import NF4Weight
 
 SHAPES = {"o 4096x4096": (4096, 4096), "down 4096x14336": (4096, 14336), "gate/up 14336x4096": (14336, 4096),
           "qkv 6144x4096": (6144, 4096)}

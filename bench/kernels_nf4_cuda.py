@@ -1,4 +1,4 @@
-"""The CUDA NF4 GEMV (kernels.cuda_nf4) against the Triton GEMV and cuBLAS on bf16, in one run.
+"""The CUDA NF4 GEMV (sloth_kernels.cuda_nf4) against the Triton GEMV and cuBLAS on bf16, in one run.
 
     python bench/kernels_nf4_cuda.py --out results.md [--json raw.json] [--precompile 14] [--no-sweep]
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels_nf4 import SHAPES, Case, precompile, time_calls
-from kernels import cuda_nf4, triton_nf4
-from kernels.nf4 import dequantize_nf4_ref, nf4_linear
+from sloth_kernels import cuda_nf4, triton_nf4
+from sloth_kernels.nf4 import dequantize_nf4_ref, nf4_linear
 
 ROWS = [1, 8, 16, 32, 64]
 DTYPE = torch.bfloat16

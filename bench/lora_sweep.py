@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.common import write_json
-from kernels import triton_lora
-from kernels.lora import add_lora
+from sloth_kernels import triton_lora
+from sloth_kernels.lora import add_lora
 
 SHAPES = {  # name: (K, output slices) of the fused projections of Llama-3-8B
     "qkv": (4096, [4096, 1024, 1024]),

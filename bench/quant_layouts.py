@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.common import write_json
-from kernels.nf4 import nf4_linear, quantize_nf4_ref
-from kernels.nf4_format import NF4Weight
-from server.models.layers import LoRALinear
+from sloth_kernels.nf4 import nf4_linear, quantize_nf4_ref
+from sloth_kernels.nf4_format import NF4Weight
+from sloth_serve.models.layers import LoRALinear
 
 # (name, in_features, out slices, which slices stay 16-bit)
 LAYERS = [

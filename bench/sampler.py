@@ -1,5 +1,5 @@
-"""Time the two samplers on the GPU: the PyTorch reference (kernels.sampling.sample_ref: a sort for
-top-k / top-p) and the Triton kernel (kernels.triton_sampling: bisection, no sort), at Llama-3's
+"""Time the two samplers on the GPU: the PyTorch reference (sloth_kernels.sampling.sample_ref: a sort for
+top-k / top-p) and the Triton kernel (sloth_kernels.triton_sampling: bisection, no sort), at Llama-3's
 vocabulary (128,256) and 1, 8 and 64 rows, for the parameter mixes a server sees.
 
     python bench/sampler.py [--out FILE.md]
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.sampling import sample_ref
-from kernels.triton_sampling import sample_triton
+from sloth_kernels.sampling import sample_ref
+from sloth_kernels.triton_sampling import sample_triton
 
 VOCAB = 128256
 MIXES = {  # name -> (top_k, top_p, min_p) for every row

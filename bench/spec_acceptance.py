@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.config import Config  # noqa: E402
-from server.engine.llm_engine import LLMEngine  # noqa: E402
-from server.engine.sampling_params import SamplingParams, StructuredSpec  # noqa: E402
-from server.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL  # noqa: E402
-from server.loader.peft import load_lora  # noqa: E402
-from server.loader.truncate import truncate_model  # noqa: E402
+from sloth_serve.config import Config  # noqa: E402
+from sloth_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec  # noqa: E402
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL  # noqa: E402
+from sloth_serve.loader.peft import load_lora  # noqa: E402
+from sloth_serve.loader.truncate import truncate_model  # noqa: E402
 
 DATASET = ROOT / "examples" / "data" / "upper_chat.jsonl"
 
@@ -106,7 +106,7 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         f"-k {args.k}{f' --temperature {args.temperature}' if args.temperature else ''}"
         f"{' --structured' if args.structured else ''}` "
         f"({time.strftime('%Y-%m-%d')}). Demo model (4 layers, float32, safetensors); drafts: its first 2 "
-        "layers (`python -m server.loader.truncate`), and the 1-layer draft trained like it "
+        "layers (`python -m sloth_serve.loader.truncate`), and the 1-layer draft trained like it "
         "(`server/loader/demo/draft`, `scripts/train_draft_model.py`), both proposing without the adapter. "
         "Requests run 8 at a "
         f"time; {'greedy' if not args.temperature else f'temperature {args.temperature}'}.", "",

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.engine import SHAPES, random_nf4_model
-from server.config import Config
-from server.engine.cuda_graphs import default_buckets
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine.spec_decode.draft import DraftRunner
+from sloth_serve.config import Config
+from sloth_serve.engine.cuda_graphs import default_buckets
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.spec_decode.draft import DraftRunner
 
 PROMPT_LEN = 64
 DEVICE = torch.device("cuda")

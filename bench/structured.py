@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.common import now_iso, package_versions
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 DOC_SCHEMA = {  # the token streams of part 1: objects, enums, bounded ints, strings, arrays
     "type": "object",
@@ -119,7 +119,7 @@ class Lib:
     def compile(self, schema: str) -> Any:
         if self.name.startswith("xgrammar"):
             return self.compiler.compile_json_schema(schema, any_whitespace=False)
-        from server.engine.grammar import JSON_OPTIONS
+        from sloth_serve.engine.grammar import JSON_OPTIONS
 
         grammar = self.llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         matcher = self.llg.LLMatcher(self.lltok, grammar, log_level=0)
@@ -151,7 +151,7 @@ class Lib:
 def time_library(lib: Lib, docs: list[list[int]], batch: int, steps: int) -> dict[str, float]:
     """Each of `batch` lanes feeds documents one token a step (EOS after each), a new matcher per
     document; returns microseconds per row filled, per token accepted, per new matcher."""
-    from server.engine.grammar import bitmask_width
+    from sloth_serve.engine.grammar import bitmask_width
 
     bitmask = torch.full((batch, bitmask_width(lib.vocab)), -1, dtype=torch.int32)
     lanes = [[i % len(docs), 0, lib.new()] for i in range(batch)]
@@ -183,7 +183,7 @@ def exactness(lib: Lib, tokenizer: Any, walks: int = 40) -> dict[str, str]:
     of finished outputs that parse and validate. A schema the library refuses is reported so."""
     import jsonschema
 
-    from server.engine.grammar import allowed_tokens, bitmask_width
+    from sloth_serve.engine.grammar import allowed_tokens, bitmask_width
 
     out: dict[str, str] = {}
     bitmask = torch.full((1, bitmask_width(lib.vocab)), -1, dtype=torch.int32)
@@ -269,9 +269,9 @@ LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maxi
 def part_engine(args: argparse.Namespace, lines: list[str]) -> None:
     from transformers import AutoTokenizer
 
-    from server.config import Config
-    from server.engine.llm_engine import LLMEngine
-    from server.engine.sampling_params import SamplingParams, StructuredSpec
+    from sloth_serve.config import Config
+    from sloth_serve.engine.llm_engine import LLMEngine
+    from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
 
     config = Config(model=args.model, device=args.device, load_format=args.load_format,
                     max_num_seqs=max(args.batch_sizes), num_kv_blocks=args.num_kv_blocks)
@@ -359,8 +359,8 @@ def run_batch(engine: Any, prompt: list[int], params: Any, batch: int,
 def part_check(args: argparse.Namespace, lines: list[str]) -> None:
     import jsonschema
 
-    from server import LLM, SamplingParams
-    from server.engine.sampling_params import StructuredSpec
+    from sloth_serve import LLM, SamplingParams
+    from sloth_serve.engine.sampling_params import StructuredSpec
 
     llm = LLM(args.model, device=args.device, load_format=args.load_format, num_kv_blocks=args.num_kv_blocks)
     engine = llm.engine

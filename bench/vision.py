@@ -92,8 +92,8 @@ def image(seed: int, size: int) -> Any:
 
 
 def run_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from server.engine.sampling_params import SamplingParams
-    from server.llm import LLM
+    from sloth_serve.engine.sampling_params import SamplingParams
+    from sloth_serve.llm import LLM
 
     llm = LLM(args.folder, load_format=args.load_format, device=args.device, max_num_seqs=max(args.streams))
     text = str(llm.tokenizer.apply_chat_template(

@@ -22,7 +22,7 @@ the folders it wrote served by sloth-serve, with nothing converted:
    greedy answers to questions that are not in the training data are printed with their share of
    upper-case letters (the trained effect).
 7. ``--serve``: starts the HTTP server on the same folders
-   (``python -m server.cli --model <base> --lora finetuned=OUT/adapter``) and prints the curl and
+   (``python -m sloth_serve.cli --model <base> --lora finetuned=OUT/adapter``) and prints the curl and
    OpenAI-SDK calls that use the adapter by its name.
 
 Run it from the repository root (CPU works: Unsloth's CPU backend is stock transformers + PEFT + TRL)::
@@ -60,7 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `from server import LLM` without PYTHONPATH too
+    sys.path.insert(0, str(REPO))  # `from sloth_serve import LLM` without PYTHONPATH too
 
 DATA = REPO / "examples" / "data" / "upper_chat.jsonl"
 DEFAULT_OUT = REPO / "out" / "finetune-upper"
@@ -83,7 +83,7 @@ def log(msg: str) -> None:
 
 
 def default_base() -> Path:
-    from server.loader import DEMO_MODEL
+    from sloth_serve.loader import DEMO_MODEL
 
     return Path(DEMO_MODEL)
 
@@ -324,7 +324,7 @@ def upper_share(text: str) -> float:
 
 
 def serve_offline(args, base: Path, info: dict, questions: list[str], device: str) -> dict:
-    from server import LLM, SamplingParams
+    from sloth_serve import LLM, SamplingParams
 
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     llm = LLM(base, lora={args.name: info["adapter"]}, device=device)
@@ -358,7 +358,7 @@ def client_lines(args, base: Path, adapter: Path) -> str:
     rel = lambda p: os.path.relpath(p, Path.cwd()) if Path(p).is_relative_to(Path.cwd()) else str(p)  # noqa: E731
     return f"""\
 # serve the base with the adapter hot-swappable by name (add more --lora NAME=PATH, or --lora-dir DIR):
-python -m server.cli --model {rel(base)} --lora {args.name}={rel(adapter)} --port {args.port}
+python -m sloth_serve.cli --model {rel(base)} --lora {args.name}={rel(adapter)} --port {args.port}
 
 curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
   -d '{{"model": "{args.name}", "messages": [{{"role": "user", "content": "What does `json.dumps` do?"}}], "max_tokens": 48, "temperature": 0}}'
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTo serve it over HTTP (or rerun with --serve):\n\n" + lines + "\n")
         return 0
     print("\nStarting the server; call it with:\n\n" + lines + "\n", flush=True)
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(base), "--lora", f"{args.name}={info['adapter']}",
+    cmd = [sys.executable, "-m", "sloth_serve.cli", "--model", str(base), "--lora", f"{args.name}={info['adapter']}",
            "--host", args.host, "--port", str(args.port), "--device", device]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:

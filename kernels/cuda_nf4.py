@@ -1,7 +1,7 @@
-"""The CUDA NF4 GEMV / skinny GEMM (1-64 rows; source and design in kernels.cuda_nf4_source): which
+"""The CUDA NF4 GEMV / skinny GEMM (1-64 rows; source and design in sloth_kernels.cuda_nf4_source): which
 calls it takes, its launch shape, and the NVRTC compile (once per process and variant, cached).
 
-kernels.nf4.nf4_linear prefers it on CUDA for up to MAX_ROWS rows and falls back to the Triton kernels
+sloth_kernels.nf4.nf4_linear prefers it on CUDA for up to MAX_ROWS rows and falls back to the Triton kernels
 when it does not apply, when NVRTC is missing or fails, or when SLOTH_NF4_CUDA=0. Launches go on
 torch's current stream (torch's NVRTC launcher), so a CUDA graph captures them like any kernel."""
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kernels.cuda_nf4_source import SOURCE
-from kernels.nf4_format import NF4Weight
+from sloth_kernels.cuda_nf4_source import SOURCE
+from sloth_kernels.nf4_format import NF4Weight
 
 log = logging.getLogger(__name__)
 

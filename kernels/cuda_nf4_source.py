@@ -1,4 +1,4 @@
-"""CUDA C++ source of the NF4 GEMV / skinny GEMM (1-64 rows) that kernels.cuda_nf4 compiles with NVRTC.
+"""CUDA C++ source of the NF4 GEMV / skinny GEMM (1-64 rows) that sloth_kernels.cuda_nf4 compiles with NVRTC.
 
 Why CUDA and not Triton: decoding NF4 is a table lookup per weight. In registers (the Triton kernel's
 `prmt` lookup) it costs ~2.8 integer instructions per weight, which caps the GEMV at about a quarter of

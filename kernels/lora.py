@@ -3,7 +3,7 @@
 `a` [num_slots, rank, in_features] and `b` [num_slots, out_features, rank] hold one adapter per
 slot (scale already folded into b); `slots` [T] (int32) gives each token's slot, -1 for none.
 `y` may be a column slice of a wider output (a fused projection's slice): only its strides count.
-On CUDA `add_lora` runs the Triton shrink/expand kernels of `kernels.triton_lora` (ranks up to 64);
+On CUDA `add_lora` runs the Triton shrink/expand kernels of `sloth_kernels.triton_lora` (ranks up to 64);
 elsewhere, or for larger ranks, the reference. A fused projection's slices (q|k|v, gate|up) go at
 once: their A and B stacked, two launches in all instead of two per slice.
 """
@@ -56,7 +56,7 @@ def add_lora(
     slices = slices or [y.shape[1]]
     rank = a.shape[1] // len(slices)
     if y.is_cuda and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from kernels.triton_lora import add_lora_triton, stackable
+        from sloth_kernels.triton_lora import add_lora_triton, stackable
 
         if rank <= MAX_TRITON_RANK and stackable(slices, rank):
             if active_slots is not None and all(s < 0 for s in active_slots):

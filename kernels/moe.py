@@ -2,7 +2,7 @@
 sigmoid with biased picks, as transformers does them) and the experts' SwiGLU MLPs for a flat batch of tokens. `moe_experts_ref` is the plain
 PyTorch reference (tokens grouped by expert, results index-added back, in transformers' order, so on
 one device it is bit-exact to transformers); `moe_experts` runs the grouped Triton GEMMs of
-`kernels.triton_moe` on CUDA (no host sync, so it is captured in CUDA graphs) and the reference
+`sloth_kernels.triton_moe` on CUDA (no host sync, so it is captured in CUDA graphs) and the reference
 elsewhere."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gat
     """The experts' weighted sum for every token: w_gate_up [E, 2 * inter, hidden] (gate rows first),
     w_down [E, hidden, inter]. Triton's grouped GEMMs on CUDA, the reference elsewhere."""
     if x.is_cuda and x.shape[0] > 0:
-        from kernels.triton_moe import fused_moe, supports
+        from sloth_kernels.triton_moe import fused_moe, supports
 
         if supports(x, w_gate_up, w_down):
             return fused_moe(x, ids, weights, w_gate_up, w_down)

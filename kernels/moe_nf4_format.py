@@ -1,6 +1,6 @@
 """NF4 experts stacked (Unsloth's `-bnb-4bit` MoE layout, one bitsandbytes 4-bit linear per expert):
 GroupedNF4 holds each expert's packed bytes and block statistics as one row of a [E, ...] tensor, so
-that one kernel launch reads every expert's weight. Ground floor beside kernels.nf4_format: the
+that one kernel launch reads every expert's weight. Ground floor beside sloth_kernels.nf4_format: the
 reference (moe_nf4.py) and the grouped Triton GEMMs (triton_moe_nf4.py) both read it, and it imports
 neither."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.nf4_format import NF4Weight, is_nf4_code
+from sloth_kernels.nf4_format import NF4Weight, is_nf4_code
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
-"""NF4 (bitsandbytes 4-bit) weights (the format: kernels.nf4_format): their plain-PyTorch reference
+"""NF4 (bitsandbytes 4-bit) weights (the format: sloth_kernels.nf4_format): their plain-PyTorch reference
 (quantize, dequantize, linear), joining and splitting them, and `nf4_linear`, which runs the fused
-Triton kernels of `kernels.triton_nf4` on CUDA and the reference elsewhere."""
+Triton kernels of `sloth_kernels.triton_nf4` on CUDA and the reference elsewhere."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.nf4_format import NF4_CODE, NF4Weight
+from sloth_kernels.nf4_format import NF4_CODE, NF4Weight
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -168,8 +168,8 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
 
 
 def _cuda_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor | None:
-    """The CUDA GEMV's result (kernels.cuda_nf4), or None where it is not preferred or cannot compile (then it stays off for the process and the Triton kernels run)."""
-    from kernels import cuda_nf4
+    """The CUDA GEMV's result (sloth_kernels.cuda_nf4), or None where it is not preferred or cannot compile (then it stays off for the process and the Triton kernels run)."""
+    from sloth_kernels import cuda_nf4
 
     x2 = x.reshape(-1, w.shape[1])
     if not cuda_nf4.prefers(x2, w):
@@ -187,12 +187,12 @@ def nf4_linear(
 ) -> torch.Tensor:
     """x[..., in] @ W.T (+ bias) -> [..., out] in x.dtype. On CUDA the Triton kernels dequantize in
     registers (never writing a dense weight), or, for the few rows where it is faster, the CUDA
-    kernel of kernels.cuda_nf4; elsewhere the reference runs. `out`, if given, is a 2-D
+    kernel of sloth_kernels.cuda_nf4; elsewhere the reference runs. `out`, if given, is a 2-D
     [tokens, out_features] view (a column slice of a wider tensor is fine) that receives the result."""
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weight is {w.shape}")
     if x.is_cuda:
-        from kernels.triton_nf4 import nf4_matmul, supports
+        from sloth_kernels.triton_nf4 import nf4_matmul, supports
 
         y_cuda = _cuda_gemv(x, w, bias, out)
         if y_cuda is not None:
@@ -213,8 +213,8 @@ def nf4_linear_stacked(x: torch.Tensor, ws: list[NF4Weight]) -> torch.Tensor:
     if any(w.shape[1] != x.shape[-1] for w in ws):
         raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weights are {[tuple(w.shape) for w in ws]}")
     if x.is_cuda:
-        from kernels import cuda_nf4
-        from kernels.triton_nf4 import nf4_matmul_stacked, supports
+        from sloth_kernels import cuda_nf4
+        from sloth_kernels.triton_nf4 import nf4_matmul_stacked, supports
 
         x2 = x.reshape(-1, x.shape[-1])
         if not all(cuda_nf4.prefers(x2, w) for w in ws) and all(supports(x, w) for w in ws):

@@ -1,6 +1,6 @@
 """RoPE frequency scaling (linear, llama3, YaRN, longrope, dynamic NTK) computed as transformers does,
 and the float32 cos/sin tables the forward pass reads, attention factor folded in.
-`scaling` is the normalized dict `server.models.config.rope_parameters` returns."""
+`scaling` is the normalized dict `sloth_serve.models.config.rope_parameters` returns."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gated_delta_inputs import CHUNK, normalize_qk
-from kernels.state_batch import StateBatch
+from sloth_kernels.gated_delta_inputs import CHUNK, normalize_qk
+from sloth_kernels.state_batch import StateBatch
 
 
 @triton.jit

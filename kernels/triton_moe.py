@@ -1,7 +1,7 @@
 """Grouped expert GEMMs for a mixture-of-experts layer in Triton: the (token, expert) assignments
 are sorted by expert and padded to whole row blocks on the device (`align_by_expert`, no host sync,
 static shapes: CUDA-graph safe); one launch computes every expert's silu(gate) * up, one more its
-down projection scaled by the routing weight. Reference: kernels.moe.moe_experts_ref."""
+down projection scaled by the routing weight. Reference: sloth_kernels.moe.moe_experts_ref."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Grouped expert GEMMs over NF4 experts (kernels.moe_nf4_format.GroupedNF4) in Triton: the assignments are
+"""Grouped expert GEMMs over NF4 experts (sloth_kernels.moe_nf4_format.GroupedNF4) in Triton: the assignments are
 sorted by expert on the device as for 16-bit experts (`triton_moe.align_by_expert`, no host sync, so
 CUDA graphs capture it); one launch computes every expert's silu(gate) * up, one more its down
 projection scaled by the routing weight, each weight tile decoded from the packed NF4 bytes in
-registers to exactly bitsandbytes' values. Reference: kernels.moe_nf4.moe_experts_nf4_ref."""
+registers to exactly bitsandbytes' values. Reference: sloth_kernels.moe_nf4.moe_experts_nf4_ref."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_nf4_format import GroupedNF4
-from kernels.triton_moe import _block_m, align_by_expert
+from sloth_kernels.moe_nf4_format import GroupedNF4
+from sloth_kernels.triton_moe import _block_m, align_by_expert
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 

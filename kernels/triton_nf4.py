@@ -8,7 +8,7 @@ split K over many programs so the whole GPU streams the weight; the last program
 tile to finish adds the fp32 partials (one launch, no memset). `_gemm_kernel` (prefill) tiles M x N.
 From DEQUANT_MIN_ROWS rows on, `_dequant_kernel` decodes the weight into a reused 16-bit scratch
 matrix and cuBLAS multiplies: for long prompts its tensor-core rate beats the fused tile's.
-Decoding (kernels.triton_nf4_decode): a 16-entry table lookup done with `prmt` byte permutes in
+Decoding (sloth_kernels.triton_nf4_decode): a 16-entry table lookup done with `prmt` byte permutes in
 registers, the code then scaled by its block's absmax in 16 bits (`USE_PRMT`, CUDA only), or a table
 gather scaled in fp32, which gives exactly bitsandbytes' dequantized values (interpreter, fp32).
 """
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4_format import NF4_CODE, NF4Weight
-from kernels.triton_nf4_config import (
+from sloth_kernels.nf4_format import NF4_CODE, NF4Weight
+from sloth_kernels.triton_nf4_config import (
     DEQUANT_MIN_ROWS,
     FMA_MAX_ROWS,
     GEMV_MAX_ROWS,
@@ -34,7 +34,7 @@ from kernels.triton_nf4_config import (
     gemm_config_for,
     gemv_config_for,
 )
-from kernels.triton_nf4_decode import (
+from sloth_kernels.triton_nf4_decode import (
     decode_gather,
     decode_gather_3d,
     decode_prmt_fp32,

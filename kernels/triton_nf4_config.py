@@ -1,4 +1,4 @@
-"""Launch configurations of the NF4 kernels (kernels.triton_nf4): block shapes, K split, and the
+"""Launch configurations of the NF4 kernels (sloth_kernels.triton_nf4): block shapes, K split, and the
 per-shape choices measured fastest on an H200 by `bench/kernels_nf4.py --sweep`."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Token sampling in Triton, one program per row, no sort.
 
-The reference (kernels.sampling.sample_ref) sorts each row for top-k and top-p. Here both cut-offs
+The reference (sloth_kernels.sampling.sample_ref) sorts each row for top-k and top-p. Here both cut-offs
 are found by bisection over the row, on the order-preserving integer image of the fp32 values, so
 32 rounds pin the exact boundary value: top-k keeps the values >= the k-th largest; top-p keeps a
 value when the probability mass strictly above it is < top_p (the top token always stays), over
@@ -110,7 +110,7 @@ def sample_triton(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, q: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as kernels.sampling.sample_ref: logits [B, V] fp32 -> token ids [B] (int64)."""
+    """Same contract as sloth_kernels.sampling.sample_ref: logits [B, V] fp32 -> token ids [B] (int64)."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from server import flags
-from server.flags import setting
-from server.loader import DEMO_MODEL
-from server.loader.chat_template import resolve_template_flag
-from server.logs import PROBE_PATHS
+from sloth_serve import flags
+from sloth_serve.flags import setting
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.chat_template import resolve_template_flag
+from sloth_serve.logs import PROBE_PATHS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -50,7 +50,7 @@ def setting(default: T, help: str, group: str, *, names: tuple[str, ...] = (),
 def flag_of(field: dataclasses.Field[Any]) -> Flag:
     flag = field.metadata.get("flag")
     if not isinstance(flag, Flag):
-        raise TypeError(f"Config.{field.name} has no flag: declare it with server.flags.setting(...)")
+        raise TypeError(f"Config.{field.name} has no flag: declare it with sloth_serve.flags.setting(...)")
     return flag
 
 

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-from server.adapters import Adapter, AdapterRegistry
-from server.api.tokenizers import TokenizerRegistry, base_entry
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.loras import load_adapter
-from server.engine.mm_inputs import MultiModalInputs
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason, TokenLogprob
-from server.loader import DEMO_MODEL
-from server.vision_processor import VisionProcessor, image_limits, open_image
+from sloth_serve.adapters import Adapter, AdapterRegistry
+from sloth_serve.api.tokenizers import TokenizerRegistry, base_entry
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.loras import load_adapter
+from sloth_serve.engine.mm_inputs import MultiModalInputs
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import FinishReason, TokenLogprob
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.vision_processor import VisionProcessor, image_limits, open_image
 
 
 class ImagePrompt(TypedDict):

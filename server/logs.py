@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from server.startup_clock import STARTUP_LOGGER  # noqa: F401 (start-up messages log under it)
+from sloth_serve.startup_clock import STARTUP_LOGGER  # noqa: F401 (start-up messages log under it)
 
 REQUEST_LOGGER = "sloth_serve.requests"
 # Paths that load balancers and Prometheus poll every few seconds: left out of the access log.
@@ -98,11 +98,12 @@ def capture_output() -> None:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(os.fdopen(os.dup(real_stderr), "w", buffering=1, encoding="utf-8", errors="replace"))
     pipes = [os.pipe(), os.pipe()]
-    # The pump imports this module the way we did, wherever it is run from.
-    package_root = str(Path(__file__).resolve().parents[1])
+    # The pump imports this module the way we did, wherever it is run from (the folder that holds the
+    # package under its import name: an install, or links to a source checkout, so not resolved).
+    package_root = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     pump_process = subprocess.Popen(
-        [sys.executable, "-m", "server.logs", str(pipes[0][0]), str(pipes[1][0])],
+        [sys.executable, "-m", "sloth_serve.logs", str(pipes[0][0]), str(pipes[1][0])],
         pass_fds=(pipes[0][0], pipes[1][0]), stdin=subprocess.DEVNULL, stdout=real_stderr, stderr=real_stderr,
         env=env, start_new_session=True,  # Ctrl-C in a terminal reaches our process group, not the pump
     )

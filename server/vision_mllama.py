@@ -1,7 +1,7 @@
 """Llama 3.2 Vision's images to engine inputs, as MllamaProcessor makes them: each image split into
 up to max_image_tiles tiles (MllamaImageProcessor: pixels padded to the maximum, an aspect ratio id),
 and its <|image|> token left as it is, one token: the image enters through cross-attention layers,
-not in place of placeholder tokens (server.models.mllama)."""
+not in place of placeholder tokens (sloth_serve.models.mllama)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from server.engine.mm_inputs import ImageInput, MultiModalInputs
-from server.vision_processor import ImageError, ImageLimits, VisionProcessor
+from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
+from sloth_serve.vision_processor import ImageError, ImageLimits, VisionProcessor
 
 IMAGE_TOKEN = "<|image|>"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine.mm_inputs import ImageInput, MultiModalInputs
-from server.models.families import VISION_ARCHITECTURES
+from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
+from sloth_serve.models.families import VISION_ARCHITECTURES
 
 GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
 MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
@@ -30,7 +30,7 @@ class ImageLimits:
 
 
 def image_limits(config: Any) -> ImageLimits:
-    """The limits a server.config.Config sets."""
+    """The limits a sloth_serve.config.Config sets."""
     return ImageLimits(config.limit_mm_per_prompt, config.max_image_pixels, config.max_image_bytes,
                        tuple(config.allowed_media_domains), config.media_fetch_timeout)
 
@@ -53,11 +53,11 @@ class VisionProcessor:
         cfg = json.loads((folder / "config.json").read_text())
         archs = cfg.get("architectures") or []
         if archs and archs[0] == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
-            from server.vision_gemma3 import Gemma3VisionProcessor
+            from sloth_serve.vision_gemma3 import Gemma3VisionProcessor
 
             return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits or ImageLimits())
         if archs and archs[0] == MLLAMA_VISION:
-            from server.vision_mllama import MllamaVisionProcessor
+            from sloth_serve.vision_mllama import MllamaVisionProcessor
 
             return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits or ImageLimits())
         if not archs or archs[0] not in VISION_ARCHITECTURES:

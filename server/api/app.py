@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server import __version__
-from server.api import (
+from sloth_serve import __version__
+from sloth_serve.api import (
     health,
     metrics_route,
     serving_adapters,
@@ -21,14 +21,14 @@ from server.api import (
     serving_tokenize,
     serving_tokenizer_info,
 )
-from server.api.auth import APIKeyMiddleware
-from server.api.errors import install_error_handlers
-from server.api.http_metrics import HTTPMetricsMiddleware
-from server.api.limits import BodySizeLimitMiddleware, request_bytes_limit
-from server.api.request_id import RequestIdMiddleware
-from server.api.state import ServerState
-from server.config import Config
-from server.engine.client import EngineClient
+from sloth_serve.api.auth import APIKeyMiddleware
+from sloth_serve.api.errors import install_error_handlers
+from sloth_serve.api.http_metrics import HTTPMetricsMiddleware
+from sloth_serve.api.limits import BodySizeLimitMiddleware, request_bytes_limit
+from sloth_serve.api.request_id import RequestIdMiddleware
+from sloth_serve.api.state import ServerState
+from sloth_serve.config import Config
+from sloth_serve.engine.client import EngineClient
 
 
 def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:

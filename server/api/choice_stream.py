@@ -13,10 +13,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.api.detokenizer import IncrementalDetokenizer
-from server.api.errors import APIError
-from server.api.stop_strings import StopStringMatcher
-from server.engine.client import (
+from sloth_serve.api.detokenizer import IncrementalDetokenizer
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.stop_strings import StopStringMatcher
+from sloth_serve.engine.client import (
     EngineClient,
     FinishReason,
     MultiModalInputs,

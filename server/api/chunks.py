@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.api.responses import (
+from sloth_serve.api.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     CompletionChoice,

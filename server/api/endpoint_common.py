@@ -14,17 +14,17 @@ from typing import Any, NamedTuple
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from server.api.admission import MAX_PROMPTS, Ticket
-from server.api.choice_stream import Deadline
-from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.errors import APIError, error_json, invalid_param
-from server.api.prompts import check_prompt_chars, message_chars
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.api.responses import json_response
-from server.api.runtime import Runtime
-from server.api.serving_adapters import resolve_adapter
-from server.api.sse import DONE, data_event, error_event
-from server.api.state import ServerState
+from sloth_serve.api.admission import MAX_PROMPTS, Ticket
+from sloth_serve.api.choice_stream import Deadline
+from sloth_serve.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from sloth_serve.api.errors import APIError, error_json, invalid_param
+from sloth_serve.api.prompts import check_prompt_chars, message_chars
+from sloth_serve.api.protocol import ChatCompletionRequest, CompletionRequest
+from sloth_serve.api.responses import json_response
+from sloth_serve.api.runtime import Runtime
+from sloth_serve.api.serving_adapters import resolve_adapter
+from sloth_serve.api.sse import DONE, data_event, error_event
+from sloth_serve.api.state import ServerState
 
 logger = logging.getLogger(__name__)
 

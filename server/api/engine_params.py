@@ -9,15 +9,15 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from server.api.choice_stream import ChoiceRequest
-from server.api.errors import APIError, invalid_param
-from server.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
-from server.engine.client import SamplingParams, StructuredSpec
-from server.engine.grammar import GrammarError
-from server.engine.request_fit import out_of_vocab
+from sloth_serve.api.choice_stream import ChoiceRequest
+from sloth_serve.api.errors import APIError, invalid_param
+from sloth_serve.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
+from sloth_serve.engine.client import SamplingParams, StructuredSpec
+from sloth_serve.engine.grammar import GrammarError
+from sloth_serve.engine.request_fit import out_of_vocab
 
 if TYPE_CHECKING:
-    from server.api.runtime import Runtime
+    from sloth_serve.api.runtime import Runtime
 
 # Keywords whose values are data, not subschemas: close_objects() leaves them alone.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from server import __version__
-from server.api.state import StateDep
+from sloth_serve import __version__
+from sloth_serve.api.state import StateDep
 
 router = APIRouter()
 

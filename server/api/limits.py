@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.admission import Admission, default_token_budget
-from server.api.errors import error_body
-from server.api.prompts import max_prompt_chars
+from sloth_serve.api.admission import Admission, default_token_budget
+from sloth_serve.api.errors import error_body
+from sloth_serve.api.prompts import max_prompt_chars
 
 if TYPE_CHECKING:
-    from server.api.runtime import Runtime
-    from server.config import Config
+    from sloth_serve.api.runtime import Runtime
+    from sloth_serve.config import Config
 
 logger = logging.getLogger(__name__)
 

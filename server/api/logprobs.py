@@ -8,7 +8,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from server.api.responses import (
+from sloth_serve.api.responses import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
@@ -16,7 +16,7 @@ from server.api.responses import (
     PromptLogprobs,
     TopLogprob,
 )
-from server.engine.client import TokenLogprob
+from sloth_serve.engine.client import TokenLogprob
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

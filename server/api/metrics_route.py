@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.state import StateDep
+from sloth_serve.api.state import StateDep
 
 router = APIRouter()
 

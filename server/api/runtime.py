@@ -8,12 +8,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from server.adapters import Adapter, AdapterRegistry
-from server.api.logprobs import TokenTexts
-from server.api.tokenizers import TokenizerRegistry
-from server.engine.client import EngineClient, EngineInfo
-from server.engine.grammar import GrammarCompiler
-from server.vision_processor import VisionProcessor
+from sloth_serve.adapters import Adapter, AdapterRegistry
+from sloth_serve.api.logprobs import TokenTexts
+from sloth_serve.api.tokenizers import TokenizerRegistry
+from sloth_serve.engine.client import EngineClient, EngineInfo
+from sloth_serve.engine.grammar import GrammarCompiler
+from sloth_serve.vision_processor import VisionProcessor
 
 
 @dataclass(slots=True)

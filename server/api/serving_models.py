@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from server.api.errors import APIError
-from server.api.responses import ModelCard, ModelList
-from server.api.state import StateDep
-from server.api.tokenizers import ModelTokenizer
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.responses import ModelCard, ModelList
+from sloth_serve.api.state import StateDep
+from sloth_serve.api.tokenizers import ModelTokenizer
 
 router = APIRouter()
 

@@ -13,24 +13,24 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.admission import Ticket
-from server.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
-from server.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.api.endpoint_common import admit_generation
-from server.api.engine_params import choice_requests
-from server.api.errors import APIError
-from server.api.images import chat_images, expand_images
-from server.api.output_reader import OutputPlan
-from server.api.prompts import resolve_max_tokens
-from server.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
-from server.api.responses_protocol import ResponsesRequest, as_responses_error
-from server.api.runtime import Runtime
-from server.api.serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
-from server.api.sse import sse_response
-from server.api.state import StateDep
-from server.api.tokenizers import ModelTokenizer
-from server.api.tool_call_reader import Reading, merge_deltas
-from server.api.tool_request import encode_tool_chat, plan_tools
+from sloth_serve.api.admission import Ticket
+from sloth_serve.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
+from sloth_serve.api.disconnect import ClientDisconnected, cancel_on_disconnect
+from sloth_serve.api.endpoint_common import admit_generation
+from sloth_serve.api.engine_params import choice_requests
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.images import chat_images, expand_images
+from sloth_serve.api.output_reader import OutputPlan
+from sloth_serve.api.prompts import resolve_max_tokens
+from sloth_serve.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
+from sloth_serve.api.responses_protocol import ResponsesRequest, as_responses_error
+from sloth_serve.api.runtime import Runtime
+from sloth_serve.api.serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
+from sloth_serve.api.sse import sse_response
+from sloth_serve.api.state import StateDep
+from sloth_serve.api.tokenizers import ModelTokenizer
+from sloth_serve.api.tool_call_reader import Reading, merge_deltas
+from sloth_serve.api.tool_request import encode_tool_chat, plan_tools
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -14,20 +14,20 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
-from server import startup_clock
-from server.adapters import AdapterRegistry
-from server.api.admission import Admission
-from server.api.errors import APIError
-from server.api.limits import fit_limits
-from server.api.runtime import Runtime
-from server.api.tokenizers import TokenizerRegistry, base_entry
-from server.config import Config
-from server.engine import stalls
-from server.engine.client import EngineClient, EngineInfo
-from server.engine.grammar import make_compiler
-from server.engine.launch import engine_client
-from server.metrics import EngineMetrics
-from server.vision_processor import VisionProcessor, image_limits
+from sloth_serve import startup_clock
+from sloth_serve.adapters import AdapterRegistry
+from sloth_serve.api.admission import Admission
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.limits import fit_limits
+from sloth_serve.api.runtime import Runtime
+from sloth_serve.api.tokenizers import TokenizerRegistry, base_entry
+from sloth_serve.config import Config
+from sloth_serve.engine import stalls
+from sloth_serve.engine.client import EngineClient, EngineInfo
+from sloth_serve.engine.grammar import make_compiler
+from sloth_serve.engine.launch import engine_client
+from sloth_serve.metrics import EngineMetrics
+from sloth_serve.vision_processor import VisionProcessor, image_limits
 
 logger = logging.getLogger(__name__)
 

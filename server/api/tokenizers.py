@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.api.errors import APIError
-from server.api.logprobs import TokenTexts
-from server.loader.chat_template import (
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.logprobs import TokenTexts
+from sloth_serve.loader.chat_template import (
     ChatTemplateError,
     Template,
     check_template,
@@ -22,10 +22,10 @@ from server.loader.chat_template import (
     read_processor_template,
     template_hash,
 )
-from server.loader.tokenizer import has_tokenizer, load_tokenizer
+from sloth_serve.loader.tokenizer import has_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from server.adapters import AdapterRegistry
+    from sloth_serve.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tool_request import ToolPlan
-from server.engine.sampling_params import StructuredSpec
+from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
+from sloth_serve.api.tool_request import ToolPlan
+from sloth_serve.engine.sampling_params import StructuredSpec
 
 # The reasoning: any text up to the first `</think>` (lazy: it ends there).
 _THOUGHT = "thought[lazy]: /(?s:.*)<\\/think>/"

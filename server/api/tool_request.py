@@ -32,11 +32,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.api.engine_params import close_objects
-from server.api.errors import invalid_param
-from server.api.prompts import encode_chat
-from server.api.protocol import ChatCompletionRequest, NamedToolChoice
-from server.engine.client import StructuredSpec
+from sloth_serve.api.engine_params import close_objects
+from sloth_serve.api.errors import invalid_param
+from sloth_serve.api.prompts import encode_chat
+from sloth_serve.api.protocol import ChatCompletionRequest, NamedToolChoice
+from sloth_serve.engine.client import StructuredSpec
 
 ToolMode = Literal["auto", "required", "named"]
 

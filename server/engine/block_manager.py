@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from server.engine.sequence import Sequence
-from server.engine.state_cache import StateSlots
-from server.engine.state_snapshots import StateSnapshots
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.engine.state_cache import StateSlots
+from sloth_serve.engine.state_snapshots import StateSnapshots
 
 
 @dataclass(slots=True, eq=False)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from kernels.attention import AttnMetadata
-from kernels.state_batch import StateBatch
-from server.models.layers import StepMetadata
+from sloth_kernels.attention import AttnMetadata
+from sloth_kernels.state_batch import StateBatch
+from sloth_serve.models.layers import StepMetadata
 
 logger = logging.getLogger(__name__)
 

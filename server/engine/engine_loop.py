@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from server import startup_clock
-from server.engine import stalls
-from server.engine.failures import describe, is_out_of_memory
-from server.engine.llm_engine import LLMEngine, StepObserver
-from server.engine.loras import load_adapter
-from server.engine.outputs import EngineInfo, RequestOutput, StepStats
-from server.engine.scheduler import ScheduledBatch, Scheduler
-from server.engine.sequence import FinishReason
-from server.engine.wire import (
+from sloth_serve import startup_clock
+from sloth_serve.engine import stalls
+from sloth_serve.engine.failures import describe, is_out_of_memory
+from sloth_serve.engine.llm_engine import LLMEngine, StepObserver
+from sloth_serve.engine.loras import load_adapter
+from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
+from sloth_serve.engine.scheduler import ScheduledBatch, Scheduler
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.engine.wire import (
     Abort,
     AddLora,
     AddRequest,
@@ -32,7 +32,7 @@ from server.engine.wire import (
     Shutdown,
     StepOutputs,
 )
-from server.loader.peft import LoRAWeights
+from sloth_serve.loader.peft import LoRAWeights
 
 logger = logging.getLogger(__name__)
 _ON_CUDA = torch.cuda.is_available()

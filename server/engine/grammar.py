@@ -32,8 +32,8 @@ import torch
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-    from server.engine.sampling_params import StructuredSpec
-    from server.engine.sequence import Sequence
+    from sloth_serve.engine.sampling_params import StructuredSpec
+    from sloth_serve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

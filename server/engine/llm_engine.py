@@ -14,29 +14,34 @@ from typing import Protocol
 
 import torch
 
-from kernels.rope_scaling import long_prompt_threshold
-from server.config import Config
-from server.engine import stalls
-from server.engine.block_manager import BlockManager
-from server.engine.cuda_graphs import default_buckets
-from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
-from server.engine.lora_manager import LoRAManager
-from server.engine.mm_inputs import MultiModalInputs, check_images
-from server.engine.model_runner import LaunchedDecode, ModelRunner
-from server.engine.outputs import RequestOutput
-from server.engine.prefill_graphs import default_prefill_buckets, prefill_bound_while_decoding
-from server.engine.request_fit import out_of_vocab
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from server.engine.sequence import FinishReason, Sequence, TokenLogprob
-from server.engine.spec_decode.draft import DraftRunner
-from server.engine.spec_decode.setup import build_spec_decoder, load_draft_model, spec_graph_rows, spec_method
-from server.engine.state_cache import StateSlots
-from server.engine.state_snapshots import StateSnapshots
-from server.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
-from server.loader.peft import LoRAWeights, startup_lora_rank
-from server.models.moe import expert_modules
-from server.startup_clock import Phase, current, startup_phase
+from sloth_kernels.rope_scaling import long_prompt_threshold
+from sloth_serve.config import Config
+from sloth_serve.engine import stalls
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.cuda_graphs import default_buckets
+from sloth_serve.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
+from sloth_serve.engine.lora_manager import LoRAManager
+from sloth_serve.engine.mm_inputs import MultiModalInputs, check_images
+from sloth_serve.engine.model_runner import LaunchedDecode, ModelRunner
+from sloth_serve.engine.outputs import RequestOutput
+from sloth_serve.engine.prefill_graphs import default_prefill_buckets, prefill_bound_while_decoding
+from sloth_serve.engine.request_fit import out_of_vocab
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from sloth_serve.engine.sequence import FinishReason, Sequence, TokenLogprob
+from sloth_serve.engine.spec_decode.draft import DraftRunner
+from sloth_serve.engine.spec_decode.setup import (
+    build_spec_decoder,
+    load_draft_model,
+    spec_graph_rows,
+    spec_method,
+)
+from sloth_serve.engine.state_cache import StateSlots
+from sloth_serve.engine.state_snapshots import StateSnapshots
+from sloth_serve.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
+from sloth_serve.loader.peft import LoRAWeights, startup_lora_rank
+from sloth_serve.models.moe import expert_modules
+from sloth_serve.startup_clock import Phase, current, startup_phase
 
 __all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
 
@@ -200,7 +205,7 @@ class LLMEngine:
         if self.device.type == "cuda" and not adapter_id:
             # Every attention tile the dispatcher can pick, whatever the mix of decodes and prompts:
             # the prompts below reach only some (a mixed step with 17-32 decodes met a new one live).
-            from kernels.triton_attention import compile_variants
+            from sloth_kernels.triton_attention import compile_variants
 
             cfg = self.loaded.model.config
             k_cache, v_cache = self.runner.kv_caches[0]

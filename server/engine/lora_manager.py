@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 import torch
 
-from server.loader.peft import LoRAWeights, check_fits
-from server.models.layers import LoRALinear
-from server.models.moe import Experts
+from sloth_serve.loader.peft import LoRAWeights, check_fits
+from sloth_serve.models.layers import LoRALinear
+from sloth_serve.models.moe import Experts
 
 logger = logging.getLogger(__name__)
 

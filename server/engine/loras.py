@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.engine.llm_engine import LLMEngine
-from server.loader.peft import LoRAWeights, check_fits, load_lora
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.loader.peft import LoRAWeights, check_fits, load_lora
 
 
 def load_adapter(engine: LLMEngine, name: str, path: str | Path) -> LoRAWeights:

@@ -13,23 +13,23 @@ from typing import cast
 import numpy as np
 import torch
 
-from kernels.attention import AttnMetadata
-from kernels.rope_scaling import long_prompt_threshold, rope_rows
-from kernels.state_batch import StateBatch
-from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.device import to_device
-from server.engine.lora_manager import LoRAManager
-from server.engine.prefill_graphs import PrefillGraphs
-from server.engine.sampler import Sampler, gather_logprobs, gather_prompt_logprobs
-from server.engine.scheduler import ScheduledBatch
-from server.engine.sequence import TokenLogprob
-from server.engine.slot_modules import SlotModuleTable
-from server.engine.spec_decode.decode_rows import decode_rows, token_at
-from server.engine.spec_decode.rejection import sample_with_drafts
-from server.engine.vision_inputs import VisionInputs
-from server.models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
-from server.models.per_adapter import AdapterStep
-from server.models.weights import CausalLM
+from sloth_kernels.attention import AttnMetadata
+from sloth_kernels.rope_scaling import long_prompt_threshold, rope_rows
+from sloth_kernels.state_batch import StateBatch
+from sloth_serve.engine.cuda_graphs import DecodeGraphs
+from sloth_serve.engine.device import to_device
+from sloth_serve.engine.lora_manager import LoRAManager
+from sloth_serve.engine.prefill_graphs import PrefillGraphs
+from sloth_serve.engine.sampler import Sampler, gather_logprobs, gather_prompt_logprobs
+from sloth_serve.engine.scheduler import ScheduledBatch
+from sloth_serve.engine.sequence import TokenLogprob
+from sloth_serve.engine.slot_modules import SlotModuleTable
+from sloth_serve.engine.spec_decode.decode_rows import decode_rows, token_at
+from sloth_serve.engine.spec_decode.rejection import sample_with_drafts
+from sloth_serve.engine.vision_inputs import VisionInputs
+from sloth_serve.models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
+from sloth_serve.models.per_adapter import AdapterStep
+from sloth_serve.models.weights import CausalLM
 
 
 @dataclass(slots=True)

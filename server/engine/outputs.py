@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.engine.sequence import FinishReason, TokenLogprob
-from server.engine.spec_decode.stats import SpecStats
-from server.startup_clock import Phase
+from sloth_serve.engine.sequence import FinishReason, TokenLogprob
+from sloth_serve.engine.spec_decode.stats import SpecStats
+from sloth_serve.startup_clock import Phase
 
 if TYPE_CHECKING:
-    from server.engine.sequence import Sequence
+    from sloth_serve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.attention import AttnMetadata
-from server.models.layers import StepMetadata
+from sloth_kernels.attention import AttnMetadata
+from sloth_serve.models.layers import StepMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from server import startup_clock
-from server.config import Config
-from server.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
-from server.engine.mm_inputs import MultiModalInputs
-from server.engine.outputs import EngineInfo
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason
-from server.engine.wire import (
+from sloth_serve import startup_clock
+from sloth_serve.config import Config
+from sloth_serve.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
+from sloth_serve.engine.mm_inputs import MultiModalInputs
+from sloth_serve.engine.outputs import EngineInfo
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.engine.wire import (
     Abort,
     AddLora,
     AddRequest,
@@ -53,7 +53,7 @@ STOP_TIMEOUT_S = 10.0  # Shutdown sent: how long the engine may take to exit bef
 def _engine_main(config: Config, commands: str, events: str, parent_pid: int) -> None:
     """The child's entry point; imported there by name, so this module stays light (no torch) and the
     engine can be spawned before the front end imports its own heavy modules."""
-    from server.engine.engine_process import main
+    from sloth_serve.engine.engine_process import main
 
     main(config, commands, events, parent_pid)
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from kernels.sampling import sample
-from server.engine.device import to_device
-from server.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
-from server.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens, make_compiler
-from server.engine.sequence import Sequence, TokenLogprob
+from sloth_kernels.sampling import sample
+from sloth_serve.engine.device import to_device
+from sloth_serve.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
+from sloth_serve.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens, make_compiler
+from sloth_serve.engine.sequence import Sequence, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self.grammar: GrammarCompiler | None = None  # set once the tokenizer is known
         self.grammar_error: str | None = None  # why the tokenizer has no grammar compiler
-        self.use_triton = False  # --sampler triton: kernels.triton_sampling on CUDA
+        self.use_triton = False  # --sampler triton: sloth_kernels.triton_sampling on CUDA
         self.matchers = GrammarMatchers()
         self._staging: torch.Tensor | None = None  # pinned host rows the bitmask is copied from
 
@@ -172,7 +172,7 @@ class Sampler:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p and the exponential race (kernels.sampling: the PyTorch
+        """Temperature, top-k, top-p, min-p and the exponential race (sloth_kernels.sampling: the PyTorch
         reference, or the Triton kernel on CUDA with --sampler triton). The noise is drawn here, from each seeded request's own
         generator, so a seed gives the same tokens with either implementation."""
         vocab = logits.shape[-1]

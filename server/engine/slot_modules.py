@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.device import to_device
-from server.loader.adapter_modules import check_adapter_modules, materialize
-from server.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
+from sloth_serve.engine.device import to_device
+from sloth_serve.loader.adapter_modules import check_adapter_modules, materialize
+from sloth_serve.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
 
 if TYPE_CHECKING:
-    from server.engine.lora_manager import LoRAManager
-    from server.loader.peft import LoRAWeights
-    from server.models.weights import CausalLM
+    from sloth_serve.engine.lora_manager import LoRAManager
+    from sloth_serve.loader.peft import LoRAWeights
+    from sloth_serve.models.weights import CausalLM
 
 
 class SlotModuleTable:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.cross_inputs import CrossStep, cross_step
-from server.engine.mm_inputs import ImageInput, MultiModalInputs
-from server.engine.sequence import Sequence
+from sloth_serve.engine.cross_inputs import CrossStep, cross_step
+from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
+from sloth_serve.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from server.models.vision import VisionCausalLM
+    from sloth_serve.models.vision import VisionCausalLM
 
 ENCODER_CACHE_BYTES = 512 * 2**20  # image embeddings kept for reuse (about 50 1024x1024 images of a 7B)
 

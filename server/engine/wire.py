@@ -12,11 +12,11 @@ from typing import Any
 
 import msgspec
 
-from server.engine.mm_inputs import MultiModalInputs
-from server.engine.outputs import EngineInfo, RequestOutput, StepStats
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason
-from server.startup_clock import Phase
+from sloth_serve.engine.mm_inputs import MultiModalInputs
+from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.startup_clock import Phase
 
 # --- front end -> engine ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.loader.adapter_config import (
+from sloth_serve.loader.adapter_config import (
     PEFT_PREFIX,
     AdapterConfig,
     AdapterError,

@@ -1,7 +1,7 @@
 """Load a model of a family we have no model code for onto the generic path: transformers builds it
 (through Unsloth's FastLanguageModel, or AutoModelForCausalLM for 16-bit safetensors), every tensor
 on disk must have reached it, its linears become ours and its attention is routed to the paged KV
-cache (server.models.generic); the log says once that this path is used and what it costs."""
+cache (sloth_serve.models.generic); the log says once that this path is used and what it costs."""
 
 from __future__ import annotations
 
@@ -14,25 +14,25 @@ from typing import cast
 import torch
 from transformers import PreTrainedModel
 
-from server.loader.unsloth import _RECOMPUTED, disk_tensor_names
-from server.models.config import ModelConfig
-from server.models.families import UnsupportedModel
-from server.models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
-from server.models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
+from sloth_serve.loader.unsloth import _RECOMPUTED, disk_tensor_names
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.families import UnsupportedModel
+from sloth_serve.models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
+from sloth_serve.models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
 
 logger = logging.getLogger(__name__)
 
 
 def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_format: str,
                  max_seq_length: int, vision: bool = False) -> GenericCausalLM:
-    """`vision`: an image-text model (server.models.vision): its language model is served as above,
+    """`vision`: an image-text model (sloth_serve.models.vision): its language model is served as above,
     its vision encoder keeps transformers' attention and 16-bit linears (4-bit ones become ours)."""
     start = time.perf_counter()
     if load_format == "unsloth" and vision and device.type != "cuda":
         raise ValueError("Unsloth loads image-text models (FastVisionModel) on CUDA only; on the CPU serve the "
                          "16-bit folder with --load-format safetensors")
     if load_format == "unsloth":
-        from server.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
+        from sloth_serve.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
         hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision))
     else:
@@ -56,11 +56,11 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     targets = lora_targets({name: m for name, m in linears.items() if name.startswith(inside)})
     vocab = int(hf.get_output_embeddings().weight.shape[0])
     if vision and type(hf).__name__ == "MllamaForConditionalGeneration":
-        from server.models.mllama import MllamaCausalLM
+        from sloth_serve.models.mllama import MllamaCausalLM
 
         model: GenericCausalLM = MllamaCausalLM(hf, step, targets)
     elif vision:
-        from server.models.vision import VisionCausalLM
+        from sloth_serve.models.vision import VisionCausalLM
 
         model = VisionCausalLM(hf, step, targets)
     else:

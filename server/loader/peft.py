@@ -1,6 +1,6 @@
 """Read a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, or PEFT's
 adapter_model.bin) into the per-projection A and scaled B matrices that the engine's LoRA slots
-hold. Every tensor on disk is used or the load stops naming it (server.loader.adapter_layout)."""
+hold. Every tensor on disk is used or the load stops naming it (sloth_serve.loader.adapter_layout)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from server.loader.adapter_config import AdapterConfig, AdapterError, read_adapter_config
-from server.loader.adapter_layout import (
+from sloth_serve.loader.adapter_config import AdapterConfig, AdapterError, read_adapter_config
+from sloth_serve.loader.adapter_layout import (
     SAFETENSORS,
     LoRAPair,
     TensorSpec,
@@ -25,14 +25,19 @@ from server.loader.adapter_layout import (
     weights_file,
     where,
 )
-from server.loader.adapter_modules import AdapterModules, read_adapter_modules
-from server.loader.expert_adapter import ExpertUpdate, ParameterLoRA, PendingExpertLoRA, resolve_expert_lora
-from server.models.moe import expert_target, moe_checkpoint_name
-from server.models.weights import FUSED, fused_target, text_model_name
+from sloth_serve.loader.adapter_modules import AdapterModules, read_adapter_modules
+from sloth_serve.loader.expert_adapter import (
+    ExpertUpdate,
+    ParameterLoRA,
+    PendingExpertLoRA,
+    resolve_expert_lora,
+)
+from sloth_serve.models.moe import expert_target, moe_checkpoint_name
+from sloth_serve.models.weights import FUSED, fused_target, text_model_name
 
 if TYPE_CHECKING:
-    from server.models.layers import LoRALinear
-    from server.models.moe import Experts
+    from sloth_serve.models.layers import LoRALinear
+    from sloth_serve.models.moe import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class LoRAWeights:
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
     # Tensors that are not LoRA factors (modules_to_save copies, trainable tokens), keys as saved
     full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    modules: AdapterModules | None = None  # those tensors sorted by module (server.loader.adapter_modules)
+    modules: AdapterModules | None = None  # those tensors sorted by module (sloth_serve.loader.adapter_modules)
     # LoRA on MoE experts: as read, until check_fits resolves it against the model's experts into
     # `experts` (experts module -> projection -> (A [E, R, in], B * scale [E, out, R]))
     expert_pending: PendingExpertLoRA = field(default_factory=PendingExpertLoRA)

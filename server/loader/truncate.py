@@ -1,7 +1,7 @@
 """A draft model for speculative decoding cut from a model: its first N decoder layers, with its
 embeddings, final norm, head and tokenizer (16-bit safetensors folders of Llama-style models).
 
-    python -m server.loader.truncate MODEL_FOLDER DRAFT_FOLDER --layers 2
+    python -m sloth_serve.loader.truncate MODEL_FOLDER DRAFT_FOLDER --layers 2
 
 Its proposals are weaker than a draft trained for the job, but it shares the tokenizer exactly and
 costs nothing to make (the tests and bench/spec_acceptance.py use one made from the demo model).

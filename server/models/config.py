@@ -7,18 +7,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from server.models.exaone4_config import exaone4_fields
-from server.models.gemma_config import GEMMA_FAMILIES, gemma_fields
-from server.models.glm_config import glm_fields
-from server.models.gpt_oss_config import gpt_oss_fields
-from server.models.layernorm_config import layernorm_fields
-from server.models.lfm2_config import lfm2_fields, lfm2_moe_fields
-from server.models.mamba2_config import Mamba2Config, Multipliers, falcon_h1_fields, granite_hybrid_fields
-from server.models.moe_config import moe_fields
-from server.models.phi3_config import phi3_fields
-from server.models.qwen3_5_config import qwen3_5_fields
-from server.models.rope_config import parse_rope
-from server.models.smollm3_config import smollm3_fields
+from sloth_serve.models.exaone4_config import exaone4_fields
+from sloth_serve.models.gemma_config import GEMMA_FAMILIES, gemma_fields
+from sloth_serve.models.glm_config import glm_fields
+from sloth_serve.models.gpt_oss_config import gpt_oss_fields
+from sloth_serve.models.layernorm_config import layernorm_fields
+from sloth_serve.models.lfm2_config import lfm2_fields, lfm2_moe_fields
+from sloth_serve.models.mamba2_config import (
+    Mamba2Config,
+    Multipliers,
+    falcon_h1_fields,
+    granite_hybrid_fields,
+)
+from sloth_serve.models.moe_config import moe_fields
+from sloth_serve.models.phi3_config import phi3_fields
+from sloth_serve.models.qwen3_5_config import qwen3_5_fields
+from sloth_serve.models.rope_config import parse_rope
+from sloth_serve.models.smollm3_config import smollm3_fields
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

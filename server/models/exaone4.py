@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.norm import rms_norm
-from server.models.config import ModelConfig
-from server.models.layers import StepMetadata
-from server.models.llama import MLP, Attention, LlamaForCausalLM, RMSNorm
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.norm import rms_norm
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.llama import MLP, Attention, LlamaForCausalLM, RMSNorm
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class Exaone4DecoderLayer(torch.nn.Module):

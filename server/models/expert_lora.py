@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels.moe import expert_groups
-from server.models.layers import StepMetadata
+from sloth_kernels.moe import expert_groups
+from sloth_serve.models.layers import StepMetadata
 
 if TYPE_CHECKING:
-    from server.models.moe import Experts
+    from sloth_serve.models.moe import Experts
 
 # (expert, projection "gate_up" / "down", rows) -> the base projection of those rows
 Project = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -70,7 +70,7 @@ def moe_experts_lora(
     meta: StepMetadata,
     slots: list[int],
 ) -> torch.Tensor:
-    """kernels.moe.moe_experts_ref's weighted sum, each expert's projections with its LoRA added
+    """sloth_kernels.moe.moe_experts_ref's weighted sum, each expert's projections with its LoRA added
     for the tokens of adapters that have one (tokens of other adapters and of none: the base)."""
     assert meta.lora_slots is not None
     token_slots = meta.lora_slots
@@ -106,7 +106,7 @@ def merge_expert_update(experts: Experts, update: Update, dtype: torch.dtype) ->
 
 
 def _dequantize_experts(experts: Experts, dtype: torch.dtype) -> int:
-    from kernels.nf4 import dequantize_nf4
+    from sloth_kernels.nf4 import dequantize_nf4
 
     device = next(iter(experts.quant.values())).device
     for pname, shape in experts.param_shapes().items():

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.norm import add_rms_norm
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.llama import RMSNorm
-from server.models.mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.norm import add_rms_norm
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.llama import RMSNorm
+from sloth_serve.models.mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class FalconH1MLP(nn.Module):

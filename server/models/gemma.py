@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
-from kernels.norm import gemma_add_rms_norm, gemma_rms_norm
-from kernels.rope import apply_rope, rope_tables
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import paged_attention, write_kv
+from sloth_kernels.norm import gemma_add_rms_norm, gemma_rms_norm
+from sloth_kernels.rope import apply_rope, rope_tables
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.per_adapter import AdapterStep
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.norm import gemma_rms_norm
-from server.models.config import ModelConfig
-from server.models.gemma import GemmaForCausalLM, GemmaRMSNorm
-from server.models.layers import StepMetadata
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.norm import gemma_rms_norm
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.gemma import GemmaForCausalLM, GemmaRMSNorm
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.per_adapter import AdapterStep
 
 # Checkpoint names of the vision side, as transformers 5 and earlier releases save them: the tower
 # under vision_tower. or model.vision_tower., its modules under vision_model. or not.
@@ -59,11 +59,11 @@ class GemmaProjector(nn.Module):
 
 class GemmaVisionForCausalLM(GemmaForCausalLM):
     """GemmaForCausalLM plus `encode_images`; the forward pass splices the image embeddings that
-    `meta.vision` (server.engine.vision_inputs.VisionStep) carries for this step's image tokens."""
+    `meta.vision` (sloth_serve.engine.vision_inputs.VisionStep) carries for this step's image tokens."""
 
     is_vision = True
     bidirectional_images = True  # the scheduler keeps each image in one prefill chunk
-    uses_mrope = False  # positions stay one per token (server.engine.vision_inputs)
+    uses_mrope = False  # positions stay one per token (sloth_serve.engine.vision_inputs)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 
-from kernels.attention import AttnMetadata, paged_attention, write_kv
-from server.models.config import ModelConfig
-from server.models.families import UnsupportedModel
-from server.models.generic_linear import GenericLinear, SliceGroup
-from server.models.layers import StepMetadata
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import AttnMetadata, paged_attention, write_kv
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.families import UnsupportedModel
+from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.per_adapter import AdapterStep
 
 ATTN_IMPLEMENTATION = "sloth_paged"
 
@@ -39,7 +39,7 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """One layer's attention over the step: q/k/v [1, heads, T, D] (RoPE applied by the model) ->
     [1, T, heads, D]; k and v are written to the layer's paged cache first."""
-    if getattr(module, "sloth_dense", False):  # cross-attention over a step's image states (server.models.mllama)
+    if getattr(module, "sloth_dense", False):  # cross-attention over a step's image states (sloth_serve.models.mllama)
         return dense_attention_forward(query, key, value, attention_mask, scaling)
     step: GenericStep | None = getattr(module, "sloth_step", None)
     if step is None:
@@ -152,7 +152,7 @@ class GenericCausalLM(nn.Module):
 
     def lora_layers(self) -> dict[str, Any]:
         """LoRA-capable projections by the names PEFT adapters give them (q|k|v and gate|up grouped
-        under qkv_proj / gate_up_proj, as server.models.weights.fused_target names them)."""
+        under qkv_proj / gate_up_proj, as sloth_serve.models.weights.fused_target names them)."""
         return dict(self._lora)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from server.models.layers import LoRALinear
-from server.models.weights import fused_target
+from sloth_serve.models.layers import LoRALinear
+from sloth_serve.models.weights import fused_target
 
 if TYPE_CHECKING:
-    from server.models.generic import GenericStep
+    from sloth_serve.models.generic import GenericStep
 
 
 class GenericLinear(LoRALinear):
@@ -41,8 +41,8 @@ class GenericLinear(LoRALinear):
 def adopt_linear(module: nn.Module, step: GenericStep, dtype: torch.dtype, device: torch.device) -> GenericLinear:
     """Our layer holding the module's weight: bitsandbytes NF4 bytes as they are (never a dense
     copy), other 4-bit codes (FP4) dequantized, 16-bit weights moved to `dtype`."""
-    from kernels.nf4 import dequantize_nf4_ref
-    from kernels.nf4_format import NF4Weight, is_nf4_code
+    from sloth_kernels.nf4 import dequantize_nf4_ref
+    from sloth_kernels.nf4_format import NF4Weight, is_nf4_code
 
     weight: torch.Tensor = module.weight  # type: ignore[assignment]  # nn.Linear's, or bitsandbytes' Params4bit
     bias = getattr(module, "bias", None)
@@ -110,7 +110,7 @@ class SliceGroup:
 
 
 def lora_targets(linears: dict[str, GenericLinear]) -> dict[str, GenericLinear | SliceGroup]:
-    """Our linears by the names server.loader.peft reads adapters into (module name, slice)."""
+    """Our linears by the names sloth_serve.loader.peft reads adapters into (module name, slice)."""
     groups: dict[str, dict[int, GenericLinear]] = {}
     singles: dict[str, GenericLinear] = {}
     for name, layer in linears.items():

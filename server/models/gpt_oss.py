@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.norm import gemma_add_rms_norm
-from server.models.config import ModelConfig
-from server.models.gpt_oss_experts import GptOssExperts
-from server.models.layers import StepMetadata
-from server.models.llama import Attention, LlamaForCausalLM
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.norm import gemma_add_rms_norm
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.gpt_oss_experts import GptOssExperts
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.llama import Attention, LlamaForCausalLM
+from sloth_serve.models.per_adapter import AdapterStep
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

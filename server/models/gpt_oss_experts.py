@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels.moe import moe_experts_ref
-from server.models.expert_lora import ExpertLoRASlots, moe_experts_lora
-from server.models.layers import StepMetadata
-from server.models.moe import Experts
+from sloth_kernels.moe import moe_experts_ref
+from sloth_serve.models.expert_lora import ExpertLoRASlots, moe_experts_lora
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.moe import Experts
 
 if TYPE_CHECKING:
-    from kernels.nf4_format import NF4Weight
+    from sloth_kernels.nf4_format import NF4Weight
 
 ALPHA = 1.702
 PARTS = ("gate", "up", "down", "gate_up_bias", "down_bias")
@@ -35,8 +35,8 @@ class GptOssExperts(Experts):
     """16-bit: gate_up_proj [E, hidden, 2 inter], down_proj [E, inter, hidden] (transformers' layout,
     so x @ w + b is its very product); 4-bit: one NF4 weight per expert and projection ([2 inter,
     hidden] / [hidden, inter], as bitsandbytes quantized Unsloth's per-expert linears). The biases
-    stay 16-bit. On a GPU 16-bit experts run as two grouped Triton GEMMs (kernels.triton_moe), else
-    expert by expert (kernels.moe.moe_experts_ref: transformers' order)."""
+    stay 16-bit. On a GPU 16-bit experts run as two grouped Triton GEMMs (sloth_kernels.triton_moe), else
+    expert by expert (sloth_kernels.moe.moe_experts_ref: transformers' order)."""
 
     interleaved = transposed = True
 
@@ -109,7 +109,7 @@ class GptOssExperts(Experts):
         if len(self.quant) == 2 * self.num_experts:
             self.gate_up_proj = self.down_proj = None
             return
-        from kernels.nf4 import dequantize_nf4
+        from sloth_kernels.nf4 import dequantize_nf4
 
         for (expert, part), w in self.quant.items():
             self.load(part, expert, dequantize_nf4(w).to(device, dtype), dtype, device, f"expert {expert} {part}")
@@ -124,7 +124,7 @@ class GptOssExperts(Experts):
         weight = self.gate_up_proj if proj == "gate_up" else self.down_proj
         if weight is not None:
             return rows @ weight[e] + bias
-        from kernels.nf4 import nf4_linear
+        from sloth_kernels.nf4 import nf4_linear
 
         return nf4_linear(rows, self.quant[(e, proj)]) + bias
 
@@ -139,7 +139,7 @@ class GptOssExperts(Experts):
                                     meta, slots)
         gate_up, down = self.gate_up_proj, self.down_proj
         if x.is_cuda and x.shape[0] > 0 and gate_up is not None and down is not None:
-            from kernels.triton_moe import fused_moe_gpt_oss, supports
+            from sloth_kernels.triton_moe import fused_moe_gpt_oss, supports
 
             if supports(x, gate_up, down) and self.gate_up_proj_bias.dtype == self.down_proj_bias.dtype == x.dtype:
                 # Two grouped launches, no host sync: captured in CUDA graphs.

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.models.config import ModelConfig
-from server.models.layers import StepMetadata
-from server.models.llama import MLP, Attention, LlamaForCausalLM
-from server.models.per_adapter import AdapterStep
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.llama import MLP, Attention, LlamaForCausalLM
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class LayerNorm(nn.Module):

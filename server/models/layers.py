@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from kernels.attention import AttnMetadata
-from kernels.lora import add_lora
-from kernels.state_batch import StateBatch
+from sloth_kernels.attention import AttnMetadata
+from sloth_kernels.lora import add_lora
+from sloth_kernels.state_batch import StateBatch
 
 if TYPE_CHECKING:
-    from kernels.nf4_format import NF4Weight
-    from server.engine.vision_inputs import VisionStep
+    from sloth_kernels.nf4_format import NF4Weight
+    from sloth_serve.engine.vision_inputs import VisionStep
 
 
 @dataclass(slots=True)
@@ -89,7 +89,7 @@ class LoRALinear(nn.Module):
         projection, as Phi-3 does: bitsandbytes quantized it whole). It runs as one kernel launch;
         `quant` holds per-slice views where the slices start on whole absmax (and state2) blocks,
         else None: nothing needs them, the fused weight is complete."""
-        from kernels.nf4 import split_nf4
+        from sloth_kernels.nf4 import split_nf4
 
         want = (sum(self.out_slices), self.in_features)
         if tuple(w.shape) != want:
@@ -111,7 +111,7 @@ class LoRALinear(nn.Module):
         16-bit: 0.014 against 0.020 ms at 1 row), the 16-bit part dominating what either reads."""
         if self.quant is None or all(q is not None for q in self.quant):
             return False
-        from kernels.nf4 import dequantize_nf4
+        from sloth_kernels.nf4 import dequantize_nf4
 
         assert self.weight is not None and not self.weight.is_meta
         self.four_bit_parts = [q is not None for q in self.quant]
@@ -124,10 +124,10 @@ class LoRALinear(nn.Module):
         return True
 
     def fuse_quantized(self) -> bool:
-        """Join the slices' NF4 weights into one (kernels.nf4.concat_nf4: exact, nothing
+        """Join the slices' NF4 weights into one (sloth_kernels.nf4.concat_nf4: exact, nothing
         re-quantized), so q|k|v or gate|up is one kernel launch; the slices become views into it.
         False where there is nothing to join, it is joined already, or the parts do not join exactly."""
-        from kernels.nf4 import concat_nf4, split_nf4
+        from sloth_kernels.nf4 import concat_nf4, split_nf4
 
         if self.fused_quant is not None:
             return False
@@ -147,7 +147,7 @@ class LoRALinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight is not None:
             return self.weight.data
-        from kernels.nf4 import dequantize_nf4
+        from sloth_kernels.nf4 import dequantize_nf4
 
         if self.fused_quant is not None:
             return dequantize_nf4(self.fused_quant)
@@ -176,7 +176,7 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return nn.functional.linear(x, self.weight, self.bias)
-        from kernels.nf4 import nf4_linear, nf4_linear_stacked
+        from sloth_kernels.nf4 import nf4_linear, nf4_linear_stacked
 
         if self.fused_quant is not None:
             y = nf4_linear(x, self.fused_quant)

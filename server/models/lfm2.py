@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
-from kernels.conv import causal_conv1d
-from kernels.moe import route_sigmoid
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_tables
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.llama import RMSNorm
-from server.models.moe import Experts, Router
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import paged_attention, write_kv
+from sloth_kernels.conv import causal_conv1d
+from sloth_kernels.moe import route_sigmoid
+from sloth_kernels.norm import add_rms_norm, rms_norm
+from sloth_kernels.rope import apply_rope, rope_tables
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.llama import RMSNorm
+from sloth_serve.models.moe import Experts, Router
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class DepthwiseConv(nn.Module):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_tables
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.moe import SparseMoeBlock
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import paged_attention, write_kv
+from sloth_kernels.norm import add_rms_norm, rms_norm
+from sloth_kernels.rope import apply_rope, rope_tables
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.moe import SparseMoeBlock
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = LoRALinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias)
         self.o_proj = LoRALinear(q_size, [cfg.hidden_size], bias=cfg.o_bias)
-        # gpt-oss: each head's sink logit (kernels.attention); a checkpoint tensor like any weight.
+        # gpt-oss: each head's sink logit (sloth_kernels.attention); a checkpoint tensor like any weight.
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads), requires_grad=False) if cfg.attn_sinks else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None

@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
-from kernels.conv import causal_conv1d
-from kernels.gated_norm import gated_rms_norm
-from kernels.norm import add_rms_norm
-from kernels.rope import apply_rope, rope_tables
-from kernels.ssd import ssd_chunk_scan, ssd_update
-from kernels.ssm_params import SSMParams
-from kernels.state_batch import StateBatch
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.llama import RMSNorm
-from server.models.mamba2_config import Mamba2Config, Multipliers
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import paged_attention, write_kv
+from sloth_kernels.conv import causal_conv1d
+from sloth_kernels.gated_norm import gated_rms_norm
+from sloth_kernels.norm import add_rms_norm
+from sloth_kernels.rope import apply_rope, rope_tables
+from sloth_kernels.ssd import ssd_chunk_scan, ssd_update
+from sloth_kernels.ssm_params import SSMParams
+from sloth_kernels.state_batch import StateBatch
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.llama import RMSNorm
+from sloth_serve.models.mamba2_config import Mamba2Config, Multipliers
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 def _weight(*shape: int) -> nn.Parameter:

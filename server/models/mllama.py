@@ -1,7 +1,7 @@
 """Llama 3.2 Vision (MllamaForConditionalGeneration) on the generic path: the text model's self-
 attention layers go to the paged KV cache (their cache index counts self-attention layers only), and
 its gated cross-attention layers attend, densely, to the image states of their rows' sequences
-(server.engine.cross_inputs), recomputed from the encoder cache each step rather than kept per
+(sloth_serve.engine.cross_inputs), recomputed from the encoder cache each step rather than kept per
 sequence. The vision encoder and projector run in 16-bit, transformers' modules as they are."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.cross_inputs import CrossStep
-from server.engine.mm_inputs import ImageInput
-from server.models.generic import GenericCausalLM, GenericStep
-from server.models.generic_linear import GenericLinear, SliceGroup
-from server.models.layers import StepMetadata
-from server.models.per_adapter import AdapterStep
+from sloth_serve.engine.cross_inputs import CrossStep
+from sloth_serve.engine.mm_inputs import ImageInput
+from sloth_serve.models.generic import GenericCausalLM, GenericStep
+from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class _CrossKV:
@@ -38,7 +38,7 @@ class MllamaCausalLM(GenericCausalLM):
 
     is_vision = True
     uses_mrope = False  # one position a token
-    cross_attention_images = True  # server.engine.vision_inputs builds a CrossStep
+    cross_attention_images = True  # sloth_serve.engine.vision_inputs builds a CrossStep
 
     def __init__(self, hf: PreTrainedModel, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
         super().__init__(hf, step, lora)
@@ -52,7 +52,7 @@ class MllamaCausalLM(GenericCausalLM):
         cache_index = 0
         for idx, layer in enumerate(self.text.layers):
             if idx in self.cross_layers:
-                layer.cross_attn.sloth_dense = True  # server.models.generic.dense_attention_forward
+                layer.cross_attn.sloth_dense = True  # sloth_serve.models.generic.dense_attention_forward
             else:  # the paged KV cache holds self-attention layers only
                 layer.self_attn.layer_idx = cache_index
                 cache_index += 1
@@ -109,7 +109,7 @@ class MllamaCausalLM(GenericCausalLM):
     def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """Each image's states [max tiles * patches, hidden] (its padding tiles' too: rows that see
         no image attend to them, as in transformers), all images in one encoder pass. An image's
-        grid is (1, aspect ratio id, tiles) (server.vision_mllama)."""
+        grid is (1, aspect ratio id, tiles) (sloth_serve.vision_mllama)."""
         device = self.text.embed_tokens.weight.device
         dtype = next(self.vision_model.parameters()).dtype
         pixels = torch.stack([p.to(device=device, dtype=dtype) for p in pixel_values]).unsqueeze(0)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels.moe import moe_experts, moe_experts_ref, route
-from server.models.config import ModelConfig
-from server.models.expert_lora import ExpertLoRASlots, moe_experts_lora
-from server.models.layers import LoRALinear, StepMetadata
+from sloth_kernels.moe import moe_experts, moe_experts_ref, route
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.expert_lora import ExpertLoRASlots, moe_experts_lora
+from sloth_serve.models.layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
-    from kernels.moe_nf4_format import GroupedNF4
-    from kernels.nf4_format import NF4Weight
+    from sloth_kernels.moe_nf4_format import GroupedNF4
+    from sloth_kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Experts(nn.Module):
             self.gate_up_proj = self.down_proj = None
             self._stack()
             return
-        from kernels.nf4 import dequantize_nf4
+        from sloth_kernels.nf4 import dequantize_nf4
 
         for (expert, part), w in self.quant.items():
             dense = dequantize_nf4(w).to(device, dtype)
@@ -163,7 +163,7 @@ class Experts(nn.Module):
     def _stack(self) -> None:
         """Every expert's gate, up and down weights stacked (GroupedNF4) for the grouped kernels; the
         per-expert weights become views of the stacks, so the bytes are held once."""
-        from kernels.moe_nf4_format import stack_nf4
+        from sloth_kernels.moe_nf4_format import stack_nf4
 
         gate, up, down = (stack_nf4([self.quant[(e, p)] for e in range(self.num_experts)]) for p in PARTS)
         if gate is None or up is None or down is None:
@@ -177,7 +177,7 @@ class Experts(nn.Module):
         return self.gate_up_proj is None
 
     def _nf4_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        from kernels.nf4 import nf4_linear
+        from sloth_kernels.nf4 import nf4_linear
 
         gate, up = nf4_linear(x, self.quant[(e, "gate")]), nf4_linear(x, self.quant[(e, "up")])
         return nf4_linear(nn.functional.silu(gate) * up, self.quant[(e, "down")])
@@ -186,7 +186,7 @@ class Experts(nn.Module):
         """Expert e's gate|up ([n, 2 inter], gate first) or down projection of rows, without LoRA."""
         if self.gate_up_proj is not None and self.down_proj is not None:
             return nn.functional.linear(rows, self.gate_up_proj[e] if proj == "gate_up" else self.down_proj[e])
-        from kernels.nf4 import nf4_linear
+        from sloth_kernels.nf4 import nf4_linear
 
         if proj == "down":
             return nf4_linear(rows, self.quant[(e, "down")])
@@ -203,7 +203,7 @@ class Experts(nn.Module):
             return moe_experts_lora(x, ids, weights, self.num_experts, self.project, self.activate, self.lora,
                                     meta, slots)
         if self.grouped is not None:
-            from kernels.moe_nf4 import moe_experts_nf4
+            from sloth_kernels.moe_nf4 import moe_experts_nf4
 
             return moe_experts_nf4(x, ids, weights, *self.grouped)
         if self.gate_up_proj is None or self.down_proj is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.norm import rms_norm
+from sloth_kernels.norm import rms_norm
 
 
 @dataclass(slots=True)

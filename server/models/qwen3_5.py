@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
-from kernels.conv import causal_conv1d
-from kernels.gated_delta import gated_delta_rule
-from kernels.norm import gemma_add_rms_norm, gemma_rms_norm
-from kernels.rope import apply_rope, rope_tables
-from server.models.config import ModelConfig
-from server.models.gemma import renorm
-from server.models.layers import LoRALinear, StepMetadata
-from server.models.lfm2 import DepthwiseConv
-from server.models.llama import MLP, RMSNorm
-from server.models.moe import SparseMoeBlock
-from server.models.per_adapter import AdapterStep
+from sloth_kernels.attention import paged_attention, write_kv
+from sloth_kernels.conv import causal_conv1d
+from sloth_kernels.gated_delta import gated_delta_rule
+from sloth_kernels.norm import gemma_add_rms_norm, gemma_rms_norm
+from sloth_kernels.rope import apply_rope, rope_tables
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.gemma import renorm
+from sloth_serve.models.layers import LoRALinear, StepMetadata
+from sloth_serve.models.lfm2 import DepthwiseConv
+from sloth_serve.models.llama import MLP, RMSNorm
+from sloth_serve.models.moe import SparseMoeBlock
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 def scale_of(norm: RMSNorm) -> torch.Tensor:

@@ -2,7 +2,7 @@
 (paged KV cache, our NF4 linears and multi-LoRA), the checkpoint's own 16-bit vision encoder runs in
 the prefill, and its embeddings replace the image placeholder tokens' before the first layer.
 Positions are M-RoPE's three rows (temporal, height, width), computed per sequence by
-server.engine.vision_inputs. Qwen3-VL also adds "DeepStack" features (from intermediate encoder
+sloth_serve.engine.vision_inputs. Qwen3-VL also adds "DeepStack" features (from intermediate encoder
 layers) to the image tokens' hidden states after each of its first decoder layers: an image's
 embeddings are then its main features and those, side by side in one row per placeholder token, so
 that the encoder cache and a prompt chunked across an image slice them together."""
@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from server.models.generic import GenericCausalLM, GenericStep
-from server.models.generic_linear import GenericLinear, SliceGroup
-from server.models.layers import StepMetadata
-from server.models.per_adapter import AdapterStep
+from sloth_serve.models.generic import GenericCausalLM, GenericStep
+from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
+from sloth_serve.models.layers import StepMetadata
+from sloth_serve.models.per_adapter import AdapterStep
 
 
 class VisionCausalLM(GenericCausalLM):
     """GenericCausalLM plus `encode_images` and image embeddings / 3-D positions read from
-    `meta.vision` (a server.engine.vision_inputs.VisionStep) in the forward pass."""
+    `meta.vision` (a sloth_serve.engine.vision_inputs.VisionStep) in the forward pass."""
 
     is_vision = True
 

@@ -12,26 +12,26 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from kernels.rope import rope_tables
-from server.models.config import ModelConfig
-from server.models.exaone4 import Exaone4ForCausalLM
-from server.models.falcon_h1 import FalconH1ForCausalLM
-from server.models.gemma import GemmaForCausalLM, gemma_rope_tables
-from server.models.gemma_config import GEMMA_FAMILIES
-from server.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
-from server.models.glm import Glm4ForCausalLM
-from server.models.gpt_oss import GptOssForCausalLM
-from server.models.granite_hybrid import GraniteMoeHybridForCausalLM
-from server.models.layernorm import LayerNormForCausalLM
-from server.models.layers import LoRALinear
-from server.models.lfm2 import Lfm2ForCausalLM
-from server.models.llama import LlamaForCausalLM
-from server.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
-from server.models.mxfp4 import is_mxfp4, mxfp4_dequantized
-from server.models.qwen3_5 import Qwen3_5ForCausalLM
+from sloth_kernels.rope import rope_tables
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.exaone4 import Exaone4ForCausalLM
+from sloth_serve.models.falcon_h1 import FalconH1ForCausalLM
+from sloth_serve.models.gemma import GemmaForCausalLM, gemma_rope_tables
+from sloth_serve.models.gemma_config import GEMMA_FAMILIES
+from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from sloth_serve.models.glm import Glm4ForCausalLM
+from sloth_serve.models.gpt_oss import GptOssForCausalLM
+from sloth_serve.models.granite_hybrid import GraniteMoeHybridForCausalLM
+from sloth_serve.models.layernorm import LayerNormForCausalLM
+from sloth_serve.models.layers import LoRALinear
+from sloth_serve.models.lfm2 import Lfm2ForCausalLM
+from sloth_serve.models.llama import LlamaForCausalLM
+from sloth_serve.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
+from sloth_serve.models.mxfp4 import is_mxfp4, mxfp4_dequantized
+from sloth_serve.models.qwen3_5 import Qwen3_5ForCausalLM
 
 if TYPE_CHECKING:
-    from kernels.nf4_format import NF4Weight
+    from sloth_kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +184,13 @@ def _load_vision(model: CausalLM, disk_name: str, value: torch.Tensor | NF4Weigh
 def _adopt_in_4bit(module: torch.nn.Module, pname: str, w: NF4Weight) -> bool:
     """Whether a 4-bit weight is kept packed: a linear projection's weight in the NF4 code book (what
     our kernels decode). Anything else (a 4-bit lm_head, FP4 codes) is dequantized at load."""
-    from kernels.nf4_format import is_nf4_code
+    from sloth_kernels.nf4_format import is_nf4_code
 
     return isinstance(module, LoRALinear) and pname == "weight" and is_nf4_code(w.code)
 
 
 def _dense_from_4bit(hf_name: str, w: NF4Weight, densified: list[str]) -> torch.Tensor:
-    from kernels.nf4 import dequantize_nf4_ref
+    from sloth_kernels.nf4 import dequantize_nf4_ref
 
     densified.append(hf_name)
     return dequantize_nf4_ref(w)
@@ -283,7 +283,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Load safetensors directly (no Unsloth): 16-bit weights, or a bitsandbytes 4-bit folder's
     weights as stored (NF4 kept packed)."""
-    from server.loader.nf4_disk import grouped_4bit, is_bnb_4bit
+    from sloth_serve.loader.nf4_disk import grouped_4bit, is_bnb_4bit
 
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)

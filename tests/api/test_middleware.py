@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api import create_app
-from server.config import Config
+from sloth_serve.api import create_app
+from sloth_serve.config import Config
 
 
 @pytest.fixture()

@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from server.api import create_app
-from server.api.errors import APIError
-from server.api.fim import FIM_TOKENS, fim_prompt, fim_token_ids
-from server.api.responses_protocol import ResponsesRequest
-from server.api.serving_tokenizer_info import describe
-from server.config import Config
-from server.loader import DEMO_MODEL
+from sloth_serve.api import create_app
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.fim import FIM_TOKENS, fim_prompt, fim_token_ids
+from sloth_serve.api.responses_protocol import ResponsesRequest
+from sloth_serve.api.serving_tokenizer_info import describe
+from sloth_serve.config import Config
+from sloth_serve.loader import DEMO_MODEL
 
 
 @pytest.fixture()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from server.api.responses_output import EventWriter, ResponseHeader
-from server.api.responses_protocol import ResponsesRequest
+from sloth_serve.api.responses_output import EventWriter, ResponseHeader
+from sloth_serve.api.responses_protocol import ResponsesRequest
 
 
 def writer() -> EventWriter:

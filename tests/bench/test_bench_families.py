@@ -45,8 +45,8 @@ def test_layers_option_keeps_the_first_layers_and_expert_layouts_hold_the_same_w
 def test_every_real_shapes_config_is_served_and_parses(tmp_path: Path) -> None:
     """The full-size config.json of each shape (not only its tiny twin) passes the start-up checks:
     a path serves it and, when native, our ModelConfig reads it (longrope factors, layer windows ...)."""
-    from server.models.config import ModelConfig
-    from server.models.families import route_of
+    from sloth_serve.models.config import ModelConfig
+    from sloth_serve.models.families import route_of
 
     for name in REAL:
         hf_config(SHAPES[name]).save_pretrained(tmp_path / name)
@@ -64,7 +64,7 @@ def build(tmp: Path, name: str, *extra: str) -> Path:
 
 
 def load_and_decode(folder: Path) -> tuple[torch.nn.Module, list[int]]:
-    from server import LLM, SamplingParams
+    from sloth_serve import LLM, SamplingParams
 
     llm = LLM(str(folder), num_kv_blocks=32)
     out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -89,7 +89,7 @@ def test_tiny_family_model_loads_in_4bit_through_our_loader(tmp_path: Path, name
 
 
 def test_tiny_moe_with_16bit_experts_loads_with_4bit_attention(tmp_path: Path) -> None:
-    from server.models.moe import Experts
+    from sloth_serve.models.moe import Experts
 
     model, tokens = load_and_decode(build(tmp_path, "qwen3-30b-a3b", "--moe-experts", "bf16"))
     experts = [m for m in model.modules() if isinstance(m, Experts)]
@@ -101,7 +101,7 @@ def test_tiny_moe_with_16bit_experts_loads_with_4bit_attention(tmp_path: Path) -
 def test_tiny_moe_with_per_expert_nf4_experts_loads_with_experts_in_nf4(tmp_path: Path) -> None:
     """Unsloth's bnb-4bit MoE layout: transformers 5 merges the experts' packed bytes without their
     quantization state, so our loader reads them from the files (server/loader/nf4_disk.py)."""
-    from server.models.moe import Experts
+    from sloth_serve.models.moe import Experts
 
     folder = build(tmp_path, "qwen3-30b-a3b")
     with open(folder / "model.safetensors", "rb") as f:
@@ -114,7 +114,7 @@ def test_tiny_moe_with_per_expert_nf4_experts_loads_with_experts_in_nf4(tmp_path
 
 
 def test_tiny_gpt_oss_in_transformers_layout_loads_natively(tmp_path: Path) -> None:
-    from server.models.gpt_oss_experts import GptOssExperts
+    from sloth_serve.models.gpt_oss_experts import GptOssExperts
 
     folder = build(tmp_path, "gpt-oss-20b")
     with open(folder / "model.safetensors", "rb") as f:

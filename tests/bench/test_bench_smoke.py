@@ -195,7 +195,7 @@ def test_random_adapters_are_distinct_nonzero_peft_loras(tiny: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from server.loader.peft import load_lora
+    from sloth_serve.loader.peft import load_lora
 
     loras = [tiny.with_name("tiny-loras") / f"lora-{i}" for i in range(2)]
     weights = [load_lora(f"l{i}", p, max_rank=16) for i, p in enumerate(loras)]

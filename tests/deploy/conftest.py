@@ -49,7 +49,7 @@ def compose() -> dict[str, Any]:
 def parse_cli() -> Callable[[list[str]], Any]:
     """Parse flags with sloth-serve's own parser. Flags in PENDING_FLAGS that the server does
     not know yet are dropped (with their value) and reported by `.pending` on the result."""
-    from server.cli import build_parser  # light: no torch
+    from sloth_serve.cli import build_parser  # light: no torch
 
     parser = build_parser()
     known = {opt for action in parser._actions for opt in action.option_strings}

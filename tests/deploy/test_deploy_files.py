@@ -171,7 +171,7 @@ def test_images_are_pinned_and_name_no_registry_host(dockerfile: Any, compose: d
 
 
 def test_compose_builds_our_image_with_the_server_version_as_its_tag(compose: dict[str, Any]) -> None:
-    from server import __version__
+    from sloth_serve import __version__
 
     assert interpolate(compose["services"]["sloth-serve"]["image"]) == f"sloth-serve:{__version__}"
 

@@ -1,4 +1,4 @@
-"""Live servers for the end-to-end tests: `python -m server.cli` subprocesses on 127.0.0.1 serving the
+"""Live servers for the end-to-end tests: `python -m sloth_serve.cli` subprocesses on 127.0.0.1 serving the
 embedded demo model (and its upper-case adapter as model "upper"), started once per session.
 
 - `server`: the open server most tests talk to.

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-secret"
@@ -74,7 +74,7 @@ def launch(tmp_dir: Path, name: str, *flags: str, api_key: str | None = None, de
     port = free_port()
     log_path = tmp_dir / f"{name}.log"
     cmd = [
-        sys.executable, "-m", "server.cli",
+        sys.executable, "-m", "sloth_serve.cli",
         "--host", "127.0.0.1", "--port", str(port),
         *(["--lora", f"upper={DEMO_ADAPTER}"] if demo_adapter else []),
         "--num-kv-blocks", "512",

@@ -20,10 +20,10 @@ from adapter_folders import ALPACA, SQL_ID, adapter_folder, save_alpaca_tokenize
 from live_server import BASE_MODEL, REPO, LiveServer, launch
 from openai import AsyncOpenAI
 
-from server.api.logprobs import TokenTexts
-from server.api.tokenizers import load_tokenizer
-from server.loader import DEMO_MODEL
-from server.loader.chat_template import template_hash
+from sloth_serve.api.logprobs import TokenTexts
+from sloth_serve.api.tokenizers import load_tokenizer
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.chat_template import template_hash
 
 FLAG = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
@@ -212,7 +212,7 @@ def test_mixed_batch_of_templates_gives_each_request_its_own(servers: dict[str, 
 def test_malformed_template_is_a_one_line_startup_error(tmp_path: Path, flags: tuple[str, str]) -> None:
     bad = adapter_folder(tmp_path, "bad")
     (bad / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
-    cmd = [sys.executable, "-m", "server.cli", flags[0], flags[1].replace("{bad}", str(bad))]
+    cmd = [sys.executable, "-m", "sloth_serve.cli", flags[0], flags[1].replace("{bad}", str(bad))]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

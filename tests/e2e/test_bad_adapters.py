@@ -19,7 +19,7 @@ import torch
 from live_server import REPO, LiveServer, free_port, launch
 from safetensors.torch import load_file, save_file
 
-from server.loader import DEMO_ADAPTER
+from sloth_serve.loader import DEMO_ADAPTER
 
 Tensors = dict[str, torch.Tensor]
 
@@ -127,7 +127,7 @@ def test_runtime_load_of_a_bad_folder_is_a_400(server: LiveServer, lora_dir: Pat
 @pytest.mark.parametrize("flag", ["/tmp", "b-rank", "list-config"])
 def test_bad_lora_flag_is_one_line_and_exit_code_2(flag: str, lora_dir: Path) -> None:
     path = flag if flag.startswith("/") else str(lora_dir / flag)
-    cmd = [sys.executable, "-m", "server.cli", "--port", str(free_port()), "--lora", f"bad={path}",
+    cmd = [sys.executable, "-m", "sloth_serve.cli", "--port", str(free_port()), "--lora", f"bad={path}",
            "--load-format", "safetensors"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

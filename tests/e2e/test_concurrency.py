@@ -12,8 +12,8 @@ import pytest
 from live_server import BASE_MODEL, LiveServer
 from openai import AsyncOpenAI
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
 
 NAMES = [
     "json.dumps", "json.loads", "os.path.join", "os.listdir", "re.compile", "re.sub", "math.sqrt",

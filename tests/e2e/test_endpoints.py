@@ -6,7 +6,7 @@ import httpx
 from live_server import BASE_MODEL, LiveServer
 from openai import OpenAI
 
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
 
 
 def test_models_lists_base_and_adapter_with_parent(client: OpenAI) -> None:

@@ -15,7 +15,7 @@ import torch
 from live_server import LiveServer, launch
 from transformers import AutoTokenizer
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("gemma_families", ROOT / "tests" / "engine" / "test_gemma_families.py")

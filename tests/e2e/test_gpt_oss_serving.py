@@ -13,7 +13,7 @@ import torch
 from live_server import LiveServer, launch
 from transformers import AutoTokenizer
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from test_gpt_oss import WINDOW, hf_greedy, make_model  # the tiny random gpt-oss

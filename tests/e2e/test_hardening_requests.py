@@ -14,7 +14,7 @@ import pytest
 from live_server import BASE_MODEL, LiveServer
 from openai import OpenAI
 
-from server.api.protocol import MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH
+from sloth_serve.api.protocol import MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH
 
 CHAT = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

@@ -20,10 +20,10 @@ import uvicorn
 from live_server import BASE_MODEL, REPO, free_port
 from sse_client import read_events
 
-import server.engine.launch as launch_module
-from server.api import create_app
-from server.config import Config
-from server.loader import DEMO_MODEL
+import sloth_serve.engine.launch as launch_module
+from sloth_serve.api import create_app
+from sloth_serve.config import Config
+from sloth_serve.loader import DEMO_MODEL
 
 CHAT = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "ignore_eos": True}
 
@@ -133,14 +133,14 @@ def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:
 
 
 def test_cli_exits_nonzero_when_the_model_cannot_load() -> None:
-    cmd = [sys.executable, "-m", "server.cli", "--model", "/nonexistent/model", "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "sloth_serve.cli", "--model", "/nonexistent/model", "--port", str(free_port())]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2  # found by the start-up checks, before torch is imported
     assert "/nonexistent/model" in done.stderr
 
 
 def test_cli_rejects_a_malformed_lora_flag() -> None:
-    cmd = [sys.executable, "-m", "server.cli", "--lora", "no-equals-sign"]
+    cmd = [sys.executable, "-m", "sloth_serve.cli", "--lora", "no-equals-sign"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2
     assert "--lora takes NAME=PATH" in done.stderr

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from live_server import BASE_MODEL, LiveServer, launch
 
-from server.loader import DEMO_ADAPTER
+from sloth_serve.loader import DEMO_ADAPTER
 
 
 def stream_text(server: LiveServer, model: str, max_tokens: int, out: list, prompt: str = "Return the") -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from live_server import LiveServer, launch
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 # The tasks' data are local files: nothing may reach the Hub (lm_eval is imported below, after this).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

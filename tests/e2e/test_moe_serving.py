@@ -13,7 +13,7 @@ import transformers
 from live_server import LiveServer, launch
 from transformers import AutoTokenizer
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 MAX_TOKENS = 8
 

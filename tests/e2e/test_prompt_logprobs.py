@@ -13,7 +13,7 @@ from openai import OpenAI
 from sse_client import chunks, stream
 from transformers import AutoTokenizer
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 TEXT = "Return the path of the configuration file, or raise an error"
 TOL = 1e-3  # the same 4-bit weights through prefills of other lengths

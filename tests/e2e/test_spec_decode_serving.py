@@ -15,8 +15,8 @@ import pytest
 from live_server import BASE_MODEL, LiveServer, launch
 from openai import OpenAI
 
-from server.loader import DEMO_MODEL
-from server.loader.truncate import truncate_model
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.truncate import truncate_model
 
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add("
 

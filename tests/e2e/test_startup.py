@@ -1,4 +1,4 @@
-"""Start-up as an operator meets it, through the real `python -m server.cli`: a bad model, adapter,
+"""Start-up as an operator meets it, through the real `python -m sloth_serve.cli`: a bad model, adapter,
 device or port is one line and exit 2 within 2 s; a signal while loading exits at once; with
 --log-format json every line is JSON and health probes stay out of the access log."""
 
@@ -19,17 +19,17 @@ import httpx
 import pytest
 from live_server import REPO, free_port
 
-from server.cli import build_parser, config_from_args
-from server.loader import DEMO_MODEL
-from server.logs import ProbePathFilter, configure_logging, output_lines
-from server.preflight import cuda_device_count
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.logs import ProbePathFilter, configure_logging, output_lines
+from sloth_serve.preflight import cuda_device_count
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def cli(*flags: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=REPO, env=ENV, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "sloth_serve.cli", *flags], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
     return done, time.monotonic() - start
 
@@ -114,7 +114,7 @@ def test_argparse_error_is_json_when_json_is_asked_for() -> None:
 def start(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "--port", str(port), "--num-kv-blocks", "256", *flags]
+    cmd = [sys.executable, "-m", "sloth_serve.cli", "--port", str(port), "--num-kv-blocks", "256", *flags]
     with log.open("wb") as out:
         process = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}", log

@@ -15,8 +15,8 @@ import pytest
 from live_server import BASE_MODEL, LiveServer
 from openai import AsyncOpenAI, OpenAI
 
-from server.api.tool_call_reader import ToolCallReader, merge_deltas
-from server.api.tool_request import ToolPlan
+from sloth_serve.api.tool_call_reader import ToolCallReader, merge_deltas
+from sloth_serve.api.tool_request import ToolPlan
 
 PERSON = {
     "type": "object",

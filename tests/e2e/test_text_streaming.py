@@ -10,10 +10,10 @@ import itertools
 import pytest
 from transformers import AutoTokenizer
 
-from server.api.detokenizer import IncrementalDetokenizer
-from server.api.logprobs import TokenTexts
-from server.api.stop_strings import StopStringMatcher
-from server.loader import DEMO_MODEL
+from sloth_serve.api.detokenizer import IncrementalDetokenizer
+from sloth_serve.api.logprobs import TokenTexts
+from sloth_serve.api.stop_strings import StopStringMatcher
+from sloth_serve.loader import DEMO_MODEL
 
 TEXTS = ["naïve café ✓ 😀 done", "plain ascii text", "日本語のテキスト", "a\u0301 combining", "😀😀"]
 
@@ -38,7 +38,7 @@ def test_fast_path_decodes_like_the_tokenizer(tokenizer) -> None:  # type: ignor
     tokenizer.decode gives, with and without special tokens; a slow-path tokenizer gets None."""
     import random
 
-    from server.api.detokenizer import backend_decoder
+    from sloth_serve.api.detokenizer import backend_decoder
 
     backend = backend_decoder(tokenizer)
     assert backend is not None

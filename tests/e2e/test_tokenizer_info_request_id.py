@@ -8,7 +8,7 @@ import httpx
 from live_server import BASE_MODEL, LiveServer
 from transformers import AutoTokenizer
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 
 def test_tokenizer_info_has_the_class_config_and_chat_template(server: LiveServer) -> None:

@@ -21,9 +21,9 @@ from live_server import LiveServer, launch
 from transformers import AutoTokenizer
 from vision_models import MAX_TOKENS, data_url, hf_greedy, make_qwen2_5_vl, random_image, reference_prompt
 
-from server.api.errors import APIError
-from server.api.images import chat_images
-from server.api.protocol import ChatMessage
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.images import chat_images
+from sloth_serve.api.protocol import ChatMessage
 
 EXTRA = {"ignore_eos": True, "skip_special_tokens": False}
 

@@ -9,15 +9,15 @@ import torch
 from factories import create_seq
 from transformers import AutoTokenizer
 
-from server.config import Config
-from server.engine.grammar import GrammarCompiler
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams, StructuredSpec
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.loader.adapter_modules import AdapterModules, TableCopy
-from server.loader.peft import LoRAWeights, load_lora
-from server.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
+from sloth_serve.config import Config
+from sloth_serve.engine.grammar import GrammarCompiler
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader.adapter_modules import AdapterModules, TableCopy
+from sloth_serve.loader.peft import LoRAWeights, load_lora
+from sloth_serve.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
 
 
 def test_logits_pad_narrower_rows_with_minus_inf() -> None:

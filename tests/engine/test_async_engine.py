@@ -8,12 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from server.config import Config
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason
-from server.loader import DEMO_MODEL
+from sloth_serve.config import Config
+from sloth_serve.engine.async_engine import AsyncEngine
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.loader import DEMO_MODEL
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

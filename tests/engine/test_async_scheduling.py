@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
 
 
 def make(async_scheduling: bool) -> LLMEngine:
@@ -226,8 +226,8 @@ def test_each_steps_forward_time_is_recorded_once() -> None:
 def test_the_first_adapters_warmup_is_not_counted_as_traffic() -> None:
     """add_lora runs the warmup through the first adapter on CUDA (forced here on the CPU): none of
     those requests reaches the observer (the metrics and the request log)."""
-    from server.loader import DEMO_ADAPTER
-    from server.loader.peft import load_lora
+    from sloth_serve.loader import DEMO_ADAPTER
+    from sloth_serve.loader.peft import load_lora
 
     engine = make(False)
     seen: list[int] = []
@@ -245,8 +245,8 @@ def test_the_first_adapters_warmup_is_not_counted_as_traffic() -> None:
 def test_out_of_memory_in_a_step_run_ahead_fails_its_requests_and_the_engine_goes_on() -> None:
     import asyncio
 
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.sequence import FinishReason
+    from sloth_serve.engine.async_engine import AsyncEngine
+    from sloth_serve.engine.sequence import FinishReason
 
     engine = make(True)
     real = engine.runner.launch_decode

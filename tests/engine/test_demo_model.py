@@ -8,11 +8,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server import LLM, SamplingParams
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
-from server.loader.peft import load_lora
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
 
 MAX_NEW = 24
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)

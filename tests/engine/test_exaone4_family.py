@@ -15,8 +15,8 @@ import transformers
 from test_glm_families import engine_greedy as glm_engine_greedy
 from test_glm_families import hf_greedy
 
-from server.models.config import ModelConfig
-from server.models.exaone4 import Exaone4ForCausalLM
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.exaone4 import Exaone4ForCausalLM
 
 COMMON = dict(
     vocab_size=384,

@@ -13,13 +13,13 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.loras import load_adapter
-from server.engine.sampling_params import SamplingParams
-from server.loader.peft import AdapterError, check_fits, load_lora
-from server.models.moe import expert_modules
-from server.models.weights import load_model
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.loras import load_adapter
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader.peft import AdapterError, check_fits, load_lora
+from sloth_serve.models.moe import expert_modules
+from sloth_serve.models.weights import load_model
 
 peft = pytest.importorskip("peft")
 
@@ -257,11 +257,11 @@ def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: P
     """Per-expert NF4 experts (a 4-bit checkpoint's, kept packed): the hot-swapped LoRA adds what it
     adds on their dequantized 16-bit weights, to its slot's tokens only; merging it makes the
     experts 16-bit and computes the same."""
-    from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
-    from server.models.config import ModelConfig
-    from server.models.expert_lora import merge_expert_update
-    from server.models.layers import StepMetadata
-    from server.models.weights import build_model, iter_checkpoint
+    from sloth_kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
+    from sloth_serve.models.config import ModelConfig
+    from sloth_serve.models.expert_lora import merge_expert_update
+    from sloth_serve.models.layers import StepMetadata
+    from sloth_serve.models.weights import build_model, iter_checkpoint
 
     folder, hf = make_model(tmp_path, "mixtral")
     adapter = per_expert_adapter(tmp_path, "mixtral", hf)

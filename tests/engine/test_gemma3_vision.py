@@ -17,10 +17,10 @@ from gemma3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_gemma3_v
 from peft import PeftModel
 from vision_models import random_image, write_adapter
 
-from server.engine.sampling_params import SamplingParams
-from server.llm import LLM
-from server.loader.adapter_config import AdapterError
-from server.models.gemma_vision import GemmaVisionForCausalLM
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.llm import LLM
+from sloth_serve.loader.adapter_config import AdapterError
+from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)

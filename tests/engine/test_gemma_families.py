@@ -16,13 +16,13 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from server import LLM
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
-from server.models.config import ModelConfig
-from server.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from sloth_serve import LLM
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
 
 VOCAB = 4096  # the demo tokenizer's, so that the folders can be served over HTTP too
 TEXT = dict(
@@ -153,7 +153,7 @@ FAMILIES = ["gemma2", "gemma3", "gemma3-legacy-config", "gemma3-multimodal", "ge
 def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest.LogCaptureFixture) -> None:
     folder, hf = make_model(tmp_path, family)
     batch = prompts()
-    with caplog.at_level(logging.WARNING, logger="server.models.weights"):
+    with caplog.at_level(logging.WARNING, logger="sloth_serve.models.weights"):
         engine, got = engine_greedy(folder, batch)
     for i, p in enumerate(batch):
         tokens, logprobs = hf_greedy(hf, p)

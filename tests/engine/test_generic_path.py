@@ -15,13 +15,13 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.peft import load_lora
-from server.models.generic import GenericCausalLM
-from server.models.generic_linear import SliceGroup
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
+from sloth_serve.models.generic import GenericCausalLM
+from sloth_serve.models.generic_linear import SliceGroup
 
 VOCAB = 4096  # the demo tokenizer's, so that the same folders can be served over HTTP
 COMMON = dict(
@@ -94,7 +94,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> list[list[i
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_matches_transformers(tmp_path: Path, family: str, caplog: pytest.LogCaptureFixture) -> None:
     folder, hf = make_model(tmp_path, family)
-    with caplog.at_level(logging.WARNING, logger="server.loader.generic"):
+    with caplog.at_level(logging.WARNING, logger="sloth_serve.loader.generic"):
         engine = engine_for(folder)
     said = [r.getMessage() for r in caplog.records if "served on the generic path" in r.getMessage()]
     assert len(said) == 1 and "no CUDA graphs" in said[0]
@@ -198,8 +198,8 @@ def test_every_tensor_on_disk_reaches_the_model(tmp_path: Path, change: str, mes
 
 
 def test_attention_the_paged_cache_cannot_compute_is_refused() -> None:
-    from server.models.families import UnsupportedModel
-    from server.models.generic import GenericStep, paged_attention_forward
+    from sloth_serve.models.families import UnsupportedModel
+    from sloth_serve.models.generic import GenericStep, paged_attention_forward
 
     q = k = v = torch.zeros(1, 2, 3, 8)
     stranger = torch.nn.Module()  # not a layer of the served model: no step on it

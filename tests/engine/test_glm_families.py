@@ -11,14 +11,14 @@ import pytest
 import torch
 import transformers
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.loras import load_adapter
-from server.engine.sampling_params import SamplingParams
-from server.models.config import ModelConfig
-from server.models.families import route_of
-from server.models.glm import Glm4DecoderLayer
-from server.models.layers import LoRALinear
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.loras import load_adapter
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.families import route_of
+from sloth_serve.models.glm import Glm4DecoderLayer
+from sloth_serve.models.layers import LoRALinear
 
 COMMON = dict(
     vocab_size=384,
@@ -172,7 +172,7 @@ def test_config_defaults_are_transformers(tmp_path: Path) -> None:
 
 def test_glm4_layers_have_their_post_norms(tmp_path: Path) -> None:
     folder, _ = make_model(tmp_path, "glm4")
-    from server.models.weights import load_model
+    from sloth_serve.models.weights import load_model
 
     model = load_model(folder, torch.float32, torch.device("cpu"))
     layer = model.model.layers[1]

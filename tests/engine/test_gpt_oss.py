@@ -14,10 +14,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
-from server.models.config import ModelConfig
-from server.models.weights import build_model, iter_checkpoint, load_model
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.weights import build_model, iter_checkpoint, load_model
 
 WINDOW = 8
 CONFIG = dict(
@@ -76,8 +76,8 @@ def test_greedy_matches_transformers_on_gpu(tmp_path: Path) -> None:
 
 
 def check_greedy(tmp_path: Path, **config: object) -> None:
-    from server.config import Config
-    from server.engine.llm_engine import LLMEngine
+    from sloth_serve.config import Config
+    from sloth_serve.engine.llm_engine import LLMEngine
 
     folder, hf = make_model(tmp_path)
     gen = torch.Generator().manual_seed(1)
@@ -98,7 +98,7 @@ def check_greedy(tmp_path: Path, **config: object) -> None:
 def test_sinks_and_window_matter(tmp_path: Path) -> None:
     """The model computes with its sinks and windows: zeroing the sinks or widening the window
     changes the logits of a prompt longer than the window (a forward pass ignoring them would not)."""
-    from server.models.gpt_oss import GptOssForCausalLM
+    from sloth_serve.models.gpt_oss import GptOssForCausalLM
 
     folder, hf = make_model(tmp_path)
     ids = torch.randint(2, 384, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -114,8 +114,8 @@ def test_sinks_and_window_matter(tmp_path: Path) -> None:
 
 def _last_logits(model: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
     """One prefill of `prompt` through our model on a private paged cache; the last token's logits."""
-    from kernels.attention import AttnMetadata
-    from server.models.layers import StepMetadata
+    from sloth_kernels.attention import AttnMetadata
+    from sloth_serve.models.layers import StepMetadata
 
     cfg = model.config
     n, block = len(prompt), 8
@@ -137,7 +137,7 @@ def _unsloth_layout(tensors: dict[str, torch.Tensor], four_bit: bool) -> dict[st
     per-expert linears gate_up_projs.{e} / down_projs.{e} ([out, in], bias) quantized to NF4, or
     as its 16-bit 2-D views of the 3-D tensors (gate_up_proj.weight [E * 2I, H], down_proj.weight
     [H, E * I])."""
-    from kernels.nf4 import quantize_nf4_ref
+    from sloth_kernels.nf4 import quantize_nf4_ref
 
     out: dict[str, object] = {}
     for name, value in tensors.items():
@@ -165,8 +165,8 @@ def _unsloth_layout(tensors: dict[str, torch.Tensor], four_bit: bool) -> dict[st
 def test_unsloth_layouts_load_like_transformers_layout(tmp_path: Path) -> None:
     """Unsloth's 16-bit 2-D views load to exactly transformers' model; its 4-bit per-expert layers
     are adopted packed (no 16-bit experts kept) and compute what their dequantized weights do."""
-    from kernels.nf4 import dequantize_nf4_ref
-    from server.models.gpt_oss_experts import GptOssExperts
+    from sloth_kernels.nf4 import dequantize_nf4_ref
+    from sloth_serve.models.gpt_oss_experts import GptOssExperts
 
     folder, _ = make_model(tmp_path)
     cfg = ModelConfig.from_folder(folder)
@@ -205,7 +205,7 @@ def test_attention_lora_hot_swapped_equals_peft(tmp_path: Path) -> None:
     the adapter's greedy tokens equal PEFT's, the base's equal transformers'."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from server import LLM
+    from sloth_serve import LLM
 
     folder, hf = make_model(tmp_path)
     torch.manual_seed(3)
@@ -233,7 +233,7 @@ def test_attention_lora_hot_swapped_equals_peft(tmp_path: Path) -> None:
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' [E, in, out] expert weight -> MXFP4 (blocks [E, out, in / 32, 16] uint8, scales
     [E, out, in / 32] uint8): per 32 values a power-of-two scale, each value the nearest FP4 code."""
-    from server.models.mxfp4 import FP4_VALUES
+    from sloth_serve.models.mxfp4 import FP4_VALUES
 
     groups = w.transpose(1, 2).unflatten(-1, (-1, 32)).float()  # [E, out, G, 32]
     exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 128)
@@ -249,7 +249,7 @@ def test_mxfp4_original_equals_transformers_dequantizing_it(tmp_path: Path) -> N
     Mxfp4Config(dequantize=True) does: the same greedy tokens."""
     import json
 
-    from server import LLM
+    from sloth_serve import LLM
 
     folder, _ = make_model(tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))
@@ -272,7 +272,7 @@ def test_mxfp4_original_equals_transformers_dequantizing_it(tmp_path: Path) -> N
 
 
 def test_mxfp4_start_up_check_names_it_and_other_models_stay_refused(tmp_path: Path) -> None:
-    from server.preflight import StartupError, check_quantization
+    from sloth_serve.preflight import StartupError, check_quantization
 
     quant = {"quant_method": "mxfp4"}
     assert "MXFP4" in check_quantization(tmp_path, quant, "unsloth", "gpt_oss")
@@ -283,7 +283,7 @@ def test_mxfp4_start_up_check_names_it_and_other_models_stay_refused(tmp_path: P
 def test_norm_scales_are_ready_after_load(tmp_path: Path) -> None:
     """Every RMSNorm's float32 scale is computed at load, before any step (a first step may be a CUDA
     graph capture, in which a tensor made for the cache would hold nothing once outside it)."""
-    from server.models.gpt_oss import GptOssRMSNorm
+    from sloth_serve.models.gpt_oss import GptOssRMSNorm
 
     folder, _ = make_model(tmp_path)
     model = load_model(folder, torch.float32, CPU)

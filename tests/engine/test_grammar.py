@@ -13,12 +13,12 @@ import torch
 from factories import create_seq
 from transformers import AutoTokenizer
 
-from server.engine.failures import SequenceError
-from server.engine.grammar import GrammarCompiler, GrammarError, allowed_tokens, bitmask_width
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams, StructuredSpec
-from server.engine.sequence import Sequence
-from server.loader import DEMO_MODEL
+from sloth_serve.engine.failures import SequenceError
+from sloth_serve.engine.grammar import GrammarCompiler, GrammarError, allowed_tokens, bitmask_width
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.loader import DEMO_MODEL
 
 VOCAB = 4096
 EOS = 2

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from test_glm_families import engine_greedy as glm_engine_greedy
 from test_glm_families import hf_greedy
 
-from server.models.config import ModelConfig
-from server.models.layernorm import LayerNormForCausalLM
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layernorm import LayerNormForCausalLM
 
 COMMON = dict(
     vocab_size=384,

@@ -13,11 +13,11 @@ import pytest
 import torch
 import transformers
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.models.config import ModelConfig
-from server.models.lfm2_config import lfm2_ff_dim
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.lfm2_config import lfm2_ff_dim
 
 VOCAB = 256
 COMMON: dict[str, Any] = dict(
@@ -92,7 +92,7 @@ def check_system_prompt_hit(folder: Path, hf: torch.nn.Module, vocab: int, budge
     24, the end of its last full block), so the second with that system prompt and another user turn
     restores KV and state from there: transformers' tokens, the hit counted in the metrics' running
     totals. Without the hint, the second request of another system prompt hits nothing."""
-    from server.engine.engine_loop import step_stats
+    from sloth_serve.engine.engine_loop import step_stats
 
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
                               max_num_batched_tokens=budget, device="cpu", dtype="float32"))
@@ -260,7 +260,7 @@ def test_moe_router_bias_picks_but_does_not_weigh() -> None:
     picks leaves the picked experts' weights their own sigmoid scores."""
     from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeTopKRouter
 
-    from kernels.moe import route_sigmoid
+    from sloth_kernels.moe import route_sigmoid
 
     torch.manual_seed(0)
     x = torch.randn(7, 16)

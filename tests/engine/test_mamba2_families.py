@@ -16,11 +16,11 @@ import torch
 import transformers
 from test_lfm2_family import check_prefix_hits
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
-from server.models.config import ModelConfig
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.models.config import ModelConfig
 
 VOCAB = 256
 COMMON: dict[str, Any] = dict(
@@ -188,7 +188,7 @@ def test_lora_on_mixer_attention_and_mlp_equals_peft(tmp_path: Path, variant: st
     differ from the base's."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from server import LLM
+    from sloth_serve import LLM
 
     hf = make_model(tmp_path / "base", variant)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # LLM loads a tokenizer; prompts are token ids

@@ -16,10 +16,10 @@ from mllama_models import IMAGE_TOKEN, MAX_TOKENS, chat_text, hf_greedy, make_ml
 from peft import LoraConfig, PeftModel, get_peft_model
 from vision_models import random_image
 
-from server.engine.cross_inputs import image_ranges
-from server.engine.sampling_params import SamplingParams
-from server.llm import LLM
-from server.loader.adapter_config import AdapterError
+from sloth_serve.engine.cross_inputs import image_ranges
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.llm import LLM
+from sloth_serve.loader.adapter_config import AdapterError
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)

@@ -12,11 +12,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.models.config import ModelConfig
-from server.models.weights import load_model
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.weights import load_model
 
 COMMON = dict(
     vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -74,7 +74,7 @@ def test_greedy_matches_transformers(tmp_path: Path, family: str) -> None:
 
 
 def test_qwen2_moe_layers_sparse_or_dense_as_configured(tmp_path: Path) -> None:
-    from server.models.moe import SparseMoeBlock
+    from sloth_serve.models.moe import SparseMoeBlock
 
     folder, _ = make_model(tmp_path, "qwen2_moe")
     model = load_model(folder, torch.float32, torch.device("cpu"))
@@ -117,7 +117,7 @@ def test_attention_and_shared_expert_lora_equals_peft(tmp_path: Path) -> None:
     families): our greedy tokens with the adapter equal PEFT's, and differ from the base's."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from server import LLM
+    from sloth_serve import LLM
 
     folder, hf = make_model(tmp_path, "qwen2_moe")
     torch.manual_seed(3)
@@ -146,9 +146,9 @@ def test_4bit_experts_compute_like_their_dequantized_weights(tmp_path: Path) -> 
     """Experts a 4-bit checkpoint keeps as per-expert NF4 layers are adopted packed (no dense 3-D
     copy), stacked for the grouped NF4 kernels (so decode keeps its CUDA graphs), and compute what
     their dequantized weights do."""
-    from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
-    from server.models.moe import Experts
-    from server.models.weights import build_model, iter_checkpoint
+    from sloth_kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
+    from sloth_serve.models.moe import Experts
+    from sloth_serve.models.weights import build_model, iter_checkpoint
 
     folder, _ = make_model(tmp_path, "mixtral")
     cfg = ModelConfig.from_folder(folder)

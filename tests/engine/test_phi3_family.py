@@ -14,14 +14,14 @@ import transformers
 from phi3_models import write_phi3
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-from kernels.rope import rope_tables
-from kernels.rope_scaling import rope_rows
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.models.config import ModelConfig
-from server.models.layers import LoRALinear
-from server.preflight import StartupError, check_model
+from sloth_kernels.rope import rope_tables
+from sloth_kernels.rope_scaling import rope_rows
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.layers import LoRALinear
+from sloth_serve.preflight import StartupError, check_model
 
 ORIG = 32  # the original context of the longrope models
 COMMON: dict[str, Any] = dict(

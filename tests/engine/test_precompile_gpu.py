@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.loader import DEMO_ADAPTER
+from sloth_serve.loader import DEMO_ADAPTER
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def precompile(cache: Path) -> subprocess.CompletedProcess[str]:
     flags = ["--precompile-only", "--device", "cuda", "--compile-cache-dir", str(cache), "--port", "0",
              "--max-num-seqs", "8", "--max-model-len", "1024", "--lora", f"upper={DEMO_ADAPTER}"]
-    return subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sloth_serve.cli", *flags], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
 
 

@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.prefill_graphs import PrefillGraphs
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.loader.peft import load_lora
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.prefill_graphs import PrefillGraphs
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
 
 
 def test_prefill_graph_sizes_are_checked() -> None:
@@ -116,7 +116,7 @@ def test_packing_into_buckets_gives_the_eager_tokens_on_cpu() -> None:
 
 
 def test_prompt_bound_beside_decodes_leaves_room_in_the_largest_bucket() -> None:
-    from server.engine.prefill_graphs import prefill_bound_while_decoding
+    from sloth_serve.engine.prefill_graphs import prefill_bound_while_decoding
 
     assert prefill_bound_while_decoding(None, 64) == 320  # 64 decodes + 320 fill the 384 bucket
     assert prefill_bound_while_decoding(None, 8) == 376

@@ -9,13 +9,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server import SamplingParams
-from server.config import Config
-from server.engine import sampler
-from server.engine.llm_engine import LLMEngine, RequestOutput
-from server.engine.sequence import TokenLogprob
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.loader.peft import load_lora
+from sloth_serve import SamplingParams
+from sloth_serve.config import Config
+from sloth_serve.engine import sampler
+from sloth_serve.engine.llm_engine import LLMEngine, RequestOutput
+from sloth_serve.engine.sequence import TokenLogprob
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
 
 BUDGET = 8  # --max-num-batched-tokens: longer prompts prefill in chunks
 TOP = 3

@@ -14,12 +14,12 @@ import torch
 import transformers
 from test_lfm2_family import check_prefix_hits, check_system_prompt_hit, hf_greedy, run_engine
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader.adapter_modules import AdapterModules
-from server.loader.peft import LoRAWeights
-from server.models.config import ModelConfig
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader.adapter_modules import AdapterModules
+from sloth_serve.loader.peft import LoRAWeights
+from sloth_serve.models.config import ModelConfig
 
 VOCAB = 256
 COMMON: dict[str, Any] = dict(

@@ -11,12 +11,12 @@ import dataclasses
 
 import pytest
 
-from server.config import Config
-from server.engine.async_engine import AsyncEngine
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams, StructuredSpec
-from server.engine.sequence import FinishReason
-from server.loader import DEMO_MODEL
+from sloth_serve.config import Config
+from sloth_serve.engine.async_engine import AsyncEngine
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.loader import DEMO_MODEL
 
 SEEDED = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

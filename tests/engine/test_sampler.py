@@ -6,7 +6,7 @@ import pytest
 import torch
 from factories import create_seq
 
-from server.engine.sampler import Sampler, gather_logprobs
+from sloth_serve.engine.sampler import Sampler, gather_logprobs
 
 
 def draw_many(logits: torch.Tensor, n: int = 400, **params: object) -> set[int]:

@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kernels.attention import AttnMetadata
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine.spec_decode.decode_rows import decode_rows, token_at
-from server.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL
-from server.loader.peft import load_lora
-from server.loader.truncate import truncate_model
-from server.models.layers import StepMetadata
+from sloth_kernels.attention import AttnMetadata
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.spec_decode.decode_rows import decode_rows, token_at
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
+from sloth_serve.loader.truncate import truncate_model
+from sloth_serve.models.layers import StepMetadata
 
 TEXTS = ["Return the", "If the file does not exist, raise an error and", "x",
          "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add("]

@@ -19,16 +19,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from server.config import Config
-from server.engine.grammar import GrammarCompiler, allowed_tokens
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams, StructuredSpec
-from server.engine.sequence import Sequence
-from server.engine.spec_decode.proposer import SpecDecoder
-from server.engine.spec_decode.rejection import sample_with_drafts, target_probs
-from server.loader import DEMO_MODEL
-from server.loader.truncate import truncate_model
+from sloth_serve.config import Config
+from sloth_serve.engine.grammar import GrammarCompiler, allowed_tokens
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.engine.spec_decode.proposer import SpecDecoder
+from sloth_serve.engine.spec_decode.rejection import sample_with_drafts, target_probs
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.truncate import truncate_model
 
 VOCAB = 4096
 EOS = 2

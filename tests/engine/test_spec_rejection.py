@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sampling import filtered_probs
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
-from server.engine.spec_decode.rejection import sample_with_drafts
+from sloth_kernels.sampling import filtered_probs
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.engine.spec_decode.rejection import sample_with_drafts
 
 VOCAB = 10
 K = 2  # draft tokens per sequence

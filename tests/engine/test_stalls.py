@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 
-from server.engine import stalls
+from sloth_serve.engine import stalls
 
 
 class _Fn:
-    name = "kernels.triton_lora._shrink_kernel"
+    name = "sloth_kernels.triton_lora._shrink_kernel"
 
 
 def _compile(key: str) -> None:
@@ -25,7 +25,7 @@ def _compile(key: str) -> None:
 
 
 def test_compiles_are_reported_only_while_serving(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="server.engine.stalls")
+    caplog.set_level(logging.WARNING, logger="sloth_serve.engine.stalls")
     before = stalls.compiles_while_serving
     stalls.serving(False)
     _compile("warmup-variant")
@@ -59,7 +59,7 @@ def test_a_real_triton_compile_is_reported(caplog: pytest.LogCaptureFixture) -> 
     assert stalls.watch_compiles()
     x = torch.ones(100, device="cuda")
     _scale[(1,)](x, 100, FACTOR=2, BLOCK=128)  # before serving: not reported
-    caplog.set_level(logging.WARNING, logger="server.engine.stalls")
+    caplog.set_level(logging.WARNING, logger="sloth_serve.engine.stalls")
     before = stalls.compiles_while_serving
     stalls.serving()
     try:
@@ -77,7 +77,7 @@ def test_slow_collections_are_reported_and_the_heap_freezes(caplog: pytest.LogCa
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import gc
 
-    caplog.set_level(logging.WARNING, logger="server.engine.stalls")
+    caplog.set_level(logging.WARNING, logger="sloth_serve.engine.stalls")
     stalls.watch_gc()
     stalls.watch_gc()  # once only
     assert gc.callbacks.count(stalls._on_gc) == 1

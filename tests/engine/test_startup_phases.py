@@ -4,14 +4,14 @@ exactly once, from Ready and from adapter replies."""
 
 from __future__ import annotations
 
-from server import startup_clock
-from server.config import Config
-from server.engine.engine_loop import engine_info
-from server.engine.llm_engine import LLMEngine
-from server.engine.process_client import ProcessEngineClient
-from server.engine.wire import Reply
-from server.loader import DEMO_MODEL
-from server.startup_clock import Phase
+from sloth_serve import startup_clock
+from sloth_serve.config import Config
+from sloth_serve.engine.engine_loop import engine_info
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.process_client import ProcessEngineClient
+from sloth_serve.engine.wire import Reply
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.startup_clock import Phase
 
 
 def test_engine_info_carries_the_phases_the_engine_timed() -> None:

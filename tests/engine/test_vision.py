@@ -15,11 +15,11 @@ import pytest
 from peft import PeftModel
 from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image, write_adapter
 
-from server.api.tokenizers import base_entry
-from server.engine.sampling_params import SamplingParams
-from server.llm import LLM
-from server.loader.adapter_config import AdapterError
-from server.vision_processor import ImageError
+from sloth_serve.api.tokenizers import base_entry
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.llm import LLM
+from sloth_serve.loader.adapter_config import AdapterError
+from sloth_serve.vision_processor import ImageError
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -91,7 +91,7 @@ def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
 
 
 def test_text_model_refuses_images(tmp_path: Path) -> None:
-    from server.loader import DEMO_MODEL
+    from sloth_serve.loader import DEMO_MODEL
 
     llm = LLM(DEMO_MODEL, load_format="safetensors", dtype="float32", num_kv_blocks=16)
     with pytest.raises(ValueError, match="text only"):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from vision_models import MAX_TOKENS, hf_greedy, image_processor, make_qwen2_5_vl, random_image
 
-from server.engine.sampling_params import SamplingParams
-from server.llm import LLM
-from server.models.generic_linear import GenericLinear
-from server.models.vision import VisionCausalLM
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.llm import LLM
+from sloth_serve.models.generic_linear import GenericLinear
+from sloth_serve.models.vision import VisionCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -62,7 +62,7 @@ def test_unsloth_4bit_keeps_nf4_and_follows_fastvisionmodel(tmp_path: Path) -> N
     outs = llm.generate([{"prompt": chat(llm, "Describe it."), "images": i} for i in images], GREEDY)
     assert outs[0].token_ids != outs[1].token_ids
     del llm, model
-    from server.loader.unsloth import load_hf_with_unsloth
+    from sloth_serve.loader.unsloth import load_hf_with_unsloth
 
     reference = load_hf_with_unsloth(folder, 256, vision=True)
     for out, imgs in zip(outs, images, strict=True):

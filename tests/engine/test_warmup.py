@@ -3,10 +3,10 @@ behind: no request, no used or cached KV block, no prefix-cache statistics."""
 
 from __future__ import annotations
 
-from server.config import Config
-from server.engine.llm_engine import WARMUP_PROMPT_LENS, LLMEngine, RequestOutput
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_MODEL
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import WARMUP_PROMPT_LENS, LLMEngine, RequestOutput
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_MODEL
 
 
 def test_warmup_leaves_the_engine_as_it_found_it() -> None:
@@ -67,8 +67,8 @@ def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
 def test_warmup_with_an_adapter_runs_every_prompt_through_it() -> None:
     """add_lora warms the LoRA kernels up on CUDA with the first adapter; here (CPU) it is called
     directly: every warmup request uses the adapter, and the engine is left as it was."""
-    from server.loader import DEMO_ADAPTER
-    from server.loader.peft import load_lora
+    from sloth_serve.loader import DEMO_ADAPTER
+    from sloth_serve.loader.peft import load_lora
 
     engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
                               num_kv_blocks=256, max_loras=2))

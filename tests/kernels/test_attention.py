@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels.attention import AttnMetadata, paged_attention, paged_attention_ref, write_kv, write_kv_ref  # noqa: E402
+from sloth_kernels.attention import AttnMetadata, paged_attention, paged_attention_ref, write_kv, write_kv_ref  # noqa: E402
 
 # ‖out − ref‖ / ‖ref‖ bounds (the device tool's METHOD.md): fp32 through IEEE dots; half types
 # round P (and the output) to 8 or 11 mantissa bits.
@@ -164,7 +164,7 @@ def attention_case(
     dtype: str, window: int | None = None, num_decodes: int = 0, softcap: float | None = None, **overrides: int,
 ) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        from kernels.triton_attention import paged_attention_triton
+        from sloth_kernels.triton_attention import paged_attention_triton
 
         dt = DTYPES[dtype]
         q, kc, vc, meta = make_batch(q_lens, seq_lens, heads[0], heads[1], head_dim, block_size, dt)
@@ -185,7 +185,7 @@ def attention_case(
 
 def write_kv_case(num_kv_heads: int, head_dim: int, block_size: int, dtype: str) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        from kernels.triton_attention import write_kv_triton
+        from sloth_kernels.triton_attention import write_kv_triton
 
         dt = DTYPES[dtype]
         num_tokens, num_blocks = 11, 5
@@ -351,9 +351,9 @@ def test_model_with_triton_kernels_matches_transformers_greedy(tmp_path: Path, f
     assert spec is not None and spec.loader is not None
     families = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(families)
-    from server.config import Config
-    from server.engine.llm_engine import LLMEngine
-    from server.engine.sampling_params import SamplingParams
+    from sloth_serve.config import Config
+    from sloth_serve.engine.llm_engine import LLMEngine
+    from sloth_serve.engine.sampling_params import SamplingParams
 
     folder, hf = families.make_model(tmp_path, family)
     engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,

@@ -22,7 +22,7 @@ from test_attention import (
     run_interpreted,
 )
 
-from kernels.attention import AttnMetadata, paged_attention, paged_attention_ref
+from sloth_kernels.attention import AttnMetadata, paged_attention, paged_attention_ref
 
 
 def image_spans(q_lens: list[int], seq_lens: list[int], seed: int) -> list[list[tuple[int, int]]]:
@@ -55,7 +55,7 @@ def key_end_case(q_lens: list[int], seq_lens: list[int], heads: tuple[int, int],
                  dtype: str, window: int | None = None, num_decodes: int = 0,
                  **overrides: int) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        from kernels.triton_attention import paged_attention_triton
+        from sloth_kernels.triton_attention import paged_attention_triton
 
         dt = DTYPES[dtype]
         q, kc, vc, meta = make_batch(q_lens, seq_lens, heads[0], heads[1], head_dim, block_size, dt)

@@ -20,14 +20,14 @@ from test_attention import (
     run_interpreted,
 )
 
-from kernels.attention import paged_attention, paged_attention_ref
+from sloth_kernels.attention import paged_attention, paged_attention_ref
 
 
 def sinks_case(q_lens: list[int], seq_lens: list[int], heads: tuple[int, int], head_dim: int, block_size: int,
                dtype: str, window: int | None = None, num_decodes: int = 0,
                **overrides: int) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        from kernels.triton_attention import paged_attention_triton
+        from sloth_kernels.triton_attention import paged_attention_triton
 
         dt = DTYPES[dtype]
         q, kc, vc, meta = make_batch(q_lens, seq_lens, heads[0], heads[1], head_dim, block_size, dt)

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from kernels import triton_attention as ta
+from sloth_kernels import triton_attention as ta
 
 
 class _Recorder:

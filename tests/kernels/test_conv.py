@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.conv import causal_conv1d, causal_conv1d_ref
-from kernels.state_batch import StateBatch
+from sloth_kernels.conv import causal_conv1d, causal_conv1d_ref
+from sloth_kernels.state_batch import StateBatch
 
 BOUND = {"fp32": 1e-6, "fp16": 2e-3, "bf16": 1e-2}
 
@@ -29,7 +29,7 @@ def make_batch(lens: list[int], initial: list[bool], num_slots: int, device: str
 def conv_case(lens: list[int], initial: list[bool], dim: int, k: int, dtype: str, bias: bool = True,
               silu: bool = False) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_conv import causal_conv1d_triton
+        from sloth_kernels.triton_conv import causal_conv1d_triton
 
         dt = DTYPES[dtype]
         batch = make_batch(lens, initial, num_slots=len(lens) + 2)

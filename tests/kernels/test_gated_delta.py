@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.gated_delta import gated_delta_rule, gated_delta_rule_ref
-from kernels.gated_delta_inputs import CHUNK
-from kernels.state_batch import StateBatch
+from sloth_kernels.gated_delta import gated_delta_rule, gated_delta_rule_ref
+from sloth_kernels.gated_delta_inputs import CHUNK
+from sloth_kernels.state_batch import StateBatch
 
 
 def make_inputs(lens: list[int], heads: int, dk: int, dv: int, dtype: torch.dtype = torch.float32,
@@ -86,7 +86,7 @@ def triton_case(lens: list[int], initial: list[bool], heads: int, dk: int, dv: i
     chunked kernels, the others (in the same step) the token-by-token one."""
 
     def run() -> tuple[float, float]:
-        from kernels.triton_gated_delta import gated_delta_rule_triton
+        from sloth_kernels.triton_gated_delta import gated_delta_rule_triton
 
         q, k, v, g, beta = make_inputs(lens, heads, dk, dv, DTYPES[dtype])
         slots = random.Random(len(lens)).sample(range(len(lens) + 2), len(lens))
@@ -106,7 +106,7 @@ def triton_pieces_case(sizes: list[int]) -> Callable:
     between calls) gives the outputs and final state of one chunked pass over it."""
 
     def run() -> tuple[float, float]:
-        from kernels.triton_gated_delta import gated_delta_rule_triton
+        from sloth_kernels.triton_gated_delta import gated_delta_rule_triton
 
         n = sum(sizes)
         q, k, v, g, beta = make_inputs([n], 2, 16, 24)
@@ -170,7 +170,7 @@ def test_gated_delta_gpu_qwen3_5_shapes() -> None:
 def test_gated_delta_gpu_chunked_prefill_in_pieces_equals_one_pass() -> None:
     """A 1000-token prompt in pieces (an engine's chunked prefill: chunked and token-by-token kernels,
     the state carried) equals one pass, in float32."""
-    from kernels.triton_gated_delta import gated_delta_rule_triton
+    from sloth_kernels.triton_gated_delta import gated_delta_rule_triton
 
     torch.manual_seed(1)
     q, k, v, g, beta = make_inputs([1000], 32, 128, 128, torch.float32, "cuda")

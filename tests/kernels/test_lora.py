@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
-from kernels.lora import add_lora, add_lora_ref  # noqa: E402
+from sloth_kernels.lora import add_lora, add_lora_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Relative error of the added delta against float64; the delta is read back through y's dtype.
@@ -158,8 +158,8 @@ def make_ranked_case(t: int, k: int, slices: list[int], rank: int, slot_ranks: l
 
 
 def _interpreter_main() -> None:
-    from kernels.triton_interp import patch_interpreter
-    from kernels.triton_lora import add_lora_triton
+    from sloth_kernels.triton_interp import patch_interpreter
+    from sloth_kernels.triton_lora import add_lora_triton
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()
@@ -264,8 +264,8 @@ def test_ranked_slots_on_gpu_skip_the_padding(t: int, slices: list[int]) -> None
 def test_mixed_batch_with_hot_swapped_adapter_on_gpu_gives_merged_and_base_tokens() -> None:
     """The demo model on CUDA (fp32; CUDA graphs and the stacked-slice kernels): in one batch, the
     requests using the adapter get the merged checkpoint's greedy tokens, the others the base's."""
-    from server import LLM, SamplingParams
-    from server.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
+    from sloth_serve import LLM, SamplingParams
+    from sloth_serve.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
 
     kw = dict(load_format="safetensors", num_kv_blocks=256, device="cuda", dtype="float32")
     greedy = SamplingParams(max_tokens=16, temperature=0)

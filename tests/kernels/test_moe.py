@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
-from kernels.moe import moe_experts, moe_experts_ref, route, swiglu_expert  # noqa: E402
+from sloth_kernels.moe import moe_experts, moe_experts_ref, route, swiglu_expert  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -95,8 +95,8 @@ INTERPRETER_CASES = {
 
 
 def _interpreter_main() -> None:
-    from kernels.triton_interp import patch_interpreter
-    from kernels.triton_moe import align_by_expert, fused_moe
+    from sloth_kernels.triton_interp import patch_interpreter
+    from sloth_kernels.triton_moe import align_by_expert, fused_moe
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()

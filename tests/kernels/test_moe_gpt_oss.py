@@ -1,4 +1,4 @@
-"""gpt-oss's experts in Triton (kernels.triton_moe.fused_moe_gpt_oss: transformers' [E, hidden, 2 inter]
+"""gpt-oss's experts in Triton (sloth_kernels.triton_moe.fused_moe_gpt_oss: transformers' [E, hidden, 2 inter]
 layout with gate/up columns interleaved, biases, the clamped SwiGLU) equal the expert-by-expert
 reference through TRITON_INTERPRET=1 at small odd shapes with many clamped values, and on a GPU at
 gpt-oss-20b's shapes, also replayed in a CUDA graph; the reference equals transformers' GptOssExperts."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_attention import run_interpreted
 
-from kernels.moe import moe_experts_ref
-from server.models.gpt_oss_experts import clamped_swiglu
+from sloth_kernels.moe import moe_experts_ref
+from sloth_serve.models.gpt_oss_experts import clamped_swiglu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -69,8 +69,8 @@ INTERPRETER_CASES = {  # name: (tokens, hidden, inter, experts, top_k, dtype, bl
 
 
 def _interpreter_main() -> None:
-    from kernels.triton_interp import patch_interpreter
-    from kernels.triton_moe import fused_moe_gpt_oss
+    from sloth_kernels.triton_interp import patch_interpreter
+    from sloth_kernels.triton_moe import fused_moe_gpt_oss
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()
@@ -107,7 +107,7 @@ def test_triton_matches_reference_in_interpreter(interpreted: dict[str, object],
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t", [1, 8, 64, 512])
 def test_triton_matches_reference_on_gpu_gpt_oss_20b_shapes(t: int) -> None:
-    from kernels.triton_moe import fused_moe_gpt_oss
+    from sloth_kernels.triton_moe import fused_moe_gpt_oss
 
     torch.manual_seed(t)
     case = make_case(t, 2880, 2880, 32, 4, torch.bfloat16, device="cuda")
@@ -117,7 +117,7 @@ def test_triton_matches_reference_on_gpu_gpt_oss_20b_shapes(t: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpt_oss_experts_replay_in_a_cuda_graph() -> None:
-    from kernels.triton_moe import fused_moe_gpt_oss
+    from sloth_kernels.triton_moe import fused_moe_gpt_oss
 
     torch.manual_seed(0)
     x, ids, weights, *params = make_case(8, 256, 128, 16, 4, torch.bfloat16, device="cuda")

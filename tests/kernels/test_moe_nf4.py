@@ -21,10 +21,10 @@ if str(ROOT) not in sys.path:
 
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
-from kernels.moe import moe_experts_ref, route, swiglu_expert  # noqa: E402
-from kernels.moe_nf4 import moe_experts_nf4, moe_experts_nf4_ref  # noqa: E402
-from kernels.moe_nf4_format import GroupedNF4, stack_nf4  # noqa: E402
-from kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref  # noqa: E402
+from sloth_kernels.moe import moe_experts_ref, route, swiglu_expert  # noqa: E402
+from sloth_kernels.moe_nf4 import moe_experts_nf4, moe_experts_nf4_ref  # noqa: E402
+from sloth_kernels.moe_nf4_format import GroupedNF4, stack_nf4  # noqa: E402
+from sloth_kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref  # noqa: E402
 
 
 def make_case(t: int, hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype,
@@ -68,8 +68,8 @@ BOUND = {"fp32": 1e-5, "bf16": 2e-2}
 
 
 def _interpreter_main() -> None:
-    from kernels.triton_interp import patch_interpreter
-    from kernels.triton_moe_nf4 import fused_moe_nf4
+    from sloth_kernels.triton_interp import patch_interpreter
+    from sloth_kernels.triton_moe_nf4 import fused_moe_nf4
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
-from kernels.nf4 import (  # noqa: E402
+from sloth_kernels.nf4 import (  # noqa: E402
     concat_nf4,
     dequantize_nf4_ref,
     nf4_linear,
@@ -30,7 +30,7 @@ from kernels.nf4 import (  # noqa: E402
     quantize_nf4_ref,
     split_nf4,
 )
-from kernels.nf4_format import NF4_CODE, NF4Weight  # noqa: E402
+from sloth_kernels.nf4_format import NF4_CODE, NF4Weight  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ‖out − ref‖ / ‖ref‖ against float64 on the exact (fp32) NF4 weight (the device tool's METHOD.md):
@@ -138,7 +138,7 @@ def test_bad_shapes_are_refused_with_a_reason() -> None:
 def test_prmt_lookup_gives_the_code_book_in_16_bits() -> None:
     """The PTX of the GPU decode, executed by a Python model of its instructions: plain, and scaled
     by a block's absmax in 16 bits (one rounding of code * scale, as mul.rn does)."""
-    from kernels.triton_nf4_decode import emulate_prmt_asm, prmt_tables
+    from sloth_kernels.triton_nf4_decode import emulate_prmt_asm, prmt_tables
 
     rng = random.Random(0)
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "f16")):
@@ -187,7 +187,7 @@ def test_concat_refuses_parts_that_do_not_join_exactly() -> None:
 
 
 def test_fused_layer_gives_the_slices_output() -> None:
-    from server.models.layers import LoRALinear
+    from sloth_serve.models.layers import LoRALinear
 
     parts = _parts([128, 64, 64], 256, torch.float32)
     layer = LoRALinear(256, [128, 64, 64])
@@ -233,7 +233,7 @@ INTERPRETER_CASES = {
 
 
 def _interpreted_case(m: int, n: int, k: int, dtype_name: str, nested: bool, kernel: str, cfg: dict) -> list[float]:
-    from kernels import triton_nf4
+    from sloth_kernels import triton_nf4
 
     dtype = DTYPES[dtype_name]
     if kernel.startswith("concat_"):
@@ -280,7 +280,7 @@ def _interpreted_case(m: int, n: int, k: int, dtype_name: str, nested: bool, ker
 
 
 def _interpreter_main() -> None:
-    from kernels.triton_interp import patch_interpreter
+    from sloth_kernels.triton_interp import patch_interpreter
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     patch_interpreter()
@@ -327,7 +327,7 @@ def _gpu_weight(n: int, k: int, dtype: torch.dtype, nested: bool = True) -> NF4W
 @pytest.mark.parametrize("nk", [(4096, 14336), (14336, 4096)], ids=["down", "gate"])
 def test_triton_matches_reference_on_gpu(nk: tuple[int, int], m: int, dtype: torch.dtype, prmt: bool,
                                          cuda_cores: bool) -> None:
-    from kernels import triton_nf4
+    from sloth_kernels import triton_nf4
 
     if prmt and dtype == torch.float32:
         pytest.skip("fp32 always takes the gather path")
@@ -353,7 +353,7 @@ def test_triton_matches_reference_on_gpu(nk: tuple[int, int], m: int, dtype: tor
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dequantize_kernel_is_bitsandbytes_on_gpu(dtype: torch.dtype) -> None:
-    from kernels import triton_nf4
+    from sloth_kernels import triton_nf4
 
     w = _gpu_weight(14336, 4096, dtype)
     exact = dequantize_nf4_ref(w).to(dtype)
@@ -399,7 +399,7 @@ def test_dequantize_matches_bitsandbytes_cuda() -> None:
 @pytest.mark.parametrize("m", [16, 512])
 def test_stacked_slices_match_reference_on_gpu(m: int) -> None:
     """q|k|v at Llama-3-8B shape: per-slice kernels below DEQUANT_MIN_ROWS, one scratch + matmul above."""
-    from kernels import triton_nf4
+    from sloth_kernels import triton_nf4
 
     torch.manual_seed(m)
     ws = [_gpu_weight(4096, 4096, torch.bfloat16), _gpu_weight(1024, 4096, torch.bfloat16),
@@ -414,7 +414,7 @@ def test_stacked_slices_match_reference_on_gpu(m: int) -> None:
 @pytest.mark.parametrize("m", [1, 8, 64, 200, 512])
 def test_fused_projection_matches_reference_on_gpu(m: int) -> None:
     """q|k|v and gate|up of Llama-3-8B joined by concat_nf4: one launch, each part's own offset."""
-    from kernels import triton_nf4
+    from sloth_kernels import triton_nf4
 
     torch.manual_seed(m)
     for rows in ([4096, 1024, 1024], [14336, 14336]):

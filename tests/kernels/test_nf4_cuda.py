@@ -1,4 +1,4 @@
-"""The CUDA NF4 GEMV (kernels.cuda_nf4): its dispatch rules and launch shapes on the CPU (nothing is
+"""The CUDA NF4 GEMV (sloth_kernels.cuda_nf4): its dispatch rules and launch shapes on the CPU (nothing is
 compiled there), and on a GPU (`-m gpu`) exactness against the reference dequantization: a one-hot
 row's product is a single weight, so it must equal the reference bit for bit."""
 
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels import cuda_nf4  # noqa: E402
-from kernels.cuda_nf4_source import SOURCE  # noqa: E402
-from kernels.nf4 import concat_nf4, dequantize_nf4_ref, nf4_linear, quantize_nf4_ref  # noqa: E402
+from sloth_kernels import cuda_nf4  # noqa: E402
+from sloth_kernels.cuda_nf4_source import SOURCE  # noqa: E402
+from sloth_kernels.nf4 import concat_nf4, dequantize_nf4_ref, nf4_linear, quantize_nf4_ref  # noqa: E402
 
 # ---- CPU: host-side rules -----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.norm import (
+from sloth_kernels.norm import (
     add_rms_norm,
     add_rms_norm_ref,
     gemma_add_rms_norm_ref,
@@ -27,7 +27,7 @@ EPS = 1e-6
 
 def add_case(rows: int, cols: int, dtype: str, with_residual: bool = True, weight_fp32: bool = False) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_norm import add_rms_norm_triton
+        from sloth_kernels.triton_norm import add_rms_norm_triton
 
         dt = DTYPES[dtype]
         x = torch.randn(rows, cols).to(dt)
@@ -44,7 +44,7 @@ def add_case(rows: int, cols: int, dtype: str, with_residual: bool = True, weigh
 
 def per_head_case(tokens: int, heads: int, head_dim: int, dtype: str) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_norm import rms_norm_triton
+        from sloth_kernels.triton_norm import rms_norm_triton
 
         dt = DTYPES[dtype]
         qkv = torch.randn(tokens, (heads + 2) * head_dim).to(dt)
@@ -60,7 +60,7 @@ def gemma_case(rows: int, cols: int, dtype: str, with_residual: bool = True, hea
     of [T, H, D] strided views when `heads`."""
 
     def run() -> tuple[float, float]:
-        from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+        from sloth_kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 
         dt = DTYPES[dtype]
         scale = 1 + 0.3 * torch.randn(cols)
@@ -137,7 +137,7 @@ def test_per_head_rms_norm_gpu_on_qkv_view() -> None:
 @pytest.mark.gpu
 @gpu
 def test_gemma_rms_norm_gpu_gemma3_shapes() -> None:
-    from kernels.norm import gemma_add_rms_norm, gemma_rms_norm
+    from sloth_kernels.norm import gemma_add_rms_norm, gemma_rms_norm
 
     torch.manual_seed(0)
     x, res = (torch.randn(300, 3840, device="cuda", dtype=torch.bfloat16) for _ in range(2))

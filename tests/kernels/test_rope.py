@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
+from sloth_kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
 
 BOUND = 5e-4  # the same products and sums rounded in the same dtype: a few one-ulp flips at most
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -31,7 +31,7 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
     rot = rotary_dim or head_dim
 
     def run() -> tuple[float, float]:
-        from kernels.triton_rope import apply_rope_triton
+        from sloth_kernels.triton_rope import apply_rope_triton
 
         dt = DTYPES[dtype]
         cos, sin = rope_cos_sin(rope_inv_freq(rot, 500000.0, LLAMA3 if scaled else None), 300)

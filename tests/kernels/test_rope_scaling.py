@@ -13,9 +13,9 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from kernels.rope import rope_inv_freq, rope_tables
-from kernels.rope_scaling import rope_rows
-from server.models.config import ModelConfig
+from sloth_kernels.rope import rope_inv_freq, rope_tables
+from sloth_kernels.rope_scaling import rope_rows
+from sloth_serve.models.config import ModelConfig
 
 HEAD_DIM = 32
 ORIG = 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_attention import check_interpreted, interpreter_main, run_interpreted
 
-from kernels.sampling import sample_ref
+from sloth_kernels.sampling import sample_ref
 
 
 def rows_params(rows: int, vocab: int, top_k: list[int], top_p: list[float], min_p: list[float]):  # type: ignore[no-untyped-def]
@@ -24,7 +24,7 @@ def rows_params(rows: int, vocab: int, top_k: list[int], top_p: list[float], min
 def case(rows: int, vocab: int, top_k: list[int], top_p: list[float], min_p: list[float], masked: bool = False,
          scale: float = 3.0) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
-        from kernels.triton_sampling import sample_triton
+        from sloth_kernels.triton_sampling import sample_triton
 
         logits = torch.randn(rows, vocab) * scale
         if masked:  # a grammar mask or a min_tokens ban: -inf logits are never drawn
@@ -58,7 +58,7 @@ CASES = {
 
 def self_check() -> tuple[float, float]:
     """The startup check the dispatch relies on passes (both vocabulary size classes)."""
-    from kernels.sampling import verified
+    from sloth_kernels.sampling import verified
 
     return (0.0 if verified(torch.device("cpu")) else 1.0), 0.0
 
@@ -92,7 +92,7 @@ def test_reference_respects_each_cut_off() -> None:
 
 
 def test_a_failure_while_serving_turns_the_kernel_off() -> None:
-    from kernels import sampling
+    from sloth_kernels import sampling
 
     device = torch.device("meta")  # any key: the state is per device
     sampling._VERIFIED[device] = True
@@ -107,8 +107,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("rows", [1, 64])
 def test_triton_sampler_matches_reference_on_gpu(rows: int) -> None:
-    from kernels.sampling import verified
-    from kernels.triton_sampling import sample_triton
+    from sloth_kernels.sampling import verified
+    from sloth_kernels.triton_sampling import sample_triton
 
     assert verified(torch.device("cuda"))
     torch.manual_seed(rows)

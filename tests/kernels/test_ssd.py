@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_attention import DTYPES, check_interpreted, interpreter_main, rel_err, run_interpreted
 
-from kernels.gated_norm import gated_rms_norm, gated_rms_norm_ref
-from kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref, ssd_update, ssd_update_ref
-from kernels.ssm_params import SSMParams
+from sloth_kernels.gated_norm import gated_rms_norm, gated_rms_norm_ref
+from sloth_kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref, ssd_update, ssd_update_ref
+from sloth_kernels.ssm_params import SSMParams
 
 BOUND = {"fp32": 2e-5, "fp16": 3e-3, "bf16": 1e-2}
 NORM_BOUND = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 5e-3}
@@ -41,7 +41,7 @@ def make_inputs(tokens: int, heads: int, groups: int, head_dim: int, state: int,
 def update_case(tokens: int, heads: int, groups: int, head_dim: int, state: int, dtype: str,
                 state_dtype: torch.dtype = torch.float32, **limits: float) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_ssd import ssd_update_triton
+        from sloth_kernels.triton_ssd import ssd_update_triton
 
         x, dt, b, c = make_inputs(tokens, heads, groups, head_dim, state, DTYPES[dtype])
         params = make_params(heads, **limits)
@@ -59,7 +59,7 @@ def update_case(tokens: int, heads: int, groups: int, head_dim: int, state: int,
 def scan_case(lens: list[int], initial: list[bool], heads: int, groups: int, head_dim: int, state: int,
               dtype: str, block_l: int = 16, **limits: float) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_ssd import ssd_chunk_scan_triton
+        from sloth_kernels.triton_ssd import ssd_chunk_scan_triton
 
         x, dt, b, c = make_inputs(sum(lens), heads, groups, head_dim, state, DTYPES[dtype])
         params = make_params(heads, **limits)
@@ -77,7 +77,7 @@ def scan_case(lens: list[int], initial: list[bool], heads: int, groups: int, hea
 
 def norm_case(rows: int, dim: int, group_size: int, before: bool, dtype: str) -> Callable:
     def run() -> tuple[float, float]:
-        from kernels.triton_gated_norm import gated_rms_norm_triton
+        from sloth_kernels.triton_gated_norm import gated_rms_norm_triton
 
         dt = DTYPES[dtype]
         flat = torch.randn(rows, 2 * dim + 5).to(dt)  # gate and x as slices of one projection

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
 
 Tensors = dict[str, torch.Tensor]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 # The kind of mix Unsloth's dynamic quants leave in 16-bit: single projections here and there,
 # including parts of what our engine fuses (q|k|v, gate|up).

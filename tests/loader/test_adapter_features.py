@@ -14,10 +14,10 @@ from peft_adapters import peft_greedy, write_peft_adapter
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.adapter_config import AdapterError
-from server.loader.peft import load_lora
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.adapter_config import AdapterError
+from sloth_serve.loader.peft import load_lora
 
 MAX_NEW = 10
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True, logprobs=0)

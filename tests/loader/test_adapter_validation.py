@@ -12,11 +12,11 @@ import pytest
 import torch
 from peft_adapters import Tensors, copy_demo_adapter, first_key, write_peft_adapter
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_ADAPTER
-from server.loader.adapter_config import AdapterError
-from server.loader.adapter_layout import check_adapter_folder
-from server.loader.peft import LoRAWeights, load_lora, startup_lora_rank
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_ADAPTER
+from sloth_serve.loader.adapter_config import AdapterError
+from sloth_serve.loader.adapter_layout import check_adapter_folder
+from sloth_serve.loader.peft import LoRAWeights, load_lora, startup_lora_rank
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 
@@ -159,7 +159,7 @@ def test_bad_lora_dir_folders_are_passed_over_at_startup(tmp_path: Path, caplog:
     copy_demo_adapter(root / "list", raw_config="[]")
     copy_demo_adapter(root / "huge", config={"rank_pattern": {"q_proj": 10**9}})
     wide = write_peft_adapter(root / "wide", r=32, lora_alpha=32, target_modules=["q_proj"])
-    with caplog.at_level(logging.WARNING, logger="server.loader.peft"):
+    with caplog.at_level(logging.WARNING, logger="sloth_serve.loader.peft"):
         assert startup_lora_rank(sorted(root.iterdir())) == 32
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "list cannot be served and is passed over" in warned and "huge cannot be served" in warned

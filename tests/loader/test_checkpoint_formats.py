@@ -11,10 +11,10 @@ import torch
 from quant_formats import FORMATS, QuantFormat, compare_greedy, quantization_config, write_quantized
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.layers import LoRALinear
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.layers import LoRALinear
 
 QUESTIONS = ["What does `json.dumps` do?", "Explain `os.path.join`."]
 MAX_TOKENS = 16

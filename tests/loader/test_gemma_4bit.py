@@ -15,10 +15,10 @@ import torch
 from quant_formats import compare_greedy
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.unsloth import disk_tensor_names, load_hf_with_unsloth
-from server.models.layers import LoRALinear
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.unsloth import disk_tensor_names, load_hf_with_unsloth
+from sloth_serve.models.layers import LoRALinear
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("gemma_families", ROOT / "tests" / "engine" / "test_gemma_families.py")
@@ -58,7 +58,7 @@ def test_greedy_tokens_equal_unsloth_for_inference(tmp_path: Path, case: str,
     else:
         folder = prequantized_gemma3(tmp_path)
     prompts = families.prompts()
-    with caplog.at_level(logging.INFO, logger="server.loader.unsloth"):
+    with caplog.at_level(logging.INFO, logger="sloth_serve.loader.unsloth"):
         llm = LLM(folder, num_kv_blocks=128, block_size=8, max_num_batched_tokens=24)
     ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))]
     tie = TIE[llm.engine.loaded.model.model.embed_tokens.weight.dtype]

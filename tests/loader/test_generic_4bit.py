@@ -11,10 +11,10 @@ import pytest
 import torch
 from quant_formats import compare_greedy
 
-from server import LLM, SamplingParams
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.generic import GenericCausalLM
-from server.models.generic_linear import GenericLinear
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.generic import GenericCausalLM
+from sloth_serve.models.generic_linear import GenericLinear
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("generic_path", ROOT / "tests" / "engine" / "test_generic_path.py")

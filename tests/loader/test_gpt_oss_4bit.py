@@ -16,10 +16,10 @@ import torch
 from test_moe_4bit import dequantized_in_place
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.gpt_oss_experts import GptOssExperts
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.gpt_oss_experts import GptOssExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from test_gpt_oss import make_model  # the tiny random gpt-oss
@@ -53,7 +53,7 @@ def write_unsloth_4bit(root: Path) -> Path:
     Unsloth's per-expert classes and saved again (what its -bnb-4bit repositories hold)."""
     from safetensors.torch import load_file, save_file
 
-    from server.loader.gpt_oss_layout import unsloth_gpt_oss_classes
+    from sloth_serve.loader.gpt_oss_layout import unsloth_gpt_oss_classes
 
     folder, _ = make_model(root)
     per_expert: dict[str, torch.Tensor] = {}
@@ -92,7 +92,7 @@ def test_unsloth_bnb_4bit_layout_keeps_experts_in_nf4_and_equals_unsloth(tmp_pat
         assert o == ref
     # Without Unsloth's classes, transformers' own would leave the per-expert tensors unread (its 3-D
     # experts random): the load counts the tensors on disk and stops, whatever names the layouts share.
-    with mock.patch("server.loader.gpt_oss_layout.is_unsloth_gpt_oss_layout", return_value=False), \
+    with mock.patch("sloth_serve.loader.gpt_oss_layout.is_unsloth_gpt_oss_layout", return_value=False), \
             pytest.raises(ValueError, match=r"tensor\(s\) on disk were not loaded.*experts\.down_projs\.0"):
         LLM(str(folder), num_kv_blocks=64)
 
@@ -102,7 +102,7 @@ def test_3d_layout_turns_unsloths_per_expert_switch_off_for_the_load(tmp_path: P
     switched off (they would leave the 3-D tensors unread), and the switch is as before afterwards."""
     import os
 
-    from server.loader.gpt_oss_layout import DISABLE, unsloth_gpt_oss_classes
+    from sloth_serve.loader.gpt_oss_layout import DISABLE, unsloth_gpt_oss_classes
 
     folder, _ = make_model(tmp_path)
     os.environ.pop(DISABLE, None)

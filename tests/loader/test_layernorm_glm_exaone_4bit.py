@@ -12,10 +12,10 @@ import pytest
 import torch
 from quant_formats import compare_greedy
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.layers import LoRALinear
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.layers import LoRALinear
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 10

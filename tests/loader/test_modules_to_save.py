@@ -13,11 +13,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.config import Config
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.loader.peft import load_lora
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader.peft import load_lora
 
 MAX_NEW = 16
 GREEDY = SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0)  # as min_new_tokens

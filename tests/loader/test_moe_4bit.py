@@ -15,10 +15,10 @@ import torch
 from quant_formats import compare_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.moe import Experts
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.moe import Experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from test_moe_families import make_model  # the tiny random MoE models

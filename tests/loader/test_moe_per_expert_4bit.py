@@ -19,8 +19,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from test_moe_4bit import write_4bit
 
-from server import LLM, SamplingParams
-from server.models.moe import Experts
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.models.moe import Experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from test_moe_families import FAMILIES  # the tiny random MoE configs

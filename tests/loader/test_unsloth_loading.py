@@ -15,16 +15,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft_adapters import write_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels.nf4 import dequantize_nf4_ref
-from kernels.nf4_format import NF4Weight
-from server import LLM, SamplingParams
-from server.config import Config
-from server.engine.llm_engine import LLMEngine, startup_adapter_folders
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.loader.checkpoint import resolve_adapter_base
-from server.loader.peft import load_lora, startup_lora_rank
-from server.loader.unsloth import load_hf_with_unsloth
-from server.models.layers import LoRALinear
+from sloth_kernels.nf4 import dequantize_nf4_ref
+from sloth_kernels.nf4_format import NF4Weight
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.config import Config
+from sloth_serve.engine.llm_engine import LLMEngine, startup_adapter_folders
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.loader.checkpoint import resolve_adapter_base
+from sloth_serve.loader.peft import load_lora, startup_lora_rank
+from sloth_serve.loader.unsloth import load_hf_with_unsloth
+from sloth_serve.models.layers import LoRALinear
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
 QUESTIONS = ["What does `json.dumps` do?", "Explain `os.path.join`.", "What is `list.sort` for?"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.api.tokenizers import load_tokenizer
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.api.tokenizers import load_tokenizer
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
 
 # An Alpaca-style template that ends each answer with a new special token (the demo's is ChatML).
 ALPACA = (

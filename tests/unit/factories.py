@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-from server.engine.block_manager import BlockManager
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Sequence
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.scheduler import Scheduler, SchedulerConfig
+from sloth_serve.engine.sequence import Sequence
 
 _ids = itertools.count()
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGenera
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, MllamaConfig, MllamaForConditionalGenera
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.mllama.processing_mllama import MllamaProcessor
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 IMAGE_TOKEN = "<|image|>"
 TEMPLATE = (

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from adapter_folders import ALPACA, REPLY_ID, SQL_ID, adapter_folder, save_alpaca_tokenizer
 
-from server.api.detokenizer import IncrementalDetokenizer
-from server.api.errors import APIError
-from server.api.prompts import render_chat
-from server.api.tokenizers import ModelTokenizer, TokenizerRegistry, base_entry, load_tokenizer
-from server.cli import build_parser, config_from_args
-from server.loader import DEMO_MODEL
-from server.loader.chat_template import (
+from sloth_serve.api.detokenizer import IncrementalDetokenizer
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.prompts import render_chat
+from sloth_serve.api.tokenizers import ModelTokenizer, TokenizerRegistry, base_entry, load_tokenizer
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.chat_template import (
     ChatTemplateError,
     read_folder_template,
     resolve_template_flag,
@@ -180,7 +180,7 @@ def test_cli_refuses_a_malformed_template_before_loading(tmp_path: Path, folders
 
 
 def test_offline_llm_serves_the_adapter_with_its_tokenizer_and_eos(folders: dict[str, Path]) -> None:
-    from server import LLM, SamplingParams
+    from sloth_serve import LLM, SamplingParams
 
     llm = LLM(DEMO_MODEL, lora={"alpaca": str(folders["alpaca"]), "plain": str(folders["plain"])}, num_kv_blocks=64)
     assert llm.encode("<SQL>", "alpaca") == [SQL_ID] and SQL_ID not in llm.encode("<SQL>")

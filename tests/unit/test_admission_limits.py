@@ -8,11 +8,11 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.api.admission import Admission
-from server.api.choice_stream import Deadline
-from server.api.errors import APIError
-from server.cli import build_parser, config_from_args
-from server.config import Config
+from sloth_serve.api.admission import Admission
+from sloth_serve.api.choice_stream import Deadline
+from sloth_serve.api.errors import APIError
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.config import Config
 
 
 def test_tokens_are_counted_limited_and_released_once() -> None:

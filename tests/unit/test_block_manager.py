@@ -6,13 +6,13 @@ import sys
 
 from factories import create_seq
 
-from server.engine.block_manager import BlockManager
+from sloth_serve.engine.block_manager import BlockManager
 
 
 def test_engine_bookkeeping_does_not_import_torch() -> None:
     import subprocess
 
-    code = "import server.engine.scheduler, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sloth_serve.engine.scheduler, sys; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

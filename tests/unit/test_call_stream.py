@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from server.api.call_stream import MORE, call_header
-from server.api.output_reader import OutputFormat, OutputReader
-from server.api.tool_call_reader import merge_deltas
-from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tool_request import ToolPlan
+from sloth_serve.api.call_stream import MORE, call_header
+from sloth_serve.api.output_reader import OutputFormat, OutputReader
+from sloth_serve.api.tool_call_reader import merge_deltas
+from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
+from sloth_serve.api.tool_request import ToolPlan
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("get_weather", "add")]
 AUTO = ToolPlan(TOOLS, "auto")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from server.api.chunks import ChatChunks, CompletionChunks
-from server.api.responses import (
+from sloth_serve.api.chunks import ChatChunks, CompletionChunks
+from sloth_serve.api.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatLogprobs,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from server import compile_cache
-from server.cli import build_parser, config_from_args, main
-from server.compile_cache import CACHE_VARS
+from sloth_serve import compile_cache
+from sloth_serve.cli import build_parser, config_from_args, main
+from sloth_serve.compile_cache import CACHE_VARS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def test_precompile_on_the_cpu_has_nothing_to_compile(tmp_path: Path, capsys: py
 
 
 def test_precompile_with_a_bad_model_fails_its_checks_first(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "server.cli", "--precompile-only", "--device", "cpu",
+    done = subprocess.run([sys.executable, "-m", "sloth_serve.cli", "--precompile-only", "--device", "cpu",
                            "--model", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert done.returncode == 2 and "does not exist" in done.stderr

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from server import cli
-from server.cli import build_parser, config_from_args
-from server.config import Config
-from server.flags import flag_names, setting
+from sloth_serve import cli
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.config import Config
+from sloth_serve.flags import flag_names, setting
 
 
 def test_every_config_field_has_a_flag_that_help_lists() -> None:

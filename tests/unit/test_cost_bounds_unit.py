@@ -12,19 +12,19 @@ from typing import Any
 
 import pytest
 
-from server.api import prompts
-from server.api.admission import Admission, default_token_budget
-from server.api.errors import APIError
-from server.api.limits import (
+from sloth_serve.api import prompts
+from sloth_serve.api.admission import Admission, default_token_budget
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.limits import (
     MAX_DEFAULT_REQUEST_BYTES,
     default_max_request_bytes,
     fit_limits,
     request_bytes_limit,
 )
-from server.api.prompts import MAX_CHARS_PER_TOKEN, chars_per_token, check_prompt_chars, max_prompt_chars
-from server.cli import build_parser, config_from_args
-from server.config import Config
-from server.loader import DEMO_MODEL
+from sloth_serve.api.prompts import MAX_CHARS_PER_TOKEN, chars_per_token, check_prompt_chars, max_prompt_chars
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.config import Config
+from sloth_serve.loader import DEMO_MODEL
 
 
 class FakeTokenizer:

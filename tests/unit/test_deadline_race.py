@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from server.api.choice_stream import Deadline, DeadlineExceeded, _next_outputs
-from server.engine.llm_engine import RequestOutput
-from server.engine.sequence import FinishReason
+from sloth_serve.api.choice_stream import Deadline, DeadlineExceeded, _next_outputs
+from sloth_serve.engine.llm_engine import RequestOutput
+from sloth_serve.engine.sequence import FinishReason
 
 
 def test_finished_output_queued_before_the_deadline_is_delivered() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.models.families import UnsupportedModel, route_of
-from server.preflight import StartupError, check_model
+from sloth_serve.models.families import UnsupportedModel, route_of
+from sloth_serve.preflight import StartupError, check_model
 
 
 def cfg(arch: str, model_type: str, **extra: object) -> dict:
@@ -97,7 +97,7 @@ def test_hybrid_model_refused_at_start_up_in_one_line(tmp_path: Path) -> None:
 def test_hybrid_model_refused_by_the_loader_before_reading_weights(tmp_path: Path) -> None:
     import torch
 
-    from server.loader.checkpoint import load_checkpoint
+    from sloth_serve.loader.checkpoint import load_checkpoint
 
     with pytest.raises(UnsupportedModel, match="recurrent or linear-attention state"):
         load_checkpoint(hybrid_folder(tmp_path), torch.float32, torch.device("cpu"), "unsloth")

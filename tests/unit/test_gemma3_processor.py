@@ -17,8 +17,8 @@ from gemma3_vision_models import (
 )
 from vision_models import random_image
 
-from server.vision_gemma3 import Gemma3VisionProcessor
-from server.vision_processor import ImageError, ImageLimits
+from sloth_serve.vision_gemma3 import Gemma3VisionProcessor
+from sloth_serve.vision_processor import ImageError, ImageLimits
 
 
 @pytest.fixture(scope="module")

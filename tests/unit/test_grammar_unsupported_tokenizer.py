@@ -11,11 +11,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from server.api.engine_params import compile_spec
-from server.api.errors import APIError
-from server.engine.grammar import make_compiler
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import StructuredSpec
+from sloth_serve.api.engine_params import compile_spec
+from sloth_serve.api.errors import APIError
+from sloth_serve.engine.grammar import make_compiler
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import StructuredSpec
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

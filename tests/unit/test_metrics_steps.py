@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.outputs import RequestOutput, StepStats
-from server.engine.sequence import FinishReason
-from server.metrics import ITL_BUCKETS, EngineMetrics, observe_many
+from sloth_serve.engine.outputs import RequestOutput, StepStats
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.metrics import ITL_BUCKETS, EngineMetrics, observe_many
 
 
 def samples(registry: CollectorRegistry, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.models.config import ModelConfig
+from sloth_serve.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -66,7 +66,7 @@ def test_start_up_check_accepts_moe_families_before_torch(tmp_path: Path) -> Non
         (folder / "model.safetensors").write_bytes(b"")
         (folder / "tokenizer_config.json").write_text("{}")
         folders.append(str(folder))
-    code = ("import sys; from server.preflight import check_model\n"
+    code = ("import sys; from sloth_serve.preflight import check_model\n"
             f"for f in {folders!r}: print(check_model(f, 'unsloth'))\n"
             "print('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

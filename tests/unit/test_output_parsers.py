@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from server.api.output_reader import OutputFormat, OutputPlan, OutputReader, output_format
-from server.api.tool_call_reader import merge_deltas
-from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tool_request import ToolPlan
+from sloth_serve.api.output_reader import OutputFormat, OutputPlan, OutputReader, output_format
+from sloth_serve.api.tool_call_reader import merge_deltas
+from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
+from sloth_serve.api.tool_request import ToolPlan
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("get_weather", "add")]
 AUTO = ToolPlan(TOOLS, "auto")
@@ -115,9 +115,9 @@ def test_grammars_leave_room_for_reasoning_only_where_the_prompt_allows_it() -> 
 def test_harmony_markers_survive_detokenization_token_by_token() -> None:
     from transformers import AutoTokenizer
 
-    from server.api.detokenizer import IncrementalDetokenizer
-    from server.api.output_reader import marker_token_ids
-    from server.loader import DEMO_MODEL
+    from sloth_serve.api.detokenizer import IncrementalDetokenizer
+    from sloth_serve.api.output_reader import marker_token_ids
+    from sloth_serve.loader import DEMO_MODEL
 
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     markers = ["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>"]

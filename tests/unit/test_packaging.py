@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server import preflight
+from sloth_serve import preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ class NoTorch(importlib.machinery.PathFinder):
         return importlib.machinery.PathFinder.find_spec(name, path, target)
 
 sys.meta_path = [NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-from server.cli import main
+from sloth_serve.cli import main
 sys.exit(main(["--port", "0"]))
 """
 
@@ -129,6 +129,21 @@ def test_wheel_ships_license_and_type_markers(tmp_path: Path) -> None:
                     "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300, capture_output=True)
     wheel = next((tmp_path / "dist").glob("sloth_serve-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "server/py.typed" in names and "kernels/py.typed" in names
+    assert "sloth_serve/py.typed" in names and "sloth_kernels/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
-    assert "server/preflight.py" in names and "server/loader/demo/base/config.json" in names
+    assert "sloth_serve/preflight.py" in names and "sloth_serve/loader/demo/base/config.json" in names
+    assert "sloth_serve/engine/spec_decode/__init__.py" in names and "sloth_kernels/nf4.py" in names
+    # The folders' own names are not installed: `kernels` is Hugging Face's package, `server` anyone's.
+    assert not any(n.startswith(("server/", "kernels/")) for n in names)
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists the packages (the folders install under other names, which setuptools'
+    package discovery cannot map): a new sub-package folder that is not listed would be left out of the
+    wheel and the Docker image."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    names = {"server": "sloth_serve", "kernels": "sloth_kernels"}
+    assert setuptools["package-dir"] == {new: old for old, new in names.items()}
+    folders = {".".join([names[init.parent.relative_to(ROOT).parts[0]], *init.parent.relative_to(ROOT).parts[1:]])
+               for folder in names for init in (ROOT / folder).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.loader import DEMO_ADAPTER, DEMO_MODEL, prefetch
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL, prefetch
 
 
 @pytest.fixture

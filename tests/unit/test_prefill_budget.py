@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from factories import create_scheduler, create_seq, run_step
 
-from server.engine.scheduler import SchedulerConfig
+from sloth_serve.engine.scheduler import SchedulerConfig
 
 
 def _decoding(sched, count: int = 2) -> list:  # type: ignore[no-untyped-def]

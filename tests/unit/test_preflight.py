@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from server import preflight
-from server.cli import build_parser, config_from_args
-from server.config import Config
-from server.loader import DEMO_ADAPTER, DEMO_MODEL
-from server.preflight import StartupError, check_device, check_model, check_port, run_checks
+from sloth_serve import preflight
+from sloth_serve.cli import build_parser, config_from_args
+from sloth_serve.config import Config
+from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
+from sloth_serve.preflight import StartupError, check_device, check_model, check_port, run_checks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,7 +226,7 @@ def test_config_from_args_then_checks_pass_for_the_defaults() -> None:
 
 
 def test_checks_and_cli_import_neither_torch_nor_transformers() -> None:
-    code = ("import sys, server.cli, server.preflight, server.startup; "
+    code = ("import sys, sloth_serve.cli, sloth_serve.preflight, sloth_serve.startup; "
             "heavy = [m for m in ('torch', 'transformers', 'unsloth', 'uvicorn') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest
-from server.api.responses_protocol import ResponsesRequest
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.protocol import ChatCompletionRequest
+from sloth_serve.api.responses_protocol import ResponsesRequest
 
 ASK: Any = [{"role": "user", "content": "Hi"}]
 

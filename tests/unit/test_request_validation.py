@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.api.engine_params import choice_requests
-from server.api.errors import APIError, error_body
-from server.api.protocol import (
+from sloth_serve.api.engine_params import choice_requests
+from sloth_serve.api.errors import APIError, error_body
+from sloth_serve.api.protocol import (
     MAX_SCHEMA_CHARS,
     MAX_SCHEMA_DEPTH,
     ChatCompletionRequest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from factories import create_scheduler, create_seq, run_step
 
-from server.engine.sequence import FinishReason, SequenceStatus
+from sloth_serve.engine.sequence import FinishReason, SequenceStatus
 
 
 def test_admission_respects_max_num_seqs() -> None:

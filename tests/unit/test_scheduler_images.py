@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from factories import create_seq, run_step
 
-from server.engine.block_manager import BlockManager
-from server.engine.mm_inputs import ImageInput, MultiModalInputs
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Sequence
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
+from sloth_serve.engine.scheduler import Scheduler, SchedulerConfig
+from sloth_serve.engine.sequence import Sequence
 
 
 def scheduler(budget: int, whole_images: bool = True) -> Scheduler:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from factories import create_scheduler, create_seq, run_step
 
-from server.engine.spec_decode.ngram import propose_ngram
+from sloth_serve.engine.spec_decode.ngram import propose_ngram
 
 
 def decoding(scheduler, **kw):  # type: ignore[no-untyped-def]

@@ -10,11 +10,11 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server import startup_clock
-from server.engine.outputs import EngineInfo
-from server.engine.wire import Ready, Reply, event_codec
-from server.metrics import EngineMetrics
-from server.startup_clock import Phase, StartupClock, startup_phase, summary_line
+from sloth_serve import startup_clock
+from sloth_serve.engine.outputs import EngineInfo
+from sloth_serve.engine.wire import Ready, Reply, event_codec
+from sloth_serve.metrics import EngineMetrics
+from sloth_serve.startup_clock import Phase, StartupClock, startup_phase, summary_line
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from factories import create_seq
 
-from server.engine.block_manager import BlockManager
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import FinishReason
-from server.engine.state_cache import StateSlots
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.scheduler import Scheduler, SchedulerConfig
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.engine.state_cache import StateSlots
 
 
 def test_slot_taken_with_blocks_and_given_back_with_them() -> None:
@@ -42,7 +42,7 @@ def test_preemption_and_abort_give_slots_back() -> None:
 
 
 def test_snapshots_cap_chunks_at_the_prompt_boundary_and_reuse_rows_lru() -> None:
-    from server.engine.state_snapshots import StateSnapshots
+    from sloth_serve.engine.state_snapshots import StateSnapshots
 
     snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
     seq = create_seq(11)  # boundary: the last full block a later prompt can hit ends at 8
@@ -58,7 +58,7 @@ def test_snapshots_cap_chunks_at_the_prompt_boundary_and_reuse_rows_lru() -> Non
 
 
 def test_snapshots_also_cap_chunks_where_the_shared_blocks_end() -> None:
-    from server.engine.state_snapshots import StateSnapshots
+    from sloth_serve.engine.state_snapshots import StateSnapshots
 
     snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
     seq = create_seq(19)  # its own point at 16
@@ -72,7 +72,7 @@ def test_snapshots_also_cap_chunks_where_the_shared_blocks_end() -> None:
 def test_snapshots_also_cap_chunks_where_the_system_prompt_ends() -> None:
     """The front end's system prompt end, floored to a block: a point of the first request already,
     beside the shared blocks' end and the prompt's own; none past the prompt's own point."""
-    from server.engine.state_snapshots import StateSnapshots
+    from sloth_serve.engine.state_snapshots import StateSnapshots
 
     snaps = StateSnapshots(first_row=5, num_rows=2, block_size=4)
     seq = create_seq(19)  # its own point at 16

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from server.api.protocol import ChatCompletionRequest
-from server.api.serving_chat import system_prompt_end
-from server.loader import DEMO_MODEL
+from sloth_serve.api.protocol import ChatCompletionRequest
+from sloth_serve.api.serving_chat import system_prompt_end
+from sloth_serve.loader import DEMO_MODEL
 
 ROLES = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")

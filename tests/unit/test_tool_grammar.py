@@ -11,15 +11,15 @@ import llguidance
 import pytest
 from transformers import AutoTokenizer
 
-from server.api.detokenizer import IncrementalDetokenizer
-from server.api.output_reader import OutputFormat, OutputPlan
-from server.api.tool_call_reader import merge_deltas
-from server.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from server.api.tool_grammar import shape
-from server.api.tool_request import ToolPlan, call_spec
-from server.engine.grammar import GrammarCompiler
-from server.engine.sampling_params import StructuredSpec
-from server.loader import DEMO_MODEL
+from sloth_serve.api.detokenizer import IncrementalDetokenizer
+from sloth_serve.api.output_reader import OutputFormat, OutputPlan
+from sloth_serve.api.tool_call_reader import merge_deltas
+from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
+from sloth_serve.api.tool_grammar import shape
+from sloth_serve.api.tool_request import ToolPlan, call_spec
+from sloth_serve.engine.grammar import GrammarCompiler
+from sloth_serve.engine.sampling_params import StructuredSpec
+from sloth_serve.loader import DEMO_MODEL
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},

@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from server.loader import DEMO_MODEL
+from sloth_serve.loader import DEMO_MODEL
 
 VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 TEMPLATE = (

@@ -28,10 +28,10 @@ import torch
 pytest.importorskip("unsloth")
 pytest.importorskip("trl")
 
-from server import LLM, SamplingParams
-from server.loader import DEMO_MODEL
-from server.loader.checkpoint import resolve_adapter_base
-from server.loader.peft import load_lora
+from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.checkpoint import resolve_adapter_base
+from sloth_serve.loader.peft import load_lora
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data" / "upper_chat.jsonl"
@@ -190,7 +190,7 @@ def test_http_server_serves_the_adapter_by_name(run: dict, unseen_questions: lis
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "--model", str(DEMO_MODEL), "--lora", f"finetuned={run['adapter']}",
+        [sys.executable, "-m", "sloth_serve.cli", "--model", str(DEMO_MODEL), "--lora", f"finetuned={run['adapter']}",
          "--host", "127.0.0.1", "--port", str(port), "--num-kv-blocks", "256", "--log-level", "warning"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )

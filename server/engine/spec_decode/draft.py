@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import AttnMetadata
-from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.device import to_device
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
-from server.engine.spec_decode.rejection import target_probs
-from server.models.layers import StepMetadata, fuse_quantized_projections
-from server.models.weights import CausalLM
+from sloth_kernels.attention import AttnMetadata
+from sloth_serve.engine.cuda_graphs import DecodeGraphs
+from sloth_serve.engine.device import to_device
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.engine.spec_decode.rejection import target_probs
+from sloth_serve.models.layers import StepMetadata, fuse_quantized_projections
+from sloth_serve.models.weights import CausalLM
 
 
 class DraftRunner:

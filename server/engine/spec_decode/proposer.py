@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.block_manager import BlockManager
-from server.engine.sampler import Sampler
-from server.engine.sequence import Sequence
-from server.engine.spec_decode.draft import DraftRunner
-from server.engine.spec_decode.ngram import propose_ngram
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.sampler import Sampler
+from sloth_serve.engine.sequence import Sequence
+from sloth_serve.engine.spec_decode.draft import DraftRunner
+from sloth_serve.engine.spec_decode.ngram import propose_ngram
 
 
 @dataclass(frozen=True, slots=True)

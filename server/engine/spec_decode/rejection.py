@@ -26,10 +26,10 @@ from collections.abc import Mapping
 
 import torch
 
-from kernels.sampling import filtered_probs
-from server.engine.failures import SequenceError
-from server.engine.sampler import Sampler, gather_logprobs
-from server.engine.sequence import Sequence, TokenLogprob
+from sloth_kernels.sampling import filtered_probs
+from sloth_serve.engine.failures import SequenceError
+from sloth_serve.engine.sampler import Sampler, gather_logprobs
+from sloth_serve.engine.sequence import Sequence, TokenLogprob
 
 
 def sample_with_drafts(

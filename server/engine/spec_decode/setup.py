@@ -7,13 +7,13 @@ import logging
 
 import torch
 
-from server.config import Config
-from server.engine.block_manager import BlockManager
-from server.engine.cuda_graphs import default_buckets
-from server.engine.spec_decode.draft import DraftRunner
-from server.engine.spec_decode.proposer import SpecConfig, SpecDecoder
-from server.loader.checkpoint import load_checkpoint
-from server.models.weights import CausalLM
+from sloth_serve.config import Config
+from sloth_serve.engine.block_manager import BlockManager
+from sloth_serve.engine.cuda_graphs import default_buckets
+from sloth_serve.engine.spec_decode.draft import DraftRunner
+from sloth_serve.engine.spec_decode.proposer import SpecConfig, SpecDecoder
+from sloth_serve.loader.checkpoint import load_checkpoint
+from sloth_serve.models.weights import CausalLM
 
 logger = logging.getLogger(__name__)
 
