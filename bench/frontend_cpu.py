@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     shared = ["--port", str(port), "--streams", str(args.streams), "--step-ms", str(args.step_ms),
               "--max-batch", str(args.max_batch), "--tokens-per-step", str(args.tokens_per_step),
               "--max-tokens", str(args.max_tokens), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     front = subprocess.Popen([*me, "--role", "serve", *shared, *(["--profile", args.profile] if args.profile else [])],
                              env=env)
     try:

@@ -83,7 +83,7 @@ def launch(tmp_dir: Path, name: str, *flags: str, api_key: str | None = None, de
     ]  # fmt: skip
     if api_key:
         cmd += ["--api-key", api_key]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     return LiveServer(f"http://127.0.0.1:{port}", process, log_path, api_key)

@@ -129,7 +129,7 @@ def test_bad_lora_flag_is_one_line_and_exit_code_2(flag: str, lora_dir: Path) ->
     path = flag if flag.startswith("/") else str(lora_dir / flag)
     cmd = [sys.executable, "-m", "sloth_serve.cli", "--port", str(free_port()), "--lora", f"bad={path}",
            "--load-format", "safetensors"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

@@ -134,13 +134,13 @@ def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:
 
 def test_cli_exits_nonzero_when_the_model_cannot_load() -> None:
     cmd = [sys.executable, "-m", "sloth_serve.cli", "--model", "/nonexistent/model", "--port", str(free_port())]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 2  # found by the start-up checks, before torch is imported
     assert "/nonexistent/model" in done.stderr
 
 
 def test_cli_rejects_a_malformed_lora_flag() -> None:
     cmd = [sys.executable, "-m", "sloth_serve.cli", "--lora", "no-equals-sign"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 2
     assert "--lora takes NAME=PATH" in done.stderr

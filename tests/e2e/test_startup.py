@@ -24,7 +24,7 @@ from sloth_serve.loader import DEMO_MODEL
 from sloth_serve.logs import ProbePathFilter, configure_logging, output_lines
 from sloth_serve.preflight import cuda_device_count
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
 
 
 def cli(*flags: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -20,7 +20,7 @@ def precompile(cache: Path) -> subprocess.CompletedProcess[str]:
     flags = ["--precompile-only", "--device", "cuda", "--compile-cache-dir", str(cache), "--port", "0",
              "--max-num-seqs", "8", "--max-model-len", "1024", "--lora", f"upper={DEMO_ADAPTER}"]
     return subprocess.run([sys.executable, "-m", "sloth_serve.cli", *flags], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, timeout=600)
 
 
 def entries(cache: Path) -> set[str]:

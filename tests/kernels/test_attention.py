@@ -106,7 +106,7 @@ def interpreter_main(cases: dict[str, Callable[[], tuple[float, float]]]) -> Non
 
 
 def run_interpreted(script: str) -> dict[str, object]:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
     )

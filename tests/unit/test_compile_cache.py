@@ -84,5 +84,5 @@ def test_precompile_on_the_cpu_has_nothing_to_compile(tmp_path: Path, capsys: py
 def test_precompile_with_a_bad_model_fails_its_checks_first(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "sloth_serve.cli", "--precompile-only", "--device", "cpu",
                            "--model", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, timeout=60)
     assert done.returncode == 2 and "does not exist" in done.stderr
