@@ -105,7 +105,7 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     if k.is_cuda:
-        from sloth_kernels.triton_attention import write_kv_triton
+        from .triton_attention import write_kv_triton
 
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
         return
@@ -125,7 +125,7 @@ def paged_attention(
     """q [T, Hq, D] -> [T, Hq, D]. On CUDA no host sync: the kernels read the device tensors and
     use only meta's host ints (max_query_len) and tensor shapes for their grids."""
     if q.is_cuda:
-        from sloth_kernels.triton_attention import paged_attention_triton
+        from .triton_attention import paged_attention_triton
 
         return paged_attention_triton(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,

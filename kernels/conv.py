@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sloth_kernels.state_batch import StateBatch
+from .state_batch import StateBatch
 
 
 def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -35,7 +35,7 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv_state: torch.Tensor, batch: StateBatch, silu: bool = False) -> torch.Tensor:
     if x.is_cuda:
-        from sloth_kernels.triton_conv import causal_conv1d_triton
+        from .triton_conv import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, conv_state, batch, silu)
     return causal_conv1d_ref(x, weight, bias, conv_state, batch, silu)

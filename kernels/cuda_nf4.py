@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from sloth_kernels.cuda_nf4_source import SOURCE
-from sloth_kernels.nf4_format import NF4Weight
+from .cuda_nf4_source import SOURCE
+from .nf4_format import NF4Weight
 
 log = logging.getLogger(__name__)
 

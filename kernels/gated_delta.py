@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from sloth_kernels.gated_delta_inputs import CHUNK, normalize_qk
-from sloth_kernels.state_batch import StateBatch
+from .gated_delta_inputs import CHUNK, normalize_qk
+from .state_batch import StateBatch
 
 
 def _initial(state: torch.Tensor, slot: int, initial: bool) -> torch.Tensor:
@@ -80,7 +80,7 @@ def gated_delta_rule_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      state: torch.Tensor, batch: StateBatch) -> torch.Tensor:
     if q.is_cuda:
-        from sloth_kernels.triton_gated_delta import gated_delta_rule_triton
+        from .triton_gated_delta import gated_delta_rule_triton
 
         # The chunked Triton form needs 263 KB of shared memory at Qwen3.5's head sizes (128 x 128), past
         # the H200's 227 KB: it failed its GPU tests there, so on a GPU every sequence goes token by token

@@ -25,7 +25,7 @@ def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
                    group_size: int, norm_before_gate: bool = False) -> torch.Tensor:
     if x.is_cuda:
-        from sloth_kernels.triton_gated_norm import gated_rms_norm_triton
+        from .triton_gated_norm import gated_rms_norm_triton
 
         return gated_rms_norm_triton(x, gate, weight, eps, group_size, norm_before_gate)
     return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate)

@@ -56,7 +56,7 @@ def add_lora(
     slices = slices or [y.shape[1]]
     rank = a.shape[1] // len(slices)
     if y.is_cuda and a.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from sloth_kernels.triton_lora import add_lora_triton, stackable
+        from .triton_lora import add_lora_triton, stackable
 
         if rank <= MAX_TRITON_RANK and stackable(slices, rank):
             if active_slots is not None and all(s < 0 for s in active_slots):

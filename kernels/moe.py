@@ -81,7 +81,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gat
     """The experts' weighted sum for every token: w_gate_up [E, 2 * inter, hidden] (gate rows first),
     w_down [E, hidden, inter]. Triton's grouped GEMMs on CUDA, the reference elsewhere."""
     if x.is_cuda and x.shape[0] > 0:
-        from sloth_kernels.triton_moe import fused_moe, supports
+        from .triton_moe import fused_moe, supports
 
         if supports(x, w_gate_up, w_down):
             return fused_moe(x, ids, weights, w_gate_up, w_down)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sloth_kernels.moe import moe_experts_ref
-from sloth_kernels.moe_nf4_format import GroupedNF4
-from sloth_kernels.nf4 import dequantize_nf4_ref
+from .moe import moe_experts_ref
+from .moe_nf4_format import GroupedNF4
+from .nf4 import dequantize_nf4_ref
 
 
 def moe_experts_nf4_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: GroupedNF4,
@@ -31,7 +31,7 @@ def moe_experts_nf4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
                     up: GroupedNF4, down: GroupedNF4) -> torch.Tensor:
     """The experts' weighted sum per token: two grouped Triton launches on CUDA, the reference elsewhere."""
     if x.is_cuda and x.shape[0] > 0:
-        from sloth_kernels.triton_moe_nf4 import fused_moe_nf4, supports
+        from .triton_moe_nf4 import fused_moe_nf4, supports
 
         if supports(x, gate, up, down):
             return fused_moe_nf4(x, ids, weights, gate, up, down)

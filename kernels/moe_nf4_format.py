@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sloth_kernels.nf4_format import NF4Weight, is_nf4_code
+from .nf4_format import NF4Weight, is_nf4_code
 
 
 @dataclass(frozen=True, slots=True)

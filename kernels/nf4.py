@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sloth_kernels.nf4_format import NF4_CODE, NF4Weight
+from .nf4_format import NF4_CODE, NF4Weight
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -169,7 +169,7 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
 
 def _cuda_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor | None:
     """The CUDA GEMV's result (sloth_kernels.cuda_nf4), or None where it is not preferred or cannot compile (then it stays off for the process and the Triton kernels run)."""
-    from sloth_kernels import cuda_nf4
+    from . import cuda_nf4
 
     x2 = x.reshape(-1, w.shape[1])
     if not cuda_nf4.prefers(x2, w):
@@ -192,7 +192,7 @@ def nf4_linear(
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weight is {w.shape}")
     if x.is_cuda:
-        from sloth_kernels.triton_nf4 import nf4_matmul, supports
+        from .triton_nf4 import nf4_matmul, supports
 
         y_cuda = _cuda_gemv(x, w, bias, out)
         if y_cuda is not None:
@@ -213,8 +213,8 @@ def nf4_linear_stacked(x: torch.Tensor, ws: list[NF4Weight]) -> torch.Tensor:
     if any(w.shape[1] != x.shape[-1] for w in ws):
         raise ValueError(f"x has {x.shape[-1]} input features but the NF4 weights are {[tuple(w.shape) for w in ws]}")
     if x.is_cuda:
-        from sloth_kernels import cuda_nf4
-        from sloth_kernels.triton_nf4 import nf4_matmul_stacked, supports
+        from . import cuda_nf4
+        from .triton_nf4 import nf4_matmul_stacked, supports
 
         x2 = x.reshape(-1, x.shape[-1])
         if not all(cuda_nf4.prefers(x2, w) for w in ws) and all(supports(x, w) for w in ws):

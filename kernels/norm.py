@@ -29,7 +29,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns new tensors (normed, x + residual); x and residual are left as they were."""
     if x.is_cuda:
-        from sloth_kernels.triton_norm import add_rms_norm_triton
+        from .triton_norm import add_rms_norm_triton
 
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_ref(x, residual, weight, eps)
@@ -38,7 +38,7 @@ def add_rms_norm(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalises over the last dim; x may be a strided [T, H, D] view (per-head q/k norm)."""
     if x.is_cuda:
-        from sloth_kernels.triton_norm import rms_norm_triton
+        from .triton_norm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
@@ -65,7 +65,7 @@ def gemma_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemma_rms_norm(x + residual), x + residual), in x's dtype; scale is float32 1 + w."""
     if x.is_cuda:
-        from sloth_kernels.triton_norm import add_rms_norm_triton
+        from .triton_norm import add_rms_norm_triton
 
         return add_rms_norm_triton(x, residual, scale, eps, scale_fp32=True)
     return gemma_add_rms_norm_ref(x, residual, scale, eps)
@@ -74,7 +74,7 @@ def gemma_add_rms_norm(
 def gemma_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm over the last dim (x may be a strided [T, H, D] view: per-head q/k norm)."""
     if x.is_cuda:
-        from sloth_kernels.triton_norm import rms_norm_triton
+        from .triton_norm import rms_norm_triton
 
         return rms_norm_triton(x, scale, eps, scale_fp32=True)
     return gemma_rms_norm_ref(x, scale, eps)

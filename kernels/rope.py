@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sloth_kernels.rope_scaling import rope_cos_sin, rope_inv_freq, rope_tables
+from .rope_scaling import rope_cos_sin, rope_inv_freq, rope_tables
 
 __all__ = ["apply_rope", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq", "rope_tables"]
 
@@ -49,7 +49,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (q, k). On CUDA q and k are rotated in place: use the returned tensors."""
     if q.is_cuda:
-        from sloth_kernels.triton_rope import apply_rope_triton
+        from .triton_rope import apply_rope_triton
 
         return apply_rope_triton(q, k, positions, cos, sin, interleaved, fp32)
     return apply_rope_ref(q, k, positions, cos, sin, interleaved, fp32)

@@ -68,7 +68,7 @@ def sample(
     use_triton: bool = False,
 ) -> torch.Tensor:
     if use_triton and logits.is_cuda and verified(logits.device):
-        from sloth_kernels.triton_sampling import sample_triton
+        from .triton_sampling import sample_triton
 
         try:
             return sample_triton(logits, temperature, top_k, top_p, min_p, q)
@@ -95,7 +95,7 @@ def disable(device: torch.device, exc: BaseException) -> None:
 
 def _check(device: torch.device) -> bool:
     try:
-        from sloth_kernels.triton_sampling import sample_triton
+        from .triton_sampling import sample_triton
 
         gen = torch.Generator(device=device).manual_seed(0)
         ok = True

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sloth_kernels.ssm_params import SSMParams
+from .ssm_params import SSMParams
 
 
 def discretize_dt_ref(dt: torch.Tensor, params: SSMParams) -> torch.Tensor:
@@ -93,7 +93,7 @@ def ssd_chunk_scan_ref(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: to
 def ssd_update(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, params: SSMParams,
                ssm_state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
-        from sloth_kernels.triton_ssd import ssd_update_triton
+        from .triton_ssd import ssd_update_triton
 
         return ssd_update_triton(x, dt, B, C, params, ssm_state, slots)
     return ssd_update_ref(x, dt, B, C, params, ssm_state, slots)
@@ -103,7 +103,7 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.
                    ssm_state: torch.Tensor, query_start_loc: torch.Tensor, slots: torch.Tensor,
                    has_initial: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
-        from sloth_kernels.triton_ssd import ssd_chunk_scan_triton
+        from .triton_ssd import ssd_chunk_scan_triton
 
         return ssd_chunk_scan_triton(x, dt, B, C, params, ssm_state, query_start_loc, slots, has_initial)
     return ssd_chunk_scan_ref(x, dt, B, C, params, ssm_state, query_start_loc, slots, has_initial)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.state_batch import StateBatch
+from .state_batch import StateBatch
 
 
 @triton.jit(do_not_specialize=["num_tokens"])

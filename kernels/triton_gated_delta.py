@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.gated_delta_inputs import CHUNK, normalize_qk
-from sloth_kernels.state_batch import StateBatch
+from .gated_delta_inputs import CHUNK, normalize_qk
+from .state_batch import StateBatch
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.triton_nf4 import arrival_counters
+from .triton_nf4 import arrival_counters
 
 
 @triton.jit(do_not_specialize=["T"])

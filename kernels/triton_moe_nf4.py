@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.moe_nf4_format import GroupedNF4
-from sloth_kernels.triton_moe import _block_m, align_by_expert
+from .moe_nf4_format import GroupedNF4
+from .triton_moe import _block_m, align_by_expert
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.nf4_format import NF4_CODE, NF4Weight
-from sloth_kernels.triton_nf4_config import (
+from .nf4_format import NF4_CODE, NF4Weight
+from .triton_nf4_config import (
     DEQUANT_MIN_ROWS,
     FMA_MAX_ROWS,
     GEMV_MAX_ROWS,
@@ -34,7 +34,7 @@ from sloth_kernels.triton_nf4_config import (
     gemm_config_for,
     gemv_config_for,
 )
-from sloth_kernels.triton_nf4_decode import (
+from .triton_nf4_decode import (
     decode_gather,
     decode_gather_3d,
     decode_prmt_fp32,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.nf4_format import NF4_CODE
+from .nf4_format import NF4_CODE
 
 # One lookup of 4 nibbles from a 16-byte table held in 4 registers (t0..t3 = entries 0-3, ..., 12-15):
 # two `prmt` pick from entries 0-7 and 8-15 by the nibble's low 3 bits, a third picks between them

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sloth_kernels.ssm_params import SSMParams
+from .ssm_params import SSMParams
 
 
 def _pow2(n: int, floor: int = 16) -> int:

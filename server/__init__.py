@@ -8,18 +8,18 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams"]
 
 if TYPE_CHECKING:
-    from sloth_serve.engine.sampling_params import SamplingParams
-    from sloth_serve.llm import LLM
+    from .engine.sampling_params import SamplingParams
+    from .llm import LLM
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import sloth_serve.engine.scheduler` (tested without torch) stays light.
     if name == "LLM":
-        from sloth_serve.llm import LLM
+        from .llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from sloth_serve.engine.sampling_params import SamplingParams
+        from .engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sloth_serve import __version__
-from sloth_serve.config import Config
-from sloth_serve.flags import GROUPS, flag_names, flag_of, word_reader
-from sloth_serve.loader.chat_template import check_folder_template
+from . import __version__
+from .config import Config
+from .flags import GROUPS, flag_names, flag_of, word_reader
+from .loader.chat_template import check_folder_template
 
 EXAMPLES = """examples:
   sloth-serve                                     # the embedded demo model on 127.0.0.1:8000
@@ -49,7 +49,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if self.json_errors:
-            from sloth_serve.startup import startup_error_line
+            from .startup import startup_error_line
 
             print(startup_error_line(message, "json"), file=sys.stderr, flush=True)
             sys.exit(2)
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.json_errors = "--log-format=json" in words or any(
         pair == ("--log-format", "json") for pair in itertools.pairwise(words))
     args = parser.parse_args(words)
-    from sloth_serve.startup import report_startup_error, serve  # light: torch comes after the checks
+    from .startup import report_startup_error, serve  # light: torch comes after the checks
 
     try:
         config = config_from_args(args)

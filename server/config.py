@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sloth_serve import flags
-from sloth_serve.flags import setting
-from sloth_serve.loader import DEMO_MODEL
-from sloth_serve.loader.chat_template import resolve_template_flag
-from sloth_serve.logs import PROBE_PATHS
+from . import flags
+from .flags import setting
+from .loader import DEMO_MODEL
+from .loader.chat_template import resolve_template_flag
+from .logs import PROBE_PATHS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-from sloth_serve.adapters import Adapter, AdapterRegistry
-from sloth_serve.api.tokenizers import TokenizerRegistry, base_entry
-from sloth_serve.config import Config
-from sloth_serve.engine.llm_engine import LLMEngine
-from sloth_serve.engine.loras import load_adapter
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.sequence import FinishReason, TokenLogprob
-from sloth_serve.loader import DEMO_MODEL
-from sloth_serve.vision_processor import VisionProcessor, image_limits, open_image
+from .adapters import Adapter, AdapterRegistry
+from .api.tokenizers import TokenizerRegistry, base_entry
+from .config import Config
+from .engine.llm_engine import LLMEngine
+from .engine.loras import load_adapter
+from .engine.mm_inputs import MultiModalInputs
+from .engine.sampling_params import SamplingParams
+from .engine.sequence import FinishReason, TokenLogprob
+from .loader import DEMO_MODEL
+from .vision_processor import VisionProcessor, image_limits, open_image
 
 
 class ImagePrompt(TypedDict):

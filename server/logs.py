@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sloth_serve.startup_clock import STARTUP_LOGGER  # noqa: F401 (start-up messages log under it)
+from .startup_clock import STARTUP_LOGGER  # noqa: F401 (start-up messages log under it)
 
 REQUEST_LOGGER = "sloth_serve.requests"
 # Paths that load balancers and Prometheus poll every few seconds: left out of the access log.

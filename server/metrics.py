@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sloth_serve.engine.client import RequestOutput, StepStats
-from sloth_serve.engine.spec_decode.stats import SpecStats
-from sloth_serve.engine.stalls import GC_REPORT_S
-from sloth_serve.logs import log_finished_request
+from .engine.client import RequestOutput, StepStats
+from .engine.spec_decode.stats import SpecStats
+from .engine.stalls import GC_REPORT_S
+from .logs import log_finished_request
 
 # vLLM's buckets, with finer ones below 10 ms for inter-token latency (a GPU step takes a few ms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

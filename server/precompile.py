@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sloth_serve import compile_cache, startup_clock
-from sloth_serve.compile_cache import CacheDir
-from sloth_serve.config import Config
-from sloth_serve.loader.prefetch import prefetch_weights
-from sloth_serve.preflight import cuda_device_count, torch_cuda_build
-from sloth_serve.startup_clock import startup_phase
+from . import compile_cache, startup_clock
+from .compile_cache import CacheDir
+from .config import Config
+from .loader.prefetch import prefetch_weights
+from .preflight import cuda_device_count, torch_cuda_build
+from .startup_clock import startup_phase
 
 logger = logging.getLogger(startup_clock.STARTUP_LOGGER)
 
@@ -62,8 +62,8 @@ def precompile(config: Config, caches: list[CacheDir]) -> int:
         return 0
     prefetch_weights(config.model)  # read into the page cache while torch is imported
     with startup_phase("import torch and the engine", "other"):
-        from sloth_serve.engine.llm_engine import LLMEngine
-        from sloth_serve.engine.loras import load_adapter
+        from .engine.llm_engine import LLMEngine
+        from .engine.loras import load_adapter
     engine = LLMEngine(config)  # weights, CUDA graphs, the warmup's kernels
     for adapter_id, (name, path) in enumerate(startup_adapters(config), start=1):
         weights = load_adapter(engine, name, path)

@@ -10,12 +10,12 @@ import re
 import socket
 from pathlib import Path
 
-from sloth_serve.config import Config
-from sloth_serve.loader.adapter_config import AdapterError
-from sloth_serve.loader.adapter_layout import check_adapter_folder
-from sloth_serve.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.families import UnsupportedModel, route_of, supported_summary
+from .config import Config
+from .loader.adapter_config import AdapterError
+from .loader.adapter_layout import check_adapter_folder
+from .loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
+from .models.config import ModelConfig
+from .models.families import UnsupportedModel, route_of, supported_summary
 
 # The torch builds this release is tested with (versions.env holds them with the reasons; a test
 # keeps these in step with it).

@@ -10,18 +10,18 @@ import sys
 import traceback
 from pathlib import Path
 
-from sloth_serve import compile_cache, startup_clock
-from sloth_serve.config import Config
-from sloth_serve.loader.prefetch import prefetch_weights
-from sloth_serve.logs import (
+from . import compile_cache, startup_clock
+from .config import Config
+from .loader.prefetch import prefetch_weights
+from .logs import (
     JsonFormatter,
     capture_output,
     configure_logging,
     quiet_progress_bars,
     release_output,
 )
-from sloth_serve.preflight import StartupError, run_checks
-from sloth_serve.startup_clock import STARTUP_LOGGER, startup_phase
+from .preflight import StartupError, run_checks
+from .startup_clock import STARTUP_LOGGER, startup_phase
 
 logger = logging.getLogger(STARTUP_LOGGER)
 EXIT_USAGE = 2  # as argparse: the server cannot start as configured
@@ -67,7 +67,7 @@ def serve(config: Config) -> int:
         logger.warning("%s", warning)
     logger.info("%s", compile_cache.describe(caches))
     if config.precompile_only:
-        from sloth_serve.precompile import precompile
+        from .precompile import precompile
 
         return precompile(config, caches)
     if json_lines:
@@ -76,15 +76,15 @@ def serve(config: Config) -> int:
     prefetch_weights(config.model)
     engine = None
     if config.engine_mode == "process":  # the engine process loads the model while we import
-        from sloth_serve.engine.process_client import ProcessEngineClient
+        from .engine.process_client import ProcessEngineClient
 
         engine = ProcessEngineClient(config)
         engine.spawn()
     with startup_phase("import torch and the server", "other"):
         import uvicorn
 
-        from sloth_serve.api import create_app
-        from sloth_serve.api.connections import uvicorn_options
+        from .api import create_app
+        from .api.connections import uvicorn_options
 
     app = create_app(config, engine)
     state = app.state.server

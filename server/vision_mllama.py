@@ -9,8 +9,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
-from sloth_serve.vision_processor import ImageError, ImageLimits, VisionProcessor
+from .engine.mm_inputs import ImageInput, MultiModalInputs
+from .vision_processor import ImageError, ImageLimits, VisionProcessor
 
 IMAGE_TOKEN = "<|image|>"
 

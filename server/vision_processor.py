@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
-from sloth_serve.models.families import VISION_ARCHITECTURES
+from .engine.mm_inputs import ImageInput, MultiModalInputs
+from .models.families import VISION_ARCHITECTURES
 
 GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
 MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
@@ -53,11 +53,11 @@ class VisionProcessor:
         cfg = json.loads((folder / "config.json").read_text())
         archs = cfg.get("architectures") or []
         if archs and archs[0] == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
-            from sloth_serve.vision_gemma3 import Gemma3VisionProcessor
+            from .vision_gemma3 import Gemma3VisionProcessor
 
             return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits or ImageLimits())
         if archs and archs[0] == MLLAMA_VISION:
-            from sloth_serve.vision_mllama import MllamaVisionProcessor
+            from .vision_mllama import MllamaVisionProcessor
 
             return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits or ImageLimits())
         if not archs or archs[0] not in VISION_ARCHITECTURES:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from sloth_serve.api.errors import APIError
+from .errors import APIError
 
 RETRY_AFTER_S = 1
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request; `n` is capped by the request model

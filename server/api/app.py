@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from sloth_serve import __version__
-from sloth_serve.api import (
+from .. import __version__
+from ..config import Config
+from ..engine.client import EngineClient
+from . import (
     health,
     metrics_route,
     serving_adapters,
@@ -21,14 +23,12 @@ from sloth_serve.api import (
     serving_tokenize,
     serving_tokenizer_info,
 )
-from sloth_serve.api.auth import APIKeyMiddleware
-from sloth_serve.api.errors import install_error_handlers
-from sloth_serve.api.http_metrics import HTTPMetricsMiddleware
-from sloth_serve.api.limits import BodySizeLimitMiddleware, request_bytes_limit
-from sloth_serve.api.request_id import RequestIdMiddleware
-from sloth_serve.api.state import ServerState
-from sloth_serve.config import Config
-from sloth_serve.engine.client import EngineClient
+from .auth import APIKeyMiddleware
+from .errors import install_error_handlers
+from .http_metrics import HTTPMetricsMiddleware
+from .limits import BodySizeLimitMiddleware, request_bytes_limit
+from .request_id import RequestIdMiddleware
+from .state import ServerState
 
 
 def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:

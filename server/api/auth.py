@@ -11,7 +11,7 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sloth_serve.api.errors import error_body
+from .errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 

@@ -13,10 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_serve.api.detokenizer import IncrementalDetokenizer
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.stop_strings import StopStringMatcher
-from sloth_serve.engine.client import (
+from ..engine.client import (
     EngineClient,
     FinishReason,
     MultiModalInputs,
@@ -24,6 +21,9 @@ from sloth_serve.engine.client import (
     SamplingParams,
     TokenLogprob,
 )
+from .detokenizer import IncrementalDetokenizer
+from .errors import APIError
+from .stop_strings import StopStringMatcher
 
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sloth_serve.api.responses import (
+from .responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     CompletionChoice,

@@ -14,17 +14,17 @@ from typing import Any, NamedTuple
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from sloth_serve.api.admission import MAX_PROMPTS, Ticket
-from sloth_serve.api.choice_stream import Deadline
-from sloth_serve.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from sloth_serve.api.errors import APIError, error_json, invalid_param
-from sloth_serve.api.prompts import check_prompt_chars, message_chars
-from sloth_serve.api.protocol import ChatCompletionRequest, CompletionRequest
-from sloth_serve.api.responses import json_response
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.serving_adapters import resolve_adapter
-from sloth_serve.api.sse import DONE, data_event, error_event
-from sloth_serve.api.state import ServerState
+from .admission import MAX_PROMPTS, Ticket
+from .choice_stream import Deadline
+from .disconnect import ClientDisconnected, cancel_on_disconnect
+from .errors import APIError, error_json, invalid_param
+from .prompts import check_prompt_chars, message_chars
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import json_response
+from .runtime import Runtime
+from .serving_adapters import resolve_adapter
+from .sse import DONE, data_event, error_event
+from .state import ServerState
 
 logger = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from sloth_serve.api.choice_stream import ChoiceRequest
-from sloth_serve.api.errors import APIError, invalid_param
-from sloth_serve.api.protocol import SEED_LIMIT, ResponseFormat, SamplingFields
-from sloth_serve.engine.client import SamplingParams, StructuredSpec
-from sloth_serve.engine.grammar import GrammarError
-from sloth_serve.engine.request_fit import out_of_vocab
+from ..engine.client import SamplingParams, StructuredSpec
+from ..engine.grammar import GrammarError
+from ..engine.request_fit import out_of_vocab
+from .choice_stream import ChoiceRequest
+from .errors import APIError, invalid_param
+from .protocol import SEED_LIMIT, ResponseFormat, SamplingFields
 
 if TYPE_CHECKING:
-    from sloth_serve.api.runtime import Runtime
+    from .runtime import Runtime
 
 # Keywords whose values are data, not subschemas: close_objects() leaves them alone.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})

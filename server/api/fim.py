@@ -7,8 +7,8 @@ import asyncio
 import weakref
 from typing import Any
 
-from sloth_serve.api.errors import invalid_param
-from sloth_serve.api.prompts import LONG_PROMPT_CHARS, check_prompt_chars
+from .errors import invalid_param
+from .prompts import LONG_PROMPT_CHARS, check_prompt_chars
 
 # FIM token families, each (prefix, suffix, middle), written in that order around the two texts:
 # Qwen2.5-Coder / Qwen3-Coder, StarCoder / StarCoder2 / SantaCoder, DeepSeek-Coder.

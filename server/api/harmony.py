@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_serve.api.reasoning import partial_tail
-from sloth_serve.api.tool_call_reader import new_call_id
+from .reasoning import partial_tail
+from .tool_call_reader import new_call_id
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")

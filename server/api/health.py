@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from sloth_serve import __version__
-from sloth_serve.api.state import StateDep
+from .. import __version__
+from .state import StateDep
 
 router = APIRouter()
 

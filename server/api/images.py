@@ -12,10 +12,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from sloth_serve.api.errors import invalid_param
-from sloth_serve.api.protocol import ChatMessage
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.vision_processor import ImageError, ImageLimits, VisionProcessor, open_image
+from ..engine.mm_inputs import MultiModalInputs
+from ..vision_processor import ImageError, ImageLimits, VisionProcessor, open_image
+from .errors import invalid_param
+from .protocol import ChatMessage
 
 INLINE_ONLY = ("image URLs are not fetched by this server (no --allowed-media-domains); send the image inline "
                "as a base64 data URL (data:image/png;base64,...)")

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sloth_serve.api.admission import Admission, default_token_budget
-from sloth_serve.api.errors import error_body
-from sloth_serve.api.prompts import max_prompt_chars
+from .admission import Admission, default_token_budget
+from .errors import error_body
+from .prompts import max_prompt_chars
 
 if TYPE_CHECKING:
-    from sloth_serve.api.runtime import Runtime
-    from sloth_serve.config import Config
+    from ..config import Config
+    from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from sloth_serve.api.responses import (
+from ..engine.client import TokenLogprob
+from .responses import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
@@ -16,7 +17,6 @@ from sloth_serve.api.responses import (
     PromptLogprobs,
     TopLogprob,
 )
-from sloth_serve.engine.client import TokenLogprob
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

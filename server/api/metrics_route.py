@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sloth_serve.api.state import StateDep
+from .state import StateDep
 
 router = APIRouter()
 

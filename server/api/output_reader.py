@@ -10,14 +10,14 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
-from sloth_serve.api.detokenizer import special_token_ids
-from sloth_serve.api.harmony import MARKERS as HARMONY_MARKERS
-from sloth_serve.api.harmony import HarmonyReader
-from sloth_serve.api.reasoning import END, START, ThinkSplitter, prompt_opens
-from sloth_serve.api.tool_call_reader import Reading, ToolCallReader
-from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, TOOL_FORMATS, ToolFormat
-from sloth_serve.api.tool_request import ToolPlan
-from sloth_serve.engine.sampling_params import StructuredSpec
+from ..engine.sampling_params import StructuredSpec
+from .detokenizer import special_token_ids
+from .harmony import MARKERS as HARMONY_MARKERS
+from .harmony import HarmonyReader
+from .reasoning import END, START, ThinkSplitter, prompt_opens
+from .tool_call_reader import Reading, ToolCallReader
+from .tool_formats import HERMES, LLAMA3_JSON, MISTRAL, TOOL_FORMATS, ToolFormat
+from .tool_request import ToolPlan
 
 PROMPT_TAIL_TOKENS = 16  # of the prompt, decoded to see whether its template opened the reasoning
 

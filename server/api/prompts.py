@@ -13,10 +13,10 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sloth_serve.api.errors import APIError, invalid_param
-from sloth_serve.api.protocol import ChatMessage
-from sloth_serve.engine.client import EngineInfo
-from sloth_serve.engine.request_fit import cache_message, exceeds_cache, exceeds_context, out_of_vocab
+from ..engine.client import EngineInfo
+from ..engine.request_fit import cache_message, exceeds_cache, exceeds_context, out_of_vocab
+from .errors import APIError, invalid_param
+from .protocol import ChatMessage
 
 LONG_PROMPT_CHARS = 4096  # above this, tokenize in a worker thread
 # A fast tokenizer holds ~150 bytes per character of its input while it works (4 concurrent 10 MB

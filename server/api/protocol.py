@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sloth_serve.api.errors import APIError, invalid_param
+from .errors import APIError, invalid_param
 
 # Caps on stop conditions: each stop string is searched for in the text of every delta, and the
 # longest decides how much text is held back. OpenAI allows 4 stop strings; vLLM has no cap.

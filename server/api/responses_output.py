@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_serve.api.responses_protocol import ResponsesRequest
+from .responses_protocol import ResponsesRequest
 
 
 def new_item_id(prefix: str) -> str:

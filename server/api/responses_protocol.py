@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sloth_serve.api.errors import APIError, invalid_param
-from sloth_serve.api.protocol import ChatCompletionRequest, reject_unsupported
+from .errors import APIError, invalid_param
+from .protocol import ChatCompletionRequest, reject_unsupported
 
 # Fields of the Responses API this server cannot honour, with the values that mean "off" (accepted).
 RESPONSES_UNSUPPORTED: dict[str, tuple[Any, ...]] = {

@@ -8,12 +8,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from sloth_serve.adapters import Adapter, AdapterRegistry
-from sloth_serve.api.logprobs import TokenTexts
-from sloth_serve.api.tokenizers import TokenizerRegistry
-from sloth_serve.engine.client import EngineClient, EngineInfo
-from sloth_serve.engine.grammar import GrammarCompiler
-from sloth_serve.vision_processor import VisionProcessor
+from ..adapters import Adapter, AdapterRegistry
+from ..engine.client import EngineClient, EngineInfo
+from ..engine.grammar import GrammarCompiler
+from ..vision_processor import VisionProcessor
+from .logprobs import TokenTexts
+from .tokenizers import TokenizerRegistry
 
 
 @dataclass(slots=True)

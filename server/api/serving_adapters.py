@@ -9,10 +9,10 @@ import asyncio
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
-from sloth_serve.adapters import Adapter
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.state import ServerState, StateDep
+from ..adapters import Adapter
+from .errors import APIError
+from .runtime import Runtime
+from .state import ServerState, StateDep
 
 router = APIRouter()  # registered only with --allow-runtime-lora
 

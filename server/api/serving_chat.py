@@ -10,17 +10,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from sloth_serve.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
-from sloth_serve.api.chunks import ChatChunks
-from sloth_serve.api.endpoint_common import admit_generation, guarded_events, whole_response
-from sloth_serve.api.engine_params import choice_requests, compile_spec, response_format_spec
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.images import chat_images, expand_images
-from sloth_serve.api.logprobs import chat_logprobs, prompt_logprobs
-from sloth_serve.api.output_reader import OutputPlan, OutputReader, output_format
-from sloth_serve.api.prompts import resolve_max_tokens
-from sloth_serve.api.protocol import ChatCompletionRequest
-from sloth_serve.api.responses import (
+from ..engine.client import EngineClient, StructuredSpec
+from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
+from .chunks import ChatChunks
+from .endpoint_common import admit_generation, guarded_events, whole_response
+from .engine_params import choice_requests, compile_spec, response_format_spec
+from .errors import APIError
+from .images import chat_images, expand_images
+from .logprobs import chat_logprobs, prompt_logprobs
+from .output_reader import OutputPlan, OutputReader, output_format
+from .prompts import resolve_max_tokens
+from .protocol import ChatCompletionRequest
+from .responses import (
     ChatChoice,
     ChatCompletionResponse,
     ChatResponseMessage,
@@ -28,14 +29,13 @@ from sloth_serve.api.responses import (
     Usage,
     now,
 )
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.sse import DONE, error_event, sse_response
-from sloth_serve.api.state import StateDep
-from sloth_serve.api.tokenizers import ModelTokenizer
-from sloth_serve.api.tool_call_reader import merge_deltas
-from sloth_serve.api.tool_grammar import shape
-from sloth_serve.api.tool_request import ToolPlan, call_spec, encode_tool_chat, plan_tools
-from sloth_serve.engine.client import EngineClient, StructuredSpec
+from .runtime import Runtime
+from .sse import DONE, error_event, sse_response
+from .state import StateDep
+from .tokenizers import ModelTokenizer
+from .tool_call_reader import merge_deltas
+from .tool_grammar import shape
+from .tool_request import ToolPlan, call_spec, encode_tool_chat, plan_tools
 
 router = APIRouter()
 

@@ -9,20 +9,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from sloth_serve.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
-from sloth_serve.api.chunks import CompletionChunks
-from sloth_serve.api.endpoint_common import admit_generation, guarded_events, whole_response
-from sloth_serve.api.engine_params import choice_requests
-from sloth_serve.api.fim import encode_fim
-from sloth_serve.api.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
-from sloth_serve.api.prompts import check_token_ids, encode_text, resolve_max_tokens
-from sloth_serve.api.protocol import CompletionRequest
-from sloth_serve.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.sse import DONE, error_event, sse_response
-from sloth_serve.api.state import StateDep
-from sloth_serve.api.tokenizers import ModelTokenizer
-from sloth_serve.engine.client import EngineClient, TokenLogprob
+from ..engine.client import EngineClient, TokenLogprob
+from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
+from .chunks import CompletionChunks
+from .endpoint_common import admit_generation, guarded_events, whole_response
+from .engine_params import choice_requests
+from .fim import encode_fim
+from .logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
+from .prompts import check_token_ids, encode_text, resolve_max_tokens
+from .protocol import CompletionRequest
+from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
+from .runtime import Runtime
+from .sse import DONE, error_event, sse_response
+from .state import StateDep
+from .tokenizers import ModelTokenizer
 
 router = APIRouter()
 

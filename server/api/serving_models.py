@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.responses import ModelCard, ModelList
-from sloth_serve.api.state import StateDep
-from sloth_serve.api.tokenizers import ModelTokenizer
+from .errors import APIError
+from .responses import ModelCard, ModelList
+from .state import StateDep
+from .tokenizers import ModelTokenizer
 
 router = APIRouter()
 

@@ -13,24 +13,24 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 
-from sloth_serve.api.admission import Ticket
-from sloth_serve.api.choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
-from sloth_serve.api.disconnect import ClientDisconnected, cancel_on_disconnect
-from sloth_serve.api.endpoint_common import admit_generation
-from sloth_serve.api.engine_params import choice_requests
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.images import chat_images, expand_images
-from sloth_serve.api.output_reader import OutputPlan
-from sloth_serve.api.prompts import resolve_max_tokens
-from sloth_serve.api.responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
-from sloth_serve.api.responses_protocol import ResponsesRequest, as_responses_error
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
-from sloth_serve.api.sse import sse_response
-from sloth_serve.api.state import StateDep
-from sloth_serve.api.tokenizers import ModelTokenizer
-from sloth_serve.api.tool_call_reader import Reading, merge_deltas
-from sloth_serve.api.tool_request import encode_tool_chat, plan_tools
+from .admission import Ticket
+from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
+from .disconnect import ClientDisconnected, cancel_on_disconnect
+from .endpoint_common import admit_generation
+from .engine_params import choice_requests
+from .errors import APIError
+from .images import chat_images, expand_images
+from .output_reader import OutputPlan
+from .prompts import resolve_max_tokens
+from .responses_output import EventWriter, ResponseHeader, output_items, status_of, usage
+from .responses_protocol import ResponsesRequest, as_responses_error
+from .runtime import Runtime
+from .serving_chat import output_plan, reasoning_tokens, structured_spec, system_prompt_end
+from .sse import sse_response
+from .state import StateDep
+from .tokenizers import ModelTokenizer
+from .tool_call_reader import Reading, merge_deltas
+from .tool_request import encode_tool_chat, plan_tools
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -6,18 +6,18 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from sloth_serve.api.errors import invalid_param
-from sloth_serve.api.images import chat_images, expand_images
-from sloth_serve.api.prompts import (
+from .errors import invalid_param
+from .images import chat_images, expand_images
+from .prompts import (
     check_prompt_chars,
     check_token_ids,
     encode_chat,
     encode_text,
     message_chars,
 )
-from sloth_serve.api.protocol import DetokenizeRequest, TokenizeRequest
-from sloth_serve.api.serving_adapters import resolve_adapter
-from sloth_serve.api.state import StateDep
+from .protocol import DetokenizeRequest, TokenizeRequest
+from .serving_adapters import resolve_adapter
+from .state import StateDep
 
 router = APIRouter()
 

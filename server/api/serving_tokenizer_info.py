@@ -8,8 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from sloth_serve.api.serving_adapters import resolve_adapter
-from sloth_serve.api.state import StateDep
+from .serving_adapters import resolve_adapter
+from .state import StateDep
 
 router = APIRouter()
 

@@ -13,8 +13,8 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.types import Message, Send
 
-from sloth_serve.api.admission import Ticket
-from sloth_serve.api.errors import error_body
+from .admission import Ticket
+from .errors import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -14,20 +14,20 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
-from sloth_serve import startup_clock
-from sloth_serve.adapters import AdapterRegistry
-from sloth_serve.api.admission import Admission
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.limits import fit_limits
-from sloth_serve.api.runtime import Runtime
-from sloth_serve.api.tokenizers import TokenizerRegistry, base_entry
-from sloth_serve.config import Config
-from sloth_serve.engine import stalls
-from sloth_serve.engine.client import EngineClient, EngineInfo
-from sloth_serve.engine.grammar import make_compiler
-from sloth_serve.engine.launch import engine_client
-from sloth_serve.metrics import EngineMetrics
-from sloth_serve.vision_processor import VisionProcessor, image_limits
+from .. import startup_clock
+from ..adapters import AdapterRegistry
+from ..config import Config
+from ..engine import stalls
+from ..engine.client import EngineClient, EngineInfo
+from ..engine.grammar import make_compiler
+from ..engine.launch import engine_client
+from ..metrics import EngineMetrics
+from ..vision_processor import VisionProcessor, image_limits
+from .admission import Admission
+from .errors import APIError
+from .limits import fit_limits
+from .runtime import Runtime
+from .tokenizers import TokenizerRegistry, base_entry
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sloth_serve.api.errors import APIError
-from sloth_serve.api.logprobs import TokenTexts
-from sloth_serve.loader.chat_template import (
+from ..loader.chat_template import (
     ChatTemplateError,
     Template,
     check_template,
@@ -22,10 +20,12 @@ from sloth_serve.loader.chat_template import (
     read_processor_template,
     template_hash,
 )
-from sloth_serve.loader.tokenizer import has_tokenizer, load_tokenizer
+from ..loader.tokenizer import has_tokenizer, load_tokenizer
+from .errors import APIError
+from .logprobs import TokenTexts
 
 if TYPE_CHECKING:
-    from sloth_serve.adapters import AdapterRegistry
+    from ..adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_serve.api.call_stream import JsonEnd, Part
-from sloth_serve.api.tool_formats import HERMES, AutoToolReader, ToolFormat
-from sloth_serve.api.tool_request import ToolPlan
+from .call_stream import JsonEnd, Part
+from .tool_formats import HERMES, AutoToolReader, ToolFormat
+from .tool_request import ToolPlan
 
 # The start of a forced call, up to the first character of its arguments.
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*(?=\S)')

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sloth_serve.api.call_stream import CallStream, Part
-from sloth_serve.api.reasoning import partial_tail
+from .call_stream import CallStream, Part
+from .reasoning import partial_tail
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sloth_serve.api.tool_formats import HERMES, LLAMA3_JSON, MISTRAL
-from sloth_serve.api.tool_request import ToolPlan
-from sloth_serve.engine.sampling_params import StructuredSpec
+from ..engine.sampling_params import StructuredSpec
+from .tool_formats import HERMES, LLAMA3_JSON, MISTRAL
+from .tool_request import ToolPlan
 
 # The reasoning: any text up to the first `</think>` (lazy: it ends there).
 _THOUGHT = "thought[lazy]: /(?s:.*)<\\/think>/"

@@ -32,11 +32,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sloth_serve.api.engine_params import close_objects
-from sloth_serve.api.errors import invalid_param
-from sloth_serve.api.prompts import encode_chat
-from sloth_serve.api.protocol import ChatCompletionRequest, NamedToolChoice
-from sloth_serve.engine.client import StructuredSpec
+from ..engine.client import StructuredSpec
+from .engine_params import close_objects
+from .errors import invalid_param
+from .prompts import encode_chat
+from .protocol import ChatCompletionRequest, NamedToolChoice
 
 ToolMode = Literal["auto", "required", "named"]
 

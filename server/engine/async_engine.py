@@ -11,14 +11,14 @@ import sys
 import threading
 from collections.abc import Callable
 
-from sloth_serve.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
-from sloth_serve.engine.engine_loop import EngineLoop, engine_info
-from sloth_serve.engine.llm_engine import LLMEngine
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.outputs import EngineInfo
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.sequence import FinishReason
-from sloth_serve.engine.wire import (
+from .client import EngineClient, EngineDeadError, fail_calls, resolve_call
+from .engine_loop import EngineLoop, engine_info
+from .llm_engine import LLMEngine
+from .mm_inputs import MultiModalInputs
+from .outputs import EngineInfo
+from .sampling_params import SamplingParams
+from .sequence import FinishReason
+from .wire import (
     Abort,
     AddLora,
     AddRequest,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from sloth_serve.engine.sequence import Sequence
-from sloth_serve.engine.state_cache import StateSlots
-from sloth_serve.engine.state_snapshots import StateSnapshots
+from .sequence import Sequence
+from .state_cache import StateSlots
+from .state_snapshots import StateSnapshots
 
 
 @dataclass(slots=True, eq=False)

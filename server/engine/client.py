@@ -11,11 +11,11 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
-from sloth_serve.engine.sampling_params import SamplingParams, StructuredSpec
-from sloth_serve.engine.sequence import FinishReason, TokenLogprob
-from sloth_serve.engine.wire import Reply, StepOutputs
+from .mm_inputs import MultiModalInputs
+from .outputs import EngineInfo, RequestOutput, StepStats
+from .sampling_params import SamplingParams, StructuredSpec
+from .sequence import FinishReason, TokenLogprob
+from .wire import Reply, StepOutputs
 
 __all__ = [
     "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",

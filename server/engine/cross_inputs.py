@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sloth_serve.engine.mm_inputs import ImageInput
-from sloth_serve.engine.sequence import Sequence
+from .mm_inputs import ImageInput
+from .sequence import Sequence
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -19,7 +19,8 @@ import torch
 
 from sloth_kernels.attention import AttnMetadata
 from sloth_kernels.state_batch import StateBatch
-from sloth_serve.models.layers import StepMetadata
+
+from ..models.layers import StepMetadata
 
 logger = logging.getLogger(__name__)
 

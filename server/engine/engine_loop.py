@@ -12,15 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sloth_serve import startup_clock
-from sloth_serve.engine import stalls
-from sloth_serve.engine.failures import describe, is_out_of_memory
-from sloth_serve.engine.llm_engine import LLMEngine, StepObserver
-from sloth_serve.engine.loras import load_adapter
-from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
-from sloth_serve.engine.scheduler import ScheduledBatch, Scheduler
-from sloth_serve.engine.sequence import FinishReason
-from sloth_serve.engine.wire import (
+from .. import startup_clock
+from ..loader.peft import LoRAWeights
+from . import stalls
+from .failures import describe, is_out_of_memory
+from .llm_engine import LLMEngine, StepObserver
+from .loras import load_adapter
+from .outputs import EngineInfo, RequestOutput, StepStats
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import FinishReason
+from .wire import (
     Abort,
     AddLora,
     AddRequest,
@@ -32,7 +33,6 @@ from sloth_serve.engine.wire import (
     Shutdown,
     StepOutputs,
 )
-from sloth_serve.loader.peft import LoRAWeights
 
 logger = logging.getLogger(__name__)
 _ON_CUDA = torch.cuda.is_available()

@@ -16,15 +16,15 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from sloth_serve import startup_clock
-from sloth_serve.config import Config
-from sloth_serve.engine.engine_loop import EngineLoop, engine_info
-from sloth_serve.engine.grammar import GrammarError
-from sloth_serve.engine.llm_engine import LLMEngine
-from sloth_serve.engine.wire import AddLora, AddRequest, Event, LoadFailed, Ready, command_codec, event_codec
-from sloth_serve.loader.tokenizer import base_tokenizer_folder, load_tokenizer
-from sloth_serve.logs import configure_logging
-from sloth_serve.startup_clock import Phase
+from .. import startup_clock
+from ..config import Config
+from ..loader.tokenizer import base_tokenizer_folder, load_tokenizer
+from ..logs import configure_logging
+from ..startup_clock import Phase
+from .engine_loop import EngineLoop, engine_info
+from .grammar import GrammarError
+from .llm_engine import LLMEngine
+from .wire import AddLora, AddRequest, Event, LoadFailed, Ready, command_codec, event_codec
 
 logger = logging.getLogger(__name__)
 PARENT_POLL_S = 0.5

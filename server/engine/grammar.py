@@ -32,8 +32,8 @@ import torch
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-    from sloth_serve.engine.sampling_params import StructuredSpec
-    from sloth_serve.engine.sequence import Sequence
+    from .sampling_params import StructuredSpec
+    from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@ or in a thread of the server's."""
 
 from __future__ import annotations
 
-from sloth_serve.config import Config
-from sloth_serve.engine.async_engine import AsyncEngine
-from sloth_serve.engine.client import EngineClient
-from sloth_serve.engine.llm_engine import LLMEngine
-from sloth_serve.engine.process_client import ProcessEngineClient
+from ..config import Config
+from .async_engine import AsyncEngine
+from .client import EngineClient
+from .llm_engine import LLMEngine
+from .process_client import ProcessEngineClient
 
 
 def engine_client(config: Config) -> EngineClient:

@@ -15,33 +15,34 @@ from typing import Protocol
 import torch
 
 from sloth_kernels.rope_scaling import long_prompt_threshold
-from sloth_serve.config import Config
-from sloth_serve.engine import stalls
-from sloth_serve.engine.block_manager import BlockManager
-from sloth_serve.engine.cuda_graphs import default_buckets
-from sloth_serve.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
-from sloth_serve.engine.lora_manager import LoRAManager
-from sloth_serve.engine.mm_inputs import MultiModalInputs, check_images
-from sloth_serve.engine.model_runner import LaunchedDecode, ModelRunner
-from sloth_serve.engine.outputs import RequestOutput
-from sloth_serve.engine.prefill_graphs import default_prefill_buckets, prefill_bound_while_decoding
-from sloth_serve.engine.request_fit import out_of_vocab
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from sloth_serve.engine.sequence import FinishReason, Sequence, TokenLogprob
-from sloth_serve.engine.spec_decode.draft import DraftRunner
-from sloth_serve.engine.spec_decode.setup import (
+
+from ..config import Config
+from ..loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
+from ..loader.peft import LoRAWeights, startup_lora_rank
+from ..models.moe import expert_modules
+from ..startup_clock import Phase, current, startup_phase
+from . import stalls
+from .block_manager import BlockManager
+from .cuda_graphs import default_buckets
+from .failures import SequenceError, describe, is_device_fault, is_out_of_memory
+from .lora_manager import LoRAManager
+from .mm_inputs import MultiModalInputs, check_images
+from .model_runner import LaunchedDecode, ModelRunner
+from .outputs import RequestOutput
+from .prefill_graphs import default_prefill_buckets, prefill_bound_while_decoding
+from .request_fit import out_of_vocab
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from .sequence import FinishReason, Sequence, TokenLogprob
+from .spec_decode.draft import DraftRunner
+from .spec_decode.setup import (
     build_spec_decoder,
     load_draft_model,
     spec_graph_rows,
     spec_method,
 )
-from sloth_serve.engine.state_cache import StateSlots
-from sloth_serve.engine.state_snapshots import StateSnapshots
-from sloth_serve.loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
-from sloth_serve.loader.peft import LoRAWeights, startup_lora_rank
-from sloth_serve.models.moe import expert_modules
-from sloth_serve.startup_clock import Phase, current, startup_phase
+from .state_cache import StateSlots
+from .state_snapshots import StateSnapshots
 
 __all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
 

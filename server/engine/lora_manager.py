@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 import torch
 
-from sloth_serve.loader.peft import LoRAWeights, check_fits
-from sloth_serve.models.layers import LoRALinear
-from sloth_serve.models.moe import Experts
+from ..loader.peft import LoRAWeights, check_fits
+from ..models.layers import LoRALinear
+from ..models.moe import Experts
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sloth_serve.engine.llm_engine import LLMEngine
-from sloth_serve.loader.peft import LoRAWeights, check_fits, load_lora
+from ..loader.peft import LoRAWeights, check_fits, load_lora
+from .llm_engine import LLMEngine
 
 
 def load_adapter(engine: LLMEngine, name: str, path: str | Path) -> LoRAWeights:

@@ -16,20 +16,21 @@ import torch
 from sloth_kernels.attention import AttnMetadata
 from sloth_kernels.rope_scaling import long_prompt_threshold, rope_rows
 from sloth_kernels.state_batch import StateBatch
-from sloth_serve.engine.cuda_graphs import DecodeGraphs
-from sloth_serve.engine.device import to_device
-from sloth_serve.engine.lora_manager import LoRAManager
-from sloth_serve.engine.prefill_graphs import PrefillGraphs
-from sloth_serve.engine.sampler import Sampler, gather_logprobs, gather_prompt_logprobs
-from sloth_serve.engine.scheduler import ScheduledBatch
-from sloth_serve.engine.sequence import TokenLogprob
-from sloth_serve.engine.slot_modules import SlotModuleTable
-from sloth_serve.engine.spec_decode.decode_rows import decode_rows, token_at
-from sloth_serve.engine.spec_decode.rejection import sample_with_drafts
-from sloth_serve.engine.vision_inputs import VisionInputs
-from sloth_serve.models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
-from sloth_serve.models.per_adapter import AdapterStep
-from sloth_serve.models.weights import CausalLM
+
+from ..models.layers import StatefulModel, StepMetadata, fuse_quantized_projections
+from ..models.per_adapter import AdapterStep
+from ..models.weights import CausalLM
+from .cuda_graphs import DecodeGraphs
+from .device import to_device
+from .lora_manager import LoRAManager
+from .prefill_graphs import PrefillGraphs
+from .sampler import Sampler, gather_logprobs, gather_prompt_logprobs
+from .scheduler import ScheduledBatch
+from .sequence import TokenLogprob
+from .slot_modules import SlotModuleTable
+from .spec_decode.decode_rows import decode_rows, token_at
+from .spec_decode.rejection import sample_with_drafts
+from .vision_inputs import VisionInputs
 
 
 @dataclass(slots=True)

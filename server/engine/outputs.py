@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sloth_serve.engine.sequence import FinishReason, TokenLogprob
-from sloth_serve.engine.spec_decode.stats import SpecStats
-from sloth_serve.startup_clock import Phase
+from ..startup_clock import Phase
+from .sequence import FinishReason, TokenLogprob
+from .spec_decode.stats import SpecStats
 
 if TYPE_CHECKING:
-    from sloth_serve.engine.sequence import Sequence
+    from .sequence import Sequence
 
 
 @dataclass(slots=True)

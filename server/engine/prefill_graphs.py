@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from sloth_kernels.attention import AttnMetadata
-from sloth_serve.models.layers import StepMetadata
+
+from ..models.layers import StepMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from sloth_serve import startup_clock
-from sloth_serve.config import Config
-from sloth_serve.engine.client import EngineClient, EngineDeadError, fail_calls, resolve_call
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.outputs import EngineInfo
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.sequence import FinishReason
-from sloth_serve.engine.wire import (
+from .. import startup_clock
+from ..config import Config
+from .client import EngineClient, EngineDeadError, fail_calls, resolve_call
+from .mm_inputs import MultiModalInputs
+from .outputs import EngineInfo
+from .sampling_params import SamplingParams
+from .sequence import FinishReason
+from .wire import (
     Abort,
     AddLora,
     AddRequest,
@@ -53,7 +53,7 @@ STOP_TIMEOUT_S = 10.0  # Shutdown sent: how long the engine may take to exit bef
 def _engine_main(config: Config, commands: str, events: str, parent_pid: int) -> None:
     """The child's entry point; imported there by name, so this module stays light (no torch) and the
     engine can be spawned before the front end imports its own heavy modules."""
-    from sloth_serve.engine.engine_process import main
+    from .engine_process import main
 
     main(config, commands, events, parent_pid)
 

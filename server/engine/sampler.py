@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from sloth_kernels.sampling import sample
-from sloth_serve.engine.device import to_device
-from sloth_serve.engine.failures import SequenceError, describe, is_device_fault, is_out_of_memory
-from sloth_serve.engine.grammar import GrammarCompiler, GrammarMatchers, allowed_tokens, make_compiler
-from sloth_serve.engine.sequence import Sequence, TokenLogprob
+
+from .device import to_device
+from .failures import SequenceError, describe, is_device_fault, is_out_of_memory
+from .grammar import GrammarCompiler, GrammarMatchers, allowed_tokens, make_compiler
+from .sequence import Sequence, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

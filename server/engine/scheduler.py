@@ -13,10 +13,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from sloth_serve.engine.block_manager import BlockManager
-from sloth_serve.engine.request_fit import fit_error
-from sloth_serve.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
-from sloth_serve.engine.spec_decode.stats import SpecStats
+from .block_manager import BlockManager
+from .request_fit import fit_error
+from .sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from .spec_decode.stats import SpecStats
 
 
 @dataclass(frozen=True, slots=True)

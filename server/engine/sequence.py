@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.sampling_params import SamplingParams
+from .mm_inputs import MultiModalInputs
+from .sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

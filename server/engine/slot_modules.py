@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sloth_serve.engine.device import to_device
-from sloth_serve.loader.adapter_modules import check_adapter_modules, materialize
-from sloth_serve.models.per_adapter import AdapterGroup, AdapterStep, SlotModules
+from ..loader.adapter_modules import check_adapter_modules, materialize
+from ..models.per_adapter import AdapterGroup, AdapterStep, SlotModules
+from .device import to_device
 
 if TYPE_CHECKING:
-    from sloth_serve.engine.lora_manager import LoRAManager
-    from sloth_serve.loader.peft import LoRAWeights
-    from sloth_serve.models.weights import CausalLM
+    from ..loader.peft import LoRAWeights
+    from ..models.weights import CausalLM
+    from .lora_manager import LoRAManager
 
 
 class SlotModuleTable:

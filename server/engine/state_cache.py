@@ -9,7 +9,7 @@ block manager, this holds no tensors, only ids.
 
 from __future__ import annotations
 
-from sloth_serve.engine.sequence import Sequence
+from .sequence import Sequence
 
 
 class StateSlots:

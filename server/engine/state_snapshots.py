@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from sloth_serve.engine.sequence import Sequence
+from .sequence import Sequence
 
 
 class StateSnapshots:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sloth_serve.engine.cross_inputs import CrossStep, cross_step
-from sloth_serve.engine.mm_inputs import ImageInput, MultiModalInputs
-from sloth_serve.engine.sequence import Sequence
+from .cross_inputs import CrossStep, cross_step
+from .mm_inputs import ImageInput, MultiModalInputs
+from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from sloth_serve.models.vision import VisionCausalLM
+    from ..models.vision import VisionCausalLM
 
 ENCODER_CACHE_BYTES = 512 * 2**20  # image embeddings kept for reuse (about 50 1024x1024 images of a 7B)
 

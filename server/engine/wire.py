@@ -12,11 +12,11 @@ from typing import Any
 
 import msgspec
 
-from sloth_serve.engine.mm_inputs import MultiModalInputs
-from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.sequence import FinishReason
-from sloth_serve.startup_clock import Phase
+from ..startup_clock import Phase
+from .mm_inputs import MultiModalInputs
+from .outputs import EngineInfo, RequestOutput, StepStats
+from .sampling_params import SamplingParams
+from .sequence import FinishReason
 
 # --- front end -> engine ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sloth_serve.loader.adapter_config import (
+from .adapter_config import (
     PEFT_PREFIX,
     AdapterConfig,
     AdapterError,

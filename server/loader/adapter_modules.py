@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from sloth_serve.models.per_adapter import SlotModules
-    from sloth_serve.models.weights import CausalLM
+    from ..models.per_adapter import SlotModules
+    from ..models.weights import CausalLM
 
 PREFIX = "base_model.model."
 EMBED, LM_HEAD = "model.embed_tokens", "lm_head"
@@ -70,7 +70,7 @@ class AdapterModules:
 def _strip(key: str) -> str:
     """Our module name: without PEFT's prefix, and an image-text model's language-model names (Gemma 3:
     model.language_model.*) as the text model's."""
-    from sloth_serve.models.weights import text_model_name
+    from ..models.weights import text_model_name
 
     key = key.removeprefix(PREFIX)
     return text_model_name(key, multimodal=True) or key
@@ -191,7 +191,7 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -
             f"adapter {name!r} has a vocabulary of {embed_rows} input and {head_rows} output tokens (its own "
             f"embed_tokens / lm_head against the base's {cfg.vocab_size}); the rows it lacks were never saved. "
             f"Train with modules_to_save=['embed_tokens', 'lm_head'] after resizing, and save again")
-    from sloth_serve.models.layernorm import LayerNorm
+    from ..models.layernorm import LayerNorm
 
     names = dict(model.named_modules())
     for norm, w in modules.norms.items():
@@ -212,7 +212,7 @@ def check_adapter_modules(name: str, modules: AdapterModules, model: CausalLM) -
 def materialize(modules: AdapterModules, model: CausalLM, dtype: torch.dtype,
                 device: torch.device) -> SlotModules:
     """The adapter's own tensors on `device`, in the engine's dtype (modules already checked)."""
-    from sloth_serve.models.per_adapter import SlotModules
+    from ..models.per_adapter import SlotModules
 
     base_embed = model.model.embed_tokens.weight
     base_head = base_embed if model.lm_head is None else model.lm_head.weight

@@ -11,17 +11,17 @@ from typing import cast
 
 import torch
 
-from sloth_serve.loader.adapter_modules import merge_adapter_modules
-from sloth_serve.loader.folders import is_adapter_folder, read_json_object, resolve_adapter_base
-from sloth_serve.loader.nf4_disk import is_bnb_4bit
-from sloth_serve.loader.peft import check_fits, load_lora
-from sloth_serve.loader.vision_lora import merge_vision_lora
-from sloth_serve.models.expert_lora import merge_expert_update
-from sloth_serve.models.families import route_of
-from sloth_serve.models.moe import expert_modules
-from sloth_serve.models.mxfp4 import is_mxfp4
-from sloth_serve.models.weights import CausalLM, load_model
-from sloth_serve.startup_clock import startup_phase
+from ..models.expert_lora import merge_expert_update
+from ..models.families import route_of
+from ..models.moe import expert_modules
+from ..models.mxfp4 import is_mxfp4
+from ..models.weights import CausalLM, load_model
+from ..startup_clock import startup_phase
+from .adapter_modules import merge_adapter_modules
+from .folders import is_adapter_folder, read_json_object, resolve_adapter_base
+from .nf4_disk import is_bnb_4bit
+from .peft import check_fits, load_lora
+from .vision_lora import merge_vision_lora
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_checkpoint(
                          f"--load-format safetensors reads 16-bit and bitsandbytes 4-bit checkpoints of natively "
                          f"served models only: use --load-format unsloth")
     if path in ("generic", "vision"):
-        from sloth_serve.loader.generic import load_generic
+        from .generic import load_generic
 
         # GenericCausalLM has the native models' interface (forward, compute_logits, lora_layers,
         # config) without being one of their classes: typed as them for the engine.
@@ -97,7 +97,7 @@ def load_checkpoint(
                            "convert" if load_format == "unsloth" else "load"):
             model = cast(CausalLM, load_generic(folder, dtype, device, load_format, max_seq_length, path == "vision"))
     elif load_format == "unsloth" and not mxfp4:
-        from sloth_serve.loader.unsloth import load_and_adopt  # imports Unsloth: only on this path
+        from .unsloth import load_and_adopt  # imports Unsloth: only on this path
 
         model = load_and_adopt(folder, max_seq_length, dtype, device)  # times its reading and its adoption
     else:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sloth_serve.loader.adapter_config import AdapterError
+from .adapter_config import AdapterError
 
 if TYPE_CHECKING:
-    from sloth_serve.models.moe import Experts
+    from ..models.moe import Experts
 
 # (A [E, R, in], B * scale [E, out, R]) by projection ("gate_up", "down"), float32 on the host
 ExpertUpdate = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -14,11 +14,11 @@ from typing import cast
 import torch
 from transformers import PreTrainedModel
 
-from sloth_serve.loader.unsloth import _RECOMPUTED, disk_tensor_names
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.families import UnsupportedModel
-from sloth_serve.models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
-from sloth_serve.models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
+from ..models.config import ModelConfig
+from ..models.families import UnsupportedModel
+from ..models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
+from ..models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
+from .unsloth import _RECOMPUTED, disk_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
         raise ValueError("Unsloth loads image-text models (FastVisionModel) on CUDA only; on the CPU serve the "
                          "16-bit folder with --load-format safetensors")
     if load_format == "unsloth":
-        from sloth_serve.loader.unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
+        from .unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
         hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision))
     else:
@@ -56,11 +56,11 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     targets = lora_targets({name: m for name, m in linears.items() if name.startswith(inside)})
     vocab = int(hf.get_output_embeddings().weight.shape[0])
     if vision and type(hf).__name__ == "MllamaForConditionalGeneration":
-        from sloth_serve.models.mllama import MllamaCausalLM
+        from ..models.mllama import MllamaCausalLM
 
         model: GenericCausalLM = MllamaCausalLM(hf, step, targets)
     elif vision:
-        from sloth_serve.models.vision import VisionCausalLM
+        from ..models.vision import VisionCausalLM
 
         model = VisionCausalLM(hf, step, targets)
     else:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from sloth_kernels.nf4_format import NF4Weight
-from sloth_serve.models.moe import expert_weight_names
+
+from ..models.moe import expert_weight_names
 
 _PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _STATE = ".quant_state.bitsandbytes__"

@@ -14,8 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sloth_serve.loader.adapter_config import AdapterConfig, AdapterError, read_adapter_config
-from sloth_serve.loader.adapter_layout import (
+from ..models.moe import expert_target, moe_checkpoint_name
+from ..models.weights import FUSED, fused_target, text_model_name
+from .adapter_config import AdapterConfig, AdapterError, read_adapter_config
+from .adapter_layout import (
     SAFETENSORS,
     LoRAPair,
     TensorSpec,
@@ -25,19 +27,17 @@ from sloth_serve.loader.adapter_layout import (
     weights_file,
     where,
 )
-from sloth_serve.loader.adapter_modules import AdapterModules, read_adapter_modules
-from sloth_serve.loader.expert_adapter import (
+from .adapter_modules import AdapterModules, read_adapter_modules
+from .expert_adapter import (
     ExpertUpdate,
     ParameterLoRA,
     PendingExpertLoRA,
     resolve_expert_lora,
 )
-from sloth_serve.models.moe import expert_target, moe_checkpoint_name
-from sloth_serve.models.weights import FUSED, fused_target, text_model_name
 
 if TYPE_CHECKING:
-    from sloth_serve.models.layers import LoRALinear
-    from sloth_serve.models.moe import Experts
+    from ..models.layers import LoRALinear
+    from ..models.moe import Experts
 
 logger = logging.getLogger(__name__)
 

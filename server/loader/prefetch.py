@@ -19,7 +19,7 @@ def weight_files(model: str) -> list[Path]:
     folder = Path(model).expanduser()
     if (folder / "adapter_config.json").is_file():
         try:
-            from sloth_serve.loader.folders import resolve_adapter_base
+            from .folders import resolve_adapter_base
 
             folder = resolve_adapter_base(folder)
         except (OSError, ValueError):

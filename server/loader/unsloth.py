@@ -17,11 +17,12 @@ from typing import TypeVar
 import torch
 
 from sloth_kernels.nf4_format import NF4Weight
-from sloth_serve.loader.nf4_disk import with_4bit_from_disk
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.moe import expert_weight_names
-from sloth_serve.models.weights import CausalLM, build_model, text_model_name
-from sloth_serve.startup_clock import startup_phase
+
+from ..models.config import ModelConfig
+from ..models.moe import expert_weight_names
+from ..models.weights import CausalLM, build_model, text_model_name
+from ..startup_clock import startup_phase
+from .nf4_disk import with_4bit_from_disk
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +36,7 @@ def load_hf_with_unsloth(folder: Path, max_seq_length: int, vision: bool = False
     with startup_phase("import Unsloth", "load", log="unsloth" not in sys.modules):
         from unsloth import FastLanguageModel, FastVisionModel
 
-    from sloth_serve.loader.gpt_oss_layout import unsloth_gpt_oss_classes
+    from .gpt_oss_layout import unsloth_gpt_oss_classes
 
     fast = FastVisionModel if vision else FastLanguageModel
     # A 16-bit checkpoint is quantized to NF4 here, as bitsandbytes loads it: inseparable from the read.
@@ -134,7 +135,7 @@ def check_all_tensors_read(folder: Path, adopted: set[str], multimodal: bool = F
     and the vision tower's tensors are counted in the log, not loaded. `num_experts`: expert weights
     compare per expert, whether stored one by one or as 3-D tensors of every expert. `vision_served`:
     the vision tower and projector are served too (Gemma 3 with images), so theirs must be read."""
-    from sloth_serve.models.gemma_vision import vision_module_name
+    from ..models.gemma_vision import vision_module_name
 
     read = {n for name in adopted for n in expert_weight_names(text_model_name(name, multimodal) or name, num_experts)}
     read_vision = {vision_module_name(name) for name in adopted} if vision_served else set()

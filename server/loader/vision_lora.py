@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sloth_serve.loader.adapter_config import AdapterError
-from sloth_serve.loader.peft import LoRAWeights
-from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from ..models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from .adapter_config import AdapterError
+from .peft import LoRAWeights
 
 # Our fused projection names (sloth_serve.models.weights.FUSED) back to the checkpoint's, per slice.
 _UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

@@ -7,23 +7,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sloth_serve.models.exaone4_config import exaone4_fields
-from sloth_serve.models.gemma_config import GEMMA_FAMILIES, gemma_fields
-from sloth_serve.models.glm_config import glm_fields
-from sloth_serve.models.gpt_oss_config import gpt_oss_fields
-from sloth_serve.models.layernorm_config import layernorm_fields
-from sloth_serve.models.lfm2_config import lfm2_fields, lfm2_moe_fields
-from sloth_serve.models.mamba2_config import (
+from .exaone4_config import exaone4_fields
+from .gemma_config import GEMMA_FAMILIES, gemma_fields
+from .glm_config import glm_fields
+from .gpt_oss_config import gpt_oss_fields
+from .layernorm_config import layernorm_fields
+from .lfm2_config import lfm2_fields, lfm2_moe_fields
+from .mamba2_config import (
     Mamba2Config,
     Multipliers,
     falcon_h1_fields,
     granite_hybrid_fields,
 )
-from sloth_serve.models.moe_config import moe_fields
-from sloth_serve.models.phi3_config import phi3_fields
-from sloth_serve.models.qwen3_5_config import qwen3_5_fields
-from sloth_serve.models.rope_config import parse_rope
-from sloth_serve.models.smollm3_config import smollm3_fields
+from .moe_config import moe_fields
+from .phi3_config import phi3_fields
+from .qwen3_5_config import qwen3_5_fields
+from .rope_config import parse_rope
+from .smollm3_config import smollm3_fields
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

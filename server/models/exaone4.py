@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from sloth_kernels.norm import rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.llama import MLP, Attention, LlamaForCausalLM, RMSNorm
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import StepMetadata
+from .llama import MLP, Attention, LlamaForCausalLM, RMSNorm
+from .per_adapter import AdapterStep
 
 
 class Exaone4DecoderLayer(torch.nn.Module):

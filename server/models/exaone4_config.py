@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope
+from .rope_config import parse_rope
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # transformers 5.17's Exaone4Config defaults (a key absent from config.json takes these).

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from sloth_kernels.moe import expert_groups
-from sloth_serve.models.layers import StepMetadata
+
+from .layers import StepMetadata
 
 if TYPE_CHECKING:
-    from sloth_serve.models.moe import Experts
+    from .moe import Experts
 
 # (expert, projection "gate_up" / "down", rows) -> the base projection of those rows
 Project = Callable[[int, str, torch.Tensor], torch.Tensor]

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from sloth_kernels.norm import add_rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.llama import RMSNorm
-from sloth_serve.models.mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .llama import RMSNorm
+from .mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
+from .per_adapter import AdapterStep
 
 
 class FalconH1MLP(nn.Module):

@@ -10,8 +10,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sloth_serve.models.config import SUPPORTED_ARCHITECTURES
-from sloth_serve.models.layernorm_config import generic_only
+from .config import SUPPORTED_ARCHITECTURES
+from .layernorm_config import generic_only
 
 # Families whose layers keep state beyond a KV cache (SSM, linear attention, gated convolutions).
 RECURRENT_TYPES = frozenset({

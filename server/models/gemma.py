@@ -11,9 +11,10 @@ from torch import nn
 from sloth_kernels.attention import paged_attention, write_kv
 from sloth_kernels.norm import gemma_add_rms_norm, gemma_rms_norm
 from sloth_kernels.rope import apply_rope, rope_tables
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .per_adapter import AdapterStep
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

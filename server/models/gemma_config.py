@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope
+from .rope_config import parse_rope
 
 logger = logging.getLogger(__name__)
 

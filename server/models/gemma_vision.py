@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from sloth_kernels.norm import gemma_rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.gemma import GemmaForCausalLM, GemmaRMSNorm
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .gemma import GemmaForCausalLM, GemmaRMSNorm
+from .layers import StepMetadata
+from .per_adapter import AdapterStep
 
 # Checkpoint names of the vision side, as transformers 5 and earlier releases save them: the tower
 # under vision_tower. or model.vision_tower., its modules under vision_model. or not.

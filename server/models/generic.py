@@ -12,11 +12,12 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 
 from sloth_kernels.attention import AttnMetadata, paged_attention, write_kv
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.families import UnsupportedModel
-from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .families import UnsupportedModel
+from .generic_linear import GenericLinear, SliceGroup
+from .layers import StepMetadata
+from .per_adapter import AdapterStep
 
 ATTN_IMPLEMENTATION = "sloth_paged"
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sloth_serve.models.layers import LoRALinear
-from sloth_serve.models.weights import fused_target
+from .layers import LoRALinear
+from .weights import fused_target
 
 if TYPE_CHECKING:
-    from sloth_serve.models.generic import GenericStep
+    from .generic import GenericStep
 
 
 class GenericLinear(LoRALinear):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 
 from sloth_kernels.norm import add_rms_norm, rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import StepMetadata
+from .llama import DecoderLayer, LlamaForCausalLM, RMSNorm
+from .per_adapter import AdapterStep
 
 
 class Glm4DecoderLayer(DecoderLayer):

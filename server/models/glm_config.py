@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope, partial_rotary_factor
+from .rope_config import parse_rope, partial_rotary_factor
 
 # transformers 5.17's GlmConfig / Glm4Config defaults (the two are the same).
 _DEFAULTS: dict[str, Any] = dict(

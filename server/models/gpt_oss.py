@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from sloth_kernels.norm import gemma_add_rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.gpt_oss_experts import GptOssExperts
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.llama import Attention, LlamaForCausalLM
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .gpt_oss_experts import GptOssExperts
+from .layers import StepMetadata
+from .llama import Attention, LlamaForCausalLM
+from .per_adapter import AdapterStep
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from sloth_kernels.moe import moe_experts_ref
-from sloth_serve.models.expert_lora import ExpertLoRASlots, moe_experts_lora
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.moe import Experts
+
+from .expert_lora import ExpertLoRASlots, moe_experts_lora
+from .layers import StepMetadata
+from .moe import Experts
 
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight

@@ -11,13 +11,14 @@ from torch import nn
 
 from sloth_kernels.moe import route
 from sloth_kernels.norm import add_rms_norm
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.llama import RMSNorm
-from sloth_serve.models.mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
-from sloth_serve.models.mamba2_config import MAMBA
-from sloth_serve.models.moe import Experts, Router
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .llama import RMSNorm
+from .mamba2 import HybridAttention, HybridBackbone, Mamba2HybridLM, Mamba2Mixer
+from .mamba2_config import MAMBA
+from .moe import Experts, Router
+from .per_adapter import AdapterStep
 
 
 class SharedMLP(nn.Module):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.llama import MLP, Attention, LlamaForCausalLM
-from sloth_serve.models.per_adapter import AdapterStep
+from .config import ModelConfig
+from .layers import StepMetadata
+from .llama import MLP, Attention, LlamaForCausalLM
+from .per_adapter import AdapterStep
 
 
 class LayerNorm(nn.Module):

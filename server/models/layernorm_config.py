@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope, partial_rotary_factor
+from .rope_config import parse_rope, partial_rotary_factor
 
 # transformers 5.17's CohereConfig / StableLmConfig defaults (a key absent from config.json takes these).
 _COHERE: dict[str, Any] = dict(

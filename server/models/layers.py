@@ -15,7 +15,8 @@ from sloth_kernels.state_batch import StateBatch
 
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight
-    from sloth_serve.engine.vision_inputs import VisionStep
+
+    from ..engine.vision_inputs import VisionStep
 
 
 @dataclass(slots=True)

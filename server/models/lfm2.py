@@ -15,11 +15,12 @@ from sloth_kernels.conv import causal_conv1d
 from sloth_kernels.moe import route_sigmoid
 from sloth_kernels.norm import add_rms_norm, rms_norm
 from sloth_kernels.rope import apply_rope, rope_tables
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.llama import RMSNorm
-from sloth_serve.models.moe import Experts, Router
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .llama import RMSNorm
+from .moe import Experts, Router
+from .per_adapter import AdapterStep
 
 
 class DepthwiseConv(nn.Module):

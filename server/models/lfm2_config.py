@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope
+from .rope_config import parse_rope
 
 CONV, ATTENTION = "conv", "full_attention"
 

@@ -10,10 +10,11 @@ from torch import nn
 from sloth_kernels.attention import paged_attention, write_kv
 from sloth_kernels.norm import add_rms_norm, rms_norm
 from sloth_kernels.rope import apply_rope, rope_tables
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.moe import SparseMoeBlock
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .moe import SparseMoeBlock
+from .per_adapter import AdapterStep
 
 
 class RMSNorm(nn.Module):

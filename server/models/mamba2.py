@@ -17,11 +17,12 @@ from sloth_kernels.rope import apply_rope, rope_tables
 from sloth_kernels.ssd import ssd_chunk_scan, ssd_update
 from sloth_kernels.ssm_params import SSMParams
 from sloth_kernels.state_batch import StateBatch
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.llama import RMSNorm
-from sloth_serve.models.mamba2_config import Mamba2Config, Multipliers
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .layers import LoRALinear, StepMetadata
+from .llama import RMSNorm
+from .mamba2_config import Mamba2Config, Multipliers
+from .per_adapter import AdapterStep
 
 
 def _weight(*shape: int) -> nn.Parameter:

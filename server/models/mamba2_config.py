@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope
+from .rope_config import parse_rope
 
 MAMBA, ATTENTION = "mamba", "full_attention"
 # transformers 5 names (linear_attention / full_attention) and the checkpoints' own (mamba / attention)

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from sloth_serve.engine.cross_inputs import CrossStep
-from sloth_serve.engine.mm_inputs import ImageInput
-from sloth_serve.models.generic import GenericCausalLM, GenericStep
-from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.per_adapter import AdapterStep
+from ..engine.cross_inputs import CrossStep
+from ..engine.mm_inputs import ImageInput
+from .generic import GenericCausalLM, GenericStep
+from .generic_linear import GenericLinear, SliceGroup
+from .layers import StepMetadata
+from .per_adapter import AdapterStep
 
 
 class _CrossKV:

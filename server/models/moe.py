@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from sloth_kernels.moe import moe_experts, moe_experts_ref, route
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.expert_lora import ExpertLoRASlots, moe_experts_lora
-from sloth_serve.models.layers import LoRALinear, StepMetadata
+
+from .config import ModelConfig
+from .expert_lora import ExpertLoRASlots, moe_experts_lora
+from .layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
     from sloth_kernels.moe_nf4_format import GroupedNF4

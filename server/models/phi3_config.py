@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope, partial_rotary_factor
+from .rope_config import parse_rope, partial_rotary_factor
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()

@@ -15,13 +15,14 @@ from sloth_kernels.conv import causal_conv1d
 from sloth_kernels.gated_delta import gated_delta_rule
 from sloth_kernels.norm import gemma_add_rms_norm, gemma_rms_norm
 from sloth_kernels.rope import apply_rope, rope_tables
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.gemma import renorm
-from sloth_serve.models.layers import LoRALinear, StepMetadata
-from sloth_serve.models.lfm2 import DepthwiseConv
-from sloth_serve.models.llama import MLP, RMSNorm
-from sloth_serve.models.moe import SparseMoeBlock
-from sloth_serve.models.per_adapter import AdapterStep
+
+from .config import ModelConfig
+from .gemma import renorm
+from .layers import LoRALinear, StepMetadata
+from .lfm2 import DepthwiseConv
+from .llama import MLP, RMSNorm
+from .moe import SparseMoeBlock
+from .per_adapter import AdapterStep
 
 
 def scale_of(norm: RMSNorm) -> torch.Tensor:

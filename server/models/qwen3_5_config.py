@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sloth_serve.models.rope_config import parse_rope, partial_rotary_factor
+from .rope_config import parse_rope, partial_rotary_factor
 
 LINEAR, FULL = "linear_attention", "full_attention"
 

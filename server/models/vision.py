@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from sloth_serve.models.generic import GenericCausalLM, GenericStep
-from sloth_serve.models.generic_linear import GenericLinear, SliceGroup
-from sloth_serve.models.layers import StepMetadata
-from sloth_serve.models.per_adapter import AdapterStep
+from .generic import GenericCausalLM, GenericStep
+from .generic_linear import GenericLinear, SliceGroup
+from .layers import StepMetadata
+from .per_adapter import AdapterStep
 
 
 class VisionCausalLM(GenericCausalLM):

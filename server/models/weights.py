@@ -13,22 +13,23 @@ import torch
 from safetensors import safe_open
 
 from sloth_kernels.rope import rope_tables
-from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.exaone4 import Exaone4ForCausalLM
-from sloth_serve.models.falcon_h1 import FalconH1ForCausalLM
-from sloth_serve.models.gemma import GemmaForCausalLM, gemma_rope_tables
-from sloth_serve.models.gemma_config import GEMMA_FAMILIES
-from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
-from sloth_serve.models.glm import Glm4ForCausalLM
-from sloth_serve.models.gpt_oss import GptOssForCausalLM
-from sloth_serve.models.granite_hybrid import GraniteMoeHybridForCausalLM
-from sloth_serve.models.layernorm import LayerNormForCausalLM
-from sloth_serve.models.layers import LoRALinear
-from sloth_serve.models.lfm2 import Lfm2ForCausalLM
-from sloth_serve.models.llama import LlamaForCausalLM
-from sloth_serve.models.moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
-from sloth_serve.models.mxfp4 import is_mxfp4, mxfp4_dequantized
-from sloth_serve.models.qwen3_5 import Qwen3_5ForCausalLM
+
+from .config import ModelConfig
+from .exaone4 import Exaone4ForCausalLM
+from .falcon_h1 import FalconH1ForCausalLM
+from .gemma import GemmaForCausalLM, gemma_rope_tables
+from .gemma_config import GEMMA_FAMILIES
+from .gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from .glm import Glm4ForCausalLM
+from .gpt_oss import GptOssForCausalLM
+from .granite_hybrid import GraniteMoeHybridForCausalLM
+from .layernorm import LayerNormForCausalLM
+from .layers import LoRALinear
+from .lfm2 import Lfm2ForCausalLM
+from .llama import LlamaForCausalLM
+from .moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
+from .mxfp4 import is_mxfp4, mxfp4_dequantized
+from .qwen3_5 import Qwen3_5ForCausalLM
 
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight
@@ -283,7 +284,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Load safetensors directly (no Unsloth): 16-bit weights, or a bitsandbytes 4-bit folder's
     weights as stored (NF4 kept packed)."""
-    from sloth_serve.loader.nf4_disk import grouped_4bit, is_bnb_4bit
+    from ..loader.nf4_disk import grouped_4bit, is_bnb_4bit
 
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)

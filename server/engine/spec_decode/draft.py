@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 
 from sloth_kernels.attention import AttnMetadata
-from sloth_serve.engine.cuda_graphs import DecodeGraphs
-from sloth_serve.engine.device import to_device
-from sloth_serve.engine.sampler import Sampler
-from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.sequence import Sequence
-from sloth_serve.engine.spec_decode.rejection import target_probs
-from sloth_serve.models.layers import StepMetadata, fuse_quantized_projections
-from sloth_serve.models.weights import CausalLM
+
+from ...models.layers import StepMetadata, fuse_quantized_projections
+from ...models.weights import CausalLM
+from ..cuda_graphs import DecodeGraphs
+from ..device import to_device
+from ..sampler import Sampler
+from ..sampling_params import SamplingParams
+from ..sequence import Sequence
+from .rejection import target_probs
 
 
 class DraftRunner:

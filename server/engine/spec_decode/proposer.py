@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sloth_serve.engine.block_manager import BlockManager
-from sloth_serve.engine.sampler import Sampler
-from sloth_serve.engine.sequence import Sequence
-from sloth_serve.engine.spec_decode.draft import DraftRunner
-from sloth_serve.engine.spec_decode.ngram import propose_ngram
+from ..block_manager import BlockManager
+from ..sampler import Sampler
+from ..sequence import Sequence
+from .draft import DraftRunner
+from .ngram import propose_ngram
 
 
 @dataclass(frozen=True, slots=True)

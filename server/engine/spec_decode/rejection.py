@@ -27,9 +27,10 @@ from collections.abc import Mapping
 import torch
 
 from sloth_kernels.sampling import filtered_probs
-from sloth_serve.engine.failures import SequenceError
-from sloth_serve.engine.sampler import Sampler, gather_logprobs
-from sloth_serve.engine.sequence import Sequence, TokenLogprob
+
+from ..failures import SequenceError
+from ..sampler import Sampler, gather_logprobs
+from ..sequence import Sequence, TokenLogprob
 
 
 def sample_with_drafts(

@@ -7,13 +7,13 @@ import logging
 
 import torch
 
-from sloth_serve.config import Config
-from sloth_serve.engine.block_manager import BlockManager
-from sloth_serve.engine.cuda_graphs import default_buckets
-from sloth_serve.engine.spec_decode.draft import DraftRunner
-from sloth_serve.engine.spec_decode.proposer import SpecConfig, SpecDecoder
-from sloth_serve.loader.checkpoint import load_checkpoint
-from sloth_serve.models.weights import CausalLM
+from ...config import Config
+from ...loader.checkpoint import load_checkpoint
+from ...models.weights import CausalLM
+from ..block_manager import BlockManager
+from ..cuda_graphs import default_buckets
+from .draft import DraftRunner
+from .proposer import SpecConfig, SpecDecoder
 
 logger = logging.getLogger(__name__)
 
