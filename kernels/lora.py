@@ -5,7 +5,8 @@ slot (scale already folded into b); `slots` [T] (int32) gives each token's slot,
 `y` may be a column slice of a wider output (a fused projection's slice): only its strides count.
 On CUDA `add_lora` runs the Triton shrink/expand kernels of `sloth_kernels.triton_lora` (ranks up to 64);
 elsewhere, or for larger ranks, the reference. A fused projection's slices (q|k|v, gate|up) go at
-once: their A and B stacked, two launches in all instead of two per slice.
+once: their A and B stacked, two launches in all instead of two per slice. Neither reads the slots
+on the host unless given the step's distinct slots, so both can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -24,13 +25,27 @@ def add_lora_ref(
     active_slots: list[int] | None = None,
 ) -> torch.Tensor:
     """y += (x @ a[slot].T) @ b[slot].T for each token with a slot; returns y (modified in place).
-    `active_slots` (the distinct slots, known on the host) saves a device sync."""
-    for slot in active_slots if active_slots is not None else torch.unique(slots).tolist():
+    With `active_slots` (the step's distinct slots, known on the host: eager steps) each slot's
+    tokens are gathered, a device sync. Without it (a CUDA graph, which may not sync while captured)
+    every slot's delta is computed over all tokens and kept where a token uses that slot: the same
+    sums, num_slots times the work, and no host read of `slots`."""
+    if active_slots is None:
+        return _add_lora_masked(y, x, a, b, slots)
+    for slot in active_slots:
         if slot < 0:
             continue
         rows = (slots == slot).nonzero(as_tuple=True)[0]
         shrunk = x[rows].to(a.dtype) @ a[slot].T
         y[rows] += (shrunk @ b[slot].T).to(y.dtype)
+    return y
+
+
+def _add_lora_masked(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     slots: torch.Tensor) -> torch.Tensor:
+    xs = x.to(a.dtype)
+    for slot in range(a.shape[0]):
+        delta = ((xs @ a[slot].T) @ b[slot].T).to(y.dtype)
+        y += torch.where((slots == slot).unsqueeze(1), delta, 0)
     return y
 
 

@@ -5,9 +5,12 @@ longer than the largest bucket (eager chunks, then a replayed one), with and wit
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
@@ -71,10 +74,24 @@ def test_replayed_prompt_steps_give_the_eager_tokens(adapters: int) -> None:
     assert graphs.num_replays >= 10  # most steps with prompt tokens replayed (the largest chunks did not)
 
 
+class NoHostSync(TorchDispatchMode):
+    """Raises on the operators that read a tensor's data back to the host (a CUDA graph's capture
+    fails on them): what runs inside a graph must decide everything on the device. (Boolean-mask
+    indexing, which the CPU attention reference uses in place of the CUDA kernels, is let through.)"""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select")
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.__name__.split(".")[0] in self.SYNCS:
+            raise AssertionError(f"{func} reads device data on the host inside a graph")
+        return func(*args, **(kwargs or {}))
+
+
 class ReplayedOnCPU(PrefillGraphs):
     """PrefillGraphs whose "graph" runs the forward pass over the static buffers when replayed, with
     the host lists the CPU attention reference reads taken from them: the packing of a step into a
-    bucket (pad tokens, empty sequences, sample index) is what runs, on the CPU."""
+    bucket (pad tokens, empty sequences, sample index) is what runs, on the CPU, with no host sync
+    (NoHostSync)."""
 
     def _capture(self, t: int, with_lora: bool) -> None:
         s = self.seqs_for(t)
@@ -87,7 +104,8 @@ class ReplayedOnCPU(PrefillGraphs):
                 meta = graphs._meta(t, with_lora)
                 meta.attn.query_start_loc_host = graphs.query_start_loc[: s + 1].tolist()
                 meta.attn.seq_lens_host = graphs.seq_lens[:s].tolist()
-                out = graphs.forward(graphs.input_ids[:t], graphs.positions[:t], meta, graphs.sample_index[:s])
+                with NoHostSync():
+                    out = graphs.forward(graphs.input_ids[:t], graphs.positions[:t], meta, graphs.sample_index[:s])
                 logits.resize_(out.shape).copy_(out)
 
         self.graphs[(t, with_lora)] = (Replay(), logits)  # type: ignore[assignment]
@@ -122,3 +140,27 @@ def test_prompt_bound_beside_decodes_leaves_room_in_the_largest_bucket() -> None
     assert prefill_bound_while_decoding(None, 8) == 376
     assert prefill_bound_while_decoding(None, 300) == 192  # never under half the bucket
     assert prefill_bound_while_decoding(100, 64) == 100  # set: as set
+
+
+def test_adapter_of_rank_over_the_triton_kernels_replays_peft_tokens(tmp_path: Path) -> None:
+    """A rank-128 adapter (past the Triton kernels' 64: the reference runs inside the graphs, over
+    every slot, reading no slot on the host: NoHostSync) beside the base in replayed prompt steps
+    gives PEFT's greedy tokens; the base's rows stay the base's."""
+    from tests.loader.peft_adapters import peft_greedy, write_peft_adapter
+
+    folder = write_peft_adapter(tmp_path / "wide", seed=4, r=128, lora_alpha=128,
+                                target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    e = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=128, block_size=8,
+                         max_num_seqs=4, max_num_batched_tokens=64, max_lora_rank=128, max_loras=2))
+    r = e.runner
+    r.prefill_graphs = ReplayedOnCPU(r._forward_logits_at, [16, 32, 64], 4, 64, 8, r.device)
+    e.add_lora(1, load_lora("wide", folder, 128))
+    r.capture_graphs()
+    rng = random.Random(8)
+    prompts = [[rng.randrange(3, 4000) for _ in range(n)] for n in (5, 21, 9, 14)]
+    got = run(e, [(0, p, 6) for p in prompts], adapters=1)  # requests 1 and 3 use the adapter
+    assert r.prefill_graphs.num_replays >= 1
+    base = [tokens for tokens, _ in peft_greedy(None, prompts, 6)]
+    tuned = [tokens for tokens, _ in peft_greedy(folder, prompts[1::2], 6)]
+    assert [got["r0"], got["r2"]] == base[0::2]
+    assert [got["r1"], got["r3"]] == tuned != base[1::2]  # (the adapter changes them)

@@ -76,6 +76,30 @@ def test_cpu_dispatch_is_the_reference_with_or_without_active_slots() -> None:
     assert torch.equal(one, reference) and torch.equal(two, reference)
 
 
+
+def test_reference_without_active_slots_never_reads_the_slots_on_the_host() -> None:
+    """A CUDA graph captures the reference without the step's distinct slots (ranks over the Triton
+    kernels' 64): it must not sync (unique / nonzero / tolist), which meta tensors prove here: they
+    hold no data, so any read of it raises. The host-listed path does read them."""
+    x, a, b, slots, wide = make_case(6, 16, 20, 128, 3, torch.float32, device="meta")
+    add_lora(wide[:, 5:25], x, a, b, slots)  # (on no CUDA tensor: the reference)
+    add_lora(wide[:, 5:25], x, a.repeat(1, 2, 1), b, slots, slices=[10, 10])  # a fused projection
+    with pytest.raises(NotImplementedError):
+        add_lora_ref(wide[:, 5:25], x, a, b, slots, active_slots=[0, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_without_active_slots_adds_each_tokens_adapter(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    x, a, b, slots, wide = make_case(11, 40, 18, 128, 4, dtype)
+    slots[1] = -1  # a token without an adapter stays untouched
+    masked, gathered = wide.clone(), wide.clone()
+    add_lora_ref(masked[:, 5:23], x, a, b, slots)
+    add_lora_ref(gathered[:, 5:23], x, a, b, slots, active_slots=sorted(set(slots.tolist())))
+    err, untouched = check(wide, masked, x, a, b, slots)
+    assert err < BOUND[dtype] and untouched
+    assert torch.allclose(masked.float(), gathered.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+
 # ---- Triton through the interpreter (CPU) -------------------------------------------------------
 
 # name: (tokens T, in K, out N, rank, slots, dtype, kernel options)
