@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from sloth_kernels.lora import MAX_TRITON_RANK
 from sloth_kernels.rope_scaling import long_prompt_threshold
 
 from ..config import Config
@@ -25,6 +26,7 @@ from . import stalls
 from .block_manager import BlockManager
 from .cuda_graphs import default_buckets
 from .failures import SequenceError, describe, is_device_fault, is_out_of_memory
+from .graph_memory import graph_pool_bytes
 from .lora_manager import LoRAManager
 from .mm_inputs import MultiModalInputs, check_images
 from .model_runner import LaunchedDecode, ModelRunner
@@ -115,18 +117,18 @@ class LLMEngine:
         num_state_slots = config.max_num_seqs + 1 if model.config.has_state else 0
         caching = self._prefix_caching(model)
         num_snapshots = min(config.max_num_seqs, MAX_STATE_SNAPSHOTS) if caching and num_state_slots else 0
-        num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots)
-        self.block_manager = BlockManager(num_blocks, config.block_size, caching,
-                                          long_prompt_threshold(model.config.rope_scaling),
-                                          StateSlots(num_state_slots) if num_state_slots else None)
-        if num_snapshots:  # rows after the running slots and the scratch row
-            self.block_manager.snapshots = StateSnapshots(num_state_slots + 1, num_snapshots, config.block_size)
         buckets = prefill_buckets = None
         if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
             # Verify steps replay them too, with 1 + k rows per speculating sequence.
             buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
             prefill_buckets = [t for t in config.prefill_cuda_graph_sizes if t > 0] if config.prefill_cuda_graph_sizes \
                 else default_prefill_buckets(config.max_num_batched_tokens)
+        num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots, buckets, prefill_buckets)
+        self.block_manager = BlockManager(num_blocks, config.block_size, caching,
+                                          long_prompt_threshold(model.config.rope_scaling),
+                                          StateSlots(num_state_slots) if num_state_slots else None)
+        if num_snapshots:  # rows after the running slots and the scratch row
+            self.block_manager.snapshots = StateSnapshots(num_state_slots + 1, num_snapshots, config.block_size)
         sched_cfg = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -254,7 +256,8 @@ class LLMEngine:
             return False
         return self.config.enable_prefix_caching
 
-    def _num_kv_blocks(self, model: torch.nn.Module, num_state_slots: int) -> int:
+    def _num_kv_blocks(self, model: torch.nn.Module, num_state_slots: int, buckets: list[int] | None = None,
+                       prefill_buckets: list[int] | None = None) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
@@ -264,10 +267,28 @@ class LLMEngine:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - cfg.gpu_memory_utilization) * total
+            budget -= self._graph_pool_bytes(model, buckets, prefill_buckets)  # captured after the cache
         else:
             budget = cfg.kv_cache_memory_gb * 2**30
         budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]
         return max(int(budget // per_block), 1)
+
+    def _graph_pool_bytes(self, model: torch.nn.Module, buckets: list[int] | None,
+                          prefill_buckets: list[int] | None) -> int:
+        """What the CUDA graphs' pool is expected to take (graph_memory.py), logged when set aside."""
+        cfg = self.config
+        prefill = ModelRunner.prefill_graph_buckets(model, prefill_buckets, cfg.max_num_seqs,  # type: ignore[arg-type]
+                                                    self.max_model_len, self.device)
+        decode = buckets if self.device.type == "cuda" else None
+        lora = bool(model.lora_layers()) and cfg.max_loras > 0  # type: ignore[operator]
+        assert cfg.max_lora_rank is not None
+        size = graph_pool_bytes(model.config, torch.empty((), dtype=self.dtype).element_size(),  # type: ignore[arg-type]
+                                decode or [], prefill, cfg.max_num_seqs, lora, cfg.max_lora_rank > MAX_TRITON_RANK)
+        if size:
+            logger.info("%.2f GiB set aside for the CUDA graphs' memory pool (decode batches %s, prompt steps "
+                        "of %s tokens%s), before sizing the KV cache", size / 2**30, decode, prefill,
+                        ", with and without LoRA" if lora else "")
+        return size
 
     @property
     def has_unfinished_requests(self) -> bool:

@@ -122,15 +122,24 @@ class ModelRunner:
         # Prompt steps from graphs too, where the model's step has nothing but token ids, positions,
         # KV slots and LoRA slots (prefill_graphs.py says what stays eager and why).
         self.prefill_graphs: PrefillGraphs | None = None
-        # (No step holds more tokens than max_num_seqs sequences of max_model_len.)
-        prefill_graph_buckets = [t for t in prefill_graph_buckets or () if t <= max_num_seqs * max_model_len]
-        # An image-text model with M-RoPE needs its 3-row positions per step: eager; Gemma 3 with images
-        # replays its steps without image tokens (_replay_prefill).
-        text_steps_only = self.vision is None or not self.vision.mrope
-        if (prefill_graph_buckets and device.type == "cuda" and not cfg.has_state and text_steps_only
-                and not cfg.num_experts):
+        prefill_graph_buckets = self.prefill_graph_buckets(model, prefill_graph_buckets, max_num_seqs, max_model_len,
+                                                           device)
+        if prefill_graph_buckets:
             self.prefill_graphs = PrefillGraphs(self._forward_logits_at, prefill_graph_buckets, max_num_seqs,
                                                 -(-max_model_len // block_size), block_size, device)
+
+    @staticmethod
+    def prefill_graph_buckets(model: CausalLM, buckets: list[int] | None, max_num_seqs: int, max_model_len: int,
+                              device: torch.device) -> list[int]:
+        """The prompt-step buckets captured for this model (none: its prompt steps run eagerly)."""
+        cfg = model.config
+        # An image-text model with M-RoPE needs its 3-row positions per step: eager; Gemma 3 with images
+        # replays its steps without image tokens (_replay_prefill).
+        text_steps_only = not getattr(model, "is_vision", False) or not getattr(model, "uses_mrope", True)
+        if device.type != "cuda" or cfg.has_state or not text_steps_only or cfg.num_experts:
+            return []
+        # (No step holds more tokens than max_num_seqs sequences of max_model_len.)
+        return [t for t in buckets or () if t <= max_num_seqs * max_model_len]
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches))

@@ -1,0 +1,32 @@
+"""The KV cache's size on a GPU (LLMEngine._num_kv_blocks): the memory budget less what the CUDA
+graphs' pool will take (captured after the cache), run on the CPU with the GPU's free memory given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sloth_serve.config import Config
+from sloth_serve.engine.graph_memory import graph_pool_bytes
+from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.model_runner import ModelRunner
+from sloth_serve.loader import DEMO_MODEL
+
+GiB = 2**30
+
+
+def test_kv_blocks_leave_room_for_the_graph_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=16,
+                              gpu_memory_utilization=0.5, max_num_seqs=8))
+    engine.config = Config(model=str(DEMO_MODEL), gpu_memory_utilization=0.5, max_num_seqs=8, max_lora_rank=16)
+    engine.device = torch.device("cuda")  # sized as on a GPU with 3 GiB of its 4 free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 4 * GiB))
+    model = engine.loaded.model
+    per_block = ModelRunner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
+    eager = engine._num_kv_blocks(model, 0)
+    assert eager == GiB // per_block  # 3 GiB free, 2 GiB kept free
+    decode, prefill = [1, 2, 4, 8], [16, 32, 64]
+    pool = graph_pool_bytes(model.config, 4, decode, prefill, 8, lora=True)
+    assert pool > 0
+    sized = engine._num_kv_blocks(model, 0, decode, prefill)
+    assert sized == (GiB - pool) // per_block < eager
