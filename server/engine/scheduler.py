@@ -180,7 +180,9 @@ class Scheduler:
         one that starts at (or in) that image takes all of it when the step has `room` for it (even
         past the prompt bound beside decodes, which could otherwise be smaller than an image and
         hold it back for good), else computes nothing this step. A chunk may start inside an image:
-        its first tokens came from the prefix cache, computed whole by another prompt."""
+        its first tokens came from the prefix cache, computed whole by another prompt. The wait ends:
+        `room` is the step's budget less what sequences older than this one took (newer ones, running
+        after it or still waiting behind it, take theirs later), and the older ones only end."""
         if not self.config.whole_images or seq.mm is None:
             return num_new
         end = start + num_new

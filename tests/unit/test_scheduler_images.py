@@ -1,6 +1,7 @@
 """With whole_images (Gemma 3, whose image tokens attend to each other both ways), no prompt chunk
 ends inside an image: a chunk stops before it, a sequence waits for a step with room for the whole
-image, and an image larger than a step's budget is refused at admission."""
+image (never starved by a steady decode load: newer requests do not take that room first), and an
+image larger than a step's budget is refused at admission."""
 
 from __future__ import annotations
 
@@ -78,3 +79,51 @@ def test_an_image_may_pass_the_prompt_bound_beside_decodes() -> None:
     assert run_step(sched) == ([d, p], [1, 2])  # the text before the image
     assert run_step(sched) == ([d, p], [1, 10])  # the whole image, past the bound of 6
     assert run_step(sched) == ([d, p], [1, 6])  # text again: the bound holds
+
+
+def steady_decodes(sched: Scheduler, image_seq: Sequence, steps: int, arrivals: int = 1) -> int | None:
+    """Run `steps` steps while `arrivals` new text requests (3-token prompts, 40 tokens each) arrive
+    every step whenever a sequence slot is free (decodes never stop); returns the step at which
+    `image_seq` got its first token (None: never)."""
+    for step in range(steps):
+        for _ in range(arrivals):
+            if len(sched.running) + len(sched.waiting) < sched.config.max_num_seqs:
+                sched.add(create_seq(3, max_tokens=40, first_token=500 + step))
+        run_step(sched)
+        if image_seq.num_output_tokens:
+            return step
+    return None
+
+
+@pytest.mark.parametrize("image_at", [0, 5])  # admitted at its image / running, stopped before it
+def test_an_image_prompt_is_not_starved_by_a_steady_decode_load(image_at: int) -> None:
+    """Prompts may take 4 tokens a step beside decodes, the image needs 20: new decoding requests
+    keep arriving, yet the image's prompt finishes within a few steps, each taking at most the
+    step budget."""
+    sched = Scheduler(SchedulerConfig(8, 32, 256, max_prefill_tokens_while_decoding=4, whole_images=True),
+                      BlockManager(512, 4, True))
+    assert steady_decodes(sched, create_seq(1), 6) is None  # a decode load builds up
+    assert all(s.num_output_tokens for s in sched.running)
+    p = with_images(create_seq(30, max_tokens=2, first_token=300), (image_at, 20))
+    sched.add(p)
+    got = steady_decodes(sched, p, 40)
+    assert got is not None and got <= 8
+    assert len(sched.running) + len(sched.waiting) == 8  # the load never stopped
+
+
+def test_an_image_behind_older_decodes_runs_before_newer_requests_take_the_room() -> None:
+    """A step of 24 tokens with 7 decodes leaves 17, less than the image's 20: the image waits for
+    older decodes to end, but requests arriving after it never overtake it, so it runs as soon as
+    enough of the older ones have finished."""
+    sched = Scheduler(SchedulerConfig(8, 24, 256, max_prefill_tokens_while_decoding=4, whole_images=True),
+                      BlockManager(512, 4, True))
+    for i in range(7):
+        sched.add(create_seq(3, max_tokens=10 + 2 * i, first_token=500 + i))
+    run_step(sched)
+    p = with_images(create_seq(24, max_tokens=2, first_token=300), (2, 20))
+    sched.add(p)
+    got = steady_decodes(sched, p, 60, arrivals=2)
+    # The three oldest decodes end at steps 8, 10 and 12 (10, 12 and 14 tokens), each slot at once
+    # refilled by a new request; at step 13 the 4 older ones left 20 tokens: the image, then its
+    # prompt's last 2 tokens at 14.
+    assert got == 14
