@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
+import msgspec
+
 from .mm_inputs import MultiModalInputs
 from .sampling_params import SamplingParams
 
@@ -23,9 +25,9 @@ class FinishReason(StrEnum):
     ERROR = "error"  # the engine failed while running it
 
 
-@dataclass(slots=True)
-class TokenLogprob:
-    """Log-probability of the sampled token and of the top alternatives at one position."""
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Log-probability of the sampled token and of the top alternatives at one position (a Struct
+    encoded as an array: outputs carry one per token, wire.py)."""
 
     token_id: int
     logprob: float
