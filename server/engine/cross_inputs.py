@@ -9,25 +9,16 @@ zeroed, as in transformers' MllamaModel; sequences without images skip those lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..models.vision_step import CrossStep
 from .mm_inputs import ImageInput
 from .sequence import Sequence
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-
-@dataclass(slots=True)
-class CrossStep:
-    rows: torch.Tensor  # [R] flat-batch rows of the sequences with images (the others skip cross layers)
-    states: torch.Tensor  # [N, hidden] their images' states (projected encoder outputs), sequence by sequence
-    owners: torch.Tensor  # [N] a flat-batch row of each state's sequence (its adapter slot: LoRA on k/v)
-    allowed: torch.Tensor  # [R, N] bool: state columns each row attends to
-    row_sees_image: torch.Tensor  # [R] 1.0 where the row's token sees an image, else 0.0 (its MLP is zeroed)
 
 
 def image_ranges(offsets: list[int], num_prompt_tokens: int) -> list[tuple[int, int]]:
@@ -46,7 +37,7 @@ def image_ranges(offsets: list[int], num_prompt_tokens: int) -> list[tuple[int, 
 
 def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
                embeddings: Callable[[list[ImageInput]], dict[str, torch.Tensor]],
-               valid_rows: Callable[[ImageInput], int], device: torch.device) -> CrossStep | None:
+               valid_rows: Callable[[tuple[int, int, int]], int], device: torch.device) -> CrossStep | None:
     """The step's CrossStep; None when no sequence of it has images. `embeddings` gives each image's
     states [tiles * patches, hidden] (all of its padded tiles); `valid_rows` how many of them are its
     real tiles'."""
@@ -69,7 +60,7 @@ def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
         col = torch.tensor([0] + [b.shape[0] for b in blocks]).cumsum(0).tolist()
         valid = torch.zeros(len(images), col[-1], dtype=torch.bool)  # image j's real tiles' columns
         for j, img in enumerate(images):
-            valid[j, col[j] : col[j] + valid_rows(img)] = True
+            valid[j, col[j] : col[j] + valid_rows(img.grid_thw)] = True
         ranges = torch.tensor(image_ranges([img.offset for img in images], seq.num_prompt_tokens))
         # generated tokens (and draft tokens) see what the last prompt token sees
         pos = torch.arange(start, start + n).clamp(max=seq.num_prompt_tokens - 1)

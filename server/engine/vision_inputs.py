@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .cross_inputs import CrossStep, cross_step
+from ..models.vision_step import VisionStep
+from .cross_inputs import cross_step
 from .mm_inputs import ImageInput, MultiModalInputs
 from .sequence import Sequence
 
@@ -21,18 +21,6 @@ if TYPE_CHECKING:
     from ..models.vision import VisionCausalLM
 
 ENCODER_CACHE_BYTES = 512 * 2**20  # image embeddings kept for reuse (about 50 1024x1024 images of a 7B)
-
-
-@dataclass(slots=True)
-class VisionStep:
-    positions: torch.Tensor | None  # [3, T] M-RoPE rows (temporal, height, width); None: one per token
-    rows: torch.Tensor | None  # flat-batch rows of the image placeholder tokens computed this step
-    embeds: torch.Tensor | None  # their embeddings [len(rows), hidden], in the same order
-    # [T] int32: where a token's visible keys end (its image's end, 0 outside images: causal), for
-    # models whose image tokens attend both ways; None otherwise or with no image token this step.
-    key_ends: torch.Tensor | None = None
-    # models whose images enter through cross-attention layers (Llama 3.2 Vision): what those attend to
-    cross: CrossStep | None = None
 
 
 def mrope_positions(num_prompt_tokens: int, images: tuple[ImageInput, ...], merge: int) -> tuple[torch.Tensor, int]:

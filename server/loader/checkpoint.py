@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ..models.expert_lora import merge_expert_update
+from ..models.config import ModelConfig
 from ..models.families import route_of
 from ..models.moe import expert_modules
-from ..models.mxfp4 import is_mxfp4
-from ..models.weights import CausalLM, load_model
+from ..models.mxfp4 import is_mxfp4, mxfp4_dequantized
+from ..models.weights import CausalLM, build_model, iter_checkpoint
 from ..startup_clock import startup_phase
 from .adapter_modules import merge_adapter_modules
+from .expert_adapter import merge_expert_update
 from .folders import is_adapter_folder, read_json_object, resolve_adapter_base
-from .nf4_disk import is_bnb_4bit
+from .nf4_disk import grouped_4bit, is_bnb_4bit
 from .peft import check_fits, load_lora
 from .vision_lora import merge_vision_lora
+
+if TYPE_CHECKING:
+    from sloth_kernels.nf4_format import NF4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """Load safetensors directly (no Unsloth): 16-bit weights, or a bitsandbytes 4-bit folder's
+    weights as stored (NF4 kept packed)."""
+    folder = Path(folder)
+    cfg = ModelConfig.from_folder(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    named: Iterator[tuple[str, torch.Tensor | NF4Weight]] = iter_checkpoint(folder)
+    if is_mxfp4(raw):
+        named = mxfp4_dequantized(iter_checkpoint(folder), dtype)
+    elif is_bnb_4bit(raw):
+        named = grouped_4bit(iter_checkpoint(folder))
+    return build_model(cfg, named, dtype, device)
 
 
 def load_checkpoint(

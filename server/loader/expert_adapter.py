@@ -9,7 +9,10 @@ expert e's projection of x gains B[e] A[e] x. Two layouts reach here:
   2 inter).
 - One module per expert (transformers 4's `experts.N.gate_proj` / Mixtral's `experts.N.w1`, Unsloth's
   4-bit gpt-oss `experts.gate_up_projs.N`): a gate and an up LoRA become one gate|up update of rank
-  r_gate + r_up (A stacked, B block-diagonal: exactly both)."""
+  r_gate + r_up (A stacked, B block-diagonal: exactly both).
+
+Served per request by server/models/expert_lora.py, or added into the experts' weights here
+(--merge-lora: merge_expert_update)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .adapter_config import AdapterError
 
@@ -140,3 +144,36 @@ def resolve_expert_lora(
                 r0 += r
         updates.setdefault(module, {})[proj] = (a_all, b_all)
     return updates
+
+
+@torch.no_grad()
+def merge_expert_update(experts: Experts, update: ExpertUpdate, dtype: torch.dtype) -> int:
+    """W_e += B[e] A[e] for every expert and projection of the update (--merge-lora), in float32,
+    rounded once to the weights' dtype. NF4 experts become 16-bit first (their exact dequantized
+    values); returns the bytes that costs."""
+    added = 0
+    if experts.quant:
+        added = _dequantize_experts(experts, dtype)
+    for proj, (a, b) in update.items():
+        param = getattr(experts, f"{proj}_proj")
+        delta = b.to(param.device) @ a.to(param.device)  # [E, out, in]
+        if experts.transposed:
+            delta = delta.transpose(1, 2)
+        param.data = (param.data.float() + delta).to(param.dtype)
+    return added
+
+
+def _dequantize_experts(experts: Experts, dtype: torch.dtype) -> int:
+    from sloth_kernels.nf4 import dequantize_nf4
+
+    device = next(iter(experts.quant.values())).device
+    for pname, shape in experts.param_shapes().items():
+        if getattr(experts, pname) is None:
+            setattr(experts, pname, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False))
+    for (e, part), w in experts.quant.items():
+        experts.load(part, e, dequantize_nf4(w).to(device, dtype), dtype, device, f"expert {e} {part}")
+    experts.quant = {}
+    experts.grouped = None
+    return sum(
+        p.numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj) if p is not None
+    )

@@ -16,8 +16,9 @@ from transformers import PreTrainedModel
 
 from ..models.config import ModelConfig
 from ..models.families import UnsupportedModel
-from ..models.generic import ATTN_IMPLEMENTATION, GenericCausalLM, GenericStep
+from ..models.generic import ATTN_IMPLEMENTATION, GenericCausalLM
 from ..models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
+from ..models.generic_step import GenericStep
 from .unsloth import _RECOMPUTED, disk_tensor_names
 
 logger = logging.getLogger(__name__)

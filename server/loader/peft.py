@@ -14,8 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..models.fused_names import FUSED, fused_target
 from ..models.moe import expert_target, moe_checkpoint_name
-from ..models.weights import FUSED, fused_target, text_model_name
+from ..models.weights import text_model_name
 from .adapter_config import AdapterConfig, AdapterError, read_adapter_config
 from .adapter_layout import (
     SAFETENSORS,

@@ -12,7 +12,7 @@ from ..models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
 from .adapter_config import AdapterError
 from .peft import LoRAWeights
 
-# Our fused projection names (sloth_serve.models.weights.FUSED) back to the checkpoint's, per slice.
+# Our fused projection names (sloth_serve.models.fused_names.FUSED) back to the checkpoint's, per slice.
 _UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 

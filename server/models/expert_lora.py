@@ -2,22 +2,18 @@
 B [E, out, R] per projection, server/loader/expert_adapter.py) on the device, and the experts' forward
 with it, expert by expert: a token's gate|up and down outputs gain B[e] A[e] of their input for the
 adapter its slot holds. Host-synchronizing (it loops over the experts in use), so steps with such an
-adapter run eagerly, outside CUDA graphs; steps without one keep the grouped kernels."""
+adapter run eagerly, outside CUDA graphs; steps without one keep the grouped kernels. (--merge-lora
+adds an update into the weights instead: server/loader/expert_adapter.py.)"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from sloth_kernels.moe import expert_groups
 
 from .layers import StepMetadata
-
-if TYPE_CHECKING:
-    from .moe import Experts
 
 # (expert, projection "gate_up" / "down", rows) -> the base projection of those rows
 Project = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -87,36 +83,3 @@ def moe_experts_lora(
 
 def _with_delta(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return y if delta.shape[1] == 0 else y + delta
-
-
-@torch.no_grad()
-def merge_expert_update(experts: Experts, update: Update, dtype: torch.dtype) -> int:
-    """W_e += B[e] A[e] for every expert and projection of the update (--merge-lora), in float32,
-    rounded once to the weights' dtype. NF4 experts become 16-bit first (their exact dequantized
-    values); returns the bytes that costs."""
-    added = 0
-    if experts.quant:
-        added = _dequantize_experts(experts, dtype)
-    for proj, (a, b) in update.items():
-        param = getattr(experts, f"{proj}_proj")
-        delta = b.to(param.device) @ a.to(param.device)  # [E, out, in]
-        if experts.transposed:
-            delta = delta.transpose(1, 2)
-        param.data = (param.data.float() + delta).to(param.dtype)
-    return added
-
-
-def _dequantize_experts(experts: Experts, dtype: torch.dtype) -> int:
-    from sloth_kernels.nf4 import dequantize_nf4
-
-    device = next(iter(experts.quant.values())).device
-    for pname, shape in experts.param_shapes().items():
-        if getattr(experts, pname) is None:
-            setattr(experts, pname, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False))
-    for (e, part), w in experts.quant.items():
-        experts.load(part, e, dequantize_nf4(w).to(device, dtype), dtype, device, f"expert {e} {part}")
-    experts.quant = {}
-    experts.grouped = None
-    return sum(
-        p.numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj) if p is not None
-    )

@@ -60,7 +60,7 @@ class GemmaProjector(nn.Module):
 
 class GemmaVisionForCausalLM(GemmaForCausalLM):
     """GemmaForCausalLM plus `encode_images`; the forward pass splices the image embeddings that
-    `meta.vision` (sloth_serve.engine.vision_inputs.VisionStep) carries for this step's image tokens."""
+    `meta.vision` (sloth_serve.models.vision_step.VisionStep) carries for this step's image tokens."""
 
     is_vision = True
     bidirectional_images = True  # the scheduler keeps each image in one prefill chunk

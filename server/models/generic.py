@@ -4,7 +4,6 @@ LoRALinear (NF4 kernels, multi-LoRA slots), and the step's whole batch is one fl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,22 +15,11 @@ from sloth_kernels.attention import AttnMetadata, paged_attention, write_kv
 from .config import ModelConfig
 from .families import UnsupportedModel
 from .generic_linear import GenericLinear, SliceGroup
+from .generic_step import GenericStep
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
 
 ATTN_IMPLEMENTATION = "sloth_paged"
-
-
-@dataclass(slots=True)
-class GenericStep:
-    """What one forward pass's attention calls and linears read (nano-vllm's "context"): set by
-    GenericCausalLM.forward, passed to attention as a keyword transformers forwards to it."""
-
-    meta: StepMetadata | None = None
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    layers_called: list[int] = field(default_factory=list)
-    # At load, before the KV cache exists: each layer's (kv heads, key dim, value dim), nothing computed.
-    shapes: dict[int, tuple[int, int, int]] | None = None
 
 
 def paged_attention_forward(
@@ -153,7 +141,7 @@ class GenericCausalLM(nn.Module):
 
     def lora_layers(self) -> dict[str, Any]:
         """LoRA-capable projections by the names PEFT adapters give them (q|k|v and gate|up grouped
-        under qkv_proj / gate_up_proj, as sloth_serve.models.weights.fused_target names them)."""
+        under qkv_proj / gate_up_proj, as sloth_serve.models.fused_names.fused_target names them)."""
         return dict(self._lora)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .fused_names import fused_target
 from .layers import LoRALinear
-from .weights import fused_target
 
 if TYPE_CHECKING:
-    from .generic import GenericStep
+    from .generic_step import GenericStep
 
 
 class GenericLinear(LoRALinear):

@@ -16,7 +16,7 @@ from sloth_kernels.state_batch import StateBatch
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight
 
-    from ..engine.vision_inputs import VisionStep
+    from .vision_step import VisionStep
 
 
 @dataclass(slots=True)

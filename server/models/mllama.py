@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..engine.cross_inputs import CrossStep
-from ..engine.mm_inputs import ImageInput
-from .generic import GenericCausalLM, GenericStep
+from .generic import GenericCausalLM
 from .generic_linear import GenericLinear, SliceGroup
+from .generic_step import GenericStep
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
+from .vision_step import CrossStep
 
 
 class _CrossKV:
@@ -121,6 +121,6 @@ class MllamaCausalLM(GenericCausalLM):
         states = self.projector(out)  # [1, images, tiles, patches, hidden]
         return list(states[0].flatten(1, 2).unbind(0))
 
-    def valid_state_rows(self, image: ImageInput) -> int:
-        """States of the image's real tiles (the first of its rows)."""
-        return image.grid_thw[2] * self.num_patches
+    def valid_state_rows(self, grid: tuple[int, int, int]) -> int:
+        """States of an image's real tiles (the first of its rows), from its grid."""
+        return grid[2] * self.num_patches

@@ -14,15 +14,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .generic import GenericCausalLM, GenericStep
+from .generic import GenericCausalLM
 from .generic_linear import GenericLinear, SliceGroup
+from .generic_step import GenericStep
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
 
 
 class VisionCausalLM(GenericCausalLM):
     """GenericCausalLM plus `encode_images` and image embeddings / 3-D positions read from
-    `meta.vision` (a sloth_serve.engine.vision_inputs.VisionStep) in the forward pass."""
+    `meta.vision` (a sloth_serve.models.vision_step.VisionStep) in the forward pass."""
 
     is_vision = True
 

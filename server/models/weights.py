@@ -17,6 +17,7 @@ from sloth_kernels.rope import rope_tables
 from .config import ModelConfig
 from .exaone4 import Exaone4ForCausalLM
 from .falcon_h1 import FalconH1ForCausalLM
+from .fused_names import fused_target
 from .gemma import GemmaForCausalLM, gemma_rope_tables
 from .gemma_config import GEMMA_FAMILIES
 from .gemma_vision import GemmaVisionForCausalLM, vision_module_name
@@ -28,7 +29,6 @@ from .layers import LoRALinear
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
 from .moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
-from .mxfp4 import is_mxfp4, mxfp4_dequantized
 from .qwen3_5 import Qwen3_5ForCausalLM
 
 if TYPE_CHECKING:
@@ -38,15 +38,6 @@ logger = logging.getLogger(__name__)
 
 CausalLM = (LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCausalLM
             | GraniteMoeHybridForCausalLM | FalconH1ForCausalLM)
-
-# HF projection name -> (our fused module, slice index)
-FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,16 +74,6 @@ def text_model_name(name: str, multimodal: bool) -> str | None:
         if name.startswith(prefix):
             return ours + name[len(prefix) :]
     return None if name.startswith(VISION_PREFIXES) else name
-
-
-def fused_target(name: str) -> tuple[str, int | None]:
-    """Map an HF parameter name to ours, and the slice of a fused projection it fills."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part in FUSED:
-            fused, index = FUSED[part]
-            return ".".join([*parts[:i], fused, *parts[i + 1 :]]), index
-    return name, None
 
 
 def load_weights(
@@ -279,19 +260,3 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
     if isinstance(model, GptOssForCausalLM):
         model.post_load()
     return model
-
-
-def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Load safetensors directly (no Unsloth): 16-bit weights, or a bitsandbytes 4-bit folder's
-    weights as stored (NF4 kept packed)."""
-    from ..loader.nf4_disk import grouped_4bit, is_bnb_4bit
-
-    folder = Path(folder)
-    cfg = ModelConfig.from_folder(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    named: Iterator[tuple[str, torch.Tensor | NF4Weight]] = iter_checkpoint(folder)
-    if is_mxfp4(raw):
-        named = mxfp4_dequantized(iter_checkpoint(folder), dtype)
-    elif is_bnb_4bit(raw):
-        named = grouped_4bit(iter_checkpoint(folder))
-    return build_model(cfg, named, dtype, device)

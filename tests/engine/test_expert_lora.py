@@ -17,9 +17,9 @@ from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
 from sloth_serve.engine.loras import load_adapter
 from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader.checkpoint import load_model
 from sloth_serve.loader.peft import AdapterError, check_fits, load_lora
 from sloth_serve.models.moe import expert_modules
-from sloth_serve.models.weights import load_model
 
 peft = pytest.importorskip("peft")
 
@@ -258,8 +258,8 @@ def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: P
     adds on their dequantized 16-bit weights, to its slot's tokens only; merging it makes the
     experts 16-bit and computes the same."""
     from sloth_kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
+    from sloth_serve.loader.expert_adapter import merge_expert_update
     from sloth_serve.models.config import ModelConfig
-    from sloth_serve.models.expert_lora import merge_expert_update
     from sloth_serve.models.layers import StepMetadata
     from sloth_serve.models.weights import build_model, iter_checkpoint
 

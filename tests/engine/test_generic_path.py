@@ -199,7 +199,8 @@ def test_every_tensor_on_disk_reaches_the_model(tmp_path: Path, change: str, mes
 
 def test_attention_the_paged_cache_cannot_compute_is_refused() -> None:
     from sloth_serve.models.families import UnsupportedModel
-    from sloth_serve.models.generic import GenericStep, paged_attention_forward
+    from sloth_serve.models.generic import paged_attention_forward
+    from sloth_serve.models.generic_step import GenericStep
 
     q = k = v = torch.zeros(1, 2, 3, 8)
     stranger = torch.nn.Module()  # not a layer of the served model: no step on it

@@ -172,7 +172,7 @@ def test_config_defaults_are_transformers(tmp_path: Path) -> None:
 
 def test_glm4_layers_have_their_post_norms(tmp_path: Path) -> None:
     folder, _ = make_model(tmp_path, "glm4")
-    from sloth_serve.models.weights import load_model
+    from sloth_serve.loader.checkpoint import load_model
 
     model = load_model(folder, torch.float32, torch.device("cpu"))
     layer = model.model.layers[1]

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.loader import DEMO_MODEL
+from sloth_serve.loader.checkpoint import load_model
 from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.weights import build_model, iter_checkpoint, load_model
+from sloth_serve.models.weights import build_model, iter_checkpoint
 
 WINDOW = 8
 CONFIG = dict(

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
 from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.loader.checkpoint import load_model
 from sloth_serve.models.config import ModelConfig
-from sloth_serve.models.weights import load_model
 
 COMMON = dict(
     vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

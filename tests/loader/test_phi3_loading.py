@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sloth_serve import LLM, SamplingParams
+from sloth_serve.loader.checkpoint import load_model
 from sloth_serve.loader.peft import check_fits, load_lora
 from sloth_serve.loader.unsloth import load_hf_with_unsloth
 from sloth_serve.models.layers import LoRALinear
-from sloth_serve.models.weights import load_model
 
 MAX_NEW = 12
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)

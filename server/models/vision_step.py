@@ -1,0 +1,32 @@
+"""What an image-text model's forward pass reads beyond token ids, one record per step: the engine
+builds them (server/engine/vision_inputs.py, server/engine/cross_inputs.py) and hands them down in
+StepMetadata.vision; the models read them. Records only, so the models need nothing of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class CrossStep:
+    """Models whose images enter through cross-attention layers (Llama 3.2 Vision)."""
+
+    rows: torch.Tensor  # [R] flat-batch rows of the sequences with images (the others skip cross layers)
+    states: torch.Tensor  # [N, hidden] their images' states (projected encoder outputs), sequence by sequence
+    owners: torch.Tensor  # [N] a flat-batch row of each state's sequence (its adapter slot: LoRA on k/v)
+    allowed: torch.Tensor  # [R, N] bool: state columns each row attends to
+    row_sees_image: torch.Tensor  # [R] 1.0 where the row's token sees an image, else 0.0 (its MLP is zeroed)
+
+
+@dataclass(slots=True)
+class VisionStep:
+    positions: torch.Tensor | None  # [3, T] M-RoPE rows (temporal, height, width); None: one per token
+    rows: torch.Tensor | None  # flat-batch rows of the image placeholder tokens computed this step
+    embeds: torch.Tensor | None  # their embeddings [len(rows), hidden], in the same order
+    # [T] int32: where a token's visible keys end (its image's end, 0 outside images: causal), for
+    # models whose image tokens attend both ways; None otherwise or with no image token this step.
+    key_ends: torch.Tensor | None = None
+    # models whose images enter through cross-attention layers (Llama 3.2 Vision): what those attend to
+    cross: CrossStep | None = None
