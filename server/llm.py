@@ -16,7 +16,8 @@ from .engine.mm_inputs import MultiModalInputs
 from .engine.sampling_params import SamplingParams
 from .engine.sequence import FinishReason, TokenLogprob
 from .loader import DEMO_MODEL
-from .vision_processor import VisionProcessor, image_limits, open_image
+from .vision_families import processor_for
+from .vision_processor import image_limits, open_image
 
 
 class ImagePrompt(TypedDict):
@@ -79,7 +80,7 @@ class LLM:
             adapter = self.adapters.register(name, path)
             self.tokenizers.put(adapter.adapter_id, self.tokenizers.prepare(path, name))
         self._ids = itertools.count()
-        self.vision = VisionProcessor.from_folder(loaded.folder, image_limits(config))
+        self.vision = processor_for(loaded.folder, image_limits(config))
 
     def tokenizer_of(self, adapter: str | None = None) -> Any:
         """The tokenizer (and chat template) of the base model, or of an adapter that has its own."""

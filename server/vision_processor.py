@@ -2,22 +2,17 @@
 image processor of the model's folder (preprocessor_config.json) resizes and patches each image,
 and each image's one placeholder token in the rendered prompt becomes as many tokens as the encoder
 gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py; Llama 3.2 Vision,
-whose image token stays one token, in server/vision_mllama.py). Used by the
-HTTP API and the offline LLM alike."""
+whose image token stays one token, in server/vision_mllama.py; server/vision_families.py picks a
+folder's). Used by the HTTP API and the offline LLM alike."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .engine.mm_inputs import ImageInput, MultiModalInputs
-from .models.families import VISION_ARCHITECTURES
-
-GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
-MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,31 +42,20 @@ class VisionProcessor:
         self.limits = limits
 
     @classmethod
-    def from_folder(cls, folder: str | Path, limits: ImageLimits | None = None) -> VisionProcessor | None:
-        """The processor of an image-text model's folder; None for a text-only model."""
-        folder = Path(folder)
-        cfg = json.loads((folder / "config.json").read_text())
-        archs = cfg.get("architectures") or []
-        if archs and archs[0] == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
-            from .vision_gemma3 import Gemma3VisionProcessor
-
-            return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits or ImageLimits())
-        if archs and archs[0] == MLLAMA_VISION:
-            from .vision_mllama import MllamaVisionProcessor
-
-            return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits or ImageLimits())
-        if not archs or archs[0] not in VISION_ARCHITECTURES:
-            return None
+    def from_qwen_folder(cls, folder: Path, cfg: dict[str, Any], limits: ImageLimits) -> VisionProcessor:
+        """The Qwen-VL families' processor of an image-text model's folder (server/vision_families.py
+        picks a folder's family)."""
         if not (folder / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"{folder} is an image-text model ({archs[0]}) without preprocessor_config.json: "
-                                    "copy the image processor's settings from the model it was trained from")
+            raise FileNotFoundError(f"{folder} is an image-text model ({cfg['architectures'][0]}) without "
+                                    "preprocessor_config.json: copy the image processor's settings from the model "
+                                    "it was trained from")
         # The PIL implementation: it needs no torchvision, and transformers picks it by default for
         # processors whose two implementations differ.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
         image_token_id = int(cfg["image_token_id"])
-        return cls(processor, image_token_id, "<|image_pad|>", limits or ImageLimits())
+        return cls(processor, image_token_id, "<|image_pad|>", limits)
 
     def process(self, images: list[Any]) -> list[tuple[Any, tuple[int, int, int], str]]:
         """Each image (PIL, RGB) -> (pixel values, grid (t, h, w), content hash)."""

@@ -22,7 +22,8 @@ from ..engine.client import EngineClient, EngineInfo
 from ..engine.grammar import make_compiler
 from ..engine.launch import engine_client
 from ..metrics import EngineMetrics
-from ..vision_processor import VisionProcessor, image_limits
+from ..vision_families import processor_for
+from ..vision_processor import image_limits
 from .admission import Admission
 from .errors import APIError
 from .limits import fit_limits
@@ -153,7 +154,7 @@ class ServerState:
         adapters = AdapterRegistry(self.config.lora_dirs, self.config.max_cpu_loras)
         # The vocabulary, now rather than on the first constrained request.
         grammar, grammar_error = make_compiler(base.tokenizer, info.vocab_size, info.eos_token_ids)
-        vision = VisionProcessor.from_folder(Path(info.folder), image_limits(self.config))
+        vision = processor_for(Path(info.folder), image_limits(self.config))
         return Runtime(engine, info, base.tokenizer, adapters, base.token_texts, self.base_model_id,
                        TokenizerRegistry(base, adapters), grammar, grammar_error, vision, self.config.reasoning_parser,
                        self.config.tool_call_parser)
