@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams"]
+from .version import __version__
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from .engine.sampling_params import SamplingParams

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
 from .config import Config
 from .flags import GROUPS, flag_names, flag_of, word_reader
 from .loader.chat_template import check_folder_template
+from .version import __version__
 
 EXAMPLES = """examples:
   sloth-serve                                     # the embedded demo model on 127.0.0.1:8000

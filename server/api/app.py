@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .. import __version__
 from ..config import Config
 from ..engine.client import EngineClient
+from ..version import __version__
 from . import (
     health,
     metrics_route,

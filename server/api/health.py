@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from .. import __version__
+from ..version import __version__
 from .state import StateDep
 
 router = APIRouter()
