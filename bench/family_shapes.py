@@ -6,27 +6,10 @@ fewer layers, labelled as such."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True, slots=True)
-class FamilyShape:
-    model_type: str  # transformers' model_type (picks the config class)
-    architecture: str  # config.json's architectures[0]
-    fields: dict[str, Any]  # config.json fields beyond transformers' defaults
-    source: str  # the checkpoint whose shape this is
-    # What the NF4 folder keeps in 16-bit besides embeddings and norms (transformers' bnb skips lm_head).
-    skip_modules: tuple[str, ...] = ("lm_head",)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def layers(self) -> int:
-        return int(self.fields["num_hidden_layers"])
-
-    @property
-    def vocab(self) -> int:
-        return int(self.fields["vocab_size"])
+from bench.family_shape import FamilyShape
+from bench.hybrid_shapes import HYBRID_SHAPES, TINY_HYBRID_SHAPES
 
 
 def _gemma3(hidden: int, layers: int, inter: int, heads: int, kv: int, factor: float, source: str) -> FamilyShape:
@@ -120,6 +103,9 @@ def tiny_shape(name: str) -> FamilyShape:
 
 # Registered as shapes too ("tiny-gemma3-4b", ...): what the CPU smoke tests build through the CLI.
 SHAPES.update({f"tiny-{name}": tiny_shape(name) for name in list(SHAPES)})
+# Hybrid families (bench/hybrid_shapes.py), registered last: their tiny twins are their own.
+SHAPES.update(HYBRID_SHAPES)
+SHAPES.update(TINY_HYBRID_SHAPES)
 
 
 def hf_config(shape: FamilyShape, layers: int | None = None, vocab: int | None = None) -> Any:
@@ -139,9 +125,3 @@ def hf_config(shape: FamilyShape, layers: int | None = None, vocab: int | None =
                                  for i in range(fields["num_hidden_layers"])]
     cfg = AutoConfig.for_model(shape.model_type, architectures=[shape.architecture], dtype="bfloat16", **fields)
     return cfg
-
-# Hybrid families (bench/hybrid_shapes.py), registered last: their tiny twins are their own.
-from bench.hybrid_shapes import HYBRID_SHAPES, TINY_HYBRID_SHAPES  # noqa: E402
-
-SHAPES.update(HYBRID_SHAPES)
-SHAPES.update(TINY_HYBRID_SHAPES)

@@ -7,7 +7,7 @@ MoE twin of transformers' Qwen3_5MoeTextConfig defaults (256 experts, 8 active: 
 
 from __future__ import annotations
 
-from bench.family_shapes import FamilyShape
+from bench.family_shape import FamilyShape
 
 HYBRID_SHAPES: dict[str, FamilyShape] = {
     "lfm2-1.2b": FamilyShape("lfm2", "Lfm2ForCausalLM", dict(
