@@ -21,6 +21,7 @@ from ..models.layers import StatefulModel, StepMetadata, fuse_quantized_projecti
 from ..models.per_adapter import AdapterStep
 from ..models.weights import CausalLM
 from .cuda_graphs import DecodeGraphs
+from .decode_rows import decode_rows, token_at
 from .device import to_device
 from .lora_manager import LoRAManager
 from .prefill_graphs import PrefillGraphs
@@ -28,7 +29,6 @@ from .sampler import Sampler, gather_logprobs, gather_prompt_logprobs
 from .scheduler import ScheduledBatch
 from .sequence import TokenLogprob
 from .slot_modules import SlotModuleTable
-from .spec_decode.decode_rows import decode_rows, token_at
 from .spec_decode.rejection import sample_with_drafts
 from .vision_inputs import VisionInputs
 
@@ -293,7 +293,7 @@ class ModelRunner:
 
     def _replay_decode(self, batch: ScheduledBatch, lookahead_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits from a CUDA graph when every sequence computes exactly one token (or verifies draft
-        tokens: one row per position, spec_decode/decode_rows.py), else None. With `lookahead_ids`
+        tokens: one row per position, decode_rows.py), else None. With `lookahead_ids`
         (device) each sequence computes the position after its last host-side token, whose id the
         previous step sampled and has not handed to the host yet."""
         graphs = self.graphs

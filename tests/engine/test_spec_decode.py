@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 
 from sloth_kernels.attention import AttnMetadata
 from sloth_serve.config import Config
+from sloth_serve.engine.decode_rows import decode_rows, token_at
 from sloth_serve.engine.llm_engine import LLMEngine
 from sloth_serve.engine.sampling_params import SamplingParams
-from sloth_serve.engine.spec_decode.decode_rows import decode_rows, token_at
 from sloth_serve.loader import DEMO_ADAPTER, DEMO_DRAFT, DEMO_MODEL
 from sloth_serve.loader.peft import load_lora
 from sloth_serve.loader.truncate import truncate_model
@@ -138,7 +138,7 @@ def test_speculation_is_off_above_the_batch_size(requests: list, plain: list) ->
 
 
 def test_verified_positions_as_decode_rows_give_the_eager_logits() -> None:
-    """What a CUDA graph replays for a verify step (spec_decode/decode_rows.py: one decode row per
+    """What a CUDA graph replays for a verify step (server/engine/decode_rows.py: one decode row per
     verified position) computes the eager verify step's logits, on the CPU's reference kernels."""
     engine = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=32,
                               speculative_method="ngram"))

@@ -9,8 +9,8 @@ step is bound by the host's kernel launches: about 20 ms against under 5 ms repl
 
 from __future__ import annotations
 
-from ..scheduler import ScheduledBatch
-from ..sequence import Sequence
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 
 def decode_rows(batch: ScheduledBatch, ahead: bool = False) -> list[tuple[Sequence, int]] | None:
