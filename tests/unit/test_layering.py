@@ -1,5 +1,6 @@
 """Layering: the modules of server/ and kernels/ import each other without circles (issue 22), so each
-package reads as floors, every module standing above what it imports.
+package reads as floors, every module standing above what it imports; and so does every folder seen
+as one piece beside its neighbours (server/models/ never imports server/engine/, which imports it).
 
 The graph is read from the source with `ast`, nothing is imported. Relative imports are resolved
 against the importing module's package, and the installed names (sloth_serve, sloth_kernels) against
@@ -110,10 +111,33 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def folder_graph(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    """The modules and subpackages directly in `package`, each standing for everything beneath it:
+    A -> B where a module under A imports one under B."""
+    depth = package.count(".") + 1
+
+    def child(module: str) -> str | None:
+        if not module.startswith(package + "."):
+            return None
+        return ".".join(module.split(".")[: depth + 1])
+
+    folded: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        a = child(module)
+        if a is None:
+            continue
+        folded.setdefault(a, set())
+        for target in targets:
+            b = child(target)
+            if b is not None and b != a:
+                folded[a].add(b)
+    return folded
+
+
 def describe(component: list[str], graph: dict[str, set[str]]) -> str:
     members = set(component)
     arrows = [f"  {a} -> {b}" for a in component for b in sorted(graph[a] & members)]
-    return f"circle of {len(component)} modules:\n" + "\n".join(arrows)
+    return f"circle of {len(component)}:\n" + "\n".join(arrows)
 
 
 def test_graph_resolves_relative_and_installed_names() -> None:
@@ -130,3 +154,13 @@ def test_server_and_kernels_have_no_import_circles() -> None:
     found = circles(graph)
     assert not found, "import circles (move the shared names down a floor):\n" + "\n".join(
         describe(component, graph) for component in found)
+
+
+def test_every_folder_stands_on_floors_of_its_own() -> None:
+    graph = import_graph()
+    packages = [module for module, path in module_files().items() if is_package(path)]
+    found = {package: circles(folder_graph(graph, package)) for package in packages}
+    assert not any(found.values()), "folders that import each other (a shared name belongs a floor lower):\n" + \
+        "\n".join(f"in {package}: " + describe(component, folder_graph(graph, package))
+                  for package, components in found.items() for component in components)
+
