@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from .cross_kv import CrossKVBudget
 from .sequence import Sequence
 from .state_cache import StateSlots
 from .state_snapshots import StateSnapshots
@@ -58,6 +59,9 @@ class BlockManager:
         self.state_slots = state_slots
         # ... and a prefix hit restores the state saved where a prompt's last full block ended.
         self.snapshots: StateSnapshots | None = None
+        # Cross-attention images (Llama 3.2 Vision): the bytes of a sequence's image keys and values
+        # go with its blocks.
+        self.cross_kv: CrossKVBudget | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -108,9 +112,13 @@ class BlockManager:
         num_cached_free = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if num_needed > self.num_free_blocks - num_cached_free:
             return False
-        if self.state_slots is not None:
-            if not self.state_slots.can_allocate(seq):
+        if self.state_slots is not None and not self.state_slots.can_allocate(seq):
+            return False
+        if self.cross_kv is not None:
+            if not self.cross_kv.can_allocate(seq):
                 return False
+            self.cross_kv.allocate(seq)
+        if self.state_slots is not None:
             self.state_slots.allocate(seq)
             last_hash = self.blocks[cached_blocks[-1]].hash if cached_blocks else None
             if last_hash is not None and self.snapshots is not None and seq.state_slot is not None:
@@ -177,6 +185,8 @@ class BlockManager:
         seq.block_hashes = []
         if self.state_slots is not None:
             self.state_slots.free(seq)
+        if self.cross_kv is not None:
+            self.cross_kv.free(seq)
 
     def _release(self, block_ids: list[int]) -> None:
         for block_id in reversed(block_ids):

@@ -5,7 +5,9 @@ token opens its image to itself and the tokens after it, up to the next image to
 image tokens open their images together), as transformers' MllamaProcessor builds its mask;
 generated tokens see what the last prompt token sees. A row that sees no image (text before the
 first image) attends to all of its sequence's image states, and its cross-attention layers' MLP is
-zeroed, as in transformers' MllamaModel; sequences without images skip those layers entirely."""
+zeroed, as in transformers' MllamaModel; sequences without images skip those layers entirely.
+A sequence's images' states are turned into keys and values once, at its first step (CrossKV, kept on
+the sequence until its KV blocks are freed: sloth_serve.engine.cross_kv); later steps attend to those."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.vision_step import CrossStep
+from ..models.vision_step import CrossKV, CrossStep
 from .mm_inputs import ImageInput
 from .sequence import Sequence
 
@@ -38,26 +40,29 @@ def image_ranges(offsets: list[int], num_prompt_tokens: int) -> list[tuple[int, 
 def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
                embeddings: Callable[[list[ImageInput]], dict[str, torch.Tensor]],
                valid_rows: Callable[[tuple[int, int, int]], int], device: torch.device) -> CrossStep | None:
-    """The step's CrossStep; None when no sequence of it has images. `embeddings` gives each image's
-    states [tiles * patches, hidden] (all of its padded tiles); `valid_rows` how many of them are its
-    real tiles'."""
+    """The step's CrossStep; None when no sequence of it has images. A sequence running for the
+    first time gets its CrossKV over its images' states: `embeddings` gives each image's states
+    [tiles * patches, hidden] (all of its padded tiles), `valid_rows` how many of them are its real
+    tiles' (from its grid)."""
     with_images = [i for i, seq in enumerate(seqs) if seq.mm is not None and seq.mm.images]
     if not with_images:
         return None
-    embeds = embeddings([img for i in with_images for img in seqs[i].mm.images])  # type: ignore[union-attr]
+    new = [seqs[i] for i in with_images if seqs[i].cross_kv is None]
+    if new:
+        embeds = embeddings([img for seq in new for img in seq.mm.images])  # type: ignore[union-attr]
+        for seq in new:
+            blocks = [embeds[img.content_hash] for img in seq.mm.images]  # type: ignore[union-attr]
+            seq.cross_kv = CrossKV(torch.cat(blocks), [b.shape[0] for b in blocks])
     flat_starts = [0]
     for n in counts:
         flat_starts.append(flat_starts[-1] + n)
     rows: list[torch.Tensor] = []
-    states: list[torch.Tensor] = []
-    owners: list[torch.Tensor] = []
     masks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # first column, columns, allowed, sees
     num_states = 0
     for i in with_images:
         seq, start, n = seqs[i], starts[i], counts[i]
         images = seq.mm.images  # type: ignore[union-attr]
-        blocks = [embeds[img.content_hash] for img in images]
-        col = torch.tensor([0] + [b.shape[0] for b in blocks]).cumsum(0).tolist()
+        col = torch.tensor([0, *seq.cross_kv.widths]).cumsum(0).tolist()
         valid = torch.zeros(len(images), col[-1], dtype=torch.bool)  # image j's real tiles' columns
         for j, img in enumerate(images):
             valid[j, col[j] : col[j] + valid_rows(img.grid_thw)] = True
@@ -69,8 +74,6 @@ def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
         seen = sees.any(dim=1)
         allowed[~seen] = True
         rows.append(torch.arange(flat_starts[i], flat_starts[i] + n))
-        states.extend(blocks)
-        owners.append(torch.full((col[-1],), flat_starts[i]))
         masks.append((num_states, col[-1], allowed, seen))
         num_states += col[-1]
     full = torch.zeros(sum(m[2].shape[0] for m in masks), num_states, dtype=torch.bool)
@@ -79,5 +82,6 @@ def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
         full[r : r + allowed.shape[0], first : first + width] = allowed
         r += allowed.shape[0]
     sees_image = torch.cat([m[3] for m in masks]).float()
-    return CrossStep(torch.cat(rows).to(device), torch.cat(states), torch.cat(owners).to(device), full.to(device),
-                     sees_image.to(device))
+    owners = torch.tensor([flat_starts[i] for i in with_images])
+    return CrossStep(torch.cat(rows).to(device), [seqs[i].cross_kv for i in with_images], owners.to(device),
+                     full.to(device), sees_image.to(device))

@@ -24,6 +24,7 @@ from ..models.moe import expert_modules
 from ..startup_clock import Phase, current, startup_phase
 from . import stalls
 from .block_manager import BlockManager
+from .cross_kv import CROSS_KV_IMAGES, CrossKVBudget
 from .cuda_graphs import default_buckets
 from .failures import SequenceError, describe, is_device_fault, is_out_of_memory
 from .graph_memory import graph_pool_bytes
@@ -123,10 +124,13 @@ class LLMEngine:
             buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
             prefill_buckets = [t for t in config.prefill_cuda_graph_sizes if t > 0] if config.prefill_cuda_graph_sizes \
                 else default_prefill_buckets(config.max_num_batched_tokens)
-        num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots, buckets, prefill_buckets)
+        cross_kv = self._cross_kv_budget(model)
+        num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots, buckets, prefill_buckets,
+                                         cross_kv.num_bytes if cross_kv else 0)
         self.block_manager = BlockManager(num_blocks, config.block_size, caching,
                                           long_prompt_threshold(model.config.rope_scaling),
                                           StateSlots(num_state_slots) if num_state_slots else None)
+        self.block_manager.cross_kv = cross_kv
         if num_snapshots:  # rows after the running slots and the scratch row
             self.block_manager.snapshots = StateSnapshots(num_state_slots + 1, num_snapshots, config.block_size)
         sched_cfg = SchedulerConfig(
@@ -256,8 +260,21 @@ class LLMEngine:
             return False
         return self.config.enable_prefix_caching
 
+    def _cross_kv_budget(self, model: torch.nn.Module) -> CrossKVBudget | None:
+        """Models whose images enter through cross-attention layers: room for the keys and values of
+        CROSS_KV_IMAGES images (or of one prompt at --limit-mm-per-prompt), taken from the KV cache's
+        memory (sloth_serve.engine.cross_kv)."""
+        bytes_per_image = getattr(model, "cross_kv_bytes_per_image", None)
+        if bytes_per_image is None:
+            return None
+        per_image = int(bytes_per_image(self.dtype))
+        num_images = max(CROSS_KV_IMAGES, self.config.limit_mm_per_prompt)
+        logger.info("cross-attention keys and values: room for %d images' (%.2f GiB), beside the KV cache",
+                    num_images, num_images * per_image / 2**30)
+        return CrossKVBudget(num_images * per_image, per_image)
+
     def _num_kv_blocks(self, model: torch.nn.Module, num_state_slots: int, buckets: list[int] | None = None,
-                       prefill_buckets: list[int] | None = None) -> int:
+                       prefill_buckets: list[int] | None = None, cross_kv_bytes: int = 0) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
@@ -271,6 +288,7 @@ class LLMEngine:
         else:
             budget = cfg.kv_cache_memory_gb * 2**30
         budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]
+        budget -= cross_kv_bytes
         return max(int(budget // per_block), 1)
 
     def _graph_pool_bytes(self, model: torch.nn.Module, buckets: list[int] | None,

@@ -82,6 +82,11 @@ class Scheduler:
         why = fit_error(seq.num_tokens, 1, self.config.max_model_len, bm.num_blocks * bm.block_size)
         if why is not None:
             raise ValueError(why)
+        cross = bm.cross_kv
+        if cross is not None and cross.bytes_for(seq) > cross.num_bytes:
+            raise ValueError(f"the cross-attention keys and values of {len(seq.mm.images)} images "  # type: ignore[union-attr]
+                             f"({cross.bytes_for(seq) / 2**20:.0f} MiB) exceed the {cross.num_bytes / 2**20:.0f} MiB "
+                             "kept for them: send fewer images in one request")
         budget = self.config.max_num_batched_tokens
         if self.config.whole_images and seq.mm is not None and any(i.num_tokens > budget for i in seq.mm.images):
             most = max(i.num_tokens for i in seq.mm.images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Any
 
 import msgspec
 
@@ -76,6 +77,11 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
+    # Models whose images enter through cross-attention layers (Llama 3.2 Vision): the model runner's
+    # keys and values of the images (sloth_serve.engine.cross_inputs.CrossKV, opaque here), computed
+    # once, and the bytes reserved for them (sloth_serve.engine.cross_kv); both go with the KV blocks.
+    cross_kv: Any = None
+    cross_kv_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

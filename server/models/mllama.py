@@ -1,8 +1,8 @@
 """Llama 3.2 Vision (MllamaForConditionalGeneration) on the generic path: the text model's self-
 attention layers go to the paged KV cache (their cache index counts self-attention layers only), and
 its gated cross-attention layers attend, densely, to the image states of their rows' sequences
-(sloth_serve.engine.cross_inputs), recomputed from the encoder cache each step rather than kept per
-sequence. The vision encoder and projector run in 16-bit, transformers' modules as they are."""
+(sloth_serve.engine.cross_inputs): keys and values projected once per sequence, at its first step,
+and kept with it. The vision encoder and projector run in 16-bit, transformers' modules as they are."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .generic_linear import GenericLinear, SliceGroup
 from .generic_step import GenericStep
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
-from .vision_step import CrossStep
+from .vision_step import CrossKV, CrossStep
 
 
 class _CrossKV:
@@ -81,29 +81,55 @@ class MllamaCausalLM(GenericCausalLM):
         return h[0]
 
     def _cross_layer(self, idx: int, layer: Any, h: torch.Tensor, cross: CrossStep, meta: StepMetadata) -> torch.Tensor:
-        """The gated cross-attention layer on its rows h [1, R, hidden]; LoRA rows follow each row's
-        (and each image state's) sequence."""
-        attn = layer.cross_attn
-        slots = meta.lora_slots
-        self.step.meta = replace(meta, lora_slots=None if slots is None else slots[cross.owners])
-        try:
-            states = cross.states.to(h.dtype).unsqueeze(0)
-            keys = attn.k_proj(states).view(1, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            values = attn.v_proj(states).view(1, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            keys = attn.k_norm(keys)
-        finally:
-            self.step.meta = meta
+        """The gated cross-attention layer on its rows h [1, R, hidden], over the keys and values of
+        their sequences' images; LoRA rows follow each row's sequence."""
+        keys, values = zip(*(self._cross_kv(idx, layer.cross_attn, kv, cross.owners[s : s + 1], meta)
+                             for s, kv in enumerate(cross.kv)), strict=True)
         mask = torch.zeros(cross.allowed.shape, dtype=h.dtype, device=h.device)
         mask.masked_fill_(~cross.allowed, torch.finfo(h.dtype).min)
         row_mask = cross.row_sees_image.to(h.dtype).view(1, 1, -1, 1)
+        slots = meta.lora_slots
         self.step.meta = replace(meta, lora_slots=None if slots is None else slots[cross.rows])
         try:
+            past = _CrossKV(idx, torch.cat(keys, dim=1).unsqueeze(0), torch.cat(values, dim=1).unsqueeze(0))
             out = layer(h, cross_attention_states=None, cross_attention_mask=mask.view(1, 1, *mask.shape),
                         attention_mask=None, full_text_row_masked_out_mask=row_mask,
-                        past_key_values=_CrossKV(idx, keys, values), use_cache=False)
+                        past_key_values=past, use_cache=False)
         finally:
             self.step.meta = meta
         return out  # type: ignore[no-any-return]
+
+    def _cross_kv(self, idx: int, attn: Any, kv: CrossKV, owner: torch.Tensor,
+                  meta: StepMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's keys and values [kv heads, N, head dim] for cross-attention layer idx:
+        projected from its images' states (k/v LoRA of its adapter, the flat-batch row `owner`'s,
+        then the k norm) the first time, kept in `kv` after; the states go once every layer has its."""
+        known = kv.layers.get(idx)
+        if known is not None:
+            return known
+        assert kv.states is not None, "the states go only once every cross-attention layer has its keys and values"
+        dtype = self.text.embed_tokens.weight.dtype
+        states = kv.states.to(dtype).unsqueeze(0)
+        slots = meta.lora_slots
+        self.step.meta = replace(meta, lora_slots=None if slots is None else slots[owner].expand(states.shape[1]))
+        try:
+            shape = (1, -1, attn.num_key_value_heads, attn.head_dim)
+            keys = attn.k_norm(attn.k_proj(states).view(shape).transpose(1, 2))
+            values = attn.v_proj(states).view(shape).transpose(1, 2)
+        finally:
+            self.step.meta = meta
+        kv.layers[idx] = known = (keys[0], values[0])
+        if len(kv.layers) == len(self.cross_layers):
+            kv.states = None
+        return known
+
+    def cross_kv_bytes_per_image(self, dtype: torch.dtype) -> int:
+        """What one image's keys and values take in every cross-attention layer (all of its padded
+        tiles' states: sloth_serve.engine.cross_kv counts them against its budget)."""
+        attn = self.text.layers[min(self.cross_layers)].cross_attn
+        states = int(self.vision_model.max_num_tiles) * self.num_patches
+        size = torch.empty((), dtype=dtype).element_size()
+        return len(self.cross_layers) * 2 * int(attn.num_key_value_heads) * int(attn.head_dim) * states * size
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:

@@ -4,9 +4,21 @@ StepMetadata.vision; the models read them. Records only, so the models need noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(slots=True, eq=False)
+class CrossKV:
+    """One sequence's cross-attention keys and values (Llama 3.2 Vision): per cross-attention layer,
+    [kv heads, N, head dim] over its images' N states, projected by the model (with the sequence's
+    adapter) the first time the layer runs for it. Sequence.cross_kv holds it, so it lives as long as
+    the sequence's KV blocks (server/engine/cross_kv.py)."""
+
+    states: torch.Tensor | None  # [N, hidden] its images' states (projected encoder outputs), until every layer's K/V is computed
+    widths: list[int]  # state rows of each image (all of its padded tiles')
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> keys, values
 
 
 @dataclass(slots=True)
@@ -14,8 +26,8 @@ class CrossStep:
     """Models whose images enter through cross-attention layers (Llama 3.2 Vision)."""
 
     rows: torch.Tensor  # [R] flat-batch rows of the sequences with images (the others skip cross layers)
-    states: torch.Tensor  # [N, hidden] their images' states (projected encoder outputs), sequence by sequence
-    owners: torch.Tensor  # [N] a flat-batch row of each state's sequence (its adapter slot: LoRA on k/v)
+    kv: list[CrossKV]  # those sequences' keys and values, in batch order (their states side by side: N columns)
+    owners: torch.Tensor  # [len(kv)] a flat-batch row of each of those sequences (its adapter slot: LoRA on k/v)
     allowed: torch.Tensor  # [R, N] bool: state columns each row attends to
     row_sees_image: torch.Tensor  # [R] 1.0 where the row's token sees an image, else 0.0 (its MLP is zeroed)
 

@@ -2,11 +2,14 @@
 transformers' prompt ids and greedy tokens for prompts with images (one image, two images apart and
 side by side, text before the first image, a text-only request in the same batch, prefill chunked
 over several steps); different images give different outputs; a repeated image comes from the
-encoder and prefix caches, another image never from the latter."""
+encoder and prefix caches, another image never from the latter; each sequence's cross-attention keys
+and values are projected once (not at every decode step) and freed with its blocks (finish, abort,
+preemption)."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from vision_models import random_image
 
 from sloth_serve.engine.cross_inputs import image_ranges
 from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import Sequence
 from sloth_serve.llm import LLM
 from sloth_serve.loader.adapter_config import AdapterError
 
@@ -26,8 +30,13 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Any]:
-    folder, hf = make_mllama(tmp_path_factory.mktemp("mllama") / "model")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return make_mllama(tmp_path_factory.mktemp("mllama") / "model")
+
+
+@pytest.fixture(scope="module")
+def served(model: tuple[Path, Any]) -> tuple[LLM, Any]:
+    folder, hf = model
     # 8 tokens a step: prompts are prefilled over several steps, images' rows split between them
     llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
               max_num_batched_tokens=8, max_loras=2, max_lora_rank=8)
@@ -112,3 +121,73 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
     vision = write_adapter(hf, tmp_path / "vision", r".*vision_model\.transformer.*\.(q_proj|v_proj)")
     with pytest.raises(AdapterError, match="vision encoder"):
         llm.adapters.register("vision", str(vision))
+
+
+def count_kv_projections(llm: LLM) -> list[int]:
+    """[calls]: how many times the cross-attention layers' k and v projections have run (both
+    counted), kept up to date by forward hooks."""
+    calls = [0]
+    model: Any = llm.engine.loaded.model
+    for idx in model.cross_layers:
+        attn = model.text.layers[idx].cross_attn
+        for proj in (attn.k_proj, attn.v_proj):
+            proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_cross_kv_is_projected_once_per_sequence(served: tuple[LLM, Any]) -> None:
+    """Ten decode steps after a prefill chunked over several steps: the keys and values of each
+    cross-attention layer are projected once, at the sequence's first step; the tokens stay
+    transformers'. The reserved bytes go back when the sequence finishes."""
+    llm, hf = served
+    calls = count_kv_projections(llm)
+    images = [random_image(20, 24, 16)]
+    text = chat_text(llm.tokenizer, ["Tell me about", IMAGE_TOKEN, "in ten tokens."])
+    out = llm.generate({"prompt": text, "images": images}, replace(GREEDY, max_tokens=10))[0]
+    assert out.token_ids == hf_greedy(hf, llm.tokenizer, text, images, max_tokens=10)[1]
+    assert len(out.prompt_token_ids) > 8  # the prefill took more than one step
+    assert calls[0] == 2 * len(llm.engine.loaded.model.cross_layers)  # type: ignore[attr-defined]
+    budget = llm.engine.block_manager.cross_kv
+    assert budget is not None and budget.num_used == 0
+
+
+def running(llm: LLM, request_id: str) -> Sequence:
+    return llm.engine.seqs[request_id]
+
+
+def test_abort_frees_cross_kv(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    engine, budget = llm.engine, llm.engine.block_manager.cross_kv
+    assert budget is not None
+    text = chat_text(llm.tokenizer, ["Two:", IMAGE_TOKEN, IMAGE_TOKEN, "go on."])
+    ids, mm = llm.encode_prompt({"prompt": text, "images": [random_image(21), random_image(22)]}, None)
+    engine.add_request("to-abort", ids, replace(GREEDY, max_tokens=50), mm=mm)
+    seq = running(llm, "to-abort")
+    engine.step()
+    kv = seq.cross_kv
+    assert kv is not None and kv.states is None and len(kv.layers) == 2  # every layer's K/V, states dropped
+    assert budget.num_used == seq.cross_kv_bytes == 2 * budget.bytes_per_image
+    assert engine.abort("to-abort")
+    assert seq.cross_kv is None and budget.num_used == 0
+    while engine.has_unfinished_requests:
+        engine.step()
+
+
+def test_preempted_sequence_computes_its_cross_kv_again(model: tuple[Path, Any], served: tuple[LLM, Any]) -> None:
+    """A KV cache too small for two image prompts to finish side by side: the newer one is preempted
+    (its keys and values freed with its blocks) and recomputed later; both give transformers' tokens."""
+    folder, hf = model
+    tok = served[0].tokenizer
+    texts = [chat_text(tok, [IMAGE_TOKEN, words]) for words in ("What is this?", "And this one?")]
+    need = [-(-(len(tok.encode(t, add_special_tokens=False)) + 10) // 8) for t in texts]  # blocks by the last token
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=sum(need) - 1, block_size=8)
+    calls = count_kv_projections(llm)
+    images = [[random_image(31)], [random_image(32, 30, 20)]]
+    outs = llm.generate([{"prompt": t, "images": im} for t, im in zip(texts, images, strict=True)],
+                        replace(GREEDY, max_tokens=10))
+    for text, im, out in zip(texts, images, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, llm.tokenizer, text, im, max_tokens=10)[1]
+    num_preemptions = llm.engine.scheduler.num_preemptions
+    assert num_preemptions >= 1
+    assert calls[0] == 2 * 2 * (2 + num_preemptions)  # each start (first or after preemption): once per layer
+    assert llm.engine.block_manager.cross_kv is not None and llm.engine.block_manager.cross_kv.num_used == 0
