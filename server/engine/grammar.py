@@ -68,7 +68,10 @@ class GrammarCompiler:
     ) -> None:
         eos = sorted(eos_token_ids) or None  # None: the tokenizer's own EOS
         self.vocab_size = vocab_size
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        # A tokenizer may hold ids past the logits (Llama 3.2 Vision's <|image|>): the grammar engine
+        # reads every one of them, and the mask's columns past the logits are dropped (never sampled).
+        self.mask_vocab_size = max(vocab_size, len(tokenizer))
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.mask_vocab_size, eos_token=eos)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
@@ -149,8 +152,8 @@ class GrammarMatchers:
 
     def fill(self, seqs: list[Sequence], compiler: GrammarCompiler | None, vocab_size: int,
              with_drafts: bool = False) -> torch.Tensor | None:
-        """The batch's bitmask [rows, ceil(V / 32)] on the host (rows of free sequences allow every
-        token), or None when no sequence in the batch is constrained. A row per sequence; with
+        """The batch's bitmask [rows, ceil(V / 32)] on the host (V: the compiler's mask vocabulary, at
+        least `vocab_size`; rows of free sequences allow every token), or None when no sequence in the batch is constrained. A row per sequence; with
         `with_drafts`, 1 + k rows per sequence with k draft tokens (speculative decoding): row j
         holds what the grammar allows after the sequence's tokens and its first j drafts."""
         counts = [1 + len(seq.spec_token_ids) if with_drafts else 1 for seq in seqs]
@@ -158,7 +161,8 @@ class GrammarMatchers:
         rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
         if not rows:
             return None
-        bitmask = torch.full((sum(counts), bitmask_width(vocab_size)), -1, dtype=torch.int32)
+        mask_vocab = max(vocab_size, compiler.mask_vocab_size) if compiler is not None else vocab_size
+        bitmask = torch.full((sum(counts), bitmask_width(mask_vocab)), -1, dtype=torch.int32)
         pairs = [(self._advance(seqs[i], compiler), i) for i in rows]
         live = [(match.matcher, i) for match, i in pairs if match.matcher is not None and not match.failed]
         if live and with_drafts:
