@@ -2,8 +2,8 @@
 such sequence keeps its own, computed once from its images' states when it first runs and attended
 to by every later step, until its KV blocks are freed (finish, abort, preemption). Their bytes come
 from a budget set aside from the KV cache's memory at start-up; a sequence whose images do not fit
-what is left waits in the queue (text-only sequences go ahead). Like the block manager, this holds
-no tensors: the model runner's per-sequence keys and values hang on Sequence.cross_kv."""
+what is left waits in the queue, as one does for KV blocks. Like the block manager, this holds no
+tensors: the model runner's per-sequence keys and values hang on Sequence.cross_kv."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 from gemma3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_gemma3_vl, reference
 from live_server import LiveServer, launch
 from transformers import AutoTokenizer
-from vision_models import data_url, random_image
+from vision_models import ask, random_image
 
 EXTRA = {"ignore_eos": True, "skip_special_tokens": False}
 
@@ -31,11 +31,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServe
         yield server, hf, AutoTokenizer.from_pretrained(str(folder))
     finally:
         server.stop()
-
-
-def ask(question: str, *images: Any) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
 
 
 def chat(server: LiveServer, messages: Any, stream: bool = False) -> Any:

@@ -19,7 +19,15 @@ import pytest
 import torch
 from live_server import LiveServer, launch
 from transformers import AutoTokenizer
-from vision_models import MAX_TOKENS, data_url, hf_greedy, make_qwen2_5_vl, random_image, reference_prompt
+from vision_models import (
+    MAX_TOKENS,
+    ask,
+    data_url,
+    hf_greedy,
+    make_qwen2_5_vl,
+    random_image,
+    reference_prompt,
+)
 
 from sloth_serve.api.errors import APIError
 from sloth_serve.api.images import chat_images
@@ -55,11 +63,6 @@ def served(tmp_path_factory: pytest.TempPathFactory,
         yield server, hf, folder
     finally:
         server.stop()
-
-
-def ask(question: str, *images: Any) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
 
 
 def test_chat_with_images_equals_transformers(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:

@@ -1,7 +1,7 @@
 """The bytes of cross-attention images' keys and values (Llama 3.2 Vision) go with a sequence's KV
 blocks: reserved when it is admitted, released (and its keys and values dropped) when it finishes,
-is aborted or is preempted; a sequence whose images do not fit what is left waits while text-only
-sequences go ahead, and one that could never fit is refused at admission."""
+is aborted or is preempted; a sequence whose images do not fit what is left waits in the queue
+(those behind it too, as for KV blocks), and one that could never fit is refused at admission."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def with_images(seq: Sequence, *offsets: int) -> Sequence:
     return seq
 
 
-def test_images_wait_for_room_while_text_goes_ahead() -> None:
+def test_images_wait_in_the_queue_for_room() -> None:
     sched = scheduler(2)
     budget = sched.block_manager.cross_kv
     assert budget is not None
@@ -35,7 +35,7 @@ def test_images_wait_for_room_while_text_goes_ahead() -> None:
     for seq in (a, b, text):
         sched.add(seq)
     scheduled, _ = run_step(sched)
-    assert scheduled == [a]  # b's image does not fit beside a's two; b keeps its place in the queue
+    assert scheduled == [a]  # b's image does not fit beside a's two: b, and the text behind it, wait
     assert budget.num_used == a.cross_kv_bytes == 2 * PER_IMAGE
     assert run_step(sched)[0] == [a]
     assert a.is_finished and a.cross_kv_bytes == 0 and budget.num_used == 0

@@ -139,6 +139,12 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
+def ask(question: str, *images: Image.Image) -> list[dict[str, Any]]:
+    """A chat of one user message: the images as base64 PNG image_url parts, then the question."""
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
 def write_adapter(hf: Any, folder: Path, target: str) -> Path:
     """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
     torch.manual_seed(3)
