@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from quant_formats import compare_greedy
+from quant_formats import compare_greedy, exact_needed
 
 from sloth_serve import LLM, SamplingParams
 from sloth_serve.loader import DEMO_MODEL
@@ -18,6 +19,7 @@ from sloth_serve.loader.unsloth import load_hf_with_unsloth
 from sloth_serve.models.layers import LoRALinear
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the family tests import each other
 MAX_TOKENS = 10
 TIE = {torch.float32: 0.05, torch.bfloat16: 0.25, torch.float16: 0.25}
 
@@ -58,4 +60,4 @@ def test_greedy_tokens_equal_unsloth_for_inference(tmp_path: Path, case: str) ->
     reference = load_hf_with_unsloth(folder, 512)
     reference.generation_config.eos_token_id = None
     verdicts = [compare_greedy(reference, p, o, tie) for p, o in zip(prompts, ours, strict=True)]
-    assert verdicts.count("exact") >= len(verdicts) - 1, verdicts  # one near tie at most
+    assert verdicts.count("exact") >= exact_needed(reference, len(verdicts), tie), verdicts  # one near tie at most
