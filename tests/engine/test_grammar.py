@@ -165,3 +165,18 @@ def test_structured_output_cannot_ignore_eos() -> None:
     for extra in ({"ignore_eos": True}, {"min_tokens": 2}):
         with pytest.raises(ValueError, match="structured output"):
             SamplingParams(structured=StructuredSpec.json_object(), **extra)  # type: ignore[arg-type]
+
+
+def test_a_tokenizer_with_ids_past_the_logits_masks_as_without_them(compiler: GrammarCompiler) -> None:
+    """Llama 3.2 Vision's tokenizer holds <|image|> one past its logits: the grammar reads the whole
+    tokenizer, the mask has the logits' width and allows what it allows without that token."""
+    wider = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    wider.add_special_tokens({"additional_special_tokens": ["<|image|>"]}, replace_extra_special_tokens=False)
+    assert len(wider) == VOCAB + 1
+    plain, extra = make_sampler(compiler), make_sampler(GrammarCompiler(wider, VOCAB, [EOS]))
+    seqs = [constrained_seq(), constrained_seq()]
+    for token in wider.encode('{"id": 12, "kind": "bb", "tags": ["x"]}', add_special_tokens=False):
+        want, got = plain._allowed([seqs[0]], VOCAB), extra._allowed([seqs[1]], VOCAB)
+        assert want is not None and got is not None and got.shape == (1, VOCAB) and torch.equal(got, want)
+        for seq in seqs:
+            seq.append_token(token)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from mllama_models import IMAGE_TOKEN, MAX_TOKENS, chat_text, hf_greedy, make_mllama
-from peft import LoraConfig, PeftModel, get_peft_model
-from vision_models import random_image
+from peft import PeftModel
+from vision_models import random_image, write_adapter
 
 from sloth_serve.engine.cross_inputs import image_ranges
 from sloth_serve.engine.sampling_params import SamplingParams
@@ -91,23 +90,11 @@ def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> Non
     assert vision.num_encoded == encoded + 1
 
 
-def write_adapter(hf: Any, folder: Path, target: str) -> Path:
-    """PEFT's adapter on the modules matching `target`, random lora_B; the base left as it was."""
-    torch.manual_seed(3)
-    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=16, target_modules=target))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
 def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
     """LoRA on every language projection, the cross-attention layers' k/v (which run over image
     states) included, beside a base request with the same image: each gives its own model's tokens."""
     llm, hf = served
-    adapter = write_adapter(hf, tmp_path / "tuned", LANGUAGE_LAYERS)
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "tuned", LANGUAGE_LAYERS)
     llm.adapters.register("tuned", str(adapter))
     images = [random_image(6, 20, 30)]
     text = chat_text(llm.tokenizer, ["Look:", IMAGE_TOKEN, "what is it?"])
@@ -118,7 +105,7 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
     assert tuned.token_ids == hf_greedy(peft, llm.tokenizer, text, images)[1]
     assert plain.token_ids == hf_greedy(hf, llm.tokenizer, text, images)[1] != tuned.token_ids
     assert tuned_text.token_ids == hf_greedy(peft, llm.tokenizer, chat_text(llm.tokenizer, ["Only text."]), [])[1]
-    vision = write_adapter(hf, tmp_path / "vision", r".*vision_model\.transformer.*\.(q_proj|v_proj)")
+    vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*vision_model\.transformer.*\.(q_proj|v_proj)")
     with pytest.raises(AdapterError, match="vision encoder"):
         llm.adapters.register("vision", str(vision))
 
