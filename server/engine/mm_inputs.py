@@ -55,4 +55,14 @@ def check_images(model: object, mm: MultiModalInputs, token_ids: list[int]) -> N
     if not getattr(model, "is_vision", False):
         raise ValueError("this model takes text only; a request with images needs an image-text model "
                          "(such as Qwen2.5-VL or Gemma 3)")
-    mm.check_prompt(token_ids, getattr(model, "image_token_id", None))
+    layout = getattr(model, "image_token_layout", None)
+    if layout is None:
+        mm.check_prompt(token_ids, getattr(model, "image_token_id", None))
+        return
+    # Mistral 3: an image's tokens are rows of [IMG] tokens, each row closed by a break or end token
+    mm.check_prompt(token_ids, None)
+    for i, img in enumerate(mm.images):
+        span = token_ids[img.offset : img.offset + img.num_tokens]
+        if [t == model.image_token_id for t in span] != layout(img.grid_thw):  # type: ignore[attr-defined]
+            raise ValueError(f"image {i}'s tokens at prompt offset {img.offset} are not the rows of image tokens "
+                             f"its size gives")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.gemma_vision import GemmaVisionForCausalLM, vision_module_name
+from ..models.gemma_vision import vision_module_name
+from ..models.weights import NATIVE_VISION
 from .adapter_config import AdapterError
 from .peft import LoRAWeights
 
@@ -20,7 +21,7 @@ _UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_p
 def merge_vision_lora(model: object, weights: LoRAWeights, dtype: torch.dtype) -> int:
     """W += scale * B @ A for every vision-tower or projector module the adapter trains, taken out
     of `weights` (the rest merges into the language model). Returns how many were merged."""
-    if not isinstance(model, GemmaVisionForCausalLM):
+    if not isinstance(model, NATIVE_VISION):
         return 0
     merged = 0
     for module, index in list(weights.tensors):

@@ -149,7 +149,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states. `adapters`: the step's adapters with their own embed_tokens / norms,
         applied to their tokens only (None, as in every CUDA graph: the base's modules throughout)."""
-        h = self.model.embed_tokens(input_ids) if adapters is None else adapters.embed(self.model.embed_tokens, input_ids)
+        return self.forward_embeds(self.embed(input_ids, adapters), positions, meta, kv_caches, adapters)
+
+    def embed(self, input_ids: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
+        table = self.model.embed_tokens
+        return table(input_ids) if adapters is None else adapters.embed(table, input_ids)
+
+    def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       adapters: AdapterStep | None = None) -> torch.Tensor:
+        """Final hidden states from the first layer's input (image-text models splice theirs in)."""
         residual: torch.Tensor | None = None
         rope = (self.rope_cos, self.rope_sin)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):

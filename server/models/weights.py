@@ -28,6 +28,7 @@ from .layernorm import LayerNormForCausalLM
 from .layers import LoRALinear
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
+from .mistral3_vision import Mistral3VisionForCausalLM
 from .moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 from .qwen3_5 import Qwen3_5ForCausalLM
 
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CausalLM = (LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCausalLM
             | GraniteMoeHybridForCausalLM | FalconH1ForCausalLM)
+
+# Natively served image-text models: their vision tower and projector are loaded beside the text model.
+NATIVE_VISION = (GemmaVisionForCausalLM, Mistral3VisionForCausalLM)
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -146,7 +150,7 @@ def _load_vision(model: CausalLM, disk_name: str, value: torch.Tensor | NF4Weigh
                  device: torch.device, loaded: set[tuple[str, int | None]], densified: list[str]) -> bool:
     """A tensor of an image-text model's vision tower or projector into ours (16-bit: a 4-bit one is
     dequantized); False when the model serves text only."""
-    name = vision_module_name(disk_name) if isinstance(model, GemmaVisionForCausalLM) else None
+    name = vision_module_name(disk_name) if isinstance(model, NATIVE_VISION) else None
     if name is None:
         return False
     if not isinstance(value, torch.Tensor):
@@ -245,6 +249,8 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
             model = GraniteMoeHybridForCausalLM(cfg)
         elif cfg.family == "falcon_h1":
             model = FalconH1ForCausalLM(cfg)
+        elif cfg.vision_config is not None:
+            model = Mistral3VisionForCausalLM(cfg)
         else:
             model = LlamaForCausalLM(cfg)
     load_weights(model, named, dtype, device)
@@ -257,6 +263,6 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
         return model
     cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if isinstance(model, GptOssForCausalLM):
+    if isinstance(model, (GptOssForCausalLM, Mistral3VisionForCausalLM)):
         model.post_load()
     return model
