@@ -1,0 +1,121 @@
+"""Mistral 3 with images through the offline LLM: a tiny random Mistral3ForConditionalGeneration gives
+transformers' greedy tokens (PixtralProcessor's prompt ids: rows of [IMG] with [IMG_BREAK] / [IMG_END])
+for prompts with one and two images of different sizes and for text only, in one batch, with the
+prefill chunked across the images or in one pass; different images give different outputs, a repeated
+one is served from the encoder and prefix caches; LoRA on the language layers per request equals PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mistral3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_mistral3, reference_prompt
+from peft import PeftModel
+from vision_models import random_image, write_adapter
+
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.llm import LLM
+from sloth_serve.models.families import UnsupportedModel, route_of
+from sloth_serve.models.mistral3_vision import Mistral3VisionForCausalLM
+
+LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return make_mistral3(tmp_path_factory.mktemp("mistral3") / "model")
+
+
+@pytest.fixture(scope="module")
+def served(folder: tuple[Path, Any]) -> tuple[LLM, Any]:
+    # 16 tokens a step: the images' tokens (15 and 12) are split across prefill chunks
+    llm = LLM(folder[0], load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=16, max_loras=2, max_lora_rank=8)
+    return llm, folder[1]
+
+
+def prompts(llm: LLM) -> list[Any]:
+    tok = llm.tokenizer
+    return [
+        {"prompt": chat_text(tok, 2, "Compare the two pictures."), "images": [random_image(1), random_image(2, 17, 33)]},
+        chat_text(tok, 0, "No picture here."),
+        {"prompt": chat_text(tok, 1, "What is this?"), "images": [random_image(3, 32, 32)]},
+    ]
+
+
+def expected(llm: LLM, hf: Any, batch: list[Any]) -> list[list[int]]:
+    return [hf_greedy(hf, reference_prompt(llm.tokenizer, p["prompt"], p["images"]), p["images"])
+            if isinstance(p, dict) else hf_greedy(hf, reference_prompt(llm.tokenizer, p, []), []) for p in batch]
+
+
+def test_images_give_transformers_greedy_tokens_chunked_or_not(served: tuple[LLM, Any], folder: tuple[Path, Any]) -> None:
+    llm, hf = served
+    assert isinstance(llm.engine.loaded.model, Mistral3VisionForCausalLM)
+    batch = prompts(llm)
+    outs = llm.generate(batch, GREEDY)
+    ids, mm = llm.encode_prompt(batch[0])
+    assert ids == reference_prompt(llm.tokenizer, batch[0]["prompt"], batch[0]["images"])
+    # 30x20 -> 32x24 pixels: 3 rows of 4 [IMG] + a break/end each; 17x33 -> 16x32: 4 rows of 2 (+1)
+    assert mm is not None and [img.num_tokens for img in mm.images] == [15, 12]
+    assert llm.vision is not None and llm.vision.num_tokens(30, 20) == 15
+    want = expected(llm, hf, batch)
+    assert [o.token_ids for o in outs] == want
+    whole = LLM(folder[0], load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+                max_num_batched_tokens=512)  # every prompt in one pass
+    assert [o.token_ids for o in whole.generate(batch, GREEDY)] == want
+
+
+def test_image_content_decides_output_and_caches(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    vision = llm.engine.runner.vision
+    assert vision is not None
+    text = chat_text(llm.tokenizer, 1, "Describe the colours in this image, please, in some detail.")
+    first = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    encoded = vision.num_encoded
+    other = llm.generate({"prompt": text, "images": [random_image(11)]}, GREEDY)[0]
+    assert other.prompt_token_ids == first.prompt_token_ids and other.token_ids != first.token_ids
+    offset = llm.encode_prompt({"prompt": text, "images": [random_image(11)]})[1].images[0].offset  # type: ignore[union-attr]
+    assert other.num_cached_tokens <= offset  # nothing of the other image's blocks reused
+    assert vision.num_encoded == encoded + 1
+    again = llm.generate({"prompt": text, "images": [random_image(10)]}, GREEDY)[0]
+    assert again.token_ids == first.token_ids
+    assert again.num_cached_tokens > offset and vision.num_encoded == encoded + 1
+
+
+def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    llm, hf = served
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "tuned", LANGUAGE_LAYERS)
+    llm.adapters.register("tuned", str(adapter))
+    images = [random_image(5)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    tuned, plain = llm.generate([{"prompt": text, "images": images}] * 2, GREEDY, adapter=["tuned", None])
+    ids = reference_prompt(llm.tokenizer, text, images)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    assert tuned.token_ids == hf_greedy(peft, ids, images)
+    assert plain.token_ids == hf_greedy(hf, ids, images) != tuned.token_ids
+
+
+def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
+    llm, _ = served
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        llm.generate({"prompt": text, "images": [random_image(1), random_image(2)]}, GREEDY)
+    ids, mm = llm.encode_prompt({"prompt": text, "images": [random_image(1)]})
+    assert mm is not None
+    img = mm.images[0]
+    broken = list(ids)
+    broken[img.offset + 4] = broken[img.offset]  # a row break turned into an image token
+    with pytest.raises(ValueError, match="rows of image tokens"):
+        llm.engine.add_request("broken", broken, GREEDY, mm=mm)
+
+
+def test_other_text_models_are_refused_before_weights(folder: tuple[Path, Any]) -> None:
+    cfg = json.loads((folder[0] / "config.json").read_text())
+    assert route_of(cfg).path == "native"
+    cfg["text_config"]["model_type"] = "ministral3"
+    with pytest.raises(UnsupportedModel, match="'ministral3' decoder"):
+        route_of(cfg)
