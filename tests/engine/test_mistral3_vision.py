@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mistral3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_mistral3, reference_prompt
 from peft import PeftModel
 from vision_models import random_image, write_adapter
@@ -119,3 +120,58 @@ def test_other_text_models_are_refused_before_weights(folder: tuple[Path, Any]) 
     cfg["text_config"]["model_type"] = "ministral3"
     with pytest.raises(UnsupportedModel, match="'ministral3' decoder"):
         route_of(cfg)
+
+
+def test_4bit_checkpoint_serves_nf4_language_and_16bit_vision(folder: tuple[Path, Any], tmp_path: Path) -> None:
+    """A bitsandbytes 4-bit folder as Unsloth saves Mistral 3 (the tower and projector left 16-bit), read
+    as stored: every language projection served in NF4, the vision side in 16-bit; transformers' greedy
+    tokens with the 4-bit weights' values (bitsandbytes' own dequantization)."""
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import BitsAndBytesConfig, Mistral3ForConditionalGeneration
+
+    from sloth_serve.models.layers import LoRALinear
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
+    quantized = Mistral3ForConditionalGeneration.from_pretrained(str(folder[0]), quantization_config=config,
+                                                                dtype=torch.float32)
+    path = tmp_path / "bnb-4bit"
+    quantized.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        (path / name).write_bytes((folder[0] / name).read_bytes())
+    reference = copy.deepcopy(folder[1])
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+                reference.get_submodule(name).weight.copy_(weight)
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=16)
+    projections = [m for m in llm.engine.loaded.model.modules() if isinstance(m, LoRALinear)]
+    assert projections and all(m.is_quantized for m in projections)
+    images = [random_image(7, 40, 24)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    out = llm.generate({"prompt": text, "images": images}, GREEDY)[0]
+    assert out.token_ids == hf_greedy(reference, reference_prompt(llm.tokenizer, text, images), images)
+
+
+def test_vision_lora_merged_at_load_equals_peft(folder: tuple[Path, Any], tmp_path: Path) -> None:
+    """An adapter on the language layers and the Pixtral tower (finetune_vision_layers=True), merged
+    with --merge-lora: PEFT's tokens for the same image."""
+    path, hf = folder
+    target = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|o_proj|up_proj))"
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", target)
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=64, merge_lora=str(adapter))
+    images = [random_image(6)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    ids = reference_prompt(llm.tokenizer, text, images)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    expected = hf_greedy(peft, ids, images)
+    assert llm.generate({"prompt": text, "images": images}, GREEDY)[0].token_ids == expected
+    with torch.no_grad():  # the tower's LoRA changes the answer: a merge leaving it out would fail
+        for name, p in peft.named_parameters():
+            if "vision_tower" in name and "lora_B" in name:
+                p.zero_()
+    assert hf_greedy(peft, ids, images) != expected

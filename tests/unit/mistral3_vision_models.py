@@ -33,7 +33,7 @@ def make_mistral3(folder: Path) -> tuple[Path, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.add_special_tokens({"additional_special_tokens": [*IMAGE_TOKENS, "[INST]", "[/INST]"]})
     tokenizer.chat_template = TEMPLATE
-    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=512, sliding_window=None, rms_norm_eps=1e-5, initializer_range=0.3,
                 eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False)
