@@ -1,6 +1,6 @@
 """Which image processor an image-text model's folder gets: config.json's architecture picks its
-family's (Gemma 3: server/vision_gemma3.py; Llama 3.2 Vision: server/vision_mllama.py; the Qwen-VL
-families: server/vision_processor.py, the base the others build on). The one place that knows every
+family's (Gemma 3: server/vision_gemma3.py; Mistral 3: server/vision_mistral3.py; Llama 3.2 Vision:
+server/vision_mllama.py; the Qwen-VL families: server/vision_processor.py, the base the others build on). The one place that knows every
 family, so the base needs none of them."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from pathlib import Path
 
 from .models.families import VISION_ARCHITECTURES
 from .vision_gemma3 import Gemma3VisionProcessor
+from .vision_mistral3 import Mistral3VisionProcessor
 from .vision_mllama import MllamaVisionProcessor
 from .vision_processor import ImageLimits, VisionProcessor
 
 GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
 MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
+MISTRAL3_VISION = "Mistral3ForConditionalGeneration"  # served natively, with its Pixtral tower (server/vision_mistral3.py)
 
 
 def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> VisionProcessor | None:
@@ -26,6 +28,8 @@ def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> Visi
     limits = limits or ImageLimits()
     if arch == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
         return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits)
+    if arch == MISTRAL3_VISION and isinstance(cfg.get("vision_config"), dict):
+        return Mistral3VisionProcessor.from_mistral3_folder(folder, cfg, limits)
     if arch == MLLAMA_VISION:
         return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits)
     if arch in VISION_ARCHITECTURES:

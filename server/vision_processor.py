@@ -1,7 +1,8 @@
 """Images to engine inputs for an image-text model, as its Hugging Face processor does it: the
 image processor of the model's folder (preprocessor_config.json) resizes and patches each image,
 and each image's one placeholder token in the rendered prompt becomes as many tokens as the encoder
-gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py; Llama 3.2 Vision,
+gives it embeddings (Qwen2-VL / Qwen2.5-VL here; Gemma 3 in server/vision_gemma3.py; Mistral 3 in
+server/vision_mistral3.py; Llama 3.2 Vision,
 whose image token stays one token, in server/vision_mllama.py; server/vision_families.py picks a
 folder's). Used by the HTTP API and the offline LLM alike."""
 
