@@ -8,9 +8,13 @@ elsewhere."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .moe_lora import MoELoRA
 
 # (expert index, its tokens' hidden states [n, hidden]) -> the expert's output [n, hidden]
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -77,13 +81,26 @@ def expert_groups(ids: torch.Tensor, num_experts: int) -> Iterator[tuple[int, to
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
-                w_down: torch.Tensor) -> torch.Tensor:
+                w_down: torch.Tensor, lora: MoELoRA | None = None) -> torch.Tensor:
     """The experts' weighted sum for every token: w_gate_up [E, 2 * inter, hidden] (gate rows first),
-    w_down [E, hidden, inter]. Triton's grouped GEMMs on CUDA, the reference elsewhere."""
-    if x.is_cuda and x.shape[0] > 0:
+    w_down [E, hidden, inter]; with `lora`, each token's expert LoRA added to both projections.
+    Triton's grouped GEMMs on CUDA (with LoRA also under TRITON_INTERPRET=1), the reference elsewhere."""
+    from .moe_lora import interpreting, moe_experts_lora_ref
+
+    if x.shape[0] > 0 and (x.is_cuda or (lora is not None and interpreting())):
         from .triton_moe import fused_moe, supports
 
         if supports(x, w_gate_up, w_down):
-            return fused_moe(x, ids, weights, w_gate_up, w_down)
+            return fused_moe(x, ids, weights, w_gate_up, w_down, lora=lora)
+    if lora is not None:
+        return moe_experts_lora_ref(x, ids, weights, w_gate_up.shape[0],
+                                    lambda e, proj, rows: F.linear(rows, (w_gate_up if proj == "gate_up" else w_down)[e]),
+                                    silu_and_mul, lora)
     return moe_experts_ref(x, ids, weights, w_gate_up.shape[0],
                            lambda e, rows: swiglu_expert(rows, w_gate_up[e], w_down[e]))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a gate|up output (gate columns first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,13 +1,16 @@
 """Grouped expert GEMMs for a mixture-of-experts layer in Triton: the (token, expert) assignments
 are sorted by expert and padded to whole row blocks on the device (`align_by_expert`, no host sync,
 static shapes: CUDA-graph safe); one launch computes every expert's silu(gate) * up, one more its
-down projection scaled by the routing weight. Reference: sloth_kernels.moe.moe_experts_ref."""
+down projection scaled by the routing weight; expert LoRA (triton_moe_lora) adds its deltas inside
+those launches. Reference: sloth_kernels.moe.moe_experts_ref (with LoRA: moe_lora.moe_experts_lora_ref)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .moe_lora import MoELoRA
 
 
 def supports(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
@@ -50,17 +53,18 @@ def _clamped_swiglu(gate, up, out_dtype, limit, ALPHA: tl.constexpr):
 
 
 @triton.jit
-def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, bias_ptr, N, K: tl.constexpr,
-                  num_rows, a_row_div, stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_cm,
-                  gate_step, up_offset, limit,
+def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, bias_ptr, delta_ptr, N,
+                  K: tl.constexpr, num_rows, a_row_div, stride_am, stride_we, stride_wn, stride_wk, stride_be,
+                  stride_dm, stride_cm, gate_step, up_offset, limit,
                   GATED: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False):
+                  BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False, DELTA: tl.constexpr = False):
     """C[row] = A[row // a_row_div] @ W[e].T for the rows of one expert's block (W[e][n, k] at
     n * stride_wn + k * stride_wk). GATED: gate output j is W[e] row j * gate_step, up output j row
     j * gate_step + up_offset (gate rows then up rows: 1, N; gpt-oss's interleaved columns: 2, 1) and
     C = silu(gate) * up, or with CLAMPED gpt-oss's clamped SwiGLU; BIAS: bias[e] (indexed like W's
-    rows) is added after the product is rounded; SCALED: C *= scale[row]."""
+    rows) is added after the product is rounded; DELTA: delta[row] (the row's expert LoRA,
+    triton_moe_lora, indexed like W's rows) is added after that, rounded again; SCALED: C *= scale[row]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -94,10 +98,18 @@ def _grouped_gemm(a_ptr, w_ptr, c_ptr, rows_ptr, block_expert_ptr, scale_ptr, bi
     if BIAS:
         y = (y + tl.load(b_base + offs_n * gate_step, mask=n_ok, other=0.0).to(tl.float32)[None, :])
         y = y.to(out_dtype).to(tl.float32)
+    d_base = delta_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_dm
+    d_mask = row_ok[:, None] & n_ok[None, :]
+    if DELTA:
+        y = (y + tl.load(d_base + (offs_n * gate_step)[None, :], mask=d_mask, other=0.0).to(tl.float32))
+        y = y.to(out_dtype).to(tl.float32)
     if GATED:
         up = acc_up.to(out_dtype).to(tl.float32)
         if BIAS:
             up = up + tl.load(b_base + offs_n * gate_step + up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            up = up.to(out_dtype).to(tl.float32)
+        if DELTA:
+            up = up + tl.load(d_base + (offs_n * gate_step + up_offset)[None, :], mask=d_mask, other=0.0).to(tl.float32)
             up = up.to(out_dtype).to(tl.float32)
         if CLAMPED:
             y = _clamped_swiglu(y, up, out_dtype, limit, 1.702)
@@ -115,64 +127,92 @@ def _block_m(num_assignments: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
+class Assignments:
+    """One layer's (token, expert) assignments sorted by expert (align_by_expert), and each
+    projection's expert-LoRA delta over them (None without LoRA there): what the launches share."""
+
+    def __init__(self, ids: torch.Tensor, num_experts: int, block_m: int | None, lora: MoELoRA | None) -> None:
+        self.top_k = ids.shape[1]
+        self.n = ids.numel()
+        self.block_m = block_m or _block_m(self.n, num_experts)
+        self.rows, self.block_expert = align_by_expert(ids, num_experts, self.block_m)
+        self.lora = lora
+
+    def delta(self, proj: str, inputs: torch.Tensor, a_row_div: int) -> torch.Tensor | None:
+        """The rows' LoRA on `proj` of `inputs` (two launches), or None where no adapter has any."""
+        table = self.lora.get(proj) if self.lora is not None else None
+        if table is None or self.lora is None:
+            return None
+        from .triton_moe_lora import grouped_lora_delta
+
+        return grouped_lora_delta(inputs, a_row_div, self.top_k, self.n, self.rows, self.block_expert,
+                                  self.block_m, self.lora.slots, table)
+
+
 def fused_moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
-    """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k]: two launches."""
+              w_down: torch.Tensor, block_m: int | None = None, lora: MoELoRA | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, k]: two launches
+    (with `lora`, each projection gains its tokens' expert LoRA: two more launches each)."""
     num_tokens, hidden = x.shape
-    top_k = ids.shape[1]
     num_experts, two_inter, _ = w_gate_up.shape
     inter = two_inter // 2
-    n = num_tokens * top_k
-    block_m = block_m or _block_m(n, num_experts)
-    rows, block_expert = align_by_expert(ids, num_experts, block_m)
     x = x.contiguous()
+    sort = Assignments(ids, num_experts, block_m, lora)
+    n, top_k, rows, block_expert, block_m = sort.n, sort.top_k, sort.rows, sort.block_expert, sort.block_m
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     block_n, block_k = 64, 64
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 models: no TF32 rounding
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))
-    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, weights, inter, hidden, n, top_k,
-                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), 1, 0, h.stride(0), 1, inter, 0.0,
-                        GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    d = sort.delta("gate_up", x, top_k)
+    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, weights, h if d is None else d, inter,
+                        hidden, n, top_k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), 1, 0,
+                        0 if d is None else d.stride(0), h.stride(0), 1, inter, 0.0,
+                        GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k, DELTA=d is not None)
     y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     scale = weights.reshape(-1).contiguous()
     grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
-    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, scale, hidden, inter, n, 1,
-                        h.stride(0), w_down.stride(0), w_down.stride(1), 1, 0, y.stride(0), 1, 0, 0.0,
-                        GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    d = sort.delta("down", h, 1)
+    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, scale, y if d is None else d, hidden, inter, n, 1,
+                        h.stride(0), w_down.stride(0), w_down.stride(1), 1, 0, 0 if d is None else d.stride(0),
+                        y.stride(0), 1, 0, 0.0,
+                        GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=block_k, DELTA=d is not None)
     # Each token's top_k results summed in float32 and rounded once.
     return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
 def fused_moe_gpt_oss(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
                       b_gate_up: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, limit: float,
-                      block_m: int | None = None) -> torch.Tensor:
+                      block_m: int | None = None, lora: MoELoRA | None = None) -> torch.Tensor:
     """gpt-oss's experts in transformers' layout: w_gate_up [E, hidden, 2 inter] (gate, up columns
     interleaved) + b_gate_up [E, 2 inter], the clamped SwiGLU, w_down [E, inter, hidden] + b_down
-    [E, hidden]; weighted by the routing weights and summed per token. Two launches, no host sync."""
+    [E, hidden]; weighted by the routing weights and summed per token. Two launches, no host sync
+    (with `lora`: its deltas, output columns in the same interleaved order, two more each)."""
     num_tokens, hidden = x.shape
-    top_k = ids.shape[1]
     num_experts, _, two_inter = w_gate_up.shape
     inter = two_inter // 2
-    n = num_tokens * top_k
-    block_m = block_m or _block_m(n, num_experts)
-    rows, block_expert = align_by_expert(ids, num_experts, block_m)
     x = x.contiguous()
+    sort = Assignments(ids, num_experts, block_m, lora)
+    n, top_k, rows, block_expert, block_m = sort.n, sort.top_k, sort.rows, sort.block_expert, sort.block_m
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     block_n, block_k = 64, 64
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    d = sort.delta("gate_up", x, top_k)
     # W[e][n, k] = w_gate_up[e, k, n]: rows of W are columns here (stride 1), k strides by 2 inter.
-    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, b_gate_up, inter, hidden, n, top_k,
-                        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1),
-                        b_gate_up.stride(0), h.stride(0), 2, 1, limit,
+    _grouped_gemm[grid](x, w_gate_up, h, rows, block_expert, weights, b_gate_up, h if d is None else d, inter,
+                        hidden, n, top_k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1),
+                        b_gate_up.stride(0), 0 if d is None else d.stride(0), h.stride(0), 2, 1, limit,
                         GATED=True, SCALED=False, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=block_k, BIAS=True, CLAMPED=True)
+                        BLOCK_K=block_k, BIAS=True, CLAMPED=True, DELTA=d is not None)
     y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     scale = weights.reshape(-1).contiguous()
     grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
-    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, b_down, hidden, inter, n, 1,
+    d = sort.delta("down", h, 1)
+    _grouped_gemm[grid](h, w_down, y, rows, block_expert, scale, b_down, y if d is None else d, hidden, inter, n, 1,
                         h.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1),
-                        b_down.stride(0), y.stride(0), 1, 0, 0.0,
+                        b_down.stride(0), 0 if d is None else d.stride(0), y.stride(0), 1, 0, 0.0,
                         GATED=False, SCALED=True, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=block_k, BIAS=True)
+                        BLOCK_K=block_k, BIAS=True, DELTA=d is not None)
     return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -317,10 +317,14 @@ class LLMEngine:
             raise ValueError("adapter ids start at 1 (0 is the base model)")
         had_slots = self.lora_manager.has_slots
         self.runner.slot_modules.check(weights)  # its own embed_tokens / lm_head / norms fit the model
-        self.lora_manager.add(adapter_id, weights)
+        tables_changed = self.lora_manager.add(adapter_id, weights)
         if not had_slots:
             with stalls.quiet():
                 self._first_adapter_loaded(adapter_id, weights)
+        elif tables_changed:
+            # MoE expert LoRA tables made or widened: the LoRA graphs read the old ones, capture them again.
+            with stalls.quiet():
+                self.runner.capture_graphs()
 
     def _first_adapter_loaded(self, adapter_id: int, weights: LoRAWeights) -> None:
         # Decode (and prompt) graphs that include the LoRA kernels.

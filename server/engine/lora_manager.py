@@ -39,7 +39,9 @@ class LoRAManager:
         # default --max-lora-rank.
         self.slot_ranks: torch.Tensor | None = None
 
-    def add(self, adapter_id: int, weights: LoRAWeights) -> None:
+    def add(self, adapter_id: int, weights: LoRAWeights) -> bool:
+        """Register an adapter (its slot is written when a batch needs it). True where it made or
+        widened MoE experts' LoRA tables: CUDA graphs captured before read the old ones."""
         # Checked here, not only at load: a slot write that fails mid-step would stop the engine for
         # every request, where a refusal now fails only this adapter's load.
         check_fits(weights, self.layers, self.experts)
@@ -52,16 +54,30 @@ class LoRAManager:
             for layer in self.layers.values():
                 layer.create_lora_slots(self.max_loras, self.max_rank, self.dtype, self.device, self.slot_ranks)
             self.has_slots = True
+        tables_changed = self._reserve_expert_tables(weights)
         self.remove(adapter_id)
         self.adapters[adapter_id] = weights
-        if weights.experts:
-            logger.warning("adapter %s trains MoE experts (%d layers): steps with its requests run the experts one by "
-                           "one and decode without CUDA graphs (correct, not fast); merge it (--merge-lora) for speed",
-                           weights.name, len(weights.experts))
+        if weights.experts and self.needs_eager_experts([adapter_id]):
+            logger.warning("adapter %s trains MoE experts that run one by one (4-bit experts without grouped "
+                           "kernels): steps with its requests decode without CUDA graphs (correct, not fast); "
+                           "merge it (--merge-lora) for speed", weights.name)
+        return tables_changed
 
-    def has_expert_lora(self, adapter_ids: Iterable[int]) -> bool:
-        """Whether an adapter of these trains MoE experts (its steps run eagerly: see expert_lora.py)."""
-        return any(self.adapters[a].experts for a in adapter_ids if a in self.adapters)
+    def _reserve_expert_tables(self, weights: LoRAWeights) -> bool:
+        changed = False
+        for name, update in weights.experts.items():
+            tables = self.experts[name].lora
+            before = tables.table_bytes
+            if tables.reserve(update, self.max_loras, self.dtype, self.device):
+                changed = True
+                logger.info("MoE expert LoRA tables of %s: %.1f MiB", name, (tables.table_bytes - before) / 2**20)
+        return changed  # (widened tables keep what their slots held; new ones start empty, as they are)
+
+    def needs_eager_experts(self, adapter_ids: Iterable[int]) -> bool:
+        """Whether an adapter of these trains MoE experts that run one by one, reading the routing
+        on the host (its steps run eagerly); grouped experts take expert LoRA inside CUDA graphs."""
+        return any(not self.experts[name].runs_grouped
+                   for a in adapter_ids if a in self.adapters for name in self.adapters[a].experts)
 
     def remove(self, adapter_id: int) -> None:
         self.adapters.pop(adapter_id, None)
@@ -99,6 +115,6 @@ class LoRAManager:
             layer.lora_a[index][slot, :r].copy_(a)
             layer.lora_b[index][slot, :, :r].copy_(b)
         for name, experts in self.experts.items():
-            experts.lora.write(slot, weights.experts.get(name), self.dtype, self.device)
+            experts.lora.write(slot, weights.experts.get(name))
         assert self.slot_ranks is not None
         self.slot_ranks[slot] = max((a.shape[0] for a, _ in weights.tensors.values()), default=0)

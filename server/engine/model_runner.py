@@ -312,8 +312,9 @@ class ModelRunner:
         # base's modules (and stay as fast as they were), those rows need per-adapter gathers.
         if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
-        # So do adapters with LoRA on MoE experts (their experts run one by one, host-synchronizing).
-        if adapters and self.lora_manager is not None and self.lora_manager.has_expert_lora(adapters):
+        # So do adapters with LoRA on MoE experts that run one by one (host-synchronizing); grouped
+        # experts add theirs inside the graphs (sloth_kernels.triton_moe_lora).
+        if adapters and self.lora_manager is not None and self.lora_manager.needs_eager_experts(adapters):
             return None
         bs = self.block_size
         positions = [p for _, p in rows]
@@ -355,7 +356,7 @@ class ModelRunner:
             return None
         if adapters and self.slot_modules.has_modules(self.lora_manager, adapters):
             return None
-        if adapters and self.lora_manager is not None and self.lora_manager.has_expert_lora(adapters):
+        if adapters and self.lora_manager is not None and self.lora_manager.needs_eager_experts(adapters):
             return None  # (models with experts have no prefill graphs; as for the decode graphs, should they)
         bs = self.block_size
         ids: list[int] = []

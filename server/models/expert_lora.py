@@ -1,85 +1,81 @@
-"""Hot-swapped LoRA on MoE experts: each adapter slot's update of an experts module (A [E, R, in],
-B [E, out, R] per projection, server/loader/expert_adapter.py) on the device, and the experts' forward
-with it, expert by expert: a token's gate|up and down outputs gain B[e] A[e] of their input for the
-adapter its slot holds. Host-synchronizing (it loops over the experts in use), so steps with such an
-adapter run eagerly, outside CUDA graphs; steps without one keep the grouped kernels. (--merge-lora
-adds an update into the weights instead: server/loader/expert_adapter.py.)"""
+"""Hot-swapped LoRA on MoE experts: every adapter slot's update of an experts module (A [E, R, in],
+B [E, out, R] per projection, server/loader/expert_adapter.py) in device tables beside the dense
+LoRA slots, and the step's view of them (sloth_kernels.moe_lora.MoELoRA) that the experts' grouped
+kernels add per token (no host sync: CUDA graphs capture it); experts that run one by one add it
+expert by expert (sloth_kernels.moe_lora.moe_experts_lora_ref). (--merge-lora adds an update into
+the weights instead: server/loader/expert_adapter.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from sloth_kernels.moe import expert_groups
+from sloth_kernels.moe_lora import ExpertLoRA, MoELoRA
 
 from .layers import StepMetadata
 
-# (expert, projection "gate_up" / "down", rows) -> the base projection of those rows
-Project = Callable[[int, str, torch.Tensor], torch.Tensor]
 Update = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ExpertLoRASlots:
-    """The updates the adapter slots hold for one experts module (slots without one: absent)."""
+    """One experts module's LoRA tables: per projection ("gate_up", "down") A [slots, E, R, in] and
+    B [slots, E, out, R] (zeros past each slot's rank) and each slot's rank there (0: none). Made
+    with the first adapter that trains this module (no cost before), widened when a later one has
+    a larger rank (LoRAManager: the CUDA graphs are then captured again, reading the new ones)."""
 
-    def __init__(self) -> None:
-        self.by_slot: dict[int, Update] = {}
+    def __init__(self, num_experts: int, shapes: dict[str, tuple[int, int]]) -> None:
+        self.num_experts = num_experts
+        self.shapes = shapes  # projection -> (in, out)
+        self.tables: dict[str, ExpertLoRA] = {}
+        self.slot_ranks: dict[str, list[int]] = {}  # the tables' ranks, on the host
 
-    def write(self, slot: int, update: Update | None, dtype: torch.dtype, device: torch.device) -> None:
-        """Put an adapter's update in a slot (None: the adapter has none here, the slot is emptied)."""
-        self.by_slot.pop(slot, None)
-        if update:
-            self.by_slot[slot] = {
-                p: (a.to(device, dtype), b.to(device, dtype)) for p, (a, b) in update.items()
-            }
-
-    def active(self, meta: StepMetadata | None) -> list[int]:
-        """The step's slots that hold an update here (empty: the experts run as without adapters)."""
-        if meta is None or meta.lora_slots is None or not meta.active_lora_slots:
-            return []
-        return [s for s in meta.active_lora_slots if s in self.by_slot]
-
-    def delta(
-        self, proj: str, e: int, rows: torch.Tensor, row_slots: torch.Tensor, slots: list[int]
-    ) -> torch.Tensor:
-        """sum over the active slots of [row's slot is s] * B_s[e] A_s[e] row (exact zeros elsewhere)."""
-        out = torch.zeros(rows.shape[0], 0, dtype=rows.dtype, device=rows.device)
-        for s in slots:
-            update = self.by_slot[s].get(proj)
-            if update is None:
+    def widened(self, update: Update, num_slots: int, dtype: torch.dtype,
+                device: torch.device) -> dict[str, ExpertLoRA]:
+        """New tables for the projections of `update` that have none as wide as its rank, holding
+        what the old ones hold (not yet in use: `install` them, once every module's are made)."""
+        new: dict[str, ExpertLoRA] = {}
+        for proj, (a, _) in update.items():
+            rank = a.shape[1]
+            old = self.tables.get(proj)
+            if old is not None and old.a.shape[2] >= rank:
                 continue
-            a, b = update
-            y = (rows @ a[e].t()) @ b[e].t()
-            y = y * (row_slots == s).unsqueeze(1).to(y.dtype)
-            out = y if out.shape[1] == 0 else out + y
-        return out
+            dim_in, dim_out = self.shapes[proj]
+            table = ExpertLoRA(torch.zeros(num_slots, self.num_experts, rank, dim_in, dtype=dtype, device=device),
+                               torch.zeros(num_slots, self.num_experts, dim_out, rank, dtype=dtype, device=device),
+                               torch.zeros(num_slots, dtype=torch.int32, device=device))
+            if old is not None:
+                r = old.a.shape[2]
+                table.a[:, :, :r].copy_(old.a)
+                table.b[..., :r].copy_(old.b)
+                table.ranks.copy_(old.ranks)
+            new[proj] = table
+        return new
 
+    def install(self, tables: dict[str, ExpertLoRA]) -> None:
+        for proj, table in tables.items():
+            self.tables[proj] = table
+            self.slot_ranks.setdefault(proj, [0] * table.ranks.shape[0])
 
-def moe_experts_lora(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    num_experts: int,
-    project: Project,
-    activate: Callable[[torch.Tensor], torch.Tensor],
-    lora: ExpertLoRASlots,
-    meta: StepMetadata,
-    slots: list[int],
-) -> torch.Tensor:
-    """sloth_kernels.moe.moe_experts_ref's weighted sum, each expert's projections with its LoRA added
-    for the tokens of adapters that have one (tokens of other adapters and of none: the base)."""
-    assert meta.lora_slots is not None
-    token_slots = meta.lora_slots
-    out = torch.zeros_like(x)
-    for e, k, token in expert_groups(ids, num_experts):
-        rows, row_slots = x[token], token_slots[token]
-        h = _with_delta(project(e, "gate_up", rows), lora.delta("gate_up", e, rows, row_slots, slots))
-        h = activate(h)
-        y = _with_delta(project(e, "down", h), lora.delta("down", e, h, row_slots, slots))
-        out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
-    return out
+    @torch.no_grad()
+    def write(self, slot: int, update: Update | None) -> None:
+        """Put an adapter's update in a slot (None, or a projection it lacks: that slot has none there)."""
+        for proj, table in self.tables.items():
+            pair = (update or {}).get(proj)
+            rank = 0 if pair is None else pair[0].shape[1]
+            table.a[slot].zero_()
+            table.b[slot].zero_()
+            if pair is not None:
+                table.a[slot, :, :rank].copy_(pair[0])
+                table.b[slot, ..., :rank].copy_(pair[1])
+            table.ranks[slot] = rank
+            self.slot_ranks[proj][slot] = rank
 
-
-def _with_delta(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return y if delta.shape[1] == 0 else y + delta
+    def step(self, meta: StepMetadata | None) -> MoELoRA | None:
+        """The step's LoRA on these experts, or None where it has none: no tables, no adapter slots,
+        or (known on the host in eager steps) no slot of the step with an update here. A captured
+        step (slots on the device only) always takes the tables: slots without an update skip."""
+        if not self.tables or meta is None or meta.lora_slots is None:
+            return None
+        active = meta.active_lora_slots
+        if active is not None and not any(ranks[s] for ranks in self.slot_ranks.values() for s in active if s >= 0):
+            return None
+        return MoELoRA(meta.lora_slots, self.tables.get("gate_up"), self.tables.get("down"))

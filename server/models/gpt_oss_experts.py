@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from sloth_kernels.moe import moe_experts_ref
+from sloth_kernels.moe_lora import interpreting, moe_experts_lora_ref
 
-from .expert_lora import ExpertLoRASlots, moe_experts_lora
+from .expert_lora import ExpertLoRASlots
 from .layers import StepMetadata
 from .moe import Experts
 
@@ -52,7 +53,7 @@ class GptOssExperts(Experts):
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
         self.quant: dict[tuple[int, str], NF4Weight] = {}
         self.filled: set[tuple[int, str]] = set()
-        self.lora = ExpertLoRASlots()
+        self.lora = ExpertLoRASlots(num_experts, {"gate_up": (hidden, 2 * inter), "down": (inter, hidden)})
 
     def param_shapes(self) -> dict[str, tuple[int, int, int]]:
         return {"gate_up_proj": (self.num_experts, self.hidden, 2 * self.inter),
@@ -132,19 +133,24 @@ class GptOssExperts(Experts):
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu(gate_up, self.limit)
 
+    @property
+    def runs_grouped(self) -> bool:
+        """Whether the experts (and their LoRA) run as grouped kernels on a GPU: 16-bit ones do."""
+        return self.gate_up_proj is not None and self.gate_up_proj_bias.dtype == self.gate_up_proj.dtype
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 meta: StepMetadata | None = None) -> torch.Tensor:
-        slots = self.lora.active(meta)
-        if slots and meta is not None:  # a hot-swapped adapter with LoRA on these experts
-            return moe_experts_lora(x, ids, weights, self.num_experts, self.project, self.activate, self.lora,
-                                    meta, slots)
+        lora = self.lora.step(meta)  # hot-swapped adapters' LoRA on these experts, if the step has any
         gate_up, down = self.gate_up_proj, self.down_proj
-        if x.is_cuda and x.shape[0] > 0 and gate_up is not None and down is not None:
+        triton_runs = x.is_cuda or (lora is not None and interpreting())
+        if triton_runs and x.shape[0] > 0 and gate_up is not None and down is not None:
             from sloth_kernels.triton_moe import fused_moe_gpt_oss, supports
 
             if supports(x, gate_up, down) and self.gate_up_proj_bias.dtype == self.down_proj_bias.dtype == x.dtype:
-                # Two grouped launches, no host sync: captured in CUDA graphs.
+                # Two grouped launches (four more with LoRA), no host sync: captured in CUDA graphs.
                 return fused_moe_gpt_oss(x, ids, weights, gate_up, self.gate_up_proj_bias, down,
-                                         self.down_proj_bias, self.limit)
+                                         self.down_proj_bias, self.limit, lora=lora)
         # Expert by expert (host-synchronizing): the CPU reference, and NF4 experts.
+        if lora is not None:
+            return moe_experts_lora_ref(x, ids, weights, self.num_experts, self.project, self.activate, lora)
         return moe_experts_ref(x, ids, weights, self.num_experts, self._expert)

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from sloth_kernels.moe import moe_experts, moe_experts_ref, route
+from sloth_kernels.moe_lora import moe_experts_lora_ref
 
 from .config import ModelConfig
-from .expert_lora import ExpertLoRASlots, moe_experts_lora
+from .expert_lora import ExpertLoRASlots
 from .layers import LoRALinear, StepMetadata
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ class Experts(nn.Module):
         self.down_proj: nn.Parameter | None = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
         self.quant: dict[tuple[int, str], NF4Weight] = {}
         self.filled: set[tuple[int, str]] = set()
-        self.lora = ExpertLoRASlots()  # hot-swapped adapters' updates (server/models/expert_lora.py)
+        # hot-swapped adapters' updates (server/models/expert_lora.py)
+        self.lora = ExpertLoRASlots(num_experts, {"gate_up": (hidden, 2 * inter), "down": (inter, hidden)})
 
     def param_shapes(self) -> dict[str, tuple[int, int, int]]:
         return {"gate_up_proj": (self.num_experts, 2 * self.inter, self.hidden),
@@ -197,20 +199,24 @@ class Experts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
 
+    @property
+    def runs_grouped(self) -> bool:
+        """Whether the experts (and their LoRA) run as grouped kernels on a GPU: no host sync."""
+        return self.grouped is not None or self.gate_up_proj is not None
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 meta: StepMetadata | None = None) -> torch.Tensor:
-        slots = self.lora.active(meta)
-        if slots and meta is not None:  # a hot-swapped adapter with LoRA on these experts
-            return moe_experts_lora(x, ids, weights, self.num_experts, self.project, self.activate, self.lora,
-                                    meta, slots)
+        lora = self.lora.step(meta)  # hot-swapped adapters' LoRA on these experts, if the step has any
         if self.grouped is not None:
             from sloth_kernels.moe_nf4 import moe_experts_nf4
 
-            return moe_experts_nf4(x, ids, weights, *self.grouped)
+            return moe_experts_nf4(x, ids, weights, *self.grouped, lora=lora)
         if self.gate_up_proj is None or self.down_proj is None:
             # Experts quantized differently from one another: one by one (host-synchronizing).
+            if lora is not None:
+                return moe_experts_lora_ref(x, ids, weights, self.num_experts, self.project, self.activate, lora)
             return moe_experts_ref(x, ids, weights, self.num_experts, self._nf4_expert)
-        return moe_experts(x, ids, weights, self.gate_up_proj, self.down_proj)
+        return moe_experts(x, ids, weights, self.gate_up_proj, self.down_proj, lora=lora)
 
 
 class Router(nn.Module):

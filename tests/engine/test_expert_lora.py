@@ -278,7 +278,10 @@ def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: P
     assert set(weights.experts) == {"model.layers.1.mlp.experts"}
     for model in (ours, dense):
         for name, experts in expert_modules(model).items():
-            experts.lora.write(2, weights.experts.get(name), torch.float32, cpu)
+            update = weights.experts.get(name)
+            if update:
+                experts.lora.reserve(update, 4, torch.float32, cpu)
+            experts.lora.write(2, update)
     meta = StepMetadata(
         attn=None,
         lora_slots=torch.tensor([2] * 5 + [-1] * 4, dtype=torch.int32),  # type: ignore[arg-type]
