@@ -64,14 +64,19 @@ class LoRAManager:
         return tables_changed
 
     def _reserve_expert_tables(self, weights: LoRAWeights) -> bool:
-        changed = False
-        for name, update in weights.experts.items():
-            tables = self.experts[name].lora
-            before = tables.table_bytes
-            if tables.reserve(update, self.max_loras, self.dtype, self.device):
-                changed = True
-                logger.info("MoE expert LoRA tables of %s: %.1f MiB", name, (tables.table_bytes - before) / 2**20)
-        return changed  # (widened tables keep what their slots held; new ones start empty, as they are)
+        """Make or widen the experts' LoRA tables this adapter needs; all are allocated before any is
+        used, so running out of memory leaves the old ones (and the graphs that read them) as they were."""
+        planned = {name: self.experts[name].lora.widened(update, self.max_loras, self.dtype, self.device)
+                   for name, update in weights.experts.items()}
+        planned = {name: tables for name, tables in planned.items() if tables}
+        for name, tables in planned.items():
+            self.experts[name].lora.install(tables)
+        if planned:
+            added = sum(t.a.numel() * t.a.element_size() + t.b.numel() * t.b.element_size()
+                        for tables in planned.values() for t in tables.values())
+            logger.info("MoE expert LoRA tables for adapter %s: %d modules, %.1f MiB (old ones freed)",
+                        weights.name, len(planned), added / 2**20)
+        return bool(planned)  # (widened tables keep what their slots held; new ones start empty, as they are)
 
     def needs_eager_experts(self, adapter_ids: Iterable[int]) -> bool:
         """Whether an adapter of these trains MoE experts that run one by one, reading the routing

@@ -1,11 +1,16 @@
 """LoRA on MoE experts equals PEFT: adapters trained with PEFT's `target_parameters` on gpt-oss's and
 Qwen3-MoE's 3-D expert weights (as Unsloth trains gpt-oss), hot-swapped per request (beside the base
 in one batch) and merged at load (--merge-lora); and adapters with one LoRA module per expert
-(transformers 4's layout, Mixtral's w1/w3/w2) equal the base with each expert's B A merged in."""
+(transformers 4's layout, Mixtral's w1/w3/w2) equal the base with each expert's B A merged in. The
+grouped Triton path (run through TRITON_INTERPRET=1 in a subprocess) gives the expert-by-expert
+path's tokens, and PEFT's; steps with expert LoRA on grouped experts may replay the decode graphs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,8 +165,8 @@ def test_target_parameters_lora_hot_swapped_equals_peft(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
 def test_target_parameters_lora_hot_swapped_on_gpu(tmp_path: Path, family: str) -> None:
-    """The same on CUDA (not yet run on a GPU): steps holding the adapter run eagerly, not from the
-    decode CUDA graphs, with its expert LoRA beside the base rows."""
+    """The same on CUDA (not yet run on a GPU): the expert LoRA runs in the grouped kernels, decode
+    steps holding the adapter replay the CUDA graphs (batch buckets 1, 2, 4) beside the base rows."""
     test_target_parameters_lora_hot_swapped_equals_peft(tmp_path, family, device="cuda")
 
 
@@ -280,7 +285,7 @@ def test_lora_on_4bit_experts_equals_it_on_their_dequantized_weights(tmp_path: P
         for name, experts in expert_modules(model).items():
             update = weights.experts.get(name)
             if update:
-                experts.lora.reserve(update, 4, torch.float32, cpu)
+                experts.lora.install(experts.lora.widened(update, 4, torch.float32, cpu))
             experts.lora.write(2, update)
     meta = StepMetadata(
         attn=None,
@@ -352,3 +357,90 @@ def test_target_parameters_on_a_linear_weight_is_its_module_lora(tmp_path: Path)
     want, base = peft_greedy(folder, adapter)
     got = engine_greedy(folder, adapter)
     assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == want != base
+
+
+# ---- the grouped Triton path (TRITON_INTERPRET=1, in a subprocess) -----------------------------
+
+
+def _grouped_main(cases: list[str]) -> None:
+    """Each (model folder, adapter) pair's engine tokens with the expert LoRA run by the grouped
+    kernels (under the interpreter, as on a GPU), and how many grouped LoRA deltas were computed."""
+    from sloth_kernels import triton_moe_lora
+    from sloth_kernels.triton_interp import patch_interpreter
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    patch_interpreter()
+    launches = [0]
+    original = triton_moe_lora.grouped_lora_delta
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        launches[0] += 1
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    triton_moe_lora.grouped_lora_delta = counted  # type: ignore[assignment]
+    results = {}
+    for case in cases:
+        folder, adapter = case.split("::")
+        launches[0] = 0
+        results[case] = {"tokens": engine_greedy(Path(folder), Path(adapter)), "deltas": launches[0]}
+    print("RESULTS " + json.dumps(results))
+
+
+def grouped_greedy(cases: list[tuple[Path, Path]]) -> dict[tuple[Path, Path], dict]:
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(root)])))
+    args = [f"{folder}::{adapter}" for folder, adapter in cases]
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
+                          timeout=1200, cwd=root)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"grouped run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    got = json.loads(lines[-1][len("RESULTS ") :])
+    return {case: got[arg] for case, arg in zip(cases, args, strict=True)}
+
+
+def test_grouped_expert_lora_gives_the_expert_by_expert_tokens_and_peft(tmp_path: Path) -> None:
+    """gpt-oss, Qwen3-MoE and Mixtral with target_parameters LoRA (and q_proj), and Qwen3-MoE with
+    per-expert LoRA: the grouped kernels' tokens equal the expert-by-expert path's (this process,
+    on the CPU) and PEFT's (or the merged weights'), the base's requests unchanged beside them."""
+    cases, want = [], {}
+    for family in ("gpt_oss", "qwen3_moe", "mixtral"):
+        folder, hf = make_model(tmp_path, family)
+        adapter = peft_adapter(tmp_path / family, hf, target_modules=["q_proj"],
+                               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        cases.append((folder, adapter))
+        want[(folder, adapter)] = peft_greedy(folder, adapter)
+    folder, hf = make_model(tmp_path / "per-expert", "qwen3_moe")
+    base = [greedy(hf, p) for p in PROMPTS]
+    adapter = per_expert_adapter(tmp_path / "per-expert", "qwen3_moe", hf)
+    cases.append((folder, adapter))
+    want[(folder, adapter)] = ([greedy(hf, p) for p in PROMPTS], base)
+    grouped = grouped_greedy(cases)
+    for case in cases:
+        eager = engine_greedy(*case)
+        got = grouped[case]["tokens"]
+        assert grouped[case]["deltas"] > 0, f"{case[0].name}: the grouped LoRA kernels never ran"
+        assert got == eager, f"{case[0].name}: grouped {got} != expert by expert {eager}"
+        with_adapter, without = want[case]
+        assert [got[f"lora{i}"] for i in range(len(PROMPTS))] == with_adapter != without
+        assert [got[f"base{i}"] for i in range(len(PROMPTS))] == without
+
+
+def test_expert_lora_on_grouped_experts_keeps_the_decode_graphs(tmp_path: Path) -> None:
+    """The runner refuses the graphs only for adapters whose experts run one by one (4-bit experts
+    without grouped kernels): their steps read the routing on the host."""
+    folder, hf = make_model(tmp_path, "qwen3_moe")
+    adapter = peft_adapter(tmp_path, hf, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=16, block_size=8,
+                              device="cpu", dtype="float32"))
+    engine.add_lora(1, load_adapter(engine, "a", adapter))
+    manager = engine.lora_manager
+    assert set(manager.adapters[1].experts) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert not manager.needs_eager_experts([1])
+    experts = manager.experts["model.layers.1.mlp.experts"]
+    experts.gate_up_proj = experts.down_proj = None  # as 4-bit experts quantized unlike one another
+    assert not experts.runs_grouped and manager.needs_eager_experts([1])
+
+
+if __name__ == "__main__":
+    _grouped_main(sys.argv[1:])
