@@ -1,23 +1,23 @@
 """Mixture-of-experts compute: the routers (softmax, top-k, optional renormalization; or LFM2-MoE's
 sigmoid with biased picks, as transformers does them) and the experts' SwiGLU MLPs for a flat batch of tokens. `moe_experts_ref` is the plain
 PyTorch reference (tokens grouped by expert, results index-added back, in transformers' order, so on
-one device it is bit-exact to transformers); `moe_experts` runs the grouped Triton GEMMs of
-`sloth_kernels.triton_moe` on CUDA (no host sync, so it is captured in CUDA graphs) and the reference
-elsewhere."""
+one device it is bit-exact to transformers), `moe_experts_lora_ref` the same with each token's expert
+LoRA (sloth_kernels.moe_lora); `moe_experts` runs the grouped Triton GEMMs of `sloth_kernels.triton_moe`
+on CUDA (no host sync, so it is captured in CUDA graphs) and the reference elsewhere."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .moe_lora import MoELoRA
+from .moe_lora import ExpertLoRA, MoELoRA, interpreting, moe_lora_delta_ref
 
 # (expert index, its tokens' hidden states [n, hidden]) -> the expert's output [n, hidden]
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+# (expert, projection "gate_up" / "down", rows) -> the expert's projection of those rows, without LoRA
+Project = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool,
@@ -80,13 +80,34 @@ def expert_groups(ids: torch.Tensor, num_experts: int) -> Iterator[tuple[int, to
         yield e, assignment // num_tokens, assignment % num_tokens
 
 
+def moe_experts_lora_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                         project: Project, activate: Callable[[torch.Tensor], torch.Tensor],
+                         lora: MoELoRA) -> torch.Tensor:
+    """moe_experts_ref's weighted sum with each expert's projections plus their LoRA delta for
+    the tokens whose slot has one (rounded once more, where the projection's output is rounded).
+    Host-synchronizing (it loops over the experts in use)."""
+    out = torch.zeros_like(x)
+    for e, k, token in expert_groups(ids, num_experts):
+        rows, row_slots = x[token], lora.slots[token]
+        h = activate(_with_delta(project(e, "gate_up", rows), rows, e, row_slots, lora.gate_up))
+        y = _with_delta(project(e, "down", h), h, e, row_slots, lora.down)
+        out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
+    return out
+
+
+def _with_delta(y: torch.Tensor, rows: torch.Tensor, e: int, row_slots: torch.Tensor,
+                lora: ExpertLoRA | None) -> torch.Tensor:
+    if lora is None:
+        return y
+    experts = torch.full_like(row_slots, e)
+    return y + moe_lora_delta_ref(rows, experts, row_slots, lora).to(y.dtype)
+
+
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
                 w_down: torch.Tensor, lora: MoELoRA | None = None) -> torch.Tensor:
     """The experts' weighted sum for every token: w_gate_up [E, 2 * inter, hidden] (gate rows first),
     w_down [E, hidden, inter]; with `lora`, each token's expert LoRA added to both projections.
     Triton's grouped GEMMs on CUDA (with LoRA also under TRITON_INTERPRET=1), the reference elsewhere."""
-    from .moe_lora import interpreting, moe_experts_lora_ref
-
     if x.shape[0] > 0 and (x.is_cuda or (lora is not None and interpreting())):
         from .triton_moe import fused_moe, supports
 

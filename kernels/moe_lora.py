@@ -1,22 +1,16 @@
 """LoRA on the experts of a mixture of experts for a batch whose tokens use different adapters: each
 (token, expert) assignment's projection gains B[s, e] A[s, e] of its input, s the token's adapter
 slot (-1: none), e the expert. `moe_lora_delta_ref` (every assignment at once) and
-`moe_experts_lora_ref` (the experts one by one, as `moe.moe_experts_ref`) are the PyTorch
+`moe.moe_experts_lora_ref` (the experts one by one, as `moe.moe_experts_ref`) are the PyTorch
 references; the Triton version (triton_moe_lora) runs beside the grouped MoE GEMMs, over the same
 sort of the assignments by expert, with no host sync (the `lora` argument of `moe.moe_experts`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from .moe import expert_groups
-
-# (expert, projection "gate_up" / "down", rows) -> the expert's projection of those rows, without LoRA
-Project = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,26 +50,3 @@ def moe_lora_delta_ref(inputs: torch.Tensor, experts: torch.Tensor, slots: torch
     shrunk = torch.einsum("nk,nrk->nr", inputs.float(), a).to(lora.a.dtype).float()
     delta = torch.einsum("nr,nor->no", shrunk, b)
     return (delta * (slots >= 0).unsqueeze(1)).to(inputs.dtype)
-
-
-def moe_experts_lora_ref(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
-                         project: Project, activate: Callable[[torch.Tensor], torch.Tensor],
-                         lora: MoELoRA) -> torch.Tensor:
-    """moe.moe_experts_ref's weighted sum with each expert's projections plus their LoRA delta for
-    the tokens whose slot has one (rounded once more, where the projection's output is rounded).
-    Host-synchronizing (it loops over the experts in use)."""
-    out = torch.zeros_like(x)
-    for e, k, token in expert_groups(ids, num_experts):
-        rows, row_slots = x[token], lora.slots[token]
-        h = activate(_with_delta(project(e, "gate_up", rows), rows, e, row_slots, lora.gate_up))
-        y = _with_delta(project(e, "down", h), h, e, row_slots, lora.down)
-        out.index_add_(0, token, (y * weights[token, k, None]).to(out.dtype))
-    return out
-
-
-def _with_delta(y: torch.Tensor, rows: torch.Tensor, e: int, row_slots: torch.Tensor,
-                lora: ExpertLoRA | None) -> torch.Tensor:
-    if lora is None:
-        return y
-    experts = torch.full_like(row_slots, e)
-    return y + moe_lora_delta_ref(rows, experts, row_slots, lora).to(y.dtype)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .moe import moe_experts_ref, silu_and_mul
-from .moe_lora import MoELoRA, interpreting, moe_experts_lora_ref
+from .moe import moe_experts_lora_ref, moe_experts_ref, silu_and_mul
+from .moe_lora import MoELoRA, interpreting
 from .moe_nf4_format import GroupedNF4
 from .nf4 import dequantize_nf4_ref
 

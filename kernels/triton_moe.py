@@ -2,7 +2,7 @@
 are sorted by expert and padded to whole row blocks on the device (`align_by_expert`, no host sync,
 static shapes: CUDA-graph safe); one launch computes every expert's silu(gate) * up, one more its
 down projection scaled by the routing weight; expert LoRA (triton_moe_lora) adds its deltas inside
-those launches. Reference: sloth_kernels.moe.moe_experts_ref (with LoRA: moe_lora.moe_experts_lora_ref)."""
+those launches. Reference: sloth_kernels.moe.moe_experts_ref (with LoRA: moe.moe_experts_lora_ref)."""
 
 from __future__ import annotations
 

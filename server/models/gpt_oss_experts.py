@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sloth_kernels.moe import moe_experts_ref
-from sloth_kernels.moe_lora import interpreting, moe_experts_lora_ref
+from sloth_kernels.moe import moe_experts_lora_ref, moe_experts_ref
+from sloth_kernels.moe_lora import interpreting
 
 from .expert_lora import ExpertLoRASlots
 from .layers import StepMetadata

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sloth_kernels.moe import moe_experts, moe_experts_ref, route
-from sloth_kernels.moe_lora import moe_experts_lora_ref
+from sloth_kernels.moe import moe_experts, moe_experts_lora_ref, moe_experts_ref, route
 
 from .config import ModelConfig
 from .expert_lora import ExpertLoRASlots

@@ -21,14 +21,16 @@ if str(ROOT) not in sys.path:
 
 from test_attention import run_interpreted  # noqa: E402  (the shared subprocess harness)
 
-from sloth_kernels.moe import moe_experts, moe_experts_ref, route, silu_and_mul, swiglu_expert  # noqa: E402
-from sloth_kernels.moe_lora import (  # noqa: E402
-    ExpertLoRA,
-    MoELoRA,
+from sloth_kernels.moe import (  # noqa: E402
     Project,
+    moe_experts,
     moe_experts_lora_ref,
-    moe_lora_delta_ref,
+    moe_experts_ref,
+    route,
+    silu_and_mul,
+    swiglu_expert,
 )
+from sloth_kernels.moe_lora import ExpertLoRA, MoELoRA, moe_lora_delta_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}

@@ -56,3 +56,18 @@ def test_experts_widen_the_mlp_term() -> None:
         moe_intermediate_size=32, shared_expert_intermediate_size=64))
     # 4 experts x 32 + the shared expert's 64 = 192 features, wider than the dense 96
     assert activation_bytes_per_token(moe, 4) == (2 * 64 + 4 * 192) * 4
+
+
+def test_lora_graphs_of_experts_count_the_expert_lora_deltas() -> None:
+    moe = ModelConfig.from_dict(dict(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=512, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, head_dim=16))
+    plain = activation_bytes_per_token(moe, 2)
+    # each of a token's 2 (token, expert) pairs: a gate|up delta (2 x 48) and a down delta (64)
+    assert activation_bytes_per_token(moe, 2, expert_lora=True) - plain == 2 * (2 * 48 + 64) * 2
+    assert activation_bytes_per_token(LLAMA_8B, 2, expert_lora=True) == activation_bytes_per_token(LLAMA_8B, 2)
+    with_lora = graph_pool_bytes(moe, 2, [1, 2], [], 8, lora=True)
+    kept = 2 * 3 * 1000 * 4
+    assert with_lora == int(POOL_MARGIN * (kept + 2 * (plain + 2 * 160 * 2) + 2 * 1000 * 2))
