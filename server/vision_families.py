@@ -16,7 +16,8 @@ from .vision_processor import ImageLimits, VisionProcessor
 
 GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vision tower (server/vision_gemma3.py)
 MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
-MISTRAL3_VISION = "Mistral3ForConditionalGeneration"  # served natively, with its Pixtral tower (server/vision_mistral3.py)
+# served natively, with their Pixtral tower (server/vision_mistral3.py)
+PIXTRAL_VISION = ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
 
 
 def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> VisionProcessor | None:
@@ -28,7 +29,7 @@ def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> Visi
     limits = limits or ImageLimits()
     if arch == GEMMA3_VISION and isinstance(cfg.get("vision_config"), dict):
         return Gemma3VisionProcessor.from_gemma_folder(folder, cfg, limits)
-    if arch == MISTRAL3_VISION and isinstance(cfg.get("vision_config"), dict):
+    if arch in PIXTRAL_VISION and isinstance(cfg.get("vision_config"), dict):
         return Mistral3VisionProcessor.from_mistral3_folder(folder, cfg, limits)
     if arch == MLLAMA_VISION:
         return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits)

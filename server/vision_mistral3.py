@@ -1,8 +1,8 @@
-"""Mistral 3's images to engine inputs, as its Hugging Face processor (PixtralProcessor) makes them:
-each image resized so that its longest edge is at most the image processor's longest_edge and each
-side a multiple of patch_size * spatial_merge_size (Pixtral's image processor), and each [IMG] in the
-rendered prompt becoming, per row of merged patches, that many [IMG] tokens and an [IMG_BREAK], the
-last row's break an [IMG_END]. The placeholders are special tokens, so the text around them is
+"""Mistral 3's (and Pixtral-12B's) images to engine inputs, as their Hugging Face processor
+(PixtralProcessor) makes them: each image resized so that its longest edge is at most the image
+processor's longest_edge and each side a multiple of patch_size * spatial_merge_size (Pixtral's image
+processor), and each [IMG] in the rendered prompt becoming, per row of merged patches, that many
+[IMG] tokens and an [IMG_BREAK], the last row's break an [IMG_END]. The placeholders are special tokens, so the text around them is
 tokenized alike before and after the expansion."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.mm_inputs import ImageInput, MultiModalInputs
+from .models.mistral3_config import LLAVA_ARCHITECTURE
 from .vision_processor import ImageError, ImageLimits, VisionProcessor
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class Mistral3VisionProcessor(VisionProcessor):
         from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
         patch = int(cfg["vision_config"].get("patch_size", 16))
-        merge = int(cfg.get("spatial_merge_size", 2))
+        llava = (cfg.get("architectures") or [None])[0] == LLAVA_ARCHITECTURE  # Pixtral-12B: no merge
+        merge = 1 if llava else int(cfg.get("spatial_merge_size", 2))
         saved = folder / "processor_config.json"
         settings = json.loads(saved.read_text()) if saved.is_file() else {}
         for key, value in (("patch_size", patch), ("spatial_merge_size", merge)):
@@ -60,12 +62,12 @@ class Mistral3VisionProcessor(VisionProcessor):
                            "served for text only", folder, " / ".join(missing))
             return None
         ids = {key: int(vocab[name]) for key, name in names.items()}
-        image_token = int(cfg.get("image_token_id", cfg.get("image_token_index", 10)))
+        image_token = int(cfg.get("image_token_id", cfg.get("image_token_index", 32000 if llava else 10)))
         if ids["image_token"] != image_token:
             raise ValueError(f"{folder}: the tokenizer's {names['image_token']} is token {ids['image_token']} but "
                              f"config.json image_token_index is {image_token}")
         if not (folder / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"{folder} is an image-text model (Mistral3ForConditionalGeneration) without "
+            raise FileNotFoundError(f"{folder} is an image-text model with a Pixtral vision tower without "
                                     "preprocessor_config.json: copy the image processor's settings from the model "
                                     "it was trained from")
         processor = PixtralImageProcessorPil.from_pretrained(str(folder), local_files_only=True)

@@ -19,7 +19,13 @@ from .mamba2_config import (
     falcon_h1_fields,
     granite_hybrid_fields,
 )
-from .mistral3_config import MISTRAL3_ARCHITECTURE, mistral3_text_config, mistral3_vision_fields
+from .mistral3_config import (
+    LLAVA_ARCHITECTURE,
+    MISTRAL3_ARCHITECTURE,
+    PIXTRAL_ARCHITECTURES,
+    mistral3_text_config,
+    mistral3_vision_fields,
+)
 from .moe_config import moe_fields
 from .phi3_config import phi3_fields
 from .qwen3_5_config import qwen3_5_fields
@@ -36,6 +42,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForConditionalGeneration": "gemma3",  # with a vision_config: images too (server/models/gemma_vision.py)
     # Mistral Small 3.1 / 3.2: a Mistral text model with a Pixtral tower (server/models/mistral3_vision.py)
     MISTRAL3_ARCHITECTURE: "mistral",
+    LLAVA_ARCHITECTURE: "mistral",  # with a Pixtral tower only (Pixtral-12B); other LLaVA towers are refused
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini: fused q|k|v and gate|up on disk
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (server/models/moe.py)
     "Qwen2MoeForCausalLM": "qwen2_moe",  # with a shared expert behind a sigmoid gate
@@ -102,8 +109,8 @@ class ModelConfig:
     vision_config: dict[str, Any] | None = None
     image_token_id: int | None = None
     mm_tokens_per_image: int = 0
-    # Mistral 3 with images (vision_config: its Pixtral tower): the projector's settings, as
-    # transformers' Mistral3Config names them (server/models/mistral3_config.py)
+    # Mistral 3 / Pixtral-12B (LLaVA) with images (vision_config: the Pixtral tower): the projector's
+    # settings, as transformers' Mistral3Config / LlavaConfig name them (server/models/mistral3_config.py)
     vision_projector: dict[str, Any] | None = None
     # Mixture of experts (server/models/moe_config.py); num_experts 0: a dense model.
     num_experts: int = 0
@@ -183,7 +190,7 @@ class ModelConfig:
             raise ValueError(
                 f"architecture {archs[0]!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
-        if archs[0] == MISTRAL3_ARCHITECTURE:  # the text model's fields, then the vision side's
+        if archs[0] in PIXTRAL_ARCHITECTURES:  # the text model's fields, then the vision side's
             text = cls.from_dict(mistral3_text_config(cfg))
             return replace(text, multimodal=True, **mistral3_vision_fields(cfg))
         if family in GEMMA_FAMILIES:

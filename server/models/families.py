@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import SUPPORTED_ARCHITECTURES
 from .layernorm_config import generic_only
-from .mistral3_config import MISTRAL3_ARCHITECTURE, text_refusal
+from .mistral3_config import PIXTRAL_ARCHITECTURES, text_refusal
 
 # Families whose layers keep state beyond a KV cache (SSM, linear attention, gated convolutions).
 RECURRENT_TYPES = frozenset({
@@ -51,7 +51,7 @@ def route_of(cfg: dict[str, Any]) -> Route:
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     arch = str(archs[0] if isinstance(archs, list) else archs)
     model_type = str(cfg.get("model_type") or "")
-    if arch == MISTRAL3_ARCHITECTURE and (reason := text_refusal(cfg)) is not None:
+    if arch in PIXTRAL_ARCHITECTURES and (reason := text_refusal(cfg)) is not None:
         raise UnsupportedModel(reason)
     if arch in SUPPORTED_ARCHITECTURES and generic_only(cfg, arch) is None:
         return Route("native", arch, model_type)

@@ -1,19 +1,23 @@
 """Mistral Small 3.1 / 3.2 with images (Mistral3ForConditionalGeneration): our Mistral text model (NF4
 linears, multi-LoRA, paged KV cache, CUDA graphs for decode) with the checkpoint's own 16-bit Pixtral
 vision tower and Mistral 3's projector (RMSNorm, a learned merge of each 2x2 patch block, two linears)
-in the prefill, transformers' modules as they are. An image is rows of [IMG] tokens, each row ending in
-[IMG_BREAK] and the last in [IMG_END] instead; the projector's embeddings replace the [IMG] tokens'
-and the break and end tokens keep their own embeddings. Attention stays causal, one position a token."""
+in the prefill, transformers' modules as they are; Pixtral-12B (LlavaForConditionalGeneration with a
+Pixtral tower) is the same with LLaVA's projector (two linears) and no merge. An image is rows of
+[IMG] tokens, each row ending in [IMG_BREAK] and the last in [IMG_END] instead; the projector's
+embeddings replace the [IMG] tokens' and the break and end tokens keep their own embeddings.
+Attention stays causal, one position a token."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import ModelConfig
 from .layers import StepMetadata
 from .llama import LlamaForCausalLM
+from .mistral3_config import LLAVA_ARCHITECTURE
 from .per_adapter import AdapterStep
 
 
@@ -26,22 +30,21 @@ class Mistral3VisionForCausalLM(LlamaForCausalLM):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        from transformers import Mistral3Config, PixtralVisionConfig, PixtralVisionModel
-        from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+        from transformers import PixtralVisionConfig, PixtralVisionModel
 
         assert cfg.vision_config is not None and cfg.vision_projector is not None and cfg.image_token_id is not None
         vision_cfg = PixtralVisionConfig(**{k: v for k, v in cfg.vision_config.items() if k != "model_type"})
         vision_cfg._attn_implementation = "sdpa"
-        text = dict(model_type="mistral", hidden_size=cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps)
-        full = Mistral3Config(vision_config=vision_cfg.to_dict(), text_config=text, **cfg.vision_projector)
         self.vision_tower = PixtralVisionModel(vision_cfg)
         self.vision_tower.requires_grad_(False)
-        self.multi_modal_projector = Mistral3MultiModalProjector(full)
+        settings = dict(cfg.vision_projector)
+        self.llava = settings.pop("architecture") == LLAVA_ARCHITECTURE
+        self.merge = int(settings["spatial_merge_size"])
+        self.feature_layer: int | list[int] = settings["vision_feature_layer"]
+        self.multi_modal_projector = _projector(vision_cfg, cfg, settings, self.llava)
         self.multi_modal_projector.requires_grad_(False)
         self.image_token_id = cfg.image_token_id
         self.patch_size = int(vision_cfg.patch_size)  # type: ignore[arg-type]
-        self.merge = int(cfg.vision_projector["spatial_merge_size"])
-        self.feature_layer: int | list[int] = cfg.vision_projector["vision_feature_layer"]
 
     def post_load(self) -> None:
         """Buffers built on the meta device hold nothing: the tower's rotary frequencies again."""
@@ -76,7 +79,7 @@ class Mistral3VisionForCausalLM(LlamaForCausalLM):
         out: Any = self.vision_tower(pixels, image_sizes=sizes, output_hidden_states=True, return_dict=True)
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else self.feature_layer
         features = torch.cat([out.hidden_states[i] for i in layers], dim=-1).squeeze(0)
-        merged = self.multi_modal_projector(features, sizes)
+        merged = self.multi_modal_projector(features) if self.llava else self.multi_modal_projector(features, sizes)
         spans = []
         for image, (_, h, w) in zip(merged.split([h * w // self.merge**2 for _, h, w in grids]), grids, strict=True):
             rows, cols = h // self.merge, w // self.merge
@@ -90,3 +93,20 @@ class Mistral3VisionForCausalLM(LlamaForCausalLM):
         rows of patches, each followed by one break (or, for the last, the end) token."""
         cols = grid[2] // self.merge
         return ([True] * cols + [False]) * (grid[1] // self.merge)
+
+
+def _projector(vision_cfg: Any, cfg: ModelConfig, settings: dict[str, Any], llava: bool) -> nn.Module:
+    """transformers' projector of the checkpoint's architecture: Mistral 3's (RMSNorm, patch merger,
+    two linears) or LLaVA's (two linears), built from the config fields it reads."""
+    text = dict(model_type="mistral", hidden_size=cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps)
+    if llava:
+        from transformers import LlavaConfig
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        settings = {k: v for k, v in settings.items() if k != "spatial_merge_size"}
+        return LlavaMultiModalProjector(LlavaConfig(vision_config=vision_cfg.to_dict(), text_config=text,
+                                                    vision_feature_select_strategy="full", **settings))
+    from transformers import Mistral3Config
+    from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+    return Mistral3MultiModalProjector(Mistral3Config(vision_config=vision_cfg.to_dict(), text_config=text, **settings))

@@ -175,3 +175,23 @@ def test_vision_lora_merged_at_load_equals_peft(folder: tuple[Path, Any], tmp_pa
             if "vision_tower" in name and "lora_B" in name:
                 p.zero_()
     assert hf_greedy(peft, ids, images) != expected
+
+
+def test_pixtral_llava_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
+    """Pixtral-12B's form (LlavaForConditionalGeneration with a Pixtral tower): no patch merge (a row
+    per 4-pixel patch row), LLaVA's projector; one and two images and text only, chunked across images."""
+    folder, hf = make_mistral3(tmp_path / "pixtral", llava=True)
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=32)
+    assert isinstance(llm.engine.loaded.model, Mistral3VisionForCausalLM)
+    batch = prompts(llm)
+    outs = llm.generate(batch, GREEDY)
+    refs = [reference_prompt(llm.tokenizer, p["prompt"] if isinstance(p, dict) else p,
+                             p["images"] if isinstance(p, dict) else [], merge=1) for p in batch]
+    assert [o.prompt_token_ids for o in outs] == refs
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, ids, p["images"] if isinstance(p, dict) else [], merge=1)
+                                           for ids, p in zip(refs, batch, strict=True)]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"] = {"model_type": "clip_vision_model"}
+    with pytest.raises(UnsupportedModel, match="Pixtral tower"):
+        route_of(cfg)

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Mistral3Config, Mistral3ForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+)
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
 from sloth_serve.loader import DEMO_MODEL
@@ -28,8 +34,10 @@ PATCH, MERGE, LONGEST_EDGE = 4, 2, 32
 MAX_TOKENS = 8
 
 
-def make_mistral3(folder: Path) -> tuple[Path, Any]:
-    """The folder (weights, tokenizer, template, image processor) and transformers' model (eager)."""
+def make_mistral3(folder: Path, llava: bool = False) -> tuple[Path, Any]:
+    """The folder (weights, tokenizer, template, image processor) and transformers' model (eager).
+    `llava`: a Pixtral-12B-style LlavaForConditionalGeneration instead (no patch merge, LLaVA's
+    projector with biases)."""
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.add_special_tokens({"additional_special_tokens": [*IMAGE_TOKENS, "[INST]", "[/INST]"]})
     tokenizer.chat_template = TEMPLATE
@@ -39,14 +47,19 @@ def make_mistral3(folder: Path) -> tuple[Path, Any]:
                 eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False)
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=2, head_dim=16, patch_size=PATCH, image_size=LONGEST_EDGE, initializer_range=0.3)
-    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=MERGE,
-                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False,
-                            projector_hidden_act="gelu")
+    image_token = tokenizer.convert_tokens_to_ids("[IMG]")
+    config: Any = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=MERGE,
+                                 image_token_index=image_token, tie_word_embeddings=False, projector_hidden_act="gelu")
+    model_class: Any = Mistral3ForConditionalGeneration
+    if llava:
+        config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
+                             vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
+        model_class = LlavaForConditionalGeneration
     torch.manual_seed(0)
-    model = Mistral3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():  # norms away from their init so that those code paths matter
+    model = model_class._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms and biases away from their init so that those code paths matter
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.3)
             if "patch_conv" in name or "merging_layer" in name or "linear_" in name:
                 p.normal_(0.0, 0.5)
@@ -60,10 +73,10 @@ def image_processor() -> PixtralImageProcessorPil:
     return PixtralImageProcessorPil(size={"longest_edge": LONGEST_EDGE}, patch_size={"height": PATCH, "width": PATCH})
 
 
-def pixels(images: list[Any]) -> dict[str, torch.Tensor]:
+def pixels(images: list[Any], merge: int = MERGE) -> dict[str, torch.Tensor]:
     """pixel_values (padded to the largest) and image_sizes, as PixtralProcessor asks its image
     processor for them: sides in multiples of patch_size * spatial_merge_size."""
-    return dict(image_processor()(images=images, return_tensors="pt", patch_size=PATCH * MERGE))
+    return dict(image_processor()(images=images, return_tensors="pt", patch_size=PATCH * merge))
 
 
 def chat_text(tokenizer: Any, num_images: int, question: str) -> str:
@@ -72,11 +85,11 @@ def chat_text(tokenizer: Any, num_images: int, question: str) -> str:
     return str(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False))
 
 
-def reference_prompt(tokenizer: Any, text: str, images: list[Any]) -> list[int]:
+def reference_prompt(tokenizer: Any, text: str, images: list[Any], merge: int = MERGE) -> list[int]:
     """PixtralProcessor's input_ids: each [IMG] in the text replaced by rows of [IMG] tokens (one per
     merged patch) each ending in [IMG_BREAK], the very last one [IMG_END], then tokenized."""
-    sizes = pixels(images)["image_sizes"].tolist() if images else []
-    side = PATCH * MERGE
+    sizes = pixels(images, merge)["image_sizes"].tolist() if images else []
+    side = PATCH * merge
     parts = text.split("[IMG]")
     assert len(parts) == len(sizes) + 1
     expanded = parts[0]
@@ -86,9 +99,10 @@ def reference_prompt(tokenizer: Any, text: str, images: list[Any]) -> list[int]:
     return list(tokenizer.encode(expanded, add_special_tokens=False))
 
 
-def hf_greedy(model: Any, token_ids: list[int], images: list[Any], max_tokens: int = MAX_TOKENS) -> list[int]:
+def hf_greedy(model: Any, token_ids: list[int], images: list[Any], max_tokens: int = MAX_TOKENS,
+              merge: int = MERGE) -> list[int]:
     """transformers' greedy tokens for a prompt whose placeholders are already expanded."""
-    kwargs: dict[str, Any] = pixels(images) if images else {}
+    kwargs: dict[str, Any] = pixels(images, merge) if images else {}
     out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
                          pad_token_id=0, **kwargs)
     return out[0, len(token_ids) :].tolist()  # type: ignore[no-any-return]
