@@ -17,6 +17,8 @@ which runs programs one by one in ticket order, meets the same order. All counte
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -236,6 +238,21 @@ def fusable(x: torch.Tensor, w: NF4Weight, a: torch.Tensor, slices: list[int]) -
             and _slice_block_n(slices, 64) >= 16)
 
 
+def launch_config(m: int, w: NF4Weight, slices: list[int], device: torch.device,
+                  gemv: GemvConfig | None = None) -> GemvConfig:
+    """The GEMV configuration the fused launch runs (`gemv`, else the tuned one for the shape): the
+    tensor-core kernel, column tiles that never straddle two slices, and an explicit K split of at
+    least two (the shrink needs one split row besides the last). nf4_matmul given this configuration
+    computes the same base product bit for bit."""
+    n, k = w.shape
+    cfg = gemv or gemv_config_for(m, n, k)
+    block_n = _slice_block_n(slices, cfg.block_n)
+    num_blocks = k // w.blocksize
+    split = max(2, _split_k(replace(cfg, block_n=block_n), triton.cdiv(n, block_n), num_blocks, device))
+    split = triton.cdiv(num_blocks, triton.cdiv(num_blocks, min(split, num_blocks)))  # no empty splits
+    return replace(cfg, block_n=block_n, split_k=split, cuda_cores=False)
+
+
 def nf4_lora_matmul(
     x: torch.Tensor, w: NF4Weight, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
     slices: list[int] | None = None, ranks: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -258,14 +275,10 @@ def nf4_lora_matmul(
         slots = slots.int()
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = gemv or gemv_config_for(m, n, k)
-    block_n = _slice_block_n(slices, cfg.block_n)
+    cfg = launch_config(m, w, slices, x.device, gemv)
+    block_n, split = cfg.block_n, cfg.split_k
     tiles_n = triton.cdiv(n, block_n)
-    num_blocks = k // w.blocksize
-    split = max(2, _split_k(GemvConfig(block_n=block_n, split_k=cfg.split_k, kb=cfg.kb, waves=cfg.waves), tiles_n,
-                            num_blocks, x.device))
-    per_split = triton.cdiv(num_blocks, min(split, num_blocks))
-    split = triton.cdiv(num_blocks, per_split)  # no empty splits; at least two (fusable checked two blocks)
+    per_split = triton.cdiv(k // w.blocksize, split)
     use_prmt = cfg.use_prmt and x.is_cuda and x.dtype != torch.float32
     tables = prmt_tables(x.dtype) if use_prmt else (0,) * 8
     part = torch.empty((split, n, m), dtype=torch.float32, device=x.device)
