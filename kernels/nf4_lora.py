@@ -1,6 +1,7 @@
-"""An NF4 projection with each row's LoRA added, for decode batches: the reference (the NF4 product,
-then sloth_kernels.lora's gather by slot) and the dispatch to the one-launch Triton kernel of
-sloth_kernels.triton_nf4_lora. `a`, `b`, `slots`, `slices` and `ranks` are add_lora's."""
+"""An NF4 projection with each row's LoRA added: the reference (the NF4 product, then
+sloth_kernels.lora's gather by slot), and the dispatch that runs the one-launch Triton kernel of
+sloth_kernels.triton_nf4_lora on decode-sized batches, the two apart otherwise. `a`, `b`, `slots`,
+`slices` and `ranks` are add_lora's."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 
 import torch
 
-from .lora import add_lora_ref
-from .nf4 import nf4_linear_ref
+from .lora import add_lora, add_lora_ref
+from .nf4 import nf4_linear, nf4_linear_ref
 from .nf4_format import NF4Weight
 
 
@@ -38,17 +39,17 @@ def runs_triton(x: torch.Tensor) -> bool:
 
 def nf4_linear_lora(
     x: torch.Tensor, w: NF4Weight, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-    slices: list[int] | None = None, ranks: torch.Tensor | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """The fused product [T, N] (written into `out` when given), or None where the one-launch kernel
-    does not apply (more rows than a decode batch, shapes it does not take, no Triton here): the
-    caller then runs the NF4 product and add_lora apart."""
-    if not runs_triton(x):
-        return None
-    from .triton_nf4_lora import fusable, nf4_lora_matmul
-
+    slices: list[int] | None = None, ranks: torch.Tensor | None = None, active_slots: list[int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [T, K] @ W.T plus each row's LoRA -> [T, N] (written into `out`, a 2-D view, when given). One
+    launch of the fused kernel where it applies (a batch of up to 64 rows, shapes it takes, Triton
+    here); elsewhere the NF4 product and add_lora apart, which `active_slots` spares a sync."""
     slices = slices or [w.shape[0]]
-    if not fusable(x, w, a, slices):
-        return None
-    x2 = x.reshape(-1, x.shape[-1])
-    return nf4_lora_matmul(x2, w, a, b, slots, slices, ranks, out)
+    if runs_triton(x):
+        from .triton_nf4_lora import fusable, nf4_lora_matmul
+
+        if fusable(x, w, a, slices):
+            return nf4_lora_matmul(x, w, a, b, slots, slices, ranks, out)
+    y = nf4_linear(x, w, out=out)
+    return add_lora(y, x, a, b, slots, active_slots, slices, ranks)

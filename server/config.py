@@ -162,6 +162,12 @@ class Config:
     max_lora_rank: int | None = setting(
         None, "rank of the adapter slots (default: the largest rank among the adapters given at start-up, at "
         "least 16; adapters loaded later may not exceed it)", "LoRA")
+    # The NF4 decode GEMV computing each row's LoRA in the same launch (sloth_kernels.triton_nf4_lora)
+    # instead of the NF4 product, a shrink and an expand apart; off until measured on the H200
+    # (bench/lora_fused.py).
+    fused_lora: bool = setting(
+        False, "CUDA: 4-bit layers compute the adapters' LoRA inside their NF4 product on batches of up to 64 "
+        "rows (one launch per projection instead of three; experimental)", "LoRA")
     # HTTP server
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", "HTTP server")
     port: int = setting(8000, "TCP port to listen on", "HTTP server")

@@ -20,6 +20,7 @@ from sloth_kernels.rope_scaling import long_prompt_threshold
 from ..config import Config
 from ..loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from ..loader.peft import LoRAWeights, startup_lora_rank
+from ..models.layers import use_fused_lora
 from ..models.moe import expert_modules
 from ..startup_clock import Phase, current, startup_phase
 from . import stalls
@@ -147,6 +148,7 @@ class LLMEngine:
             model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
             expert_modules(model),
         )
+        use_fused_lora(model, config.fused_lora)
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):
             self.runner = ModelRunner(
                 model, num_blocks, config.block_size, self.device, self.dtype, self.lora_manager,

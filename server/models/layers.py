@@ -12,6 +12,7 @@ from torch import nn
 from sloth_kernels.attention import AttnMetadata
 from sloth_kernels.lora import add_lora
 from sloth_kernels.state_batch import StateBatch
+from sloth_kernels.triton_nf4_config import GEMV_MAX_ROWS
 
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight
@@ -37,6 +38,13 @@ class StatefulModel(Protocol):
     def state_bytes_per_slot(self, dtype: torch.dtype) -> int: ...
 
     def allocate_state(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None: ...
+
+
+def use_fused_lora(model: nn.Module, on: bool) -> None:
+    """Whether the model's 4-bit layers compute their LoRA inside the NF4 product (--fused-lora)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.fused_lora = on
 
 
 def fuse_quantized_projections(model: nn.Module) -> int:
@@ -72,6 +80,8 @@ class LoRALinear(nn.Module):
         self.lora_a: list[torch.Tensor] = []  # per slice [num_slots, rank, in_features]
         self.lora_b: list[torch.Tensor] = []  # per slice [num_slots, out_slice, rank]
         self.lora_ranks: torch.Tensor | None = None  # [num_slots] int32: each slot's adapter rank (shared)
+        # 4-bit, no bias: the LoRA inside the NF4 product (sloth_kernels.nf4_lora) where its kernel applies
+        self.fused_lora = False
 
     def set_quantized(self, index: int, w: NF4Weight) -> None:
         """Adopt an NF4 weight for slice `index`; once every slice has one, the dense weight goes."""
@@ -188,9 +198,36 @@ class LoRALinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, meta: StepMetadata | None = None) -> torch.Tensor:
+        has_lora = self.lora_a_stacked is not None and meta is not None and meta.lora_slots is not None
+        if (has_lora and self.fused_lora and self.weight is None and self.bias is None
+                and x.numel() <= GEMV_MAX_ROWS * self.in_features):  # decode-sized: the fused kernel's rows
+            assert meta is not None
+            return self.fused_forward(x, meta)
         y = self.base_forward(x)
-        if self.lora_a_stacked is not None and meta is not None and meta.lora_slots is not None:
-            assert self.lora_b_stacked is not None
+        if has_lora:
+            assert self.lora_a_stacked is not None and self.lora_b_stacked is not None and meta is not None
             add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots,
                      self.out_slices, self.lora_ranks)
         return y
+
+    def fused_forward(self, x: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """The 4-bit product with the LoRA of each token's slot, through sloth_kernels.nf4_lora: one
+        launch for a fused projection, one per slice otherwise (each slice's A and B are views)."""
+        from sloth_kernels.nf4_lora import nf4_linear_lora
+
+        a, b, slots = self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots
+        assert a is not None and b is not None and slots is not None
+        x2 = x.reshape(-1, self.in_features)
+        if self.fused_quant is not None:
+            y = nf4_linear_lora(x2, self.fused_quant, a, b, slots, self.out_slices, self.lora_ranks,
+                                meta.active_lora_slots)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        assert self.quant is not None
+        y = x2.new_empty(x2.shape[0], sum(self.out_slices))
+        offset = 0
+        for q, a_i, b_i, n in zip(self.quant, self.lora_a, self.lora_b, self.out_slices, strict=True):
+            assert q is not None  # every slice in 4-bit: the dense weight is gone
+            nf4_linear_lora(x2, q, a_i, b_i, slots, [n], self.lora_ranks, meta.active_lora_slots,
+                            out=y[:, offset : offset + n])
+            offset += n
+        return y.view(*x.shape[:-1], y.shape[-1])
