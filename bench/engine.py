@@ -122,6 +122,7 @@ def main() -> None:
                     help="adapter slot rank (default: the server's, the widest --lora adapter, at least 16)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--fused-lora", action="store_true", help="the LoRA inside the NF4 GEMV (the server's --fused-lora)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json-out", type=Path)
@@ -132,7 +133,7 @@ def main() -> None:
     engine = LLMEngine(Config(
         model=args.model or "", load_format=args.load_format, max_model_len=args.max_model_len, device="cuda" if args.random_shape else "auto",
         max_num_seqs=max(sizes), max_num_batched_tokens=max(2048, args.input_len * max(sizes)),
-        enforce_eager=args.enforce_eager, max_loras=max(len(args.lora), args.random_loras, 1),
+        enforce_eager=args.enforce_eager, fused_lora=args.fused_lora, max_loras=max(len(args.lora), args.random_loras, 1),
         max_lora_rank=args.max_lora_rank or startup_lora_rank([Path(f) for f in args.lora]),  # as the server sizes slots
     ), loaded)
     for i, folder in enumerate(args.lora, start=1):

@@ -17,6 +17,8 @@
 #   bash bench/gpu_record.sh diag      # batch-64 step profiles with 8 adapters (rank-64 and rank-16 slots) and
 #                                      # without; eager prefill profile; a server with adapters at c64, its compiles logged
 #   bash bench/gpu_record.sh lora      # LoRA and stall GPU tests, the LoRA kernel split sweep, batch-64 step profiles
+#   bash bench/gpu_record.sh fusedlora # issue 23: LoRA inside the NF4 GEMV (--fused-lora): its GPU tests, the kernels fused
+#                                      # vs apart (bench/lora_fused.py), the 8B engine with 8 adapters apart and fused
 #   bash bench/gpu_record.sh adapters  # random 8B: engine alone at 1/8/64 without and with 8 adapters; step profiles
 #   bash bench/gpu_record.sh rank      # the server with 8 adapters at c64: default slot rank vs --max-lora-rank 64
 #   bash bench/gpu_record.sh fidelity  # checkpoint formats / adapter kinds vs Unsloth and PEFT, GPU tests, mixed layers
@@ -280,6 +282,24 @@ lora)
     tail -n 3 "$RES/gpu-tests.txt"
     cat "$RES/lora-sweep.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
+    ;;
+fusedlora)
+    timeout 120 python -m pytest -q -m gpu tests/kernels/test_nf4_lora.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    echo "rc $?" >> "$RES/gpu-tests.txt"
+    save
+    elapsed "kernels: LoRA inside the NF4 GEMV vs apart"
+    timeout 150 python bench/lora_fused.py --out "$RES/lora-fused.md" --json "$RES/lora-fused.json" > "$RES/lora-fused.log" 2>&1
+    save
+    for variant in apart fused; do
+        flags=""
+        [ "$variant" = fused ] && flags="--fused-lora"
+        elapsed "engine, 8B, 0 and 8 rank-16 adapters, $variant"
+        timeout 140 python bench/engine.py --random-shape llama3-8b --batch-sizes 1,64 --random-loras 8 --max-lora-rank 16 \
+            --repeats 1 $flags --out "$RES/engine-$variant.md" --json-out "$RES/engine-$variant.json" > "$RES/engine-$variant.log" 2>&1
+        save
+    done
+    tail -n 3 "$RES/gpu-tests.txt"
+    cat "$RES/lora-fused.md" "$RES"/engine-*.md
     ;;
 adapters)
     elapsed "engine, 8B, 8 adapters (rank-64 slots)"
