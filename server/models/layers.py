@@ -205,7 +205,8 @@ class LoRALinear(nn.Module):
             return self.fused_forward(x, meta)
         y = self.base_forward(x)
         if has_lora:
-            assert self.lora_a_stacked is not None and self.lora_b_stacked is not None and meta is not None
+            assert self.lora_b_stacked is not None and meta is not None and meta.lora_slots is not None
+            assert self.lora_a_stacked is not None
             add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta.lora_slots, meta.active_lora_slots,
                      self.out_slices, self.lora_ranks)
         return y
