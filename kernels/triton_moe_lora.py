@@ -4,7 +4,8 @@
 one expand launch (row block x column tile x slot) multiplies the result by B[slot, expert] into a
 delta that the base GEMM adds to its projection before the activation (gate|up) or the routing
 weight (down). Programs whose slot no row of their block uses, or whose slot has no LoRA here,
-return at once; no host sync, static shapes: CUDA graphs capture it.
+return at once; no host sync, static shapes: CUDA graphs capture it (and the number of rows, which
+follows the batch, is not specialized on: no recompiles as batches change).
 Reference: sloth_kernels.moe_lora.moe_lora_delta_ref."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _rows_of_slot(rows_ptr, block_expert_ptr, slots_ptr, ranks_ptr, pid_m, slot,
     return expert, rows, row_ok & (token_slot == slot), rank
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _shrink(x_ptr, a_ptr, out_ptr, rows_ptr, block_expert_ptr, slots_ptr, ranks_ptr, K: tl.constexpr, num_rows, top_k,
             a_row_div, stride_xm, stride_as, stride_ae, stride_ar, stride_om, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -56,7 +57,7 @@ def _shrink(x_ptr, a_ptr, out_ptr, rows_ptr, block_expert_ptr, slots_ptr, ranks_
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mine[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _expand(shrunk_ptr, b_ptr, delta_ptr, rows_ptr, block_expert_ptr, slots_ptr, ranks_ptr, N, num_rows, top_k,
             stride_sm, stride_bs, stride_be, stride_bn, stride_dm, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):

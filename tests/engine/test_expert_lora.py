@@ -92,7 +92,7 @@ def greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
 def peft_adapter(tmp: Path, hf: torch.nn.Module, **lora: object) -> Path:
     """A PEFT adapter with random B (PEFT starts B at zero) saved under tmp/adapter."""
     torch.manual_seed(3)
-    tuned = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, **lora))
+    tuned = peft.get_peft_model(hf, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **lora}))
     with torch.no_grad():
         for name, p in tuned.named_parameters():
             if "lora_B" in name:
@@ -440,6 +440,41 @@ def test_expert_lora_on_grouped_experts_keeps_the_decode_graphs(tmp_path: Path) 
     experts = manager.experts["model.layers.1.mlp.experts"]
     experts.gate_up_proj = experts.down_proj = None  # as 4-bit experts quantized unlike one another
     assert not experts.runs_grouped and manager.needs_eager_experts([1])
+
+
+def test_a_wider_adapter_widens_the_tables_keeping_what_the_slots_hold(tmp_path: Path) -> None:
+    """Tables are as wide as the widest adapter so far: a rank-8 adapter on both projections after a
+    rank-4 one on down widens down's table and makes gate|up's; the resident rank-4 adapter keeps
+    its slot's values, and both give PEFT's tokens in one batch."""
+    folder, hf = make_model(tmp_path, "qwen3_moe")
+    narrow = peft_adapter(tmp_path / "narrow", hf, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    _, other = make_model(tmp_path / "other", "qwen3_moe")  # PEFT wraps a model once
+    wide = peft_adapter(tmp_path / "wide", other, r=8, lora_alpha=16, target_modules=[],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    want, _ = peft_greedy(folder, narrow)
+    want_wide, _ = peft_greedy(folder, wide)
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              device="cpu", dtype="float32"))
+    engine.add_lora(1, load_adapter(engine, "narrow", narrow))
+    manager = engine.lora_manager
+    slot = manager.assign_slots({1})[1]
+    tables = manager.experts["model.layers.1.mlp.experts"].lora
+    assert set(tables.tables) == {"down"} and tables.tables["down"].a.shape[2] == 4
+    before = tables.tables["down"].a[slot].clone()
+    assert manager.add(2, load_adapter(engine, "wide", wide))
+    assert tables.tables["down"].a.shape[2] == tables.tables["gate_up"].a.shape[2] == 8
+    assert torch.equal(tables.tables["down"].a[slot, :, :4], before)
+    assert tables.tables["down"].ranks[slot] == 4 and tables.tables["gate_up"].ranks[slot] == 0
+    assert not manager.add(3, load_adapter(engine, "narrow-again", narrow))  # fits: nothing made
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"narrow{i}", p, PARAMS, adapter_id=1)
+        engine.add_request(f"wide{i}", p, PARAMS, adapter_id=2)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [got[f"narrow{i}"] for i in range(len(PROMPTS))] == want
+    assert [got[f"wide{i}"] for i in range(len(PROMPTS))] == want_wide != want
 
 
 if __name__ == "__main__":
