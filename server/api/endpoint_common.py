@@ -36,10 +36,12 @@ class Admitted(NamedTuple):
     ticket: Ticket  # the caller releases it, on every path
 
 
-async def admit_generation(state: ServerState, body: ChatCompletionRequest | CompletionRequest) -> Admitted:
+async def admit_generation(state: ServerState, body: ChatCompletionRequest | CompletionRequest,
+                           raw: bytes | None = None) -> Admitted:
+    """`raw`: the JSON body `body` was parsed from, if it was (body.check)."""
     deadline = Deadline.of(asyncio.get_running_loop().time(), body.timeout, state.config.request_timeout)
     runtime = state.ready()
-    body.check()
+    body.check(raw)
     num_prompts, param = check_prompt_sizes(runtime, body)  # before any adapter load or tokenizing
     adapter_id = await resolve_adapter(state, runtime, body.model)
     return Admitted(deadline, runtime, adapter_id, state.admission.admit(num_prompts * body.n, param))

@@ -5,6 +5,7 @@ fields are ignored, as OpenAI does."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -77,8 +78,9 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def check_common(self) -> None:
-        check_text(self)
+    def check_common(self, raw: bytes | None = None) -> None:
+        if raw is None or may_hold_surrogates(raw):
+            check_text(self)
         stops = self.stop_strings
         if any(s == "" for s in stops):
             raise invalid_param("stop", "stop strings must not be empty")
@@ -237,8 +239,10 @@ class ChatCompletionRequest(SamplingFields):
             return None
         return self.top_logprobs or 0
 
-    def check(self) -> None:
-        self.check_common()
+    def check(self, raw: bytes | None = None) -> None:
+        """400 for what the schema cannot say. `raw`: the JSON body the request was parsed from, when
+        known (it spares most requests the walk for lone surrogates)."""
+        self.check_common(raw)
         reject_unsupported(self, CHAT_UNSUPPORTED)
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
@@ -322,8 +326,9 @@ class CompletionRequest(SamplingFields):
             )
         return value
 
-    def check(self) -> None:
-        self.check_common()
+    def check(self, raw: bytes | None = None) -> None:
+        """As ChatCompletionRequest.check."""
+        self.check_common(raw)
         reject_unsupported(self, COMPLETION_UNSUPPORTED)
         if self.best_of is not None and self.best_of != self.n:
             raise invalid_param(
@@ -487,6 +492,21 @@ def check_text(req: BaseModel) -> None:
         elif isinstance(value, list):
             stack += [(f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value)))
                       if isinstance(item, str | list | dict | BaseModel)]
+
+
+# How a lone surrogate gets into a parsed string: a JSON escape of one (\ud800 to \udfff), or its
+# three bytes in UTF-8's pattern (ED A0 80 to ED BF BF), which json.loads accepts (it decodes bytes
+# with surrogatepass). A NUL byte means UTF-16 or UTF-32 text (a JSON object's "{" has one there; in
+# UTF-8 JSON a NUL must be escaped), where a surrogate is two plain bytes: those bodies are walked.
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]|\x00")
+
+
+def may_hold_surrogates(raw: bytes) -> bool:
+    """Whether a string parsed from the JSON body `raw` may hold a lone surrogate: False for nearly
+    every request (one scan of the bytes in C), which then skips check_text's walk of the model.
+    An escaped surrogate pair (a character past U+FFFF in ASCII-only JSON) counts as possible too:
+    such a body is walked, which is never wrong, only slower."""
+    return _SURROGATE_SOURCE.search(raw) is not None
 
 
 def _check_string(path: str, text: str) -> None:

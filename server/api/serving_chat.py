@@ -44,7 +44,7 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: StateDep
 ) -> Response:
-    deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
+    deadline, runtime, adapter_id, ticket = await admit_generation(state, body, await request.body())
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(body)

@@ -31,7 +31,7 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, state: StateDep
 ) -> Response:
-    deadline, runtime, adapter_id, ticket = await admit_generation(state, body)
+    deadline, runtime, adapter_id, ticket = await admit_generation(state, body, await request.body())
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own tokenizer and EOS, where it has them
         prompts, prompt_texts = await _encode_prompts(runtime, tokens.tokenizer, body)

@@ -4,6 +4,10 @@ schema depth measured without recursion, and schema size limits."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
+
 import pytest
 from pydantic import ValidationError
 
@@ -16,6 +20,7 @@ from sloth_serve.api.protocol import (
     CompletionRequest,
     check_schema_size,
     check_text,
+    may_hold_surrogates,
     schema_depth,
 )
 
@@ -58,6 +63,47 @@ def test_surrogates_in_a_schema_or_a_tool_are_found() -> None:
 def test_valid_text_and_token_ids_pass() -> None:
     check_text(CompletionRequest.model_validate({"prompt": [[1, 2], [3]], "stop": ["\U0001f600", "é"]}))
     check_text(ChatCompletionRequest.model_validate({**CHAT, "messages": [{"role": "user", "content": "ok 😀"}]}))
+
+
+SURROGATE_BODIES = [
+    {"prompt": "ok \ud800"}, {"prompt": ["ok", "\udc00"]}, {"prompt": "x", "logit_bias": {"\ud800": 1}},
+    {"prompt": "x", "user": "u\udfff"}, {"prompt": "x", "stop": ["\udbff"]},
+]
+
+
+def _upper_escapes(body: dict) -> bytes:
+    return re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), json.dumps(body)).encode()
+
+
+@pytest.mark.parametrize("body", SURROGATE_BODIES)
+@pytest.mark.parametrize("encode", [
+    lambda b: json.dumps(b).encode(),  # as \uXXXX escapes
+    _upper_escapes,
+    lambda b: json.dumps(b, ensure_ascii=False).encode("utf-8", "surrogatepass"),  # as raw bytes
+    lambda b: json.dumps(b, ensure_ascii=False).encode("utf-16", "surrogatepass"),
+    lambda b: json.dumps(b, ensure_ascii=False).encode("utf-32-le", "surrogatepass"),
+], ids=["escaped", "escaped-upper", "utf8-bytes", "utf16", "utf32"])
+def test_every_body_that_parses_to_a_lone_surrogate_is_walked(body: dict, encode: Callable[[dict], bytes]) -> None:
+    """The scan of the raw body may spare the walk only where json.loads (FastAPI's parser) cannot
+    produce a lone surrogate."""
+    raw = encode(body)
+    assert json.loads(raw) == body
+    assert may_hold_surrogates(raw)
+    with pytest.raises(APIError, match="surrogate"):
+        CompletionRequest.model_validate(json.loads(raw)).check(raw)
+
+
+@pytest.mark.parametrize(("raw", "scanned_as_possible"), [
+    (json.dumps({**CHAT, "stop": ["é", "x"], "logit_bias": {"12": 1.5}}).encode(), False),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "ok 😀 ünïcode ☃"}]}, ensure_ascii=False).encode(),
+     False),
+    # walked though valid: an escaped backslash before "ud800", a pair of escapes (an emoji as ASCII JSON)
+    (json.dumps({**CHAT, "user": "\\ud800 is how JSON spells one"}).encode(), True),
+    (json.dumps({**CHAT, "stop": ["\U0001f600"]}).encode(), True),
+])
+def test_bodies_without_lone_surrogates_pass(raw: bytes, scanned_as_possible: bool) -> None:
+    assert may_hold_surrogates(raw) is scanned_as_possible
+    ChatCompletionRequest.model_validate(json.loads(raw)).check(raw)
 
 
 def test_an_error_quoting_a_surrogate_can_still_be_written() -> None:
