@@ -45,7 +45,9 @@ def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:
 
     app = FastAPI(title="sloth-serve", version=__version__, lifespan=lifespan)
     app.state.server = state
-    for module in (health, metrics_route, serving_models, serving_chat, serving_completions, serving_responses,
+    # Routes are matched in this order, one router after another: the generation endpoints (nearly
+    # every request) first. No two routes share a path, so the order changes nothing else.
+    for module in (serving_chat, serving_completions, serving_responses, health, metrics_route, serving_models,
                    serving_tokenize, serving_tokenizer_info):
         app.include_router(module.router)
     if config.allow_runtime_lora:

@@ -175,16 +175,20 @@ async def run_choice(
             engine.abort(req.request_id, FinishReason.STOP if stops.matched is not None else FinishReason.ABORT)
 
 
-async def stream_choices(
+def stream_choices(
     engine: EngineClient, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None = None
 ) -> AsyncGenerator[ChoiceDelta, None]:
     """Deltas of all choices as they come; each choice ends with one delta where `is_last`. Past
-    the deadline, DeadlineExceeded is raised and every choice's engine request is aborted."""
+    the deadline, DeadlineExceeded is raised and every choice's engine request is aborted. One
+    choice (nearly every request) is its run_choice itself: no generator passing each delta on."""
     if len(requests) == 1:
-        async with aclosing(run_choice(engine, tokenizer, requests[0], deadline)) as deltas:
-            async for delta in deltas:
-                yield delta
-        return
+        return run_choice(engine, tokenizer, requests[0], deadline)
+    return _merged_choices(engine, tokenizer, requests, deadline)
+
+
+async def _merged_choices(
+    engine: EngineClient, tokenizer: Any, requests: list[ChoiceRequest], deadline: Deadline | None
+) -> AsyncGenerator[ChoiceDelta, None]:
     merged: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
     async def pump(req: ChoiceRequest) -> None:

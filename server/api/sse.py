@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -48,7 +48,7 @@ class _EventStream(EventSourceResponse):
 
     - No cancel scope around every send (it applies a per-send timeout; none is set here: a
       stalled client is bounded by the request deadline and the disconnect watch, and that scope
-      was a tenth of the API thread's time per token).
+      was a tenth of the API thread's time per token): sends go straight to ASGI's send.
     - At server shutdown sse-starlette cancels the stream mid-way, and the client saw the body
       just stop: no error, no [DONE], nothing to tell a cut answer from a whole one. Here the
       generator is stopped (which aborts its engine requests) and the stream ends with an error
@@ -63,11 +63,9 @@ class _EventStream(EventSourceResponse):
         super().__init__(events, sep="\n", ping=15, background=BackgroundTask(_released, ticket),
                          shutdown_grace_period=SHUTDOWN_NOTICE_S)
 
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self.send_timeout is not None:
-            await super()._send_with_timeout(send, message)
-        else:
-            await send(message)
+    def _send_with_timeout(self, send: Send, message: Message) -> Awaitable[None]:  # type: ignore[override]
+        # The send itself, not a coroutine around it: one frame less for every event.
+        return send(message)
 
     async def _stream_response(self, send: Send) -> None:
         with self._body:
