@@ -31,7 +31,7 @@ from .responses import (
 )
 from .runtime import Runtime
 from .sse import DONE, error_event, sse_response
-from .state import StateDep
+from .state import state_of
 from .tokenizers import ModelTokenizer
 from .tool_call_reader import merge_deltas
 from .tool_grammar import shape
@@ -42,9 +42,9 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: StateDep
+    body: ChatCompletionRequest, request: Request
 ) -> Response:
-    deadline, runtime, adapter_id, ticket = await admit_generation(state, body, await request.body())
+    deadline, runtime, adapter_id, ticket = await admit_generation(state_of(request), body, await request.body())
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own template and EOS, where it has them
         plan = plan_tools(body)

@@ -21,7 +21,7 @@ from .protocol import CompletionRequest
 from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
 from .runtime import Runtime
 from .sse import DONE, error_event, sse_response
-from .state import StateDep
+from .state import state_of
 from .tokenizers import ModelTokenizer
 
 router = APIRouter()
@@ -29,9 +29,9 @@ router = APIRouter()
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, state: StateDep
+    body: CompletionRequest, request: Request
 ) -> Response:
-    deadline, runtime, adapter_id, ticket = await admit_generation(state, body, await request.body())
+    deadline, runtime, adapter_id, ticket = await admit_generation(state_of(request), body, await request.body())
     try:
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own tokenizer and EOS, where it has them
         prompts, prompt_texts = await _encode_prompts(runtime, tokens.tokenizer, body)
