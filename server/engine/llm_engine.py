@@ -22,6 +22,7 @@ from ..loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, re
 from ..loader.peft import LoRAWeights, startup_lora_rank
 from ..models.layers import use_fused_lora
 from ..models.moe import expert_modules
+from ..models.tower_lora import vision_lora_layers
 from ..startup_clock import Phase, current, startup_phase
 from . import stalls
 from .block_manager import BlockManager
@@ -146,7 +147,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         self.lora_manager = LoRAManager(
             model.lora_layers(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
-            expert_modules(model),
+            expert_modules(model), vision_lora_layers(model),
         )
         use_fused_lora(model, config.fused_lora)
         with startup_phase(f"allocate the KV cache ({num_blocks} blocks)"):

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from ..loader.peft import LoRAWeights, check_fits
 from ..models.layers import LoRALinear
@@ -20,12 +21,15 @@ logger = logging.getLogger(__name__)
 class LoRAManager:
     def __init__(
         self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-        experts: dict[str, Experts] | None = None,
+        experts: dict[str, Experts] | None = None, vision: dict[str, nn.Module] | None = None,
     ) -> None:
         self.layers = layers
         # MoE experts modules: an adapter's LoRA on them goes into their own per-slot tables
         # (server/models/expert_lora.py), written with the slot
         self.experts = experts or {}
+        # An image-text model's vision tower linears, which an adapter's vision LoRA trains (None: a
+        # model whose tower takes none); applied when the tower encodes (sloth_serve.models.tower_lora)
+        self.vision = vision
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.dtype = dtype
@@ -44,7 +48,7 @@ class LoRAManager:
         widened MoE experts' LoRA tables: CUDA graphs captured before read the old ones."""
         # Checked here, not only at load: a slot write that fails mid-step would stop the engine for
         # every request, where a refusal now fails only this adapter's load.
-        check_fits(weights, self.layers, self.experts)
+        check_fits(weights, self.layers, self.experts, self.vision)
         for (module, _), (a, b) in weights.tensors.items():
             if not a.shape[0] == b.shape[1] <= self.max_rank:
                 raise ValueError(f"adapter {weights.name!r}: {module} has rank {a.shape[0]} (A) / {b.shape[1]} (B); "
@@ -83,6 +87,12 @@ class LoRAManager:
         on the host (its steps run eagerly); grouped experts take expert LoRA inside CUDA graphs."""
         return any(not self.experts[name].runs_grouped
                    for a in adapter_ids if a in self.adapters for name in self.adapters[a].experts)
+
+    def vision_lora(self, adapter_id: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The adapter's LoRA on the vision tower (None for the base and for an adapter without one,
+        whose images share the base's encoding)."""
+        weights = self.adapters.get(adapter_id)
+        return weights.vision if weights is not None and weights.vision else None
 
     def remove(self, adapter_id: int) -> None:
         self.adapters.pop(adapter_id, None)

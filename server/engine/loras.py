@@ -13,5 +13,5 @@ def load_adapter(engine: LLMEngine, name: str, path: str | Path) -> LoRAWeights:
     """The adapter's weights, padded to the slots' rank; ValueError when they do not fit the model."""
     weights = load_lora(name, Path(path), engine.lora_manager.max_rank)
     manager = engine.lora_manager
-    check_fits(weights, manager.layers, manager.experts)  # refused here, before the engine sees it
+    check_fits(weights, manager.layers, manager.experts, manager.vision)  # refused here, before the engine sees it
     return weights

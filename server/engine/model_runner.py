@@ -102,7 +102,7 @@ class ModelRunner:
         self.slot_modules = SlotModuleTable(model, dtype, device)
         self.sampler = Sampler(device)
         # Image-text models: the vision encoder's cache, each step's M-RoPE positions or key ends
-        self.vision = VisionInputs(model, device) if getattr(model, "is_vision", False) else None  # type: ignore[arg-type]
+        self.vision = VisionInputs(model, device, lora=lora_manager) if getattr(model, "is_vision", False) else None  # type: ignore[arg-type]
         # Speculative decoding with a draft model: the draft's distribution q over each proposed
         # token of a sampled request, by request id (spec_decode/draft.py fills it every step).
         self.draft_probs: dict[str, torch.Tensor] = {}

@@ -35,8 +35,11 @@ from .expert_adapter import (
     PendingExpertLoRA,
     resolve_expert_lora,
 )
+from .vision_lora import take_vision_lora
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..models.layers import LoRALinear
     from ..models.moe import Experts
 
@@ -71,6 +74,10 @@ class LoRAWeights:
     # `experts` (experts module -> projection -> (A [E, R, in], B * scale [E, out, R]))
     expert_pending: PendingExpertLoRA = field(default_factory=PendingExpertLoRA)
     experts: dict[str, ExpertUpdate] = field(default_factory=dict)
+    # LoRA on the vision tower: moved out of `tensors` by check_fits (server/loader/vision_lora.py),
+    # our tower module name -> (A [r, in], B * scale [out, r]); applied when the tower encodes this
+    # adapter's images
+    vision: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -173,28 +180,22 @@ def _read_expert_pair(pair: LoRAPair, raw: Mapping[str, torch.Tensor], cfg: Adap
     return True
 
 
-# Module names of image-text models' vision encoders and projectors.
-_VISION_MODULES = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
-
-
 def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear],
-               experts: Mapping[str, Experts] | None = None) -> None:
+               experts: Mapping[str, Experts] | None = None, vision: Mapping[str, nn.Module] | None = None) -> None:
     """Every LoRA module of the adapter is a projection of this model, of the same shape: what makes
     copying it into a slot (or merging it) safe. A LoRA on a whole fused projection becomes one per
     slice, each with the module's A and its rows of B (exact: every slice computes B_i A x). LoRA on
     MoE experts is resolved against `experts` (the model's, by name; None: a model without expert
-    LoRA) into one update per experts module (server/loader/expert_adapter.py)."""
+    LoRA) into one update per experts module (server/loader/expert_adapter.py); LoRA on the vision
+    tower against its linears `vision` (None: a model whose tower takes none) into `weights.vision`."""
     if weights.expert_pending:
         weights.experts.update(resolve_expert_lora(weights.name, weights.expert_pending, experts or {}))
         weights.expert_pending = PendingExpertLoRA()
+    take_vision_lora(weights, vision)
     text_model_names(weights, layers)
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
         layer = layers.get(module)
-        if layer is None and any(part in _VISION_MODULES for part in module.split(".")):
-            raise AdapterError(f"adapter {weights.name!r} trains the vision encoder ({module}): LoRA on vision layers "
-                               f"is not hot-swapped per request (on the language layers it is); serve it merged (--merge-lora "
-                               f"merges a Gemma 3 vision tower's at load), or merge it into the base and serve that")
         if layer is None and ".experts." in f"{module}.":
             raise AdapterError(f"adapter {weights.name!r} trains the MoE experts ({module}) in a layout sloth-serve "
                                f"does not read; merge it into the base and serve that")
@@ -212,7 +213,7 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear],
 def text_model_names(weights: LoRAWeights, layers: Mapping[str, LoRALinear]) -> None:
     """An adapter trained on an image-text model (Gemma3ForConditionalGeneration) names the text
     model's projections under its language model (model.language_model.* or language_model.model.*):
-    rename those to the text model's names. LoRA on the vision tower stays as it is, refused below."""
+    rename those to the text model's names (LoRA on the vision tower is taken out before)."""
     for module, index in list(weights.tensors):
         text = text_model_name(module, multimodal=True)
         if module not in layers and text is not None and text in layers:

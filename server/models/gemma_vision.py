@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
+from .tower_lora import tower_linears
 
 # Checkpoint names of the vision side, as transformers 5 and earlier releases save them: the tower
 # under vision_tower. or model.vision_tower., its modules under vision_model. or not.
@@ -80,6 +81,11 @@ class GemmaVisionForCausalLM(GemmaForCausalLM):
                                                     patches, round(cfg.mm_tokens_per_image**0.5))
         self.image_token_id = cfg.image_token_id
         self.mm_tokens_per_image = cfg.mm_tokens_per_image
+
+    def vision_lora_layers(self) -> dict[str, nn.Linear]:
+        """The tower's linears an adapter may train per request (the projector has none: its
+        projection is a bare weight, which PEFT does not wrap)."""
+        return tower_linears(self, "vision_tower", "multi_modal_projector")
 
     def post_load(self) -> None:
         """Buffers built on the meta device hold nothing: the tower's patch position ids again."""

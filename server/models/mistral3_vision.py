@@ -19,6 +19,7 @@ from .layers import StepMetadata
 from .llama import LlamaForCausalLM
 from .mistral3_config import LLAVA_ARCHITECTURE
 from .per_adapter import AdapterStep
+from .tower_lora import tower_linears
 
 
 class Mistral3VisionForCausalLM(LlamaForCausalLM):
@@ -45,6 +46,10 @@ class Mistral3VisionForCausalLM(LlamaForCausalLM):
         self.multi_modal_projector.requires_grad_(False)
         self.image_token_id = cfg.image_token_id
         self.patch_size = int(vision_cfg.patch_size)  # type: ignore[arg-type]
+
+    def vision_lora_layers(self) -> dict[str, nn.Linear]:
+        """The Pixtral tower's and the projector's linears an adapter may train per request."""
+        return tower_linears(self, "vision_tower", "multi_modal_projector")
 
     def post_load(self) -> None:
         """Buffers built on the meta device hold nothing: the tower's rotary frequencies again."""

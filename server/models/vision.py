@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .generic import GenericCausalLM
@@ -19,6 +20,7 @@ from .generic_linear import GenericLinear, SliceGroup
 from .generic_step import GenericStep
 from .layers import StepMetadata
 from .per_adapter import AdapterStep
+from .tower_lora import tower_linears
 
 
 class VisionCausalLM(GenericCausalLM):
@@ -37,6 +39,10 @@ class VisionCausalLM(GenericCausalLM):
         # Qwen3-VL: how many decoder layers receive DeepStack features (0 for Qwen2-VL / Qwen2.5-VL)
         self.num_deepstack = len(getattr(cfg.vision_config, "deepstack_visual_indexes", None) or ())
         self.hidden_size = int(self.text.config.hidden_size)
+
+    def vision_lora_layers(self) -> dict[str, nn.Linear]:
+        """The vision encoder's linears (its blocks and merger) an adapter may train per request."""
+        return tower_linears(self, "visual")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None) -> torch.Tensor:

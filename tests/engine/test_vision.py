@@ -1,7 +1,8 @@
 """Image-text models through the offline LLM: a tiny random Qwen2.5-VL gives transformers' greedy
 tokens for prompts with images (two images of different sizes in one prompt, prefill chunked across
 an image, text-only requests in the same batch); different images give different outputs; a repeated
-image is served from the encoder cache and the prefix cache, a different image never from the latter."""
+image is served from the encoder cache and the prefix cache, a different image never from the latter.
+LoRA on the vision encoder per request: tests/engine/test_vision_lora.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from vision_models import MAX_TOKENS, hf_greedy, make_qwen2_5_vl, random_image, 
 from sloth_serve.api.tokenizers import base_entry
 from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.llm import LLM
-from sloth_serve.loader.adapter_config import AdapterError
 from sloth_serve.vision_processor import ImageError
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -109,9 +109,6 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
     assert tuned.token_ids == hf_greedy(PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval(),
                                         tuned.prompt_token_ids, images)
     assert plain.token_ids == hf_greedy(hf, plain.prompt_token_ids, images) != tuned.token_ids
-    vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*visual\.blocks.*\.(qkv|proj)")
-    with pytest.raises(AdapterError, match="vision encoder"):
-        llm.adapters.register("vision", str(vision))
 
 
 def test_qwen2_vl_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
