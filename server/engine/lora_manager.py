@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 class LoRAManager:
     def __init__(
         self, layers: dict[str, LoRALinear], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-        experts: dict[str, Experts] | None = None, vision: dict[str, nn.Module] | None = None,
+        experts: dict[str, Experts] | None = None, vision: Mapping[str, nn.Linear] | None = None,
     ) -> None:
         self.layers = layers
         # MoE experts modules: an adapter's LoRA on them goes into their own per-slot tables

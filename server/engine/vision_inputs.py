@@ -205,7 +205,7 @@ class VisionInputs:
             self.cached_bytes -= old.numel() * old.element_size()
 
 
-def _placed(linear: torch.nn.Module) -> dict[str, Any]:
+def _placed(linear: torch.nn.Linear) -> dict[str, Any]:
     """Where and in which dtype a linear computes (a 4-bit one: its compute dtype, not its bytes')."""
     weight = linear.weight
     dtype = weight.dtype if weight.is_floating_point() else getattr(linear, "compute_dtype", None) or torch.float16

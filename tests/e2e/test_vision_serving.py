@@ -6,6 +6,7 @@ for a text-only model are 400s naming the part, and the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import http.server
 import threading
@@ -18,6 +19,7 @@ import openai
 import pytest
 import torch
 from live_server import LiveServer, launch
+from peft import PeftModel
 from transformers import AutoTokenizer
 from vision_models import (
     MAX_TOKENS,
@@ -27,6 +29,7 @@ from vision_models import (
     make_qwen2_5_vl,
     random_image,
     reference_prompt,
+    write_adapter,
 )
 
 from sloth_serve.api.errors import APIError
@@ -34,6 +37,7 @@ from sloth_serve.api.images import chat_images
 from sloth_serve.api.protocol import ChatMessage
 
 EXTRA = {"ignore_eos": True, "skip_special_tokens": False}
+VISION_AND_LANGUAGE = r".*(language_model.*\.(q_proj|v_proj|down_proj)|visual\..*\.(qkv|attn\.proj|up_proj|mlp\.0))"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +59,14 @@ def served(tmp_path_factory: pytest.TempPathFactory,
            images_site: str) -> Iterator[tuple[LiveServer, torch.nn.Module, Path]]:
     tmp = tmp_path_factory.mktemp("vision-serving")
     folder, hf = make_qwen2_5_vl(tmp / "qwen-vl")
+    # adapters: one on the vision encoder and the language layers, and a Qwen2-VL one whose vision
+    # modules this tower lacks
+    write_adapter(copy.deepcopy(hf), tmp / "loras" / "vision", VISION_AND_LANGUAGE)
+    write_adapter(make_qwen2_5_vl(tmp / "qwen2-vl", qwen2=True)[1], tmp / "loras" / "mismatch", r".*visual\.blocks.*\.fc1")
     server = launch(tmp, "qwen-vl", "--model", str(folder), "--load-format", "safetensors", "--dtype", "float32",
                     "--block-size", "8", "--max-num-batched-tokens", "24", "--limit-mm-per-prompt", "2",
-                    "--allowed-media-domains", "127.0.0.1", "--no-warmup", demo_adapter=False)
+                    "--allowed-media-domains", "127.0.0.1", "--no-warmup", "--lora-dir", str(tmp / "loras"),
+                    "--allow-runtime-lora", demo_adapter=False)
     try:
         server.wait_ready()
         yield server, hf, folder
@@ -80,6 +89,36 @@ def test_chat_with_images_equals_transformers(served: tuple[LiveServer, torch.nn
         stream = client.chat.completions.create(model="qwen-vl", messages=messages, max_tokens=MAX_TOKENS,
                                                 temperature=0, extra_body=EXTRA, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_vision_lora_per_request_and_loaded_at_run_time(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:
+    """An adapter that trains the vision encoder, by name from --lora-dir and loaded through
+    /v1/load_lora_adapter: PEFT's tokens; one whose vision modules the tower lacks is a one-line 400
+    at either, and the server keeps serving."""
+    server, hf, folder = served
+    loras = server.log_path.parent / "loras"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    images = [random_image(4)]
+    prompt = reference_prompt(tokenizer, "What is in the picture?", images)
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(loras / "vision")).eval()
+    expected = tokenizer.decode(hf_greedy(peft, prompt, images), skip_special_tokens=False)
+    client = server.client()
+    r = httpx.post(f"{server.base_url}/load_lora_adapter", timeout=60,
+                   json={"lora_name": "rt-vision", "lora_path": str(loras / "vision")})
+    assert r.status_code == 200, r.text
+    for model in ("vision", "rt-vision"):
+        out = client.chat.completions.create(model=model, messages=ask("What is in the picture?", *images),  # type: ignore[arg-type]
+                                             max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
+        assert out.choices[0].message.content == expected
+    r = httpx.post(f"{server.base_url}/load_lora_adapter", timeout=60,
+                   json={"lora_name": "rt-mismatch", "lora_path": str(loras / "mismatch")})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "visual.blocks.0.mlp.fc1, which is no linear layer of this model's vision tower" in message
+    assert "\n" not in message
+    with pytest.raises(openai.BadRequestError, match="no linear layer"):
+        client.chat.completions.create(model="mismatch", messages=ask("Hi?", *images), max_tokens=2)  # type: ignore[arg-type]
+    assert server.health()["status"] == "ok"
 
 
 def test_tokenize_counts_image_tokens(served: tuple[LiveServer, torch.nn.Module, Path]) -> None:

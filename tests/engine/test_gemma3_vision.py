@@ -3,7 +3,8 @@ transformers' greedy tokens (its processor's prompt ids, its bidirectional atten
 tokens) for prompts with one and two images and for text only, in one batch, whether the prefill is
 chunked around the images or runs in one pass; different images give different outputs, a repeated
 one is served from the encoder and prefix caches; LoRA on the language layers (FastVisionModel's
-get_peft_model) per request equals PEFT, one on the vision tower is refused."""
+get_peft_model) per request equals PEFT, and so does one that also trains the vision tower, per request
+(mixed in a batch with a language-only one) or merged at load."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from vision_models import random_image, write_adapter
 
 from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.llm import LLM
-from sloth_serve.loader.adapter_config import AdapterError
 from sloth_serve.models.gemma_vision import GemmaVisionForCausalLM
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_AND_LANGUAGE = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|out_proj|fc1))"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -105,17 +106,45 @@ def test_language_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path
     peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
     assert tuned.token_ids == hf_greedy(peft, llm.tokenizer, text, images)
     assert plain.token_ids == hf_greedy(hf, llm.tokenizer, text, images) != tuned.token_ids
-    vision = write_adapter(copy.deepcopy(hf), tmp_path / "vision", r".*vision_tower.*\.(q_proj|k_proj|v_proj)")
-    with pytest.raises(AdapterError, match="vision encoder"):
-        llm.adapters.register("vision", str(vision))
+
+
+def test_vision_lora_per_request_mixed_with_language_lora_equals_peft(folder: tuple[Path, Any], tmp_path: Path) -> None:
+    """An adapter on the SigLIP tower and the language layers, one on the language layers only, and
+    the base in one batch: each PEFT's (or transformers') tokens; the language-only adapter's image
+    shares the base's encoding, the vision adapter's is its own (and stays its own when asked again)."""
+    path, hf = folder
+    both = write_adapter(copy.deepcopy(hf), tmp_path / "both", VISION_AND_LANGUAGE)
+    language = write_adapter(copy.deepcopy(hf), tmp_path / "language", LANGUAGE_LAYERS)
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=64, max_loras=2, max_lora_rank=8)
+    llm.adapters.register("both", str(both))
+    llm.adapters.register("language", str(language))
+    vision = llm.engine.runner.vision
+    assert vision is not None
+    images = [random_image(7)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    base_first = llm.generate({"prompt": text, "images": images}, GREEDY)[0]  # the base's encoding cached first
+    outs = llm.generate([{"prompt": text, "images": images}] * 3, GREEDY, adapter=["both", "language", None])
+    expected = [hf_greedy(PeftModel.from_pretrained(copy.deepcopy(hf), str(a)).eval(), llm.tokenizer, text, images)
+                for a in (both, language)]
+    assert [o.token_ids for o in outs] == [*expected, base_first.token_ids]
+    assert len({tuple(o.token_ids) for o in outs}) == 3 and vision.num_encoded == 2
+    without_tower = PeftModel.from_pretrained(copy.deepcopy(hf), str(both)).eval()
+    with torch.no_grad():  # the tower's LoRA changes this answer: serving the adapter without it would fail
+        for name, p in without_tower.named_parameters():
+            if "vision_tower" in name and "lora_B" in name:
+                p.zero_()
+    assert hf_greedy(without_tower, llm.tokenizer, text, images) != expected[0]
+    merged = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+                 max_num_batched_tokens=64, merge_lora=str(both))
+    assert merged.generate({"prompt": text, "images": images}, GREEDY)[0].token_ids == outs[0].token_ids
 
 
 def test_vision_lora_merged_at_load_equals_peft(folder: tuple[Path, Any], tmp_path: Path) -> None:
     """An adapter on the language layers and the vision tower (FastVisionModel's
     finetune_vision_layers=True), merged with --merge-lora: PEFT's tokens for the same image."""
     path, hf = folder
-    target = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|out_proj|fc1))"
-    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", target)
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", VISION_AND_LANGUAGE)
     llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
               max_num_batched_tokens=64, merge_lora=str(adapter))
     images = [random_image(6)]
