@@ -134,7 +134,7 @@ def merge_adapter(model: CausalLM, adapter: Path, max_rank: int, dtype: torch.dt
     """W += scale * B @ A in 16-bit for every projection the adapter targets. A 4-bit layer becomes
     dense (its NF4 bytes are dequantized first), which costs memory: logged."""
     weights = load_lora(adapter.name, adapter, max_rank)
-    vision = merge_vision_lora(model, weights, dtype)  # Gemma 3's vision tower: 16-bit, merged here
+    vision = merge_vision_lora(model, weights.name, weights.tensors, dtype)  # the vision tower: 16-bit, merged here
     layers = model.lora_layers()
     experts = expert_modules(model)
     check_fits(weights, layers, experts)  # every part checked before the first layer changes

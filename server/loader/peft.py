@@ -191,7 +191,7 @@ def check_fits(weights: LoRAWeights, layers: Mapping[str, LoRALinear],
     if weights.expert_pending:
         weights.experts.update(resolve_expert_lora(weights.name, weights.expert_pending, experts or {}))
         weights.expert_pending = PendingExpertLoRA()
-    take_vision_lora(weights, vision)
+    weights.vision.update(take_vision_lora(weights.name, weights.tensors, vision))
     text_model_names(weights, layers)
     split_whole_modules(weights, layers)
     for (module, index), (a, b) in weights.tensors.items():
