@@ -23,6 +23,7 @@ from sloth_serve.models.families import UnsupportedModel, route_of
 from sloth_serve.models.mistral3_vision import Mistral3VisionForCausalLM
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_AND_LANGUAGE = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|o_proj|up_proj))"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -160,8 +161,7 @@ def test_vision_lora_merged_at_load_equals_peft(folder: tuple[Path, Any], tmp_pa
     """An adapter on the language layers and the Pixtral tower (finetune_vision_layers=True), merged
     with --merge-lora: PEFT's tokens for the same image."""
     path, hf = folder
-    target = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|o_proj|up_proj))"
-    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", target)
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", VISION_AND_LANGUAGE)
     llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
               max_num_batched_tokens=64, merge_lora=str(adapter))
     images = [random_image(6)]
@@ -195,3 +195,22 @@ def test_pixtral_llava_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
     cfg["vision_config"] = {"model_type": "clip_vision_model"}
     with pytest.raises(UnsupportedModel, match="Pixtral tower"):
         route_of(cfg)
+
+
+def test_vision_lora_per_request_mixed_with_the_base_equals_peft(folder: tuple[Path, Any], tmp_path: Path) -> None:
+    """The same kind of adapter (Pixtral tower, projector linears and language layers) per request,
+    in one batch with the base: PEFT's tokens and transformers', one encoding of the image each."""
+    path, hf = folder
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", VISION_AND_LANGUAGE + r"|.*multi_modal_projector\.linear_1")
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=64, max_loras=2, max_lora_rank=8)
+    llm.adapters.register("both", str(adapter))
+    images = [random_image(6)]
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    ids = reference_prompt(llm.tokenizer, text, images)
+    tuned, plain = llm.generate([{"prompt": text, "images": images}] * 2, GREEDY, adapter=["both", None])
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    assert tuned.token_ids == hf_greedy(peft, ids, images)
+    assert plain.token_ids == hf_greedy(hf, ids, images) != tuned.token_ids
+    vision = llm.engine.runner.vision
+    assert vision is not None and vision.num_encoded == 2
