@@ -356,6 +356,8 @@ class LLMEngine:
         in_use = {seq.adapter_id for seq in self.seqs.values()}
         for adapter_id in self.adapters_to_remove - in_use:
             self.lora_manager.remove(adapter_id)
+            if self.runner.vision is not None:  # its images' encodings with its vision LoRA
+                self.runner.vision.forget_adapter(adapter_id)
             self.adapters_to_remove.discard(adapter_id)
 
     def vocab_size(self, adapter_id: int = 0) -> int:

@@ -146,6 +146,14 @@ class VisionInputs:
             return adapter_id
         return 0
 
+    def forget_adapter(self, adapter_id: int) -> None:
+        """Drop a removed adapter's encodings and its LoRA's device copies (ids are never reused, so
+        they would only wait for eviction)."""
+        self._deltas.pop(adapter_id, None)
+        for key in [key for key in self.cache if key[0] == adapter_id]:
+            old = self.cache.pop(key)
+            self.cached_bytes -= old.numel() * old.element_size()
+
     def _base_embeddings(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
         """The base tower's embeddings by content hash (cross-attention images take no vision LoRA)."""
         return {digest: e for (_, digest), e in self._embeddings([(0, img) for img in images]).items()}

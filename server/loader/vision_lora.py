@@ -49,7 +49,7 @@ def take_vision_lora(adapter: str, tensors: Factors,
     for module, index in [key for key in tensors if is_vision_module(key[0])]:
         if linears is None:
             raise AdapterError(f"adapter {adapter!r} trains the vision encoder ({module}), which this model "
-                               "serves without LoRA (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3 take it); merge "
+                               "serves without LoRA (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 and Mistral 3 take it); merge "
                                "the adapter into the base and serve that")
         name = tower_module_name(module)
         parent, _, leaf = (name or module).rpartition(".")

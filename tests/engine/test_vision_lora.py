@@ -99,7 +99,8 @@ def test_vision_and_language_adapters_mixed_in_one_batch(qwen: tuple[Path, Any, 
 def test_encoder_cache_keeps_each_adapters_encoding(qwen: tuple[Path, Any, Path, Path]) -> None:
     """The base encodes an image first (cached, its KV blocks too); the vision adapter's request for
     the same image and text then encodes it again with its LoRA, reuses none of the base's image
-    blocks, and gives PEFT's tokens; the base asked again is served from its own caches."""
+    blocks, and gives PEFT's tokens; the base asked again is served from its own caches. Removing the
+adapter drops its encodings."""
     folder, hf, both, _ = qwen
     llm = serve(folder)
     llm.adapters.register("both", str(both))
@@ -115,6 +116,8 @@ def test_encoder_cache_keeps_each_adapters_encoding(qwen: tuple[Path, Any, Path,
     assert again.token_ids == base.token_ids and again.num_cached_tokens > 0 and vision.num_encoded == 2
     tuned_again = llm.generate(prompt, GREEDY, adapter="both")[0]
     assert tuned_again.token_ids == tuned.token_ids and vision.num_encoded == 2
+    llm.engine.remove_lora(llm.adapter_id("both"))  # its encodings go with it; the base's stay
+    assert [key[0] for key in vision.cache] == [0] and not vision._deltas
 
 
 def test_merged_and_per_request_give_the_same_tokens(qwen: tuple[Path, Any, Path, Path]) -> None:
