@@ -70,10 +70,11 @@ def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | 
 
 def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
     start = time.perf_counter()
-    hf_model = load_hf_with_unsloth(folder, max_seq_length)
+    cfg = ModelConfig.from_folder(folder)
+    # Mistral 3 / Pixtral LLaVA have no AutoModelForCausalLM class: read as Unsloth's vision notebooks do
+    hf_model = load_hf_with_unsloth(folder, max_seq_length, cfg.vision_projector is not None)
     loaded = time.perf_counter()
     hf_bytes = _gpu_bytes(device)
-    cfg = ModelConfig.from_folder(folder)
     adopted: set[str] = set()
     # 4-bit weights transformers 5 could not load in 4-bit (per-expert MoE experts) are read from the disk.
     named = with_4bit_from_disk(folder, hf_weights(hf_model), cfg.num_experts)
