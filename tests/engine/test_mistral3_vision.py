@@ -1,8 +1,10 @@
 """Mistral 3 with images through the offline LLM: a tiny random Mistral3ForConditionalGeneration gives
 transformers' greedy tokens (PixtralProcessor's prompt ids: rows of [IMG] with [IMG_BREAK] / [IMG_END])
 for prompts with one and two images of different sizes and for text only, in one batch, with the
-prefill chunked across the images or in one pass; different images give different outputs, a repeated
-one is served from the encoder and prefix caches; LoRA on the language layers per request equals PEFT."""
+prefill chunked across the images or in one pass, or from prefill graphs for text-only steps;
+different images give different outputs, a repeated one is served from the encoder and prefix caches;
+LoRA on the language layers and on the tower, per request or merged, equals PEFT;
+a bitsandbytes 4-bit folder serves NF4 language layers; Pixtral-12B's LLaVA form is served too."""
 
 from __future__ import annotations
 
@@ -214,3 +216,32 @@ def test_vision_lora_per_request_mixed_with_the_base_equals_peft(folder: tuple[P
     assert plain.token_ids == hf_greedy(hf, ids, images) != tuned.token_ids
     vision = llm.engine.runner.vision
     assert vision is not None and vision.num_encoded == 2
+
+
+def test_text_steps_replay_prefill_graphs_image_steps_run_eagerly(folder: tuple[Path, Any]) -> None:
+    """Prompt steps from prefill graphs (their packing replayed on the CPU): steps without image
+    tokens replay, steps with some run eagerly (embeddings spliced); transformers' tokens."""
+    from test_prefill_graphs import ReplayedOnCPU
+
+    path, hf = folder
+    llm = LLM(path, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8, max_num_seqs=4,
+              max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    graphs = runner.prefill_graphs = ReplayedOnCPU(runner._forward_logits_at, [16, 32, 64], 4,
+                                                   -(-llm.engine.max_model_len // 8), 8, runner.device)
+    runner.capture_graphs()
+    batch = prompts(llm)
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == expected(llm, hf, batch)
+    assert graphs.num_replays >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_on_the_triton_kernels_equals_transformers(folder: tuple[Path, Any]) -> None:
+    """The same prompts on CUDA: Triton prefill attention, the Pixtral tower on the GPU, the decode
+    steps replayed from CUDA graphs; transformers' tokens (its model on the CPU)."""
+    llm = LLM(folder[0], load_format="safetensors", dtype="float32", device="cuda", num_kv_blocks=64, block_size=16,
+              max_num_batched_tokens=16)
+    assert llm.engine.runner.graphs is not None
+    batch = prompts(llm)
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == expected(llm, folder[1], batch)
