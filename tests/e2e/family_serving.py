@@ -44,6 +44,9 @@ def tests_module(name: str, *folders: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+tests_module.__test__ = False  # type: ignore[attr-defined]  # (imported into test modules: not a test itself)
+
+
 def copy_demo_tokenizer(folder: Path, generation_config: bool = False) -> Path:
     """The demo model's tokenizer (and, if asked, its generation config) beside a random checkpoint:
     a vocabulary of 4096 and a chat template, so the server can serve chat and decode text."""
