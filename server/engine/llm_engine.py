@@ -288,6 +288,7 @@ class LLMEngine:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - cfg.gpu_memory_utilization) * total
             budget -= self._graph_pool_bytes(model, buckets, prefill_buckets)  # captured after the cache
+            budget -= self._lora_slot_bytes(model)  # made with the first adapter, after the cache
         else:
             budget = cfg.kv_cache_memory_gb * 2**30
         budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]
@@ -309,6 +310,18 @@ class LLMEngine:
             logger.info("%.2f GiB set aside for the CUDA graphs' memory pool (decode batches %s, prompt steps "
                         "of %s tokens%s), before sizing the KV cache", size / 2**30, decode, prefill,
                         ", with and without LoRA" if lora else "")
+        return size
+
+    def _lora_slot_bytes(self, model: torch.nn.Module) -> int:
+        """The adapter slots' bytes (LoRAManager.slot_bytes), where the model takes adapters."""
+        cfg = self.config
+        assert cfg.max_lora_rank is not None
+        layers = model.lora_layers().values() if cfg.max_loras > 0 else []  # type: ignore[operator]
+        size = LoRAManager.slot_bytes(layers, cfg.max_loras, cfg.max_lora_rank,
+                                      torch.empty((), dtype=self.dtype).element_size())
+        if size:
+            logger.info("%.2f GiB set aside for %d adapter slots of rank %d (made with the first adapter), before "
+                        "sizing the KV cache", size / 2**30, cfg.max_loras, cfg.max_lora_rank)
         return size
 
     @property

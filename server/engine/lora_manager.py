@@ -43,6 +43,16 @@ class LoRAManager:
         # default --max-lora-rank.
         self.slot_ranks: torch.Tensor | None = None
 
+    @staticmethod
+    def slot_bytes(layers: Iterable[LoRALinear], max_loras: int, max_rank: int, itemsize: int) -> int:
+        """What the device slots take once the first adapter makes them (create_lora_slots): per layer
+        and slot, each output slice's A [rank, in] and B [out, rank]. The KV cache is sized before
+        any adapter arrives, so this is set aside then (MoE experts' tables, made for adapters that
+        train experts, are not counted)."""
+        per_slot = sum(max_rank * (layer.in_features * sum(1 for n in layer.out_slices if n) + sum(layer.out_slices))
+                       for layer in layers)
+        return max_loras * per_slot * itemsize
+
     def add(self, adapter_id: int, weights: LoRAWeights) -> bool:
         """Register an adapter (its slot is written when a batch needs it). True where it made or
         widened MoE experts' LoRA tables: CUDA graphs captured before read the old ones."""
