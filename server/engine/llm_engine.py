@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -218,9 +219,10 @@ class LLMEngine:
             from sloth_kernels.triton_attention import compile_variants
 
             cfg = self.loaded.model.config
-            k_cache, v_cache = self.runner.kv_caches[0]
             sinks = torch.zeros(cfg.num_heads, device=self.device) if cfg.attn_sinks else None  # gpt-oss
-            for window, softcap in cfg.attention_variants:  # Gemma: local and global layers, soft cap
+            # One cache of each shape (Gemma 4's sliding and full layers differ in head dim and KV heads)
+            by_shape = {k.shape: (k, v) for k, v in self.runner.kv_caches}
+            for (k_cache, v_cache), (window, softcap) in itertools.product(by_shape.values(), cfg.attention_variants):
                 compile_variants(cfg.num_heads, k_cache, v_cache, self.runner.scratch_block, self.max_model_len,
                                  window, softcap, sinks, getattr(self.loaded.model, "bidirectional_images", False))
         try:

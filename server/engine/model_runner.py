@@ -90,10 +90,11 @@ class ModelRunner:
         # One block more than the block manager hands out: the scratch block that padded rows of a
         # CUDA-graph batch write into.
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One (keys, values) pair per KV layer (a hybrid model's recurrent layers keep a state instead),
+        # each of its layer's shape; every layer's block i holds the same tokens.
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in cfg.kv_layers  # a hybrid model's recurrent layers keep a state instead
+            for shape in ((num_blocks + 1, block_size, heads, dim) for heads, dim in cfg.kv_cache_shapes())
         ]
         if cfg.has_state:  # one row more: the scratch row, as for the KV cache
             cast(StatefulModel, model).allocate_state(num_state_slots + 1 + num_state_snapshots, dtype, device)
@@ -171,7 +172,7 @@ class ModelRunner:
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(cfg.kv_layers) * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return 2 * block_size * sum(heads * dim for heads, dim in cfg.kv_cache_shapes()) * itemsize
 
     @staticmethod
     def state_bytes(model: CausalLM, num_slots: int, dtype: torch.dtype) -> int:

@@ -66,7 +66,7 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
         model = VisionCausalLM(hf, step, targets)
     else:
         model = GenericCausalLM(hf, step, targets)
-    cfg = model.config = generic_config(model.head.config, vocab, *model.kv_layout(device))
+    cfg = model.config = generic_config(model.head.config, vocab, model.kv_layout(device))
     model.check_routing(dtype, device)
     num_4bit = sum(1 for m in linears.values() if m.is_quantized)
     logger.warning(
@@ -163,15 +163,20 @@ def adopt_linears(hf: PreTrainedModel, step: GenericStep, dtype: torch.dtype, de
     return ours
 
 
-def generic_config(config: object, vocab: int, num_layers: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
-    """The facts our engine needs from the transformers config; the KV cache's shape as measured."""
+def generic_config(config: object, vocab: int, kv_shapes: list[tuple[int, int]]) -> ModelConfig:
+    """The facts our engine needs from the transformers config; the KV cache's shapes as measured
+    (each cache-holding layer's KV heads and head dim)."""
+    num_layers = len(kv_shapes)
+    num_kv_heads, head_dim = kv_shapes[0]
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = int(getattr(c, "num_attention_heads", num_kv_heads))
     # What the warmup compiles attention kernels for (the model passes each layer's own at run time).
     window = getattr(c, "sliding_window", None)
     window = window if isinstance(window, int) else None
     types = getattr(c, "layer_types", None)
-    layer_windows = tuple(window if t == "sliding_attention" else None for t in types) if window and types else None
+    # The layers holding a cache come first (KV-shared ones, which read theirs, last): their windows.
+    layer_windows = (tuple(window if t == "sliding_attention" else None for t in types[:num_layers])
+                     if window and types else None)
     softcap = getattr(c, "attn_logit_softcapping", None)
     return ModelConfig(
         family=str(getattr(c, "model_type", "unknown")), vocab_size=vocab, hidden_size=int(getattr(c, "hidden_size", 0)),
@@ -183,4 +188,5 @@ def generic_config(config: object, vocab: int, num_layers: int, num_kv_heads: in
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         sliding_window=window, layer_windows=layer_windows,
         attn_softcap=float(softcap) if isinstance(softcap, (int, float)) else None,
+        kv_shapes=tuple(kv_shapes) if len(set(kv_shapes)) > 1 else None,
     )

@@ -153,6 +153,10 @@ class ModelConfig:
     multipliers: Multipliers | None = None
     rope_enabled: bool = True
     mlp_bias: bool = False
+    # Models whose layers cache keys of different shapes (Gemma 4: sliding layers 256 wide, full ones
+    # global_head_dim with their own KV head count): each KV layer's (KV heads, head dim), in kv_layers'
+    # order; None: every layer caches num_kv_heads x head_dim.
+    kv_shapes: tuple[tuple[int, int], ...] | None = None
 
     @property
     def kv_layers(self) -> list[int]:
@@ -160,6 +164,12 @@ class ModelConfig:
         if self.layer_types is None:
             return list(range(self.num_layers))
         return [i for i, kind in enumerate(self.layer_types) if kind in ("full_attention", "sliding_attention")]
+
+    def kv_cache_shapes(self) -> list[tuple[int, int]]:
+        """Each KV layer's (KV heads, head dim), in kv_layers' order: the paged cache's per-layer shape."""
+        if self.kv_shapes is not None:
+            return list(self.kv_shapes)
+        return [(self.num_kv_heads, self.head_dim)] * len(self.kv_layers)
 
     @property
     def has_state(self) -> bool:

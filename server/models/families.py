@@ -35,6 +35,10 @@ VISION_ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwe
                         "MllamaForConditionalGeneration": "mllama"}
 
 
+# Model types whose modeling file lives in another model type's folder.
+MODULE_OF = {"gemma4_text": "gemma4", "gemma3n_text": "gemma3n"}
+
+
 class UnsupportedModel(ValueError):
     """A model no path serves; the message is one line saying why."""
 
@@ -111,7 +115,7 @@ def modeling_source(model_type: str) -> str | None:
     root = _transformers_root()
     if root is None or not model_type:
         return None
-    name = model_type.replace("-", "_")
+    name = MODULE_OF.get(model_type, model_type).replace("-", "_")
     path = root / "models" / name / f"modeling_{name}.py"
     return path.read_text(encoding="utf-8") if path.is_file() else None
 

@@ -35,28 +35,52 @@ def paged_attention_forward(
         raise UnsupportedModel(f"{type(module).__name__} is not a module of the model being served")
     _check_supported(module, attention_mask, kwargs)
     layer = getattr(module, "layer_idx", None)
+    source = kv_source(module)
     if step.shapes is not None and isinstance(layer, int):
-        step.shapes[layer] = (key.shape[1], key.shape[-1], value.shape[-1])
+        if source is None:  # a layer reading another's cache holds none of its own
+            step.shapes[layer] = (key.shape[1], key.shape[-1], value.shape[-1])
+        step.layers_called.append(layer)
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     if step.meta is None or step.kv_caches is None:
         raise UnsupportedModel(f"{type(module).__name__} ran outside an engine step")
-    if not isinstance(layer, int) or not 0 <= layer < len(step.kv_caches):
-        raise UnsupportedModel(f"{type(module).__name__} has layer index {layer!r}; the KV cache holds "
+    cache_layer = layer if source is None else source
+    if not isinstance(cache_layer, int) or not 0 <= cache_layer < len(step.kv_caches):
+        raise UnsupportedModel(f"{type(module).__name__} has layer index {cache_layer!r}; the KV cache holds "
                                f"{len(step.kv_caches)} layers")
-    k_cache, v_cache = step.kv_caches[layer]
+    k_cache, v_cache = step.kv_caches[cache_layer]
     if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != tuple(k_cache.shape[2:]) or value.shape[-1] != key.shape[-1]:
         raise UnsupportedModel(f"layer {layer}'s keys are {key.shape[1]} heads of {key.shape[-1]} (values "
-                               f"{value.shape[-1]} wide); the KV cache holds {k_cache.shape[2]} heads of "
-                               f"{k_cache.shape[3]} for every layer")
+                               f"{value.shape[-1]} wide); its KV cache holds {k_cache.shape[2]} heads of "
+                               f"{k_cache.shape[3]}")
     attn: AttnMetadata = step.meta.attn
     q = query[0].transpose(0, 1).to(k_cache.dtype).contiguous()
     k = key[0].transpose(0, 1).to(k_cache.dtype).contiguous()
     v = value[0].transpose(0, 1).to(v_cache.dtype).contiguous()
-    write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+    if source is None:  # a KV-shared layer's keys are its source layer's, already in that layer's cache
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(q, k_cache, v_cache, attn, scale, kwargs.get("sliding_window"), kwargs.get("softcap"))
     step.layers_called.append(layer)
     return out.to(query.dtype).unsqueeze(0), None
+
+
+def kv_source(module: nn.Module) -> int | None:
+    """The earlier layer whose cached keys and values this attention reads without writing its own
+    (the KV-shared last layers of Gemma 3n and Gemma 4); None: its own. Gemma 3n names the layer
+    (`kv_shared_layer_index`); Gemma 4 reads the last layer of its own kind before the shared ones."""
+    if not getattr(module, "is_kv_shared_layer", False):
+        return None
+    source = getattr(module, "kv_shared_layer_index", None)
+    config = getattr(module, "config", None)
+    if source is None and config is not None and hasattr(module, "layer_type"):
+        first_shared = config.num_hidden_layers - config.num_kv_shared_layers
+        kinds = list(config.layer_types[:first_shared])
+        if module.layer_type in kinds:
+            source = len(kinds) - 1 - kinds[::-1].index(module.layer_type)
+    if not isinstance(source, int):
+        raise UnsupportedModel(f"{type(module).__name__} shares another layer's keys and values without naming "
+                               "which layer's")
+    return source
 
 
 def dense_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -124,6 +148,9 @@ class GenericCausalLM(nn.Module):
     is_generic = True
 
     config: ModelConfig  # set by the loader once kv_layout() has measured the model
+    # Layers whose attention reaches the paged cache, as kv_layout() counts them: config.num_layers
+    # plus the KV-shared layers that read an earlier layer's cache.
+    num_attention_layers = 0
 
     def __init__(self, hf: PreTrainedModel, step: GenericStep, lora: dict[str, GenericLinear | SliceGroup]) -> None:
         super().__init__()
@@ -168,28 +195,28 @@ class GenericCausalLM(nn.Module):
         return out.logits[0].float()
 
     @torch.inference_mode()
-    def kv_layout(self, device: torch.device) -> tuple[int, int, int]:
-        """(attention layers, KV heads, head dim) as the model's attention calls show them (config
-        fields are named differently across families, and some are set but unused)."""
+    def kv_layout(self, device: torch.device) -> list[tuple[int, int]]:
+        """Each cache-holding layer's (KV heads, head dim) as the model's attention calls show them
+        (config fields are named differently across families, and some are set but unused); layers
+        that read another layer's cache (KV sharing) hold none and come after those that do."""
         step = self.step
         step.shapes = {}
+        step.layers_called.clear()
         try:
             ids = torch.tensor([1, 2], device=device)
             self.backbone(input_ids=ids.unsqueeze(0), position_ids=ids.unsqueeze(0) - 1, use_cache=False)
             shapes = dict(step.shapes)
+            self.num_attention_layers = len(step.layers_called)
         finally:
             step.shapes = None
         if sorted(shapes) != list(range(len(shapes))) or not shapes:
             raise UnsupportedModel(f"{self.architecture}: attention reached sloth-serve for layers {sorted(shapes)}, "
                                    f"not for each layer from 0; its attention is not served")
-        if len(set(shapes.values())) != 1:
-            raise UnsupportedModel(f"{self.architecture}'s layers attend with different KV shapes "
-                                   f"{sorted(set(shapes.values()))}; the paged KV cache holds one shape for all layers")
-        heads, key_dim, value_dim = shapes[0]
-        if key_dim != value_dim:
-            raise UnsupportedModel(f"{self.architecture}'s keys ({key_dim}) and values ({value_dim}) differ in width; "
-                                   "the paged KV cache holds them alike")
-        return len(shapes), heads, key_dim
+        widths = sorted({(k, v) for _, k, v in shapes.values() if k != v})
+        if widths:
+            raise UnsupportedModel(f"{self.architecture}'s keys and values differ in width {widths}; the paged KV "
+                                   "cache holds them alike")
+        return [(heads, key_dim) for heads, key_dim, _ in (shapes[i] for i in range(len(shapes)))]
 
     @torch.inference_mode()
     def check_routing(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -197,9 +224,8 @@ class GenericCausalLM(nn.Module):
         once, in order, and the head must give a row of logits; anything else (a layer that attends by
         itself, a mask built by the model) is refused now rather than served wrong."""
         cfg = self.config
-        shape = (1, 16, cfg.num_kv_heads, cfg.head_dim)
         caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                  for _ in range(cfg.num_layers)]
+                  for shape in ((1, 16, heads, dim) for heads, dim in cfg.kv_cache_shapes())]
 
         def tensor(values: list[int] | list[list[int]], kind: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.tensor(values, dtype=kind, device=device)
@@ -209,8 +235,9 @@ class GenericCausalLM(nn.Module):
                             max_query_len=2, max_seq_len=2, num_decodes=0)
         hidden = self(tensor([1, 2], torch.long), tensor([0, 1], torch.long), StepMetadata(attn), caches)
         called = list(self.step.layers_called)
-        if called != list(range(cfg.num_layers)):
+        if called != list(range(self.num_attention_layers)):
             raise UnsupportedModel(f"{self.architecture}: attention reached the paged KV cache for layers {called}, "
-                                   f"not each of its {cfg.num_layers} layers once; its attention is not served")
+                                   f"not each of its {self.num_attention_layers} layers once; its attention is not "
+                                   "served")
         if self.compute_logits(hidden[-1:]).shape != (1, cfg.vocab_size):
             raise UnsupportedModel(f"{self.architecture}'s head does not give {cfg.vocab_size} logits a token")

@@ -35,10 +35,9 @@ class DraftRunner:
         if device.type == "cuda":
             fuse_quantized_projections(model)
         cfg = model.config
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)  # + the target's scratch block
-        self.kv_caches = [
+        self.kv_caches = [  # each layer's own shape; one block more: the target's scratch block
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in cfg.kv_layers
+            for shape in ((num_blocks + 1, block_size, heads, dim) for heads, dim in cfg.kv_cache_shapes())
         ]
         self.graphs: DecodeGraphs | None = None
         if graph_buckets and device.type == "cuda":
@@ -65,7 +64,7 @@ class DraftRunner:
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(cfg.kv_layers) * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return 2 * block_size * sum(heads * dim for heads, dim in cfg.kv_cache_shapes()) * itemsize
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_tokens: list[int], sampler: Sampler,
