@@ -81,6 +81,9 @@ def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
     if not arch.endswith(("ForCausalLM", "LMHeadModel")):
         kind = "a multimodal model" if arch.endswith("ForConditionalGeneration") else "not a causal language model"
         return f"{kind}; sloth-serve serves decoder-only causal language models (...ForCausalLM)"
+    if cfg.get("use_bidirectional_attention") == "all":
+        return ("its tokens attend both ways (use_bidirectional_attention: all), which a causal paged KV cache "
+                "does not compute")
     if model_type in ALIBI_TYPES or cfg.get("alibi") or cfg.get("position_embedding_type") == "alibi":
         return "it uses ALiBi position biases, which sloth-serve's attention kernels do not apply"
     if model_type == "gpt_oss":

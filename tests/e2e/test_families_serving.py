@@ -1,5 +1,5 @@
-"""Every native family, and three families of the generic path, from a tiny random checkpoint (the
-demo tokenizer beside it): greedy tokens equal transformers' through `LLM` for each, and through the
+"""Every native family, and four families of the generic path (Gemma 4 among them), from a tiny random
+checkpoint (the demo tokenizer beside it): greedy tokens equal transformers' through `LLM` for each, and through the
 server (the official `openai` client: completions at once, and a chat whose stream says what its
 whole reply says) for each family that no other end-to-end test serves. Served elsewhere: the demo
 model (Llama), Gemma 2 and Gemma 3's image-text checkpoint (test_gemma_serving), GLM-4, LFM2,
@@ -47,6 +47,7 @@ qwen3_5 = tests_module("test_qwen3_5_family", "engine")
 lfm2 = tests_module("test_lfm2_family", "engine")
 mamba2 = tests_module("test_mamba2_families", "engine")
 generic = tests_module("test_generic_path", "engine")
+gemma4 = tests_module("test_gemma4_family", "engine")
 phi3 = tests_module("phi3_models", "unit")
 
 
@@ -99,7 +100,10 @@ NATIVE: dict[str, Callable[[], PretrainedConfig]] = {
 }
 # Families with no native model code here: transformers' modules run inside the engine.
 GENERIC: dict[str, Callable[[], PretrainedConfig]] = {
-    name: from_table(generic, "FAMILIES", name) for name in ("granite", "olmo2", "cohere2")}
+    **{name: from_table(generic, "FAMILIES", name) for name in ("granite", "olmo2", "cohere2")},
+    # two head dims, KV-shared layers, per-layer inputs, the MoE block beside the MLP
+    "gemma4": lambda: gemma4.text_config("moe"),
+}
 FAMILIES = {**NATIVE, **GENERIC}
 # Served over HTTP here: the families no other end-to-end test serves, a few servers at a time.
 SERVED_ELSEWHERE = {"llama", "gemma2", "glm4", "lfm2", "granitemoehybrid", "phi3"}
@@ -108,6 +112,7 @@ HTTP_GROUPS = [
     ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "glm"),
     ("cohere", "stablelm", "exaone4", "qwen3_5", "qwen3_5_moe"),
     ("lfm2_moe", "falcon_h1", "granite", "olmo2", "cohere2"),
+    ("gemma4",),
 ]
 
 

@@ -36,6 +36,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("SmolLM3ForCausalLM", "smollm3", "native"),
     ("Exaone4ForCausalLM", "exaone4", "native"),
     ("GPT2LMHeadModel", "gpt2", "generic"),
+    ("Gemma4ForCausalLM", "gemma4_text", "generic"),  # its modeling file is under models/gemma4
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
     assert route_of(cfg(arch, model_type)).path == path
@@ -66,6 +67,7 @@ def test_q_k_layernorms_take_the_generic_path(arch: str, model_type: str, key: s
     (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
     (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
     (cfg("GraniteForCausalLM", "llama"), "has no GraniteForCausalLM for model_type 'llama'"),
+    (cfg("Gemma4ForCausalLM", "gemma4_text", use_bidirectional_attention="all"), "attend both ways"),
 ])
 def test_refusal_names_the_reason(config: dict, reason: str) -> None:
     with pytest.raises(UnsupportedModel) as info:
