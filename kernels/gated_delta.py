@@ -82,9 +82,11 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if q.is_cuda:
         from .triton_gated_delta import gated_delta_rule_triton
 
-        # The chunked Triton form needs 263 KB of shared memory at Qwen3.5's head sizes (128 x 128), past
-        # the H200's 227 KB: it failed its GPU tests there, so on a GPU every sequence goes token by token
-        # (the kernel the decode graphs use) unless SLOTH_GATED_DELTA_CHUNKED=1 asks for it.
+        # The chunked Triton form's first tiling needed 263 KB of shared memory at Qwen3.5's head sizes
+        # (128 x 128), past the H200's 227 KB, and failed its GPU tests there. Retiled, it compiles for
+        # sm_90 in 80 KB (tests/kernels/test_compile_sm90.py) but has not run on a GPU yet: until a GPU
+        # session passes its tests, every sequence goes token by token there (the kernel the decode
+        # graphs use) unless SLOTH_GATED_DELTA_CHUNKED=1 asks for the chunked form.
         chunked = os.environ.get("SLOTH_GATED_DELTA_CHUNKED") == "1"
         return gated_delta_rule_triton(q, k, v, g, beta, state, batch, chunked_from=CHUNK if chunked else 1 << 30)
     return gated_delta_rule_ref(q, k, v, g, beta, state, batch)
