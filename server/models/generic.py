@@ -44,9 +44,9 @@ def paged_attention_forward(
     if step.meta is None or step.kv_caches is None:
         raise UnsupportedModel(f"{type(module).__name__} ran outside an engine step")
     cache_layer = layer if source is None else source
-    if not isinstance(cache_layer, int) or not 0 <= cache_layer < len(step.kv_caches):
-        raise UnsupportedModel(f"{type(module).__name__} has layer index {cache_layer!r}; the KV cache holds "
-                               f"{len(step.kv_caches)} layers")
+    if not isinstance(layer, int) or not isinstance(cache_layer, int) or not 0 <= cache_layer < len(step.kv_caches):
+        raise UnsupportedModel(f"{type(module).__name__} has layer index {layer!r} (its cache: {cache_layer!r}); the "
+                               f"KV cache holds {len(step.kv_caches)} layers")
     k_cache, v_cache = step.kv_caches[cache_layer]
     if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != tuple(k_cache.shape[2:]) or value.shape[-1] != key.shape[-1]:
         raise UnsupportedModel(f"layer {layer}'s keys are {key.shape[1]} heads of {key.shape[-1]} (values "

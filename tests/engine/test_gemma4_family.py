@@ -162,3 +162,13 @@ def test_adapters_apply_per_request_as_peft(gemma4: tuple[Path, torch.nn.Module]
         peft = PeftModel.from_pretrained(base, str(adapters[adapter_id - 1])).eval()
         assert tokens == hf_greedy(peft, p), f"adapter {adapter_id}"
     assert got[1] != got[0]  # the adapters change the output
+
+
+def test_merged_adapter_equals_peft(gemma4: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    folder, hf = gemma4
+    adapter = write_adapter(hf, tmp_path / "adapter", seed=3)
+    engine = engine_for(folder, merge_lora=str(adapter))
+    prompt = prompts()[2]
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    peft = PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert run(engine, [(prompt, 0)])[0] == hf_greedy(peft, prompt)
