@@ -9,6 +9,7 @@ shared memory than a block may use or spills past its budget (KNOWN_SPILLS, else
 --all-variants also compiles every attention tile the dispatcher can pick (compile_variants), and
 the NF4 GEMV / GEMM at every tuned row bucket: minutes of ptxas. tests/kernels/test_compile_sm90.py
 runs the representative cases (compiled kernels land in Triton's cache, so a second run is quick).
+Recorded: bench/results/kernel-resources-sm90.md.
 """
 
 from __future__ import annotations
