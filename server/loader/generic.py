@@ -6,6 +6,7 @@ cache (sloth_serve.models.generic); the log says once that this path is used and
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 from transformers import PreTrainedModel
 
 from ..models.config import ModelConfig
-from ..models.families import UnsupportedModel
+from ..models.families import TEXT_ONLY_ARCHITECTURES, TextOnly, UnsupportedModel
 from ..models.generic import ATTN_IMPLEMENTATION, GenericCausalLM
 from ..models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
 from ..models.generic_step import GenericStep
+from .folders import read_json_object
 from .unsloth import _RECOMPUTED, disk_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -32,13 +34,20 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     if load_format == "unsloth" and vision and device.type != "cuda":
         raise ValueError("Unsloth loads image-text models (FastVisionModel) on CUDA only; on the CPU serve the "
                          "16-bit folder with --load-format safetensors")
+    text_only = text_only_of(folder)
+    if load_format == "unsloth" and text_only is not None:
+        raise ValueError(f"{folder}: the text model of a {text_only.architecture.replace('ForCausalLM', '')} "
+                         "image-text checkpoint is read from 16-bit safetensors only (--load-format safetensors), "
+                         "not through Unsloth yet")
     if load_format == "unsloth":
         from .unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
         hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision))
     else:
-        hf = load_hf_16bit(folder, dtype, device, vision)
-    check_every_tensor_loaded(folder, hf)
+        hf = load_hf_16bit(folder, dtype, device, vision, text_only)
+    left = check_every_tensor_loaded(folder, hf, text_only)
+    if left:
+        logger.info("%s: its text model is served; %d tensors of its other towers stay on disk", folder, left)
     # The language model's attention goes to the paged KV cache; a vision encoder's stays as it is.
     text = getattr(hf, hf.base_model_prefix).language_model if vision else hf
     route_attention(text)
@@ -78,22 +87,43 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     return model
 
 
-def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device, vision: bool = False) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+def text_only_of(folder: Path) -> TextOnly | None:
+    """How the folder's multimodal architecture is served as text alone (None: it is not such a model)."""
+    archs = read_json_object(folder / "config.json").get("architectures") or []
+    return TEXT_ONLY_ARCHITECTURES.get(str(archs[0])) if isinstance(archs, list) and archs else None
+
+
+def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device, vision: bool = False,
+                  text_only: TextOnly | None = None) -> PreTrainedModel:
+    """`text_only`: the causal LM of the folder's text config, reading the text model's tensors alone
+    (renamed from their checkpoint prefix to the causal LM's); the other towers are never built."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    extra: dict[str, object] = {}
+    if text_only is not None:
+        extra["config"] = AutoConfig.from_pretrained(str(folder), local_files_only=True).get_text_config()
+        extra["key_mapping"] = {f"^{re.escape(text_only.text_prefix)}": "model."}
     return auto.from_pretrained(str(folder), dtype=dtype, device_map={"": device},  # type: ignore[no-any-return]
-                                local_files_only=True)
+                                local_files_only=True, **extra)
 
 
-def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel) -> None:
+def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel, text_only: TextOnly | None = None) -> int:
     """Every tensor on disk is one of the model's, and every parameter of the model came from disk:
-    transformers drops unexpected keys and initializes missing ones at random, with a warning at most."""
+    transformers drops unexpected keys and initializes missing ones at random, with a warning at most.
+    With `text_only`, the text model's tensors are read under their checkpoint prefix and those of the
+    other towers stay on disk: how many did."""
     state = set(hf.state_dict().keys()) | {n for n, _ in hf.named_parameters(remove_duplicate=False)} | {
         n for n, _ in hf.named_buffers(remove_duplicate=False)}
     disk = disk_tensor_names(folder)
     rename = _checkpoint_renamer(hf, state)
-    loaded = {k: rename(k) for k in disk}
+    towers = text_only.other_towers if text_only is not None else ()
+    left = [k for k in disk if towers and k.startswith(towers)]
+    if text_only is not None:
+        prefix = text_only.text_prefix
+        loaded = {k: rename("model." + k[len(prefix):] if k.startswith(prefix) else k) for k in disk if k not in left}
+    else:
+        loaded = {k: rename(k) for k in disk}
     unread = sorted(k for k, name in loaded.items() if name not in state and not k.endswith(_RECOMPUTED))
     if unread:
         raise ValueError(f"{folder / disk[unread[0]]}: {len(unread)} tensor(s) on disk were not loaded by "
@@ -107,6 +137,7 @@ def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel) -> None:
     if missing:
         raise ValueError(f"{folder}: {len(missing)} weight(s) of {type(hf).__name__} are not on disk (first: "
                          f"{missing[0]!r}) and would be random; is the checkpoint complete?")
+    return len(left)
 
 
 def _checkpoint_renamer(hf: PreTrainedModel, state: set[str]) -> Callable[[str], str]:

@@ -35,6 +35,21 @@ VISION_ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwe
                         "MllamaForConditionalGeneration": "mllama"}
 
 
+@dataclass(frozen=True, slots=True)
+class TextOnly:
+    """A multimodal architecture whose text model alone runs on the generic path: images and audio
+    are refused per request (the served model takes text only), the other towers' tensors stay on disk."""
+
+    architecture: str  # the text model's causal LM
+    model_type: str  # its model_type (config.json's text_config)
+    text_prefix: str  # the checkpoint prefix of the text model's tensors (the causal LM's: "model.")
+    other_towers: tuple[str, ...]  # checkpoint prefixes of the tensors left on disk
+
+
+TEXT_ONLY_ARCHITECTURES = {
+    "Gemma4ForConditionalGeneration": TextOnly("Gemma4ForCausalLM", "gemma4_text", "model.language_model.", (
+        "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
+}
 # Model types whose modeling file lives in another model type's folder.
 MODULE_OF = {"gemma4_text": "gemma4", "gemma3n_text": "gemma3n"}
 
@@ -61,7 +76,13 @@ def route_of(cfg: dict[str, Any]) -> Route:
         return Route("native", arch, model_type)
     if arch in VISION_ARCHITECTURES:
         return Route("vision", arch, model_type)
-    reason = refusal(cfg, arch, model_type)
+    text_only = TEXT_ONLY_ARCHITECTURES.get(arch)
+    if text_only is not None:  # the text config's causal LM is what must run
+        text_cfg = cfg.get("text_config")
+        text_cfg = {**text_cfg, "architectures": [text_only.architecture]} if isinstance(text_cfg, dict) else {}
+        reason = refusal(text_cfg, text_only.architecture, text_only.model_type)
+    else:
+        reason = refusal(cfg, arch, model_type)
     if reason is not None:
         raise UnsupportedModel(reason)
     return Route("generic", arch, model_type)

@@ -172,3 +172,50 @@ def test_merged_adapter_equals_peft(gemma4: tuple[Path, torch.nn.Module], tmp_pa
     base = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
     peft = PeftModel.from_pretrained(base, str(adapter)).eval()
     assert run(engine, [(prompt, 0)])[0] == hf_greedy(peft, prompt)
+
+
+def make_image_text_model(tmp: Path) -> tuple[Path, torch.nn.Module]:
+    """A random Gemma4ForConditionalGeneration (the form Gemma 4 checkpoints come in: text, vision
+    and audio towers) saved in `tmp/image-text`, and transformers' own instance."""
+    vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    audio = transformers.Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           output_proj_dims=32, subsampling_conv_channels=[8, 4])
+    config = transformers.Gemma4Config(text_config=text_config("k_eq_v").to_dict(), vision_config=vision.to_dict(),
+                                       audio_config=audio.to_dict())
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    folder = tmp / "image-text"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_text_model_of_an_image_text_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    folder, hf = make_image_text_model(tmp_path)
+    route = route_of(json.loads((folder / "config.json").read_text()))
+    assert (route.path, route.architecture) == ("generic", "Gemma4ForConditionalGeneration")
+    with caplog.at_level(logging.INFO, logger="sloth_serve.loader.generic"):
+        engine = engine_for(folder)
+    assert any("tensors of its other towers stay on disk" in r.getMessage() for r in caplog.records)
+    model = engine.loaded.model
+    assert isinstance(model, GenericCausalLM) and model.architecture == "Gemma4ForCausalLM"
+    assert not any("tower" in name for name, _ in model.named_parameters())  # never built
+    assert run(engine, [(p, 0) for p in prompts()]) == [hf_greedy(hf, p) for p in prompts()]
+
+
+def test_image_text_checkpoint_with_a_text_tensor_missing_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = make_image_text_model(tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.language_model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="are not on disk"):
+        engine_for(folder)

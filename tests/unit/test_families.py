@@ -37,6 +37,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("Exaone4ForCausalLM", "exaone4", "native"),
     ("GPT2LMHeadModel", "gpt2", "generic"),
     ("Gemma4ForCausalLM", "gemma4_text", "generic"),  # its modeling file is under models/gemma4
+    ("Gemma4ForConditionalGeneration", "gemma4", "generic"),  # its text model alone
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
     assert route_of(cfg(arch, model_type)).path == path
@@ -68,6 +69,8 @@ def test_q_k_layernorms_take_the_generic_path(arch: str, model_type: str, key: s
     (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
     (cfg("GraniteForCausalLM", "llama"), "has no GraniteForCausalLM for model_type 'llama'"),
     (cfg("Gemma4ForCausalLM", "gemma4_text", use_bidirectional_attention="all"), "attend both ways"),
+    (cfg("Gemma4ForConditionalGeneration", "gemma4", text_config={"use_bidirectional_attention": "all"}),
+     "attend both ways"),  # the text model's config decides
 ])
 def test_refusal_names_the_reason(config: dict, reason: str) -> None:
     with pytest.raises(UnsupportedModel) as info:
