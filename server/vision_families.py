@@ -1,6 +1,6 @@
 """Which image processor an image-text model's folder gets: config.json's architecture picks its
 family's (Gemma 3: server/vision_gemma3.py; Mistral 3: server/vision_mistral3.py; Llama 3.2 Vision:
-server/vision_mllama.py; the Qwen-VL families: server/vision_processor.py, the base the others build on). The one place that knows every
+server/vision_mllama.py; the Qwen-VL families and Qwen3.5: server/vision_processor.py, the base the others build on). The one place that knows every
 family, so the base needs none of them."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ GEMMA3_VISION = "Gemma3ForConditionalGeneration"  # served natively, with its vi
 MLLAMA_VISION = "MllamaForConditionalGeneration"  # images through cross-attention (server/vision_mllama.py)
 # served natively, with their Pixtral tower (server/vision_mistral3.py)
 PIXTRAL_VISION = ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+# served natively, with their vision encoder (server/models/qwen3_5_vision.py); Qwen-VL's image processor
+QWEN3_5_VISION = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 
 
 def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> VisionProcessor | None:
@@ -33,6 +35,6 @@ def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> Visi
         return Mistral3VisionProcessor.from_mistral3_folder(folder, cfg, limits)
     if arch == MLLAMA_VISION:
         return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits)
-    if arch in VISION_ARCHITECTURES:
+    if arch in VISION_ARCHITECTURES or (arch in QWEN3_5_VISION and isinstance(cfg.get("vision_config"), dict)):
         return VisionProcessor.from_qwen_folder(folder, cfg, limits)
     return None

@@ -28,7 +28,7 @@ from .mistral3_config import (
 )
 from .moe_config import moe_fields
 from .phi3_config import phi3_fields
-from .qwen3_5_config import qwen3_5_fields
+from .qwen3_5_config import qwen3_5_fields, qwen3_5_vision_fields
 from .rope_config import parse_rope
 from .smollm3_config import smollm3_fields
 
@@ -104,7 +104,7 @@ class ModelConfig:
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
     multimodal: bool = False  # the text model of an image-text checkpoint (Gemma3ForConditionalGeneration, Qwen3.5's)
-    # Gemma 3 / Mistral 3 with images: the vision tower's config.json object (None: text only), the
+    # Gemma 3 / Mistral 3 / Qwen3.5 with images: the vision tower's config.json object (None: text only), the
     # image token that the processor repeats per image, and (Gemma 3) how many of them one image becomes.
     vision_config: dict[str, Any] | None = None
     image_token_id: int | None = None
@@ -112,6 +112,8 @@ class ModelConfig:
     # Mistral 3 / Pixtral-12B (LLaVA) with images (vision_config: the Pixtral tower): the projector's
     # settings, as transformers' Mistral3Config / LlavaConfig name them (server/models/mistral3_config.py)
     vision_projector: dict[str, Any] | None = None
+    # Qwen3.5 with images: M-RoPE's rotary frequencies per row (temporal, height, width), interleaved
+    mrope_section: tuple[int, ...] = ()
     # Mixture of experts (server/models/moe_config.py); num_experts 0: a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -223,8 +225,10 @@ class ModelConfig:
         if family == "lfm2_moe":
             return cls(**lfm2_moe_fields(cfg))
         if family in ("qwen3_5", "qwen3_5_moe"):
-            if archs[0].endswith("ForConditionalGeneration"):
-                return cls(**qwen3_5_fields(multimodal_text_config(cfg, archs[0]), family), multimodal=True)
+            if archs[0].endswith("ForConditionalGeneration"):  # with its vision encoder (models/qwen3_5_vision.py)
+                text = multimodal_text_config(cfg, archs[0])
+                fields = qwen3_5_fields(text, family)
+                return cls(**fields, multimodal=True, **qwen3_5_vision_fields(cfg, text, fields["hidden_size"]))
             return cls(**qwen3_5_fields(cfg, family))
         if family == "granitemoehybrid":
             return cls(**granite_hybrid_fields(cfg))

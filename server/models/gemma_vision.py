@@ -23,16 +23,22 @@ from .tower_lora import tower_linears
 # under vision_tower. or model.vision_tower., its modules under vision_model. or not.
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+# Qwen3.5's vision encoder (with its merger), served natively beside its text model
+_VISUAL_PREFIXES = ("model.visual.", "visual.")
 
 
 def vision_module_name(name: str) -> str | None:
-    """Our name for a checkpoint tensor of the vision tower or projector (None: not one of them)."""
+    """Our name for a checkpoint tensor of the vision tower or projector, or of Qwen3.5's vision
+    encoder (None: not one of them)."""
     for prefix in _TOWER_PREFIXES:
         if name.startswith(prefix):
             return "vision_tower." + name[len(prefix) :].removeprefix("vision_model.")
     for prefix in _PROJECTOR_PREFIXES:
         if name.startswith(prefix):
             return "multi_modal_projector." + name[len(prefix) :]
+    for prefix in _VISUAL_PREFIXES:
+        if name.startswith(prefix):
+            return "visual." + name[len(prefix) :]
     return None
 
 

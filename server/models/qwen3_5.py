@@ -184,9 +184,21 @@ class Qwen3_5ForCausalLM(nn.Module):
         """Final hidden states; `kv_caches` holds the attention layers' caches only, in order.
         `adapters`: their own embed_tokens, norms (1 + w, as the base's) and lm_head (in compute_logits);
         the Gated DeltaNet's gated norm is the base's for every request."""
-        h = self.model.embed_tokens(input_ids) if adapters is None else adapters.embed(self.model.embed_tokens, input_ids)
+        h = self.embed(input_ids, adapters)
+        return self.forward_embeds(h, positions, meta, kv_caches, adapters)
+
+    def embed(self, input_ids: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) if adapters is None else adapters.embed(self.model.embed_tokens, input_ids)
+
+    def forward_embeds(
+        self, h: torch.Tensor, positions: torch.Tensor, meta: StepMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], adapters: AdapterStep | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The layers from the input embeddings `h`; `rope`: the step's own rotary tables, which
+        `positions` index (M-RoPE with images: one row per token), instead of the model's."""
         residual: torch.Tensor | None = None
-        rope = (self.rope_cos, self.rope_sin)
+        rope = rope or (self.rope_cos, self.rope_sin)
         kv, states = iter(kv_caches), iter(self.states)
         for layer in self.model.layers:
             h, residual = layer(positions, h, residual, meta, next(kv) if layer.is_attention else next(states), rope,

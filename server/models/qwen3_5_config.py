@@ -1,6 +1,8 @@
 """config.json fields of Qwen3.5's text model (Qwen3_5ForCausalLM): Gated DeltaNet (linear attention)
 layers and gated full-attention layers in the order `layer_types` gives (default: every fourth layer
-full attention), with transformers' defaults where a config leaves one out."""
+full attention), with transformers' defaults where a config leaves one out. The image-text checkpoints
+(Qwen3_5ForConditionalGeneration, ...Moe...) add their vision encoder's config, the image token and
+M-RoPE's sections (qwen3_5_vision_fields)."""
 
 from __future__ import annotations
 
@@ -59,3 +61,25 @@ def qwen3_5_fields(cfg: dict[str, Any], family: str = "qwen3_5") -> dict[str, An
         linear_head_dims=(int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))),
         **(qwen3_5_moe_fields(cfg) if family == "qwen3_5_moe" else {}),
     )
+
+
+def qwen3_5_vision_fields(cfg: dict[str, Any], text: dict[str, Any], hidden_size: int) -> dict[str, Any]:
+    """ModelConfig's vision fields of an image-text checkpoint (none without a vision_config): the
+    encoder's config, the image placeholder token, and how many of the rotary frequencies (interleaved:
+    t, h, w, t, h, w, ...) each of M-RoPE's rows (temporal, height, width) takes, with transformers'
+    Qwen3_5Config defaults for what config.json leaves out."""
+    vision = cfg.get("vision_config")
+    if vision is None:
+        return {}
+    if not isinstance(vision, dict):
+        raise ValueError(f"config.json vision_config: expected the vision encoder's config as an object, got {vision!r:.80}")
+    out = int(vision.get("out_hidden_size", 3584))
+    if out != hidden_size:
+        raise ValueError(f"config.json vision_config.out_hidden_size: {out}, but the text model's hidden_size is "
+                         f"{hidden_size}")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    section = rope.get("mrope_section", [11, 11, 10]) if isinstance(rope, dict) else None
+    if not isinstance(section, list) or len(section) != 3 or not all(isinstance(n, int) and n >= 0 for n in section):
+        raise ValueError(f"config.json text_config.rope_parameters.mrope_section: expected three counts, got {section!r:.80}")
+    return dict(vision_config=dict(vision), image_token_id=int(cfg.get("image_token_id", 248056)),
+                mrope_section=tuple(section))

@@ -31,6 +31,7 @@ from .llama import LlamaForCausalLM
 from .mistral3_vision import Mistral3VisionForCausalLM
 from .moe import Experts, load_expert_weight, moe_checkpoint_name, settle_experts
 from .qwen3_5 import Qwen3_5ForCausalLM
+from .qwen3_5_vision import Qwen3_5VisionForCausalLM
 
 if TYPE_CHECKING:
     from sloth_kernels.nf4_format import NF4Weight
@@ -41,7 +42,7 @@ CausalLM = (LlamaForCausalLM | GemmaForCausalLM | Lfm2ForCausalLM | Qwen3_5ForCa
             | GraniteMoeHybridForCausalLM | FalconH1ForCausalLM)
 
 # Natively served image-text models: their vision tower and projector are loaded beside the text model.
-NATIVE_VISION = (GemmaVisionForCausalLM, Mistral3VisionForCausalLM)
+NATIVE_VISION = (GemmaVisionForCausalLM, Mistral3VisionForCausalLM, Qwen3_5VisionForCausalLM)
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -244,7 +245,7 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
         elif cfg.family in ("lfm2", "lfm2_moe"):
             model = Lfm2ForCausalLM(cfg)
         elif cfg.family in ("qwen3_5", "qwen3_5_moe"):
-            model = Qwen3_5ForCausalLM(cfg)
+            model = Qwen3_5VisionForCausalLM(cfg) if cfg.vision_config is not None else Qwen3_5ForCausalLM(cfg)
         elif cfg.family == "granitemoehybrid":
             model = GraniteMoeHybridForCausalLM(cfg)
         elif cfg.family == "falcon_h1":
@@ -263,6 +264,6 @@ def build_model(cfg: ModelConfig, named: Iterator[tuple[str, torch.Tensor | NF4W
         return model
     cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if isinstance(model, (GptOssForCausalLM, Mistral3VisionForCausalLM)):
+    if isinstance(model, (GptOssForCausalLM, Mistral3VisionForCausalLM, Qwen3_5VisionForCausalLM)):
         model.post_load()
     return model
