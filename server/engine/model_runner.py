@@ -319,6 +319,14 @@ class ModelRunner:
             return None
         bs = self.block_size
         positions = [p for _, p in rows]
+        rope_positions = positions
+        if self.vision is not None and any(seq.mm is not None for seq, _ in rows):
+            # M-RoPE (Qwen3.5 with images, the only such model with graphs): a token after the prompt
+            # sits at the same position in all three rows, which the graph's plain RoPE then rotates by.
+            plain = [self.vision.plain_position(seq, p) for seq, p in rows]
+            if None in plain:
+                return None  # an image's token as a one-token prompt chunk: eager
+            rope_positions = cast(list[int], plain)
         lora_slots = None
         if adapters:
             assert self.lora_manager is not None
@@ -330,7 +338,7 @@ class ModelRunner:
         logits = graphs.run(
             input_ids=[0] * len(positions) if ahead else [token_at(seq, p) for seq, p in rows],
             input_ids_device=lookahead_ids,
-            positions=positions if self.long_prompt_from is None else [
+            positions=rope_positions if self.long_prompt_from is None else [
                 self._rope_rows(seq.num_prompt_tokens, p, p + 1)[0] for seq, p in rows],
             slots=[seq.block_table[p // bs] * bs + p % bs for seq, p in rows],
             block_tables=[seq.block_table for seq, _ in rows],

@@ -139,6 +139,15 @@ class VisionInputs:
         after = torch.arange(max(start, seq.num_prompt_tokens), max(end, seq.num_prompt_tokens)).expand(3, -1) + delta
         return torch.cat([prompt, after], dim=1)
 
+    def plain_position(self, seq: Sequence, p: int) -> int | None:
+        """The one position that stands for token p's M-RoPE rows where all three are equal (text, and
+        every token after the prompt: its index plus the prompt's delta), so that a step built for
+        plain RoPE (a decode CUDA graph) rotates it right; None where they differ (an image's token)."""
+        if not self.mrope or seq.mm is None:
+            return p
+        rows = self._seq_positions(seq, p, p + 1)[:, 0]
+        return int(rows[0]) if bool((rows == rows[0]).all()) else None
+
     def tower_adapter(self, adapter_id: int) -> int:
         """The adapter whose vision LoRA encodes a request's images: its own if it has one, else the
         base tower (0), whose encodings it shares."""

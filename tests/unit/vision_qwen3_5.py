@@ -22,7 +22,7 @@ def make_qwen3_5_vl(folder: Path, moe: bool = False) -> tuple[Path, Any]:
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.chat_template = TEMPLATE
     start, pad, end = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 2, 1],
+    rope = {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 2, 1],
             "mrope_interleaved": True}
     text: dict[str, Any] = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
