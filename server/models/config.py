@@ -226,9 +226,9 @@ class ModelConfig:
             return cls(**lfm2_moe_fields(cfg))
         if family in ("qwen3_5", "qwen3_5_moe"):
             if archs[0].endswith("ForConditionalGeneration"):  # with its vision encoder (models/qwen3_5_vision.py)
-                text = multimodal_text_config(cfg, archs[0])
-                fields = qwen3_5_fields(text, family)
-                return cls(**fields, multimodal=True, **qwen3_5_vision_fields(cfg, text, fields["hidden_size"]))
+                text_cfg = multimodal_text_config(cfg, archs[0])
+                fields = qwen3_5_fields(text_cfg, family)
+                return cls(**fields, multimodal=True, **qwen3_5_vision_fields(cfg, text_cfg, fields["hidden_size"]))
             return cls(**qwen3_5_fields(cfg, family))
         if family == "granitemoehybrid":
             return cls(**granite_hybrid_fields(cfg))

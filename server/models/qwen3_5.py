@@ -198,7 +198,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         """The layers from the input embeddings `h`; `rope`: the step's own rotary tables, which
         `positions` index (M-RoPE with images: one row per token), instead of the model's."""
         residual: torch.Tensor | None = None
-        rope = rope or (self.rope_cos, self.rope_sin)
+        if rope is None:
+            rope = (self.rope_cos, self.rope_sin)  # type: ignore[assignment]
         kv, states = iter(kv_caches), iter(self.states)
         for layer in self.model.layers:
             h, residual = layer(positions, h, residual, meta, next(kv) if layer.is_attention else next(states), rope,

@@ -84,8 +84,10 @@ class Qwen3_5VisionForCausalLM(Qwen3_5ForCausalLM):
             h = h.index_copy(0, vision.rows, vision.embeds.to(h.dtype))
         # Each token's rotary angles: frequency j at the position of its row mrope_row[j]; the tables'
         # rows are then the tokens themselves.
-        pick = self.mrope_row.view(1, 1, -1).expand(1, vision.positions.shape[1], -1)
-        cos, sin = (table[vision.positions].gather(0, pick).squeeze(0) for table in (self.rope_cos, self.rope_sin))
+        row: torch.Tensor = self.mrope_row  # type: ignore[assignment]
+        pick = row.view(1, 1, -1).expand(1, vision.positions.shape[1], -1)
+        tables: tuple[torch.Tensor, torch.Tensor] = (self.rope_cos, self.rope_sin)  # type: ignore[assignment]
+        cos, sin = (table[vision.positions].gather(0, pick).squeeze(0) for table in tables)
         rows = torch.arange(h.shape[0], device=h.device)
         return self.forward_embeds(h, rows, meta, kv_caches, adapters, rope=(cos, sin))
 

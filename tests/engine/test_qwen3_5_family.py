@@ -151,8 +151,9 @@ def test_moe_variant_greedy_matches_transformers(tmp_path: Path) -> None:
 
 def test_image_text_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
     """A Qwen3_5ForConditionalGeneration folder (how Qwen publishes Qwen3.5 and Unsloth saves its
-    fine-tunes): its text model is served natively (the vision encoder's tensors are left on disk) and
-    gives the image-text model's own greedy tokens for text prompts, across chunked prefill."""
+    fine-tunes): its text model is served natively (beside its vision encoder: images in
+    tests/engine/test_qwen3_5_vision.py) and gives the image-text model's own greedy tokens for text
+    prompts, across chunked prefill."""
     torch.manual_seed(0)
     vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)

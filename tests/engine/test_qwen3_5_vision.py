@@ -3,10 +3,12 @@ model, transformers' vision encoder in the prefill, interleaved M-RoPE) through 
 random model gives transformers' greedy tokens for one image, two images of different sizes, text only
 in the same batch, and prefill chunked across an image; the MoE variant too. Different images give
 different outputs, and the prefix cache (KV blocks and the recurrent state's snapshots) is keyed by
-the images: a repeated image is served from it, another image never is."""
+the images: a repeated image is served from it, another image never is. LoRA on the encoder per
+request gives PEFT's tokens."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ import pytest
 import torch
 from test_adapter_modules_step import HostEvent
 from test_vision import GREEDY, chat
-from vision_models import hf_greedy, random_image
+from test_vision_lora import BOTH, peft_greedy
+from vision_models import hf_greedy, random_image, write_adapter
 from vision_qwen3_5 import make_qwen3_5_vl
 
 from sloth_serve.llm import LLM
@@ -29,7 +32,7 @@ BUDGET = 16  # tokens a step: a prompt's image placeholders are split across pre
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[LLM, Any]:
     folder, hf = make_qwen3_5_vl(tmp_path_factory.mktemp("qwen3_5_vl") / "model")
     llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
-              max_num_batched_tokens=BUDGET)
+              max_num_batched_tokens=BUDGET, max_loras=2, max_lora_rank=8)
     return llm, hf
 
 
@@ -154,3 +157,18 @@ def test_moe_variant_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
     images = [random_image(8, 24, 40), random_image(9)]
     out = llm.generate({"prompt": chat(llm, 2, "Which is brighter?"), "images": images}, GREEDY)[0]
     assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, images)
+
+
+def test_vision_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: Path) -> None:
+    """An adapter on the encoder's linears and the language layers (FastVisionModel's
+    finetune_vision_layers=True), per request beside the base in one batch: PEFT's tokens for each."""
+    llm, hf = served
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "both", BOTH)
+    llm.adapters.register("both", str(adapter))
+    images = [random_image(7)]
+    prompt = {"prompt": chat(llm, 1, "What is it?"), "images": images}
+    tuned, plain = llm.generate([prompt, prompt], GREEDY, adapter=["both", None])
+    expected = peft_greedy(hf, adapter, tuned.prompt_token_ids, images)
+    assert tuned.token_ids == expected
+    assert peft_greedy(hf, adapter, tuned.prompt_token_ids, images, vision=False) != expected  # the tower's LoRA matters
+    assert plain.token_ids == hf_greedy(hf, plain.prompt_token_ids, images)
