@@ -71,8 +71,10 @@ def hf_weights(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor | 
 def load_and_adopt(folder: Path, max_seq_length: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
     start = time.perf_counter()
     cfg = ModelConfig.from_folder(folder)
-    # Mistral 3 / Pixtral LLaVA have no AutoModelForCausalLM class: read as Unsloth's vision notebooks do
-    hf_model = load_hf_with_unsloth(folder, max_seq_length, cfg.vision_projector is not None)
+    # Mistral 3 / Pixtral LLaVA have no AutoModelForCausalLM class, and Qwen3.5's is its text model alone
+    # (no vision encoder): read as Unsloth's vision notebooks do
+    qwen3_5_vision = cfg.family in ("qwen3_5", "qwen3_5_moe") and cfg.vision_config is not None
+    hf_model = load_hf_with_unsloth(folder, max_seq_length, cfg.vision_projector is not None or qwen3_5_vision)
     loaded = time.perf_counter()
     hf_bytes = _gpu_bytes(device)
     adopted: set[str] = set()
