@@ -49,6 +49,7 @@ from .spec_decode.setup import (
 )
 from .state_cache import StateSlots
 from .state_snapshots import StateSnapshots
+from .vision_inputs import ENCODER_CACHE_BYTES
 
 __all__ = ["LLMEngine", "RequestOutput", "StepObserver", "check_params"]
 
@@ -291,6 +292,9 @@ class LLMEngine:
             budget = free - (1 - cfg.gpu_memory_utilization) * total
             budget -= self._graph_pool_bytes(model, buckets, prefill_buckets)  # captured after the cache
             budget -= self._lora_slot_bytes(model)  # made with the first adapter, after the cache
+            # An image-text model's encoder cache fills up after the KV cache is allocated, on the same
+            # device (on the CPU, --kv-cache-memory-gb is the KV cache's own memory, beside it).
+            budget -= ENCODER_CACHE_BYTES if getattr(model, "is_vision", False) else 0
         else:
             budget = cfg.kv_cache_memory_gb * 2**30
         budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from sloth_serve.engine.graph_memory import graph_pool_bytes
 from sloth_serve.engine.llm_engine import LLMEngine
 from sloth_serve.engine.lora_manager import LoRAManager
 from sloth_serve.engine.model_runner import ModelRunner
+from sloth_serve.engine.vision_inputs import ENCODER_CACHE_BYTES
 from sloth_serve.loader import DEMO_ADAPTER, DEMO_MODEL
 from sloth_serve.loader.peft import load_lora
 
@@ -47,3 +48,21 @@ def test_slot_bytes_are_what_the_first_adapter_allocates() -> None:
     made = sum(layer.lora_a_stacked.nbytes + layer.lora_b_stacked.nbytes for layer in layers)
     assert made == expected > 0
     assert any(len(layer.out_slices) > 1 for layer in layers)
+
+
+def test_kv_blocks_leave_room_for_the_encoder_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image-text model's encoder cache (image embeddings kept for reuse) fills the same GPU after
+    the KV cache is allocated, so it comes off the budget; a text model keeps the whole budget."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=16))
+    engine.config = Config(model=str(DEMO_MODEL), gpu_memory_utilization=0.5, max_lora_rank=16)
+    engine.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 4 * GiB))
+    model = engine.loaded.model
+    per_block = ModelRunner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
+    text = GiB - LoRAManager.slot_bytes(model.lora_layers().values(), 4, 16, 4)  # less the adapter slots
+    assert engine._num_kv_blocks(model, 0) == text // per_block
+    monkeypatch.setattr(model, "is_vision", True, raising=False)
+    assert engine._num_kv_blocks(model, 0) == (text - ENCODER_CACHE_BYTES) // per_block
+    # With a cross-attention K/V budget too, both come off.
+    assert engine._num_kv_blocks(model, 0, cross_kv_bytes=100 * 2**20) == (text - ENCODER_CACHE_BYTES
+                                                                             - 100 * 2**20) // per_block
