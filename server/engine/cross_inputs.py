@@ -1,6 +1,7 @@
 """Per-step inputs of a model whose images enter through cross-attention layers (Llama 3.2 Vision):
-which flat-batch rows belong to sequences with images, the image states those rows attend to (every
-image of every such sequence, side by side), and which of them each row may see. A prompt's image
+which flat-batch rows belong to sequences with images, and which of its own sequence's image states
+each row may see (each sequence attends to its own images only, so the work grows with the batch,
+not with its square). A prompt's image
 token opens its image to itself and the tokens after it, up to the next image token (consecutive
 image tokens open their images together), as transformers' MllamaProcessor builds its mask;
 generated tokens see what the last prompt token sees. A row that sees no image (text before the
@@ -57,8 +58,8 @@ def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
     for n in counts:
         flat_starts.append(flat_starts[-1] + n)
     rows: list[torch.Tensor] = []
-    masks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # first column, columns, allowed, sees
-    num_states = 0
+    allowed: list[torch.Tensor] = []  # per sequence with images: [its rows, its state columns]
+    seen: list[torch.Tensor] = []
     for i in with_images:
         seq, start, n = seqs[i], starts[i], counts[i]
         images = seq.mm.images  # type: ignore[union-attr]
@@ -70,18 +71,12 @@ def cross_step(seqs: list[Sequence], starts: list[int], counts: list[int],
         # generated tokens (and draft tokens) see what the last prompt token sees
         pos = torch.arange(start, start + n).clamp(max=seq.num_prompt_tokens - 1)
         sees = (pos[:, None] >= ranges[:, 0]) & (pos[:, None] < ranges[:, 1])  # [n, images]
-        allowed = (sees.float() @ valid.float()) > 0
-        seen = sees.any(dim=1)
-        allowed[~seen] = True
+        mask = (sees.float() @ valid.float()) > 0
+        sees_any = sees.any(dim=1)
+        mask[~sees_any] = True
         rows.append(torch.arange(flat_starts[i], flat_starts[i] + n))
-        masks.append((num_states, col[-1], allowed, seen))
-        num_states += col[-1]
-    full = torch.zeros(sum(m[2].shape[0] for m in masks), num_states, dtype=torch.bool)
-    r = 0
-    for first, width, allowed, _ in masks:
-        full[r : r + allowed.shape[0], first : first + width] = allowed
-        r += allowed.shape[0]
-    sees_image = torch.cat([m[3] for m in masks]).float()
+        allowed.append(mask.to(device))
+        seen.append(sees_any)
     owners = torch.tensor([flat_starts[i] for i in with_images])
     return CrossStep(torch.cat(rows).to(device), [seqs[i].cross_kv for i in with_images], owners.to(device),
-                     full.to(device), sees_image.to(device))
+                     allowed, torch.cat(seen).float().to(device))

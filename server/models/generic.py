@@ -28,8 +28,8 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """One layer's attention over the step: q/k/v [1, heads, T, D] (RoPE applied by the model) ->
     [1, T, heads, D]; k and v are written to the layer's paged cache first."""
-    if getattr(module, "sloth_dense", False):  # cross-attention over a step's image states (sloth_serve.models.mllama)
-        return dense_attention_forward(query, key, value, attention_mask, scaling)
+    if getattr(module, "sloth_dense", False):  # each sequence's rows over its own image states (sloth_serve.models.mllama)
+        return cross_attention_forward(query, key, value, attention_mask, scaling)  # type: ignore[arg-type]
     step: GenericStep | None = getattr(module, "sloth_step", None)
     if step is None:
         raise UnsupportedModel(f"{type(module).__name__} is not a module of the model being served")
@@ -83,19 +83,27 @@ def kv_source(module: nn.Module) -> int | None:
     return source
 
 
-def dense_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None) -> tuple[torch.Tensor, None]:
-    """Attention of q [1, heads, T, D] over keys and values [1, kv heads, N, D] held by the caller
-    (no cache), under an additive mask [1, 1, T, N] -> [1, T, heads, D]; scores in float32."""
-    groups = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
+def cross_attention_forward(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                            masks: list[torch.Tensor], scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Cross-attention of q [1, heads, R, D], whose rows are those of several sequences one after
+    another, each sequence's rows over its own keys and values [kv heads, N_i, D] under its additive
+    mask [rows, N_i] (no cache) -> [1, R, heads, D]; scores in float32. A loop over sequences, so the
+    work is each sequence's rows times its own states, not every row times every sequence's."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, k.transpose(2, 3)).float() * scale
-    if attention_mask is not None:
-        scores = scores + attention_mask.float()
-    probs = scores.softmax(dim=-1).to(value.dtype)
-    return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
+    groups = query.shape[1] // keys[0].shape[0]
+    out = torch.empty(query.shape[2], query.shape[1], values[0].shape[-1], dtype=values[0].dtype,
+                      device=query.device)
+    row = 0
+    for key, value, mask in zip(keys, values, masks, strict=True):
+        n = mask.shape[0]
+        k = key.repeat_interleave(groups, dim=0)
+        v = value.repeat_interleave(groups, dim=0)
+        scores = torch.matmul(query[0, :, row : row + n], k.transpose(1, 2)).float() * scale + mask.float()
+        out[row : row + n] = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).transpose(0, 1)
+        row += n
+    if row != query.shape[2]:
+        raise ValueError(f"cross-attention masks cover {row} rows; the step gave {query.shape[2]}")
+    return out.unsqueeze(0), None
 
 
 def _check_supported(module: nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> None:

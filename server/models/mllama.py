@@ -1,6 +1,6 @@
 """Llama 3.2 Vision (MllamaForConditionalGeneration) on the generic path: the text model's self-
 attention layers go to the paged KV cache (their cache index counts self-attention layers only), and
-its gated cross-attention layers attend, densely, to the image states of their rows' sequences
+its gated cross-attention layers attend, each sequence's rows densely to its own images' states
 (sloth_serve.engine.cross_inputs): keys and values projected once per sequence, at its first step,
 and kept with it. The vision encoder and projector run in 16-bit, transformers' modules as they are."""
 
@@ -22,14 +22,16 @@ from .vision_step import CrossKV, CrossStep
 
 class _CrossKV:
     """What MllamaTextCrossAttention reads cached keys and values from (a transformers Cache's
-    interface): the step's image keys and values, computed by MllamaCausalLM."""
+    interface): each sequence's image keys and values, computed by MllamaCausalLM. They reach our
+    attention function (sloth_serve.models.generic.cross_attention_forward) as they are: one tensor
+    per sequence, never concatenated, since each sequence attends to its own only."""
 
-    def __init__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, layer: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self.layers = {layer: self}
         self.keys, self.values = keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.keys.shape[2])
+        return sum(int(k.shape[1]) for k in self.keys)
 
 
 class MllamaCausalLM(GenericCausalLM):
@@ -52,7 +54,7 @@ class MllamaCausalLM(GenericCausalLM):
         cache_index = 0
         for idx, layer in enumerate(self.text.layers):
             if idx in self.cross_layers:
-                layer.cross_attn.sloth_dense = True  # sloth_serve.models.generic.dense_attention_forward
+                layer.cross_attn.sloth_dense = True  # sloth_serve.models.generic.cross_attention_forward
             else:  # the paged KV cache holds self-attention layers only
                 layer.self_attn.layer_idx = cache_index
                 cache_index += 1
@@ -85,14 +87,14 @@ class MllamaCausalLM(GenericCausalLM):
         their sequences' images; LoRA rows follow each row's sequence."""
         keys, values = zip(*(self._cross_kv(idx, layer.cross_attn, kv, cross.owners[s : s + 1], meta)
                              for s, kv in enumerate(cross.kv)), strict=True)
-        mask = torch.zeros(cross.allowed.shape, dtype=h.dtype, device=h.device)
-        mask.masked_fill_(~cross.allowed, torch.finfo(h.dtype).min)
+        masks = [torch.zeros(a.shape, dtype=h.dtype, device=h.device).masked_fill_(~a, torch.finfo(h.dtype).min)
+                 for a in cross.allowed]
         row_mask = cross.row_sees_image.to(h.dtype).view(1, 1, -1, 1)
         slots = meta.lora_slots
         self.step.meta = replace(meta, lora_slots=None if slots is None else slots[cross.rows])
         try:
-            past = _CrossKV(idx, torch.cat(keys, dim=1).unsqueeze(0), torch.cat(values, dim=1).unsqueeze(0))
-            out = layer(h, cross_attention_states=None, cross_attention_mask=mask.view(1, 1, *mask.shape),
+            past = _CrossKV(idx, list(keys), list(values))
+            out = layer(h, cross_attention_states=None, cross_attention_mask=masks,
                         attention_mask=None, full_text_row_masked_out_mask=row_mask,
                         past_key_values=past, use_cache=False)
         finally:

@@ -25,10 +25,12 @@ class CrossKV:
 class CrossStep:
     """Models whose images enter through cross-attention layers (Llama 3.2 Vision)."""
 
-    rows: torch.Tensor  # [R] flat-batch rows of the sequences with images (the others skip cross layers)
-    kv: list[CrossKV]  # those sequences' keys and values, in batch order (their states side by side: N columns)
+    rows: torch.Tensor  # [R] flat-batch rows of the sequences with images, in batch order (the others skip cross layers)
+    kv: list[CrossKV]  # those sequences' keys and values, in batch order
     owners: torch.Tensor  # [len(kv)] a flat-batch row of each of those sequences (its adapter slot: LoRA on k/v)
-    allowed: torch.Tensor  # [R, N] bool: state columns each row attends to
+    # per sequence of kv: [its rows, its N_i states] bool, the states each of its rows attends to (its
+    # rows are the next allowed[s].shape[0] of `rows`)
+    allowed: list[torch.Tensor]
     row_sees_image: torch.Tensor  # [R] 1.0 where the row's token sees an image, else 0.0 (its MLP is zeroed)
 
 

@@ -178,3 +178,39 @@ def test_preempted_sequence_computes_its_cross_kv_again(model: tuple[Path, Any],
     assert num_preemptions >= 1
     assert calls[0] == 2 * 2 * (2 + num_preemptions)  # each start (first or after preemption): once per layer
     assert llm.engine.block_manager.cross_kv is not None and llm.engine.block_manager.cross_kv.num_used == 0
+
+
+def decode_step_flops(llm: LLM, num_seqs: int) -> int:
+    """The multiply-adds' FLOPs of one decode step of `num_seqs` equal requests with one image each
+    (the same prompt and image, so each sequence's share of the step is the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = llm.engine
+    text = chat_text(llm.tokenizer, ["Decode after", IMAGE_TOKEN, "please."])
+    ids, mm = llm.encode_prompt({"prompt": text, "images": [random_image(40, 20, 30)]}, None)
+    names = [f"flops-{num_seqs}-{i}" for i in range(num_seqs)]
+    for name in names:
+        engine.add_request(name, ids, replace(GREEDY, max_tokens=20), mm=mm)
+    seqs = [running(llm, name) for name in names]
+    while not all(seq.num_computed_tokens >= seq.num_prompt_tokens and seq.num_output_tokens >= 1 for seq in seqs):
+        engine.step()
+    assert len({seq.num_computed_tokens for seq in seqs}) == 1  # all decode at the same position
+    with FlopCounterMode(display=False) as counter:
+        batch = engine.step()
+    assert sorted(o.request_id for o in batch) == sorted(names)
+    for name in names:
+        engine.abort(name)
+    while engine.has_unfinished_requests:
+        engine.step()
+    return counter.get_total_flops()
+
+
+def test_cross_attention_work_grows_with_the_batch_not_its_square(model: tuple[Path, Any]) -> None:
+    """Each sequence's rows attend to its own images' keys and values only: a decode step of four
+    sequences with an image each does four times the work of one (attending to every sequence's
+    images would make the cross-attention part sixteen times)."""
+    # the four prompts prefilled in one step, so that they decode at the same position
+    llm = LLM(model[0], load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=256)
+    one, four = decode_step_flops(llm, 1), decode_step_flops(llm, 4)
+    assert one > 0 and four == 4 * one
