@@ -29,12 +29,13 @@ from .mistral3_config import (
 from .moe_config import moe_fields
 from .phi3_config import phi3_fields
 from .qwen3_5_config import qwen3_5_fields, qwen3_5_vision_fields
-from .rope_config import parse_rope
+from .rope_config import attn_temperature, parse_rope
 from .smollm3_config import smollm3_fields
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Ministral3ForCausalLM": "mistral",  # Mistral with YaRN and a query scale growing with the position
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
@@ -100,6 +101,8 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] | None = None  # each layer's sliding window (None: global)
     attn_scale: float | None = None  # query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    # Ministral 3: (beta, length), queries at position p scaled by 1 + beta * log(1 + floor(p / length))
+    attn_temperature: tuple[float, int] | None = None
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     local_rope_theta: float | None = None  # RoPE of the sliding-window layers (None: the global tables)
     local_rope_scaling: dict[str, Any] | None = None
@@ -257,6 +260,7 @@ class ModelConfig:
             qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=window,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            attn_temperature=attn_temperature(cfg) if archs[0] == "Ministral3ForCausalLM" else None,
             **moe_fields(cfg, family),
         )
 

@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self.sliding_window = cfg.layer_windows[index] if cfg.layer_windows is not None else cfg.sliding_window
         self.use_rope = cfg.rope_layers is None or cfg.rope_layers[index]  # SmolLM3's NoPE layers: False
         self.rope_interleaved, self.rope_fp32 = cfg.rope_interleaved, cfg.rope_fp32  # GLM, Cohere
+        self.temperature = cfg.attn_temperature  # Ministral 3
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = LoRALinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias)
         self.o_proj = LoRALinear(q_size, [cfg.hidden_size], bias=cfg.o_bias)
@@ -68,6 +69,9 @@ class Attention(nn.Module):
                 k = adapters.renorm(f"{self.prefix}.k_norm", k, k_in, self.eps)
         if self.use_rope:
             q, k = apply_rope(q, k, positions, *rope, interleaved=self.rope_interleaved, fp32=self.rope_fp32)
+        if self.temperature is not None:  # in float32, rounded to q's dtype, as transformers does
+            beta, length = self.temperature
+            q = q * (1 + beta * torch.log(1 + torch.floor(positions / length))).to(q.dtype)[:, None, None]
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.attn.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta.attn, self.scale, self.sliding_window, sinks=self.sinks)

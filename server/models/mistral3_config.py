@@ -1,8 +1,9 @@
 """Reads the config.json of a Mistral model with a Pixtral vision tower: Mistral3ForConditionalGeneration
-(Mistral Small 3.1 / 3.2 and their fine-tunes) or a LlavaForConditionalGeneration whose tower is
-Pixtral's (Pixtral-12B: no patch merge, a plain two-linear projector). The text model is a Mistral (or
-Llama) decoder served by our Llama path; the tower and projector are described by the fields returned
-here, with transformers' Mistral3Config / LlavaConfig defaults for what config.json leaves out."""
+(Mistral Small 3.1 / 3.2, Ministral 3 and their fine-tunes) or a LlavaForConditionalGeneration whose tower
+is Pixtral's (Pixtral-12B: no patch merge, a plain two-linear projector). The text model is a Mistral,
+Ministral 3 (Mistral with YaRN and a query scale growing with the position) or Llama decoder served by
+our Llama path; the tower and projector are described by the fields returned here, with transformers'
+Mistral3Config / LlavaConfig defaults for what config.json leaves out."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ MISTRAL3_ARCHITECTURE = "Mistral3ForConditionalGeneration"
 LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"  # served with a Pixtral tower only
 PIXTRAL_ARCHITECTURES = (MISTRAL3_ARCHITECTURE, LLAVA_ARCHITECTURE)
 # text_config model types whose decoder our Llama path computes exactly as transformers does
-TEXT_ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+TEXT_ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 
 
 def _fail(field: str, problem: str) -> ValueError:

@@ -99,6 +99,22 @@ def parse_rope(
     return theta, s, max_pos
 
 
+def attn_temperature(cfg: dict[str, Any]) -> tuple[float, int]:
+    """Ministral 3's query scale (Llama 4's attention temperature): (beta, length), a query at
+    position p multiplied by 1 + beta * log(1 + floor(p / length)), from the rope dict's
+    `llama_4_scaling_beta` and `original_max_position_embeddings` (transformers reads both there)."""
+    raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    raw = raw if isinstance(raw, dict) else {}
+    beta, length = raw.get("llama_4_scaling_beta"), raw.get("original_max_position_embeddings")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0:
+        raise _fail("rope_parameters.llama_4_scaling_beta", f"Ministral 3 scales its queries by it; expected a "
+                    f"number >= 0, got {beta!r}")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise _fail("rope_parameters.original_max_position_embeddings", f"Ministral 3's query scale grows every "
+                    f"this many positions; expected a positive integer, got {length!r}")
+    return float(beta), length
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)

@@ -120,9 +120,21 @@ def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
 def test_other_text_models_are_refused_before_weights(folder: tuple[Path, Any]) -> None:
     cfg = json.loads((folder[0] / "config.json").read_text())
     assert route_of(cfg).path == "native"
-    cfg["text_config"]["model_type"] = "ministral3"
-    with pytest.raises(UnsupportedModel, match="'ministral3' decoder"):
+    cfg["text_config"]["model_type"] = "qwen2"
+    with pytest.raises(UnsupportedModel, match="'qwen2' decoder"):
         route_of(cfg)
+
+
+def test_ministral3_text_model_gives_transformers_greedy_tokens(tmp_path: Path) -> None:
+    """Ministral 3 (a Mistral3ForConditionalGeneration whose text model is `ministral3`: YaRN and a
+    query scale growing every 16 positions) on our Llama path, with images and text only."""
+    folder, hf = make_mistral3(tmp_path / "ministral3", ministral3=True)
+    assert route_of(json.loads((folder / "config.json").read_text())).path == "native"
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=96, block_size=8,
+              max_num_batched_tokens=16)
+    assert llm.engine.loaded.model.config.attn_temperature == (0.5, 16)  # type: ignore[union-attr]
+    batch = prompts(llm)
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == expected(llm, hf, batch)
 
 
 def test_4bit_checkpoint_serves_nf4_language_and_16bit_vision(folder: tuple[Path, Any], tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Our engine's logits equal transformers' (float32, CPU) on tiny random models with YaRN, longrope and
-dynamic NTK RoPE, at positions past the original context: chunked prefill, paged decode, and a
+dynamic NTK RoPE, and Ministral 3 (YaRN and a query scale growing with the position, on our Llama
+path), at positions past the original context: chunked prefill, paged decode, and a
 prefix cache shared between a short and a long longrope prompt."""
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ MODELS: dict[str, tuple[Any, dict[str, Any]]] = {
         "short_factor": [1.0 + 0.1 * i for i in range(HALF)], "long_factor": [1.0 + 3.0 * i for i in range(HALF)]})),
     "dynamic-llama": (transformers.LlamaConfig, dict(max_position_embeddings=ORIG, rope_scaling={
         "rope_type": "dynamic", "factor": 3.0})),
+    # YaRN, and queries scaled by 1 + beta * log(1 + floor(position / ORIG)) (Llama 4's temperature)
+    "yarn-ministral3": (transformers.Ministral3Config, dict(head_dim=16, max_position_embeddings=4 * ORIG,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                         "original_max_position_embeddings": ORIG, "beta_fast": 8.0,
+                                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                         "llama_4_scaling_beta": 0.5})),
 }
 STEPS = 6
 
@@ -76,6 +83,7 @@ CASES = {
     "longrope-qwen2": [29, 70],
     # Decoding past max_position_embeddings: transformers rescales the base for each new length.
     "dynamic-llama": [28],
+    "yarn-ministral3": [75],  # up to position 80: queries scaled by up to 1 + 0.5 * log(3)
 }
 
 
@@ -86,6 +94,8 @@ def test_engine_logits_equal_transformers_past_the_original_context(tmp_path: Pa
                               num_kv_blocks=64, block_size=8, max_num_batched_tokens=24))
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, 384, (max(CASES[name]),), generator=gen).tolist()
+    if name == "yarn-ministral3":  # served natively, its query scale read from the rope parameters
+        assert engine.loaded.model.config.attn_temperature == (0.5, ORIG)  # type: ignore[union-attr]
     for n in CASES[name]:
         prompt = tokens[:n]
         ours, ref = engine_logits(engine, prompt), hf_logits(hf, prompt)

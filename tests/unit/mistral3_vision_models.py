@@ -34,10 +34,11 @@ PATCH, MERGE, LONGEST_EDGE = 4, 2, 32
 MAX_TOKENS = 8
 
 
-def make_mistral3(folder: Path, llava: bool = False) -> tuple[Path, Any]:
+def make_mistral3(folder: Path, llava: bool = False, ministral3: bool = False) -> tuple[Path, Any]:
     """The folder (weights, tokenizer, template, image processor) and transformers' model (eager).
     `llava`: a Pixtral-12B-style LlavaForConditionalGeneration instead (no patch merge, LLaVA's
-    projector with biases)."""
+    projector with biases). `ministral3`: a Ministral 3 text model (YaRN from 16 positions, queries
+    scaled up every 16 positions), so that prompts with images run past where the scale grows."""
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.add_special_tokens({"additional_special_tokens": [*IMAGE_TOKENS, "[INST]", "[/INST]"]})
     tokenizer.chat_template = TEMPLATE
@@ -45,6 +46,10 @@ def make_mistral3(folder: Path, llava: bool = False) -> tuple[Path, Any]:
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=512, sliding_window=None, rms_norm_eps=1e-5, initializer_range=0.3,
                 eos_token_id=2, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False)
+    if ministral3:
+        text.update(model_type="ministral3", max_position_embeddings=256, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5})
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=2, head_dim=16, patch_size=PATCH, image_size=LONGEST_EDGE, initializer_range=0.3)
     image_token = tokenizer.convert_tokens_to_ids("[IMG]")

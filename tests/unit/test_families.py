@@ -35,6 +35,7 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("Olmo2ForCausalLM", "olmo2", "generic"),
     ("SmolLM3ForCausalLM", "smollm3", "native"),
     ("Exaone4ForCausalLM", "exaone4", "native"),
+    ("Ministral3ForCausalLM", "ministral3", "native"),  # our Llama path with its query scale
     ("GPT2LMHeadModel", "gpt2", "generic"),
     ("Gemma4ForCausalLM", "gemma4_text", "generic"),  # its modeling file is under models/gemma4
     ("Gemma4ForConditionalGeneration", "gemma4", "generic"),  # its text model alone
@@ -89,6 +90,18 @@ def hybrid_folder(tmp_path: Path) -> Path:
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     (folder / "tokenizer.json").write_text("{}")
     return folder
+
+
+def test_ministral3_needs_its_query_scale_parameters() -> None:
+    from sloth_serve.models.config import ModelConfig
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.1}
+    text = cfg("Ministral3ForCausalLM", "ministral3", vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope)
+    assert ModelConfig.from_dict(text).attn_temperature == (0.1, 32)
+    del rope["llama_4_scaling_beta"]
+    with pytest.raises(ValueError, match="llama_4_scaling_beta: Ministral 3 scales its queries"):
+        ModelConfig.from_dict(text)
 
 
 def test_hybrid_model_refused_at_start_up_in_one_line(tmp_path: Path) -> None:
