@@ -187,6 +187,8 @@ def cases(all_variants: bool = False) -> dict[str, Callable[[], None]]:
     return {
         "attention_llama3_8b": lambda: _attention(32, 8, 128, all_variants=all_variants),
         "attention_qwen3_5_9b": lambda: _attention(16, 4, 256, all_variants=all_variants),
+        # Gemma 4's full layers: 512-wide heads (global_head_dim), 2 KV heads of 8 query heads (E4B)
+        "attention_gemma4_global": lambda: _attention(8, 2, 512, all_variants=all_variants),
         "attention_gpt_oss_20b": lambda: _attention(64, 8, 64, window=128, sinks=True, all_variants=all_variants),
         "nf4_llama3_8b": lambda: _nf4_linears(all_variants),
         "lora_llama3_8b": _lora,

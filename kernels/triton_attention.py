@@ -367,6 +367,11 @@ def _launch(
         # Gemma's 256-wide heads: the 128-row tiles measured at 128 need 321 KiB of shared memory
         # for q, k and v over the pipeline's stages, past the H200's 227 KiB.
         block_m, block_n = max(group_rows, min(block_m, 64)), min(block_n, 32)
+    if head_dim > 256:
+        # Gemma 4's 512-wide heads of its full layers: a 64-row accumulator spills 2 KB of registers
+        # per thread at 4 warps (bench/results/kernel-resources-sm90.md); 32 rows over 8 warps do not,
+        # nor does a decode tile over 8.
+        block_m = max(group_rows, min(block_m, 32))
     block_q = 1 if decode else block_m // group
     num_splits = tiles.get("num_splits", 1) if decode and not by_len else 1  # only decode splits its keys
     if decode and not by_len and "num_splits" not in tiles:
@@ -399,7 +404,7 @@ def _launch(
         DECODE=decode, SPLIT=split, SLIDING=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32)
         SOFTCAP=softcap is not None, SINKS=sinks is not None, BY_LEN=by_len, KEY_END=key_end,
-        num_warps=tiles.get("num_warps", 8 if block_m >= 128 else 4), **extra,
+        num_warps=tiles.get("num_warps", 8 if block_m >= 128 or head_dim > 256 else 4), **extra,
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](

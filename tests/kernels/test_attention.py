@@ -254,6 +254,9 @@ CASES: dict[str, Callable[[], tuple[float, float]]] = {
                                               softcap=2.0, block_m=16, block_n=16),
     "softcap_mixed_two_kernels_fp16": attention_case([1, 5, 1, 26], [70, 37, 12, 44], (4, 2), 64, 16, "fp16",
                                                      num_decodes=1, softcap=1.5),
+    # Gemma 4's full layers: 512-wide heads (their own tiles: 32 rows at most, 8 warps), decode and prompts
+    "gemma4_global_d512": attention_case([1, 13, 1, 20], [30, 13, 21, 45], (4, 1), 512, 8, "fp32",
+                                         num_decodes=-1),
     # KV write: strided k/v views, padding slots, every dtype
     "write_kv_bs8_fp32": write_kv_case(2, 64, 8, "fp32"),
     "write_kv_bs16_d80_bf16": write_kv_case(3, 80, 16, "bf16"),
