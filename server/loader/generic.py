@@ -209,9 +209,11 @@ def generic_config(config: object, vocab: int, kv_shapes: list[tuple[int, int]])
     layer_windows = (tuple(window if t == "sliding_attention" else None for t in types[:num_layers])
                      if window and types else None)
     softcap = getattr(c, "attn_logit_softcapping", None)
+    intermediate = getattr(c, "intermediate_size", 0) or 0
+    intermediate = max(intermediate) if isinstance(intermediate, (list, tuple)) else intermediate  # per layer (Gemma 3n)
     return ModelConfig(
         family=str(getattr(c, "model_type", "unknown")), vocab_size=vocab, hidden_size=int(getattr(c, "hidden_size", 0)),
-        intermediate_size=int(getattr(c, "intermediate_size", 0) or 0), num_layers=num_layers,
+        intermediate_size=int(intermediate), num_layers=num_layers,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6) or 1e-6), rope_theta=0.0,
         rope_scaling=None,  # the model applies its own RoPE: positions reach it as they are

@@ -49,6 +49,8 @@ class TextOnly:
 TEXT_ONLY_ARCHITECTURES = {
     "Gemma4ForConditionalGeneration": TextOnly("Gemma4ForCausalLM", "gemma4_text", "model.language_model.", (
         "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
+    "Gemma3nForConditionalGeneration": TextOnly("Gemma3nForCausalLM", "gemma3n_text", "model.language_model.", (
+        "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
 }
 # Model types whose modeling file lives in another model type's folder.
 MODULE_OF = {"gemma4_text": "gemma4", "gemma3n_text": "gemma3n"}

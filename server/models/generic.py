@@ -187,10 +187,24 @@ class GenericCausalLM(nn.Module):
         step.meta, step.kv_caches = meta, kv_caches
         step.layers_called.clear()
         try:
-            out = self.backbone(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
+            out = self.backbone(**self.token_inputs(input_ids.unsqueeze(0)), position_ids=positions.unsqueeze(0),
+                                use_cache=False)
         finally:
             step.meta, step.kv_caches = None, None
         return out.last_hidden_state[0]
+
+    def token_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's inputs for token ids [1, T]. A per-layer input table smaller than the vocabulary
+        (Gemma 3n's `vocab_size_per_layer_input`: the ids above it are image and audio tokens) is read
+        at id 0 for those ids, as the multimodal model does, rather than past its end. (Gemma 4's tables
+        span its whole vocabulary.)"""
+        table = getattr(self.backbone, "embed_tokens_per_layer", None)
+        embed = self.backbone.get_input_embeddings()
+        if (getattr(self.backbone.config, "model_type", None) != "gemma3n_text" or not isinstance(table, nn.Embedding)
+                or table.num_embeddings >= embed.num_embeddings):
+            return {"input_ids": ids}
+        per_layer_ids = torch.where(ids < table.num_embeddings, ids, torch.zeros_like(ids))
+        return {"inputs_embeds": embed(ids), "per_layer_inputs": self.backbone.get_per_layer_inputs(per_layer_ids)}
 
     def compute_logits(self, hidden: torch.Tensor, adapters: AdapterStep | None = None) -> torch.Tensor:
         if adapters is not None:
@@ -212,7 +226,7 @@ class GenericCausalLM(nn.Module):
         step.layers_called.clear()
         try:
             ids = torch.tensor([1, 2], device=device)
-            self.backbone(input_ids=ids.unsqueeze(0), position_ids=ids.unsqueeze(0) - 1, use_cache=False)
+            self.backbone(**self.token_inputs(ids.unsqueeze(0)), position_ids=ids.unsqueeze(0) - 1, use_cache=False)
             shapes = dict(step.shapes)
             self.num_attention_layers = len(step.layers_called)
         finally:

@@ -39,6 +39,8 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("GPT2LMHeadModel", "gpt2", "generic"),
     ("Gemma4ForCausalLM", "gemma4_text", "generic"),  # its modeling file is under models/gemma4
     ("Gemma4ForConditionalGeneration", "gemma4", "generic"),  # its text model alone
+    ("Gemma3nForCausalLM", "gemma3n_text", "generic"),  # its modeling file is under models/gemma3n
+    ("Gemma3nForConditionalGeneration", "gemma3n", "generic"),  # its text model alone
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
     assert route_of(cfg(arch, model_type)).path == path
