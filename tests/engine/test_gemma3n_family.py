@@ -1,8 +1,9 @@
 """Gemma 3n's text model on the generic path: a tiny random Gemma3nForCausalLM with every feature on
 (AltUp streams, LAuReL, per-layer inputs, KV-shared last layers reading earlier layers' paged cache,
 gaussian top-k activation sparsity, sliding and global layers, final-logit soft-capping) gives
-transformers' greedy tokens in one pass and in chunked prefill; a Gemma3nForConditionalGeneration
-checkpoint serves its text model with the towers' tensors left on disk; LoRA per request gives PEFT's."""
+transformers' greedy tokens in one pass, in chunked prefill and from the prefix cache; a
+Gemma3nForConditionalGeneration checkpoint serves its text model with the towers' tensors left on disk;
+LoRA per request (adapters named for either checkpoint) and merged gives PEFT's."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from test_generic_path import MAX_TOKENS, hf_greedy, peft_greedy, prompts, run, 
 
 from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.loader import DEMO_MODEL
 from sloth_serve.loader.peft import load_lora
 from sloth_serve.models.families import TEXT_ONLY_ARCHITECTURES, route_of
@@ -125,11 +127,25 @@ def test_towers_left_on_disk_are_the_only_unread_tensors(gemma3n: tuple[Path, Pa
         engine_for(folder)
 
 
+def as_multimodal(adapter: Path) -> None:
+    """The adapter's tensors named as PEFT names them on Gemma3nForConditionalGeneration (what
+    Unsloth's notebooks save): model.language_model.layers.* rather than model.layers.*."""
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    renamed = {k.replace(".model.layers.", ".model.language_model.layers."): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def test_adapters_apply_per_token_in_one_batch(gemma3n: tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
-    """Two PEFT adapters on every projection (the KV-shared layers have q and o only) and the base,
-    in one continuous batch served from the multimodal checkpoint: each request gets PEFT's tokens."""
+    """Two PEFT adapters on every projection (the KV-shared layers have q and o only), the second
+    named as on the image-text model, and the base in one continuous batch served from the multimodal
+    checkpoint: each request gets PEFT's tokens (the reference reads the first naming)."""
     text_folder, mm_folder, hf = gemma3n
-    adapters = [write_adapter(hf, tmp_path / f"adapter-{i}", seed=i) for i in range(2)]
+    references = [write_adapter(hf, tmp_path / f"adapter-{i}", seed=i) for i in range(2)]
+    adapters = [references[0], tmp_path / "adapter-1-multimodal"]
+    shutil.copytree(references[1], adapters[1])
+    as_multimodal(adapters[1])
     engine = engine_for(mm_folder, max_loras=2)
     for i, adapter in enumerate(adapters, start=1):
         engine.add_lora(i, load_lora(adapter.name, adapter, 16))
@@ -137,7 +153,7 @@ def test_adapters_apply_per_token_in_one_batch(gemma3n: tuple[Path, Path, torch.
     requests = [(ps[0], 1), (ps[1], 2), (ps[2], 0), (ps[3], 1)]
     got = run(engine, requests)
     for (prompt, adapter_id), tokens in zip(requests, got, strict=True):
-        want = hf_greedy(hf, prompt) if adapter_id == 0 else peft_greedy(text_folder, adapters[adapter_id - 1], prompt)
+        want = hf_greedy(hf, prompt) if adapter_id == 0 else peft_greedy(text_folder, references[adapter_id - 1], prompt)
         assert tokens == want, f"adapter {adapter_id}"
     assert got[0] != hf_greedy(hf, ps[0])  # the adapter is applied, not ignored
 
@@ -169,3 +185,25 @@ def test_ids_past_the_per_layer_table_read_its_first_row(tmp_path: Path) -> None
     got = run(engine, [(p, 0) for p in ps])
     for prompt, tokens in zip(ps, got, strict=True):
         assert tokens == greedy_with_small_per_layer_table(hf, prompt, limit)
+
+
+def test_prefix_cache_hit_gives_the_same_tokens(gemma3n: tuple[Path, Path, torch.nn.Module]) -> None:
+    """A prompt whose first blocks come from the prefix cache: the KV-shared layers read their source
+    layers' cached blocks, which this step did not write."""
+    text_folder, _, hf = gemma3n
+    engine = engine_for(text_folder)
+    prompt = prompts()[2]
+    first = run(engine, [(prompt, 0)])[0]
+    longer = prompt + first[:3]
+    engine.add_request("again", longer, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    outputs = [out for _ in range(2 * MAX_TOKENS) if engine.has_unfinished_requests for out in engine.step()]
+    assert outputs[-1].num_cached_tokens >= 40  # the first prompt's 5 full blocks of 8
+    assert [t for out in outputs for t in out.new_token_ids] == hf_greedy(hf, longer)
+
+
+def test_merged_adapter_equals_peft(gemma3n: tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+    text_folder, mm_folder, hf = gemma3n
+    adapter = write_adapter(hf, tmp_path / "adapter", seed=7)
+    engine = engine_for(mm_folder, merge_lora=str(adapter))
+    prompt = prompts()[1]
+    assert run(engine, [(prompt, 0)])[0] == peft_greedy(text_folder, adapter, prompt)
