@@ -101,11 +101,21 @@ def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device, vision
 
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     extra: dict[str, object] = {}
-    if text_only is not None:
-        extra["config"] = AutoConfig.from_pretrained(str(folder), local_files_only=True).get_text_config()
-        extra["key_mapping"] = {f"^{re.escape(text_only.text_prefix)}": "model."}
-    return auto.from_pretrained(str(folder), dtype=dtype, device_map={"": device},  # type: ignore[no-any-return]
-                                local_files_only=True, **extra)
+    if text_only is None:
+        return auto.from_pretrained(str(folder), dtype=dtype, device_map={"": device},  # type: ignore[no-any-return]
+                                    local_files_only=True)
+    extra["config"] = AutoConfig.from_pretrained(str(folder), local_files_only=True).get_text_config()
+    extra["key_mapping"] = {f"^{re.escape(text_only.text_prefix)}": "model."}
+    # transformers' load report would list every tensor of the towers as unexpected (hundreds of lines);
+    # check_every_tensor_loaded makes the checks that matter and logs what stays on disk in one line.
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        return auto.from_pretrained(str(folder), dtype=dtype, device_map={"": device},  # type: ignore[no-any-return]
+                                    local_files_only=True, **extra)
+    finally:
+        report.setLevel(level)
 
 
 def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel, text_only: TextOnly | None = None) -> int:
