@@ -35,17 +35,18 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
         raise ValueError("Unsloth loads image-text models (FastVisionModel) on CUDA only; on the CPU serve the "
                          "16-bit folder with --load-format safetensors")
     text_only = text_only_of(folder)
-    if load_format == "unsloth" and text_only is not None:
-        raise ValueError(f"{folder}: the text model of a {text_only.architecture.replace('ForCausalLM', '')} "
-                         "image-text checkpoint is read from 16-bit safetensors only (--load-format safetensors), "
-                         "not through Unsloth yet")
     if load_format == "unsloth":
         from .unsloth import load_hf_with_unsloth  # imports Unsloth: only on this path
 
-        hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision))
+        # A text-only image-text model is read whole, as Unsloth's notebooks load it, then cut to its text model.
+        hf = cast(PreTrainedModel, load_hf_with_unsloth(folder, max_seq_length, vision or text_only is not None))
+        check_every_tensor_loaded(folder, hf)
+        left = 0
+        if text_only is not None:
+            hf, left = text_causal_lm(hf), len(tower_tensors(folder, text_only))
     else:
         hf = load_hf_16bit(folder, dtype, device, vision, text_only)
-    left = check_every_tensor_loaded(folder, hf, text_only)
+        left = check_every_tensor_loaded(folder, hf, text_only)
     if left:
         logger.info("%s: its text model is served; %d tensors of its other towers stay on disk", folder, left)
     # The language model's attention goes to the paged KV cache; a vision encoder's stays as it is.
@@ -118,6 +119,24 @@ def load_hf_16bit(folder: Path, dtype: torch.dtype, device: torch.device, vision
         report.setLevel(level)
 
 
+def text_causal_lm(hf: PreTrainedModel) -> PreTrainedModel:
+    """The causal LM of a loaded image-text model's text model and head; its other towers are let go."""
+    from transformers import AutoModelForCausalLM
+
+    text_model = hf.get_submodule(f"{hf.base_model_prefix}.language_model")
+    with torch.device("meta"):  # both of its modules are replaced by the loaded model's
+        lm = AutoModelForCausalLM.from_config(text_model.config)
+    setattr(lm, lm.base_model_prefix, text_model)
+    lm.lm_head = hf.get_output_embeddings()
+    lm.config = text_model.config  # one config: the attention implementation set on it reaches every layer
+    return cast(PreTrainedModel, lm)
+
+
+def tower_tensors(folder: Path, text_only: TextOnly) -> list[str]:
+    """The checkpoint's tensors of the towers a text-only load leaves on disk."""
+    return [k for k in disk_tensor_names(folder) if k.startswith(text_only.other_towers)]
+
+
 def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel, text_only: TextOnly | None = None) -> int:
     """Every tensor on disk is one of the model's, and every parameter of the model came from disk:
     transformers drops unexpected keys and initializes missing ones at random, with a warning at most.
@@ -127,8 +146,7 @@ def check_every_tensor_loaded(folder: Path, hf: PreTrainedModel, text_only: Text
         n for n, _ in hf.named_buffers(remove_duplicate=False)}
     disk = disk_tensor_names(folder)
     rename = _checkpoint_renamer(hf, state)
-    towers = text_only.other_towers if text_only is not None else ()
-    left = [k for k in disk if towers and k.startswith(towers)]
+    left = set(tower_tensors(folder, text_only)) if text_only is not None else set()
     if text_only is not None:
         prefix = text_only.text_prefix
         loaded = {k: rename("model." + k[len(prefix):] if k.startswith(prefix) else k) for k in disk if k not in left}

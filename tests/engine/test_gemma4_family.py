@@ -219,3 +219,26 @@ def test_image_text_checkpoint_with_a_text_tensor_missing_is_refused(tmp_path: P
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="are not on disk"):
         engine_for(folder)
+
+
+def test_image_text_checkpoint_read_whole_then_cut_to_its_text_model(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through Unsloth (--load-format unsloth) the image-text model is read whole, as its notebooks load
+    it, then cut to the text model's causal LM; transformers' own read of the folder stands in for
+    Unsloth's here (Unsloth runs on CUDA only)."""
+    import sloth_serve.loader.unsloth as unsloth
+
+    folder, hf = make_image_text_model(tmp_path)
+    reads: list[bool] = []
+
+    def read_whole(path: Path, max_seq_length: int, vision: bool = False) -> torch.nn.Module:
+        reads.append(vision)
+        return transformers.AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    monkeypatch.setattr(unsloth, "load_hf_with_unsloth", read_whole)
+    engine = LLMEngine(Config(model=str(folder), load_format="unsloth", dtype="float32", num_kv_blocks=64,
+                              block_size=8, max_num_batched_tokens=24))
+    model = engine.loaded.model
+    assert reads == [True] and isinstance(model, GenericCausalLM) and model.architecture == "Gemma4ForCausalLM"
+    assert not any("tower" in name for name, _ in model.head.named_parameters())
+    assert run(engine, [(p, 0) for p in prompts()]) == [hf_greedy(hf, p) for p in prompts()]
