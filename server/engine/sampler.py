@@ -222,12 +222,15 @@ _PROMPT_ROWS_PER_PASS = 1024
 def gather_prompt_logprobs(logits_of: Callable[[int, int], torch.Tensor], num_rows: int, targets: torch.Tensor,
                            k: int) -> list[TokenLogprob]:
     """Each scored row's log-probability (float32 log_softmax) of its target token, that token's rank,
-    and the row's top-k, in one host copy. `logits_of(a, b)`: the logits of rows [a, b)."""
+    and the row's top-k, in one host copy. `logits_of(a, b)`: the logits of rows [a, b). A prompt
+    token past the logits (Llama 3.2 Vision's <|image|>, which the model never predicts) scores -inf,
+    ranked after every token that has a logit."""
     columns = []
     for start in range(0, num_rows, _PROMPT_ROWS_PER_PASS):
         lp = torch.log_softmax(logits_of(start, min(start + _PROMPT_ROWS_PER_PASS, num_rows)).float(), dim=-1)
         target = targets[start : start + _PROMPT_ROWS_PER_PASS].unsqueeze(1)
-        picked = lp.gather(1, target)
+        inside = target < lp.shape[1]
+        picked = lp.gather(1, torch.where(inside, target, 0)).masked_fill(~inside, float("-inf"))
         vals, ids = lp.topk(max(k, 1), dim=-1)
         # Token ids and ranks travel as float64 beside the log-probabilities: exact.
         columns.append(torch.cat([target.double(), picked.double(), ((lp > picked).sum(dim=1, keepdim=True) + 1).double(),

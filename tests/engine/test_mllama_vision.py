@@ -214,3 +214,37 @@ def test_cross_attention_work_grows_with_the_batch_not_its_square(model: tuple[P
               max_num_batched_tokens=256)
     one, four = decode_step_flops(llm, 1), decode_step_flops(llm, 4)
     assert one > 0 and four == 4 * one
+
+
+def test_prompt_logprobs_score_the_image_token_without_failing(served: tuple[LLM, Any]) -> None:
+    """<|image|> lies past the logits (the model never predicts it): a request for prompt logprobs
+    scores it -inf, ranked after every token, and every other prompt token as transformers does (its
+    gather went past the logits: the request failed, on a GPU a device-side assert)."""
+    import torch
+    from mllama_models import processor
+
+    llm, hf = served
+    engine = llm.engine
+    images = [random_image(40, 20, 30)]
+    text = chat_text(llm.tokenizer, ["Look at", IMAGE_TOKEN, "and describe it."])
+    ids, mm = llm.encode_prompt({"prompt": text, "images": images}, None)
+    engine.add_request("scored", ids, replace(GREEDY, max_tokens=1, prompt_logprobs=2), mm=mm)
+    seq = running(llm, "scored")
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert seq.finish_reason is not None and seq.finish_reason.name == "LENGTH"
+    inputs = processor(llm.tokenizer)(text=text, images=[images], return_tensors="pt", add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist() == ids
+    with torch.no_grad():
+        want = torch.log_softmax(hf(**inputs).logits[0].float(), dim=-1)
+    vocab = want.shape[-1]
+    image = ids.index(hf.config.image_token_index)
+    scored = seq.prompt_logprobs  # entry j scores prompt token j + 1
+    assert len(scored) == len(ids) - 1
+    for j, lp in enumerate(scored):
+        assert lp.token_id == ids[j + 1]
+        if j + 1 == image:
+            assert lp.logprob == float("-inf") and lp.rank == vocab + 1
+        else:
+            assert lp.logprob == pytest.approx(want[j, ids[j + 1]].item(), abs=1e-4)
+            assert lp.rank == int((want[j] > want[j, ids[j + 1]]).sum()) + 1
