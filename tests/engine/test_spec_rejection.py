@@ -99,3 +99,20 @@ def test_greedy_accepts_exactly_the_argmax_prefix() -> None:
     assert len(seqs[0].spec_logprobs) == 2 and seqs[0].spec_logprobs[1].token_id == 0
     expected = torch.log_softmax(logits[1], dim=-1)[0].item()
     assert seqs[0].spec_logprobs[1].logprob == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9, top_k=6), SamplingParams(temperature=0.0)])
+def test_ngram_draft_past_the_logits_is_rejected(params: SamplingParams) -> None:
+    """An n-gram draft may quote a prompt token the model has no logit for (Llama 3.2 Vision's
+    <|image|>, past its vocabulary): it is rejected, and the token drawn in its place is distributed
+    as p (q has no mass on any column), where indexing q with it failed (on a GPU, a device-side
+    assert ending the engine)."""
+    torch.manual_seed(2)
+    logits = torch.randn(1 + K, VOCAB)
+    seqs, tokens = run(params, [[VOCAB, 3]] * N, None, logits)
+    assert all(seq.num_spec_accepted == 0 for seq in seqs)
+    first = emitted(seqs, tokens, 0)
+    if params.is_greedy:
+        assert set(first) == {int(logits[0].argmax())}
+    else:
+        assert tv(first, target_p(logits[:1], params)[0]) < TV_BOUND

@@ -151,10 +151,14 @@ def _rejection_sample(
     if own_parts:
         parts = torch.cat(own_parts)
         q[torch.tensor(own_rows, device=q.device), : parts.shape[1]] = parts.to(q.dtype)
+    # An n-gram draft may quote a prompt token past the logits (Llama 3.2 Vision's <|image|>): the
+    # target gives it no mass and q none on any column, so it is rejected and p drawn from instead.
+    inside = drafts < p.shape[1]
+    drafts = torch.where(inside, drafts, 0)
     if one_hot:
         index = torch.tensor(one_hot, device=q.device)
-        q[index, drafts[index]] = 1.0
-    p_draft = p.gather(1, drafts.unsqueeze(1)).squeeze(1)
+        q[index, drafts[index]] = inside[index].to(q.dtype)
+    p_draft = p.gather(1, drafts.unsqueeze(1)).squeeze(1).masked_fill(~inside, 0.0)
     q_draft = q.gather(1, drafts.unsqueeze(1)).squeeze(1)
     uniform, exponential = _noise(p, seqs, generators)
     # u < p / q, written without dividing (q = 0 only on the last rows, whose "draft" is padding).
