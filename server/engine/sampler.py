@@ -161,8 +161,8 @@ class Sampler:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(seq.eos_token_ids))
             if banned:  # index_fill_, not row[ids] = -inf: that copies the scalar from pageable memory (a sync)
                 row.index_fill_(0, self._tensor(sorted(banned)), float("-inf"))
-        if p.repetition_penalty != 1.0:
-            seen = self._tensor(sorted(set(seq.token_ids)))
+        if p.repetition_penalty != 1.0:  # (a prompt token past the logits, Llama 3.2 Vision's <|image|>, has none)
+            seen = self._tensor(sorted(t for t in set(seq.token_ids) if t < vocab))
             vals = row.index_select(0, seen)
             row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
         if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:

@@ -248,3 +248,31 @@ def test_prompt_logprobs_score_the_image_token_without_failing(served: tuple[LLM
         else:
             assert lp.logprob == pytest.approx(want[j, ids[j + 1]].item(), abs=1e-4)
             assert lp.rank == int((want[j] > want[j, ids[j + 1]]).sum()) + 1
+
+
+def test_repetition_penalty_with_an_image(served: tuple[LLM, Any]) -> None:
+    """A repetition penalty reads the prompt's tokens, <|image|> among them, which has no logit: it
+    is left out (it was looked up past the logits: the request failed, on a GPU a device-side
+    assert); the tokens are transformers' under the same penalty on the prompt's other tokens."""
+    import torch
+    from mllama_models import processor
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    llm, hf = served
+    images = [random_image(41, 30, 20)]
+    text = chat_text(llm.tokenizer, [IMAGE_TOKEN, "Say something, and then say it again."])
+    out = llm.generate({"prompt": text, "images": images}, replace(GREEDY, repetition_penalty=1.5))[0]
+    assert out.finish_reason is not None and out.finish_reason.name == "LENGTH"
+
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)
+
+    def on_text_tokens(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # <|image|> stands in as the prompt's first token, seen already: the same tokens are penalized
+        ids = torch.where(input_ids < scores.shape[-1], input_ids, input_ids[:, :1])
+        return penalty(ids, scores)  # type: ignore[no-any-return]
+
+    inputs = processor(llm.tokenizer)(text=text, images=[images], return_tensors="pt", add_special_tokens=False)
+    want = hf.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([on_text_tokens]))
+    assert out.token_ids == want[0, inputs["input_ids"].shape[1] :].tolist()
+    assert out.token_ids != hf_greedy(hf, llm.tokenizer, text, images)[1]  # the penalty changes them
