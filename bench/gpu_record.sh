@@ -31,6 +31,17 @@
 #                                      #   FAMILIES=olmo2-7b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
 #                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family); FAMILY_PEERS= none
 #
+# Owed to the H200 (2026-12-05: no device was lent that day; everything below was proven on CPU only).
+# In this order, one device call each (~10 min), then record the results under bench/results/:
+#   1. VISION_TIMEOUT=540 bash bench/gpu_record.sh vision     # issue 21's Qwen2.5-VL-7B figures (never run yet)
+#   2. bash bench/gpu_record.sh verify                         # every GPU test: fused NF4+LoRA, grouped expert LoRA,
+#      # the retiled gated-delta prefill, rank>64 LoRA in graphs, Gemma 4's 512-wide attention tiles, Qwen3.5 /
+#      # Mistral 3 / Llama 3.2 Vision, vision LoRA; then the server at c64 greedy, sampled, with 8 adapters
+#   3. bash bench/gpu_record.sh roofline                       # issues 22 + 23: engine alone vs HTTP at c1/c64,
+#      # 8 adapters, TTFT, long prompts, ready time (after today's wire codec and front-end cuts)
+#   4. bash bench/gpu_record.sh fusedlora                      # decides --fused-lora's default (issue 23)
+#   5. FAMILIES=qwen3-30b-a3b:12:bf16,qwen3-8b,olmo2-7b bash bench/gpu_record.sh families   # issue 19
+#
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
 phase=${1:?phase: compare, peers or checks}
