@@ -276,3 +276,19 @@ def test_repetition_penalty_with_an_image(served: tuple[LLM, Any]) -> None:
                        logits_processor=LogitsProcessorList([on_text_tokens]))
     assert out.token_ids == want[0, inputs["input_ids"].shape[1] :].tolist()
     assert out.token_ids != hf_greedy(hf, llm.tokenizer, text, images)[1]  # the penalty changes them
+
+
+def test_draft_model_speculation_with_an_image(model: tuple[Path, Any]) -> None:
+    """A draft model (text only, the text vocabulary) is fed the sequence's tokens, <|image|> among
+    them, which it has no embedding for: it is given another token (the target verifies every
+    proposal), where the draft's embedding lookup failed and ended the engine (also on CPUs)."""
+    from sloth_serve.loader import DEMO_MODEL
+
+    folder, hf = model
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              speculative_model=str(DEMO_MODEL), num_speculative_tokens=2)
+    images = [random_image(42, 16, 30)]
+    text = chat_text(llm.tokenizer, ["Look:", IMAGE_TOKEN, "what is it?"])
+    out = llm.generate({"prompt": text, "images": images}, GREEDY)[0]
+    assert out.token_ids == hf_greedy(hf, llm.tokenizer, text, images)[1]
+    assert llm.engine.scheduler.spec_stats.num_draft_tokens > 0

@@ -76,7 +76,10 @@ class DraftRunner:
         if not seqs:
             return
         starts = [min(seq.num_draft_computed, seq.num_computed_tokens) for seq in seqs]
-        chunks = [seq.token_ids[start:] for seq, start in zip(seqs, starts, strict=True)]
+        # A token the draft has no embedding for (Llama 3.2 Vision's <|image|>, past the text
+        # vocabulary; an adapter's added token) is fed as token 0: the target verifies every proposal.
+        vocab = self.model.config.vocab_size
+        chunks = [[t if t < vocab else 0 for t in seq.token_ids[start:]] for seq, start in zip(seqs, starts, strict=True)]
         proposals: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         live = list(range(len(seqs)))
