@@ -5,6 +5,7 @@ transformers' source files only (no torch): the start-up checks run it before an
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,7 +53,8 @@ TEXT_ONLY_ARCHITECTURES = {
     "Gemma3nForConditionalGeneration": TextOnly("Gemma3nForCausalLM", "gemma3n_text", "model.language_model.", (
         "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")),
 }
-# Model types whose modeling file lives in another model type's folder.
+# Model types whose modeling file lives in another model type's folder (where transformers' own table,
+# read by _module_names, cannot be found).
 MODULE_OF = {"gemma4_text": "gemma4", "gemma3n_text": "gemma3n"}
 
 
@@ -141,9 +143,22 @@ def modeling_source(model_type: str) -> str | None:
     root = _transformers_root()
     if root is None or not model_type:
         return None
-    name = MODULE_OF.get(model_type, model_type).replace("-", "_")
+    name = (_module_names(root).get(model_type) or MODULE_OF.get(model_type, model_type)).replace("-", "_")
     path = root / "models" / name / f"modeling_{name}.py"
     return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+@cache
+def _module_names(root: Path) -> dict[str, str]:
+    """Model types whose code lives in another model's folder (aria_text in aria, gemma4_text in gemma4),
+    as transformers' SPECIAL_MODEL_TYPE_TO_MODULE_NAME lists them, read from its source."""
+    path = root / "models" / "auto" / "auto_mappings.py"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    start = text.find("SPECIAL_MODEL_TYPE_TO_MODULE_NAME = ")
+    if start < 0:
+        return {}
+    block = text[start : text.find("\n)\n", start)]
+    return dict(re.findall(r'\(\s*"([\w.-]+)",\s*"([\w.]+)"\s*\)', block))
 
 
 def _transformers_root() -> Path | None:

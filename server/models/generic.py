@@ -171,6 +171,9 @@ class GenericCausalLM(nn.Module):
             if hasattr(module, "layer_idx"):
                 module.sloth_step = step
         self.feed = _HiddenFeed()
+        for name, child in self.backbone.named_children():  # a head that reaches into the backbone's decoder
+            if name == "decoder" or isinstance(child, PreTrainedModel):  # (OPT: self.model.decoder) finds the feed
+                object.__setattr__(self.feed, name, self.feed)  # a plain attribute, not a registered submodule
         setattr(hf, prefix, self.feed)
         self.head = hf
 

@@ -64,8 +64,11 @@ def adopt_linear(module: nn.Module, step: GenericStep, dtype: torch.dtype, devic
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or a bitsandbytes 4-bit linear (a subclass of nn.Linear whose weight has a quant state)."""
-    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+    """nn.Linear or a bitsandbytes 4-bit linear (a subclass of nn.Linear whose weight has a quant state).
+    A subclass with a forward of its own (a router that also picks experts, as Phi-MoE's) stays as it is."""
+    if not isinstance(module, nn.Linear) or isinstance(module, LoRALinear):
+        return False
+    return type(module).forward is nn.Linear.forward or getattr(module.weight, "quant_state", None) is not None
 
 
 class SliceGroup:
