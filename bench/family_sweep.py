@@ -95,6 +95,8 @@ def tiny_config(family: str) -> Any:
     kwargs = {k: v for k, v in TINY.items() if k in names}
     if "kv_lora_rank" in params:  # multi-head latent attention: its head sizes are the qk_*/v_* ones
         kwargs.pop("head_dim", None)
+        if "num_key_value_heads" in kwargs:  # and every head its own keys
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(FAMILY_EXTRA.get(family, {}))
     mapped = getattr(config_cls, "attribute_map", {}) or {}
     for alias, real in mapped.items():  # one value per real field (n_embd and hidden_size are the same)

@@ -113,9 +113,8 @@ def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
         return "it uses ALiBi position biases, which sloth-serve's attention kernels do not apply"
     if model_type == "gpt_oss":
         return "it uses attention sinks, which the generic path's attention does not apply"
-    if cfg.get("kv_lora_rank") or cfg.get("attention_chunk_size"):
-        what = "multi-head latent attention" if cfg.get("kv_lora_rank") else "chunked local attention"
-        return f"it uses {what}, which sloth-serve's paged KV cache does not hold"
+    if cfg.get("attention_chunk_size"):
+        return "it uses chunked local attention, which sloth-serve's paged KV cache does not hold"
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     rope_type = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
     if rope_type in ("dynamic", "longrope"):

@@ -4,6 +4,7 @@ LoRALinear (NF4 kernels, multi-LoRA slots), and the step's whole batch is one fl
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from .layers import StepMetadata
 from .per_adapter import AdapterStep
 
 ATTN_IMPLEMENTATION = "sloth_paged"
+logger = logging.getLogger(__name__)
 
 
 def paged_attention_forward(
@@ -48,10 +50,13 @@ def paged_attention_forward(
         raise UnsupportedModel(f"{type(module).__name__} has layer index {layer!r} (its cache: {cache_layer!r}); the "
                                f"KV cache holds {len(step.kv_caches)} layers")
     k_cache, v_cache = step.kv_caches[cache_layer]
-    if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != tuple(k_cache.shape[2:]) or value.shape[-1] != key.shape[-1]:
+    value_dim = value.shape[-1]
+    if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != tuple(k_cache.shape[2:]) or value_dim > key.shape[-1]:
         raise UnsupportedModel(f"layer {layer}'s keys are {key.shape[1]} heads of {key.shape[-1]} (values "
-                               f"{value.shape[-1]} wide); its KV cache holds {k_cache.shape[2]} heads of "
+                               f"{value_dim} wide); its KV cache holds {k_cache.shape[2]} heads of "
                                f"{k_cache.shape[3]}")
+    if value_dim < key.shape[-1]:  # narrower values (multi-head latent attention): zero columns, cut off below
+        value = torch.nn.functional.pad(value, (0, key.shape[-1] - value_dim))
     attn: AttnMetadata = step.meta.attn
     q = query[0].transpose(0, 1).to(k_cache.dtype).contiguous()
     k = key[0].transpose(0, 1).to(k_cache.dtype).contiguous()
@@ -61,7 +66,7 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(q, k_cache, v_cache, attn, scale, kwargs.get("sliding_window"), kwargs.get("softcap"))
     step.layers_called.append(layer)
-    return out.to(query.dtype).unsqueeze(0), None
+    return out[..., :value_dim].to(query.dtype).unsqueeze(0), None
 
 
 def kv_source(module: nn.Module) -> int | None:
@@ -237,10 +242,15 @@ class GenericCausalLM(nn.Module):
         if sorted(shapes) != list(range(len(shapes))) or not shapes:
             raise UnsupportedModel(f"{self.architecture}: attention reached sloth-serve for layers {sorted(shapes)}, "
                                    f"not for each layer from 0; its attention is not served")
-        widths = sorted({(k, v) for _, k, v in shapes.values() if k != v})
-        if widths:
-            raise UnsupportedModel(f"{self.architecture}'s keys and values differ in width {widths}; the paged KV "
-                                   "cache holds them alike")
+        wider = sorted({(k, v) for _, k, v in shapes.values() if v > k})
+        if wider:
+            raise UnsupportedModel(f"{self.architecture}'s values are wider than its keys {wider}; the paged KV "
+                                   "cache holds values at most as wide as keys")
+        narrower = sorted({(k, v) for _, k, v in shapes.values() if v < k})
+        if narrower:  # multi-head latent attention, expanded per head by the model itself
+            logger.warning("%s: values narrower than keys %s: the paged KV cache holds each head's expanded keys and "
+                           "zero-padded values, not the compressed latent (more KV memory a token than the model "
+                           "needs)", self.architecture, narrower)
         return [(heads, key_dim) for heads, key_dim, _ in (shapes[i] for i in range(len(shapes)))]
 
     @torch.inference_mode()

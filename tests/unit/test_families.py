@@ -41,6 +41,8 @@ def cfg(arch: str, model_type: str, **extra: object) -> dict:
     ("Gemma4ForConditionalGeneration", "gemma4", "generic"),  # its text model alone
     ("Gemma3nForCausalLM", "gemma3n_text", "generic"),  # its modeling file is under models/gemma3n
     ("Gemma3nForConditionalGeneration", "gemma3n", "generic"),  # its text model alone
+    ("DeepseekV3ForCausalLM", "deepseek_v3", "generic"),  # latent attention, expanded per head by the model
+    ("AriaTextForCausalLM", "aria_text", "generic"),  # its code lives in transformers' aria folder
 ])
 def test_route(arch: str, model_type: str, path: str) -> None:
     assert route_of(cfg(arch, model_type)).path == path
@@ -66,7 +68,7 @@ def test_q_k_layernorms_take_the_generic_path(arch: str, model_type: str, key: s
     (cfg("LlavaForConditionalGeneration", "llava"), "a multimodal model"),
     (cfg("BloomForCausalLM", "bloom"), "ALiBi"),
     (cfg("FalconForCausalLM", "falcon", alibi=True), "ALiBi"),
-    (cfg("DeepseekV3ForCausalLM", "deepseek_v3", kv_lora_rank=512), "multi-head latent attention"),
+    (cfg("Llama4ForCausalLM", "llama4_text", attention_chunk_size=8192), "chunked local attention"),
     (cfg("GraniteForCausalLM", "granite", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
     (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
     (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
