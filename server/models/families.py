@@ -99,6 +99,8 @@ def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
     if model_type in RECURRENT_TYPES or any(k in cfg for k in RECURRENT_KEYS):
         return ("its layers keep recurrent or linear-attention state beyond a KV cache, which sloth-serve does not "
                 "hold yet")
+    if cfg.get("attention_chunk_size"):
+        return "it uses chunked local attention, which sloth-serve's paged KV cache does not hold"
     layer_types = cfg.get("layer_types")
     other = sorted({str(t) for t in layer_types} - ATTENTION_LAYER_TYPES) if isinstance(layer_types, list) else []
     if other:
@@ -109,12 +111,16 @@ def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
     if cfg.get("use_bidirectional_attention") == "all":
         return ("its tokens attend both ways (use_bidirectional_attention: all), which a causal paged KV cache "
                 "does not compute")
+    if cfg.get("prefix_lm") or "H_cycles" in cfg:
+        return ("it runs its layers over the sequence several times (recurrent cycles) or attends both ways over "
+                "the prompt (prefix LM), which a causal KV cache of one pass per layer cannot hold")
+    if "patcher_config" in cfg or ("encoder_config" in cfg and "decoder_config" in cfg):
+        return ("it reads bytes through a local encoder and decoder around its patches (cross-attention between "
+                "stacks), which sloth-serve's one-stack causal engine does not run")
     if model_type in ALIBI_TYPES or cfg.get("alibi") or cfg.get("position_embedding_type") == "alibi":
         return "it uses ALiBi position biases, which sloth-serve's attention kernels do not apply"
     if model_type == "gpt_oss":
         return "it uses attention sinks, which the generic path's attention does not apply"
-    if cfg.get("attention_chunk_size"):
-        return "it uses chunked local attention, which sloth-serve's paged KV cache does not hold"
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     rope_type = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
     if rope_type in ("dynamic", "longrope"):

@@ -41,6 +41,7 @@ def paged_attention_forward(
     if step.shapes is not None and isinstance(layer, int):
         if source is None:  # a layer reading another's cache holds none of its own
             step.shapes[layer] = (key.shape[1], key.shape[-1], value.shape[-1])
+        step.windows[layer] = kwargs.get("sliding_window")
         step.layers_called.append(layer)
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     if step.meta is None or step.kv_caches is None:
@@ -230,7 +231,7 @@ class GenericCausalLM(nn.Module):
         (config fields are named differently across families, and some are set but unused); layers
         that read another layer's cache (KV sharing) hold none and come after those that do."""
         step = self.step
-        step.shapes = {}
+        step.shapes, step.windows = {}, {}
         step.layers_called.clear()
         try:
             ids = torch.tensor([1, 2], device=device)
@@ -242,6 +243,7 @@ class GenericCausalLM(nn.Module):
         if sorted(shapes) != list(range(len(shapes))) or not shapes:
             raise UnsupportedModel(f"{self.architecture}: attention reached sloth-serve for layers {sorted(shapes)}, "
                                    f"not for each layer from 0; its attention is not served")
+        self._check_window_reaches_attention(list(step.windows.values()))
         wider = sorted({(k, v) for _, k, v in shapes.values() if v > k})
         if wider:
             raise UnsupportedModel(f"{self.architecture}'s values are wider than its keys {wider}; the paged KV "
@@ -252,6 +254,21 @@ class GenericCausalLM(nn.Module):
                            "zero-padded values, not the compressed latent (more KV memory a token than the model "
                            "needs)", self.architecture, narrower)
         return [(heads, key_dim) for heads, key_dim, _ in (shapes[i] for i in range(len(shapes)))]
+
+    def _check_window_reaches_attention(self, windows: list[int | None]) -> None:
+        """A sliding window in the config that no layer's attention call carries is one transformers applies
+        through its own mask or cache (Moshi's), which the paged attention never sees: refused, not ignored."""
+        c = self.head.config.get_text_config()
+        window = getattr(c, "sliding_window", None)
+        types = getattr(c, "layer_types", None)
+        if (not isinstance(window, int) or window >= int(getattr(c, "max_position_embeddings", 0) or 0)
+                or getattr(c, "use_sliding_window", True) is False
+                or (isinstance(types, list) and "sliding_attention" not in types)):
+            return
+        if not any(isinstance(w, int) for w in windows):
+            raise UnsupportedModel(f"{self.architecture}'s sliding window ({window}) is applied by transformers' own "
+                                   "mask or cache rather than passed to its attention, so the paged attention "
+                                   "cannot apply it")
 
     @torch.inference_mode()
     def check_routing(self, dtype: torch.dtype, device: torch.device) -> None:

@@ -21,3 +21,5 @@ class GenericStep:
     layers_called: list[int] = field(default_factory=list)
     # At load, before the KV cache exists: each layer's (kv heads, key dim, value dim), nothing computed.
     shapes: dict[int, tuple[int, int, int]] | None = None
+    # With the shapes: each layer's sliding window as its attention call passes it (None: none passed).
+    windows: dict[int, int | None] = field(default_factory=dict)

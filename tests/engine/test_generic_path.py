@@ -5,6 +5,7 @@ sliding-window and RoPE-less global layers, VaultGemma's attention and final-log
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import shutil
@@ -29,6 +30,9 @@ COMMON = dict(
     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, eos_token_id=2, pad_token_id=0,
     bos_token_id=1,
 )
+MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+           num_key_value_heads=4)
 FAMILIES = {
     "cohere": (transformers.CohereConfig, dict(use_qk_norm=True, logit_scale=0.5)),
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=3.0, residual_multiplier=0.5,
@@ -38,17 +42,38 @@ FAMILIES = {
     "cohere2": (transformers.Cohere2Config, dict(sliding_window=8, num_hidden_layers=4)),
     "vaultgemma": (transformers.VaultGemmaConfig, dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                                                        sliding_window=8, head_dim=16)),
+    # From bench/family_sweep.py's families (bench/results/family-sweep-cpu.md), those Unsloth users fine-tune
+    # and those that needed a fix: latent attention (values narrower than keys), a router that is an
+    # nn.Linear with its own forward (Phi-MoE), a head that reaches into the backbone's decoder (OPT).
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(**MOE, **MLA, first_k_dense_replace=1, n_group=1,
+                                                        topk_group=1, n_shared_experts=1)),
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(**MOE, **MLA, first_k_dense_replace=1, n_group=1,
+                                                           topk_group=1, n_shared_experts=1)),
+    "phimoe": (transformers.PhimoeConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "opt": (transformers.OPTConfig, dict(ffn_dim=96, word_embed_proj_dim=64)),
+    "olmo3": (transformers.Olmo3Config, dict(sliding_window=8)),
+    "seed_oss": (transformers.SeedOssConfig, dict(head_dim=16)),
+    "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                           moe_num_shared_experts=1)),
+    "hunyuan_v1_moe": (transformers.HunYuanMoEV1Config, dict(num_experts=4, moe_topk=2, head_dim=16)),
+    "glm4_moe": (transformers.Glm4MoeConfig, dict(**MOE, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                                  n_shared_experts=1)),
+    "apertus": (transformers.ApertusConfig, {}),
+    "granitemoe": (transformers.GraniteMoeConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 MAX_TOKENS = 10
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_model(tmp: Path, family: str, tokenizer: bool = False) -> tuple[Path, torch.nn.Module]:
-    """A random model of the family saved in `tmp/family` (with the demo tokenizer if asked), and
-    transformers' own instance of it (eager attention: the reference)."""
-    config_cls, extra = FAMILIES[family]
+def make_model(tmp: Path, family: str, tokenizer: bool = False,
+               spec: tuple[type, dict] | None = None) -> tuple[Path, torch.nn.Module]:
+    """A random model of the family (FAMILIES', or `spec`: config class and fields) saved in `tmp/family`
+    (with the demo tokenizer if asked), and transformers' own instance of it (eager attention: the reference)."""
+    config_cls, extra = spec or FAMILIES[family]
+    takes = set(inspect.signature(config_cls.__init__).parameters)  # OPT has no intermediate_size / KV heads
+    common = {k: v for k, v in COMMON.items() if k in takes}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra}),
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**common, **extra}),
                                                           attn_implementation="eager").eval()
     with torch.no_grad():  # random biases and norms so that those code paths matter
         for name, p in model.named_parameters():
@@ -213,3 +238,13 @@ def test_attention_the_paged_cache_cannot_compute_is_refused() -> None:
     layer.sinks = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(UnsupportedModel, match="attention sinks"):
         paged_attention_forward(layer, q, k, v, None)
+
+
+def test_window_the_model_applies_outside_attention_is_refused(tmp_path: Path) -> None:
+    """Moshi's sliding window reaches transformers' own cache, never its attention call: refused at load
+    rather than served with full attention (bench/family_sweep.py found its tokens differ)."""
+    from sloth_serve.models.families import UnsupportedModel
+
+    folder, _ = make_model(tmp_path, "moshi", spec=(transformers.MoshiConfig, dict(sliding_window=8, head_dim=16)))
+    with pytest.raises(UnsupportedModel, match=r"sliding window \(8\) is applied by transformers' own mask or cache"):
+        engine_for(folder)

@@ -69,6 +69,8 @@ def test_q_k_layernorms_take_the_generic_path(arch: str, model_type: str, key: s
     (cfg("BloomForCausalLM", "bloom"), "ALiBi"),
     (cfg("FalconForCausalLM", "falcon", alibi=True), "ALiBi"),
     (cfg("Llama4ForCausalLM", "llama4_text", attention_chunk_size=8192), "chunked local attention"),
+    (cfg("HrmTextForCausalLM", "hrm_text", H_cycles=2, L_cycles=3, prefix_lm=True), "recurrent cycles"),
+    (cfg("BltForCausalLM", "blt", patcher_config={}, encoder_config={}, decoder_config={}), "local encoder"),
     (cfg("GraniteForCausalLM", "granite", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic RoPE"),
     (cfg("FalconForCausalLM", "falcon"), "computes attention itself"),
     (cfg("MyModelForCausalLM", "my_model", auto_map={"AutoModelForCausalLM": "x.MyModel"}), "trust_remote_code"),
