@@ -79,7 +79,7 @@ def skip_reason(family: str, arch: str) -> str | None:
     params = inspect.signature(config_cls.__init__).parameters
     if arch in SUPPORTED_ARCHITECTURES:
         return "native family"
-    if "add_cross_attention" in params:
+    if "is_decoder" in params and "add_cross_attention" in params:
         return "an encoder stack (BERT-like) that can be run as a decoder"
     if "decoder_layers" in params:
         return "the decoder of an encoder-decoder model"
