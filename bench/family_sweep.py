@@ -49,7 +49,12 @@ TINY: dict[str, Any] = dict(
 )
 # Fields whose defaults assume the full depth.
 FAMILY_EXTRA: dict[str, dict[str, Any]] = {"gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
-                                           "zaya": dict(num_experts_per_tok=1)}
+                                           "zaya": dict(num_experts_per_tok=1),
+                                           "gemma3n_text": dict(  # per-layer lists and KV sharing at 4 layers
+                                               layer_types=["sliding_attention", "full_attention"] * 2,
+                                               intermediate_size=[96] * 4, num_kv_shared_layers=2,
+                                               vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                                               activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], laurel_rank=4)}
 SUB_MODELS = ("vision_config", "audio_config", "text_encoder", "audio_encoder", "decoder", "encoder",
               "depth_decoder", "vq_config")
 
@@ -194,7 +199,7 @@ def sweep_family(family: str, arch: str) -> Row:
             return Row(family, arch, "crash", f"generating: {one_line(exc)}", time.perf_counter() - start)
     seconds = time.perf_counter() - start
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if g != w:
+        if g != w or len(g) != MAX_TOKENS:
             at = next((j for j, (a, b) in enumerate(zip(g, w, strict=False)) if a != b), min(len(g), len(w)))
             return Row(family, arch, "differs", f"prompt {i} ({len(prompts()[i])} tokens) from token {at}: "
                                                 f"{g} vs transformers {w}", seconds)
