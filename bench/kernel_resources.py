@@ -103,6 +103,22 @@ def _lora() -> None:
                         torch.zeros(t, dtype=torch.int32), slices=slices)
 
 
+def _nf4_lora() -> None:
+    """The fused NF4 GEMV with multi-LoRA (--fused-lora) on Llama-3-8B's projections at decode row
+    counts: fused q|k|v at rank 32 (a 96-row stacked shrink, the widest MAX_FUSED_RANK admits at three
+    slices), gate|up at rank 16, down at rank 64, 8 slots each."""
+    from sloth_kernels.triton_nf4_lora import fusable, nf4_lora_matmul
+
+    for slices, k, rank in (([4096, 1024, 1024], 4096, 32), ([14336, 14336], 4096, 16), ([4096], 14336, 64)):
+        w = _nf4(sum(slices), k)
+        a = torch.empty(8, len(slices) * rank, k, dtype=BF16)
+        b = torch.empty(8, sum(slices), rank, dtype=BF16)
+        for m in (1, 16, 64):
+            x = torch.empty(m, k, dtype=BF16)
+            assert fusable(x, w, a, slices)
+            nf4_lora_matmul(x, w, a, b, torch.zeros(m, dtype=torch.int32), slices, torch.full((8,), rank, dtype=torch.int32))
+
+
 def _moe() -> None:
     """gpt-oss-20b's experts (32, top 4, hidden = inter = 2880, 16-bit) with rank-16 expert LoRA."""
     from sloth_kernels.moe_lora import ExpertLoRA, MoELoRA
@@ -192,6 +208,7 @@ def cases(all_variants: bool = False) -> dict[str, Callable[[], None]]:
         "attention_gpt_oss_20b": lambda: _attention(64, 8, 64, window=128, sinks=True, all_variants=all_variants),
         "nf4_llama3_8b": lambda: _nf4_linears(all_variants),
         "lora_llama3_8b": _lora,
+        "nf4_lora_llama3_8b": _nf4_lora,
         "moe_gpt_oss_20b": _moe,
         "gated_delta_qwen3_5_9b": _gated_delta,
         "ssd_mamba2": _ssd,
