@@ -129,6 +129,12 @@ class DecodeGraphs:
     def invalidate(self) -> None:
         self.graphs.clear()
 
+    def forget_lora(self) -> None:
+        """Drop the LoRA graphs (their memory returns to the pool); missing ones are captured again
+        when a step needs them (decode) or the step runs eagerly (prompts)."""
+        for key in [key for key in self.graphs if key[1]]:
+            del self.graphs[key]
+
     def run(
         self,
         input_ids: list[int],

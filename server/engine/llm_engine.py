@@ -346,7 +346,7 @@ class LLMEngine:
         elif tables_changed:
             # MoE expert LoRA tables made or widened: the LoRA graphs read the old ones, capture them again.
             with stalls.quiet():
-                self.runner.capture_graphs()
+                self.runner.capture_lora_graphs_again()
 
     def _first_adapter_loaded(self, adapter_id: int, weights: LoRAWeights) -> None:
         # Decode (and prompt) graphs that include the LoRA kernels.

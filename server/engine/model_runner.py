@@ -158,6 +158,16 @@ class ModelRunner:
             if self.prefill_graphs is not None:  # in the decode graphs' pool: steps never overlap
                 self.prefill_graphs.capture_all(with_lora, self.graphs.pool if self.graphs is not None else None)
 
+    def capture_lora_graphs_again(self) -> None:
+        """The LoRA graphs again, after tensors they read were replaced (MoE expert LoRA tables made
+        or widened, the old ones freed). The old graphs go first: should a capture fail (out of
+        memory), none is left to replay reads of freed memory, and their memory is the new ones'."""
+        if self.graphs is not None:
+            self.graphs.forget_lora()
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.forget_lora()
+        self.capture_graphs()
+
     @property
     def last_forward_seconds(self) -> float | None:
         """Device time of the latest forward pass. On CUDA it is read from events of a step whose

@@ -169,6 +169,12 @@ class PrefillGraphs:
     def invalidate(self) -> None:
         self.graphs.clear()
 
+    def forget_lora(self) -> None:
+        """Drop the LoRA graphs (their memory returns to the pool); missing ones are captured again
+        when a step needs them (decode) or the step runs eagerly (prompts)."""
+        for key in [key for key in self.graphs if key[1]]:
+            del self.graphs[key]
+
     def has(self, num_tokens: int, num_seqs: int, with_lora: bool) -> bool:
         t = self.bucket_for(num_tokens, num_seqs)
         return t is not None and (t, with_lora) in self.graphs

@@ -164,3 +164,32 @@ def test_adapter_of_rank_over_the_triton_kernels_replays_peft_tokens(tmp_path: P
     tuned = [tokens for tokens, _ in peft_greedy(folder, prompts[1::2], 6)]
     assert [got["r0"], got["r2"]] == base[0::2]
     assert [got["r1"], got["r3"]] == tuned != base[1::2]  # (the adapter changes them)
+
+
+def test_lora_graphs_captured_again_leave_none_stale_when_a_capture_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After MoE expert LoRA tables are made or widened (the old ones freed), the LoRA graphs are
+    captured again; the old ones go first, so a capture that fails (out of memory) leaves no graph
+    whose replay would read the freed tables: those steps run eagerly. The graphs without LoRA stay."""
+    e = LLMEngine(Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                         max_num_seqs=4, max_num_batched_tokens=64))
+    r = e.runner
+    r.prefill_graphs = ReplayedOnCPU(r._forward_logits_at, [16, 32], 4, 64, 8, r.device)
+    r.capture_graphs()
+    e.add_lora(1, load_lora("upper", DEMO_ADAPTER, e.config.max_lora_rank))
+    graphs = r.prefill_graphs
+    assert set(graphs.graphs) == {(16, False), (32, False), (16, True), (32, True)}
+    kept = {key: graph for key, graph in graphs.graphs.items() if not key[1]}
+    captured: list[int] = []
+
+    def out_of_memory(t: int, with_lora: bool) -> None:
+        captured.append(t)
+        if t == 16:
+            raise torch.OutOfMemoryError("capture")
+        ReplayedOnCPU._capture(graphs, t, with_lora)
+
+    monkeypatch.setattr(graphs, "_capture", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        r.capture_lora_graphs_again()
+    assert captured == [32, 16]  # largest first
+    assert set(graphs.graphs) == {(16, False), (32, False), (32, True)}  # no stale (16, True)
+    assert all(graphs.graphs[key] is graph for key, graph in kept.items())
