@@ -292,6 +292,7 @@ class LLMEngine:
             budget = free - (1 - cfg.gpu_memory_utilization) * total
             budget -= self._graph_pool_bytes(model, buckets, prefill_buckets)  # captured after the cache
             budget -= self._lora_slot_bytes(model)  # made with the first adapter, after the cache
+            budget -= self._expert_lora_bytes(model)  # made with the first adapter training experts
             # An image-text model's encoder cache fills up after the KV cache is allocated, on the same
             # device (on the CPU, --kv-cache-memory-gb is the KV cache's own memory, beside it).
             budget -= ENCODER_CACHE_BYTES if getattr(model, "is_vision", False) else 0
@@ -328,6 +329,20 @@ class LLMEngine:
         if size:
             logger.info("%.2f GiB set aside for %d adapter slots of rank %d (made with the first adapter), before "
                         "sizing the KV cache", size / 2**30, cfg.max_loras, cfg.max_lora_rank)
+        return size
+
+    def _expert_lora_bytes(self, model: torch.nn.Module) -> int:
+        """The MoE experts' LoRA tables' bytes (LoRAManager.expert_table_bytes), where the model has
+        experts modules (every one takes LoRA)."""
+        cfg = self.config
+        assert cfg.max_lora_rank is not None
+        experts = expert_modules(model).values() if cfg.max_loras > 0 else []
+        size = LoRAManager.expert_table_bytes(experts, cfg.max_loras, cfg.max_lora_rank,
+                                              torch.empty((), dtype=self.dtype).element_size())
+        if size:
+            logger.info("%.2f GiB set aside for the MoE experts' LoRA tables of %d modules, %d slots of rank %d "
+                        "(made with the first adapter that trains experts), before sizing the KV cache",
+                        size / 2**30, len(experts), cfg.max_loras, cfg.max_lora_rank)
         return size
 
     @property

@@ -47,11 +47,19 @@ class LoRAManager:
     def slot_bytes(layers: Iterable[LoRALinear], max_loras: int, max_rank: int, itemsize: int) -> int:
         """What the device slots take once the first adapter makes them (create_lora_slots): per layer
         and slot, each output slice's A [rank, in] and B [out, rank]. The KV cache is sized before
-        any adapter arrives, so this is set aside then (MoE experts' tables, made for adapters that
-        train experts, are not counted)."""
+        any adapter arrives, so this is set aside then (MoE experts' tables apart: expert_table_bytes)."""
         per_slot = sum(max_rank * (layer.in_features * sum(1 for n in layer.out_slices if n) + sum(layer.out_slices))
                        for layer in layers)
         return max_loras * per_slot * itemsize
+
+    @staticmethod
+    def expert_table_bytes(experts: Iterable[Experts], max_loras: int, max_rank: int, itemsize: int) -> int:
+        """What the MoE experts' LoRA tables take once an adapter of rank `max_rank` trains every
+        experts module and projection (_reserve_expert_tables), the most they hold. Like the slots,
+        they are made after the KV cache is sized (gpt-oss-20b, 4 rank-16 slots, bfloat16: 1.4 GB).
+        Widening a module's tables holds its old ones too until the new ones are installed; that
+        passing peak is not counted."""
+        return sum(module.lora.full_bytes(max_loras, max_rank, itemsize) for module in experts)
 
     def add(self, adapter_id: int, weights: LoRAWeights) -> bool:
         """Register an adapter (its slot is written when a batch needs it). True where it made or

@@ -28,6 +28,14 @@ class ExpertLoRASlots:
         self.tables: dict[str, ExpertLoRA] = {}
         self.slot_ranks: dict[str, list[int]] = {}  # the tables' ranks, on the host
 
+    def full_bytes(self, num_slots: int, rank: int, itemsize: int) -> int:
+        """What this module's tables take with every projection at `rank` (the adapter slots' rank):
+        A and B of `itemsize` bytes an element, and each projection's int32 slot ranks. Set aside
+        before the KV cache is sized, since the tables are made with the first adapter that trains
+        these experts (LoRAManager.expert_table_bytes)."""
+        return sum(num_slots * (self.num_experts * rank * (dim_in + dim_out) * itemsize + 4)
+                   for dim_in, dim_out in self.shapes.values())
+
     def widened(self, update: Update, num_slots: int, dtype: torch.dtype,
                 device: torch.device) -> dict[str, ExpertLoRA]:
         """New tables for the projections of `update` that have none as wide as its rank, holding

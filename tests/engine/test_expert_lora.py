@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.lora_manager import LoRAManager
 from sloth_serve.engine.loras import load_adapter
+from sloth_serve.engine.model_runner import ModelRunner
 from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.loader.checkpoint import load_model
 from sloth_serve.loader.peft import AdapterError, check_fits, load_lora
@@ -475,6 +477,36 @@ def test_a_wider_adapter_widens_the_tables_keeping_what_the_slots_hold(tmp_path:
             got.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert [got[f"narrow{i}"] for i in range(len(PROMPTS))] == want
     assert [got[f"wide{i}"] for i in range(len(PROMPTS))] == want_wide != want
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_expert_table_bytes_are_what_the_first_expert_adapter_allocates(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MoE experts' LoRA tables set aside before the KV cache is sized equal what an adapter of
+    the slots' rank training every experts module allocates, and come off the KV cache's budget on
+    a GPU beside the adapter slots (sized on the CPU with the GPU's free memory given)."""
+    folder, hf = make_model(tmp_path, family)
+    adapter = peft_adapter(tmp_path, hf, r=8, lora_alpha=16, target_modules=[],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    engine = LLMEngine(Config(model=str(folder), load_format="safetensors", num_kv_blocks=64, block_size=8,
+                              device="cpu", dtype="float32", max_loras=3, max_lora_rank=8))
+    manager = engine.lora_manager
+    expected = LoRAManager.expert_table_bytes(manager.experts.values(), 3, 8, 4)
+    engine.add_lora(1, load_adapter(engine, "a", adapter))
+    made = sum(t.a.nbytes + t.b.nbytes + t.ranks.nbytes
+               for module in manager.experts.values() for t in module.lora.tables.values())
+    assert len(manager.experts) == 2 and all(len(m.lora.tables) == 2 for m in manager.experts.values())
+    assert made == expected > 0
+
+    gib = 2**30
+    engine.config = Config(model=str(folder), gpu_memory_utilization=0.5, max_loras=3, max_lora_rank=8)
+    engine.device = torch.device("cuda")  # 3 GiB of 4 free, 2 GiB kept free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 4 * gib))
+    model = engine.loaded.model
+    per_block = ModelRunner.kv_bytes_per_block(model, engine.config.block_size, engine.dtype)
+    slots = LoRAManager.slot_bytes(model.lora_layers().values(), 3, 8, 4)
+    assert engine._num_kv_blocks(model, 0) == (gib - slots - expected) // per_block
 
 
 if __name__ == "__main__":
