@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .models.families import VISION_ARCHITECTURES
+from .models.qwen3_5_config import qwen3_5_vision_on_disk
 from .vision_gemma3 import Gemma3VisionProcessor
 from .vision_mistral3 import Mistral3VisionProcessor
 from .vision_mllama import MllamaVisionProcessor
@@ -35,6 +36,8 @@ def processor_for(folder: str | Path, limits: ImageLimits | None = None) -> Visi
         return Mistral3VisionProcessor.from_mistral3_folder(folder, cfg, limits)
     if arch == MLLAMA_VISION:
         return MllamaVisionProcessor.from_mllama_folder(folder, cfg, limits)
-    if arch in VISION_ARCHITECTURES or (arch in QWEN3_5_VISION and isinstance(cfg.get("vision_config"), dict)):
+    # Qwen3.5's folder without its vision encoder's weights serves its text model (ModelConfig.from_folder warns)
+    if arch in VISION_ARCHITECTURES or (arch in QWEN3_5_VISION and isinstance(cfg.get("vision_config"), dict)
+                                        and qwen3_5_vision_on_disk(folder)):
         return VisionProcessor.from_qwen_folder(folder, cfg, limits)
     return None

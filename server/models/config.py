@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from .mistral3_config import (
 )
 from .moe_config import moe_fields
 from .phi3_config import phi3_fields
-from .qwen3_5_config import qwen3_5_fields, qwen3_5_vision_fields
+from .qwen3_5_config import qwen3_5_fields, qwen3_5_vision_fields, qwen3_5_vision_on_disk
 from .rope_config import attn_temperature, parse_rope
 from .smollm3_config import smollm3_fields
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -269,4 +272,12 @@ class ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no config.json: pass a Hugging Face model folder")
-        return cls.from_dict(json.loads(path.read_text()))
+        cfg = cls.from_dict(json.loads(path.read_text()))
+        if cfg.family in ("qwen3_5", "qwen3_5_moe") and cfg.vision_config is not None \
+                and not qwen3_5_vision_on_disk(Path(folder)):
+            # The language model's weights saved alone under the image-text config: its text model, served
+            # under the image-text names (multimodal stays set), without the encoder that is not there.
+            logger.warning("%s: config.json has a vision_config but the folder has no vision-encoder weights "
+                           "(model.visual.*), so images are refused: the text model is served", folder)
+            cfg = replace(cfg, vision_config=None, image_token_id=None, mrope_section=())
+        return cfg

@@ -6,6 +6,8 @@ M-RoPE's sections (qwen3_5_vision_fields)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .rope_config import parse_rope, partial_rotary_factor
@@ -83,3 +85,29 @@ def qwen3_5_vision_fields(cfg: dict[str, Any], text: dict[str, Any], hidden_size
         raise ValueError(f"config.json text_config.rope_parameters.mrope_section: expected three counts, got {section!r:.80}")
     return dict(vision_config=dict(vision), image_token_id=int(cfg.get("image_token_id", 248056)),
                 mrope_section=tuple(section))
+
+
+# Where Qwen3.5's image-text checkpoints keep their vision encoder and merger (transformers 5, and earlier).
+QWEN3_5_VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def qwen3_5_vision_on_disk(folder: Path) -> bool:
+    """Whether the folder's safetensors hold the vision encoder's tensors, from the index's weight map
+    or else the files' headers (no tensor is read). A folder someone saved with the language model's
+    weights alone keeps the image-text config.json but has none: it is served for text only. A folder
+    without safetensors counts as having them, so that loading reports what is missing as before."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if isinstance(weight_map, dict):
+            return any(name.startswith(QWEN3_5_VISION_PREFIXES) for name in weight_map)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return True
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            if any(name.startswith(QWEN3_5_VISION_PREFIXES) for name in f.keys()):  # noqa: SIM118 (not a dict)
+                return True
+    return False

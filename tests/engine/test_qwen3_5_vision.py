@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_adapter_modules_step import HostEvent
 from test_vision import GREEDY, chat
 from test_vision_lora import BOTH, peft_greedy
@@ -22,6 +23,7 @@ from vision_qwen3_5 import make_qwen3_5_vl
 
 from sloth_serve.llm import LLM
 from sloth_serve.models.config import ModelConfig
+from sloth_serve.models.qwen3_5 import Qwen3_5ForCausalLM
 from sloth_serve.models.qwen3_5_vision import Qwen3_5VisionForCausalLM, mrope_rows
 from sloth_serve.models.vision_step import VisionStep
 
@@ -172,3 +174,25 @@ def test_vision_lora_per_request_equals_peft(served: tuple[LLM, Any], tmp_path: 
     assert tuned.token_ids == expected
     assert peft_greedy(hf, adapter, tuned.prompt_token_ids, images, vision=False) != expected  # the tower's LoRA matters
     assert plain.token_ids == hf_greedy(hf, plain.prompt_token_ids, images)
+
+
+def test_folder_without_vision_weights_serves_its_text_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The language model's weights saved alone under the image-text config.json: the text model is
+    served (transformers' greedy tokens for a text prompt) with one warning, and images are refused."""
+    folder, hf = make_qwen3_5_vl(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    assert not (folder / "model.safetensors.index.json").exists()
+    tensors = load_file(str(weights))
+    text = {name: t for name, t in tensors.items() if not name.startswith("model.visual.")}
+    assert len(text) < len(tensors)
+    save_file(text, str(weights), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="sloth_serve.models.config"):
+        llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8)
+    warnings = [r.getMessage() for r in caplog.records if "vision-encoder weights" in r.getMessage()]
+    assert len(warnings) == 1 and "images are refused" in warnings[0]
+    model = llm.engine.runner.model
+    assert type(model) is Qwen3_5ForCausalLM and model.config.vision_config is None and llm.vision is None
+    out = llm.generate(chat(llm, 0, "No picture here."), GREEDY)[0]
+    assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, [])
+    with pytest.raises(ValueError, match="takes text only"):
+        llm.generate({"prompt": chat(llm, 1, "What is this?"), "images": [random_image(1)]}, GREEDY)
