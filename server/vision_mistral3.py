@@ -82,6 +82,7 @@ class Mistral3VisionProcessor(VisionProcessor):
         """Each image (PIL, RGB) -> (pixel values [1, 3, H, W], (1, H, W) in patches, content hash)."""
         out = []
         for image in images:
+            self.resized(*image.size)  # ImageError for a side resized to no pixels, before Pixtral's processor
             batch = self.image_processor(images=[image], return_tensors="pt", patch_size=self.factor)
             height, width = (int(v) for v in batch["image_sizes"][0])
             digest = hashlib.blake2b(image.tobytes(), digest_size=16)
@@ -119,6 +120,14 @@ class Mistral3VisionProcessor(VisionProcessor):
 
     def num_tokens(self, width: int, height: int) -> int:
         """Tokens an image of this size becomes (for admission, before processing)."""
+        h, w = self.resized(width, height)
+        return (h // self.factor) * (w // self.factor + 1)
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) in pixels an image of this size is resized to, as Pixtral's image processor
+        does: scaled down to fit the bound, each side then rounded up to whole merged patches. An extreme
+        aspect ratio (1 x 3100 pixels) scales one side to no pixels, which no patch grid holds: ImageError
+        (the API's 400) with the numbers."""
         import numpy as np
         from transformers.models.pixtral.image_processing_pil_pixtral import get_resize_output_image_size
 
@@ -126,5 +135,11 @@ class Mistral3VisionProcessor(VisionProcessor):
         edge = size.get("longest_edge")
         bound = (int(edge), int(edge)) if edge else (int(size["height"]), int(size["width"]))
         shape = np.broadcast_to(np.zeros((), dtype=np.uint8), (3, height, width))  # its shape, no pixels
-        h, w = get_resize_output_image_size(shape, bound, (self.factor, self.factor), "channels_first")
-        return int(h // self.factor) * int(w // self.factor + 1)
+        h, w = (int(v) for v in get_resize_output_image_size(shape, bound, (self.factor, self.factor), "channels_first"))
+        if h <= 0 or w <= 0:  # the shorter side scaled below one pixel
+            side = "width" if w <= 0 else "height"
+            hint = f": its longer side may be at most {int(edge)} times its shorter side" if edge else ""
+            raise ImageError(f"the image's size, {width}x{height} pixels, is too extreme for this model's patch grid "
+                             f"({self.factor}-pixel patches): scaled down to fit {bound[1]}x{bound[0]} pixels, its "
+                             f"{side} becomes 0 pixels; crop or pad the image{hint}")
+        return h, w

@@ -122,5 +122,7 @@ async def expand_images(vision: VisionProcessor, prompt_ids: list[int],
     """The prompt with each image's placeholder expanded, and the images' engine inputs."""
     try:
         return await asyncio.to_thread(vision.expand, prompt_ids, images)
+    except ImageError as exc:  # an image the model cannot take (a size its patch grid cannot hold)
+        raise invalid_param("messages", str(exc)) from exc
     except ValueError as exc:  # the template rendered another number of placeholders than images
         raise invalid_param("messages", f"{exc}; does the chat template render image parts?") from exc

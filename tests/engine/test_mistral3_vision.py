@@ -8,6 +8,7 @@ a bitsandbytes 4-bit folder serves NF4 language layers; Pixtral-12B's LLaVA form
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -19,10 +20,13 @@ from mistral3_vision_models import MAX_TOKENS, chat_text, hf_greedy, make_mistra
 from peft import PeftModel
 from vision_models import random_image, write_adapter
 
+from sloth_serve.api.errors import APIError
+from sloth_serve.api.images import expand_images
 from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.llm import LLM
 from sloth_serve.models.families import UnsupportedModel, route_of
 from sloth_serve.models.mistral3_vision import Mistral3VisionForCausalLM
+from sloth_serve.vision_processor import ImageError
 
 LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_AND_LANGUAGE = r".*(language_model.*\.(q_proj|v_proj|down_proj)|vision_tower.*\.(q_proj|v_proj|o_proj|up_proj))"
@@ -115,6 +119,28 @@ def test_bad_image_prompts_are_refused(served: tuple[LLM, Any]) -> None:
     broken[img.offset + 4] = broken[img.offset]  # a row break turned into an image token
     with pytest.raises(ValueError, match="rows of image tokens"):
         llm.engine.add_request("broken", broken, GREEDY, mm=mm)
+
+
+def test_extreme_aspect_ratio_is_refused_for_its_size(served: tuple[LLM, Any]) -> None:
+    """An image whose shorter side scales to no pixels (the tiny model fits images in 32x32 pixels) is
+    refused with its size, not blamed on the chat template; one at the limit (1x32) is served."""
+    llm, _ = served
+    vision = llm.vision
+    assert vision is not None
+    text = chat_text(llm.tokenizer, 1, "What is it?")
+    _, mm = llm.encode_prompt({"prompt": text, "images": [random_image(1, 1, 32)]})
+    assert mm is not None and mm.images[0].grid_thw == (1, 8, 2) and vision.num_tokens(1, 32) == mm.images[0].num_tokens
+    for width, height in ((1, 3100), (3100, 1), (1, 33)):
+        side = "width" if width < height else "height"
+        with pytest.raises(ImageError, match=f"{width}x{height} pixels, is too extreme .* its {side} becomes 0 pixels"):
+            llm.encode_prompt({"prompt": text, "images": [random_image(1, width, height)]})
+        with pytest.raises(ImageError, match="too extreme"):
+            vision.num_tokens(width, height)
+    prompt_ids = llm.encode(text)
+    with pytest.raises(APIError) as caught:
+        asyncio.run(expand_images(vision, prompt_ids, [random_image(1, 1, 3100)]))
+    assert caught.value.status_code == 400 and caught.value.param == "messages"
+    assert "1x3100 pixels" in caught.value.message and "chat template" not in caught.value.message
 
 
 def test_other_text_models_are_refused_before_weights(folder: tuple[Path, Any]) -> None:
