@@ -126,7 +126,8 @@ class ProcessEngineClient(EngineClient):
         if process is not None and process.exitcode is None and self._receiver is None:
             self._kill()  # still loading: it reads no command until it is done, and nothing is lost
         elif process is not None and process.exitcode is None:
-            self._send(Shutdown())
+            with contextlib.suppress(EngineDeadError):  # gone meanwhile: nothing to tell
+                self._send(Shutdown())
             if self._exited is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._exited), STOP_TIMEOUT_S)
@@ -143,7 +144,8 @@ class ProcessEngineClient(EngineClient):
                               system_prompt_end))
 
     def _send_abort(self, request_id: str, reason: FinishReason) -> None:
-        self._send(Abort(request_id, reason))
+        with contextlib.suppress(EngineDeadError):  # a dead engine has nothing left to abort
+            self._send(Abort(request_id, reason))
 
     async def add_lora(self, adapter_id: int, name: str, path: str) -> int:
         rank = await self._call(lambda call_id: AddLora(call_id, adapter_id, name, str(path)))
@@ -159,11 +161,33 @@ class ProcessEngineClient(EngineClient):
         assert self.loop is not None
         call_id = next(self._call_ids)
         future = self._calls[call_id] = self.loop.create_future()
-        self._send(make(call_id))
+        try:
+            self._send(make(call_id))
+        except EngineDeadError:
+            self._calls.pop(call_id, None)
+            if future.done():
+                future.exception()  # failed with the others at the death: the raise here reports it
+            raise
         return await future
 
     def _send(self, command: Command) -> None:
-        self._commands.send(self._command_codec.encode(command), copy=False)
+        """Never blocks. A PUSH socket with no peer blocks its sender: once the engine process is
+        gone, its connection closes a moment before the loop runs `_on_exit`, and a request arriving
+        in that moment would stop the event loop for good (no death noticed, every stream hung).
+        Without a peer the send fails at once, and the engine's death is handled here instead."""
+        try:
+            self._commands.send(self._command_codec.encode(command), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if self.dead_reason is None and self.process is not None and not self._stopping:
+                self.process.join(2)  # it is gone (or going): its connection is
+                if self.process.exitcode is not None and self._exited is not None:
+                    self._on_exit()
+                else:
+                    reason = "the engine process stopped reading commands (its connection closed)"
+                    logger.error("%s; ending every request", reason)
+                    self._die(reason)
+                    fail_calls(self._calls, reason)
+            raise EngineDeadError(self.dead_reason or "the engine process is not connected") from None
 
     async def _receive(self) -> None:
         while True:
