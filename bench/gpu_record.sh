@@ -160,6 +160,35 @@ startup)  # issue 23: the 8B server's ready time (8 adapters), with an empty com
     done
     grep -h "ready" "$RES/ready.txt"
     ;;
+verifyroof)  # the GPU tests (while the 8B model is built beside them), then issue 22/23's core figures:
+    # engine alone bs 1/8/64, and through HTTP c1 / c64 / c64 with 8 adapters on the same model
+    ( timeout 230 python -m pytest -q -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+      echo "rc $?" >> "$RES/gpu-tests.txt" ) &
+    tests=$!
+    ensure_model
+    wait "$tests"
+    save
+    tail -n 30 "$RES/gpu-tests.txt" | cut -c1-300
+    elapsed "engine"
+    compare_stage engine 160
+    save
+    elapsed "server with 8 adapters"
+    started=$(date +%s.%N)
+    adapter_server 8125 "$RES/server.log" 300 150 --max-model-len 4096
+    python -c "print(f'ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" | tee "$RES/ready.txt"
+    for run in "c1 1 16" "c64 64 192" "c64-8lora 64 192 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
+        set -- $run
+        name=$1 c=$2 n=$3
+        shift 3
+        timeout 80 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
+            --input-len 64 --output-len 128 --max-concurrency "$c" --num-prompts "$n" "$@" \
+            --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
+        grep -E "Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL" "$RES/$name.txt" | sed "s/^/$name: /"
+        save
+    done
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    cat "$RES"/cmp/engine*.md 2>/dev/null | head -30
+    ;;
 roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/8/64), the server's ready
     # time, HTTP c1 / c64 / c64 with 8 adapters, idle TTFT at 64 / 512 / 3,000 prompt tokens, and 16
     # streams of 3,000-token prompts (inter-token p50 / p99, prompt tok/s)
