@@ -27,6 +27,22 @@ RECURRENT_KEYS = ("ssm_state_size", "mamba_d_state", "mamba_d_conv", "linear_num
                   "conv_L_cache", "layer_block_types")
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention"})
 ALIBI_TYPES = frozenset({"bloom", "mpt", "jais"})
+# Attention that transformers computes in a way the paged attention cannot, known by model type so that it is
+# refused from config.json; the generic path's load-time checks (server/models/generic.py) would find each
+# only after building the model (bench/family_sweep.py).
+ATTENTION_REFUSALS = {
+    "diffllama": ("its differential attention calls attention twice a layer (over two halves of its values) and "
+                  "subtracts one result from the other, which sloth-serve's paged attention, one call a layer, "
+                  "does not compute"),
+    "doge": ("its dynamic mask attention adds a mask computed from its values to every attention score, which the "
+             "paged attention cannot apply"),
+}
+SINKS = "it uses attention sinks, which the generic path's attention does not apply"
+SINK_TYPES = frozenset({"gpt_oss", "granite_swa", "granitemoe_swa"})  # a learned sink logit on every layer
+SLIDING_SINK_TYPES = frozenset({"mimo_v2_flash"})  # sinks on its sliding-window layers only
+# Families whose sliding window transformers applies through its own mask or cache, never passing it to the
+# attention call, so the paged attention would attend over the whole sequence.
+WINDOW_OUTSIDE_ATTENTION = frozenset({"moshi"})
 INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 
 
@@ -119,14 +135,30 @@ def refusal(cfg: dict[str, Any], arch: str, model_type: str) -> str | None:
                 "stacks), which sloth-serve's one-stack causal engine does not run")
     if model_type in ALIBI_TYPES or cfg.get("alibi") or cfg.get("position_embedding_type") == "alibi":
         return "it uses ALiBi position biases, which sloth-serve's attention kernels do not apply"
-    if model_type == "gpt_oss":
-        return "it uses attention sinks, which the generic path's attention does not apply"
+    if (reason := attention_refusal(cfg, model_type)) is not None:
+        return reason
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     rope_type = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
     if rope_type in ("dynamic", "longrope"):
         return (f"its {rope_type} RoPE rescales by the longest sequence in a forward pass, which in a continuous "
                 f"batch would change every other sequence's positions")
     return transformers_refusal(arch, model_type, "auto_map" in cfg)
+
+
+def attention_refusal(cfg: dict[str, Any], model_type: str) -> str | None:
+    """Why this family's attention, as transformers writes it, cannot run on the paged attention (None: it can)."""
+    if model_type in ATTENTION_REFUSALS:
+        return ATTENTION_REFUSALS[model_type]
+    types = cfg.get("layer_types")
+    sliding = "sliding_attention" in types if isinstance(types, list) else True  # the config classes' default
+    if model_type in SINK_TYPES or (model_type in SLIDING_SINK_TYPES and sliding):
+        return SINKS
+    window, longest = cfg.get("sliding_window"), cfg.get("max_position_embeddings")
+    if model_type in WINDOW_OUTSIDE_ATTENTION and isinstance(window, int) and not (
+            isinstance(longest, int) and window >= longest):  # a window past the longest sequence never applies
+        return (f"its sliding window ({window}) is applied by transformers' own mask or cache rather than passed to "
+                "its attention, so the paged attention cannot apply it")
+    return None
 
 
 def transformers_refusal(arch: str, model_type: str, remote_code: bool) -> str | None:

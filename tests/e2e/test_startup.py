@@ -56,6 +56,10 @@ def bad_model(tmp_path: Path, case: str) -> list[str]:
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         (tmp_path / "model.safetensors").write_bytes(b"")
         return ["--model", str(tmp_path)]
+    if case == "attention-config-only":  # refused from config.json alone: there are no weights to read
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DiffLlamaForCausalLM"],
+                                                          "model_type": "diffllama"}))
+        return ["--model", str(tmp_path)]
     if case == "adapter-config-list":
         (tmp_path / "adapter_config.json").write_text("[]")
         return ["--lora", f"bad={tmp_path}"]
@@ -71,6 +75,8 @@ EXPECTED = {
     "gguf-file": "is a GGUF file",
     "architecture": "MambaForCausalLM model, which sloth-serve cannot run",
     "gptq": "quantized with GPTQ",
+    "attention-config-only": ("DiffLlamaForCausalLM model, which sloth-serve cannot run: its differential attention "
+                              "calls attention twice a layer"),
     "adapter-config-list": "JSON list, not an object",
     "missing-folder": "does not exist",
     "cuda-without-gpu": "--device cuda",

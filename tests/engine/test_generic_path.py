@@ -240,11 +240,15 @@ def test_attention_the_paged_cache_cannot_compute_is_refused() -> None:
         paged_attention_forward(layer, q, k, v, None)
 
 
-def test_window_the_model_applies_outside_attention_is_refused(tmp_path: Path) -> None:
+def test_window_the_model_applies_outside_attention_is_refused(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Moshi's sliding window reaches transformers' own cache, never its attention call: refused at load
-    rather than served with full attention (bench/family_sweep.py found its tokens differ)."""
-    from sloth_serve.models.families import UnsupportedModel
+    rather than served with full attention (bench/family_sweep.py found its tokens differ). config.json names
+    Moshi first (tests/unit/test_families.py); this is the load-time check behind it, for a family not named."""
+    from sloth_serve.models import families
 
+    monkeypatch.setattr(families, "WINDOW_OUTSIDE_ATTENTION", frozenset())
     folder, _ = make_model(tmp_path, "moshi", spec=(transformers.MoshiConfig, dict(sliding_window=8, head_dim=16)))
-    with pytest.raises(UnsupportedModel, match=r"sliding window \(8\) is applied by transformers' own mask or cache"):
+    with pytest.raises(families.UnsupportedModel,
+                       match=r"^MoshiForCausalLM's sliding window \(8\) is applied by transformers' own mask or cache"):
         engine_for(folder)

@@ -85,6 +85,69 @@ def test_refusal_names_the_reason(config: dict, reason: str) -> None:
     assert reason in str(info.value) and "\n" not in str(info.value)
 
 
+# Families whose attention the generic path cannot compute, which bench/family_sweep.py saw refused only at load
+# (after building the model): each is refused from config.json alone, with the reason the load-time check gave.
+SINKS = "it uses attention sinks, which the generic path's attention does not apply"
+ATTENTION_REFUSED = {
+    "diffllama": (cfg("DiffLlamaForCausalLM", "diffllama", lambda_std_dev=0.1),
+                  "its differential attention calls attention twice a layer"),
+    "doge": (cfg("DogeForCausalLM", "doge", keep_window_size=2048),
+             "its dynamic mask attention adds a mask computed from its values to every attention score"),
+    "granite_swa": (cfg("GraniteSWAForCausalLM", "granite_swa", sliding_window=128), SINKS),
+    "granitemoe_swa": (cfg("GraniteMoeSWAForCausalLM", "granitemoe_swa", sliding_window=128), SINKS),
+    "mimo_v2_flash": (cfg("MiMoV2FlashForCausalLM", "mimo_v2_flash",
+                          layer_types=["full_attention", "sliding_attention"]), SINKS),
+    "moshi": (cfg("MoshiForCausalLM", "moshi", sliding_window=16, max_position_embeddings=256),
+              "its sliding window (16) is applied by transformers' own mask or cache rather than passed to its "
+              "attention, so the paged attention cannot apply it"),
+}
+
+
+def config_only_folder(tmp_path: Path, family: str) -> Path:
+    """A model folder with config.json and a tokenizer but no weights: whatever refuses it read config.json alone."""
+    folder = tmp_path / family
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(ATTENTION_REFUSED[family][0]))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("family", list(ATTENTION_REFUSED))
+def test_attention_refused_from_config_json(family: str) -> None:
+    config, reason = ATTENTION_REFUSED[family]
+    with pytest.raises(UnsupportedModel) as info:
+        route_of(config)
+    assert str(info.value).startswith(reason) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("config", [
+    cfg("MoshiForCausalLM", "moshi", sliding_window=3000, max_position_embeddings=3000),  # the window never applies
+    cfg("MiMoV2FlashForCausalLM", "mimo_v2_flash", layer_types=["full_attention"] * 2),  # no sliding layer: no sinks
+    cfg("GraniteForCausalLM", "granite", sliding_window=128),  # Granite without SWA has no sinks
+])
+def test_the_same_families_without_that_attention_take_the_generic_path(config: dict) -> None:
+    assert route_of(config).path == "generic"
+
+
+@pytest.mark.parametrize("family", list(ATTENTION_REFUSED))
+def test_attention_refused_at_start_up_without_weights(tmp_path: Path, family: str) -> None:
+    config, reason = ATTENTION_REFUSED[family]
+    with pytest.raises(StartupError) as info:
+        check_model(str(config_only_folder(tmp_path, family)), "unsloth")
+    message = str(info.value)
+    assert f"{config['architectures'][0]} model, which sloth-serve cannot run: {reason}" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", list(ATTENTION_REFUSED))
+def test_attention_refused_by_llm_without_weights(tmp_path: Path, family: str) -> None:
+    from sloth_serve import LLM
+
+    with pytest.raises(UnsupportedModel) as info:
+        LLM(config_only_folder(tmp_path, family), load_format="safetensors", dtype="float32")
+    assert str(info.value).startswith(ATTENTION_REFUSED[family][1])
+
+
 def hybrid_folder(tmp_path: Path) -> Path:
     """A Qwen3-Next config beside a weights file that cannot be read: a refusal must come first."""
     folder = tmp_path / "qwen3-next"
