@@ -45,6 +45,7 @@ class LoadedLora:
     call_id: int
     adapter_id: int
     weights: LoRAWeights
+    path: str
 
 
 def engine_info(engine: LLMEngine) -> EngineInfo:
@@ -102,6 +103,9 @@ class EngineLoop:
         self.commands: queue.Queue[Command | LoadedLora] = queue.Queue()
         self.dead_reason: str | None = None
         self._held: list[RequestOutput] = []  # the last step's outputs, not yet sent
+        # Adapter id -> (name, folder) as loaded. Several front ends (--api-server-count) each load the
+        # --lora adapters under the same ids: the first load counts, the others find it loaded.
+        self._lora_sources: dict[int, tuple[str, str]] = {}
         self._recorder = _StatsRecorder(engine.observer)
         engine.observer = self._recorder
         # Step records are built once the next step is queued on the GPU (off its critical path).
@@ -122,7 +126,7 @@ class EngineLoop:
             logger.exception("reading adapter %s failed", command.name)
             self.send(Reply(command.call_id, error=describe(exc)))
             return
-        self.put(LoadedLora(command.call_id, command.adapter_id, weights))
+        self.put(LoadedLora(command.call_id, command.adapter_id, weights, command.path))
 
     def run(self) -> None:
         """The engine thread's body; returns on Shutdown."""
@@ -212,10 +216,14 @@ class EngineLoop:
         mark = startup_clock.current().mark()
         try:
             if isinstance(cmd, LoadedLora):
-                self.engine.add_lora(cmd.adapter_id, cmd.weights)
+                source = (cmd.weights.name, cmd.path)
+                if self._lora_sources.get(cmd.adapter_id) != source:  # already loaded: nothing to replace
+                    self.engine.add_lora(cmd.adapter_id, cmd.weights)
+                    self._lora_sources[cmd.adapter_id] = source
                 result: int | None = cmd.weights.rank
             else:
                 self.engine.remove_lora(cmd.adapter_id)
+                self._lora_sources.pop(cmd.adapter_id, None)
                 result = None
         except ValueError as exc:  # does not fit this model's slots
             self.send(Reply(cmd.call_id, error=str(exc), is_value_error=True))

@@ -1,7 +1,9 @@
 """The front end's side of the engine process (server/engine/engine_process.py): spawns it, sends it
 commands and receives its events over ZeroMQ (msgpack by msgspec; bench/engine_transport.py has the
 measurements behind the choice), and watches it: if it dies, every open stream ends with an error,
-`on_death` is called, and the process is reaped (no zombie)."""
+`on_death` is called, and the process is reaped (no zombie). With --api-server-count N the parent
+starts the engine process and N front ends share it: each front end's client is then given the
+SharedEngine, binds its own sockets and watches the engine without owning it."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .mm_inputs import MultiModalInputs
 from .outputs import EngineInfo
 from .sampling_params import SamplingParams
 from .sequence import FinishReason
+from .shared_engine import EngineWatch, SharedEngine
 from .wire import (
     Abort,
     AddLora,
@@ -50,7 +53,7 @@ logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 10.0  # Shutdown sent: how long the engine may take to exit before it is killed
 
 
-def _engine_main(config: Config, commands: str, events: str, parent_pid: int) -> None:
+def _engine_main(config: Config, commands: list[str], events: list[str], parent_pid: int) -> None:
     """The child's entry point; imported there by name, so this module stays light (no torch) and the
     engine can be spawned before the front end imports its own heavy modules."""
     from .engine_process import main
@@ -62,11 +65,21 @@ class EngineLoadError(RuntimeError):
     """The engine process could not load the model (the message says why)."""
 
 
+def spawn_engine(config: Config, commands: list[str], events: list[str]) -> BaseProcess:
+    """Start the engine process with one pair of socket addresses per front end (it connects to them)."""
+    # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_engine_main, name="sloth-engine", args=(config, commands, events, os.getpid()))
+    process.start()
+    return process
+
+
 class ProcessEngineClient(EngineClient):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedEngine | None = None) -> None:
         super().__init__()
         self.config = config
-        self.process: BaseProcess | None = None
+        self.shared = shared  # the engine another process started, or None: this client starts its own
+        self.process: BaseProcess | EngineWatch | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dir = tempfile.mkdtemp(prefix="sloth-engine-")
         self._sync = zmq.Context()
@@ -88,14 +101,15 @@ class ProcessEngineClient(EngineClient):
         early by the CLI, so the model loads while this process imports the web stack."""
         if self.process is not None:
             return
+        if self.shared is not None:
+            self._commands.bind(self.shared.commands)
+            self._events.bind(self.shared.events)
+            self.process = EngineWatch(self.shared.pid)
+            return
         commands, events = f"ipc://{self._dir}/commands", f"ipc://{self._dir}/events"
         self._commands.bind(commands)
         self._events.bind(events)
-        # spawn, not fork: CUDA cannot be used in a forked child of a process that touched it.
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=_engine_main, name="sloth-engine",
-                                       args=(self.config, commands, events, os.getpid()))
-        self.process.start()
+        self.process = spawn_engine(self.config, [commands], [events])
         atexit.register(self._kill)  # whatever way this process ends, the engine does not outlive it
 
     async def start(self) -> EngineInfo:
@@ -104,7 +118,7 @@ class ProcessEngineClient(EngineClient):
         assert self.process is not None
         self._exited = loop.create_future()
         loop.add_reader(self.process.sentinel, self._on_exit)
-        logger.info("engine process %d started", self.process.pid)
+        logger.info("engine process %d %s", self.process.pid, "shared" if self.shared is not None else "started")
         first: asyncio.Future[Any] = asyncio.ensure_future(self._events.recv(copy=False))
         waits: list[asyncio.Future[Any]] = [first, self._exited]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -123,7 +137,12 @@ class ProcessEngineClient(EngineClient):
     async def stop(self) -> None:
         self._stopping = True
         process = self.process
-        if process is not None and process.exitcode is None and self._receiver is None:
+        if isinstance(process, EngineWatch):
+            # Shared: the engine stops once every front end has said so; its parent waits for it.
+            if process.exitcode is None and self._receiver is not None:
+                with contextlib.suppress(EngineDeadError):
+                    self._send(Shutdown())
+        elif process is not None and process.exitcode is None and self._receiver is None:
             self._kill()  # still loading: it reads no command until it is done, and nothing is lost
         elif process is not None and process.exitcode is None:
             with contextlib.suppress(EngineDeadError):  # gone meanwhile: nothing to tell
@@ -243,7 +262,7 @@ class ProcessEngineClient(EngineClient):
 
     def _kill(self) -> None:
         process = self.process
-        if process is not None and process.exitcode is None:
+        if isinstance(process, BaseProcess) and process.exitcode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             process.join(5)
@@ -252,9 +271,12 @@ class ProcessEngineClient(EngineClient):
         if self.loop is not None and self.process is not None and not self.loop.is_closed():
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.process.sentinel)
-        self._commands.close(linger=0)
+        # A shared engine is told Shutdown just before: let it go out (an own engine is gone by now).
+        self._commands.close(linger=1000 if self.shared is not None else 0)
         self._events.close(linger=0)
         self._sync.term()
         self._async.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+        if isinstance(self.process, EngineWatch):
+            self.process.close()
         atexit.unregister(self._kill)

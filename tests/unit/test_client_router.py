@@ -1,0 +1,126 @@
+"""One engine, several front ends (--api-server-count): each request's outputs and each adapter call's
+reply go back to the front end that sent it, aborts reach only their own requests, and the engine
+stops once every front end has stopped (server/engine/client_router.py)."""
+
+from __future__ import annotations
+
+from sloth_serve.engine.client_router import ClientRouter
+from sloth_serve.engine.outputs import RequestOutput, StepStats
+from sloth_serve.engine.sampling_params import SamplingParams
+from sloth_serve.engine.sequence import FinishReason
+from sloth_serve.engine.wire import (
+    Abort,
+    AddLora,
+    AddRequest,
+    Dead,
+    LoadFailed,
+    RemoveLora,
+    Reply,
+    Shutdown,
+    StepOutputs,
+    command_codec,
+    event_codec,
+)
+
+
+def _add(router: ClientRouter, client: int, request_id: str) -> None:
+    command, answers = router.command(client, AddRequest(request_id, [1, 2, 3], SamplingParams(max_tokens=4)))
+    assert command is not None and answers == []
+
+
+def _out(request_id: str, finished: bool = False) -> RequestOutput:
+    return RequestOutput(request_id, [7], finished, FinishReason.LENGTH if finished else None)
+
+
+def _stats() -> StepStats:
+    return StepStats(time=1.0, num_running=2, num_waiting=0, num_free_blocks=10, num_blocks=12)
+
+
+def test_outputs_go_to_the_front_end_that_added_the_request() -> None:
+    router = ClientRouter(3)
+    _add(router, 0, "a")
+    _add(router, 2, "b")
+    stats = _stats()
+    routed = router.event(StepOutputs([_out("a"), _out("b"), _out("gone")], [stats]))
+    by_client = {client: event for client, event in routed}
+    assert isinstance(by_client[0], StepOutputs) and [o.request_id for o in by_client[0].outputs] == ["a"]
+    assert isinstance(by_client[2], StepOutputs) and [o.request_id for o in by_client[2].outputs] == ["b"]
+    # The front end without requests still gets the step's record (its /health and gauges).
+    assert isinstance(by_client[1], StepOutputs) and by_client[1].outputs == [] and by_client[1].stats == [stats]
+    # A request's last output frees its id: later outputs under it go nowhere.
+    router.event(StepOutputs([_out("a", finished=True)]))
+    assert router.event(StepOutputs([_out("a")])) == []
+    assert "a" not in router.owners and router.owners["b"] == 2
+
+
+def test_outputs_without_a_step_record_skip_front_ends_they_do_not_concern() -> None:
+    router = ClientRouter(2)
+    _add(router, 1, "x")
+    routed = router.event(StepOutputs([_out("x", finished=True)]))
+    assert [client for client, _ in routed] == [1]
+
+
+def test_an_id_in_use_by_another_front_end_is_refused_to_its_sender_alone() -> None:
+    router = ClientRouter(2)
+    _add(router, 0, "same")
+    command, answers = router.command(1, AddRequest("same", [1], SamplingParams()))
+    assert command is None
+    [(client, event)] = answers
+    assert client == 1 and isinstance(event, StepOutputs)
+    [out] = event.outputs
+    assert out.finished and out.finish_reason is FinishReason.ERROR and "another API server" in (out.error or "")
+    assert router.owners["same"] == 0  # the first front end's request runs on
+
+
+def test_a_front_end_aborts_only_its_own_requests() -> None:
+    router = ClientRouter(2)
+    _add(router, 0, "mine")
+    assert router.command(1, Abort("mine"))[0] is None
+    assert router.command(0, Abort("mine"))[0] == Abort("mine")
+    assert router.command(0, Abort("unknown"))[0] is None
+
+
+def test_adapter_calls_are_renumbered_and_replied_to_their_caller() -> None:
+    router = ClientRouter(2)
+    # Both front ends number their calls from 0: the engine sees distinct ids.
+    first, _ = router.command(0, AddLora(0, 1, "sql", "/adapters/sql"))
+    second, _ = router.command(1, AddLora(0, 1, "sql", "/adapters/sql"))
+    removal, _ = router.command(1, RemoveLora(1, 1))
+    assert isinstance(first, AddLora) and isinstance(second, AddLora) and isinstance(removal, RemoveLora)
+    assert len({first.call_id, second.call_id, removal.call_id}) == 3
+    assert (second.adapter_id, second.name, second.path) == (1, "sql", "/adapters/sql")
+    assert router.event(Reply(second.call_id, result=16)) == [(1, Reply(0, result=16))]
+    assert router.event(Reply(first.call_id, error="bad", is_value_error=True)) == \
+        [(0, Reply(0, error="bad", is_value_error=True))]
+    assert router.event(Reply(removal.call_id)) == [(1, Reply(1))]
+    assert router.event(Reply(first.call_id, result=16)) == []  # answered already
+
+
+def test_death_reaches_every_front_end_with_its_own_requests() -> None:
+    router = ClientRouter(2)
+    _add(router, 0, "a")
+    _add(router, 1, "b")
+    error = RequestOutput("b", [], True, FinishReason.ERROR, error="boom")
+    routed = dict(router.event(Dead("boom", [error])))
+    assert routed[0] == Dead("boom", []) and routed[1] == Dead("boom", [error])
+    # Start-up's events go to every front end.
+    assert [client for client, _ in router.event(LoadFailed("no such folder"))] == [0, 1]
+
+
+def test_the_engine_stops_once_every_front_end_has_and_stopped_ones_get_nothing() -> None:
+    router = ClientRouter(2)
+    _add(router, 1, "b")
+    assert router.command(0, Shutdown()) == (None, [])
+    # Front end 0 is gone: a send to it would wait for it.
+    assert [client for client, _ in router.event(StepOutputs([_out("b")], [_stats()]))] == [1]
+    assert router.command(1, Shutdown()) == (Shutdown(), [])
+
+
+def test_routed_events_survive_the_wire() -> None:
+    router = ClientRouter(2)
+    _add(router, 1, "b")
+    [(_, event)] = [r for r in router.event(StepOutputs([_out("b")], [_stats()])) if r[0] == 1]
+    decoded = event_codec().decode(event_codec().encode(event))
+    assert decoded == event
+    command = AddRequest("c", [5], SamplingParams())
+    assert command_codec().decode(command_codec().encode(command)) == command
