@@ -171,6 +171,12 @@ class Config:
     # HTTP server
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", "HTTP server")
     port: int = setting(8000, "TCP port to listen on", "HTTP server")
+    # server/api_servers.py: N front-end processes accept on one listening socket and share the one
+    # engine process, so the HTTP side's Python work spreads over N cores.
+    api_server_count: int = setting(
+        1, "HTTP front-end processes sharing the port and the one engine process (more: the HTTP side's "
+        "per-token work on more cores; --max-queued-requests and --max-queued-tokens then hold per process)",
+        "HTTP server", metavar="N")
     api_key: tuple[str, ...] = setting(
         (), "require 'Authorization: Bearer KEY' (repeatable; default: $SLOTH_API_KEY, comma-separated)",
         "HTTP server", metavar="KEY", repeat=True, env="SLOTH_API_KEY")
@@ -295,5 +301,15 @@ def _check_http(config: Config) -> None:
     if config.request_timeout is not None and not flags.is_seconds(config.request_timeout):
         raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); "
                          f"got {config.request_timeout}")
+    _at_least(config, "api_server_count", 1)
+    if config.api_server_count > 1:
+        if config.engine_mode != "process":
+            raise ValueError("--api-server-count above 1 needs the engine in its own process: leave out "
+                             "--engine-mode thread")
+        # Each front end names its adapters itself: adapters loaded while serving would differ from one
+        # front end to the next. --lora adapters are loaded once, under the same ids, for all of them.
+        if config.allow_runtime_lora or config.lora_dirs:
+            raise ValueError("--api-server-count above 1 serves the --lora adapters given at start-up only: "
+                             "leave out --allow-runtime-lora and --lora-dir, or use one API server")
     if config.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0; got {config.shutdown_timeout}")

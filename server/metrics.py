@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,6 +32,11 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 MAX_MODEL_LABELS = 64  # bounded cardinality: adapters past this share the label "other"
 SERVER_STATUSES = ("loading", "ok", "draining", "dead", "failed")  # ServerState.status
+# With several front ends (--api-server-count) /metrics sums every front end's series (prometheus_client's
+# multiprocess mode); a gauge says how. Counters and histograms add up; an engine-wide gauge is set by
+# every front end from the same step records: the latest value is the value.
+ENGINE_WIDE = "mostrecent"
+PER_PROCESS = "livesum"  # each front end's own (its requests in flight): summed over those alive
 
 
 def observe_many(histogram: Histogram, amount: float, count: int) -> None:
@@ -131,25 +137,30 @@ class _ModelSeries:
 
 class EngineMetrics:
     def __init__(self, registry: CollectorRegistry, model_name_of: Callable[[int], str], max_loras: int = 0,
-                 stall_counts: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+                 stall_counts: Callable[[], tuple[int, int]] = lambda: (0, 0), count_steps: bool = True) -> None:
+        """`count_steps`: record the engine's per-step figures (preemptions, prefix cache, step tokens
+        and forward time); off in all but one of several front ends that share the engine."""
         self.registry = registry
+        self.count_steps = count_steps
         self._model_name_of = model_name_of
         self._labels: dict[int, str] = {}
         self._series: dict[str, _ModelSeries] = {}
         self.max_loras = max_loras
         r = registry
         m = ["model_name"]
+        engine_wide: dict[str, Any] = {"registry": r, "multiprocess_mode": ENGINE_WIDE}
+        per_process: dict[str, Any] = {"registry": r, "multiprocess_mode": PER_PROCESS}
         # Engine-wide figures carry model_name too (the served base model's name), as vLLM's do:
         # vLLM's dashboard filters every panel by it.
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", m, registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", m, **engine_wide)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", m, **engine_wide)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", m,
-                              registry=r)
+                              **engine_wide)
         self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc",
                                      "Fraction of KV-cache blocks in use (0-1). DEPRECATED vLLM name, kept for "
-                                     "dashboards that query it: use vllm:kv_cache_usage_perc.", m, registry=r)
+                                     "dashboards that query it: use vllm:kv_cache_usage_perc.", m, **engine_wide)
         self.state_slots = Gauge("sloth:state_slots_in_use", "Per-sequence state slots held by running requests "
-                                 "(models with recurrent layers, such as LFM2; 0 for others).", m, registry=r)
+                                 "(models with recurrent layers, such as LFM2; 0 for others).", m, **engine_wide)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
@@ -192,28 +203,30 @@ class EngineMetrics:
         self.forward_time = Histogram("sloth:step_forward_time_seconds",
                                       "Device time of one forward pass (CUDA events; wall time on CPU).",
                                       buckets=STEP_BUCKETS, registry=r)
-        self.gpu_used = Gauge("sloth:gpu_memory_used_bytes", "GPU memory allocated by tensors (the engine's, at its last step).", registry=r)
+        self.gpu_used = Gauge("sloth:gpu_memory_used_bytes", "GPU memory allocated by tensors (the engine's, at its last step).", **engine_wide)
         self.gpu_reserved = Gauge("sloth:gpu_memory_reserved_bytes", "GPU memory reserved by the allocator.",
-                                  registry=r)
-        self.adapters = Gauge("sloth:loaded_adapters", "LoRA adapters registered.", registry=r)
+                                  **engine_wide)
+        self.adapters = Gauge("sloth:loaded_adapters", "LoRA adapters registered.", **engine_wide)
         self.http_requests = Counter("sloth:http_requests",
                                      "HTTP responses by route template, method and status code (401, 408, 413, "
                                      "503... included; a stream counts its 200 when it starts).",
                                      ["route", "method", "status"], registry=r)
         self.server_status = Gauge("sloth:server_status",
                                    "1 for the server's current status (as /health says it), 0 for the others.",
-                                   ["status"], registry=r)
+                                   ["status"], **engine_wide)
         self.in_flight = Gauge("sloth:num_requests_in_flight",
-                               "Admitted requests not finished, as --max-queued-requests counts them.", registry=r)
-        self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", registry=r)
+                               "Admitted requests not finished, as --max-queued-requests counts them.", **per_process)
+        self.in_flight_limit = Gauge("sloth:max_queued_requests", "--max-queued-requests.", **per_process)
         self.startup = Gauge("sloth:startup_seconds",
                              "Seconds the start-up took to ready (phase=total) and by kind: load, convert "
                              "(quantize / adopt / merge), warmup (kernel compiles), graphs (CUDA graph "
-                             "capture), other. Set once, when the model is ready.", ["phase"], registry=r)
-        r.register(StallCollector(stall_counts))
-        r.register(LoraInfoCollector(self))
+                             "capture), other. Set once, when the model is ready.", ["phase"], **engine_wide)
         self.spec_stats: SpecStats | None = None  # the scheduler's, seen at the first step
-        r.register(SpecDecodeCollector(self))
+        # Read at scrape time from this process's state (engine-wide figures or its own).
+        self.collectors: tuple[Collector, ...] = (StallCollector(stall_counts), LoraInfoCollector(self),
+                                                  SpecDecodeCollector(self))
+        for collector in self.collectors:
+            r.register(collector)
         base = self.label(0)
         self._running, self._waiting = self.running.labels(base), self.waiting.labels(base)
         self._kv_usage, self._gpu_cache_usage = self.kv_usage.labels(base), self.gpu_cache_usage.labels(base)
@@ -261,13 +274,14 @@ class EngineMetrics:
         self._kv_usage.set(usage)
         self._gpu_cache_usage.set(usage)
         self._state_slots.set(stats.num_state_slots_used)
-        if stats.num_step_tokens:
-            self._step_tokens.observe(stats.num_step_tokens)
-        if stats.num_preempted:
-            self._preemptions.inc(stats.num_preempted)
-        if stats.forward_seconds is not None:
-            self.forward_time.observe(stats.forward_seconds)
-        self._sync_prefix_counters(stats.num_prefix_queries, stats.num_prefix_hits)
+        if self.count_steps:
+            if stats.num_step_tokens:
+                self._step_tokens.observe(stats.num_step_tokens)
+            if stats.num_preempted:
+                self._preemptions.inc(stats.num_preempted)
+            if stats.forward_seconds is not None:
+                self.forward_time.observe(stats.forward_seconds)
+            self._sync_prefix_counters(stats.num_prefix_queries, stats.num_prefix_hits)
         self.max_loras = stats.max_loras
         self.gpu_used.set(stats.gpu_memory_allocated)
         self.gpu_reserved.set(stats.gpu_memory_reserved)

@@ -1,11 +1,10 @@
 """From a Config to a serving process: logging, the start-up checks (before torch is imported), then
-the app under uvicorn, where SIGTERM drains and a signal that comes while the model loads exits at once."""
+the engine process and the front end (server/front_end.py), or --api-server-count front ends
+(server/api_servers.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,7 +17,6 @@ from .logs import (
     capture_output,
     configure_logging,
     quiet_progress_bars,
-    release_output,
 )
 from .preflight import StartupError, run_checks
 from .startup_clock import STARTUP_LOGGER, startup_phase
@@ -74,53 +72,16 @@ def serve(config: Config) -> int:
         capture_output()  # print(), tqdm, C libraries: every line on stderr is JSON from here on
     # The disk reads the weights into the page cache while torch and Unsloth are imported.
     prefetch_weights(config.model)
+    if config.api_server_count > 1:
+        from .api_servers import serve_many
+
+        return serve_many(config)
     engine = None
     if config.engine_mode == "process":  # the engine process loads the model while we import
         from .engine.process_client import ProcessEngineClient
 
         engine = ProcessEngineClient(config)
         engine.spawn()
-    with startup_phase("import torch and the server", "other"):
-        import uvicorn
+    from .front_end import run_front_end
 
-        from .api import create_app
-        from .api.connections import uvicorn_options
-
-    app = create_app(config, engine)
-    state = app.state.server
-    stopped_by: list[int] = []
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM/SIGINT first drain: new requests get 503 and /health turns 503 while in-flight
-        requests finish (up to --shutdown-timeout); then uvicorn shuts down. A second signal exits now.
-        While the model loads there is nothing to drain: the server stops at once."""
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if state.runtime is None and state.load_error is None:
-                stopped_by.append(sig)
-                self.should_exit = True
-            elif state.draining or state.runtime is None:
-                super().handle_exit(sig, frame)  # type: ignore[arg-type]
-            else:
-                state.begin_drain(config.shutdown_timeout)
-
-        async def on_tick(self, counter: int) -> bool:
-            if state.drained:
-                self.should_exit = True
-            return await super().on_tick(counter)
-
-    server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                       timeout_graceful_shutdown=5, log_config=None, access_log=config.access_log,
-                       **uvicorn_options(config.header_timeout, config.keep_alive_timeout))
-    )
-    state.on_fatal = lambda: setattr(server, "should_exit", True)  # a failed load or a dead engine process
-    server.run()
-    if stopped_by and state.runtime is None:
-        # The loader thread may be deep in Unsloth or torch (and their thread pools would hold up
-        # a normal interpreter exit until the load ends): leave now.
-        logger.warning("stopped by %s while loading the model", signal.Signals(stopped_by[0]).name)
-        logging.shutdown()
-        release_output()
-        os._exit(128 + stopped_by[0])
-    return 1 if state.load_error is not None or state.engine_dead is not None else 0
+    return run_front_end(config, engine)

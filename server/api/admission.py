@@ -99,8 +99,12 @@ class Admission:
         self.num_in_flight += num_requests
         return Ticket(self, num_requests)
 
-    def export(self, registry: CollectorRegistry) -> None:
-        """The in-flight prompt tokens as a gauge."""
+    def export(self, registry: CollectorRegistry, shared: bool = False) -> Gauge:
+        """The in-flight prompt tokens as a gauge, read at scrape time; `shared` (several front ends,
+        whose values /metrics sums from files): set by the caller instead."""
         gauge = Gauge("sloth:num_prompt_tokens_in_flight",
-                      "Prompt tokens of admitted generation requests (--max-queued-tokens).", registry=registry)
-        gauge.set_function(lambda: self.num_tokens_in_flight)
+                      "Prompt tokens of admitted generation requests (--max-queued-tokens).", registry=registry,
+                      multiprocess_mode="livesum")
+        if not shared:
+            gauge.set_function(lambda: self.num_tokens_in_flight)
+        return gauge

@@ -31,9 +31,10 @@ from .request_id import RequestIdMiddleware
 from .state import ServerState
 
 
-def create_app(config: Config, engine: EngineClient | None = None) -> FastAPI:
-    """`engine`: a client already started (the CLI spawns the engine process early); default: made at start-up."""
-    state = ServerState(config, engine)
+def create_app(config: Config, engine: EngineClient | None = None, front_end: int = 0) -> FastAPI:
+    """`engine`: a client already started (the CLI spawns the engine process early); default: made at
+    start-up. `front_end`: this process's number among the --api-server-count front ends."""
+    state = ServerState(config, engine, front_end)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

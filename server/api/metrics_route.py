@@ -13,7 +13,5 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    runtime = state.runtime
-    state.metrics.adapters.set(0 if runtime is None else len(runtime.adapters.by_name))
-    state.metrics.set_server(state.status, state.admission.num_in_flight, state.admission.limit)
-    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+    state.publish_metrics()
+    return Response(generate_latest(state.scrape_registry()), media_type=CONTENT_TYPE_LATEST)

@@ -31,6 +31,7 @@ from .runtime import Runtime
 from .tokenizers import TokenizerRegistry, base_entry
 
 logger = logging.getLogger(__name__)
+PUBLISH_S = 1.0  # several front ends: how often each writes its own gauges for the others' scrapes
 
 
 def base_model_id(config: Config) -> str:
@@ -38,8 +39,9 @@ def base_model_id(config: Config) -> str:
 
 
 class ServerState:
-    def __init__(self, config: Config, engine: EngineClient | None = None) -> None:
+    def __init__(self, config: Config, engine: EngineClient | None = None, front_end: int = 0) -> None:
         self.config = config
+        self.front_end = front_end  # this process's number among the --api-server-count front ends
         self.base_model_id = base_model_id(config)
         self.admission = Admission(config.max_queued_requests, config.max_queued_tokens)
         self.engine = engine  # made when loading starts unless given (to stop it at shutdown)
@@ -53,8 +55,14 @@ class ServerState:
         self.adapter_locks: dict[str, asyncio.Lock] = {}
         self.registry = CollectorRegistry()  # per app, so several servers can live in one process
         self.clock = startup_clock.claim()  # the CLI's (from the process's start), or a new one
-        self.metrics = EngineMetrics(self.registry, self._model_name_of, config.max_loras, self._stall_counts)
-        self.admission.export(self.registry)
+        # Every front end sees every step's record; one counts the engine's steps (the others' would
+        # add the same steps again when /metrics sums the front ends).
+        self.metrics = EngineMetrics(self.registry, self._model_name_of, config.max_loras, self._stall_counts,
+                                     count_steps=front_end == 0)
+        self.shared_metrics = config.api_server_count > 1  # /metrics sums the front ends' series
+        self._tokens_in_flight = self.admission.export(self.registry, self.shared_metrics)
+        self._scrape_registry: CollectorRegistry | None = None
+        self._publisher: asyncio.Task[None] | None = None
 
     def _model_name_of(self, adapter_id: int) -> str:
         """The `model` a client names for this engine adapter id (the metrics' model_name label)."""
@@ -102,6 +110,38 @@ class ServerState:
 
     def start_loading(self) -> None:
         self._loading = asyncio.create_task(self._load(), name="sloth-load")
+        if self.shared_metrics:
+            self._publisher = asyncio.create_task(self._publish_every(PUBLISH_S), name="sloth-metrics")
+
+    def publish_metrics(self) -> None:
+        """This front end's own figures (status, requests in flight, adapters) into its gauges."""
+        runtime = self.runtime
+        self.metrics.adapters.set(0 if runtime is None else len(runtime.adapters.by_name))
+        self.metrics.set_server(self.status, self.admission.num_in_flight, self.admission.limit)
+        if self.shared_metrics:
+            self._tokens_in_flight.set(self.admission.num_tokens_in_flight)
+
+    async def _publish_every(self, seconds: float) -> None:
+        """Several front ends: a scrape reaches one of them, and reads the others' figures from their
+        files, so each keeps its own current there (never older than `seconds`)."""
+        while True:
+            self.publish_metrics()
+            await asyncio.sleep(seconds)
+
+    def scrape_registry(self) -> CollectorRegistry:
+        """What GET /metrics exports: this process's registry, or with several front ends the sum of
+        theirs (prometheus_client's multiprocess files) and this one's scrape-time collectors."""
+        if not self.shared_metrics:
+            return self.registry
+        if self._scrape_registry is None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            for collector in self.metrics.collectors:
+                registry.register(collector)
+            self._scrape_registry = registry
+        return self._scrape_registry
 
     async def _load(self) -> None:
         config = self.config
@@ -173,6 +213,8 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self._closed = True
+        if self._publisher is not None:
+            self._publisher.cancel()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self.engine is not None:

@@ -64,6 +64,10 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     ({"max_queued_requests": 0}, "--max-queued-requests must be at least 1"),
     ({"port": 70000}, "--port must be in [0, 65535]"),
     ({"keep_alive_timeout": 0.0}, "--keep-alive-timeout must be a positive number of seconds"),
+    ({"api_server_count": 0}, "--api-server-count must be at least 1; got 0"),
+    ({"api_server_count": 2, "engine_mode": "thread"}, "--api-server-count above 1 needs the engine in its own process"),
+    ({"api_server_count": 2, "allow_runtime_lora": True}, "leave out --allow-runtime-lora and --lora-dir"),
+    ({"api_server_count": 2, "lora_dirs": ("adapters",)}, "leave out --allow-runtime-lora and --lora-dir"),
 ])
 def test_checks_run_for_config_built_in_code(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

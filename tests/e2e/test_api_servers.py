@@ -1,0 +1,178 @@
+"""--api-server-count 2: two front-end processes on one port, sharing one engine process. Streams run
+on both at once with the greedy tokens of one front end, /metrics sums both front ends whichever
+answers the scrape (the engine's figures counted once), and a SIGKILL of the engine ends both front
+ends' streams with an error event and the server exits non-zero, leaving no process behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from live_server import BASE_MODEL, LiveServer, launch
+from prometheus_client.parser import text_string_to_metric_families
+
+EXIT_WITHIN_S = 20  # generous for a busy 2-core CI machine
+PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds", "hills", "roads", "doors", "birds")]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """(the two front ends, one front end): started together, so their loads overlap."""
+    tmp = tmp_path_factory.mktemp("api-servers")
+    pair = (launch(tmp, "two", "--api-server-count", "2", demo_adapter=False), launch(tmp, "one", demo_adapter=False))
+    try:
+        for server in pair:
+            server.wait_ready()
+        # /health answered by one front end: wait for the other's 200 too.
+        for _ in range(20):
+            assert httpx.get(f"{pair[0].url}/health", headers={"Connection": "close"}, timeout=10).status_code == 200
+        yield pair
+    finally:
+        for server in pair:
+            if server.process.poll() is None:
+                server.stop()
+
+
+def front_ends(server: LiveServer) -> dict[int, psutil.Process]:
+    """The server's front-end processes by pid: its children holding the listening socket's port."""
+    port = int(server.url.rsplit(":", 1)[1])
+    found = {}
+    for child in psutil.Process(server.process.pid).children():
+        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")):
+            found[child.pid] = child
+    return found
+
+
+def engine_of(server: LiveServer) -> psutil.Process:
+    """The child started by multiprocessing's spawn that is not a front end (not its resource tracker)."""
+    serving = front_ends(server)
+    [engine] = [c for c in psutil.Process(server.process.pid).children()
+                if c.pid not in serving and any("spawn_main" in word for word in c.cmdline())]
+    return engine
+
+
+def serving_pids(server: LiveServer) -> set[int]:
+    """Front ends holding an open client connection now."""
+    port = int(server.url.rsplit(":", 1)[1])
+    return {pid for pid, p in front_ends(server).items()
+            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                   for c in p.net_connections("tcp"))}
+
+
+class Streams:
+    """Streaming completions through the official client, one thread each, held open."""
+
+    def __init__(self, server: LiveServer, prompts: list[str], max_tokens: int) -> None:
+        self.texts: dict[str, list[str]] = {p: [] for p in prompts}
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._read, args=(server, p, max_tokens)) for p in prompts]
+        for thread in self.threads:
+            thread.start()
+            time.sleep(0.05)  # one connection at a time: each accept() goes to whichever front end takes it
+
+    def _read(self, server: LiveServer, prompt: str, max_tokens: int) -> None:
+        try:
+            # A client each: its own connection (the official client keeps one pool per client).
+            stream = server.client(timeout=120).completions.create(
+                model=BASE_MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            for chunk in stream:
+                if chunk.choices:
+                    self.texts[prompt].append(chunk.choices[0].text)
+        except BaseException as exc:  # recorded for the test to show
+            self.errors.append(exc)
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + 60
+        while any(len(t) < 2 for t in self.texts.values()) and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.02)
+        assert not self.errors and all(len(t) >= 2 for t in self.texts.values()), self.errors
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def greedy(server: LiveServer, prompt: str, max_tokens: int) -> str:
+    reply = server.client().completions.create(model=BASE_MODEL, prompt=prompt, max_tokens=max_tokens,
+                                               temperature=0, extra_body={"ignore_eos": True})
+    return reply.choices[0].text
+
+
+def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(f"{server.url}/metrics", headers={"Connection": "close"}, timeout=10)
+    assert response.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_streams_run_on_both_front_ends_at_once_with_one_front_ends_tokens(
+        servers: tuple[LiveServer, LiveServer]) -> None:
+    two, one = servers
+    assert len(front_ends(two)) == 2
+    streams = Streams(two, PROMPTS, 300)
+    streams.wait_started()
+    on_both = serving_pids(two)
+    streams.join()
+    assert not streams.errors, streams.errors
+    assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
+    for prompt, pieces in streams.texts.items():
+        assert "".join(pieces) == greedy(one, prompt, 300), prompt
+
+
+def test_metrics_sum_the_front_ends_and_count_engine_steps_once(servers: tuple[LiveServer, LiveServer]) -> None:
+    two, _ = servers
+    before = scrape(two)
+    replies = [two.client().completions.create(model=BASE_MODEL, prompt=p, max_tokens=12, temperature=0,
+                                               extra_body={"ignore_eos": True}) for p in PROMPTS]
+    time.sleep(1.5)  # each front end writes its gauges at least once a second
+    scrapes = [scrape(two) for _ in range(6)]  # a new connection each: both front ends answer some
+
+    def delta(samples: dict, name: str) -> float:
+        return total(samples, name) - total(before, name)
+
+    prompt_tokens = sum(r.usage.prompt_tokens for r in replies)
+    for samples in scrapes:
+        assert delta(samples, "vllm:request_success_total") == len(PROMPTS)
+        assert delta(samples, "vllm:generation_tokens_total") == 12 * len(PROMPTS)
+        assert delta(samples, "vllm:prompt_tokens_total") == prompt_tokens
+        assert delta(samples, "vllm:e2e_request_latency_seconds_count") == len(PROMPTS)
+        # Every front end sees every step: counted twice, the tokens computed would exceed those the
+        # requests hold (a prompt's tokens once, each output token but the last once).
+        computed = delta(samples, "vllm:iteration_tokens_total_sum")
+        assert 0 < computed <= prompt_tokens + 11 * len(PROMPTS)
+        assert total(samples, "vllm:num_requests_running") == 0
+        assert total(samples, "sloth:num_requests_in_flight") == 0
+        assert total(samples, "sloth:max_queued_requests") == 2 * 1024  # each front end's limit, summed
+        assert samples[("sloth:server_status", (("status", "ok"),))] == 1
+        assert {n for n, _ in samples} >= {"vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
+                                           "sloth:http_requests_total", "sloth:startup_seconds"}
+
+
+def test_killed_engine_ends_both_front_ends_streams_and_the_server_exits_nonzero(
+        servers: tuple[LiveServer, LiveServer]) -> None:
+    two, _ = servers
+    engine = engine_of(two)
+    children = [*front_ends(two).values(), engine]
+    streams = Streams(two, PROMPTS, 1900)
+    streams.wait_started()
+    assert len(serving_pids(two)) == 2
+    engine.kill()
+    killed_at = time.monotonic()
+    streams.join()
+    # The official client raises on an error event: every stream, on both front ends, ended with one.
+    assert len(streams.errors) == len(PROMPTS), streams.errors
+    assert all("engine process exited unexpectedly" in str(e) for e in streams.errors), streams.errors
+    assert two.process.wait(timeout=EXIT_WITHIN_S) == 1
+    assert time.monotonic() - killed_at < EXIT_WITHIN_S
+    assert not any(p.is_running() for p in children)
+    assert "killed by SIGKILL" in Path(two.log_path).read_text()
