@@ -16,6 +16,7 @@ could sustain. The source and the client run in their own processes and are not 
 
     python bench/frontend_cpu.py [--streams 64] [--step-ms 7.6] [--max-tokens 256] [--seconds 20]
     python bench/frontend_cpu.py --profile /tmp/fe.prof   # cProfile of the front end's event loop
+    python bench/frontend_cpu.py --api-server-count 2     # two front ends on one port (CPU summed)
 
 --step-ms 7.6 at 64 streams offers ~8,400 tok/s (Phi-4-mini's engine-alone rate on the H200);
 --step-ms 0 sends steps as fast as the source can (the front end then runs flat out). Results:
@@ -61,17 +62,17 @@ class _Running:
     sent: int = 0
 
 
-def token_source(commands_address: str, events_address: str, parent_pid: int, step_s: float, max_batch: int,
-                 tokens_per_step: int) -> None:
+def token_source(commands_addresses: list[str], events_addresses: list[str], parent_pid: int, step_s: float,
+                 max_batch: int, tokens_per_step: int) -> None:
     """Child process: Ready, then a step every `step_s`: `tokens_per_step` tokens for each running
-    request (the first `max_batch`), each request finished (LENGTH) at its max_tokens."""
+    request (the first `max_batch`), each request finished (LENGTH) at its max_tokens. One pair of
+    sockets per front end; the engine process's ClientRouter sends each front end its own outputs."""
     import zmq
 
+    from sloth_serve.engine.client_router import ClientRouter
     from sloth_serve.engine.outputs import EngineInfo, RequestOutput, StepStats
     from sloth_serve.engine.sequence import FinishReason
     from sloth_serve.engine.wire import (
-        Abort,
-        AddRequest,
         Ready,
         Shutdown,
         StepOutputs,
@@ -84,33 +85,39 @@ def token_source(commands_address: str, events_address: str, parent_pid: int, st
     tokenizer = load_tokenizer(DEMO_MODEL)
     text_ids: list[int] = tokenizer.encode(PASSAGE * 4, add_special_tokens=False)
     context = zmq.Context()
-    events = context.socket(zmq.PUSH)
-    events.setsockopt(zmq.LINGER, 1000)
-    events.connect(events_address)
-    commands = context.socket(zmq.PULL)
-    commands.connect(commands_address)
+    events, commands = [], []
+    poller = zmq.Poller()
+    for events_address, commands_address in zip(events_addresses, commands_addresses, strict=True):
+        events.append(context.socket(zmq.PUSH))
+        events[-1].setsockopt(zmq.LINGER, 1000)
+        events[-1].connect(events_address)
+        commands.append(context.socket(zmq.PULL))
+        commands[-1].connect(commands_address)
+        poller.register(commands[-1], zmq.POLLIN)
+    router = ClientRouter(len(events))
     codec, ccodec = event_codec(), command_codec()
+
+    def send(event: Any) -> None:
+        for client, part in router.event(event):
+            events[client].send(codec.encode(part), copy=False)
+
     num_blocks, block_size = 4096, 16
-    events.send(codec.encode(Ready(EngineInfo(str(DEMO_MODEL), None, frozenset({2}), len(tokenizer), 4096,
-                                              num_blocks, block_size, 0))))
+    send(Ready(EngineInfo(str(DEMO_MODEL), None, frozenset({2}), len(tokenizer), 4096, num_blocks, block_size, 0)))
     running: dict[str, _Running] = {}
     next_step = time.monotonic()
     while os.getppid() == parent_pid:
         outputs: list[RequestOutput] = []
-        while commands.poll(0):
-            command = ccodec.decode(commands.recv(copy=False).buffer)
-            if isinstance(command, AddRequest):
-                running[command.request_id] = _Running(command.request_id, command.params.max_tokens or 16,
-                                                       len(command.prompt_token_ids), time.monotonic())
-            elif isinstance(command, Abort):
-                gone = running.pop(command.request_id, None)
-                if gone is not None:
-                    outputs.append(RequestOutput(gone.request_id, [], True, command.reason,
-                                                 num_prompt_tokens=gone.num_prompt_tokens,
-                                                 num_output_tokens=gone.sent, arrival_time=gone.arrival))
-            elif isinstance(command, Shutdown):
-                context.destroy(linger=0)
-                return
+        for socket_ready, _ in poller.poll(0):
+            client = commands.index(socket_ready)
+            while socket_ready.poll(0):
+                command, answers = router.command(client, ccodec.decode(socket_ready.recv(copy=False).buffer))
+                for to, answer in answers:
+                    events[to].send(codec.encode(answer), copy=False)
+                if isinstance(command, Shutdown):
+                    context.destroy(linger=0)
+                    return
+                if command is not None:
+                    _apply(command, running, outputs)
         now = time.monotonic()
         batch = list(running.values())[:max_batch]
         for r in batch:
@@ -127,14 +134,30 @@ def token_source(commands_address: str, events_address: str, parent_pid: int, st
         if outputs:
             stats = StepStats(now, len(running), 0, num_blocks - len(running), num_blocks, len(batch),
                               forward_seconds=step_s)
-            events.send(codec.encode(StepOutputs(outputs, [stats])), copy=False)
+            send(StepOutputs(outputs, [stats]))
         next_step = max(next_step + step_s, time.monotonic() - step_s)
         left = next_step - time.monotonic()
         if left > 0:
-            commands.poll(int(left * 1000))  # wakes early for a command; the next loop sends the step on time
+            poller.poll(int(left * 1000))  # wakes early for a command; the next loop sends the step on time
             left = next_step - time.monotonic()
             if left > 0:
                 time.sleep(left)
+
+
+def _apply(command: Any, running: dict[str, _Running], outputs: list[Any]) -> None:
+    """An AddRequest or Abort on the source's running requests (an abort's end goes to `outputs`)."""
+    from sloth_serve.engine.outputs import RequestOutput
+    from sloth_serve.engine.wire import Abort, AddRequest
+
+    if isinstance(command, AddRequest):
+        running[command.request_id] = _Running(command.request_id, command.params.max_tokens or 16,
+                                               len(command.prompt_token_ids), time.monotonic())
+    elif isinstance(command, Abort):
+        gone = running.pop(command.request_id, None)
+        if gone is not None:
+            outputs.append(RequestOutput(gone.request_id, [], True, command.reason,
+                                         num_prompt_tokens=gone.num_prompt_tokens,
+                                         num_output_tokens=gone.sent, arrival_time=gone.arrival))
 
 
 def _source_client(config: Any, step_s: float, max_batch: int, tokens_per_step: int) -> Any:
@@ -150,7 +173,7 @@ def _source_client(config: Any, step_s: float, max_batch: int, tokens_per_step: 
             self._events.bind(events)
             self.process = multiprocessing.get_context("spawn").Process(
                 target=token_source, name="token-source",
-                args=(commands, events, os.getpid(), step_s, max_batch, tokens_per_step))
+                args=([commands], [events], os.getpid(), step_s, max_batch, tokens_per_step))
             self.process.start()
 
     return SourceClient(config)
@@ -159,23 +182,84 @@ def _source_client(config: Any, step_s: float, max_batch: int, tokens_per_step: 
 # --- the front end -------------------------------------------------------------------------------
 
 
-def serve(args: argparse.Namespace) -> None:
-    """The front end's process: the server's own app and uvicorn options, the source as its engine."""
+def _config(args: argparse.Namespace) -> Any:
+    from sloth_serve.config import Config
+
+    return Config(port=args.port, log_level="warning", access_log=False, max_queued_requests=4 * args.streams,
+                  api_server_count=args.api_server_count)
+
+
+def _uvicorn_server(config: Any, engine: Any, front_end: int = 0) -> Any:
+    """The server's own app and uvicorn options, with `engine` as its engine."""
     import uvicorn
 
     from sloth_serve.api import create_app
     from sloth_serve.api.connections import uvicorn_options
-    from sloth_serve.config import Config
     from sloth_serve.logs import configure_logging
 
-    config = Config(port=args.port, log_level="warning", access_log=False, max_queued_requests=4 * args.streams)
     configure_logging(config.log_level, config.log_format, access_log=False, log_requests=False)
+    app = create_app(config, engine, front_end)
+    return uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
+                                         log_config=None, access_log=False,
+                                         **uvicorn_options(config.header_timeout, config.keep_alive_timeout)))
+
+
+def serve_many(args: argparse.Namespace) -> None:
+    """--api-server-count N > 1: as sloth-serve's parent does (server/api_servers.py), one listening
+    socket, the source shared by N front-end processes; SIGINT stops them."""
+    import signal
+    import tempfile
+
+    from sloth_serve.engine.shared_engine import SharedEngine
+
+    count = args.api_server_count
+    work = tempfile.mkdtemp(prefix="frontend-cpu-")
+    os.mkdir(f"{work}/metrics")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = f"{work}/metrics"  # the front ends' metrics in files, as served
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(2048)
+    commands = [f"ipc://{work}/commands-{i}" for i in range(count)]
+    events = [f"ipc://{work}/events-{i}" for i in range(count)]
+    context = multiprocessing.get_context("spawn")
+    source = context.Process(target=token_source, name="token-source", args=(
+        commands, events, os.getpid(), args.step_ms / 1000, args.max_batch, args.tokens_per_step))
+    source.start()
+    front_ends = [context.Process(target=_front_end, args=(args, i, sock, SharedEngine(source.pid or 0, commands[i],
+                                                                                        events[i])))
+                  for i in range(count)]
+    for process in front_ends:
+        process.start()
+
+    def stop(sig: int, frame: object) -> None:
+        for process in front_ends:
+            os.kill(process.pid or 0, signal.SIGINT)
+
+    signal.signal(signal.SIGINT, stop)
+    for process in front_ends:
+        process.join()
+    source.kill()
+
+
+def _front_end(args: argparse.Namespace, index: int, sock: socket.socket, shared: Any) -> None:
+    from sloth_serve.engine.process_client import ProcessEngineClient
+
+    config = _config(args)
+    engine = ProcessEngineClient(config, shared)
+    engine.spawn()
+    _uvicorn_server(config, engine, index).run(sockets=[sock])
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The front end's process: the server's own app and uvicorn options, the source as its engine."""
+    if args.api_server_count > 1:
+        serve_many(args)
+        return
+    config = _config(args)
     engine = _source_client(config, args.step_ms / 1000, args.max_batch, args.tokens_per_step)
     engine.spawn()
-    app = create_app(config, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
-                                           log_config=None, access_log=False,
-                                           **uvicorn_options(config.header_timeout, config.keep_alive_timeout)))
+    server = _uvicorn_server(config, engine)
     if args.profile:
         import cProfile
 
@@ -301,11 +385,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pids: list[int]) -> float:
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    return sum(float(t.user + t.system) for t in (psutil.Process(pid).cpu_times() for pid in pids))
+
+
+def _front_end_pids(pid: int, port: int, count: int) -> list[int]:
+    """The processes serving HTTP: `pid` itself, or with several front ends its children that
+    listen on the port (not the token source)."""
+    import psutil
+
+    if count == 1:
+        return [pid]
+    return [c.pid for c in psutil.Process(pid).children()
+            if any(n.laddr and n.laddr.port == port and n.status == psutil.CONN_LISTEN for n in c.net_connections("tcp"))]
 
 
 def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -324,26 +418,44 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 18
     raise RuntimeError("the front end did not get ready")
 
 
+def _wait_all_ready(port: int, timeout: float = 180) -> None:
+    """Several front ends: /health is 200 on 20 new connections in a row (whichever front end takes each)."""
+    import httpx
+
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the front ends did not all get ready")
+        ok = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Connection": "close"}, timeout=5).status_code == 200
+        in_a_row = in_a_row + 1 if ok else 0
+        time.sleep(0.05 if ok else 0.2)
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     port = _free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     shared = ["--port", str(port), "--streams", str(args.streams), "--step-ms", str(args.step_ms),
               "--max-batch", str(args.max_batch), "--tokens-per-step", str(args.tokens_per_step),
-              "--max-tokens", str(args.max_tokens), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+              "--max-tokens", str(args.max_tokens), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+              "--api-server-count", str(args.api_server_count)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     front = subprocess.Popen([*me, "--role", "serve", *shared, *(["--profile", args.profile] if args.profile else [])],
                              env=env)
     try:
         _wait_ready(port, front)
+        if args.api_server_count > 1:
+            _wait_all_ready(port)
+        pids = _front_end_pids(front.pid, port, args.api_server_count)
+        assert len(pids) == args.api_server_count, pids
         load = subprocess.Popen([*me, "--role", "client", *shared], env=env, stdout=subprocess.PIPE, text=True)
         assert load.stdout is not None
         cpu0 = wall0 = cpu1 = wall1 = 0.0
         result: dict[str, float] = {}
         for line in load.stdout:
             if line.startswith("MARK start"):
-                cpu0, wall0 = _cpu_seconds(front.pid), time.perf_counter()
+                cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
             elif line.startswith("MARK end"):
-                cpu1, wall1 = _cpu_seconds(front.pid), time.perf_counter()
+                cpu1, wall1 = _cpu_seconds(pids), time.perf_counter()
             elif line.startswith("RESULT "):
                 result = json.loads(line[7:])
         if load.wait() != 0 or not result:
@@ -357,7 +469,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     wall, cpu = wall1 - wall0, cpu1 - cpu0
     tokens = result["tokens"]
     out = {
-        "streams": args.streams, "step_ms": args.step_ms, "tokens_per_step": args.tokens_per_step,
+        "api_server_count": args.api_server_count, "streams": args.streams, "step_ms": args.step_ms, "tokens_per_step": args.tokens_per_step,
         "wall_s": wall, "frontend_cpu_s": cpu, "tokens_counted": tokens, "requests": result["requests"],
         "us_per_token": 1e6 * cpu / tokens if tokens else 0.0,
         "tok_s": tokens / wall if wall else 0.0, "frontend_cores": cpu / wall if wall else 0.0,
@@ -378,6 +490,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256, help="output tokens per request")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window")
+    ap.add_argument("--api-server-count", type=int, default=1,
+                    help="front-end processes sharing the port and the source (CPU summed over them)")
     ap.add_argument("--profile", default=None, help="write a cProfile (thread CPU time) of the front end's main thread here")
     args = ap.parse_args()
     if args.role == "serve":
