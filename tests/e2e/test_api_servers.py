@@ -24,7 +24,8 @@ PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, LiveServer]]:
     """(the two front ends, one front end): started together, so their loads overlap."""
     tmp = tmp_path_factory.mktemp("api-servers")
-    pair = (launch(tmp, "two", "--api-server-count", "2", demo_adapter=False), launch(tmp, "one", demo_adapter=False))
+    # Both serve the demo's upper-case adapter as "upper" (--lora: each front end registers it).
+    pair = (launch(tmp, "two", "--api-server-count", "2"), launch(tmp, "one"))
     try:
         for server in pair:
             server.wait_ready()
@@ -127,6 +128,19 @@ def test_streams_run_on_both_front_ends_at_once_with_one_front_ends_tokens(
     assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
     for prompt, pieces in streams.texts.items():
         assert "".join(pieces) == greedy(one, prompt, 300), prompt
+
+
+def test_a_lora_adapter_serves_alike_through_every_front_end(servers: tuple[LiveServer, LiveServer]) -> None:
+    """Each front end registers the --lora adapter under the same id; the engine holds it once."""
+    two, one = servers
+    prompt = "Tell me about the river"
+    expected = one.client().completions.create(model="upper", prompt=prompt, max_tokens=16, temperature=0)
+    assert expected.choices[0].text.upper() == expected.choices[0].text
+    for _ in range(6):  # a new connection each, taken by either front end
+        reply = two.client().completions.create(model="upper", prompt=prompt, max_tokens=16, temperature=0)
+        assert reply.choices[0].text == expected.choices[0].text
+    models = httpx.get(f"{two.base_url}/models", headers={"Connection": "close"}, timeout=10).json()
+    assert {m["id"] for m in models["data"]} == {BASE_MODEL, "upper"}
 
 
 def test_metrics_sum_the_front_ends_and_count_engine_steps_once(servers: tuple[LiveServer, LiveServer]) -> None:
