@@ -77,6 +77,10 @@ def main(config: Config, commands_addresses: list[str], events_addresses: list[s
     for events_address, commands_address in zip(events_addresses, commands_addresses, strict=True):
         socket = context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 5000)  # at exit, what is queued (the last outputs, Dead) still goes
+        if len(events_addresses) > 1:
+            # A front end that died leaves its socket unread while the others drain: its events queue
+            # (for that drain's length) instead of blocking the engine thread once 1,000 are queued.
+            socket.setsockopt(zmq.SNDHWM, 0)
         socket.connect(events_address)
         events.append(socket)
         socket = context.socket(zmq.PULL)
