@@ -45,7 +45,6 @@ class LoadedLora:
     call_id: int
     adapter_id: int
     weights: LoRAWeights
-    path: str
 
 
 def engine_info(engine: LLMEngine) -> EngineInfo:
@@ -126,7 +125,7 @@ class EngineLoop:
             logger.exception("reading adapter %s failed", command.name)
             self.send(Reply(command.call_id, error=describe(exc)))
             return
-        self.put(LoadedLora(command.call_id, command.adapter_id, weights, command.path))
+        self.put(LoadedLora(command.call_id, command.adapter_id, weights))
 
     def run(self) -> None:
         """The engine thread's body; returns on Shutdown."""
@@ -216,7 +215,7 @@ class EngineLoop:
         mark = startup_clock.current().mark()
         try:
             if isinstance(cmd, LoadedLora):
-                source = (cmd.weights.name, cmd.path)
+                source = (cmd.weights.name, str(cmd.weights.path))
                 if self._lora_sources.get(cmd.adapter_id) != source:  # already loaded: nothing to replace
                     self.engine.add_lora(cmd.adapter_id, cmd.weights)
                     self._lora_sources[cmd.adapter_id] = source
