@@ -1,7 +1,8 @@
 """--api-server-count 2: two front-end processes on one port, sharing one engine process. Streams run
 on both at once with the greedy tokens of one front end, /metrics sums both front ends whichever
-answers the scrape (the engine's figures counted once), and a SIGKILL of the engine ends both front
-ends' streams with an error event and the server exits non-zero, leaving no process behind."""
+answers the scrape (the engine's figures counted once), SIGTERM drains both front ends' streams and
+the server exits 0, and a SIGKILL of the engine ends both front ends' streams with an error event and
+the server exits non-zero; neither leaves a process behind."""
 
 from __future__ import annotations
 
@@ -21,22 +22,31 @@ PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, LiveServer]]:
-    """(the two front ends, one front end): started together, so their loads overlap."""
+def all_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
+    """Two front ends ("two", and "drain" for the SIGTERM test) and one ("one"), started together so
+    their loads overlap. "two" and "one" serve the demo's upper-case adapter as "upper" (--lora:
+    each front end registers it)."""
     tmp = tmp_path_factory.mktemp("api-servers")
-    # Both serve the demo's upper-case adapter as "upper" (--lora: each front end registers it).
-    pair = (launch(tmp, "two", "--api-server-count", "2"), launch(tmp, "one"))
+    started = {"two": launch(tmp, "two", "--api-server-count", "2"), "one": launch(tmp, "one"),
+               "drain": launch(tmp, "drain", "--api-server-count", "2", "--shutdown-timeout", "60",
+                               demo_adapter=False)}
     try:
-        for server in pair:
+        for name, server in started.items():
             server.wait_ready()
-        # /health answered by one front end: wait for the other's 200 too.
-        for _ in range(20):
-            assert httpx.get(f"{pair[0].url}/health", headers={"Connection": "close"}, timeout=10).status_code == 200
-        yield pair
+            # /health answered by one front end: wait for the other's 200 too.
+            for _ in range(0 if name == "one" else 20):
+                assert httpx.get(f"{server.url}/health", headers={"Connection": "close"}, timeout=10).status_code == 200
+        yield started
     finally:
-        for server in pair:
+        for server in started.values():
             if server.process.poll() is None:
                 server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(all_servers: dict[str, LiveServer]) -> tuple[LiveServer, LiveServer]:
+    """(the two front ends, one front end)."""
+    return all_servers["two"], all_servers["one"]
 
 
 def front_ends(server: LiveServer) -> dict[int, psutil.Process]:
@@ -70,6 +80,7 @@ class Streams:
 
     def __init__(self, server: LiveServer, prompts: list[str], max_tokens: int) -> None:
         self.texts: dict[str, list[str]] = {p: [] for p in prompts}
+        self.finish_reasons: dict[str, str | None] = dict.fromkeys(prompts)
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._read, args=(server, p, max_tokens)) for p in prompts]
         for thread in self.threads:
@@ -85,6 +96,7 @@ class Streams:
             for chunk in stream:
                 if chunk.choices:
                     self.texts[prompt].append(chunk.choices[0].text)
+                    self.finish_reasons[prompt] = chunk.choices[0].finish_reason or self.finish_reasons[prompt]
         except BaseException as exc:  # recorded for the test to show
             self.errors.append(exc)
 
@@ -190,3 +202,19 @@ def test_killed_engine_ends_both_front_ends_streams_and_the_server_exits_nonzero
     assert time.monotonic() - killed_at < EXIT_WITHIN_S
     assert not any(p.is_running() for p in children)
     assert "killed by SIGKILL" in Path(two.log_path).read_text()
+
+
+def test_sigterm_drains_both_front_ends_streams_and_the_server_exits_zero(
+        all_servers: dict[str, LiveServer]) -> None:
+    server = all_servers["drain"]
+    children = [*front_ends(server).values(), engine_of(server)]
+    streams = Streams(server, PROMPTS, 200)
+    streams.wait_started()
+    assert len(serving_pids(server)) == 2
+    server.process.terminate()
+    streams.join()
+    assert not streams.errors, streams.errors
+    # Every stream, on both front ends, ran to its end rather than being cut.
+    assert set(streams.finish_reasons.values()) == {"length"}, streams.finish_reasons
+    assert server.process.wait(timeout=EXIT_WITHIN_S) == 0
+    assert not any(p.is_running() for p in children)
