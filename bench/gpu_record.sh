@@ -7,6 +7,8 @@
 #   bash bench/gpu_record.sh all       # compare + peers in one call (what the recorded table uses);
 #                                      # SHAPE=llama3.2-1b bash bench/gpu_record.sh all: the same on the 1B shape
 #   bash bench/gpu_record.sh roofline  # issue 23: engine alone, ready time, HTTP c1/c64/8 adapters, TTFT 64/512/3000, 16 x 3,000-token prompts
+#   bash bench/gpu_record.sh apiservers # issue 22: the 8B server with 8 adapters at --api-server-count 1, then 2
+#                                      # (same card, one call): HTTP c64 and c64 with 8 adapters each
 #   bash bench/gpu_record.sh vision    # issue 21: Qwen2.5-VL-7B shape, TTFT with a 1024x1024 image, tok/s at 1/8/32, vs Unsloth FastVisionModel
 #   bash bench/gpu_record.sh ab        # the server default / --async-scheduling / old output hand-over (c1, c8, c64)
 #   bash bench/gpu_record.sh startup   # the 8B server's ready time with 8 adapters: empty compile cache, then warm,
@@ -40,6 +42,7 @@
 #   3. bash bench/gpu_record.sh roofline                       # issues 22 + 23: engine alone vs HTTP at c1/c64,
 #      # 8 adapters, TTFT, long prompts, ready time (after today's wire codec and front-end cuts)
 #   4. bash bench/gpu_record.sh fusedlora                      # decides --fused-lora's default (issue 23)
+#   4b. bash bench/gpu_record.sh apiservers                    # whether --api-server-count 2 helps at c64 (issue 22)
 #   5. FAMILIES=qwen3-30b-a3b:12:bf16,qwen3-8b,olmo2-7b bash bench/gpu_record.sh families   # issue 19
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
@@ -188,6 +191,25 @@ verifyroof)  # the GPU tests (while the 8B model is built beside them), then iss
     done
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     cat "$RES"/cmp/engine*.md 2>/dev/null | head -30
+    ;;
+apiservers)  # issue 22: one front end against two on the same card and model, c64 without and with 8 adapters
+    ensure_model
+    save
+    for count in 1 2; do
+        elapsed "server with 8 adapters, --api-server-count $count"
+        adapter_server 8125 "$RES/server-n$count.log" 200 150 --max-model-len 4096 --api-server-count "$count"
+        for run in "c64 64 192" "c64-8lora 64 192 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
+            set -- $run
+            name=n$count-$1 c=$2 n=$3
+            shift 3
+            timeout 80 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
+                --input-len 64 --output-len 128 --max-concurrency "$c" --num-prompts "$n" "$@" \
+                --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
+            grep -E "Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL" "$RES/$name.txt" | sed "s/^/$name: /"
+            save
+        done
+        kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    done
     ;;
 roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/8/64), the server's ready
     # time, HTTP c1 / c64 / c64 with 8 adapters, idle TTFT at 64 / 512 / 3,000 prompt tokens, and 16
