@@ -33,7 +33,8 @@
 #                                      #   FAMILIES=olmo2-7b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
 #                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family); FAMILY_PEERS= none
 #
-# Owed to the H200 (2026-12-05: no device was lent that day; everything below was proven on CPU only).
+# Owed to the H200 (sessions 10 and 11, 2026-12-05: no device machine could be started; all proven on CPU only).
+# Next session, first: vision, then `verifyroof` (GPU tests + engine vs HTTP in one call), then `apiservers`.
 # In this order, one device call each (~10 min), then record the results under bench/results/:
 #   1. VISION_TIMEOUT=540 bash bench/gpu_record.sh vision     # issue 21's Qwen2.5-VL-7B figures (never run yet)
 #   2. bash bench/gpu_record.sh verify                         # every GPU test: fused NF4+LoRA, grouped expert LoRA,
