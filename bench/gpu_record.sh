@@ -84,6 +84,17 @@ adapter_server() {  # adapter_server PORT LOG LIMIT_S READY_S [flags]: the serve
     python -c "import sys; sys.path.insert(0, 'bench'); from compare import wait_ready; wait_ready('http://127.0.0.1:$port/health', $ready)"
 }
 
+serve() {  # serve NAME CONCURRENCY PROMPTS INPUT OUTPUT [flags]: bench/serve.py against the server on 8125
+    # ($serve_limit s at most), its headline figures printed
+    local name=$1 c=$2 n=$3 in=$4 outl=$5
+    shift 5
+    timeout "${serve_limit:-100}" python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
+        --input-len "$in" --output-len "$outl" --max-concurrency "$c" --num-prompts "$n" "$@" \
+        --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
+    grep -E "Output token throughput|Mean TTFT|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Input token" "$RES/$name.txt" \
+        | sed "s/^/$name: /"
+}
+
 step_profiles() {  # step_profiles "ADAPTERS RANK"...: bench/profile_step.py at batch 64, one file each
     local run
     for run in "$@"; do
@@ -180,16 +191,13 @@ verifyroof)  # the GPU tests (while the 8B model is built beside them), then iss
     started=$(date +%s.%N)
     adapter_server 8125 "$RES/server.log" 300 150 --max-model-len 4096
     python -c "print(f'ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" | tee "$RES/ready.txt"
-    for run in "c1 1 16" "c64 64 192" "c64-8lora 64 192 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
-        set -- $run
-        name=$1 c=$2 n=$3
-        shift 3
-        timeout 80 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
-            --input-len 64 --output-len 128 --max-concurrency "$c" --num-prompts "$n" "$@" \
-            --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
-        grep -E "Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL" "$RES/$name.txt" | sed "s/^/$name: /"
-        save
-    done
+    serve_limit=80
+    serve c1 1 16 64 128
+    save
+    serve c64 64 192 64 128
+    save
+    serve c64-8lora 64 192 64 128 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7
+    save
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     cat "$RES"/cmp/engine*.md 2>/dev/null | head -30
     ;;
@@ -199,16 +207,11 @@ apiservers)  # issue 22: one front end against two on the same card and model, c
     for count in 1 2; do
         elapsed "server with 8 adapters, --api-server-count $count"
         adapter_server 8125 "$RES/server-n$count.log" 200 150 --max-model-len 4096 --api-server-count "$count"
-        for run in "c64 64 192" "c64-8lora 64 192 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7"; do
-            set -- $run
-            name=n$count-$1 c=$2 n=$3
-            shift 3
-            timeout 80 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
-                --input-len 64 --output-len 128 --max-concurrency "$c" --num-prompts "$n" "$@" \
-                --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
-            grep -E "Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL" "$RES/$name.txt" | sed "s/^/$name: /"
-            save
-        done
+        serve_limit=80
+        serve "n$count-c64" 64 192 64 128
+        save
+        serve "n$count-c64-8lora" 64 192 64 128 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7
+        save
         kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
     done
     ;;
@@ -225,15 +228,6 @@ roofline)  # issue 23's figures in one call on the 8B shape: engine alone (bs 1/
     adapter_server 8125 "$RES/server.log" 400 200 --max-model-len 4096
     python -c "print(f'ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" | tee "$RES/ready.txt"
     grep -h "start-up\|ready in" "$RES/server.log" | tail -20 >> "$RES/ready.txt"
-    serve() {  # serve NAME CONCURRENCY PROMPTS INPUT OUTPUT [flags]
-        local name=$1 c=$2 n=$3 in=$4 outl=$5
-        shift 5
-        timeout 100 python bench/serve.py --base-url http://127.0.0.1:8125/v1 --disable-tqdm --vocab-size 128000 \
-            --input-len "$in" --output-len "$outl" --max-concurrency "$c" --num-prompts "$n" "$@" \
-            --json-out "$RES/$name.json" --label "$name" > "$RES/$name.txt" 2>&1
-        grep -E "Output token throughput|Mean TTFT|Median TTFT|P99 TTFT|Median ITL|P99 ITL|Input token" "$RES/$name.txt" \
-            | sed "s/^/$name: /"
-    }
     serve c1 1 16 64 128
     serve c64 64 192 64 128
     serve c64-8lora 64 192 64 128 --lora-names lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7
