@@ -79,7 +79,8 @@ class Config:
     # made their inter-token p99 61 ms (8B, H200), chunks of 448 in the 512-token graph 25.5 ms.
     max_prefill_tokens_while_decoding: int | None = setting(
         None, "prompt tokens in one engine step at most while some sequence decodes (bounds the pause a long "
-        "prompt puts into running streams; steps without decodes take --max-num-batched-tokens); default: the "
+        "prompt puts into running streams; steps without decodes, or with more requests waiting for their prompts "
+        "than streams decoding, take --max-num-batched-tokens); default: the "
         "prefill CUDA-graph size of 384 tokens less --max-num-seqs, at least half of it, so that such a step "
         "replays a graph", "engine", metavar="N")
     block_size: int = setting(16, "tokens per KV-cache block", "engine", choices=(8, 16, 32, 64, 128))

@@ -234,11 +234,16 @@ class LLMEngine:
             # Prompts arriving while others decode: under load nearly every prefill shares its step
             # with decodes, and those steps take other kernel variants (seen on the H200: a 1.8 s
             # first-token time for the first request that arrived during decoding).
-            add("decoding", 3, SamplingParams(max_tokens=len(lens) + 2, temperature=0.0, ignore_eos=True))
+            # One prompt at a time, each until its prompt is computed: the steps hold no more prompts
+            # than decodes, so the scheduler bounds their prompt tokens as under steady load.
+            add("decoding", 3, SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True))
             self.step()
             for i, n in enumerate(lens):
                 add(f"mixed-{i}", n, greedy)
                 self.step()
+                while (mixed := self.seqs.get(f"warmup-mixed-{i}")) is not None and not mixed.num_output_tokens:
+                    self.step()
+            self.abort("warmup-decoding")
             finish()
             # A burst: as many 64-token prompts as one step's token budget takes (the first wave of
             # 64 concurrent requests compiled kernels for that size on the H200: a 1 s first token).

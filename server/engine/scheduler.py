@@ -27,7 +27,8 @@ class SchedulerConfig:
     max_loras: int = 4  # distinct adapters in one step
     # Prompt tokens (prefill chunks) in one step while some sequence decodes: every decoding stream
     # waits for the whole step, so a 2,048-token chunk stalls each of them by a long prefill's time.
-    # A step with no sequence decoding takes prompts up to max_num_batched_tokens.
+    # A step with no sequence decoding, or with more requests waiting for their prompts than
+    # sequences decoding (Scheduler._bound_prompts), takes prompts up to max_num_batched_tokens.
     max_prefill_tokens_while_decoding: int = 512
     # A prompt chunk never ends inside an image (Gemma 3: an image's tokens attend to each other
     # both ways, so its last token's keys must be computed in the same step as its first query).
@@ -113,7 +114,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # Prompt tokens this step may take: bounded while a sequence decodes (it waits for the step).
         prefill_budget = budget
-        if any(self._is_decoding(seq) for seq in self.running):
+        if self._bound_prompts():
             prefill_budget = min(budget, self.config.max_prefill_tokens_while_decoding)
         adapters: set[int] = set()
         preempted = False
@@ -157,6 +158,20 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         return self._decodes_first(batch)
+
+    def _bound_prompts(self) -> bool:
+        """Whether this step's prompt tokens are bounded by max_prefill_tokens_while_decoding: some
+        sequence decodes, and no more requests wait for their prompts (waiting, or prefilling in
+        chunks) than sequences decode. The bound spreads the prompts' work over steps so that each
+        decoding stream's pause stays short; when more requests wait than streams would pause (a
+        burst of arrivals beside a few streams: 64 requests sent at once reach the engine one after
+        another, and the first starts decoding alone), holding them back costs more waiting than it
+        spares, and a step takes prompts up to max_num_batched_tokens as an idle engine does."""
+        decoding = sum(1 for seq in self.running if self._is_decoding(seq))
+        if not decoding:
+            return False
+        held = len(self.waiting) + len(self.running) - decoding
+        return held <= decoding
 
     @staticmethod
     def _is_decoding(seq: Sequence) -> bool:
@@ -217,7 +232,7 @@ class Scheduler:
             return False
         if self.config.max_num_batched_tokens <= len(self.running):
             return False
-        if any(self._is_decoding(seq) for seq in self.running):  # the prompt budget beside decodes
+        if self._bound_prompts():  # the prompt budget beside decodes
             prompts = sum(seq.num_uncomputed_tokens for seq in self.running if not self._is_decoding(seq))
             if prompts >= self.config.max_prefill_tokens_while_decoding:
                 return False
