@@ -133,7 +133,7 @@ peers)
         --out "$RES/structured-h200.md" > "$RES/structured.log" 2>&1
     ;;
 all)  # every figure of the comparison from one call: model, engine, HTTP, peers, report
-    timeout 150 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider -k "stacked or dequantize or greedy or sliced or mixed_batch or fused" \
+    timeout 150 python -m pytest -v -rfE -m gpu tests/kernels -n 8 -p no:cacheprovider -k "stacked or dequantize or greedy or sliced or mixed_batch or fused" \
         > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     ensure_model
@@ -177,13 +177,13 @@ startup)  # issue 23: the 8B server's ready time (8 adapters), with an empty com
     ;;
 verifyroof)  # the GPU tests (while the 8B model is built beside them), then issue 22/23's core figures:
     # engine alone bs 1/8/64, and through HTTP c1 / c64 / c64 with 8 adapters on the same model
-    ( timeout 230 python -m pytest -q -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    ( timeout 230 python -m pytest -v -rfE -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
       echo "rc $?" >> "$RES/gpu-tests.txt" ) &
     tests=$!
     ensure_model
     wait "$tests"
     save
-    tail -n 30 "$RES/gpu-tests.txt" | cut -c1-300
+    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" | tail -n 30 | cut -c1-300
     elapsed "engine"
     compare_stage engine 160
     save
@@ -271,7 +271,7 @@ ab)  # serving variants on one machine and model, c64 / c8 / c1: the default (en
     grep -H -E "Output token|Median TPOT|Median TTFT|P99 TTFT" "$RES"/*-c*.txt
     ;;
 verify)  # every GPU test, then the server under sampling and under 8 adapters (what CPU tests cannot show)
-    timeout 240 python -m pytest -q -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 330 python -m pytest -v -rfE -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     ensure_model
@@ -285,7 +285,7 @@ verify)  # every GPU test, then the server under sampling and under 8 adapters (
             --json-out "$RES/verify-$label.json" --label "verify-$label" > "$RES/verify-$label.txt" 2>&1
     done
     kill $pid; wait $pid 2> /dev/null
-    tail -n 3 "$RES/gpu-tests.txt"
+    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" | tail -n 20 | cut -c1-300
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/verify-*.txt
     ;;
 fidelity)  # checkpoint formats and adapter kinds against Unsloth's for_inference / PEFT on the GPU path,
@@ -294,12 +294,12 @@ fidelity)  # checkpoint formats and adapter kinds against Unsloth's for_inferenc
     # one process each: once Unsloth is imported (checkpoint formats) it patches the transformers
     # models the PEFT references are built from (their rotary tables land on the GPU)
     for f in test_checkpoint_formats test_modules_to_save test_adapter_features; do
-        timeout 120 python -m pytest -q -p no:cacheprovider -rfx "tests/loader/$f.py" >> "$RES/fidelity-tests.txt" 2>&1
+        timeout 120 python -m pytest -v -p no:cacheprovider -rfx "tests/loader/$f.py" >> "$RES/fidelity-tests.txt" 2>&1
         echo "$f rc $?" >> "$RES/fidelity-tests.txt"
     done
     save
     elapsed "gpu tests"
-    timeout 200 python -m pytest -q -m gpu tests/kernels tests/engine tests/loader -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 200 python -m pytest -v -rfE -m gpu tests/kernels tests/engine tests/loader -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     elapsed "quant layouts"
@@ -307,7 +307,7 @@ fidelity)  # checkpoint formats and adapter kinds against Unsloth's for_inferenc
     tail -n 3 "$RES/fidelity-tests.txt" "$RES/gpu-tests.txt"
     ;;
 diag)
-    timeout 60 python -m pytest -q -m gpu tests/engine/test_stalls.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 60 python -m pytest -v -rfE -m gpu tests/engine/test_stalls.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     step_profiles "0 64" "8 64" "8 16"
     elapsed "eager prefill profile"
@@ -328,7 +328,7 @@ diag)
     grep -H -E "Output token|Median TPOT|P99 TTFT" "$RES"/diag-c*.txt
     ;;
 lora)
-    timeout 150 python -m pytest -q -m gpu tests/kernels/test_lora.py tests/engine/test_stalls.py tests/kernels/test_attention.py \
+    timeout 150 python -m pytest -v -rfE -m gpu tests/kernels/test_lora.py tests/engine/test_stalls.py tests/kernels/test_attention.py \
         -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
@@ -336,12 +336,12 @@ lora)
     timeout 200 python bench/lora_sweep.py --out "$RES/lora-sweep.md" --json "$RES/lora-sweep.json" > "$RES/lora-sweep.log" 2>&1
     save
     step_profiles "8 64" "8 16"
-    tail -n 3 "$RES/gpu-tests.txt"
+    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" | tail -n 20 | cut -c1-300
     cat "$RES/lora-sweep.md"
     grep -h -E "batch 64|_shrink|_expand|_gemv" "$RES"/step-*.txt | cut -c1-200
     ;;
 fusedlora)
-    timeout 120 python -m pytest -q -m gpu tests/kernels/test_nf4_lora.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 120 python -m pytest -v -rfE -m gpu tests/kernels/test_nf4_lora.py -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     elapsed "kernels: LoRA inside the NF4 GEMV vs apart"
@@ -355,7 +355,7 @@ fusedlora)
             --repeats 1 $flags --out "$RES/engine-$variant.md" --json-out "$RES/engine-$variant.json" > "$RES/engine-$variant.log" 2>&1
         save
     done
-    tail -n 3 "$RES/gpu-tests.txt"
+    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" | tail -n 20 | cut -c1-300
     cat "$RES/lora-fused.md" "$RES"/engine-*.md
     ;;
 adapters)
@@ -398,7 +398,7 @@ families)
 spec)  # speculative decoding (issue 24): its GPU tests (graph-replayed verify and draft steps give the
     # plain greedy tokens), then what a verify step and a 1B-shape draft proposal cost on the 8B shape
     elapsed "spec gpu tests"
-    timeout 240 python -m pytest -q -m gpu tests/engine/test_spec_decode.py -p no:cacheprovider > "$RES/spec-tests.txt" 2>&1
+    timeout 240 python -m pytest -v -rfE -m gpu tests/engine/test_spec_decode.py -p no:cacheprovider > "$RES/spec-tests.txt" 2>&1
     echo "rc $?" >> "$RES/spec-tests.txt"
     save
     elapsed "spec_decode bench"
@@ -408,7 +408,7 @@ spec)  # speculative decoding (issue 24): its GPU tests (graph-replayed verify a
     ;;
 checks)
     elapsed "gpu tests"
-    timeout 180 python -m pytest -q -m gpu tests/kernels -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    timeout 180 python -m pytest -v -rfE -m gpu tests/kernels -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
     echo "rc $?" >> "$RES/gpu-tests.txt"
     save
     elapsed "eager profile"

@@ -160,7 +160,11 @@ def test_fused_kernel_matches_reference_on_gpu(m: int, slices: list[int]) -> Non
     got = nf4_linear_lora(x, w, a, b, slots, slices, ranks)
     base = nf4_matmul(x, w, gemv=launch_config(m, w, slices, x.device))
     err, untouched = check_sliced(base, got, x, a_clean, b_clean, slots, slices)
-    assert err <= GPU_BOUND[torch.bfloat16] and untouched
+    # The delta is read back as the difference of two bf16 outputs, each rounded at the base's
+    # magnitude (6-8x the delta's here): a correctly rounded kernel (fp32 base + fp32 delta, one
+    # rounding) measures 0.014-0.018 this way on CPU, so the bound adds a bf16 step of the base.
+    floor = 2**-8 * (base.double().norm() / (got.double() - base.double()).norm()).item()
+    assert err <= GPU_BOUND[torch.bfloat16] + floor and untouched, f"relative error {err:.3g}, floor {floor:.3g}"
     graph = torch.cuda.CUDAGraph()
     out = torch.empty_like(got)
     with torch.cuda.graph(graph):
