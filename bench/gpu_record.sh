@@ -33,18 +33,13 @@
 #                                      #   FAMILIES=olmo2-7b,phi4-mini,qwen3-8b bash bench/gpu_record.sh families
 #                                      # FAMILY_PEERS=unsloth-graphs,hf-bnb,unsloth adds Unsloth's default (~40 s a family); FAMILY_PEERS= none
 #
-# Owed to the H200 (sessions 10 and 11, 2026-12-05: no device machine could be started; all proven on CPU only).
-# Next session, first: vision, then `verifyroof` (GPU tests + engine vs HTTP in one call), then `apiservers`.
-# In this order, one device call each (~10 min), then record the results under bench/results/:
-#   1. VISION_TIMEOUT=540 bash bench/gpu_record.sh vision     # issue 21's Qwen2.5-VL-7B figures (never run yet)
-#   2. bash bench/gpu_record.sh verify                         # every GPU test: fused NF4+LoRA, grouped expert LoRA,
-#      # the retiled gated-delta prefill, rank>64 LoRA in graphs, Gemma 4's 512-wide attention tiles, Qwen3.5 /
-#      # Mistral 3 / Llama 3.2 Vision, vision LoRA; then the server at c64 greedy, sampled, with 8 adapters
-#   3. bash bench/gpu_record.sh roofline                       # issues 22 + 23: engine alone vs HTTP at c1/c64,
-#      # 8 adapters, TTFT, long prompts, ready time (after today's wire codec and front-end cuts)
-#   4. bash bench/gpu_record.sh fusedlora                      # decides --fused-lora's default (issue 23)
-#   4b. bash bench/gpu_record.sh apiservers                    # whether --api-server-count 2 helps at c64 (issue 22)
-#   5. FAMILIES=qwen3-30b-a3b:12:bf16,qwen3-8b,olmo2-7b bash bench/gpu_record.sh families   # issue 19
+# Owed (session 12, 2026-12-05, ran vision / verifyroof / apiservers / fusedlora / verify on an H100:
+# bench/results/2026-12-05-h100.md). Next GPU session, in this order, one device call each:
+#   1. bash bench/gpu_record.sh verifyroof        # the scheduler's lifted prompt bound (606f757) and the 4-process
+#      # client: HTTP c64 against engine alone (issues 22, 23), and every GPU test, now named one by one (-v)
+#   2. SHAPE=llama3.2-1b bash bench/gpu_record.sh verifyroof   # the same on the 1B shape (issue 22's done-when)
+#   3. VISION_TIMEOUT=540 bash bench/gpu_record.sh vision      # after the image-request decode fix (issue 21)
+#   4. FAMILIES=qwen3-30b-a3b:12:bf16,qwen3-8b,olmo2-7b bash bench/gpu_record.sh families   # issue 19
 #
 # Device tool: carry [".gpu-carry"] (../shared/gpu/make-site.sh opentelemetry-api llguidance==1.9.1 ...).
 set -u
