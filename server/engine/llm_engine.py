@@ -123,7 +123,7 @@ class LLMEngine:
         caching = self._prefix_caching(model)
         num_snapshots = min(config.max_num_seqs, MAX_STATE_SNAPSHOTS) if caching and num_state_slots else 0
         buckets = prefill_buckets = None
-        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager
+        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):  # generic path: eager (not Qwen-VL)
             # Verify steps replay them too, with 1 + k rows per speculating sequence.
             buckets = list(config.cuda_graph_sizes) or default_buckets(max(config.max_num_seqs, spec_graph_rows(config)))
             prefill_buckets = [t for t in config.prefill_cuda_graph_sizes if t > 0] if config.prefill_cuda_graph_sizes \

@@ -5,6 +5,7 @@ new tokens to the host once."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .sequence import TokenLogprob
 from .slot_modules import SlotModuleTable
 from .spec_decode.rejection import sample_with_drafts
 from .vision_inputs import VisionInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -154,9 +157,26 @@ class ModelRunner:
         with_lora = self.lora_manager is not None and self.lora_manager.has_slots
         with torch.inference_mode():
             if self.graphs is not None:
-                self.graphs.capture_all(with_lora=with_lora)
+                self._capture_decode_graphs(with_lora)
             if self.prefill_graphs is not None:  # in the decode graphs' pool: steps never overlap
                 self.prefill_graphs.capture_all(with_lora, self.graphs.pool if self.graphs is not None else None)
+
+    def _capture_decode_graphs(self, with_lora: bool) -> None:
+        """Capture the decode graphs. A generic-path model (transformers' own modules: the Qwen-VL
+        image-text models) whose decode step does what a capture cannot (reads a tensor on the host,
+        copies from pageable memory) runs its decode steps eagerly instead, with a warning, rather
+        than failing to start."""
+        assert self.graphs is not None
+        if not getattr(self.model, "is_generic", False):
+            self.graphs.capture_all(with_lora=with_lora)
+            return
+        try:
+            self.graphs.capture_all(with_lora=with_lora)
+        except RuntimeError as e:
+            logger.warning("%s: capturing the decode CUDA graphs failed (%s); its decode steps run eagerly, "
+                           "launching every kernel from Python (slower)", type(self.model).__name__,
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.graphs = None
 
     def capture_lora_graphs_again(self) -> None:
         """The LoRA graphs again, after tensors they read were replaced (MoE expert LoRA tables made
@@ -331,8 +351,8 @@ class ModelRunner:
         positions = [p for _, p in rows]
         rope_positions = positions
         if self.vision is not None and any(seq.mm is not None for seq, _ in rows):
-            # M-RoPE (Qwen3.5 with images, the only such model with graphs): a token after the prompt
-            # sits at the same position in all three rows, which the graph's plain RoPE then rotates by.
+            # M-RoPE (Qwen3.5 and the Qwen-VL models with images): a token after the prompt sits at the
+            # same position in all three rows, which the graph's plain RoPE then rotates by.
             plain = [self.vision.plain_position(seq, p) for seq, p in rows]
             if None in plain:
                 return None  # an image's token as a one-token prompt chunk: eager

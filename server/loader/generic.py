@@ -79,12 +79,13 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     cfg = model.config = generic_config(model.head.config, vocab, model.kv_layout(device))
     model.check_routing(dtype, device)
     num_4bit = sum(1 for m in linears.values() if m.is_quantized)
+    graphs = ("CUDA graphs for decode steps only (prompt steps run eagerly)" if model.supports_cuda_graphs
+              else "no CUDA graphs (every step runs eagerly, as --enforce-eager)")
     logger.warning(
         "%s has no native model code in sloth-serve: served on the generic path (transformers %s modules inside "
         "our engine: paged KV cache, continuous batching, %d linears on our kernels, %d kept in 4-bit, multi-LoRA). "
-        "It costs speed: no CUDA graphs (every step runs eagerly, as --enforce-eager) and transformers' Python "
-        "modules around our kernels; loaded in %.1fs", cfg.family, type(hf).__name__, len(linears), num_4bit,
-        time.perf_counter() - start)
+        "It costs speed: %s and transformers' Python modules around our kernels; loaded in %.1fs", cfg.family,
+        type(hf).__name__, len(linears), num_4bit, graphs, time.perf_counter() - start)
     return model
 
 

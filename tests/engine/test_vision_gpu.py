@@ -1,7 +1,8 @@
 """Image-text models on the GPU (run through the device tool): the tiny random Qwen2.5-VL on the
-Triton kernels in float32 gives transformers' greedy tokens; loaded in 4-bit through Unsloth's
-FastVisionModel (the default --load-format), its language linears stay packed NF4 on our kernels and
-every token we pick is the 4-bit reference's own greedy choice with the same image, up to a near tie."""
+Triton kernels in float32 gives transformers' greedy tokens, its decode steps replayed from CUDA
+graphs; loaded in 4-bit through Unsloth's FastVisionModel (the default --load-format), its language
+linears stay packed NF4 on our kernels and every token we pick is the 4-bit reference's own greedy
+choice with the same image, up to a near tie."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def test_float32_on_the_triton_kernels_equals_transformers(tmp_path: Path) -> No
     folder, hf = make_qwen2_5_vl(tmp_path / "model")
     llm = LLM(folder, load_format="safetensors", dtype="float32", device="cuda", num_kv_blocks=64, block_size=16,
               max_num_batched_tokens=16)
+    assert llm.engine.runner.graphs is not None  # the decode steps replay CUDA graphs
     images = [[random_image(1)], [random_image(2, 32, 32)]]
     outs = llm.generate([{"prompt": chat(llm, "What is it?"), "images": i} for i in images], GREEDY)
     for out, imgs in zip(outs, images, strict=True):
@@ -55,7 +57,8 @@ def test_unsloth_4bit_keeps_nf4_and_follows_fastvisionmodel(tmp_path: Path) -> N
     folder, _ = make_qwen2_5_vl(tmp_path / "model")
     llm = LLM(folder, num_kv_blocks=64, block_size=16, max_num_batched_tokens=64)  # Unsloth, 4-bit
     model = llm.engine.loaded.model
-    assert isinstance(model, VisionCausalLM) and llm.engine.runner.graphs is None
+    # decode steps replay CUDA graphs (a capture that failed would have left them eager, graphs None)
+    assert isinstance(model, VisionCausalLM) and llm.engine.runner.graphs is not None
     language = [m for m in model.text.modules() if isinstance(m, GenericLinear)]
     assert language and all(m.is_quantized for m in language)
     images = [[random_image(1)], [random_image(3)]]
