@@ -84,10 +84,11 @@ def chat(llm: LLM, num_images: int, question: str) -> str:
                                                  add_generation_prompt=True))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_decode_steps_replay_the_graphs_with_transformers_tokens(tmp_path: Path, family: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    folder, hf = make_qwen2_5_vl(tmp_path / family, qwen2=family == "qwen2_vl", qwen3=family == "qwen3_vl")
+    folder, hf = make_qwen2_5_vl(tmp_path / family, qwen2=family == "qwen2_vl", qwen3=family.startswith("qwen3"),
+                                 moe=family.endswith("moe"))
     llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
               max_num_batched_tokens=256)
     runner = llm.engine.runner
