@@ -88,8 +88,11 @@ def _watch(engine: BaseProcess, front_ends: list[BaseProcess]) -> int:
             process.join()
             running.remove(process)
             _forget_metrics(process)
-            if process.exitcode != 0 and not signals and engine_died_at is None and not failed:
-                logger.error("API server %s exited with code %s; stopping the others", process.name, process.exitcode)
+            code = process.exitcode
+            if code != 0 and not signals and engine_died_at is None and not failed:
+                # The pid and the signal too: what an operator matches against the kernel's log (OOM killer).
+                how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
+                logger.error("API server %s (pid %s) %s; stopping the others", process.name, process.pid, how)
                 failed = True
                 _signal_all(running, signal.SIGTERM)
         if engine_died_at is not None and time.monotonic() - engine_died_at > ENGINE_DEATH_GRACE_S:

@@ -1,8 +1,9 @@
 """--api-server-count 2: two front-end processes on one port, sharing one engine process. Streams run
 on both at once with the greedy tokens of one front end, /metrics sums both front ends whichever
 answers the scrape (the engine's figures counted once), SIGTERM drains both front ends' streams and
-the server exits 0, and a SIGKILL of the engine ends both front ends' streams with an error event and
-the server exits non-zero; neither leaves a process behind."""
+the server exits 0, a SIGKILL of the engine ends both front ends' streams with an error event and
+the server exits non-zero, and so does a SIGKILL of one front end (the other drains its streams);
+none leaves a process behind."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds
 
 @pytest.fixture(scope="module")
 def all_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
-    """Two front ends ("two", and "drain" for the SIGTERM test) and one ("one"), started together so
-    their loads overlap. "two" and "one" serve the demo's upper-case adapter as "upper" (--lora:
+    """Two front ends ("two", "drain" for the SIGTERM test and "lose" for the front end killed alone)
+    and one ("one"), started together so their loads overlap. "two" and "one" serve the demo's upper-case adapter as "upper" (--lora:
     each front end registers it)."""
     tmp = tmp_path_factory.mktemp("api-servers")
     started = {"two": launch(tmp, "two", "--api-server-count", "2"), "one": launch(tmp, "one"),
                "drain": launch(tmp, "drain", "--api-server-count", "2", "--shutdown-timeout", "60",
-                               demo_adapter=False)}
+                               demo_adapter=False),
+               "lose": launch(tmp, "lose", "--api-server-count", "2", demo_adapter=False)}
     try:
         for name, server in started.items():
             server.wait_ready()
@@ -218,3 +220,27 @@ def test_sigterm_drains_both_front_ends_streams_and_the_server_exits_zero(
     assert set(streams.finish_reasons.values()) == {"length"}, streams.finish_reasons
     assert server.process.wait(timeout=EXIT_WITHIN_S) == 0
     assert not any(p.is_running() for p in children)
+
+
+def test_a_killed_front_end_stops_the_other_and_the_engine_and_the_server_exits_nonzero(
+        all_servers: dict[str, LiveServer]) -> None:
+    """Streams on both front ends; SIGKILL one: its streams break, the parent names it in the log and
+    stops the other (SIGTERM: its streams drain to their end) and the engine, and exits 1."""
+    server = all_servers["lose"]
+    serving = front_ends(server)
+    children = [*serving.values(), engine_of(server)]
+    streams = Streams(server, PROMPTS, 200)
+    streams.wait_started()
+    port = int(server.url.rsplit(":", 1)[1])
+    # Each stream's connection, by front end: the killed one's streams are the ones that break.
+    open_streams = {pid: sum(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                             for c in p.net_connections("tcp")) for pid, p in serving.items()}
+    assert all(open_streams.values()), open_streams
+    killed = min(serving)
+    serving[killed].kill()
+    assert server.process.wait(timeout=EXIT_WITHIN_S) == 1
+    streams.join()
+    assert not any(p.is_running() for p in children)
+    assert len(streams.errors) == open_streams[killed], streams.errors
+    assert list(streams.finish_reasons.values()).count("length") == len(PROMPTS) - open_streams[killed]
+    assert f"(pid {killed}) was killed by SIGKILL; stopping the others" in Path(server.log_path).read_text()
