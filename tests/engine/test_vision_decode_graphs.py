@@ -2,20 +2,23 @@
 replay the decode CUDA graphs: on the CPU a stand-in runs what a graph would have captured (the
 runner's forward over one position a token, no VisionStep, the decode graphs' own step metadata)
 under NoHostSync, and the tokens are still transformers' greedy ones after prompts with images
-(the position offered is the token's index plus the prompt's M-RoPE delta). A capture that fails
+(the position offered is the token's index plus the prompt's M-RoPE delta), and PEFT's with a
+language LoRA per request, read from the graphs' slot buffer. A capture that fails
 on such a model leaves its decode steps eager instead of failing the engine."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
 from test_adapter_modules_step import HostEvent
 from test_prefill_graphs import NoHostSync
-from vision_models import hf_greedy, make_qwen2_5_vl, random_image
+from vision_models import hf_greedy, make_qwen2_5_vl, random_image, write_adapter
 
 from sloth_serve.engine.cuda_graphs import DecodeGraphs
 from sloth_serve.engine.model_runner import ModelRunner
@@ -24,6 +27,7 @@ from sloth_serve.llm import LLM
 from sloth_serve.loader import DEMO_MODEL
 
 NEW_TOKENS = 6
+LANGUAGE_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
 
@@ -49,6 +53,13 @@ class DecodeReplayedOnCPU:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
         self.lora_slots = torch.full((n,), -1, dtype=torch.int32)
         self.offered: list[list[int]] = []  # the positions of each replayed batch
+        self.with_lora: list[bool] = []  # whether each replayed with the adapters' slots
+
+    def capture_all(self, with_lora: bool) -> None:
+        pass  # nothing to capture: each replay runs the forward pass
+
+    def forget_lora(self) -> None:
+        pass
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
             seq_lens: list[int], lora_slots: list[int] | None, start_event: Any = None,
@@ -74,6 +85,7 @@ class DecodeReplayedOnCPU:
         with NoHostSync():
             logits = self.forward(self.input_ids[:n], self.positions[:n], meta)
         self.offered.append(list(positions))
+        self.with_lora.append(lora_slots is not None)
         return logits[:b]
 
 
@@ -106,11 +118,30 @@ def test_decode_steps_replay_the_graphs_with_transformers_tokens(tmp_path: Path,
         assert out.token_ids == hf_greedy(hf, out.prompt_token_ids, images, NEW_TOKENS)
     # Every step after the one prompt step was a decode step the graphs ran, all three rows each.
     assert len(graphs.offered) == NEW_TOKENS - 1 and all(len(rows) == 3 for rows in graphs.offered)
+    assert graphs.with_lora == [False] * (NEW_TOKENS - 1)
     n = len(outs[2].prompt_token_ids)
     delta = 4 - 16  # the image's 16 tokens take 4 positions
     assert [rows[2] for rows in graphs.offered] == [p + delta for p in range(n, n + NEW_TOKENS - 1)]
     m = len(outs[1].prompt_token_ids)
     assert [rows[1] for rows in graphs.offered] == list(range(m, m + NEW_TOKENS - 1))
+
+
+def test_language_lora_per_request_through_the_graphs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, hf = make_qwen2_5_vl(tmp_path / "model")
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=256, max_loras=2, max_lora_rank=8)
+    monkeypatch.setattr(torch.cuda, "Event", HostEvent)
+    graphs = DecodeReplayedOnCPU(llm.engine.runner, 16)
+    monkeypatch.setattr(llm.engine.runner, "graphs", graphs)
+    adapter = write_adapter(copy.deepcopy(hf), tmp_path / "tuned", LANGUAGE_LAYERS)
+    llm.adapters.register("tuned", str(adapter))
+    images = [random_image(5)]
+    prompt: Any = {"prompt": chat(llm, 1, "What is it?"), "images": images}
+    tuned, plain = llm.generate([prompt, prompt], GREEDY, adapter=["tuned", None])
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapter)).eval()
+    assert tuned.token_ids == hf_greedy(peft, tuned.prompt_token_ids, images, NEW_TOKENS)
+    assert plain.token_ids == hf_greedy(hf, plain.prompt_token_ids, images, NEW_TOKENS) != tuned.token_ids
+    assert graphs.with_lora == [True] * (NEW_TOKENS - 1)
 
 
 class FailingCapture:
