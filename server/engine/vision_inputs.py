@@ -142,8 +142,14 @@ class VisionInputs:
     def plain_position(self, seq: Sequence, p: int) -> int | None:
         """The one position that stands for token p's M-RoPE rows where all three are equal (text, and
         every token after the prompt: its index plus the prompt's delta), so that a step built for
-        plain RoPE (a decode CUDA graph) rotates it right; None where they differ (an image's token)."""
-        if not self.mrope or seq.mm is None:
+        plain RoPE (a decode CUDA graph) rotates it right; None for an image's token: its embedding
+        comes from the encoder, which such a step does not splice in, even where its rows are equal
+        (an image's first token sits at the same position in all three)."""
+        if seq.mm is None:
+            return p
+        if any(img.offset <= p < img.offset + img.num_tokens for img in seq.mm.images):
+            return None
+        if not self.mrope:
             return p
         rows = self._seq_positions(seq, p, p + 1)[:, 0]
         return int(rows[0]) if bool((rows == rows[0]).all()) else None

@@ -172,3 +172,32 @@ def test_failed_capture_of_a_generic_model_leaves_decode_eager(tmp_path: Path, m
     monkeypatch.setattr(native, "graphs", FailingCapture())
     with pytest.raises(RuntimeError, match="not permitted"):
         native.capture_graphs()
+
+
+def test_an_image_token_computed_alone_beside_decodes_runs_eagerly(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step where every sequence computes one token may hold a prompt chunk of one image token
+    (here the prompt bound beside a decoding stream is 1). An image's first token sits at the same
+    position in all three M-RoPE rows, yet its embedding comes from the encoder, which the decode
+    graphs never splice in: such a step runs eagerly, and the image request gets transformers' tokens."""
+    folder, hf = make_qwen2_5_vl(tmp_path / "model")
+    llm = LLM(folder, load_format="safetensors", dtype="float32", num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=256, max_prefill_tokens_while_decoding=1)
+    engine = llm.engine
+    monkeypatch.setattr(torch.cuda, "Event", HostEvent)
+    graphs = DecodeReplayedOnCPU(engine.runner, 16)
+    monkeypatch.setattr(engine.runner, "graphs", graphs)
+    engine.add_request("stream", llm.encode(chat(llm, 0, "Tell a story.")),
+                       SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    engine.step()  # its prompt, alone: it decodes from here
+    images = [random_image(6)]
+    ids, mm = llm.encode_prompt({"prompt": chat(llm, 1, "What is it?"), "images": images})
+    engine.add_request("image", ids, GREEDY, mm=mm)
+    tokens: list[int] = []
+    while "image" in engine.seqs:
+        for out in engine.step():
+            if out.request_id == "image":
+                tokens += out.new_token_ids
+    assert tokens == hf_greedy(hf, ids, images, NEW_TOKENS)
+    # Its prompt went one token a step beside the stream's decodes, through the graphs but for the image's tokens
+    assert len(graphs.offered) >= len(ids) - mm.images[0].num_tokens
