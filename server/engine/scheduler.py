@@ -244,6 +244,13 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if bm.num_blocks_for(seq.num_tokens) > bm.num_blocks:
+                # Preempted after outgrowing the whole cache: recomputed in chunks, it would be
+                # preempted again at its last token, step after step. It ends where it got to.
+                self.waiting.popleft()
+                self._finish(seq, FinishReason.LENGTH)
+                self.finished_unscheduled.append(seq)
+                continue
             if self._needs_adapter_slot(seq, adapters):
                 break
             # A request for prompt logprobs computes every prompt position: a cached prefix would

@@ -66,6 +66,26 @@ def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
     assert engine.block_manager.num_free_blocks == 20
 
 
+def test_warmup_ends_when_a_prompt_cannot_join_the_decoding_request() -> None:
+    """A cache of 38 blocks of 8 holds the 300-token prompt only alone: it waits until the decoding
+    request (asked for 100,000 tokens) has outgrown the cache, which, recomputed in steps of 304
+    tokens after its preemption, could never run again and ends; then the prompt runs."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+                              num_kv_blocks=38, block_size=8, max_num_batched_tokens=304))
+    steps = [0]
+    step = engine.step
+
+    def counted() -> list[RequestOutput]:
+        steps[0] += 1
+        assert steps[0] < 2000, "the warmup does not end"
+        return step()
+
+    engine.step = counted  # type: ignore[method-assign]
+    engine.warmup()
+    assert not engine.has_unfinished_requests and not engine.seqs
+    assert engine.block_manager.num_free_blocks == 38
+
+
 def test_warmup_with_an_adapter_runs_every_prompt_through_it() -> None:
     """add_lora warms the LoRA kernels up on CUDA with the first adapter; here (CPU) it is called
     directly: every warmup request uses the adapter, and the engine is left as it was."""

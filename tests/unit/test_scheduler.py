@@ -167,3 +167,20 @@ def test_sequence_outgrowing_the_whole_cache_ends_and_is_listed_for_the_engine()
     assert seq.finish_reason is FinishReason.LENGTH
     assert sched.finished_unscheduled == [seq]
     assert sched.block_manager.num_free_blocks == 3
+
+
+def test_sequence_outgrowing_a_cache_larger_than_a_step_ends_too() -> None:
+    """Its recompute after the preemption takes steps of max_num_batched_tokens, each of which fits
+    the cache; only the last token does not. It ends rather than being preempted there forever
+    (prefix caching off, as in the warmup, or evicted: nothing of it is found cached)."""
+    sched = create_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=16, prefix_caching=False,
+                             max_model_len=256)
+    seq = create_seq(10, max_tokens=200)
+    sched.add(seq)
+    for _ in range(60):
+        run_step(sched)
+        if seq.is_finished:
+            break
+    assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 33 and seq.num_preemptions == 1
+    assert sched.finished_unscheduled == [seq] and not sched.has_work
+    assert sched.block_manager.num_free_blocks == 8
