@@ -166,11 +166,15 @@ class Scheduler:
         decoding stream's pause stays short; when more requests wait than streams would pause (a
         burst of arrivals beside a few streams: 64 requests sent at once reach the engine one after
         another, and the first starts decoding alone), holding them back costs more waiting than it
-        spares, and a step takes prompts up to max_num_batched_tokens as an idle engine does."""
+        spares, and a step takes prompts up to max_num_batched_tokens as an idle engine does. Only
+        the waiting requests that a free sequence slot could admit count: under overload (every
+        slot taken, a queue behind) lifting the bound would admit none of the queue and only
+        lengthen the running prompts' chunks, pausing every stream for them."""
         decoding = sum(1 for seq in self.running if self._is_decoding(seq))
         if not decoding:
             return False
-        held = len(self.waiting) + len(self.running) - decoding
+        admissible = min(len(self.waiting), max(self.config.max_num_seqs - len(self.running), 0))
+        held = admissible + len(self.running) - decoding
         return held <= decoding
 
     @staticmethod

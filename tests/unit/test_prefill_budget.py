@@ -112,3 +112,18 @@ def test_a_burst_beside_few_streams_is_not_bounded() -> None:
 def test_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="invalid scheduler limits"):
         SchedulerConfig(max_prefill_tokens_while_decoding=0)
+
+
+def test_a_queue_behind_full_sequence_slots_keeps_the_bound() -> None:
+    """Every slot taken (three streams, one chunked prompt) and many requests queued behind them:
+    none of the queue could be admitted, so the running prompt keeps its chunks to the bound."""
+    sched = create_scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8,
+                             num_blocks=128)
+    decoding = _decoding(sched, 3)
+    long = create_seq(40, first_token=300)
+    sched.add(long)
+    for i in range(6):
+        sched.add(create_seq(6, first_token=400 + 10 * i))
+    assert run_step(sched) == ([*decoding, long], [1, 1, 1, 8])
+    assert run_step(sched) == ([*decoding, long], [1, 1, 1, 8])
+    assert not sched.could_admit()
