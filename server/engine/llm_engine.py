@@ -235,16 +235,21 @@ class LLMEngine:
             # with decodes, and those steps take other kernel variants (seen on the H200: a 1.8 s
             # first-token time for the first request that arrived during decoding).
             # One prompt at a time, each until its prompt is computed: the steps hold no more prompts
-            # than decodes, so the scheduler bounds their prompt tokens as under steady load.
-            add("decoding", 3, SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True))
-            self.step()
-            for i, n in enumerate(lens):
-                add(f"mixed-{i}", n, greedy)
+            # than decodes, so the scheduler bounds their prompt tokens as under steady load. With
+            # --max-num-seqs 1 no prompt ever shares a step with a decode: nothing to compile. A wait
+            # ends with the decoding request too (a prompt that fits the cache only alone waits for
+            # it), which could otherwise decode up to max_model_len first.
+            if self.config.max_num_seqs > 1:
+                add("decoding", 3, SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True))
                 self.step()
-                while (mixed := self.seqs.get(f"warmup-mixed-{i}")) is not None and not mixed.num_output_tokens:
+                for i, n in enumerate(lens):
+                    add(f"mixed-{i}", n, greedy)
                     self.step()
-            self.abort("warmup-decoding")
-            finish()
+                    while ((mixed := self.seqs.get(f"warmup-mixed-{i}")) is not None and not mixed.num_output_tokens
+                           and "warmup-decoding" in self.seqs):
+                        self.step()
+                self.abort("warmup-decoding")
+                finish()
             # A burst: as many 64-token prompts as one step's token budget takes (the first wave of
             # 64 concurrent requests compiled kernels for that size on the H200: a 1 s first token).
             n = 64

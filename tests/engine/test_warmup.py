@@ -110,3 +110,22 @@ def test_warmup_with_an_adapter_runs_every_prompt_through_it() -> None:
     assert not engine.has_unfinished_requests and not engine.seqs
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert 1 in engine.lora_manager.adapters
+
+
+def test_warmup_with_one_sequence_slot_does_not_wait_for_the_decoding_request() -> None:
+    """--max-num-seqs 1: no prompt can join a decoding request, so the warmup runs no decoding
+    request (which would otherwise decode up to max_model_len before the first prompt could start)."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+                              num_kv_blocks=256, max_num_seqs=1))
+    steps = [0]
+    step = engine.step
+
+    def counted() -> list[RequestOutput]:
+        steps[0] += 1
+        return step()
+
+    engine.step = counted  # type: ignore[method-assign]
+    engine.warmup()
+    assert steps[0] < 100  # each prompt's one prompt step and one decode step, alone and together
+    assert not engine.has_unfinished_requests and not engine.seqs
+    assert engine.block_manager.num_free_blocks == 256
