@@ -91,8 +91,8 @@ def _watch(engine: BaseProcess, front_ends: list[BaseProcess]) -> int:
             code = process.exitcode
             if code != 0 and not signals and engine_died_at is None and not failed:
                 # The pid and the signal too: what an operator matches against the kernel's log (OOM killer).
-                how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
-                logger.error("API server %s (pid %s) %s; stopping the others", process.name, process.pid, how)
+                logger.error("API server %s (pid %s) %s; stopping the others", process.name, process.pid,
+                             how_it_ended(code))
                 failed = True
                 _signal_all(running, signal.SIGTERM)
         if engine_died_at is not None and time.monotonic() - engine_died_at > ENGINE_DEATH_GRACE_S:
@@ -103,6 +103,18 @@ def _watch(engine: BaseProcess, front_ends: list[BaseProcess]) -> int:
     if stopped_while_loading:
         return stopped_while_loading[0]
     return 1 if failed or any(codes) else 0  # a dead engine: its front ends exit 1
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """A process's end as its exit code says: a signal by name where Python names it (real-time
+    signals beyond SIGRTMIN have no name: their number), else the code."""
+    if exitcode is None or exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    return f"was killed by {name}"
 
 
 def _stop_engine(engine: BaseProcess, wait: bool) -> None:
