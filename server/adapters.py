@@ -44,21 +44,38 @@ def confined_adapter_dir(root: Path, name: str) -> Path | None:
     return candidate if (candidate / "adapter_config.json").is_file() else None
 
 
+# Several front ends share one engine (--api-server-count): each names the --lora adapters in the
+# same order, so they get the same ids everywhere (the engine loads each once); what one front end
+# loads while serving (a --lora-dir adapter on its first request there) takes an id from its own
+# range, so two front ends never give one id to different folders.
+DYNAMIC_ID_SPAN = 1 << 20
+
+
+def dynamic_ids_from(front_end_index: int | None) -> int | None:
+    """The first id of the adapters a front end loads while serving; None with one front end (all
+    adapters share one count)."""
+    return None if front_end_index is None else (front_end_index + 1) * DYNAMIC_ID_SPAN
+
+
 class AdapterRegistry:
     """Names to adapter ids only: the engine holds the weights (an EngineClient's add_lora, or
     `LocalAdapters` for the offline LLM, whose engine is at hand)."""
 
-    def __init__(self, lora_dirs: tuple[str, ...] = (), max_cpu_loras: int = 0) -> None:
+    def __init__(self, lora_dirs: tuple[str, ...] = (), max_cpu_loras: int = 0,
+                 dynamic_ids: int | None = None) -> None:
         self.lora_dirs = tuple(Path(d) for d in lora_dirs)
         self.max_cpu_loras = max_cpu_loras  # 0: no limit
         self.by_name: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
+        # Unpinned adapters' ids, where they must differ from other front ends' (dynamic_ids_from)
+        self._dynamic_ids = itertools.count(dynamic_ids) if dynamic_ids is not None else self._ids
 
     def prepare(self, name: str, path: str | Path, pinned: bool = False) -> Adapter:
         """A new adapter id for the folder (nothing read but its files' times); not servable yet."""
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
-        return Adapter(name, str(path), next(self._ids), 0, pinned, file_signature(Path(path)))
+        adapter_id = next(self._ids if pinned else self._dynamic_ids)
+        return Adapter(name, str(path), adapter_id, 0, pinned, file_signature(Path(path)))
 
     def commit(self, adapter: Adapter) -> Adapter | None:
         """Make the adapter servable once the engine holds its weights. Returns the adapter it

@@ -50,7 +50,7 @@ def serve_many(config: Config) -> int:
     context = get_context("spawn")
     front_ends: list[BaseProcess] = [
         context.Process(target=_front_end_main, name=f"sloth-api-server-{i}",
-                        args=(config, i, sock, SharedEngine(engine.pid or 0, commands[i], events[i])))
+                        args=(config, i, sock, SharedEngine(engine.pid or 0, commands[i], events[i], i)))
         for i in range(count)]
     for process in front_ends:
         process.start()

@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 
 from .. import startup_clock
-from ..adapters import AdapterRegistry
+from ..adapters import AdapterRegistry, dynamic_ids_from
 from ..config import Config
 from ..engine import stalls
 from ..engine.client import EngineClient, EngineInfo
@@ -191,7 +191,8 @@ class ServerState:
         adapter_folder = Path(info.adapter_folder) if info.adapter_folder is not None else None
         base = base_entry(Path(info.folder), info.eos_token_ids, adapter_folder,
                           self.config.chat_template)
-        adapters = AdapterRegistry(self.config.lora_dirs, self.config.max_cpu_loras)
+        adapters = AdapterRegistry(self.config.lora_dirs, self.config.max_cpu_loras,
+                                   dynamic_ids_from(engine.front_end_index))
         # The vocabulary, now rather than on the first constrained request.
         grammar, grammar_error = make_compiler(base.tokenizer, info.vocab_size, info.eos_token_ids)
         vision = processor_for(Path(info.folder), image_limits(self.config))

@@ -42,6 +42,9 @@ class EngineClient(ABC):
         self.stats: StepStats | None = None  # the newest step's (None until the engine is ready)
         self.on_step: StepListener | None = None  # called on the loop with each step's record and outputs
         self.on_death: Callable[[str], None] | None = None  # called on the loop once, when the engine dies
+        # With several front ends on one engine (--api-server-count), this one's number: the adapters
+        # it loads while serving take ids of its own (sloth_serve.adapters.dynamic_ids_from).
+        self.front_end_index: int | None = None
 
     @abstractmethod
     async def start(self) -> EngineInfo:

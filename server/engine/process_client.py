@@ -79,6 +79,8 @@ class ProcessEngineClient(EngineClient):
         super().__init__()
         self.config = config
         self.shared = shared  # the engine another process started, or None: this client starts its own
+        if shared is not None:
+            self.front_end_index = shared.index
         self.process: BaseProcess | EngineWatch | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dir = tempfile.mkdtemp(prefix="sloth-engine-")

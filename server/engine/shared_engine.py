@@ -16,6 +16,7 @@ class SharedEngine:
     pid: int
     commands: str  # ipc:// address this front end binds; the engine pulls its commands from it
     events: str  # ipc:// address this front end binds; the engine pushes its events to it
+    index: int = 0  # this front end's number (0 .. --api-server-count - 1)
 
 
 class EngineWatch:

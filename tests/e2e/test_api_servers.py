@@ -1,12 +1,14 @@
 """--api-server-count 2: two front-end processes on one port, sharing one engine process. Streams run
 on both at once with the greedy tokens of one front end, /metrics sums both front ends whichever
 answers the scrape (the engine's figures counted once), SIGTERM drains both front ends' streams and
-the server exits 0, a SIGKILL of the engine ends both front ends' streams with an error event and
+the server exits 0, a --lora-dir adapter is loaded by each front end on its first request there and
+answers alike through both, a SIGKILL of the engine ends both front ends' streams with an error event and
 the server exits non-zero, and so does a SIGKILL of one front end (the other drains its streams);
 none leaves a process behind."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import pytest
 from live_server import BASE_MODEL, LiveServer, launch
 from prometheus_client.parser import text_string_to_metric_families
 
+from sloth_serve.loader import DEMO_ADAPTER
+
 EXIT_WITHIN_S = 20  # generous for a busy 2-core CI machine
 PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds", "hills", "roads", "doors", "birds")]
 
@@ -26,11 +30,12 @@ PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds
 def all_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
     """Two front ends ("two", "drain" for the SIGTERM test and "lose" for the front end killed alone)
     and one ("one"), started together so their loads overlap. "two" and "one" serve the demo's upper-case adapter as "upper" (--lora:
-    each front end registers it)."""
+    each front end registers it); "drain" serves a --lora-dir holding it as "shout"."""
     tmp = tmp_path_factory.mktemp("api-servers")
+    shutil.copytree(DEMO_ADAPTER, tmp / "adapters" / "shout")
     started = {"two": launch(tmp, "two", "--api-server-count", "2"), "one": launch(tmp, "one"),
                "drain": launch(tmp, "drain", "--api-server-count", "2", "--shutdown-timeout", "60",
-                               demo_adapter=False),
+                               "--lora-dir", str(tmp / "adapters"), demo_adapter=False),
                "lose": launch(tmp, "lose", "--api-server-count", "2", demo_adapter=False)}
     try:
         for name, server in started.items():
@@ -80,7 +85,8 @@ def serving_pids(server: LiveServer) -> set[int]:
 class Streams:
     """Streaming completions through the official client, one thread each, held open."""
 
-    def __init__(self, server: LiveServer, prompts: list[str], max_tokens: int) -> None:
+    def __init__(self, server: LiveServer, prompts: list[str], max_tokens: int, model: str = BASE_MODEL) -> None:
+        self.model = model
         self.texts: dict[str, list[str]] = {p: [] for p in prompts}
         self.finish_reasons: dict[str, str | None] = dict.fromkeys(prompts)
         self.errors: list[BaseException] = []
@@ -93,7 +99,7 @@ class Streams:
         try:
             # A client each: its own connection (the official client keeps one pool per client).
             stream = server.client(timeout=120).completions.create(
-                model=BASE_MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
                 extra_body={"ignore_eos": True})
             for chunk in stream:
                 if chunk.choices:
@@ -113,8 +119,8 @@ class Streams:
             thread.join(timeout=120)
 
 
-def greedy(server: LiveServer, prompt: str, max_tokens: int) -> str:
-    reply = server.client().completions.create(model=BASE_MODEL, prompt=prompt, max_tokens=max_tokens,
+def greedy(server: LiveServer, prompt: str, max_tokens: int, model: str = BASE_MODEL) -> str:
+    reply = server.client().completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
                                                temperature=0, extra_body={"ignore_eos": True})
     return reply.choices[0].text
 
@@ -155,6 +161,23 @@ def test_a_lora_adapter_serves_alike_through_every_front_end(servers: tuple[Live
         assert reply.choices[0].text == expected.choices[0].text
     models = httpx.get(f"{two.base_url}/models", headers={"Connection": "close"}, timeout=10).json()
     assert {m["id"] for m in models["data"]} == {BASE_MODEL, "upper"}
+
+
+def test_a_lora_dir_adapter_is_loaded_by_each_front_end_and_answers_alike(
+        all_servers: dict[str, LiveServer]) -> None:
+    """Streams naming a --lora-dir adapter on both front ends at once: each front end loads it on its
+    first request there (under an id of its own range), and every stream gives the tokens one front
+    end with the same folder as --lora gives."""
+    two_dir, one = all_servers["drain"], all_servers["one"]
+    streams = Streams(two_dir, PROMPTS[:6], 40, model="shout")
+    streams.wait_started()
+    on_both = serving_pids(two_dir)
+    streams.join()
+    assert not streams.errors, streams.errors
+    assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
+    for prompt, pieces in streams.texts.items():
+        text = "".join(pieces)
+        assert text == greedy(one, prompt, 40, model="upper") and text.upper() == text, prompt
 
 
 def test_metrics_sum_the_front_ends_and_count_engine_steps_once(servers: tuple[LiveServer, LiveServer]) -> None:

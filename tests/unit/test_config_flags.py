@@ -66,12 +66,15 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     ({"keep_alive_timeout": 0.0}, "--keep-alive-timeout must be a positive number of seconds"),
     ({"api_server_count": 0}, "--api-server-count must be at least 1; got 0"),
     ({"api_server_count": 2, "engine_mode": "thread"}, "--api-server-count above 1 needs the engine in its own process"),
-    ({"api_server_count": 2, "allow_runtime_lora": True}, "leave out --allow-runtime-lora and --lora-dir"),
-    ({"api_server_count": 2, "lora_dirs": ("adapters",)}, "leave out --allow-runtime-lora and --lora-dir"),
+    ({"api_server_count": 2, "allow_runtime_lora": True}, "cannot load adapters through /v1/load_lora_adapter"),
 ])
 def test_checks_run_for_config_built_in_code(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         Config(**settings)  # type: ignore[arg-type]
+
+
+def test_several_front_ends_serve_a_lora_dir() -> None:
+    assert Config(api_server_count=2, lora_dirs=("adapters",)).lora_dirs == ("adapters",)
 
 
 def test_argparse_rejects_bad_words_with_the_flag_named(capsys: pytest.CaptureFixture[str]) -> None:
