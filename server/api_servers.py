@@ -50,7 +50,7 @@ def serve_many(config: Config) -> int:
     context = get_context("spawn")
     front_ends: list[BaseProcess] = [
         context.Process(target=_front_end_main, name=f"sloth-api-server-{i}",
-                        args=(config, i, sock, SharedEngine(engine.pid or 0, commands[i], events[i], i)))
+                        args=(config, sock, SharedEngine(engine.pid or 0, commands[i], events[i], i)))
         for i in range(count)]
     for process in front_ends:
         process.start()
@@ -144,7 +144,7 @@ def _forget_metrics(process: BaseProcess) -> None:
         multiprocess.mark_process_dead(process.pid, os.environ[METRICS_DIR_ENV])
 
 
-def _front_end_main(config: Config, index: int, sock: socket.socket, shared: SharedEngine) -> None:
+def _front_end_main(config: Config, sock: socket.socket, shared: SharedEngine) -> None:
     """A front-end process: the app under uvicorn on the parent's socket, with the shared engine."""
     startup_clock.begin()
     if config.log_format == "json":
@@ -156,4 +156,4 @@ def _front_end_main(config: Config, index: int, sock: socket.socket, shared: Sha
 
     engine = ProcessEngineClient(config, shared)
     engine.spawn()
-    sys.exit(run_front_end(config, engine, sock, index))
+    sys.exit(run_front_end(config, engine, sock, shared.index))

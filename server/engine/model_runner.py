@@ -167,12 +167,11 @@ class ModelRunner:
         copies from pageable memory) runs its decode steps eagerly instead, with a warning, rather
         than failing to start."""
         assert self.graphs is not None
-        if not getattr(self.model, "is_generic", False):
-            self.graphs.capture_all(with_lora=with_lora)
-            return
         try:
             self.graphs.capture_all(with_lora=with_lora)
         except RuntimeError as e:
+            if not getattr(self.model, "is_generic", False):
+                raise
             logger.warning("%s: capturing the decode CUDA graphs failed (%s); its decode steps run eagerly, "
                            "launching every kernel from Python (slower)", type(self.model).__name__,
                            str(e).splitlines()[0] if str(e) else type(e).__name__)
