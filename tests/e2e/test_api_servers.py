@@ -119,6 +119,18 @@ class Streams:
             thread.join(timeout=120)
 
 
+def stream_on_both_front_ends(server: LiveServer, prompts: list[str], max_tokens: int,
+                              model: str = BASE_MODEL) -> dict[str, str]:
+    """Each prompt's streamed text, all streams open at once, some of them on each front end."""
+    streams = Streams(server, prompts, max_tokens, model)
+    streams.wait_started()
+    on_both = serving_pids(server)
+    streams.join()
+    assert not streams.errors, streams.errors
+    assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
+    return {prompt: "".join(pieces) for prompt, pieces in streams.texts.items()}
+
+
 def greedy(server: LiveServer, prompt: str, max_tokens: int, model: str = BASE_MODEL) -> str:
     reply = server.client().completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
                                                temperature=0, extra_body={"ignore_eos": True})
@@ -140,14 +152,8 @@ def test_streams_run_on_both_front_ends_at_once_with_one_front_ends_tokens(
         servers: tuple[LiveServer, LiveServer]) -> None:
     two, one = servers
     assert len(front_ends(two)) == 2
-    streams = Streams(two, PROMPTS, 300)
-    streams.wait_started()
-    on_both = serving_pids(two)
-    streams.join()
-    assert not streams.errors, streams.errors
-    assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
-    for prompt, pieces in streams.texts.items():
-        assert "".join(pieces) == greedy(one, prompt, 300), prompt
+    for prompt, text in stream_on_both_front_ends(two, PROMPTS, 300).items():
+        assert text == greedy(one, prompt, 300), prompt
 
 
 def test_a_lora_adapter_serves_alike_through_every_front_end(servers: tuple[LiveServer, LiveServer]) -> None:
@@ -169,14 +175,7 @@ def test_a_lora_dir_adapter_is_loaded_by_each_front_end_and_answers_alike(
     first request there (under an id of its own range), and every stream gives the tokens one front
     end with the same folder as --lora gives."""
     two_dir, one = all_servers["drain"], all_servers["one"]
-    streams = Streams(two_dir, PROMPTS[:6], 40, model="shout")
-    streams.wait_started()
-    on_both = serving_pids(two_dir)
-    streams.join()
-    assert not streams.errors, streams.errors
-    assert len(on_both) == 2, f"every stream went to one front end: {on_both}"
-    for prompt, pieces in streams.texts.items():
-        text = "".join(pieces)
+    for prompt, text in stream_on_both_front_ends(two_dir, PROMPTS[:6], 40, model="shout").items():
         assert text == greedy(one, prompt, 40, model="upper") and text.upper() == text, prompt
 
 

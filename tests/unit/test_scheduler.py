@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from factories import create_scheduler, create_seq, run_step
 
-from sloth_serve.engine.sequence import FinishReason, SequenceStatus
+from sloth_serve.engine.scheduler import Scheduler
+from sloth_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def test_admission_respects_max_num_seqs() -> None:
@@ -156,14 +157,18 @@ def test_prompt_larger_than_whole_cache_is_rejected() -> None:
         sched.add(create_seq(9))
 
 
-def test_sequence_outgrowing_the_whole_cache_ends_and_is_listed_for_the_engine() -> None:
-    sched = create_scheduler(num_blocks=3, block_size=4, prefix_caching=False, max_model_len=256)
-    seq = create_seq(10, max_tokens=100)
+def run_until_finished(sched: Scheduler, seq: Sequence, max_steps: int) -> None:
     sched.add(seq)
-    for _ in range(10):
+    for _ in range(max_steps):
         run_step(sched)
         if seq.is_finished:
             break
+
+
+def test_sequence_outgrowing_the_whole_cache_ends_and_is_listed_for_the_engine() -> None:
+    sched = create_scheduler(num_blocks=3, block_size=4, prefix_caching=False, max_model_len=256)
+    seq = create_seq(10, max_tokens=100)
+    run_until_finished(sched, seq, 10)
     assert seq.finish_reason is FinishReason.LENGTH
     assert sched.finished_unscheduled == [seq]
     assert sched.block_manager.num_free_blocks == 3
@@ -176,11 +181,7 @@ def test_sequence_outgrowing_a_cache_larger_than_a_step_ends_too() -> None:
     sched = create_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=16, prefix_caching=False,
                              max_model_len=256)
     seq = create_seq(10, max_tokens=200)
-    sched.add(seq)
-    for _ in range(60):
-        run_step(sched)
-        if seq.is_finished:
-            break
+    run_until_finished(sched, seq, 60)
     assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 33 and seq.num_preemptions == 1
     assert sched.finished_unscheduled == [seq] and not sched.has_work
     assert sched.block_manager.num_free_blocks == 8
