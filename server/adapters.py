@@ -46,8 +46,9 @@ def confined_adapter_dir(root: Path, name: str) -> Path | None:
 
 # Several front ends share one engine (--api-server-count): each names the --lora adapters in the
 # same order, so they get the same ids everywhere (the engine loads each once); what one front end
-# loads while serving (a --lora-dir adapter on its first request there) takes an id from its own
-# range, so two front ends never give one id to different folders.
+# loads while serving (a --lora-dir adapter on its first request there, or through
+# /v1/load_lora_adapter) takes an id from its own range, so two front ends never give one id to
+# different folders. The engine tells the others of what comes through /v1/load_lora_adapter.
 DYNAMIC_ID_SPAN = 1 << 20
 
 
@@ -70,11 +71,12 @@ class AdapterRegistry:
         # Unpinned adapters' ids, where they must differ from other front ends' (dynamic_ids_from)
         self._dynamic_ids = itertools.count(dynamic_ids) if dynamic_ids is not None else self._ids
 
-    def prepare(self, name: str, path: str | Path, pinned: bool = False) -> Adapter:
-        """A new adapter id for the folder (nothing read but its files' times); not servable yet."""
+    def prepare(self, name: str, path: str | Path, pinned: bool = False, at_startup: bool = False) -> Adapter:
+        """A new adapter id for the folder (nothing read but its files' times); not servable yet.
+        `at_startup`: a --lora adapter, whose id every front end gives alike."""
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid adapter name {name!r}: use a plain name without '/'")
-        adapter_id = next(self._ids if pinned else self._dynamic_ids)
+        adapter_id = next(self._ids if at_startup else self._dynamic_ids)
         return Adapter(name, str(path), adapter_id, 0, pinned, file_signature(Path(path)))
 
     def commit(self, adapter: Adapter) -> Adapter | None:

@@ -303,17 +303,8 @@ def _check_http(config: Config) -> None:
         raise ValueError(f"--request-timeout must be a positive number of seconds (or 0: none); "
                          f"got {config.request_timeout}")
     _at_least(config, "api_server_count", 1)
-    if config.api_server_count > 1:
-        if config.engine_mode != "process":
-            raise ValueError("--api-server-count above 1 needs the engine in its own process: leave out "
-                             "--engine-mode thread")
-        # Each front end names its adapters itself: an adapter loaded through one front end's
-        # /v1/load_lora_adapter would be unknown to the others. --lora adapters are loaded once, under
-        # the same ids, for all of them; a --lora-dir adapter is loaded by each front end on its first
-        # request there (sloth_serve.adapters.dynamic_ids_from).
-        if config.allow_runtime_lora:
-            raise ValueError("--api-server-count above 1 cannot load adapters through /v1/load_lora_adapter (the "
-                             "other front ends would not know them): leave out --allow-runtime-lora and name the "
-                             "adapters with --lora or serve a --lora-dir, or use one API server")
+    if config.api_server_count > 1 and config.engine_mode != "process":
+        raise ValueError("--api-server-count above 1 needs the engine in its own process: leave out "
+                         "--engine-mode thread")
     if config.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0; got {config.shutdown_timeout}")

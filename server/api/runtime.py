@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..adapters import Adapter, AdapterRegistry
-from ..engine.client import EngineClient, EngineInfo
+from ..adapters import Adapter, AdapterRegistry, file_signature
+from ..engine.client import AdapterNamed, AdapterUnnamed, EngineClient, EngineInfo
 from ..engine.grammar import GrammarCompiler
 from ..vision_processor import VisionProcessor
 from .logprobs import TokenTexts
@@ -41,21 +42,39 @@ class Runtime:
     def vocab_size(self) -> int:
         return self.info.vocab_size
 
-    async def load_adapter(self, name: str, path: str, pinned: bool) -> Adapter:
+    async def load_adapter(self, name: str, path: str, pinned: bool, at_startup: bool = False) -> Adapter:
         """Read the adapter into the engine, then make its name servable (evicting beyond
-        --max-cpu-loras). ValueError when it cannot be loaded."""
-        registry = self.adapters
-        adapter = registry.prepare(name, path, pinned)
+        --max-cpu-loras). ValueError when it cannot be loaded. A pinned one (--lora, `at_startup`,
+        or /v1/load_lora_adapter) is served under its name by every front end."""
+        adapter = self.adapters.prepare(name, path, pinned, at_startup)
         # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
         tokenizer = await asyncio.to_thread(self.tokenizers.prepare, path, name)
-        adapter.rank = await self.engine.add_lora(adapter.adapter_id, name, path)
-        self.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
-        dropped = [old] if (old := registry.commit(adapter)) is not None else []
-        dropped += [registry.unregister(v.name) for v in registry.evictable() if v.name != name]
-        for gone in dropped:
-            await self.engine.remove_lora(gone.adapter_id)
+        adapter.rank = await self.engine.add_lora(adapter.adapter_id, name, path, shared=pinned)
+        await self._serve(adapter, tokenizer)
         return adapter
 
     async def unload_adapter(self, name: str) -> None:
         adapter = self.adapters.unregister(name)
         await self.engine.remove_lora(adapter.adapter_id)
+
+    async def adopt_adapter(self, news: AdapterNamed) -> None:
+        """Serve what another front end loaded (its weights are in the engine already)."""
+        tokenizer = await asyncio.to_thread(self.tokenizers.prepare, news.path, news.name)
+        await self._serve(Adapter(news.name, news.path, news.adapter_id, news.rank, pinned=True,
+                                  signature=file_signature(Path(news.path))), tokenizer)
+
+    def forget_adapter(self, news: AdapterUnnamed) -> None:
+        """Another front end unloaded it (the engine drops its weights)."""
+        held = self.adapters.by_name.get(news.name)
+        if held is not None and held.adapter_id == news.adapter_id:
+            self.adapters.unregister(news.name)
+
+    async def _serve(self, adapter: Adapter, tokenizer: Any) -> None:
+        registry = self.adapters
+        self.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
+        old = registry.commit(adapter)
+        # The one it replaced (a --lora adapter named by another front end first is the same one).
+        dropped = [old] if old is not None and old.adapter_id != adapter.adapter_id else []
+        dropped += [registry.unregister(v.name) for v in registry.evictable() if v.name != adapter.name]
+        for gone in dropped:
+            await self.engine.remove_lora(gone.adapter_id)

@@ -18,7 +18,7 @@ from .. import startup_clock
 from ..adapters import AdapterRegistry, dynamic_ids_from
 from ..config import Config
 from ..engine import stalls
-from ..engine.client import EngineClient, EngineInfo
+from ..engine.client import AdapterNamed, AdapterNews, EngineClient, EngineInfo
 from ..engine.grammar import make_compiler
 from ..engine.launch import engine_client
 from ..metrics import EngineMetrics
@@ -63,6 +63,9 @@ class ServerState:
         self._tokens_in_flight = self.admission.export(self.registry, self.shared_metrics)
         self._scrape_registry: CollectorRegistry | None = None
         self._publisher: asyncio.Task[None] | None = None
+        # What other front ends load and unload (--api-server-count), applied in order by one task.
+        self._adapter_news: asyncio.Queue[AdapterNews] = asyncio.Queue()
+        self._news_reader: asyncio.Task[None] | None = None
 
     def _model_name_of(self, adapter_id: int) -> str:
         """The `model` a client names for this engine adapter id (the metrics' model_name label)."""
@@ -155,7 +158,7 @@ class ServerState:
             for name, path in config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
-                await runtime.load_adapter(name, path, pinned=True)
+                await runtime.load_adapter(name, path, pinned=True, at_startup=True)
             # What start-up made stays for the life of the process: out of the collector's reach,
             # a full collection no longer stops every thread for most of a second under load.
             stalls.watch_gc()
@@ -171,6 +174,9 @@ class ServerState:
         if self._closed:
             return
         engine.on_death = self._engine_died
+        if config.api_server_count > 1:
+            self._news_reader = asyncio.create_task(self._read_adapter_news(runtime), name="sloth-adapter-news")
+            engine.listen_to_adapter_news(self._adapter_news.put_nowait)
         # The defaults of --max-queued-tokens and --max-request-bytes need the model.
         fit_limits(config, runtime, self.admission)
         logger.info("ready to serve: %s (engine in a %s)", ", ".join([self.base_model_id, *(a.name for a in runtime.adapters)]),
@@ -200,6 +206,20 @@ class ServerState:
                        TokenizerRegistry(base, adapters), grammar, grammar_error, vision, self.config.reasoning_parser,
                        self.config.tool_call_parser)
 
+    async def _read_adapter_news(self, runtime: Runtime) -> None:
+        while True:
+            news = await self._adapter_news.get()
+            try:
+                if isinstance(news, AdapterNamed):
+                    await runtime.adopt_adapter(news)
+                    logger.info("adapter %s loaded through another API server: serving it here too", news.name)
+                else:
+                    runtime.forget_adapter(news)
+                    logger.info("adapter %s unloaded through another API server", news.name)
+            except Exception as exc:  # its folder became unreadable since: the name is not served here
+                logger.error("adapter %s, loaded through another API server, cannot be served here: %s: %s",
+                             news.name, type(exc).__name__, exc)
+
     def _engine_died(self, reason: str) -> None:
         """The engine process died while serving: 503s from now on, and the server exits non-zero so
         an orchestrator restarts it. A thread engine's fatal error keeps the server up, answering 503."""
@@ -214,8 +234,9 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self._closed = True
-        if self._publisher is not None:
-            self._publisher.cancel()
+        for task in (self._publisher, self._news_reader):
+            if task is not None:
+                task.cancel()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self.engine is not None:

@@ -81,8 +81,8 @@ class AsyncEngine(EngineClient):
         assert self.core is not None
         self.core.put(Abort(request_id, reason))
 
-    async def add_lora(self, adapter_id: int, name: str, path: str) -> int:
-        call_id, future = self._new_call()
+    async def add_lora(self, adapter_id: int, name: str, path: str, shared: bool = False) -> int:
+        call_id, future = self._new_call()  # one front end: `shared` changes nothing
         assert self.core is not None
         await asyncio.to_thread(self.core.load_lora, AddLora(call_id, adapter_id, name, str(path)))
         rank = await future

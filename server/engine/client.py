@@ -15,10 +15,10 @@ from .mm_inputs import MultiModalInputs
 from .outputs import EngineInfo, RequestOutput, StepStats
 from .sampling_params import SamplingParams, StructuredSpec
 from .sequence import FinishReason, TokenLogprob
-from .wire import Reply, StepOutputs
+from .wire import AdapterNamed, AdapterUnnamed, Reply, StepOutputs
 
 __all__ = [
-    "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",
+    "AdapterNamed", "AdapterNews", "AdapterUnnamed", "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",
     "StepOutputs", "StepStats", "StructuredSpec", "TokenLogprob",
 ]
 
@@ -30,6 +30,7 @@ class EngineDeadError(RuntimeError):
 
 
 StepListener = Callable[[StepStats, list[RequestOutput]], None]
+AdapterNews = AdapterNamed | AdapterUnnamed
 
 
 class EngineClient(ABC):
@@ -45,6 +46,9 @@ class EngineClient(ABC):
         # With several front ends on one engine (--api-server-count), this one's number: the adapters
         # it loads while serving take ids of its own (sloth_serve.adapters.dynamic_ids_from).
         self.front_end_index: int | None = None
+        # What other front ends did to shared adapters (--api-server-count): held until a listener is set.
+        self.adapter_news: list[AdapterNews] = []
+        self._on_adapter_news: Callable[[AdapterNews], None] | None = None
 
     @abstractmethod
     async def start(self) -> EngineInfo:
@@ -63,9 +67,10 @@ class EngineClient(ABC):
     def _send_abort(self, request_id: str, reason: FinishReason) -> None: ...
 
     @abstractmethod
-    async def add_lora(self, adapter_id: int, name: str, path: str) -> int:
+    async def add_lora(self, adapter_id: int, name: str, path: str, shared: bool = False) -> int:
         """Load the adapter folder's weights into the engine as `adapter_id`; returns its rank.
-        ValueError (a message for the client) when it cannot be read or does not fit the model."""
+        ValueError (a message for the client) when it cannot be read or does not fit the model.
+        `shared`: every front end serves it under `name` (wire.AddLora)."""
 
     @abstractmethod
     async def remove_lora(self, adapter_id: int) -> None:
@@ -93,6 +98,20 @@ class EngineClient(ABC):
         saw (STOP when the API matched a stop string), so the metrics count it right."""
         if request_id in self.streams and self.dead_reason is None:
             self._send_abort(request_id, reason)
+
+    def listen_to_adapter_news(self, listener: Callable[[AdapterNews], None]) -> None:
+        """Call on the loop: `listener` gets what other front ends load and unload, starting with what
+        came before it was set."""
+        self._on_adapter_news = listener
+        held, self.adapter_news = self.adapter_news, []
+        for news in held:
+            listener(news)
+
+    def _on_adapter_news_event(self, news: AdapterNews) -> None:
+        if self._on_adapter_news is None:
+            self.adapter_news.append(news)
+        else:
+            self._on_adapter_news(news)
 
     def _on_outputs(self, delivery: StepOutputs) -> None:
         """On the loop: each output to its request's queue, each step's record to the listener."""

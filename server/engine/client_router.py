@@ -7,9 +7,24 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
+
 from .outputs import RequestOutput
 from .sequence import FinishReason
-from .wire import Abort, AddLora, AddRequest, Command, Dead, Event, RemoveLora, Reply, Shutdown, StepOutputs
+from .wire import (
+    Abort,
+    AdapterNamed,
+    AdapterUnnamed,
+    AddLora,
+    AddRequest,
+    Command,
+    Dead,
+    Event,
+    RemoveLora,
+    Reply,
+    Shutdown,
+    StepOutputs,
+)
 
 Routed = list[tuple[int, Event]]  # (front end index, event for it)
 
@@ -18,12 +33,16 @@ class ClientRouter:
     """Front ends are numbered 0..num_clients-1. A request id belongs to the front end that added it
     until its last output; call ids are each front end's own count, so they are renumbered on the way
     in and given back on the way out. Step records (StepStats) go to every front end: each answers
-    /health and the gauges itself."""
+    /health and the gauges itself. A shared adapter (--lora, /v1/load_lora_adapter) has one name for
+    all: once loaded or unloaded through one front end, the others are told (AdapterNamed,
+    AdapterUnnamed), and a name held by another adapter is refused."""
 
     def __init__(self, num_clients: int) -> None:
         self.num_clients = num_clients
         self.owners: dict[str, int] = {}  # request id -> front end, while the request runs
-        self._calls: dict[int, tuple[int, int]] = {}  # engine call id -> (front end, its call id)
+        # engine call id -> (front end, its call id, the adapter call, whether it names a new shared adapter)
+        self._calls: dict[int, tuple[int, int, AddLora | RemoveLora, bool]] = {}
+        self.shared: dict[str, int] = {}  # shared adapter name -> its id (loaded, or loading)
         self._call_ids = itertools.count()
         self._stopped: set[int] = set()  # front ends that sent Shutdown
 
@@ -40,10 +59,18 @@ class ClientRouter:
         if isinstance(command, Abort):  # a front end ends only its own requests
             return (command if self.owners.get(command.request_id) == client else None), []
         if isinstance(command, AddLora | RemoveLora):
+            new_name = False
+            if isinstance(command, AddLora) and command.shared:
+                new_name = command.name not in self.shared
+                # Each front end loads the --lora adapters under the same ids: the same name and id twice
+                # is one adapter (the engine holds it once), another id under a held name is refused.
+                if self.shared.setdefault(command.name, command.adapter_id) != command.adapter_id:
+                    error = f"an adapter named {command.name!r} is already loaded (through another API server)"
+                    return None, [(client, Reply(command.call_id, error=error, is_value_error=True))]
             call_id = next(self._call_ids)
-            self._calls[call_id] = (client, command.call_id)
+            self._calls[call_id] = (client, command.call_id, command, new_name)
             if isinstance(command, AddLora):
-                return AddLora(call_id, command.adapter_id, command.name, command.path), []
+                return msgspec.structs.replace(command, call_id=call_id), []
             return RemoveLora(call_id, command.adapter_id), []
         assert isinstance(command, Shutdown)
         # The engine stops once every front end has stopped: the others may still be draining.
@@ -60,14 +87,34 @@ class ClientRouter:
             return [(client, StepOutputs(outputs, event.stats)) for client, outputs in self._split(event.outputs)
                     if outputs or event.stats]
         if isinstance(event, Reply):
-            client, call_id = self._calls.pop(event.call_id, (-1, -1))
-            if client < 0:
+            if event.call_id not in self._calls:
                 return []
-            return [(client, Reply(call_id, event.result, event.error, event.is_value_error, event.startup_phases))]
+            client, call_id, command, new_name = self._calls.pop(event.call_id)
+            reply = Reply(call_id, event.result, event.error, event.is_value_error, event.startup_phases)
+            news = self._adapter_news(command, new_name, event)
+            return [(client, reply), *((other, told) for told in news for other in range(self.num_clients)
+                                        if other != client)]
         if isinstance(event, Dead):  # every front end learns why; each gets its own requests' ends
             split = dict(self._split(event.outputs))
             return [(client, Dead(event.reason, split[client])) for client in range(self.num_clients)]
         return [(client, event) for client in range(self.num_clients)]  # Ready, LoadFailed
+
+    def _adapter_news(self, command: AddLora | RemoveLora, new_name: bool, reply: Reply) -> list[Event]:
+        """What the other front ends learn from an adapter call's reply."""
+        if isinstance(command, AddLora):
+            if not new_name:
+                return []
+            if reply.error is not None:  # the name is free again
+                if self.shared.get(command.name) == command.adapter_id:
+                    del self.shared[command.name]
+                return []
+            assert reply.result is not None
+            return [AdapterNamed(command.name, command.adapter_id, command.path, reply.result)]
+        name = next((n for n, i in self.shared.items() if i == command.adapter_id), None)
+        if name is None or reply.error is not None:
+            return []
+        del self.shared[name]
+        return [AdapterUnnamed(name, command.adapter_id)]
 
     def _split(self, outputs: list[RequestOutput]) -> list[tuple[int, list[RequestOutput]]]:
         """Outputs by front end (every front end listed, in order); a finished request's id is freed."""

@@ -34,6 +34,8 @@ from .sequence import FinishReason
 from .shared_engine import EngineWatch, SharedEngine
 from .wire import (
     Abort,
+    AdapterNamed,
+    AdapterUnnamed,
     AddLora,
     AddRequest,
     Command,
@@ -168,8 +170,8 @@ class ProcessEngineClient(EngineClient):
         with contextlib.suppress(EngineDeadError):  # a dead engine has nothing left to abort
             self._send(Abort(request_id, reason))
 
-    async def add_lora(self, adapter_id: int, name: str, path: str) -> int:
-        rank = await self._call(lambda call_id: AddLora(call_id, adapter_id, name, str(path)))
+    async def add_lora(self, adapter_id: int, name: str, path: str, shared: bool = False) -> int:
+        rank = await self._call(lambda call_id: AddLora(call_id, adapter_id, name, str(path), shared))
         assert rank is not None
         return rank
 
@@ -221,6 +223,8 @@ class ProcessEngineClient(EngineClient):
         elif isinstance(event, Reply):
             startup_clock.current().extend(event.startup_phases)  # an adapter's first load (graphs, kernels)
             resolve_call(self._calls, event)
+        elif isinstance(event, AdapterNamed | AdapterUnnamed):
+            self._on_adapter_news_event(event)
         elif isinstance(event, Dead):
             logger.error("the engine stopped: %s", event.reason)
             self._die(event.reason, event.outputs)

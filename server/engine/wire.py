@@ -41,6 +41,10 @@ class AddLora(msgspec.Struct, tag=True, array_like=True):
     adapter_id: int
     name: str
     path: str  # the adapter folder; the engine reads it
+    # Served under its name by every front end (--lora and /v1/load_lora_adapter): with several front
+    # ends the others learn of it (AdapterNamed) and a second folder under the name is refused. A
+    # --lora-dir adapter loaded on a request is each front end's own.
+    shared: bool = False
 
 
 class RemoveLora(msgspec.Struct, tag=True, array_like=True):
@@ -75,6 +79,22 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     startup_phases: tuple[Phase, ...] = ()
 
 
+class AdapterNamed(msgspec.Struct, tag=True, array_like=True):
+    """Another front end loaded a shared adapter (several front ends): serve `name` as `adapter_id`."""
+
+    name: str
+    adapter_id: int
+    path: str
+    rank: int
+
+
+class AdapterUnnamed(msgspec.Struct, tag=True, array_like=True):
+    """Another front end unloaded the shared adapter: `name` no longer serves `adapter_id`."""
+
+    name: str
+    adapter_id: int
+
+
 class Dead(msgspec.Struct, tag=True, array_like=True):
     """The engine cannot go on: why, and the error outputs that end every request it had."""
 
@@ -90,7 +110,7 @@ class LoadFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-Event = StepOutputs | Reply | Dead | Ready | LoadFailed
+Event = StepOutputs | Reply | AdapterNamed | AdapterUnnamed | Dead | Ready | LoadFailed
 
 
 def for_wire(params: SamplingParams) -> SamplingParams:

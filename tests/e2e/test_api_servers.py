@@ -2,7 +2,8 @@
 on both at once with the greedy tokens of one front end, /metrics sums both front ends whichever
 answers the scrape (the engine's figures counted once), SIGTERM drains both front ends' streams and
 the server exits 0, a --lora-dir adapter is loaded by each front end on its first request there and
-answers alike through both, a SIGKILL of the engine ends both front ends' streams with an error event and
+answers alike through both, an adapter loaded or unloaded through one front end's
+/v1/load_lora_adapter is served or dropped by both, a SIGKILL of the engine ends both front ends' streams with an error event and
 the server exits non-zero, and so does a SIGKILL of one front end (the other drains its streams);
 none leaves a process behind."""
 
@@ -30,12 +31,13 @@ PROMPTS = [f"Count the {word}" for word in ("apples", "rivers", "stars", "clouds
 def all_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveServer]]:
     """Two front ends ("two", "drain" for the SIGTERM test and "lose" for the front end killed alone)
     and one ("one"), started together so their loads overlap. "two" and "one" serve the demo's upper-case adapter as "upper" (--lora:
-    each front end registers it); "drain" serves a --lora-dir holding it as "shout"."""
+    each front end registers it); "drain" serves a --lora-dir holding it as "shout" and loads adapters
+    through /v1/load_lora_adapter."""
     tmp = tmp_path_factory.mktemp("api-servers")
     shutil.copytree(DEMO_ADAPTER, tmp / "adapters" / "shout")
     started = {"two": launch(tmp, "two", "--api-server-count", "2"), "one": launch(tmp, "one"),
                "drain": launch(tmp, "drain", "--api-server-count", "2", "--shutdown-timeout", "60",
-                               "--lora-dir", str(tmp / "adapters"), demo_adapter=False),
+                               "--lora-dir", str(tmp / "adapters"), "--allow-runtime-lora", demo_adapter=False),
                "lose": launch(tmp, "lose", "--api-server-count", "2", demo_adapter=False)}
     try:
         for name, server in started.items():
@@ -177,6 +179,44 @@ def test_a_lora_dir_adapter_is_loaded_by_each_front_end_and_answers_alike(
     two_dir, one = all_servers["drain"], all_servers["one"]
     for prompt, text in stream_on_both_front_ends(two_dir, PROMPTS[:6], 40, model="shout").items():
         assert text == greedy(one, prompt, 40, model="upper") and text.upper() == text, prompt
+
+
+def models_everywhere(server: LiveServer) -> set[str]:
+    """The model ids both front ends list, once they agree: eight answers in a row alike, each on a
+    new connection (taken by either front end), within 20 s of what one of them was told."""
+    deadline, seen = time.monotonic() + 20, []
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{server.base_url}/models", headers={"Connection": "close"}, timeout=10).json()
+        seen = [*seen[-7:], frozenset(m["id"] for m in models["data"])]
+        if len(seen) == 8 and len(set(seen)) == 1:
+            return set(seen[0])
+        time.sleep(0.05)
+    raise AssertionError(f"the front ends list different models: {seen}")
+
+
+def test_an_adapter_loaded_through_one_front_end_is_served_and_unloaded_by_both(
+        all_servers: dict[str, LiveServer]) -> None:
+    two_dir, one = all_servers["drain"], all_servers["one"]
+    args = psutil.Process(two_dir.process.pid).cmdline()
+    body = {"lora_name": "loud", "lora_path": str(Path(args[args.index("--lora-dir") + 1]) / "shout")}
+    load = httpx.post(f"{two_dir.base_url}/load_lora_adapter", json=body, headers={"Connection": "close"}, timeout=60)
+    assert load.status_code == 200, load.text
+    assert "loud" in models_everywhere(two_dir)
+    for prompt, text in stream_on_both_front_ends(two_dir, PROMPTS[:6], 24, model="loud").items():
+        assert text == greedy(one, prompt, 24, model="upper"), prompt
+    # The name is taken on both front ends: a second load under it is refused, whichever answers.
+    for _ in range(4):
+        again = httpx.post(f"{two_dir.base_url}/load_lora_adapter", json=body, headers={"Connection": "close"},
+                           timeout=60)
+        assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+    unload = httpx.post(f"{two_dir.base_url}/unload_lora_adapter", json={"lora_name": "loud"},
+                        headers={"Connection": "close"}, timeout=60)
+    assert unload.status_code == 200, unload.text
+    assert "loud" not in models_everywhere(two_dir)
+    for _ in range(6):
+        gone = httpx.post(f"{two_dir.base_url}/completions", json={"model": "loud", "prompt": "Hi", "max_tokens": 2},
+                          headers={"Connection": "close"}, timeout=60)
+        assert gone.status_code == 404, gone.text
 
 
 def test_metrics_sum_the_front_ends_and_count_engine_steps_once(servers: tuple[LiveServer, LiveServer]) -> None:

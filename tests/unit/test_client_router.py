@@ -1,6 +1,7 @@
 """One engine, several front ends (--api-server-count): each request's outputs and each adapter call's
 reply go back to the front end that sent it, aborts reach only their own requests, and the engine
-stops once every front end has stopped (server/engine/client_router.py)."""
+stops once every front end has stopped; a shared adapter loaded or unloaded through one front end is
+announced to the others, and its name is refused to another folder (server/engine/client_router.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from sloth_serve.engine.sampling_params import SamplingParams
 from sloth_serve.engine.sequence import FinishReason
 from sloth_serve.engine.wire import (
     Abort,
+    AdapterNamed,
+    AdapterUnnamed,
     AddLora,
     AddRequest,
     Dead,
@@ -94,6 +97,58 @@ def test_adapter_calls_are_renumbered_and_replied_to_their_caller() -> None:
         [(0, Reply(0, error="bad", is_value_error=True))]
     assert router.event(Reply(removal.call_id)) == [(1, Reply(1))]
     assert router.event(Reply(first.call_id, result=16)) == []  # answered already
+
+
+def _replied(router: ClientRouter, client: int, command: AddLora | RemoveLora, result: int | None = None,
+             error: str | None = None) -> list[tuple[int, object]]:
+    """Send the call through the router, then the engine's reply to it back."""
+    sent, answers = router.command(client, command)
+    assert sent is not None and answers == []
+    return list(router.event(Reply(sent.call_id, result=result, error=error)))
+
+
+def test_a_shared_adapter_loaded_through_one_front_end_is_announced_to_the_others() -> None:
+    router = ClientRouter(3)
+    routed = _replied(router, 1, AddLora(4, 2**21 + 1, "sql", "/adapters/sql", shared=True), result=16)
+    assert routed == [(1, Reply(4, result=16)), (0, AdapterNamed("sql", 2**21 + 1, "/adapters/sql", 16)),
+                      (2, AdapterNamed("sql", 2**21 + 1, "/adapters/sql", 16))]
+    # Unloaded through another front end: the rest are told, the caller gets its reply.
+    routed = _replied(router, 2, RemoveLora(0, 2**21 + 1))
+    assert routed == [(2, Reply(0)), (0, AdapterUnnamed("sql", 2**21 + 1)), (1, AdapterUnnamed("sql", 2**21 + 1))]
+    assert router.shared == {}
+    # A --lora-dir adapter loaded on a request is its front end's own: nobody else hears of it.
+    assert _replied(router, 0, AddLora(1, 2**20 + 1, "sql", "/adapters/sql"), result=16) == [(0, Reply(1, result=16))]
+    assert _replied(router, 0, RemoveLora(2, 2**20 + 1)) == [(0, Reply(2))]
+
+
+def test_a_shared_name_held_by_another_adapter_is_refused_until_it_is_free() -> None:
+    router = ClientRouter(2)
+    loading, _ = router.command(0, AddLora(0, 2**20 + 1, "sql", "/adapters/sql", shared=True))
+    assert loading is not None
+    # Another front end's folder under the name while the first still loads: refused at once.
+    refused, answers = router.command(1, AddLora(0, 2**21 + 1, "sql", "/adapters/other", shared=True))
+    assert refused is None
+    [(client, reply)] = answers
+    assert client == 1 and isinstance(reply, Reply) and reply.is_value_error and "already loaded" in (reply.error or "")
+    # The first load fails: nobody is told, and the name is free again.
+    assert router.event(Reply(loading.call_id, error="no such folder", is_value_error=True)) == \
+        [(0, Reply(0, error="no such folder", is_value_error=True))]
+    assert _replied(router, 1, AddLora(1, 2**21 + 1, "sql", "/adapters/other", shared=True), result=8)[1:] == \
+        [(0, AdapterNamed("sql", 2**21 + 1, "/adapters/other", 8))]
+
+
+def test_the_lora_adapters_every_front_end_loads_at_start_up_are_one_adapter() -> None:
+    """Each front end loads each --lora adapter under the same id: the first load is announced (a front
+    end still starting finds it named already), the others pass without a word."""
+    router = ClientRouter(2)
+    first, _ = router.command(0, AddLora(0, 1, "upper", "/adapters/upper", shared=True))
+    second, answers = router.command(1, AddLora(0, 1, "upper", "/adapters/upper", shared=True))
+    assert first is not None and second is not None and answers == []
+    assert router.event(Reply(second.call_id, result=16)) == [(1, Reply(0, result=16))]
+    assert router.event(Reply(first.call_id, result=16)) == [(0, Reply(0, result=16)),
+                                                           (1, AdapterNamed("upper", 1, "/adapters/upper", 16))]
+    # Unloaded through one front end: gone for both.
+    assert _replied(router, 1, RemoveLora(1, 1)) == [(1, Reply(1)), (0, AdapterUnnamed("upper", 1))]
 
 
 def test_death_reaches_every_front_end_with_its_own_requests() -> None:

@@ -66,7 +66,6 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     ({"keep_alive_timeout": 0.0}, "--keep-alive-timeout must be a positive number of seconds"),
     ({"api_server_count": 0}, "--api-server-count must be at least 1; got 0"),
     ({"api_server_count": 2, "engine_mode": "thread"}, "--api-server-count above 1 needs the engine in its own process"),
-    ({"api_server_count": 2, "allow_runtime_lora": True}, "cannot load adapters through /v1/load_lora_adapter"),
 ])
 def test_checks_run_for_config_built_in_code(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
