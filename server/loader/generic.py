@@ -20,6 +20,7 @@ from ..models.families import TEXT_ONLY_ARCHITECTURES, TextOnly, UnsupportedMode
 from ..models.generic import ATTN_IMPLEMENTATION, GenericCausalLM
 from ..models.generic_linear import GenericLinear, adopt_linear, is_linear, lora_targets
 from ..models.generic_step import GenericStep
+from ..models.vision_attention import use_varlen_attention
 from .folders import read_json_object
 from .unsloth import _RECOMPUTED, disk_tensor_names
 
@@ -52,6 +53,8 @@ def load_generic(folder: Path, dtype: torch.dtype, device: torch.device, load_fo
     # The language model's attention goes to the paged KV cache; a vision encoder's stays as it is.
     text = getattr(hf, hf.base_model_prefix).language_model if vision else hf
     route_attention(text)
+    if vision:  # the Qwen-VL encoders' windows: a few batched calls a layer instead of one per window
+        use_varlen_attention(hf)
     step = GenericStep()
     inside = f"{hf.base_model_prefix}.language_model." if vision else f"{hf.base_model_prefix}."
     linears = adopt_linears(hf, step, dtype, device, inside)
