@@ -37,7 +37,8 @@
 # bench/results/2026-12-05-h100.md). Next GPU session, in this order, one device call each:
 #   1. bash bench/gpu_record.sh verifyroof        # the scheduler's lifted prompt bound (606f757) and the 4-process
 #      # client: HTTP c64 against engine alone (issues 22, 23), and every GPU test, now named one by one (-v)
-#   2. SHAPE=llama3.2-1b bash bench/gpu_record.sh verifyroof   # the same on the 1B shape (issue 22's done-when)
+#   2. SHAPE=llama3.2-1b bash bench/gpu_record.sh verifyroof   # the same on the 1B shape (issue 22's done-when);
+#      # then SERVER_FLAGS="--api-server-count 4" with it: the 1B's 64 streams need ~19k tokens/s of front-end work
 #   3. VISION_TIMEOUT=540 bash bench/gpu_record.sh vision      # after the image-request decode fix (issue 21)
 #   4. FAMILIES=qwen3-30b-a3b:12:bf16,qwen3-8b,olmo2-7b bash bench/gpu_record.sh families   # issue 19
 #
@@ -184,7 +185,8 @@ verifyroof)  # the GPU tests (while the 8B model is built beside them), then iss
     save
     elapsed "server with 8 adapters"
     started=$(date +%s.%N)
-    adapter_server 8125 "$RES/server.log" 300 150 --max-model-len 4096
+    # SERVER_FLAGS: more flags for this server (say --api-server-count 4 on the 1B shape)
+    adapter_server 8125 "$RES/server.log" 300 150 --max-model-len 4096 ${SERVER_FLAGS:-}
     python -c "print(f'ready after {$(date +%s.%N) - $started:.1f} s (process start to /health 200)')" | tee "$RES/ready.txt"
     serve_limit=80
     serve c1 1 16 64 128
