@@ -9,6 +9,7 @@ is preempted, its blocks freed, and it is recomputed later from its tokens.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -167,15 +168,27 @@ class Scheduler:
         burst of arrivals beside a few streams: 64 requests sent at once reach the engine one after
         another, and the first starts decoding alone), holding them back costs more waiting than it
         spares, and a step takes prompts up to max_num_batched_tokens as an idle engine does. Only
-        the waiting requests that a free sequence slot could admit count: under overload (every
-        slot taken, a queue behind) lifting the bound would admit none of the queue and only
+        the waiting requests that free sequence and LoRA slots could admit count: under overload
+        (every slot taken, a queue behind) lifting the bound would admit none of the queue and only
         lengthen the running prompts' chunks, pausing every stream for them."""
         decoding = sum(1 for seq in self.running if self._is_decoding(seq))
         if not decoding:
             return False
-        admissible = min(len(self.waiting), max(self.config.max_num_seqs - len(self.running), 0))
+        admissible = self._num_admissible(max(self.config.max_num_seqs - len(self.running), 0))
         held = admissible + len(self.running) - decoding
         return held <= decoding
+
+    def _num_admissible(self, slots: int) -> int:
+        """How many of the first waiting requests `slots` free sequence slots could admit in order,
+        beside the running sequences' adapters (the queue is admitted first come, first served)."""
+        adapters = {seq.adapter_id for seq in self.running}
+        count = 0
+        for seq in itertools.islice(self.waiting, slots):
+            if self._needs_adapter_slot(seq, adapters):
+                break
+            adapters.add(seq.adapter_id)
+            count += 1
+        return count
 
     @staticmethod
     def _is_decoding(seq: Sequence) -> bool:

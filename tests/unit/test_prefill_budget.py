@@ -127,3 +127,21 @@ def test_a_queue_behind_full_sequence_slots_keeps_the_bound() -> None:
     assert run_step(sched) == ([*decoding, long], [1, 1, 1, 8])
     assert run_step(sched) == ([*decoding, long], [1, 1, 1, 8])
     assert not sched.could_admit()
+
+
+def test_a_queue_held_back_by_lora_slots_keeps_the_bound() -> None:
+    """Both LoRA slots are held by the running streams and the queue's first request needs a third
+    adapter: none of the queue could be admitted, so the running prompt keeps its chunks to the bound."""
+    sched = create_scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8,
+                             num_blocks=128, max_loras=2)
+    decoding = [create_seq(4, max_tokens=50, first_token=1000 + 10 * i, adapter_id=1 + i) for i in range(2)]
+    for s in decoding:
+        sched.add(s)
+    run_step(sched)
+    long = create_seq(40, first_token=300, adapter_id=1)
+    sched.add(long)
+    for i in range(4):
+        sched.add(create_seq(6, first_token=400 + 10 * i, adapter_id=3))
+    assert run_step(sched) == ([*decoding, long], [1, 1, 8])
+    assert run_step(sched) == ([*decoding, long], [1, 1, 8])
+
