@@ -44,14 +44,14 @@ class Runtime:
 
     async def load_adapter(self, name: str, path: str, pinned: bool, at_startup: bool = False) -> Adapter:
         """Read the adapter into the engine, then make its name servable (evicting beyond
-        --max-cpu-loras). ValueError when it cannot be loaded. A pinned one (--lora, `at_startup`,
-        or /v1/load_lora_adapter) is served under its name by every front end."""
+        --max-cpu-loras); returns the adapter that serves the name. ValueError when it cannot be
+        loaded. A pinned one (--lora, `at_startup`, or /v1/load_lora_adapter) is served under its
+        name by every front end."""
         adapter = self.adapters.prepare(name, path, pinned, at_startup)
         # Its own tokenizer / chat template / EOS when its folder holds them (else the base's).
         tokenizer = await asyncio.to_thread(self.tokenizers.prepare, path, name)
         adapter.rank = await self.engine.add_lora(adapter.adapter_id, name, path, shared=pinned)
-        await self._serve(adapter, tokenizer)
-        return adapter
+        return await self._serve(adapter, tokenizer, own=True)
 
     async def unload_adapter(self, name: str) -> None:
         adapter = self.adapters.unregister(name)
@@ -61,7 +61,7 @@ class Runtime:
         """Serve what another front end loaded (its weights are in the engine already)."""
         tokenizer = await asyncio.to_thread(self.tokenizers.prepare, news.path, news.name)
         await self._serve(Adapter(news.name, news.path, news.adapter_id, news.rank, pinned=True,
-                                  signature=file_signature(Path(news.path))), tokenizer)
+                                  signature=file_signature(Path(news.path))), tokenizer, own=False)
 
     def forget_adapter(self, news: AdapterUnnamed) -> None:
         """Another front end unloaded it (the engine drops its weights)."""
@@ -69,8 +69,18 @@ class Runtime:
         if held is not None and held.adapter_id == news.adapter_id:
             self.adapters.unregister(news.name)
 
-    async def _serve(self, adapter: Adapter, tokenizer: Any) -> None:
+    async def _serve(self, adapter: Adapter, tokenizer: Any, own: bool) -> Adapter:
+        """Serve `adapter` under its name (`own`: loaded by this front end, else another's); returns
+        the adapter that serves the name. A shared adapter under the name (several front ends) stays:
+        this front end's load of the name on a request, finishing after another front end's load was
+        adopted, is dropped, and news of a shared adapter since replaced here is stale."""
         registry = self.adapters
+        held = registry.by_name.get(adapter.name)
+        if (held is not None and held.pinned and held.adapter_id != adapter.adapter_id
+                and not (own and adapter.pinned)):
+            if own:
+                await self.engine.remove_lora(adapter.adapter_id)
+            return held
         self.tokenizers.put(adapter.adapter_id, tokenizer)  # before its id is servable
         old = registry.commit(adapter)
         # The one it replaced (a --lora adapter named by another front end first is the same one).
@@ -78,3 +88,4 @@ class Runtime:
         dropped += [registry.unregister(v.name) for v in registry.evictable() if v.name != adapter.name]
         for gone in dropped:
             await self.engine.remove_lora(gone.adapter_id)
+        return adapter
