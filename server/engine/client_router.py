@@ -69,9 +69,7 @@ class ClientRouter:
                     return None, [(client, Reply(command.call_id, error=error, is_value_error=True))]
             call_id = next(self._call_ids)
             self._calls[call_id] = (client, command.call_id, command, new_name)
-            if isinstance(command, AddLora):
-                return msgspec.structs.replace(command, call_id=call_id), []
-            return RemoveLora(call_id, command.adapter_id), []
+            return msgspec.structs.replace(command, call_id=call_id), []
         assert isinstance(command, Shutdown)
         # The engine stops once every front end has stopped: the others may still be draining.
         self._stopped.add(client)

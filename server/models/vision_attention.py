@@ -19,10 +19,12 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .families import VISION_ARCHITECTURES
+
 VARLEN_IMPLEMENTATION = "sloth_flash_varlen"
-# transformers' vision encoders whose attention takes packed bounds from a flash-style implementation
-VARLEN_ENCODERS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                   "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+# The image-text models whose vision encoders take packed bounds from a flash-style implementation:
+# the Qwen-VL ones among those served with their encoder
+VARLEN_ENCODERS = frozenset(arch for arch, model_type in VISION_ARCHITECTURES.items() if model_type.startswith("qwen"))
 
 Groups = list[tuple[int, torch.Tensor]]  # (length, token indices [windows of that length, length])
 _groups_of: list[tuple[torch.Tensor, Groups]] = []  # the bounds of the encoder pass in progress (two kinds)
