@@ -18,7 +18,7 @@ from .. import startup_clock
 from ..adapters import AdapterRegistry, dynamic_ids_from
 from ..config import Config
 from ..engine import stalls
-from ..engine.client import AdapterNamed, AdapterNews, EngineClient, EngineInfo
+from ..engine.client import AdapterNamed, AdapterNews, AdapterWithdrawnError, EngineClient, EngineInfo
 from ..engine.grammar import make_compiler
 from ..engine.launch import engine_client
 from ..metrics import EngineMetrics
@@ -158,7 +158,10 @@ class ServerState:
             for name, path in config.lora_modules:
                 if name == self.base_model_id:
                     raise ValueError(f"--lora {name}=... uses the base model's name; give the adapter another")
-                await runtime.load_adapter(name, path, pinned=True, at_startup=True)
+                try:
+                    await runtime.load_adapter(name, path, pinned=True, at_startup=True)
+                except AdapterWithdrawnError as exc:  # unloaded through another API server meanwhile
+                    logger.warning("%s: not served", exc)
             # What start-up made stays for the life of the process: out of the collector's reach,
             # a full collection no longer stops every thread for most of a second under load.
             stalls.watch_gc()

@@ -18,7 +18,7 @@ from .sequence import FinishReason, TokenLogprob
 from .wire import AdapterNamed, AdapterUnnamed, Reply, StepOutputs
 
 __all__ = [
-    "AdapterNamed", "AdapterNews", "AdapterUnnamed", "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",
+    "AdapterNamed", "AdapterNews", "AdapterUnnamed", "AdapterWithdrawnError", "EngineClient", "EngineDeadError", "EngineInfo", "FinishReason", "MultiModalInputs", "RequestOutput", "SamplingParams",
     "StepOutputs", "StepStats", "StructuredSpec", "TokenLogprob",
 ]
 
@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine has stopped (a fatal step error, or its process died); nothing more runs."""
+
+
+class AdapterWithdrawnError(ValueError):
+    """A --lora adapter was unloaded through another front end while this one was starting."""
 
 
 StepListener = Callable[[StepStats, list[RequestOutput]], None]
@@ -151,6 +155,8 @@ def resolve_call(calls: dict[int, asyncio.Future[int | None]], reply: Reply) -> 
         return
     if reply.error is None:
         future.set_result(reply.result)
+    elif reply.withdrawn:
+        future.set_exception(AdapterWithdrawnError(reply.error))
     else:
         future.set_exception(ValueError(reply.error) if reply.is_value_error else RuntimeError(reply.error))
 

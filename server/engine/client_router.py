@@ -43,6 +43,9 @@ class ClientRouter:
         # engine call id -> (front end, its call id, the adapter call, whether it names a new shared adapter)
         self._calls: dict[int, tuple[int, int, AddLora | RemoveLora, bool]] = {}
         self.shared: dict[str, int] = {}  # shared adapter name -> its id (loaded, or loading)
+        # Ids of shared adapters unloaded: a front end still starting may yet ask for its --lora
+        # adapters under them (ids are never given twice otherwise), and must not load one again.
+        self._unloaded: set[int] = set()
         self._call_ids = itertools.count()
         self._stopped: set[int] = set()  # front ends that sent Shutdown
 
@@ -61,6 +64,10 @@ class ClientRouter:
         if isinstance(command, AddLora | RemoveLora):
             new_name = False
             if isinstance(command, AddLora) and command.shared:
+                if command.adapter_id in self._unloaded:
+                    error = (f"adapter {command.name!r} was unloaded through another API server while this one "
+                             "was starting")
+                    return None, [(client, Reply(command.call_id, error=error, is_value_error=True, withdrawn=True))]
                 new_name = command.name not in self.shared
                 # Each front end loads the --lora adapters under the same ids: the same name and id twice
                 # is one adapter (the engine holds it once), another id under a held name is refused.
@@ -88,7 +95,7 @@ class ClientRouter:
             if event.call_id not in self._calls:
                 return []
             client, call_id, command, new_name = self._calls.pop(event.call_id)
-            reply = Reply(call_id, event.result, event.error, event.is_value_error, event.startup_phases)
+            reply = msgspec.structs.replace(event, call_id=call_id)
             news = self._adapter_news(command, new_name, event)
             return [(client, reply), *((other, told) for told in news for other in range(self.num_clients)
                                         if other != client)]
@@ -112,6 +119,7 @@ class ClientRouter:
         if name is None or reply.error is not None:
             return []
         del self.shared[name]
+        self._unloaded.add(command.adapter_id)
         return [AdapterUnnamed(name, command.adapter_id)]
 
     def _split(self, outputs: list[RequestOutput]) -> list[tuple[int, list[RequestOutput]]]:

@@ -77,6 +77,9 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     # What the call timed: the first adapter's load recaptures the CUDA graphs and compiles the LoRA
     # kernels (an engine process's, for the front end's start-up summary).
     startup_phases: tuple[Phase, ...] = ()
+    # A --lora adapter another front end unloaded before this one, still starting, loaded it
+    # (several front ends): it is not loaded again, and this front end does not serve it.
+    withdrawn: bool = False
 
 
 class AdapterNamed(msgspec.Struct, tag=True, array_like=True):

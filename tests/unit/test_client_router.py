@@ -151,6 +151,23 @@ def test_the_lora_adapters_every_front_end_loads_at_start_up_are_one_adapter() -
     assert _replied(router, 1, RemoveLora(1, 1)) == [(1, Reply(1)), (0, AdapterUnnamed("upper", 1))]
 
 
+def test_a_lora_adapter_unloaded_before_a_starting_front_end_loads_it_is_not_loaded_again() -> None:
+    """Front end 0 is serving, front end 1 still starting: an unload of a --lora adapter through 0 before
+    1 asks for it withdraws it for 1 too (its load is answered at once, the engine never sees it);
+    another load of the name (a runtime load takes an id of its own) is served as before."""
+    router = ClientRouter(2)
+    assert _replied(router, 0, AddLora(0, 1, "upper", "/adapters/upper", shared=True), result=16)[1:] == \
+        [(1, AdapterNamed("upper", 1, "/adapters/upper", 16))]
+    assert _replied(router, 0, RemoveLora(1, 1)) == [(0, Reply(1)), (1, AdapterUnnamed("upper", 1))]
+    late, answers = router.command(1, AddLora(0, 1, "upper", "/adapters/upper", shared=True))
+    assert late is None and router.shared == {}
+    [(client, reply)] = answers
+    assert client == 1 and isinstance(reply, Reply) and reply.withdrawn and reply.is_value_error
+    assert "unloaded through another API server" in (reply.error or "")
+    assert _replied(router, 0, AddLora(2, 2**20 + 1, "upper", "/adapters/upper", shared=True), result=16)[1:] == \
+        [(1, AdapterNamed("upper", 2**20 + 1, "/adapters/upper", 16))]
+
+
 def test_death_reaches_every_front_end_with_its_own_requests() -> None:
     router = ClientRouter(2)
     _add(router, 0, "a")

@@ -1,7 +1,8 @@
 """Two front ends' adapter registries (server/api/runtime.py) through the real ClientRouter, with a
 stand-in for the engine's adapter table (what it holds by id; only ids cross here): a shared adapter
 named while a front end loads the same name on a request stays served everywhere, and news of a
-shared adapter that a front end has since replaced by its own is dropped."""
+shared adapter that a front end has since replaced by its own is dropped; a --lora adapter unloaded
+through a serving front end before a starting one loads it is not loaded again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from sloth_serve.adapters import AdapterRegistry, dynamic_ids_from
 from sloth_serve.api.runtime import Runtime
+from sloth_serve.engine.client import AdapterWithdrawnError, resolve_call
 from sloth_serve.engine.client_router import ClientRouter
 from sloth_serve.engine.wire import AdapterNamed, AdapterUnnamed, AddLora, RemoveLora, Reply
 from sloth_serve.loader import DEMO_ADAPTER
@@ -42,8 +44,12 @@ class Engine:
 
     async def _call(self, command: AddLora | RemoveLora, seconds: float) -> int | None:
         sent, answers = self.router.command(self.index, command)
-        if sent is None:
-            raise ValueError(answers[0][1].error)
+        if sent is None:  # answered by the router: its error, as the front end's client raises it
+            refused: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            reply = answers[0][1]
+            assert isinstance(reply, Reply)
+            resolve_call({reply.call_id: refused}, reply)
+            return await refused
         await asyncio.sleep(seconds)
         if isinstance(sent, AddLora):
             self.held.add(sent.adapter_id)
@@ -122,6 +128,28 @@ def test_news_of_an_adapter_replaced_here_since_is_dropped() -> None:
         assert mine.adapter_id != first.adapter_id
         assert served(fe0) == served(fe1) == {"foo": mine.adapter_id}
         assert held == {mine.adapter_id} and router.shared == {"foo": mine.adapter_id}
+        for reader in readers:
+            reader.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_lora_adapter_unloaded_while_another_front_end_starts_stays_unloaded() -> None:
+    async def run() -> None:
+        (fe0, fe1), held, router, readers = await front_ends({})
+        # Front end 0 has loaded its --lora adapter and serves; it is unloaded through it before
+        # front end 1, still starting, loads the same --lora adapter.
+        await fe0.load_adapter("foo", str(DEMO_ADAPTER), pinned=True, at_startup=True)
+        await fe0.unload_adapter("foo")
+        try:
+            await fe1.load_adapter("foo", str(DEMO_ADAPTER), pinned=True, at_startup=True)
+        except AdapterWithdrawnError:
+            pass
+        else:
+            raise AssertionError("the unloaded --lora adapter was loaded again")
+        await asyncio.sleep(0.1)
+        assert served(fe0) == served(fe1) == {}
+        assert held == set() and router.shared == {}
         for reader in readers:
             reader.cancel()
 
