@@ -173,13 +173,15 @@ startup)  # issue 23: the 8B server's ready time (8 adapters), with an empty com
     ;;
 verifyroof)  # the GPU tests (while the 8B model is built beside them), then issue 22/23's core figures:
     # engine alone bs 1/8/64, and through HTTP c1 / c64 / c64 with 8 adapters on the same model
-    ( timeout 230 python -m pytest -v -rfE -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
+    # NO_GPU_TESTS=1: not the tests (a second verifyroof call on the same code)
+    ( [ -n "${NO_GPU_TESTS:-}" ] && exit 0
+      timeout 230 python -m pytest -v -rfE -m gpu tests/kernels tests/engine -n 8 -p no:cacheprovider > "$RES/gpu-tests.txt" 2>&1
       echo "rc $?" >> "$RES/gpu-tests.txt" ) &
     tests=$!
     ensure_model
     wait "$tests"
     save
-    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" | tail -n 30 | cut -c1-300
+    grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" 2>/dev/null | tail -n 30 | cut -c1-300
     elapsed "engine"
     compare_stage engine 160
     save
