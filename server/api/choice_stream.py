@@ -36,6 +36,7 @@ class ChoiceRequest:
     params: SamplingParams
     adapter_id: int = 0
     stop: tuple[str, ...] = ()
+    include_stop: bool = False  # the text ends with the stop string or stop token that ended it
     skip_special_tokens: bool = True
     eos_token_ids: frozenset[int] | None = None  # its model's (an adapter's own); None: the engine's
     mm: MultiModalInputs | None = None  # the prompt's images (image-text models)
@@ -122,15 +123,17 @@ def _take_queued(stream: asyncio.Queue[RequestOutput], outputs: list[RequestOutp
     return outputs
 
 
-def _feed_tokens(detok: IncrementalDetokenizer, stops: StopStringMatcher, token_ids: list[int]) -> tuple[str, int]:
-    """The text of new tokens that may be sent, and how many of the tokens it covers. Several tokens
-    at once (a slow reader, speculative decoding) go one at a time through the stop strings, so that
-    the tokens after the one that completes a stop string are dropped with their text."""
+def _feed_tokens(detok: IncrementalDetokenizer, stops: StopStringMatcher, token_ids: list[int],
+                 unchecked: int) -> tuple[str, int]:
+    """The text of new tokens that may be sent, and how many of the tokens it covers; the first
+    `unchecked` tokens' text cannot end in a stop string (min_tokens). Several tokens at once (a slow
+    reader, speculative decoding) go one at a time through the stop strings, so that the tokens after
+    the one that completes a stop string are dropped with their text."""
     if len(token_ids) < 2 or not stops.stop:
-        return stops.feed(detok.add(token_ids)), len(token_ids)
+        return stops.feed(detok.add(token_ids), check=unchecked < len(token_ids)), len(token_ids)
     text = ""
     for i, token in enumerate(token_ids):
-        text += stops.feed(detok.add([token]))
+        text += stops.feed(detok.add([token]), check=i >= unchecked)
         if stops.matched is not None:
             return text, i + 1
     return text, len(token_ids)
@@ -142,10 +145,11 @@ async def run_choice(
     if deadline is not None and deadline.expired:  # spent before generation began: never start it
         raise DeadlineExceeded(deadline)
     detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens, req.keep_special_ids)
-    stops = StopStringMatcher(list(req.stop))
+    stops = StopStringMatcher(list(req.stop), req.include_stop)
     stream = engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.eos_token_ids,
                                 req.mm, req.system_prompt_end)
     engine_done = False
+    num_tokens = 0  # output tokens so far: stop strings count once min_tokens are out
     try:
         while not engine_done:
             outputs = await _next_outputs(stream, deadline)
@@ -153,11 +157,19 @@ async def run_choice(
             engine_done = last.finished
             token_ids = [t for out in outputs for t in out.new_token_ids]
             logprobs = [lp for out in outputs for lp in out.new_logprobs]
-            text, kept = _feed_tokens(detok, stops, token_ids)
-            if kept < len(token_ids):  # a stop string ended inside: the tokens after it are not the client's
+            # The EOS or stop token that ended it counts as output, but its text is not the client's
+            # (as vLLM, unless include_stop_str_in_output), save a special token the reader needs.
+            texted = token_ids
+            if (engine_done and last.finish_reason is FinishReason.STOP and token_ids and not req.include_stop
+                    and token_ids[-1] not in req.keep_special_ids):
+                texted = token_ids[:-1]
+            unchecked = max(req.params.min_tokens - num_tokens, 0)
+            num_tokens += len(token_ids)
+            text, kept = _feed_tokens(detok, stops, texted, unchecked)
+            if kept < len(texted):  # a stop string ended inside: the tokens after it are not the client's
                 token_ids, logprobs = token_ids[:kept], logprobs[:kept]
             if engine_done:
-                text += stops.feed(detok.flush()) + stops.flush()
+                text += stops.feed(detok.flush(), check=num_tokens > req.params.min_tokens) + stops.flush()
             delta = ChoiceDelta(req.index, text, token_ids, logprobs)
             delta.prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
             if stops.matched is not None:

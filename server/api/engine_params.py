@@ -102,11 +102,25 @@ def choice_requests(
                     params=params,
                     adapter_id=adapter_id,
                     stop=tuple(req.stop_strings),
+                    include_stop=req.include_stop_str_in_output,
                     skip_special_tokens=req.skip_special_tokens,
                     eos_token_ids=eos_token_ids,
                 )
             )
     return out
+
+
+def format_spec(body: SamplingFields, format_param: str = "response_format.json_schema.schema",
+                ) -> tuple[StructuredSpec, str, bool] | None:
+    """The request's constraint on its output, not compiled: (spec, the field an error names, whether
+    it is a response format, which a chat model's own reasoning may precede), or None."""
+    shaped = body.structured_outputs
+    if shaped is not None and shaped.regex is not None:
+        return StructuredSpec(shaped.regex, kind="regex"), "structured_outputs.regex", False
+    if shaped is not None and shaped.grammar is not None:
+        return StructuredSpec(shaped.grammar, kind="lark"), "structured_outputs.grammar", False
+    spec = response_format_spec(body.response_format)
+    return None if spec is None else (spec, format_param, True)
 
 
 def response_format_spec(fmt: ResponseFormat | None) -> StructuredSpec | None:

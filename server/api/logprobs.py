@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..engine.client import TokenLogprob
+from .detokenizer import IncrementalDetokenizer
 from .responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -87,29 +88,59 @@ def chat_logprobs(texts: TokenTexts, items: list[TokenLogprob]) -> ChatLogprobs:
     )
 
 
-def completion_logprobs(texts: TokenTexts, items: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
-    """`text_offset` is where the first token's text starts in the choice's whole text."""
+class TextOffsets:
+    """OpenAI's `text_offset` of a choice's generated tokens: where each token's text starts in the
+    choice's text. The tokens go through a detokenizer like the one that made the text (token by
+    token, so several tokens of one engine step each get their own offset), and each starts after
+    the characters the tokens before it completed: the tokens of one character split over several
+    (byte-level BPE's "😀") all start where that character does, and an offset never goes back."""
+
+    def __init__(self, tokenizer: Any, start: int = 0, skip_special_tokens: bool = True,
+                 keep: frozenset[int] = frozenset()) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens, keep)
+        self.end = start  # where the next token's text starts
+
+    def add(self, token_id: int) -> int:
+        """The token's offset; the next one starts after the text it completed."""
+        start = self.end
+        self.text_of(token_id)
+        return start
+
+    def text_of(self, token_id: int) -> str:
+        """The text the token completes (possibly ""), which the next token starts after."""
+        text = self._detok.add([token_id])
+        self.end += len(text)
+        return text
+
+    def rest(self) -> str:
+        """The text still held back at the end (an incomplete character)."""
+        return self._detok.flush()
+
+
+def completion_logprobs(texts: TokenTexts, items: list[TokenLogprob], offsets: TextOffsets) -> CompletionLogprobs:
+    """`offsets`: the choice's, past the tokens before these. Each top-k dict also holds the sampled
+    token itself (up to k + 1 entries), as OpenAI's and vLLM's do."""
     out = CompletionLogprobs()
     for lp in items:
         token = texts.text(lp.token_id)
         out.tokens.append(token)
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({texts.text(t): v for t, v in lp.top})
-        out.text_offset.append(text_offset)
-        text_offset += len(token)
+        top = {texts.text(t): v for t, v in lp.top}
+        top.setdefault(token, lp.logprob)
+        out.top_logprobs.append(top)
+        out.text_offset.append(offsets.add(lp.token_id))
     return out
 
 
-def echo_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[TokenLogprob], k: int) -> CompletionLogprobs:
+def echo_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[TokenLogprob], k: int,
+                  echoed: str) -> CompletionLogprobs:
     """An echoed prompt's entries, as OpenAI's legacy API gave them: the first token has no
-    logprob (None), each later one its logprob and a top-k dict that also holds the token itself."""
-    out = CompletionLogprobs()
-    offset = 0
+    logprob (None), each later one its logprob and a top-k dict that also holds the token itself.
+    `echoed`: the prompt's text at the start of the choice's text, which `text_offset` indexes."""
+    out = CompletionLogprobs(text_offset=prompt_text_offsets(texts.tokenizer, prompt_ids, echoed))
     for j, token_id in enumerate(prompt_ids):
         token = texts.text(token_id)
         out.tokens.append(token)
-        out.text_offset.append(offset)
-        offset += len(token)
         if j == 0:
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
@@ -120,6 +151,26 @@ def echo_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[TokenLo
         top.setdefault(token, lp.logprob)
         out.top_logprobs.append(top)
     return out
+
+
+def prompt_text_offsets(tokenizer: Any, prompt_ids: list[int], echoed: str) -> list[int]:
+    """Where each prompt token's text starts in `echoed`, counted as TextOffsets counts generated
+    tokens. The echoed text is the prompt as sent: a text prompt's own string (without the special
+    tokens its encoding added, such as a BOS) or a token-id prompt's decoding (with them); the
+    decoding that gives back `echoed` is used. Where none does (a tokenizer that does not round-trip
+    the text), the offsets are approximate, still non-decreasing and within `echoed`."""
+    for skip_special_tokens in (False, True):
+        offsets = TextOffsets(tokenizer, 0, skip_special_tokens)
+        starts: list[int] = []
+        for token_id in prompt_ids:
+            starts.append(offsets.end)
+            if not echoed.startswith(offsets.text_of(token_id), starts[-1]):
+                break  # not this decoding: stop at the first token that differs
+        else:
+            if echoed[offsets.end:] == offsets.rest():
+                return starts
+    offsets = TextOffsets(tokenizer, 0, skip_special_tokens=True)
+    return [min(offsets.add(token_id), len(echoed)) for token_id in prompt_ids]
 
 
 def prompt_logprobs(texts: TokenTexts, scored: list[TokenLogprob], k: int) -> PromptLogprobs:

@@ -102,9 +102,12 @@ def render_chat(tokenizer: Any, conversation: list[dict[str, str]], add_generati
     """`template_kwargs`: the template's extra variables (chat_template_kwargs, reasoning_effort)."""
     if not getattr(tokenizer, "chat_template", None):
         raise invalid_param("messages", "this model's tokenizer has no chat template; use /v1/completions")
+    kwargs = dict(template_kwargs or {})
+    # A request's add_generation_prompt: false (vLLM's extra) comes with its template variables.
+    add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {})
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
     except Exception as exc:  # jinja raises on conversations a template rejects
         raise invalid_param("messages", f"the chat template rejected these messages: {exc}") from exc

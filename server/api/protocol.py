@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import APIError, invalid_param
 
@@ -28,14 +29,42 @@ MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_CHARS = 128 * 1024  # of the schema as compact JSON; all tools' parameters together too
 
 
-class StreamOptions(BaseModel):
+class RequestBody(BaseModel):
+    """A request body or part of one: an explicit `null` for a field that cannot be None means its
+    default. OpenAI marks such fields nullable, and its SDKs send `null` for a caller's None."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaulted = _defaulted_fields(cls)
+            if any(data.get(name, 0) is None for name in defaulted):
+                data = {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
+
+
+_DEFAULTED: dict[type, frozenset[str]] = {}
+
+
+def _defaulted_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields of `model` (and their aliases) with a default that cannot be None."""
+    names = _DEFAULTED.get(model)
+    if names is None:
+        names = frozenset(n for name, f in model.model_fields.items()
+                          if not f.is_required() and type(None) not in typing.get_args(f.annotation)
+                          for n in (name, f.alias) if n is not None)
+        _DEFAULTED[model] = names
+    return names
+
+
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """Fields shared by chat and text completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -57,6 +86,15 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's extra: the text ends with the stop string / token
+    # Declared only so that check_common() can name them; see SAMPLING_UNSUPPORTED.
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    use_beam_search: Any = None
+    truncate_prompt_tokens: Any = None
+    # Constrained decoding: OpenAI's response_format, or vLLM's structured_outputs extra.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Seconds from arrival (queue time included) before generation is stopped: 408, or an error
     # event in a stream. An extra field (vLLM-style `extra_body`); --request-timeout caps it.
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
@@ -81,6 +119,7 @@ class SamplingFields(BaseModel):
     def check_common(self, raw: bytes | None = None) -> None:
         if raw is None or may_hold_surrogates(raw):
             check_text(self)
+        reject_unsupported(self, SAMPLING_UNSUPPORTED)
         stops = self.stop_strings
         if any(s == "" for s in stops):
             raise invalid_param("stop", "stop strings must not be empty")
@@ -96,6 +135,17 @@ class SamplingFields(BaseModel):
                                 f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed; got {num_stop_ids}")
         if self.stream_options is not None and not self.stream:
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise invalid_param("response_format.json_schema",
+                                "response_format of type 'json_schema' needs a 'json_schema' object (name, schema)")
+        if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+            check_schema_size("response_format.json_schema.schema", fmt.json_schema.schema_)
+        shaped = self.structured_outputs
+        if shaped is not None and (shaped.regex is None) == (shaped.grammar is None):
+            raise invalid_param("structured_outputs", "structured_outputs needs exactly one of regex, grammar")
+        if shaped is not None and fmt is not None and fmt.type != "text":
+            raise invalid_param("structured_outputs", "structured_outputs and response_format cannot be used together")
 
 
 # OpenAI's rule for function and response-format names.
@@ -189,9 +239,17 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "web_search_options": (),
     "verbosity": (),
     "store": (False,),
+    "echo": (False,),
 }
 
 COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {}
+# vLLM's sampling extras this server does not implement: a 400 rather than an output they did not shape.
+SAMPLING_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "allowed_token_ids": (),
+    "bad_words": ([],),
+    "use_beam_search": (False,),
+    "truncate_prompt_tokens": (),
+}
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # apply_chat_template's own arguments (and what the server renders): not template variables.
@@ -212,12 +270,15 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # Passed to the chat template, as vLLM does: extra variables (e.g. {"enable_thinking": false}), and
     # OpenAI's reasoning_effort as the variable of that name (gpt-oss templates read it).
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
-    structured_outputs: StructuredOutputs | None = None
+    # vLLM's extras: render the template without the assistant turn's opening, or (continue_final_message)
+    # with the last message, an assistant's, left open for the model to continue.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: Any = None  # vLLM's chat echo: not supported (see CHAT_UNSUPPORTED)
     include_reasoning: bool = True  # vLLM's extra: false leaves the reasoning out (it is still not content)
     # Declared only so that check() can name them; see CHAT_UNSUPPORTED.
     functions: Any = None
@@ -244,20 +305,15 @@ class ChatCompletionRequest(SamplingFields):
         known (it spares most requests the walk for lone surrogates)."""
         self.check_common(raw)
         reject_unsupported(self, CHAT_UNSUPPORTED)
+        if self.continue_final_message and self.add_generation_prompt:
+            raise invalid_param("continue_final_message", "continue_final_message needs add_generation_prompt: false "
+                                "(the last message is continued, no new assistant turn is opened)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise invalid_param("continue_final_message", "continue_final_message needs the last message to be the "
+                                "assistant's")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true")
         self._check_tools()
-        fmt = self.response_format
-        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-            raise invalid_param("response_format.json_schema",
-                                "response_format of type 'json_schema' needs a 'json_schema' object (name, schema)")
-        if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
-            check_schema_size("response_format.json_schema.schema", fmt.json_schema.schema_)
-        shaped = self.structured_outputs
-        if shaped is not None and (shaped.regex is None) == (shaped.grammar is None):
-            raise invalid_param("structured_outputs", "structured_outputs needs exactly one of regex, grammar")
-        if shaped is not None and fmt is not None and fmt.type != "text":
-            raise invalid_param("structured_outputs", "structured_outputs and response_format cannot be used together")
 
     def _check_tools(self) -> None:
         names = [t.function.name for t in self.tools or ()]
@@ -293,6 +349,10 @@ class ChatCompletionRequest(SamplingFields):
                                 "server sets it (use messages, tools and the request's own fields)")
         if self.reasoning_effort is not None:
             kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        if not self.add_generation_prompt:
+            kwargs["add_generation_prompt"] = False
+        if self.continue_final_message:
+            kwargs["continue_final_message"] = True
         return kwargs
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -306,7 +366,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extra field
-    max_tokens: int | None = Field(default=None, ge=0)  # 0: score the prompt only (echo / prompt_logprobs)
+    # 16 when left out, as OpenAI and vLLM; null: all the room the context leaves. 0: score the prompt
+    # only (echo / prompt_logprobs).
+    max_tokens: int | None = Field(default=16, ge=0)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None  # fill-in-the-middle: server/api/fim.py (models with FIM tokens)
 

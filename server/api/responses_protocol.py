@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError, invalid_param
-from .protocol import ChatCompletionRequest, reject_unsupported
+from .protocol import ChatCompletionRequest, RequestBody, reject_unsupported
 
 # Fields of the Responses API this server cannot honour, with the values that mean "off" (accepted).
 RESPONSES_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -63,8 +63,7 @@ class ReasoningConfig(BaseModel):
     summary: str | None = None  # accepted; the reasoning comes back whole, never summarized
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponsesRequest(RequestBody):
 
     model: str | None = None
     input: str | list[dict[str, Any]]

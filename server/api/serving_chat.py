@@ -14,7 +14,7 @@ from ..engine.client import EngineClient, StructuredSpec
 from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
 from .chunks import ChatChunks
 from .endpoint_common import admit_generation, guarded_events, whole_response
-from .engine_params import choice_requests, compile_spec, response_format_spec
+from .engine_params import choice_requests, compile_spec, format_spec
 from .errors import APIError
 from .images import chat_images, expand_images
 from .logprobs import chat_logprobs, prompt_logprobs
@@ -126,15 +126,13 @@ async def structured_spec(runtime: Runtime, body: ChatCompletionRequest, plan: T
         if output is not None:
             spec = shape(spec, plan, output.hermes_calls, output.think, output.native_calls, dict(output.marker_tokens))
         return await compile_spec(runtime, spec, "tools")
-    shaped = body.structured_outputs
-    if shaped is not None and shaped.regex is not None:
-        return await compile_spec(runtime, StructuredSpec(shaped.regex, kind="regex"), "structured_outputs.regex")
-    if shaped is not None and shaped.grammar is not None:
-        return await compile_spec(runtime, StructuredSpec(shaped.grammar, kind="lark"), "structured_outputs.grammar")
-    spec = response_format_spec(body.response_format)
-    if spec is not None and output is not None:
+    wanted = format_spec(body, format_param)
+    if wanted is None:
+        return None
+    spec, param, is_format = wanted
+    if is_format and output is not None:
         spec = shape(spec, None, False, output.think)
-    return None if spec is None else await compile_spec(runtime, spec, format_param)
+    return await compile_spec(runtime, spec, param)
 
 
 def output_plan(runtime: Runtime, tokens: ModelTokenizer, plan: ToolPlan | None, prompt_ids: list[int]) -> OutputPlan:

@@ -13,9 +13,9 @@ from ..engine.client import EngineClient, TokenLogprob
 from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choices
 from .chunks import CompletionChunks
 from .endpoint_common import admit_generation, guarded_events, whole_response
-from .engine_params import choice_requests
+from .engine_params import choice_requests, compile_spec, format_spec
 from .fim import encode_fim
-from .logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
+from .logprobs import TextOffsets, completion_logprobs, echo_logprobs, prompt_logprobs
 from .prompts import check_token_ids, encode_text, resolve_max_tokens
 from .protocol import CompletionRequest
 from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, now
@@ -36,9 +36,11 @@ async def create_completion(
         tokens = runtime.tokenizers.of(adapter_id)  # the adapter's own tokenizer and EOS, where it has them
         prompts, prompt_texts = await _encode_prompts(runtime, tokens.tokenizer, body)
         ticket.reserve_tokens(sum(len(ids) for ids, _ in prompts) * body.n, "prompt")
+        wanted = format_spec(body)
+        structured = None if wanted is None else await compile_spec(runtime, wanted[0], wanted[1])
         response_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = choice_requests(body, response_id, prompts, body.logprobs, adapter_id, runtime.vocab_size,
-                               eos_token_ids=tokens.eos_token_ids, prompt_logprobs=body.engine_prompt_logprobs)
+                               structured, tokens.eos_token_ids, prompt_logprobs=body.engine_prompt_logprobs)
     except BaseException:
         ticket.release()
         raise
@@ -94,7 +96,7 @@ async def _completion_response(
     for i, r in enumerate(results):
         choice = _with_prompt(tokens, body, reqs[i], r.prompt_logprobs, CompletionChoice(index=i, text=echoes[i]))
         if body.logprobs is not None:
-            generated = completion_logprobs(tokens.token_texts, r.logprobs, len(echoes[i]))
+            generated = completion_logprobs(tokens.token_texts, r.logprobs, _text_offsets(tokens, reqs[i], echoes[i]))
             choice.logprobs = _joined(choice.logprobs, generated)
         choice.text += r.text
         choice.finish_reason = r.finish_reason
@@ -116,7 +118,8 @@ async def _completion_events(
 ) -> AsyncGenerator[str, None]:
     chunks = CompletionChunks(response_id, now(), model)
 
-    offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
+    # Where each choice's generated tokens start in its text (after its echo).
+    offsets = [_text_offsets(tokens, r, echoes[r.index]) for r in reqs] if body.logprobs is not None else []
     num_output_tokens = 0
     # The prompt's chunk waits for the engine when it carries the prompt's logprobs.
     scoring = body.engine_prompt_logprobs is not None and (body.logprobs is not None or body.prompt_logprobs is not None)
@@ -138,7 +141,6 @@ async def _completion_events(
             logprobs = None
             if d.logprobs:
                 logprobs = completion_logprobs(tokens.token_texts, d.logprobs, offsets[d.index])
-                offsets[d.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)
             yield chunks.choice(choice)
     if body.include_usage:
@@ -148,14 +150,21 @@ async def _completion_events(
 
 def _with_prompt(tokens: ModelTokenizer, body: CompletionRequest, req: ChoiceRequest,
                  scored: list[TokenLogprob] | None, choice: CompletionChoice) -> CompletionChoice:
-    """`choice` with its prompt's logprobs: echoed (echo with logprobs) and vLLM's prompt_logprobs."""
+    """`choice` with its prompt's logprobs: echoed (echo with logprobs; `choice.text` is the echoed
+    prompt, which their text_offset indexes) and vLLM's prompt_logprobs."""
     if scored is None:
         return choice
     if body.echo and body.logprobs is not None:
-        choice.logprobs = echo_logprobs(tokens.token_texts, req.prompt_token_ids, scored, body.logprobs)
+        choice.logprobs = echo_logprobs(tokens.token_texts, req.prompt_token_ids, scored, body.logprobs, choice.text)
     if body.prompt_logprobs is not None:
         choice.prompt_logprobs = prompt_logprobs(tokens.token_texts, scored, body.prompt_logprobs)
     return choice
+
+
+def _text_offsets(tokens: ModelTokenizer, req: ChoiceRequest, echo: str) -> TextOffsets:
+    """The text_offset of a choice's generated tokens: after its echo, counted in its text as
+    run_choice decodes it."""
+    return TextOffsets(tokens.tokenizer, len(echo), req.skip_special_tokens, req.keep_special_ids)
 
 
 def _joined(head: CompletionLogprobs | None, tail: CompletionLogprobs) -> CompletionLogprobs:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 
 class StopStringMatcher:
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], include_stop: bool = False) -> None:
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output: the text ends with it
         self.max_hold = max((len(s) for s in self.stop), default=1) - 1
         self.pending = ""  # held back: a suffix that may begin a stop string
         self.matched: str | None = None
 
-    def feed(self, text: str) -> str:
-        """Add new text; return what is safe to send. After a match, `matched` is set."""
+    def feed(self, text: str, check: bool = True) -> str:
+        """Add new text; return what is safe to send. After a match, `matched` is set. Not `check`:
+        text a stop string may not end in (the first min_tokens tokens'), sent as it is."""
         if self.matched is not None:
             return ""
-        if not self.stop:
-            return text
+        if not self.stop or not check:
+            return self.pending + text if self.pending else text
         buf = self.pending + text
         cut = -1
         for s in self.stop:
@@ -28,7 +30,8 @@ class StopStringMatcher:
                 cut, self.matched = i, s
         if cut != -1:
             self.pending = ""
-            return buf[:cut]
+            assert self.matched is not None
+            return buf[:cut + len(self.matched)] if self.include_stop else buf[:cut]
         hold = self._partial_suffix_len(buf)
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]

@@ -149,9 +149,9 @@ async def encode_tool_chat(tokenizer: Any, conversation: list[dict[str, Any]], p
 
 def _render_with_tools(tokenizer: Any, conversation: list[dict[str, Any]], tools: list[dict[str, Any]],
                        template_kwargs: dict[str, Any] | None) -> list[int]:
+    kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
     try:
-        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True, tokenize=False,
-                                             **(template_kwargs or {}))
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, **kwargs)
     except Exception as exc:  # jinja raises on conversations a template rejects
         raise invalid_param("messages", f"the chat template rejected these messages: {exc}") from exc
     return list(tokenizer.encode(str(text), add_special_tokens=False))

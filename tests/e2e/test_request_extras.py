@@ -1,0 +1,159 @@
+"""Request fields as OpenAI's SDKs and vLLM's users send them: `null` for a nullable field means its
+default; /v1/completions generates 16 tokens when max_tokens is left out and takes response_format /
+structured_outputs; a stop token's text is not the client's (unless include_stop_str_in_output),
+min_tokens holds back stop strings as it holds back EOS; chat continues a final assistant message;
+vLLM's extras this server does not implement are a 400 naming them."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+from live_server import BASE_MODEL, LiveServer
+from openai import OpenAI
+from sse_client import chunks, stream
+
+PROMPT = "Return the"
+
+
+def greedy(client: OpenAI, n: int = 24) -> tuple[list[str], str]:
+    """The greedy tokens (texts) and text of PROMPT, with no stop."""
+    r = client.completions.create(model=BASE_MODEL, prompt=PROMPT, max_tokens=n, temperature=0, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    tokens = r.choices[0].logprobs.tokens  # type: ignore[union-attr]
+    assert tokens is not None
+    return tokens, r.choices[0].text
+
+
+def post(server: LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json={"model": BASE_MODEL, **body}, headers=server.headers(),
+                      timeout=60)
+
+
+def streamed_text(server: LiveServer, body: dict[str, Any]) -> tuple[str, str | None]:
+    parsed = chunks(stream(f"{server.base_url}/completions", {"model": BASE_MODEL, **body, "stream": True}))
+    return "".join(c["choices"][0]["text"] for c in parsed if c["choices"]), parsed[-1]["choices"][0]["finish_reason"]
+
+
+def test_null_for_a_field_with_a_default_means_the_default(server: LiveServer, client: OpenAI) -> None:
+    # The SDK sends null for a caller's None.
+    r = client.chat.completions.create(model=BASE_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       n=None, logprobs=None, stream=None)
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None
+    c = client.completions.create(model=BASE_MODEL, prompt=PROMPT, max_tokens=3, n=None, echo=None)
+    assert len(c.choices) == 1 and not c.choices[0].text.startswith(PROMPT)
+    response = post(server, "/completions", {"prompt": PROMPT, "max_tokens": 3, "stream": None,
+                                             "min_tokens": None, "ignore_eos": None, "stream_options": None})
+    assert response.status_code == 200, response.text
+    # A nullable field's null stays null: max_tokens null is all the room the context leaves.
+    response = post(server, "/completions", {"prompt": PROMPT, "max_tokens": None, "ignore_eos": True})
+    assert response.json()["usage"]["completion_tokens"] > 16
+
+
+def test_completions_default_to_16_tokens(client: OpenAI) -> None:
+    r = client.completions.create(model=BASE_MODEL, prompt=PROMPT, extra_body={"ignore_eos": True})
+    assert r.usage is not None and r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_completions_take_structured_outputs_and_response_format(server: LiveServer) -> None:
+    r = post(server, "/completions", {"prompt": "hi", "max_tokens": 10, "structured_outputs": {"regex": "[0-9]{4}"}})
+    assert r.status_code == 200, r.text
+    assert re.fullmatch("[0-9]{4}", r.json()["choices"][0]["text"])
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = post(server, "/completions", {"prompt": "hi", "max_tokens": 40, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and isinstance(json.loads(choice["text"])["n"], int)
+    # Checked as on chat: a bad pattern names its field.
+    r = post(server, "/completions", {"prompt": "hi", "structured_outputs": {"regex": "(", "grammar": None}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex"
+
+
+def tokenize(server: LiveServer, text: str) -> list[int]:
+    r = httpx.post(f"{server.url}/tokenize", json={"model": BASE_MODEL, "prompt": text, "add_special_tokens": False},
+                   headers=server.headers())
+    return r.json()["tokens"]  # type: ignore[no-any-return]
+
+
+def test_a_stop_token_ids_text_is_not_the_clients(server: LiveServer, client: OpenAI) -> None:
+    tokens, text = greedy(client)
+    prompt_ids = tokenize(server, PROMPT)
+    ids = tokenize(server, PROMPT + text)[len(prompt_ids):]
+    # The first token of the output not seen before it (its first occurrence ends the output).
+    k = next(i for i in range(1, len(tokens)) if tokens[i].strip() and ids[i] not in ids[:i])
+    assert ids[:len(prompt_ids)] != [] and len(ids) >= k + 1
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop_token_ids": [ids[k]], "ignore_eos": True}
+    r = post(server, "/completions", body).json()
+    expected = "".join(tokens[:k])
+    assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (expected, "stop")
+    assert r["usage"]["completion_tokens"] == k + 1  # the stop token counts as output
+    assert streamed_text(server, body) == (expected, "stop")
+    kept = post(server, "/completions", {**body, "include_stop_str_in_output": True}).json()
+    assert kept["choices"][0]["text"] == expected + tokens[k]
+    assert streamed_text(server, {**body, "include_stop_str_in_output": True}) == (expected + tokens[k], "stop")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(server: LiveServer, client: OpenAI) -> None:
+    tokens, _ = greedy(client)
+    k = next(i for i in range(1, len(tokens)) if tokens[i].strip() and tokens[i] not in "".join(tokens[:i]))
+    stop = tokens[k]
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop], "ignore_eos": True,
+            "include_stop_str_in_output": True}
+    expected = "".join(tokens[:k + 1])
+    assert post(server, "/completions", body).json()["choices"][0]["text"] == expected
+    assert streamed_text(server, body) == (expected, "stop")
+
+
+def visible(tokens: list[str]) -> str:
+    """The text of these tokens as the client gets it (special tokens skipped)."""
+    return "".join(t for t in tokens if not (t.startswith("<|") and t.endswith("|>")))
+
+
+def test_min_tokens_hold_back_stop_strings(server: LiveServer, client: OpenAI) -> None:
+    tokens, text = greedy(client)
+    stop = tokens[1]  # matched at once without min_tokens
+    assert stop.strip() and stop not in tokens[0]
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop], "ignore_eos": True}
+    assert post(server, "/completions", body).json()["choices"][0]["text"] == tokens[0]
+    held = post(server, "/completions", {**body, "min_tokens": 8}).json()
+    out, reason = held["choices"][0]["text"], held["choices"][0]["finish_reason"]
+    # The first 8 tokens' text is out whole; a stop string can end only in a later token.
+    first = visible(tokens[:8])
+    assert stop in first and out.startswith(first)
+    later = text[len(first):]
+    assert (out, reason) == ((first + later[:later.index(stop)], "stop") if stop in later else (text, "length"))
+    assert streamed_text(server, {**body, "min_tokens": 8}) == (out, reason)
+
+
+def test_chat_continues_the_final_assistant_message(server: LiveServer, client: OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    r = post(server, "/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0,
+                                          "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    prompt = httpx.post(f"{server.url}/tokenize", json={"model": BASE_MODEL, "messages": messages,
+                                                       "add_generation_prompt": False},
+                        headers=server.headers()).json()
+    # The prompt ends with the assistant's words (no end-of-turn after them): it is their continuation
+    # that comes back, as a completion of the rendered text would give.
+    rendered = httpx.post(f"{server.url}/detokenize", json={"model": BASE_MODEL, "tokens": prompt["tokens"]},
+                          headers=server.headers()).json()["prompt"]
+    open_text = rendered[:rendered.rindex("The colour is") + len("The colour is")]
+    c = client.completions.create(model=BASE_MODEL, prompt=tokenize(server, open_text), max_tokens=6, temperature=0)
+    assert r.json()["choices"][0]["message"]["content"] == c.choices[0].text
+    r = post(server, "/chat/completions", {"messages": messages, "max_tokens": 2, "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("field, value", [("allowed_token_ids", [1, 2]), ("bad_words", ["x"]),
+                                          ("use_beam_search", True), ("truncate_prompt_tokens", 4)])
+def test_vllm_extras_not_implemented_are_a_400(server: LiveServer, field: str, value: Any) -> None:
+    for path, body in (("/completions", {"prompt": PROMPT}), ("/chat/completions", {"messages": [
+            {"role": "user", "content": "hi"}]})):
+        r = post(server, path, {**body, "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = post(server, "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                          "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
