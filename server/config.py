@@ -269,6 +269,11 @@ def _check_engine(config: Config) -> None:
                  "max_lora_rank", "max_cpu_loras"):
         _at_least(config, name, 1)
     _at_least(config, "max_model_len", 2)
+    if config.max_model_len is not None and config.num_kv_blocks is not None and config.num_kv_blocks >= 1:
+        # Both given: a cache too small for max_model_len fails here, before a weight is read (the
+        # engine settles max_model_len against the cache it sizes itself: LLMEngine._fit_max_model_len).
+        fit_max_model_len(config.max_model_len, config.num_kv_blocks, config.block_size, True,
+                          more_blocks_hint(config.max_model_len, config.block_size))
     if config.precompile_only and not config.warmup:
         raise ValueError("--precompile-only compiles what the warmup runs: leave out --no-warmup")
     if any(t < 0 or t == 1 for t in config.prefill_cuda_graph_sizes):
@@ -308,3 +313,26 @@ def _check_http(config: Config) -> None:
                          "--engine-mode thread")
     if config.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0; got {config.shutdown_timeout}")
+
+
+def fit_max_model_len(max_model_len: int, num_blocks: int, block_size: int, explicit: bool,
+                      cache_hint: str) -> int:
+    """The max_model_len to serve with a KV cache of `num_blocks` blocks of `block_size` tokens (the
+    blocks the block manager hands out: its scratch block is not among them). One the cache holds
+    is kept. One it does not hold: an error if `explicit` (--max-model-len given, as vLLM refuses
+    to start), else (the model's default) lowered to the cache's tokens, which the caller logs.
+    `cache_hint`: how to give the cache more room (the flag that sized it)."""
+    num_cache_tokens = num_blocks * block_size
+    if max_model_len <= num_cache_tokens:
+        return max_model_len
+    if explicit:
+        raise ValueError(
+            f"--max-model-len {max_model_len} is larger than the {num_cache_tokens} tokens the KV cache can hold "
+            f"({num_blocks} blocks of {block_size}): a sequence that long could never run; lower --max-model-len "
+            f"to {num_cache_tokens} or less, or give the KV cache more room ({cache_hint})")
+    return num_cache_tokens
+
+
+def more_blocks_hint(max_model_len: int, block_size: int) -> str:
+    """What --num-kv-blocks holds a sequence of max_model_len tokens."""
+    return f"raise --num-kv-blocks to at least {-(-max_model_len // block_size)}"

@@ -140,7 +140,9 @@ class LLM:
                     res.finish_reason = out.finish_reason
                     res.num_cached_tokens = out.num_cached_tokens
         for request_id, res in results.items():
-            res.text = str(tokenizers[request_id].decode(res.token_ids, skip_special_tokens=True))
+            # The EOS or stop token that ended it is not in the text (as the server's, and vLLM's).
+            texted = res.token_ids[:-1] if res.finish_reason is FinishReason.STOP else res.token_ids
+            res.text = str(tokenizers[request_id].decode(texted, skip_special_tokens=True))
         return [results[r] for r in order]
 
     def adapter_id(self, name: str | None) -> int:

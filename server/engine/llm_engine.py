@@ -18,7 +18,7 @@ import torch
 from sloth_kernels.lora import MAX_TRITON_RANK
 from sloth_kernels.rope_scaling import long_prompt_threshold
 
-from ..config import Config
+from ..config import Config, fit_max_model_len, more_blocks_hint
 from ..loader.checkpoint import LoadedModel, load_checkpoint, resolve_device, resolve_dtype
 from ..loader.peft import LoRAWeights, startup_lora_rank
 from ..models.layers import use_fused_lora
@@ -131,6 +131,7 @@ class LLMEngine:
         cross_kv = self._cross_kv_budget(model)
         num_blocks = self._num_kv_blocks(model, num_state_slots + num_snapshots, buckets, prefill_buckets,
                                          cross_kv.num_bytes if cross_kv else 0)
+        self.max_model_len = self._fit_max_model_len(num_blocks)  # before anything is sized by it
         self.block_manager = BlockManager(num_blocks, config.block_size, caching,
                                           long_prompt_threshold(model.config.rope_scaling),
                                           StateSlots(num_state_slots) if num_state_slots else None)
@@ -311,6 +312,24 @@ class LLMEngine:
         budget -= ModelRunner.state_bytes(model, num_state_slots, self.dtype)  # type: ignore[arg-type]
         budget -= cross_kv_bytes
         return max(int(budget // per_block), 1)
+
+    def _fit_max_model_len(self, num_blocks: int) -> int:
+        """max_model_len within the KV cache of `num_blocks` (config.fit_max_model_len): a sequence
+        that long must fit the cache alone, or a long generation would be cut off where it outgrew it.
+        An explicit --max-model-len above it stops the start-up; the model's default is lowered to it."""
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            hint = more_blocks_hint(self.max_model_len, cfg.block_size)
+        elif self.device.type == "cuda":
+            hint = f"raise --gpu-memory-utilization (now {cfg.gpu_memory_utilization:g})"
+        else:
+            hint = f"raise --kv-cache-memory-gb (now {cfg.kv_cache_memory_gb:g})"
+        fitted = fit_max_model_len(self.max_model_len, num_blocks, cfg.block_size, cfg.max_model_len is not None, hint)
+        if fitted < self.max_model_len:
+            logger.warning("max_model_len lowered from %d (the model's max_position_embeddings) to %d, the tokens the "
+                           "KV cache can hold (%d blocks of %d): longer requests are refused; for the model's whole "
+                           "context, %s", self.max_model_len, fitted, num_blocks, cfg.block_size, hint)
+        return fitted
 
     def _graph_pool_bytes(self, model: torch.nn.Module, buckets: list[int] | None,
                           prefill_buckets: list[int] | None) -> int:

@@ -1,7 +1,8 @@
 """Whether a request can ever run: its token ids in the vocabulary, its prompt and new tokens within
 the context, its prompt (plus the token it computes first) within the whole KV cache. One rule for the front end, which answers a 400
 before anything is queued, and for the scheduler, which refuses what reaches it anyway (the offline
-LLM). No torch, no engine state: the caller gives the limits."""
+LLM). No torch, no engine state: the caller gives the limits. (The context itself is settled against
+the KV cache at start-up: sloth_serve.config.fit_max_model_len.)"""
 
 from __future__ import annotations
 
@@ -35,3 +36,4 @@ def fit_error(num_prompt_tokens: int, num_new_tokens: int, max_model_len: int, n
     if exceeds_cache(num_prompt_tokens, num_cache_tokens):
         return cache_message(num_prompt_tokens, num_cache_tokens)
     return None
+

@@ -87,13 +87,22 @@ def test_health_is_503_while_loading_then_200(gated_loader: threading.Event) -> 
 
 
 def test_prompt_larger_than_the_kv_cache_is_400() -> None:
+    """A KV cache of 64 tokens lowers the model's max_model_len (2048) to 64 at start-up: /v1/models
+    says so, and a longer request is a context-length 400 (no generation cut off where it
+    outgrew the cache)."""
     config = Config(model=str(DEMO_MODEL), load_format="safetensors", num_kv_blocks=4, block_size=16, port=free_port(),
                     engine_mode="thread")
     with ThreadedServer(config) as srv:
         srv.wait_ready()
+        assert httpx.get(f"{srv.url}/v1/models").json()["data"][0]["max_model_len"] == 64
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": BASE_MODEL, "prompt": [5] * 100, "max_tokens": 1})
         assert r.status_code == 400
-        assert "KV cache holds only 64" in r.json()["error"]["message"]
+        assert "maximum context length is 64 tokens" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": BASE_MODEL, "prompt": [5] * 10, "max_tokens": 60})
+        assert r.status_code == 400 and "maximum context length is 64 tokens" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/completions",
+                       json={"model": BASE_MODEL, "prompt": [5] * 10, "max_tokens": 54, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 54
 
 
 def test_engine_death_fails_requests_in_flight_and_health_turns_503() -> None:

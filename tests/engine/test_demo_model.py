@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sloth_serve import LLM, SamplingParams
 from sloth_serve.config import Config
 from sloth_serve.engine.llm_engine import LLMEngine
+from sloth_serve.engine.sequence import FinishReason
 from sloth_serve.loader import DEMO_ADAPTER, DEMO_MERGED, DEMO_MODEL
 from sloth_serve.loader.peft import load_lora
 
@@ -136,3 +137,13 @@ def test_hot_swapped_adapter_gives_the_merged_checkpoints_tokens(llm: LLM, promp
     assert [o.token_ids for o in llm.generate(chats, GREEDY, adapter="upper")] == [
         o.token_ids for o in merged.generate(chats, GREEDY)
     ]
+
+
+def test_a_stop_tokens_text_is_left_out(llm: LLM, prompts: list[list[int]]) -> None:
+    """The token of stop_token_ids that ends the output counts, but its text is not the output's (as vLLM)."""
+    free = llm.generate(prompts[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    k = next(i for i in range(1, len(free.token_ids)) if free.token_ids[i] not in free.token_ids[:i])
+    stopped = llm.generate(prompts[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                      stop_token_ids=[free.token_ids[k]]))[0]
+    assert stopped.finish_reason is FinishReason.STOP and stopped.token_ids == free.token_ids[:k + 1]
+    assert stopped.text == llm.tokenizer.decode(free.token_ids[:k], skip_special_tokens=True)

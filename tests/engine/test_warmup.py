@@ -58,9 +58,9 @@ def test_warmup_leaves_the_engine_as_it_found_it() -> None:
 
 def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
     """A small KV cache (low --gpu-memory-utilization, big model): the warmup runs what fits instead
-    of refusing to start."""
-    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
-                              num_kv_blocks=20))
+    of refusing to start. (The model's max_model_len is lowered to the cache's 320 tokens.)"""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", num_kv_blocks=20))
+    assert engine.max_model_len == 320
     engine.warmup()
     assert not engine.has_unfinished_requests
     assert engine.block_manager.num_free_blocks == 20
@@ -68,10 +68,11 @@ def test_warmup_skips_prompts_the_cache_cannot_hold() -> None:
 
 def test_warmup_ends_when_a_prompt_cannot_join_the_decoding_request() -> None:
     """A cache of 38 blocks of 8 holds the 300-token prompt only alone: it waits until the decoding
-    request (asked for 100,000 tokens) has outgrown the cache, which, recomputed in steps of 304
-    tokens after its preemption, could never run again and ends; then the prompt runs."""
-    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors", max_model_len=1024,
+    request (asked for 100,000 tokens) ends at max_model_len, the model's 2048 lowered to the cache's
+    304 tokens; then the prompt runs."""
+    engine = LLMEngine(Config(model=str(DEMO_MODEL), device="cpu", load_format="safetensors",
                               num_kv_blocks=38, block_size=8, max_num_batched_tokens=304))
+    assert engine.max_model_len == 304
     steps = [0]
     step = engine.step
 
