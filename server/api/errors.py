@@ -106,6 +106,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
+    if not param:  # the body itself: none, or not a JSON object (a form-encoded `curl -d`)
+        return ("the request body must be a JSON object, sent with Content-Type: application/json "
+                f"({msg})"), None
     if first.get("type") == "missing":
         return f"'{param}' is a required field", param
     return (f"{param}: {msg}" if param else msg), param

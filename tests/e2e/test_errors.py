@@ -58,6 +58,15 @@ def test_missing_field_is_400_not_422(server: LiveServer) -> None:
     assert err["param"] == "messages"
 
 
+@pytest.mark.parametrize(("content", "content_type"), [(b"", None), (b"model=base&prompt=hi", None),
+                                                     (b"[1]", "application/json")])
+def test_a_body_that_is_not_a_json_object_is_400_saying_so(server: LiveServer, content: bytes,
+                                                           content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {"content-type": "application/x-www-form-urlencoded"}
+    err = error_of(httpx.post(f"{server.url}/v1/completions", content=content, headers=headers), 400)
+    assert err["message"].startswith("the request body must be a JSON object") and err["param"] is None
+
+
 def test_malformed_json_is_400(server: LiveServer) -> None:
     r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     error_of(r, 400)
