@@ -269,11 +269,6 @@ def _check_engine(config: Config) -> None:
                  "max_lora_rank", "max_cpu_loras"):
         _at_least(config, name, 1)
     _at_least(config, "max_model_len", 2)
-    if config.max_model_len is not None and config.num_kv_blocks is not None and config.num_kv_blocks >= 1:
-        # Both given: a cache too small for max_model_len fails here, before a weight is read (the
-        # engine settles max_model_len against the cache it sizes itself: LLMEngine._fit_max_model_len).
-        fit_max_model_len(config.max_model_len, config.num_kv_blocks, config.block_size, True,
-                          more_blocks_hint(config.max_model_len, config.block_size))
     if config.precompile_only and not config.warmup:
         raise ValueError("--precompile-only compiles what the warmup runs: leave out --no-warmup")
     if any(t < 0 or t == 1 for t in config.prefill_cuda_graph_sizes):

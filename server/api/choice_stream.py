@@ -166,7 +166,7 @@ async def run_choice(
             unchecked = max(req.params.min_tokens - num_tokens, 0)
             num_tokens += len(token_ids)
             text, kept = _feed_tokens(detok, stops, texted, unchecked)
-            if kept < len(texted):  # a stop string ended inside: the tokens after it are not the client's
+            if stops.matched is not None:  # a stop string ended inside: the tokens after it are not the client's
                 token_ids, logprobs = token_ids[:kept], logprobs[:kept]
             if engine_done:
                 text += stops.feed(detok.flush(), check=num_tokens > req.params.min_tokens) + stops.flush()

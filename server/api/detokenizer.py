@@ -8,10 +8,15 @@ U+FFFD (an incomplete UTF-8 sequence) is held back until the next token complete
 
 from __future__ import annotations
 
+import re
 import weakref
+from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+# A character's UTF-8 bytes (at most 4) come in at most 4 tokens.
+MAX_TOKENS_PER_CHAR = 4
 _special_ids: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
@@ -23,6 +28,57 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
         ids = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {i for i, t in added.items() if getattr(t, "special", False)}
         known = _special_ids[tokenizer] = frozenset(ids)
     return known
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted (as used by byte-level BPE)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def token_bytes(tokenizer: Any, token_id: int, byte_level: bool, text: Callable[[int], str]) -> list[int]:
+    """A token's exact bytes (its text alone may be U+FFFD, part of a character): byte-level BPE's
+    piece through GPT-2's table, a byte-fallback piece (<0xE6>), else its text (`text`) as UTF-8."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if byte_level:
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return [table[c] for c in piece]
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return [int(m.group(1), 16)]
+    return list(text(token_id).encode("utf-8"))
+
+
+def _has_byte_pieces(tokenizer: Any) -> bool:
+    try:
+        unk = getattr(tokenizer, "unk_token_id", None)
+        found = tokenizer.convert_tokens_to_ids("<0xE6>")
+    except Exception:  # a tokenizer without the call: nothing known
+        return False
+    return isinstance(found, int) and found != unk
+
+
+def ends_mid_character(data: list[int]) -> bool:
+    """Whether UTF-8 bytes end inside a character (its lead byte there, not all its bytes)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # a lead byte or ASCII: the last character starts here
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+            return need > back
+    return False  # only continuation bytes: no character will form
 
 
 def backend_decoder(tokenizer: Any) -> Any:
@@ -47,6 +103,11 @@ class IncrementalDetokenizer:
             self.hidden = special_token_ids(tokenizer) - keep
             skip_special_tokens = False  # the ids in `hidden` are dropped before decoding instead
         self.skip_special_tokens = skip_special_tokens
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        # Tokens' bytes are known exactly (byte-level BPE, or byte-fallback pieces <0xE6>): else a
+        # text ending in U+FFFD is always held back as a character still to come.
+        self.exact_bytes = self.byte_level or _has_byte_pieces(tokenizer)
         self.token_ids: list[int] = []
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = 0  # tokens before this are already emitted as text
@@ -67,7 +128,7 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset :])
-        if full_text.endswith(REPLACEMENT_CHAR):
+        if full_text.endswith(REPLACEMENT_CHAR) and self._char_incomplete():
             return ""  # wait for the rest of the character
         if len(full_text) <= len(prefix_text):
             # Nothing visible (skipped special tokens): move the window on so it stays small.
@@ -77,6 +138,19 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return full_text[len(prefix_text) :]
+
+    def _char_incomplete(self) -> bool:
+        """Whether the U+FFFD the window's text ends with is a character still to come: the bytes of
+        its last tokens end inside one. Else it is a real U+FFFD (or bytes that never form a
+        character), sent rather than held back for good."""
+        if not self.exact_bytes:
+            return True
+        window = self.token_ids[max(self.prefix_offset, len(self.token_ids) - MAX_TOKENS_PER_CHAR) :]
+        tail = [b for t in window for b in token_bytes(self.tokenizer, t, self.byte_level, self._token_text)]
+        return ends_mid_character(tail)
+
+    def _token_text(self, token_id: int) -> str:
+        return self._decode([token_id])
 
     def flush(self) -> str:
         """At the end of generation: whatever is still held back, even an incomplete character."""

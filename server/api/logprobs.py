@@ -4,12 +4,10 @@ latter for an echoed prompt too; and prompt logprobs in vLLM's `prompt_logprobs`
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
 from typing import Any
 
 from ..engine.client import TokenLogprob
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, token_bytes
 from .responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -18,22 +16,6 @@ from .responses import (
     PromptLogprobs,
     TopLogprob,
 )
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte <-> printable character table, inverted (as used by byte-level BPE)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class TokenTexts:
@@ -60,16 +42,7 @@ class TokenTexts:
         return raw
 
     def _raw_bytes(self, token_id: int) -> list[int]:
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str):
-            if self.byte_level:
-                table = _byte_decoder()
-                if all(c in table for c in piece):
-                    return [table[c] for c in piece]
-            m = _BYTE_TOKEN.fullmatch(piece)
-            if m:
-                return [int(m.group(1), 16)]
-        return list(self.text(token_id).encode("utf-8"))
+        return token_bytes(self.tokenizer, token_id, self.byte_level, self.text)
 
 
 def chat_logprobs(texts: TokenTexts, items: list[TokenLogprob]) -> ChatLogprobs:

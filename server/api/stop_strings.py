@@ -17,21 +17,25 @@ class StopStringMatcher:
 
     def feed(self, text: str, check: bool = True) -> str:
         """Add new text; return what is safe to send. After a match, `matched` is set. Not `check`:
-        text a stop string may not end in (the first min_tokens tokens'), sent as it is."""
+        text no stop string may end in (the first min_tokens tokens'); one may still begin there."""
         if self.matched is not None:
             return ""
-        if not self.stop or not check:
-            return self.pending + text if self.pending else text
+        if not self.stop:
+            return text
         buf = self.pending + text
-        cut = -1
-        for s in self.stop:
-            i = buf.find(s)
-            if i != -1 and (cut == -1 or i < cut):
-                cut, self.matched = i, s
-        if cut != -1:
-            self.pending = ""
-            assert self.matched is not None
-            return buf[:cut + len(self.matched)] if self.include_stop else buf[:cut]
+        if check:
+            # The earliest match that ends in `text` (none ends in the held text: it is only a prefix
+            # of a stop string, or was text no stop string could end in).
+            held = len(self.pending)
+            cut = -1
+            for s in self.stop:
+                i = buf.find(s, max(held - len(s) + 1, 0))
+                if i != -1 and (cut == -1 or i < cut):
+                    cut, self.matched = i, s
+            if cut != -1:
+                self.pending = ""
+                assert self.matched is not None
+                return buf[:cut + len(self.matched)] if self.include_stop else buf[:cut]
         hold = self._partial_suffix_len(buf)
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]

@@ -43,8 +43,9 @@ class ClientRouter:
         # engine call id -> (front end, its call id, the adapter call, whether it names a new shared adapter)
         self._calls: dict[int, tuple[int, int, AddLora | RemoveLora, bool]] = {}
         self.shared: dict[str, int] = {}  # shared adapter name -> its id (loaded, or loading)
-        # Ids of shared adapters unloaded: a front end still starting may yet ask for its --lora
-        # adapters under them (ids are never given twice otherwise), and must not load one again.
+        # Ids of shared adapters unloaded (or being unloaded): a front end still starting may yet ask
+        # for its --lora adapters under them (ids are never given twice otherwise), and must not load
+        # one again.
         self._unloaded: set[int] = set()
         self._call_ids = itertools.count()
         self._stopped: set[int] = set()  # front ends that sent Shutdown
@@ -74,6 +75,10 @@ class ClientRouter:
                 if self.shared.setdefault(command.name, command.adapter_id) != command.adapter_id:
                     error = f"an adapter named {command.name!r} is already loaded (through another API server)"
                     return None, [(client, Reply(command.call_id, error=error, is_value_error=True))]
+            if isinstance(command, RemoveLora) and command.adapter_id in self.shared.values():
+                # Withdrawn from now on: a --lora load under its id reaching the engine after this
+                # removal would load it again (undone if the removal fails).
+                self._unloaded.add(command.adapter_id)
             call_id = next(self._call_ids)
             self._calls[call_id] = (client, command.call_id, command, new_name)
             return msgspec.structs.replace(command, call_id=call_id), []
@@ -116,10 +121,13 @@ class ClientRouter:
             assert reply.result is not None
             return [AdapterNamed(command.name, command.adapter_id, command.path, reply.result)]
         name = next((n for n, i in self.shared.items() if i == command.adapter_id), None)
-        if name is None or reply.error is not None:
+        if reply.error is not None:
+            if name is not None:
+                self._unloaded.discard(command.adapter_id)
+            return []
+        if name is None:
             return []
         del self.shared[name]
-        self._unloaded.add(command.adapter_id)
         return [AdapterUnnamed(name, command.adapter_id)]
 
     def _split(self, outputs: list[RequestOutput]) -> list[tuple[int, list[RequestOutput]]]:

@@ -168,6 +168,22 @@ def test_a_lora_adapter_unloaded_before_a_starting_front_end_loads_it_is_not_loa
         [(1, AdapterNamed("upper", 2**20 + 1, "/adapters/upper", 16))]
 
 
+def test_a_lora_adapter_being_unloaded_is_withdrawn_already() -> None:
+    """The starting front end's load reaches the router after the unload but before its reply: it is
+    withdrawn as well (the engine would run the removal, then load it again). A removal that fails
+    gives the id back."""
+    router = ClientRouter(2)
+    _replied(router, 0, AddLora(0, 1, "upper", "/adapters/upper", shared=True), result=16)
+    removing, _ = router.command(0, RemoveLora(1, 1))
+    assert removing is not None
+    late, answers = router.command(1, AddLora(0, 1, "upper", "/adapters/upper", shared=True))
+    assert late is None and isinstance(answers[0][1], Reply) and answers[0][1].withdrawn
+    assert router.event(Reply(removing.call_id, error="engine busy")) == [(0, Reply(1, error="engine busy"))]
+    assert router.shared == {"upper": 1}
+    again, answers = router.command(1, AddLora(1, 1, "upper", "/adapters/upper", shared=True))
+    assert again is not None and answers == []
+
+
 def test_death_reaches_every_front_end_with_its_own_requests() -> None:
     router = ClientRouter(2)
     _add(router, 0, "a")

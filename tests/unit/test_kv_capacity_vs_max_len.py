@@ -11,7 +11,6 @@ import logging
 
 import pytest
 
-from sloth_serve import cli
 from sloth_serve.config import Config, fit_max_model_len, more_blocks_hint
 from sloth_serve.engine.llm_engine import LLMEngine
 from sloth_serve.engine.request_fit import fit_error
@@ -49,25 +48,6 @@ def test_the_per_request_checks_are_unchanged() -> None:
     assert fit_error(10, 1, 768, 768) is None
     assert "max_model_len is 768" in (fit_error(700, 100, 768, 768) or "")
     assert "KV cache holds only 64" in (fit_error(100, 1, 2048, 64) or "")
-
-
-# --- Config and the CLI: both flags given, refused before a weight is read ------------------------
-
-def test_config_refuses_num_kv_blocks_too_small_for_an_explicit_max_model_len() -> None:
-    with pytest.raises(ValueError, match=r"--max-model-len 2048 is larger than the 768 tokens .*--num-kv-blocks"):
-        Config(num_kv_blocks=48, max_model_len=2048)
-    with pytest.raises(ValueError, match="raise --num-kv-blocks to at least 32"):
-        Config(num_kv_blocks=4, block_size=32, max_model_len=1000)  # the block size counts: 128 tokens
-    assert Config(num_kv_blocks=48, max_model_len=768).max_model_len == 768
-    assert Config(num_kv_blocks=48).max_model_len is None  # the default: settled by the engine
-    assert Config(max_model_len=100_000).num_kv_blocks is None  # the cache's size known only once sized
-
-
-def test_cli_exits_at_once_with_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--num-kv-blocks", "48", "--max-model-len", "2048", "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("sloth-serve: error: --max-model-len 2048 is larger than")
-    assert "768" in err and "--num-kv-blocks" in err
 
 
 # --- the engine: both the server's engine and the offline LLM ------------------------------------
