@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from ..models.fused_names import FUSED, fused_target
 from ..models.moe import expert_target, moe_checkpoint_name
@@ -84,7 +84,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.name == SAFETENSORS:
         read_safetensors_header(path)  # a truncated or malformed file, said plainly
         try:
-            return load_file(str(path))
+            # Read whole into memory: load_file's tensors stay mapped onto the file, so a trainer
+            # writing the folder again in place would change (or, truncating it, crash with SIGBUS)
+            # an adapter in use; one read also gives one version of the file.
+            return load_safetensors(path.read_bytes())
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterError(f"{where(path)} is not a readable safetensors file ({exc}); save it again") from exc
     try:  # tensors only: weights_only refuses any other pickled object (no code runs)
