@@ -421,15 +421,32 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
+    """vLLM's: a prompt, or messages rendered as the chat endpoint renders them (tools, template
+    variables, add_generation_prompt / continue_final_message alike)."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    return_token_strs: bool = False  # the tokens' strings beside their ids
 
-    def conversation(self) -> list[dict[str, Any]]:
-        return [message_for_template(i, m) for i, m in enumerate(self.messages or [])]
+    def chat_request(self) -> ChatCompletionRequest:
+        """The messages as a chat completion request (checked as one): its prompt is the count."""
+        if not self.messages:
+            raise invalid_param("messages", "messages must not be empty")
+        chat = ChatCompletionRequest(
+            messages=self.messages or [], tools=self.tools, tool_choice=self.tool_choice,
+            chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=self.reasoning_effort,
+            add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message)
+        chat.check()
+        return chat
 
     def check(self) -> None:
         check_text(self)

@@ -11,13 +11,13 @@ from .images import chat_images, expand_images
 from .prompts import (
     check_prompt_chars,
     check_token_ids,
-    encode_chat,
     encode_text,
     message_chars,
 )
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .serving_adapters import resolve_adapter
 from .state import StateDep
+from .tool_request import encode_tool_chat, plan_tools
 
 router = APIRouter()
 
@@ -35,13 +35,17 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> dict[str, Any]:
     if body.messages is not None:
         # Images are counted as the engine would see them (400 for a text-only model, as in chat).
         images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
-        tokens = await encode_chat(tokenizer, body.conversation(), body.add_generation_prompt)
+        chat = body.chat_request()
+        tokens = await encode_tool_chat(tokenizer, chat.conversation(), plan_tools(chat), chat.template_kwargs())
         if images:
             assert runtime.vision is not None
             tokens = (await expand_images(runtime.vision, tokens, images))[0]
     else:
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.max_model_len}
+    out: dict[str, Any] = {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.max_model_len}
+    if body.return_token_strs:
+        out["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
+    return out
 
 
 @router.post("/detokenize")

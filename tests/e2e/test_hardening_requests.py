@@ -36,7 +36,8 @@ def error_400(response: httpx.Response) -> dict[str, Any]:
 def assert_serving(server: LiveServer) -> None:
     """The engine is alive and a normal request succeeds."""
     assert server.health()["status"] == "ok"
-    reply = server.client().completions.create(model=BASE_MODEL, prompt="Return the", max_tokens=4)
+    reply = server.client().completions.create(model=BASE_MODEL, prompt="Return the", max_tokens=4,
+                                               extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length" and reply.usage and reply.usage.completion_tokens == 4
 
 

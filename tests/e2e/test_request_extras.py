@@ -48,9 +48,11 @@ def test_null_for_a_field_with_a_default_means_the_default(server: LiveServer, c
     response = post(server, "/completions", {"prompt": PROMPT, "max_tokens": 3, "stream": None,
                                              "min_tokens": None, "ignore_eos": None, "stream_options": None})
     assert response.status_code == 200, response.text
-    # A nullable field's null stays null: max_tokens null is all the room the context leaves.
-    response = post(server, "/completions", {"prompt": PROMPT, "max_tokens": None, "ignore_eos": True})
-    assert response.json()["usage"]["completion_tokens"] > 16
+    # A nullable field's null stays null: max_tokens null is all the room the context leaves (20 here).
+    max_model_len = client.models.retrieve(BASE_MODEL).model_extra["max_model_len"]  # type: ignore[index]
+    prompt = tokenize(server, "Return the value of the key. " * (max_model_len // 4))[:max_model_len - 20]
+    response = post(server, "/completions", {"prompt": prompt, "max_tokens": None, "ignore_eos": True})
+    assert response.json()["usage"]["completion_tokens"] == 20
 
 
 def test_completions_default_to_16_tokens(client: OpenAI) -> None:
@@ -157,3 +159,21 @@ def test_vllm_extras_not_implemented_are_a_400(server: LiveServer, field: str, v
     r = post(server, "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                           "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_tokenize_counts_the_prompt_the_chat_endpoint_sends(server: LiveServer) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    for extra in ({}, {"tools": [tool]}, {"tools": [tool], "chat_template_kwargs": {"enable_thinking": False}}):
+        chat = post(server, "/chat/completions", {"messages": messages, "max_tokens": 1, **extra}).json()
+        counted = httpx.post(f"{server.url}/tokenize", json={"model": BASE_MODEL, "messages": messages,
+                                                            "return_token_strs": True, **extra},
+                             headers=server.headers()).json()
+        assert counted["count"] == chat["usage"]["prompt_tokens"], extra
+        assert len(counted["token_strs"]) == counted["count"]
+    r = httpx.post(f"{server.url}/tokenize", json={"model": BASE_MODEL, "messages": []}, headers=server.headers())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
