@@ -98,9 +98,9 @@ def reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any
 
 def output_items(content: str, calls: list[dict[str, Any]], status: str, reasoning: str = "") -> list[dict[str, Any]]:
     """A whole response's output: the reasoning (when there is some), the message (when there is
-    text), then one item per call."""
+    text, or nothing else), then one item per call; the stream's items alike (EventWriter)."""
     items = [reasoning_item(new_item_id("rs"), reasoning, status)] if reasoning else []
-    items += [message_item(new_item_id("msg"), content, status)] if content or not calls else []
+    items += [message_item(new_item_id("msg"), content, status)] if content or not (calls or reasoning) else []
     for c in calls:
         items.append(call_item(new_item_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], status))
     return items
