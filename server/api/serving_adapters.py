@@ -78,6 +78,9 @@ async def load_lora_adapter(body: LoadLoRARequest, state: StateDep) -> dict[str,
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRARequest, state: StateDep) -> dict[str, str]:
     runtime = state.ready()
+    if body.lora_name in (runtime.base_model_id, state.config.model):
+        raise APIError(f"{body.lora_name!r} is the base model, not an adapter: it cannot be unloaded", 400,
+                       param="lora_name")
     if runtime.adapters.get(body.lora_name) is None:
         raise not_found(runtime, body.lora_name)
     await runtime.unload_adapter(body.lora_name)

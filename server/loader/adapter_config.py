@@ -254,6 +254,8 @@ def parse_adapter_config(raw: object, where: str) -> AdapterConfig:
 def read_adapter_config(folder: Path) -> AdapterConfig:
     path = folder / "adapter_config.json"
     if not path.is_file():
+        if not folder.exists():
+            raise AdapterFileMissing(f"{folder} does not exist")
         raise AdapterFileMissing(f"{folder} is not a PEFT adapter folder: adapter_config.json is missing")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

@@ -140,3 +140,12 @@ def test_runtime_load_refuses_paths_outside_the_lora_dirs(ops_server: LiveServer
     r = httpx.post(f"{ops_server.base_url}/load_lora_adapter", timeout=30,
                    json={"lora_name": "evil", "lora_path": str(DEMO_ADAPTER)})
     assert r.status_code == 400 and "outside the allowed directories" in r.json()["error"]["message"]
+
+
+def test_adapter_calls_name_a_missing_folder_and_refuse_the_base(ops_server: LiveServer, lora_dir: Path) -> None:
+    url = ops_server.base_url
+    r = httpx.post(f"{url}/load_lora_adapter", timeout=30,
+                   json={"lora_name": "ghost", "lora_path": str(lora_dir / "no-such-folder")})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": BASE_MODEL}, timeout=30)
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"], r.text
