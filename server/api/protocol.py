@@ -87,11 +87,12 @@ class SamplingFields(RequestBody):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # vLLM's extra: the text ends with the stop string / token
+    # vLLM's extra: only the prompt's last k tokens are used (-1: the last max_model_len - 1).
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     # Declared only so that check_common() can name them; see SAMPLING_UNSUPPORTED.
     allowed_token_ids: Any = None
     bad_words: Any = None
     use_beam_search: Any = None
-    truncate_prompt_tokens: Any = None
     # Constrained decoding: OpenAI's response_format, or vLLM's structured_outputs extra.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -115,6 +116,17 @@ class SamplingFields(RequestBody):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def truncated(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's token ids as truncate_prompt_tokens keeps them (its last k)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return token_ids
+        if k == -1:
+            k = max_model_len - 1
+        if k == 0:
+            raise invalid_param("truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1")
+        return token_ids[-k:]
 
     def check_common(self, raw: bytes | None = None) -> None:
         if raw is None or may_hold_surrogates(raw):
@@ -248,7 +260,6 @@ SAMPLING_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (),
     "bad_words": ([],),
     "use_beam_search": (False,),
-    "truncate_prompt_tokens": (),
 }
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

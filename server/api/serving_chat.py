@@ -15,7 +15,7 @@ from .choice_stream import ChoiceRequest, Deadline, collect_choices, stream_choi
 from .chunks import ChatChunks
 from .endpoint_common import admit_generation, guarded_events, whole_response
 from .engine_params import choice_requests, compile_spec, format_spec
-from .errors import APIError
+from .errors import APIError, invalid_param
 from .images import chat_images, expand_images
 from .logprobs import chat_logprobs, prompt_logprobs
 from .output_reader import OutputPlan, OutputReader, output_format
@@ -50,6 +50,10 @@ async def create_chat_completion(
         plan = plan_tools(body)
         images = await chat_images(runtime.vision, body.model or runtime.base_model_id, body.messages)
         prompt_ids = await encode_tool_chat(tokens.tokenizer, body.conversation(), plan, body.template_kwargs())
+        if body.truncate_prompt_tokens is not None:
+            if images:
+                raise invalid_param("truncate_prompt_tokens", "truncate_prompt_tokens cannot cut a prompt with images")
+            prompt_ids = body.truncated(prompt_ids, runtime.max_model_len)
         system_end = 0 if images else await system_prompt_end(runtime, tokens, body, plan, prompt_ids)
         mm = None
         if images:

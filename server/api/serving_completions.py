@@ -70,8 +70,10 @@ async def _encode_prompts(
             token_ids = await encode_fim(tokenizer, prompt, body.suffix, runtime.max_model_len, param)
         else:
             token_ids = await encode_text(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        whole = len(token_ids)
+        token_ids = body.truncated(token_ids, runtime.max_model_len)
         check_token_ids(token_ids, runtime.vocab_size, param)  # before echo decodes them
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and len(token_ids) == whole:
             texts.append(prompt)
         else:
             texts.append(tokenizer.decode(token_ids) if body.echo else "")

@@ -150,7 +150,7 @@ def test_chat_continues_the_final_assistant_message(server: LiveServer, client: 
 
 
 @pytest.mark.parametrize("field, value", [("allowed_token_ids", [1, 2]), ("bad_words", ["x"]),
-                                          ("use_beam_search", True), ("truncate_prompt_tokens", 4)])
+                                          ("use_beam_search", True)])
 def test_vllm_extras_not_implemented_are_a_400(server: LiveServer, field: str, value: Any) -> None:
     for path, body in (("/completions", {"prompt": PROMPT}), ("/chat/completions", {"messages": [
             {"role": "user", "content": "hi"}]})):
@@ -177,3 +177,18 @@ def test_tokenize_counts_the_prompt_the_chat_endpoint_sends(server: LiveServer) 
         assert len(counted["token_strs"]) == counted["count"]
     r = httpx.post(f"{server.url}/tokenize", json={"model": BASE_MODEL, "messages": []}, headers=server.headers())
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: LiveServer) -> None:
+    ids = tokenize(server, "The json module encodes objects. " + PROMPT)
+    k = len(tokenize(server, PROMPT)) + 1
+    body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    cut = post(server, "/completions", {**body, "prompt": ids[-k:]}).json()
+    for prompt in (ids, "The json module encodes objects. " + PROMPT):
+        r = post(server, "/completions", {**body, "prompt": prompt, "truncate_prompt_tokens": k, "echo": True}).json()
+        assert r["usage"]["prompt_tokens"] == k and r["choices"][0]["text"].endswith(cut["choices"][0]["text"])
+    chat = post(server, "/chat/completions", {**body, "messages": [{"role": "user", "content": "hi " * 50}],
+                                             "truncate_prompt_tokens": 8}).json()
+    assert chat["usage"]["prompt_tokens"] == 8
+    r = post(server, "/completions", {**body, "prompt": PROMPT, "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
