@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml versions.env
 	$(PY) -m pip install --quiet --no-deps "unsloth==$(UNSLOTH_VERSION)" "unsloth_zoo==$(UNSLOTH_VERSION)"
 	touch $@
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: the demo model gains nothing from more, and
+# on a busy few-core machine spinning intra-op threads made answers 15-30x slower.
 serve: venv
-	$(VENV)/bin/sloth-serve $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/sloth-serve $(ARGS)
 
 lint: venv
 	$(PY) -m ruff check .
