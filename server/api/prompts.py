@@ -151,6 +151,6 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, info: Eng
             param=what,
             code="context_length_exceeded",
         )
-    if exceeds_cache(num_prompt_tokens, info.num_cache_tokens):
+    if exceeds_cache(num_prompt_tokens, info.num_cache_tokens, wanted):
         raise APIError(cache_message(num_prompt_tokens, info.num_cache_tokens), 400, param=param or what)
     return wanted

@@ -18,9 +18,10 @@ def exceeds_context(num_prompt_tokens: int, num_new_tokens: int, max_model_len: 
     return num_prompt_tokens + num_new_tokens > max_model_len
 
 
-def exceeds_cache(num_prompt_tokens: int, num_cache_tokens: int) -> bool:
-    """The whole cache could not hold the prompt and its first new position (it would wait forever)."""
-    return num_prompt_tokens + 1 > num_cache_tokens
+def exceeds_cache(num_prompt_tokens: int, num_cache_tokens: int, num_new_tokens: int = 1) -> bool:
+    """The whole cache could not hold the prompt and its first new position (it would wait forever);
+    a prompt only scored (no new tokens) needs its own positions alone."""
+    return num_prompt_tokens + min(num_new_tokens, 1) > num_cache_tokens
 
 
 def cache_message(num_prompt_tokens: int, num_cache_tokens: int) -> str:
@@ -33,7 +34,7 @@ def fit_error(num_prompt_tokens: int, num_new_tokens: int, max_model_len: int, n
     if exceeds_context(num_prompt_tokens, num_new_tokens, max_model_len):
         return (f"the prompt has {num_prompt_tokens} tokens and {num_new_tokens} more are asked for, but "
                 f"max_model_len is {max_model_len}")
-    if exceeds_cache(num_prompt_tokens, num_cache_tokens):
+    if exceeds_cache(num_prompt_tokens, num_cache_tokens, num_new_tokens):
         return cache_message(num_prompt_tokens, num_cache_tokens)
     return None
 

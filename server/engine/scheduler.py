@@ -80,8 +80,11 @@ class Scheduler:
 
     def check_fits(self, seq: Sequence) -> None:
         """Reject at admission what could never run, with a message the caller can act on."""
-        bm = self.block_manager  # at least one new token: the engine ends a longer one at max_model_len
-        why = fit_error(seq.num_tokens, 1, self.config.max_model_len, bm.num_blocks * bm.block_size)
+        # At least one new token (the engine ends a longer one at max_model_len), none for a prompt
+        # only scored (max_tokens 0 with prompt_logprobs: a prompt of max_model_len tokens fits).
+        bm = self.block_manager
+        why = fit_error(seq.num_tokens, min(seq.params.max_tokens, 1), self.config.max_model_len,
+                        bm.num_blocks * bm.block_size)
         if why is not None:
             raise ValueError(why)
         cross = bm.cross_kv

@@ -192,3 +192,16 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: LiveServer
     assert chat["usage"]["prompt_tokens"] == 8
     r = post(server, "/completions", {**body, "prompt": PROMPT, "truncate_prompt_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_a_prompt_of_max_model_len_tokens_is_scored(server: LiveServer, client: OpenAI) -> None:
+    """lm-eval's loglikelihood of a context that fills the window: max_tokens 0 needs no new position."""
+    max_model_len = client.models.retrieve(BASE_MODEL).model_extra["max_model_len"]  # type: ignore[index]
+    prompt = tokenize(server, "Return the value of the key. " * (max_model_len // 4))[:max_model_len]
+    r = post(server, "/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == max_model_len and logprobs["token_logprobs"][0] is None
+    # One more token asked for is over the context: a 400, as before.
+    r = post(server, "/completions", {"prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
