@@ -91,7 +91,7 @@ def from_env(field: dataclasses.Field[Any], text: str) -> Any:
     flag = flag_of(field)
     read = word_reader(field, typing.get_type_hints(Config)[field.name])
     try:
-        return tuple(read(w) for w in text.split(",") if w) if flag.repeat else read(text)
+        return tuple(read(w.strip()) for w in text.split(",") if w.strip()) if flag.repeat else read(text)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise ValueError(f"${flag.env}: {exc}") from exc
 

@@ -276,6 +276,8 @@ def _check_engine(config: Config) -> None:
                          f"got {','.join(map(str, config.prefill_cuda_graph_sizes))}")
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1]; got {config.gpu_memory_utilization}")
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1]; got {config.seed}")
 
 
 def _check_speculative(config: Config) -> None:
@@ -291,6 +293,9 @@ def _check_speculative(config: Config) -> None:
 def _check_http(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {config.port}")
+    if any(not key or key != key.strip() for key in config.api_key):
+        raise ValueError("--api-key / $SLOTH_API_KEY: a key is empty or has spaces around it (an unset "
+                         "variable?); leave the flag out to serve without keys")
     _at_least(config, "max_queued_requests", 1)
     _at_least(config, "max_queued_tokens", 0, " (0: unlimited)")
     _at_least(config, "max_request_bytes", 1)

@@ -27,10 +27,12 @@ class ImagePrompt(TypedDict):
 
     prompt: NotRequired[str]
     prompt_token_ids: NotRequired[list[int]]
-    images: list[Any]
+    images: NotRequired[list[Any]]
+    multi_modal_data: NotRequired[dict[str, Any]]  # vLLM's form: {"image": one image or a list}
 
 
 Prompt = str | list[int] | ImagePrompt
+_PROMPT_KEYS = frozenset(ImagePrompt.__annotations__)
 
 
 @dataclass(slots=True)
@@ -41,6 +43,8 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: each prompt token's after the first (vLLM puts None first).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class LocalAdapters(AdapterRegistry):
@@ -95,9 +99,18 @@ class LLM:
         """Token ids and, for an ImagePrompt, the images' engine inputs (its placeholders expanded)."""
         if not isinstance(prompt, dict):
             return self.encode(prompt, adapter), None
+        unknown = sorted(set(prompt) - _PROMPT_KEYS)
+        if unknown:
+            raise ValueError(f"a prompt dict takes {', '.join(sorted(_PROMPT_KEYS))}; not {', '.join(unknown)}")
         text = prompt.get("prompt")
         ids = self.encode(text if text is not None else prompt.get("prompt_token_ids", []), adapter)
-        images = prompt.get("images") or []
+        images = list(prompt.get("images") or [])
+        data = dict(prompt.get("multi_modal_data") or {})
+        image = data.pop("image", None)
+        if data:
+            raise ValueError(f"multi_modal_data takes images only ('image'); not {', '.join(sorted(data))}")
+        if image is not None:
+            images += image if isinstance(image, list | tuple) else [image]
         if not images:
             return ids, None
         if self.vision is None:
@@ -112,23 +125,32 @@ class LLM:
         adapter: str | list[str | None] | None = None,
     ) -> list[GenerationOutput]:
         """Run every prompt to completion in one continuous batch; outputs in prompt order."""
-        one = not isinstance(prompts, list) or bool(prompts and isinstance(prompts[0], int))
+        one = not isinstance(prompts, list | tuple) or bool(prompts and isinstance(prompts[0], int))
         batch: list[Any] = [prompts] if one else list(prompts)  # type: ignore[arg-type]
         n = len(batch)
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
-        adapter_list = adapter if isinstance(adapter, list) else [adapter] * n
+        params_list = list(params) if isinstance(params, list | tuple) else [params or SamplingParams()] * n
+        adapter_list = list(adapter) if isinstance(adapter, list | tuple) else [adapter] * n
+        for what, given in (("params", params_list), ("adapter", adapter_list)):
+            if len(given) != n:
+                raise ValueError(f"{len(given)} {what} for {n} prompts: give one per prompt, or one for all")
+        # Every prompt read (and refused) before any is queued: an error leaves nothing behind.
+        encoded = [(self.adapter_id(name), *self.encode_prompt(prompt, name))
+                   for prompt, name in zip(batch, adapter_list, strict=True)]
         results: dict[str, GenerationOutput] = {}
         tokenizers: dict[str, Any] = {}  # each request's model's, to decode its text
         order: list[str] = []
-        for prompt, p, name in zip(batch, params_list, adapter_list, strict=True):
-            request_id = f"offline-{next(self._ids)}"
-            adapter_id = self.adapter_id(name)
-            model = self.tokenizers.of(adapter_id)
-            token_ids, mm = self.encode_prompt(prompt, name)
-            self.engine.add_request(request_id, token_ids, p, adapter_id, model.eos_token_ids, mm)
-            results[request_id] = GenerationOutput(token_ids)
-            tokenizers[request_id] = model.tokenizer
-            order.append(request_id)
+        try:
+            for (adapter_id, token_ids, mm), p in zip(encoded, params_list, strict=True):
+                request_id = f"offline-{next(self._ids)}"
+                model = self.tokenizers.of(adapter_id)
+                self.engine.add_request(request_id, token_ids, p, adapter_id, model.eos_token_ids, mm)
+                results[request_id] = GenerationOutput(token_ids)
+                tokenizers[request_id] = model.tokenizer
+                order.append(request_id)
+        except BaseException:  # one the engine refused (too long for the context...): none run
+            for request_id in order:
+                self.engine.abort(request_id)
+            raise
         while self.engine.has_unfinished_requests:
             for out in self.engine.step():
                 res = results.get(out.request_id)
@@ -136,6 +158,8 @@ class LLM:
                     continue
                 res.token_ids.extend(out.new_token_ids)
                 res.logprobs.extend(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     res.finish_reason = out.finish_reason
                     res.num_cached_tokens = out.num_cached_tokens

@@ -61,6 +61,7 @@ def _defaulted_fields(model: type[BaseModel]) -> frozenset[str]:
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extra: usage on every chunk; not supported (a 400)
 
 
 class SamplingFields(RequestBody):
@@ -147,6 +148,9 @@ class SamplingFields(RequestBody):
                                 f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed; got {num_stop_ids}")
         if self.stream_options is not None and not self.stream:
             raise invalid_param("stream_options", "stream_options is only allowed when stream is true")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise invalid_param("stream_options.continuous_usage_stats", "continuous_usage_stats is not supported "
+                                "by this server: include_usage gives the usage once, in the last chunk")
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise invalid_param("response_format.json_schema",

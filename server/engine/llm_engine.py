@@ -109,6 +109,9 @@ class LLMEngine:
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > self.max_model_len:
+            logger.warning("--max-model-len %d is past the model's %d positions (max_position_embeddings): "
+                           "serving %d", config.max_model_len, self.max_model_len, self.max_model_len)
         if model.config.has_state and spec_method(config) is not None:
             raise ValueError(f"speculative decoding cannot serve {model.config.family}: its recurrent layers' state "
                              f"cannot be rolled back past rejected draft tokens; leave out --speculative-method / "

@@ -205,3 +205,9 @@ def test_a_prompt_of_max_model_len_tokens_is_scored(server: LiveServer, client: 
     # One more token asked for is over the context: a 400, as before.
     r = post(server, "/completions", {"prompt": prompt, "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_continuous_usage_stats_is_a_400(server: LiveServer) -> None:
+    r = post(server, "/completions", {"prompt": PROMPT, "max_tokens": 2, "stream": True,
+                                      "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.continuous_usage_stats"

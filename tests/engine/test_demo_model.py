@@ -147,3 +147,20 @@ def test_a_stop_tokens_text_is_left_out(llm: LLM, prompts: list[list[int]]) -> N
                                                       stop_token_ids=[free.token_ids[k]]))[0]
     assert stopped.finish_reason is FinishReason.STOP and stopped.token_ids == free.token_ids[:k + 1]
     assert stopped.text == llm.tokenizer.decode(free.token_ids[:k], skip_special_tokens=True)
+
+
+def test_a_refused_prompt_in_a_batch_leaves_nothing_queued(llm: LLM, prompts: list[list[int]]) -> None:
+    too_long = list(range(5, 5 + llm.engine.max_model_len + 1))
+    with pytest.raises(ValueError):
+        llm.generate([prompts[0], too_long], GREEDY)
+    with pytest.raises(ValueError, match="2 params for 3 prompts"):
+        llm.generate([prompts[0], prompts[1], prompts[2]], [GREEDY, GREEDY])
+    llm.engine.step()  # an aborted request's end, if any, is delivered now
+    assert not llm.engine.has_unfinished_requests
+    # vLLM's forms: a tuple of prompts, prompt logprobs on the output, multi_modal_data checked.
+    outs = llm.generate((prompts[0], prompts[1]), SamplingParams(max_tokens=0, prompt_logprobs=1))
+    assert [len(o.prompt_logprobs or ()) for o in outs] == [len(prompts[0]) - 1, len(prompts[1]) - 1]
+    with pytest.raises(ValueError, match="takes text only"):
+        llm.generate({"prompt": "Return the", "multi_modal_data": {"image": b"\x89PNG"}}, GREEDY)
+    with pytest.raises(ValueError, match="not foo"):
+        llm.generate({"prompt": "Return the", "foo": 1}, GREEDY)  # type: ignore[typeddict-unknown-key]

@@ -54,6 +54,8 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     parse = build_parser().parse_args
     assert config_from_args(parse([])).api_key == ("k1", "k2")
     assert config_from_args(parse(["--api-key", "z"])).api_key == ("z",)
+    monkeypatch.setenv("SLOTH_API_KEY", " k1, k2\n")  # as a shell or a secret file writes it
+    assert config_from_args(parse([])).api_key == ("k1", "k2")
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -66,6 +68,9 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     ({"keep_alive_timeout": 0.0}, "--keep-alive-timeout must be a positive number of seconds"),
     ({"api_server_count": 0}, "--api-server-count must be at least 1; got 0"),
     ({"api_server_count": 2, "engine_mode": "thread"}, "--api-server-count above 1 needs the engine in its own process"),
+    ({"seed": 2**64}, "--seed must be in"),
+    ({"api_key": ("",)}, "a key is empty or has spaces around it"),
+    ({"api_key": ("k ",)}, "a key is empty or has spaces around it"),
 ])
 def test_checks_run_for_config_built_in_code(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
