@@ -91,7 +91,12 @@ def from_env(field: dataclasses.Field[Any], text: str) -> Any:
     flag = flag_of(field)
     read = word_reader(field, typing.get_type_hints(Config)[field.name])
     try:
-        return tuple(read(w.strip()) for w in text.split(",") if w.strip()) if flag.repeat else read(text)
+        if not flag.repeat:
+            return read(text)
+        words = tuple(read(w.strip()) for w in text.split(",") if w.strip())
+        if not words:  # set to blanks or commas: not "none", which an unset variable says
+            raise ValueError("it is set but holds no value")
+        return words
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise ValueError(f"${flag.env}: {exc}") from exc
 

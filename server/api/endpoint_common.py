@@ -52,15 +52,17 @@ def check_prompt_sizes(runtime: Runtime, body: ChatCompletionRequest | Completio
     prompt too long (in characters) to fit the context whatever its tokens. Returns the number of
     prompts and the field that holds them."""
     tokenizer, max_model_len = runtime.tokenizer, runtime.max_model_len
+    cut = body.truncate_prompt_tokens is not None  # a prompt of any length is cut to fit (--max-request-bytes bounds it)
     if isinstance(body, ChatCompletionRequest):
-        check_prompt_chars(sum(map(message_chars, body.messages)), tokenizer, max_model_len, "messages")
+        if not cut:
+            check_prompt_chars(sum(map(message_chars, body.messages)), tokenizer, max_model_len, "messages")
         return 1, "messages"
     prompts = body.prompts()
     if len(prompts) > MAX_PROMPTS:
         raise invalid_param("prompt", f"at most {MAX_PROMPTS} prompts are allowed in one request; got {len(prompts)}. "
                             "Send them in several requests")
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and not cut:
             check_prompt_chars(len(prompt), tokenizer, max_model_len, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     return len(prompts), "prompt"
 

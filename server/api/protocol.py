@@ -407,6 +407,9 @@ class CompletionRequest(SamplingFields):
         """As ChatCompletionRequest.check."""
         self.check_common(raw)
         reject_unsupported(self, COMPLETION_UNSUPPORTED)
+        if self.suffix and self.truncate_prompt_tokens is not None:
+            raise invalid_param("truncate_prompt_tokens", "truncate_prompt_tokens would cut the fill-in-the-middle "
+                                "prompt's own tokens: shorten the prompt or suffix instead")
         if self.best_of is not None and self.best_of != self.n:
             raise invalid_param(
                 "best_of", f"best_of={self.best_of} (different from n={self.n}) is not supported; drop it"
@@ -450,6 +453,7 @@ class TokenizeRequest(RequestBody):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    parallel_tool_calls: bool | None = None
     return_token_strs: bool = False  # the tokens' strings beside their ids
 
     def chat_request(self) -> ChatCompletionRequest:
@@ -458,6 +462,7 @@ class TokenizeRequest(RequestBody):
             raise invalid_param("messages", "messages must not be empty")
         chat = ChatCompletionRequest(
             messages=self.messages or [], tools=self.tools, tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
             chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=self.reasoning_effort,
             add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message)
         chat.check()

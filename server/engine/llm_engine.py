@@ -678,9 +678,11 @@ class LLMEngine:
 
     def _decodes_ahead_ok(self, batch: ScheduledBatch) -> bool:
         # Every running sequence is in it (a token budget below the number running would leave the
-        # others out for as long as steps run ahead), each decoding one token and sampling it.
+        # others out for as long as steps run ahead), each decoding one token and sampling it (a
+        # prompt's last token alone is a prefill: its prompt logprobs are scored on the eager path).
         return len(batch.seqs) == len(self.scheduler.running) and all(n == 1 for n in batch.num_new_tokens) and all(
-            batch.samples(i) and self._samples_without_history(seq) for i, seq in enumerate(batch.seqs))
+            batch.samples(i) and self.scheduler._is_decoding(seq) and self._samples_without_history(seq)
+            for i, seq in enumerate(batch.seqs))
 
     def _ahead_batch(self, prev: ScheduledBatch) -> tuple[ScheduledBatch, list[int]] | None:
         """The step after `prev` for its sequences that go on (and their rows in prev), or None."""

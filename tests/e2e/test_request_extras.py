@@ -192,6 +192,12 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server: LiveServer
     assert chat["usage"]["prompt_tokens"] == 8
     r = post(server, "/completions", {**body, "prompt": PROMPT, "truncate_prompt_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+    # A text far longer than the context is cut, not refused by the character bound.
+    long_text = "The json module encodes objects. " * 4000 + PROMPT
+    r = post(server, "/completions", {**body, "prompt": long_text, "truncate_prompt_tokens": k})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == cut["choices"][0]["text"], r.text
+    r = post(server, "/completions", {**body, "prompt": long_text})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_prompt_of_max_model_len_tokens_is_scored(server: LiveServer, client: OpenAI) -> None:

@@ -283,3 +283,22 @@ def test_out_of_memory_in_a_step_run_ahead_fails_its_requests_and_the_engine_goe
 
     asyncio.run(main())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_scored_prompts_last_token_alone_keeps_its_prompt_logprob() -> None:
+    """A prompt of 33 tokens with a budget of 32: its last token is a step alone, a prefill (scored on
+    the eager path), never run ahead as a decode, which would leave its prompt logprob out."""
+    prompt = [(7 * i) % 900 + 5 for i in range(33)]
+    scored = {}
+    for ahead in (False, True):
+        engine = make(ahead)
+        for params in (SamplingParams(max_tokens=0, prompt_logprobs=1), SamplingParams(max_tokens=3, prompt_logprobs=0,
+                                                                                       temperature=0)):
+            engine.add_request("r", prompt, params)
+            lps = None
+            while engine.has_unfinished_requests:
+                for out in engine.step():
+                    lps = out.prompt_logprobs if out.prompt_logprobs is not None else lps
+            assert lps is not None and len(lps) == len(prompt) - 1
+            scored[ahead, params.max_tokens] = [round(lp.logprob, 4) for lp in lps]
+    assert scored[True, 0] == scored[False, 0] and scored[True, 3] == scored[False, 3]

@@ -53,6 +53,9 @@ def test_environment_fallback_only_without_the_flag(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SLOTH_API_KEY", "k1,k2")
     parse = build_parser().parse_args
     assert config_from_args(parse([])).api_key == ("k1", "k2")
+    monkeypatch.setenv("SLOTH_API_KEY", " , ")  # set, but no key: refused, not "no keys" (auth off)
+    with pytest.raises(ValueError, match="SLOTH_API_KEY: it is set but holds no value"):
+        config_from_args(parse([]))
     assert config_from_args(parse(["--api-key", "z"])).api_key == ("z",)
     monkeypatch.setenv("SLOTH_API_KEY", " k1, k2\n")  # as a shell or a secret file writes it
     assert config_from_args(parse([])).api_key == ("k1", "k2")
