@@ -87,7 +87,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             # Read whole into memory: load_file's tensors stay mapped onto the file, so a trainer
             # writing the folder again in place would change (or, truncating it, crash with SIGBUS)
             # an adapter in use; one read also gives one version of the file.
-            return load_safetensors(path.read_bytes())
+            tensors = load_safetensors(path.read_bytes())
+            return dict(sorted(tensors.items()))  # by name, as load_file gives them (messages name the first)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterError(f"{where(path)} is not a readable safetensors file ({exc}); save it again") from exc
     try:  # tensors only: weights_only refuses any other pickled object (no code runs)

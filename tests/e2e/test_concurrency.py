@@ -75,7 +75,8 @@ def wait_for_idle(server: LiveServer, timeout_s: float) -> dict:
 
 def test_client_disconnect_aborts_request_and_frees_kv_blocks(server: LiveServer) -> None:
     wait_for_idle(server, 10)
-    body = {"model": BASE_MODEL, "prompt": "The json module", "ignore_eos": True, "stream": True}  # max_tokens: all
+    body = {"model": BASE_MODEL, "prompt": "The json module", "ignore_eos": True, "stream": True,
+            "max_tokens": None}  # all the room
     with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # keep it: a dropped iterator closes the connection
@@ -100,7 +101,7 @@ def test_client_disconnect_aborts_request_and_frees_kv_blocks(server: LiveServer
 
 def test_client_giving_up_on_a_non_streaming_request_aborts_it(server: LiveServer) -> None:
     wait_for_idle(server, 10)
-    body = {"model": BASE_MODEL, "prompt": "The json module", "ignore_eos": True}  # max_tokens: all the room
+    body = {"model": BASE_MODEL, "prompt": "The json module", "ignore_eos": True, "max_tokens": None}  # all the room
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
     gave_up = time.monotonic()
