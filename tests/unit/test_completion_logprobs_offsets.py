@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import pytest
+from queued_engine import QueuedEngine
 from transformers import AutoTokenizer
 
 from sloth_serve.api.choice_stream import ChoiceRequest
@@ -20,7 +21,7 @@ from sloth_serve.api.logprobs import TextOffsets, TokenTexts, completion_logprob
 from sloth_serve.api.protocol import CompletionRequest
 from sloth_serve.api.serving_completions import _completion_events, _completion_response
 from sloth_serve.api.tokenizers import ModelTokenizer
-from sloth_serve.engine.client import EngineClient, FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from sloth_serve.engine.client import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from sloth_serve.loader import DEMO_MODEL
 
 PROMPT = "😀 héllo"
@@ -83,7 +84,7 @@ def test_top_logprobs_hold_the_sampled_token(tokenizer: Any) -> None:
     assert lp.token_logprobs == [-8.0, -0.1, -3.0] and lp.tokens == [" of", " value", " of"]
 
 
-class ScriptedEngine(EngineClient):
+class ScriptedEngine(QueuedEngine):
     """Every request generates GENERATED's tokens, two an output, each released once the reader has
     taken the one before (so a stream gets several deltas). Logprobs: the sampled token at -1, with
     ` the` as top alternative at even positions and the sampled token itself at odd ones; the
@@ -93,7 +94,6 @@ class ScriptedEngine(EngineClient):
         super().__init__()
         self.output_ids: list[int] = tokenizer.encode(GENERATED, add_special_tokens=False)
         self.other: int = tokenizer.encode(" the", add_special_tokens=False)[0]
-        self.tasks: list[asyncio.Task[None]] = []
 
     def logprob(self, token_id: int, j: int, k: int | None, rank: int | None = None) -> TokenLogprob:
         top = [(self.other if j % 2 == 0 else token_id, -0.5 if j % 2 == 0 else -1.0)][:k]
@@ -112,28 +112,7 @@ class ScriptedEngine(EngineClient):
         if params.prompt_logprobs is not None:
             outputs[0].prompt_logprobs = [self.logprob(t, j, params.prompt_logprobs, rank=1)
                                           for j, t in enumerate(prompt_token_ids[1:])]
-        self.tasks.append(asyncio.create_task(self._release(self.streams[request_id], outputs)))
-
-    async def _release(self, stream: asyncio.Queue[RequestOutput], outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            while not stream.empty():
-                await asyncio.sleep(0)
-            stream.put_nowait(out)
-
-    def _send_abort(self, request_id: str, reason: FinishReason) -> None:
-        self.streams.pop(request_id, None)
-
-    async def start(self) -> Any:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        pass
-
-    async def add_lora(self, adapter_id: int, name: str, path: str, shared: bool = False) -> int:
-        raise NotImplementedError
-
-    async def remove_lora(self, adapter_id: int) -> None:
-        raise NotImplementedError
+        self.release(request_id, outputs)
 
 
 def run_completion(tokenizer: Any, prompt: str | list[int], **fields: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -9,13 +9,14 @@ import asyncio
 from typing import Any
 
 import pytest
+from queued_engine import QueuedEngine
 from transformers import AutoTokenizer
 
 from sloth_serve.api.choice_stream import ChoiceRequest, run_choice
 from sloth_serve.api.detokenizer import IncrementalDetokenizer
 from sloth_serve.api.logprobs import prompt_text_offsets
 from sloth_serve.api.stop_strings import StopStringMatcher
-from sloth_serve.engine.client import EngineClient, FinishReason, RequestOutput, SamplingParams
+from sloth_serve.engine.client import FinishReason, RequestOutput, SamplingParams
 from sloth_serve.loader import DEMO_MODEL
 
 
@@ -24,42 +25,20 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(DEMO_MODEL))
 
 
-class Deliveries(EngineClient):
+class Deliveries(QueuedEngine):
     """Each request gets `deliveries` (lists of token ids) as its outputs, the last finished with
     `reason`; an output is queued once the reader took the one before."""
 
     def __init__(self, deliveries: list[list[int]], reason: FinishReason) -> None:
         super().__init__()
         self.deliveries, self.reason = deliveries, reason
-        self.tasks: list[asyncio.Task[None]] = []
 
     def _send_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: int,
                   eos_token_ids: frozenset[int] | None, mm: Any, system_prompt_end: int) -> None:
         n = len(self.deliveries)
         outputs = [RequestOutput(request_id, ids, i == n - 1, self.reason if i == n - 1 else None)
                    for i, ids in enumerate(self.deliveries)]
-        self.tasks.append(asyncio.create_task(self._release(self.streams[request_id], outputs)))
-
-    async def _release(self, stream: asyncio.Queue[RequestOutput], outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            while not stream.empty():
-                await asyncio.sleep(0)
-            stream.put_nowait(out)
-
-    def _send_abort(self, request_id: str, reason: FinishReason) -> None:
-        self.streams.pop(request_id, None)
-
-    async def start(self) -> Any:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        pass
-
-    async def add_lora(self, adapter_id: int, name: str, path: str, shared: bool = False) -> int:
-        raise NotImplementedError
-
-    async def remove_lora(self, adapter_id: int) -> None:
-        raise NotImplementedError
+        self.release(request_id, outputs)
 
 
 def run(tokenizer: Any, deliveries: list[list[int]], reason: FinishReason, stop: tuple[str, ...],
