@@ -62,6 +62,20 @@ def token_bytes(tokenizer: Any, token_id: int, byte_level: bool, text: Callable[
     return list(text(token_id).encode("utf-8"))
 
 
+_byte_kinds: weakref.WeakKeyDictionary[Any, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+def byte_kind(tokenizer: Any) -> tuple[bool, bool]:
+    """(byte-level BPE, tokens' bytes known exactly: byte-level or byte-fallback pieces <0xE6>),
+    worked out once per tokenizer."""
+    known = _byte_kinds.get(tokenizer)
+    if known is None:
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        byte_level = type(decoder).__name__ == "ByteLevel"
+        known = _byte_kinds[tokenizer] = (byte_level, byte_level or _has_byte_pieces(tokenizer))
+    return known
+
+
 def _has_byte_pieces(tokenizer: Any) -> bool:
     try:
         unk = getattr(tokenizer, "unk_token_id", None)
@@ -103,11 +117,6 @@ class IncrementalDetokenizer:
             self.hidden = special_token_ids(tokenizer) - keep
             skip_special_tokens = False  # the ids in `hidden` are dropped before decoding instead
         self.skip_special_tokens = skip_special_tokens
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self.byte_level = type(decoder).__name__ == "ByteLevel"
-        # Tokens' bytes are known exactly (byte-level BPE, or byte-fallback pieces <0xE6>): else a
-        # text ending in U+FFFD is always held back as a character still to come.
-        self.exact_bytes = self.byte_level or _has_byte_pieces(tokenizer)
         self.token_ids: list[int] = []
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = 0  # tokens before this are already emitted as text
@@ -143,10 +152,11 @@ class IncrementalDetokenizer:
         """Whether the U+FFFD the window's text ends with is a character still to come: the bytes of
         its last tokens end inside one. Else it is a real U+FFFD (or bytes that never form a
         character), sent rather than held back for good."""
-        if not self.exact_bytes:
+        byte_level, exact_bytes = byte_kind(self.tokenizer)
+        if not exact_bytes:  # a text ending in U+FFFD is always held back as a character still to come
             return True
         window = self.token_ids[max(self.prefix_offset, len(self.token_ids) - MAX_TOKENS_PER_CHAR) :]
-        tail = [b for t in window for b in token_bytes(self.tokenizer, t, self.byte_level, self._token_text)]
+        tail = [b for t in window for b in token_bytes(self.tokenizer, t, byte_level, self._token_text)]
         return ends_mid_character(tail)
 
     def _token_text(self, token_id: int) -> str:

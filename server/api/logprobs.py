@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.client import TokenLogprob
-from .detokenizer import IncrementalDetokenizer, token_bytes
+from .detokenizer import IncrementalDetokenizer, byte_kind, token_bytes
 from .responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -24,8 +24,7 @@ class TokenTexts:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self.byte_level = byte_kind(tokenizer)[0]
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
 
