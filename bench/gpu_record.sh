@@ -181,8 +181,16 @@ verifyroof)  # the GPU tests (while the 8B model is built beside them), then iss
     tests=$!
     ensure_model
     wait "$tests"
+    # The MMA each compiled GEMV uses (the fused LoRA kernel's base rows were not bit-equal to
+    # nf4_matmul's at m=8 on the H100: a different instruction would explain it)
+    for kname in _gemv_kernel _gemv_lora_kernel; do
+        find ~/.triton/cache -name "$kname.ttgir" 2>/dev/null | while read -r f; do
+            echo "$kname $(grep -o 'versionMajor = [0-9]*, versionMinor = [0-9]*[^>]*instrShape = \[[0-9, ]*\]' "$f" | sort -u | tr '\n' ' ') $(grep -o 'tt.constancy\|warp_group_dot\|tt.dot ' "$f" | sort | uniq -c | tr '\n' ' ')"
+        done
+    done | sort | uniq -c > "$RES/gemv-mma.txt"
     save
     grep -E "FAILED|ERROR|passed|failed|^rc " "$RES/gpu-tests.txt" 2>/dev/null | tail -n 30 | cut -c1-300
+    head -20 "$RES/gemv-mma.txt" | cut -c1-300
     elapsed "engine"
     compare_stage engine 160
     save
